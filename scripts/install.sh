@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what kvmotion needs on a Debian 12 host, skipping what is already there. Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 iputils-ping)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! python3 -c "import kvmotion, qemu.qmp, fastapi, uvicorn, sqlalchemy, httpx, typer, rich, pytest, pytest_timeout" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+fi

@@ -1,0 +1,112 @@
+"""The agent's REST API. The controller decides; the agent executes."""
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from kvmotion import __version__
+from kvmotion.agent.service import Agent
+from kvmotion.common.errors import KvmotionError
+from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport,
+                                   OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
+
+
+class LeaseRequest(BaseModel):
+    expected_holder: str | None = None
+
+
+def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await agent.startup()
+        side = asyncio.create_task(after_start()) if after_start is not None else None
+        yield
+        if side is not None:
+            side.cancel()
+        await agent.shutdown()
+
+    app = FastAPI(title="kvmotion agent", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(KvmotionError)
+    async def _kvm_error(_: Request, exc: KvmotionError) -> JSONResponse:
+        return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "name": agent.cfg.name, "accelerator": agent.accel.accelerator}
+
+    @app.get("/v1/facts")
+    async def facts() -> HostFacts:
+        return agent.facts()
+
+    @app.get("/v1/vms")
+    async def vms() -> list[VMRuntime]:
+        return agent.list()
+
+    @app.post("/v1/vms/{uuid}/provision")
+    async def provision(uuid: str, spec: VMSpec) -> dict[str, str]:
+        return {"folder": str(agent.provision(spec))}
+
+    @app.post("/v1/vms/{uuid}/destroy-files")
+    async def destroy_files(uuid: str, spec: VMSpec) -> dict[str, bool]:
+        agent.destroy_files(spec)
+        return {"ok": True}
+
+    @app.post("/v1/vms/{uuid}/start")
+    async def start(uuid: str, spec: VMSpec) -> VMRuntime:
+        return await agent.start(spec)
+
+    @app.post("/v1/vms/{uuid}/stop")
+    async def stop(uuid: str) -> VMRuntime:
+        return await agent.stop(uuid)
+
+    @app.get("/v1/vms/{uuid}")
+    async def status(uuid: str) -> VMRuntime:
+        return await agent.status(uuid)
+
+    @app.get("/v1/vms/{uuid}/serial")
+    async def serial(uuid: str, lines: int = 20) -> list[str]:
+        return agent.serial_tail(uuid, min(max(lines, 1), 1000))
+
+    @app.post("/v1/vms/{uuid}/incoming")
+    async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
+        return await agent.prepare_incoming(req.spec, req.listen_address)
+
+    @app.delete("/v1/vms/{uuid}/incoming")
+    async def abort_incoming(uuid: str) -> dict[str, bool]:
+        return {"removed": await agent.abort_incoming(uuid)}
+
+    @app.post("/v1/vms/{uuid}/outgoing")
+    async def outgoing(uuid: str, req: OutgoingRequest) -> MigrationReport:
+        return await agent.start_outgoing(uuid, req)
+
+    @app.get("/v1/vms/{uuid}/migration")
+    async def migration_report(uuid: str) -> MigrationReport:
+        return agent.migration_report(uuid)
+
+    @app.post("/v1/vms/{uuid}/migration/cancel")
+    async def cancel(uuid: str) -> MigrationReport | None:
+        return await agent.cancel_outgoing(uuid)
+
+    @app.post("/v1/vms/{uuid}/resume")
+    async def resume(uuid: str) -> dict[str, Any]:
+        return await agent.resume(uuid)
+
+    @app.post("/v1/vms/{uuid}/announce")
+    async def announce(uuid: str) -> dict[str, Any]:
+        return await agent.announce(uuid)
+
+    @app.post("/v1/vms/{uuid}/lease")
+    async def lease(uuid: str, req: LeaseRequest) -> LeaseInfo:
+        return agent.take_lease(uuid, req.expected_holder)
+
+    @app.post("/v1/vms/{uuid}/finalize-source")
+    async def finalize_source(uuid: str) -> ReleaseReport:
+        return await agent.finalize_source(uuid)
+
+    return app

@@ -1,0 +1,33 @@
+"""Agent configuration (a JSON file written by the installer or the lab)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+DATASTORE_ID_FILE = ".kvmotion-datastore.json"
+
+
+class AgentConfig(BaseModel):
+    name: str
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8770
+    mgmt_address: str                       # the address the controller reaches this agent on
+    state_dir: Path
+    datastores: list[Path] = Field(default_factory=list)     # mount points; identity is read from each
+    migration_interfaces: list[str] = Field(default_factory=lambda: ["mig0"])
+    image_dir: Path | None = None
+    controller_url: str | None = None       # register here at start, when set
+    accelerator: str = "auto"               # auto | kvm | tcg
+    kvm_probe_deadline_s: float = 8.0
+    swap_dir: Path | None = None            # where VM memory-backing/swap files live, if not with the VM
+
+    @classmethod
+    def load(cls, path: Path) -> "AgentConfig":
+        return cls.model_validate(json.loads(path.read_text()))
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.mgmt_address}]" if ":" in self.mgmt_address else self.mgmt_address
+        return f"http://{host}:{self.listen_port}"

@@ -1,0 +1,106 @@
+"""Host facts, read from the host itself: nothing here is taken on trust from configuration."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from kvmotion import __version__
+from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
+from kvmotion.common.types import DatastoreFact, HostFacts, MigrationInterface, PortGroupFact
+
+
+def _cmd(argv: list[str], timeout: float = 5.0) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return res.stdout if res.returncode == 0 else ""
+
+
+def cpu_info() -> tuple[str, list[str], int]:
+    model, flags = "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model == "unknown":
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = sorted(value.split())
+    except OSError:
+        pass
+    return model, flags, os.cpu_count() or 1
+
+
+def memory_mb() -> tuple[int, int]:
+    info: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info[key] = int(value.split()[0])
+    return info["MemTotal"] // 1024, info.get("MemAvailable", info["MemFree"]) // 1024
+
+
+def read_datastore(path: Path) -> DatastoreFact:
+    """Accessible means: the identity file can be read right now, and the folder listed."""
+    try:
+        ident = json.loads((path / DATASTORE_ID_FILE).read_text())
+        os.listdir(path)
+        st = os.statvfs(path)
+        return DatastoreFact(uuid=ident["uuid"], name=ident["name"], path=str(path), kind=ident.get("kind", "directory"),
+                             shared=bool(ident.get("shared", False)), readable=True,
+                             free_mb=st.f_bavail * st.f_frsize // (1024 * 1024))
+    except (OSError, ValueError, KeyError) as exc:
+        return DatastoreFact(uuid="", name=path.name, path=str(path), readable=False,
+                             error=f"{type(exc).__name__}: {exc}")
+
+
+def portgroups() -> list[PortGroupFact]:
+    out = _cmd(["ip", "-j", "-d", "link", "show", "type", "bridge"])
+    groups = []
+    for link in json.loads(out or "[]"):
+        name = link.get("ifalias") or link["ifname"]
+        groups.append(PortGroupFact(name=name, bridge=link["ifname"]))
+    return groups
+
+
+def interface_info(ifname: str) -> MigrationInterface:
+    addrs = json.loads(_cmd(["ip", "-j", "addr", "show", "dev", ifname]) or "[]")
+    address = family = None
+    for link in addrs:
+        for a in link.get("addr_info", []):
+            if a.get("scope") != "global":
+                continue
+            if address is None or a["family"] == "inet":
+                address, family = a["local"], "ipv4" if a["family"] == "inet" else "ipv6"
+    speed: int | None
+    try:
+        speed = int(Path(f"/sys/class/net/{ifname}/speed").read_text().strip())
+        speed = speed if speed > 0 else None
+    except (OSError, ValueError):
+        speed = None
+    return MigrationInterface(ifname=ifname, address=address, family=family, speed_mbps=speed,
+                              enabled=address is not None)
+
+
+def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]) -> HostFacts:
+    model, flags, ncpu = cpu_info()
+    total, free = memory_mb()
+    qemu_version = _cmd(["qemu-system-x86_64", "--version"]).splitlines()
+    return HostFacts(
+        name=cfg.name, agent_version=__version__, qemu_version=qemu_version[0] if qemu_version else "missing",
+        accelerator=accelerator, accelerator_reason=accel_reason,
+        cpu_model=model, cpu_features=flags, cpu_count=ncpu, mem_total_mb=total, mem_free_mb=free,
+        mgmt_address=cfg.mgmt_address,
+        mgmt_family="ipv6" if ":" in cfg.mgmt_address else "ipv4",
+        datastores=[read_datastore(p) for p in cfg.datastores],
+        portgroups=portgroups(),
+        migration_interfaces=[interface_info(i) for i in cfg.migration_interfaces],
+        vms=vms,
+    )
+
+
+def hostname() -> str:
+    return socket.gethostname()

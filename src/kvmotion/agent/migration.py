@@ -1,0 +1,261 @@
+"""The agent's half of a live migration (driver primitives, Ganeti style).
+
+prepare_incoming -> start_outgoing (watched; parks at pre-switchover only for the handoff)
+-> resume_destination -> finalize_source.   cancel_outgoing / abort_incoming undo.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from typing import Any, Awaitable, Callable
+
+from kvmotion.agent.qemuvm import QemuVM
+from kvmotion.agent.qmp import next_event
+from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
+from kvmotion.common.types import IncomingReady, MigrationPass, MigrationReport, OutgoingRequest, VMRunState
+
+log = logging.getLogger(__name__)
+
+PORT_RANGE = range(49152, 49408)
+POLL_S = 0.1
+MAX_PASSES_KEPT = 200
+TERMINAL = {"completed", "failed", "cancelled"}
+
+Hook = Callable[[QemuVM], Awaitable[None]]
+
+
+def pick_port(address: str) -> int:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for port in PORT_RANGE:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((address, port))
+                return port
+            except OSError:
+                continue
+    raise ConflictError(f"no free migration port on {address} in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}",
+                        remedy="wait for running migrations to finish")
+
+
+def uri_for(address: str, port: int) -> str:
+    return f"tcp:[{address}]:{port}" if ":" in address else f"tcp:{address}:{port}"
+
+
+def _qmp(vm: QemuVM) -> Any:
+    if vm.qmp is None:
+        raise ConflictError(f"VM {vm.spec.name} has no QMP connection", remedy="the QEMU process is gone")
+    return vm.qmp
+
+
+async def set_caps(vm: QemuVM, caps: dict[str, bool]) -> None:
+    await _qmp(vm).execute("migrate-set-capabilities", {
+        "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]})
+
+
+async def query_migrate(vm: QemuVM) -> dict[str, Any]:
+    return await _qmp(vm).execute("query-migrate", timeout=5)
+
+
+class MigrationWatch:
+    """Follows one migration on one side and keeps a bounded record of its passes."""
+
+    def __init__(self, vm: QemuVM, role: str) -> None:
+        self.vm = vm
+        self.report = MigrationReport(role=role, status="setup", started_at=time.time())
+        self._passes: collections.deque[MigrationPass] = collections.deque(maxlen=MAX_PASSES_KEPT)
+        self.task: asyncio.Task[None] | None = None
+        self.done = asyncio.Event()
+
+    def snapshot(self) -> MigrationReport:
+        self.report.passes = list(self._passes)
+        return self.report.model_copy(deep=True)
+
+    def absorb(self, info: dict[str, Any]) -> None:
+        r = self.report
+        status = info.get("status", r.status)
+        if r.status in TERMINAL and status not in TERMINAL:
+            return
+        r.status = status
+        for key, attr in (("total-time", "total_time_ms"), ("downtime", "downtime_ms"), ("setup-time", "setup_time_ms")):
+            if key in info:
+                setattr(r, attr, int(info[key]))
+        if info.get("error-desc"):
+            r.error = info["error-desc"]
+        ram = info.get("ram")
+        if ram:
+            r.ram_total, r.ram_transferred, r.ram_remaining = ram["total"], ram["transferred"], ram["remaining"]
+            r.dirty_pages_rate = int(ram.get("dirty-pages-rate", 0))
+            r.mbps = float(ram.get("mbps", 0.0))
+            pass_no = int(ram.get("dirty-sync-count", 0))
+            if not self._passes or self._passes[-1].pass_no != pass_no:
+                self._passes.append(MigrationPass(
+                    t=time.time(), pass_no=pass_no, transferred=r.ram_transferred, remaining=r.ram_remaining,
+                    total=r.ram_total, dirty_pages_rate=r.dirty_pages_rate, mbps=r.mbps))
+            else:
+                last = self._passes[-1]
+                last.transferred, last.remaining, last.mbps = r.ram_transferred, r.ram_remaining, r.mbps
+                last.dirty_pages_rate = r.dirty_pages_rate
+
+
+async def prepare_incoming(vm: QemuVM, listen_address: str) -> IncomingReady:
+    """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener."""
+    await set_caps(vm, {"events": True, "late-block-activate": True, "return-path": True})
+    port = pick_port(listen_address)
+    uri = uri_for(listen_address, port)
+    watch = MigrationWatch(vm, "destination")
+    vm.migration = watch
+    await _qmp(vm).execute("migrate-incoming", {"uri": uri})
+    watch.task = asyncio.create_task(_watch_incoming(watch), name=f"incoming-{vm.spec.name}")
+    assert vm.pid is not None
+    return IncomingReady(uri=uri, pid=vm.pid)
+
+
+async def _watch_incoming(watch: MigrationWatch) -> None:
+    vm = watch.vm
+    try:
+        while vm.alive():
+            try:
+                info = await query_migrate(vm)
+            except KvmotionError:
+                break
+            watch.absorb(info)
+            if watch.report.status in TERMINAL:
+                watch.report.completed_at = watch.report.completed_at or time.time()
+                break
+            await asyncio.sleep(POLL_S)
+        if not vm.alive() and watch.report.status not in TERMINAL:
+            watch.report.status = "failed"
+            watch.report.failed_at = time.time()
+            watch.report.error = watch.report.error or "destination QEMU exited during the incoming migration"
+    finally:
+        watch.done.set()
+
+
+async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None = None) -> MigrationWatch:
+    if vm.state not in (VMRunState.RUNNING, VMRunState.PAUSED):
+        raise ConflictError(f"VM {vm.spec.name} is {vm.state}, not running",
+                            remedy="only a running VM can be live-migrated; use cold migration")
+    qmp = _qmp(vm)
+    await set_caps(vm, {"events": True, "return-path": True, "pause-before-switchover": True})
+    await qmp.execute("migrate-set-parameters", {
+        "max-bandwidth": int(req.max_bandwidth_bytes), "downtime-limit": int(req.downtime_limit_ms)})
+    watch = MigrationWatch(vm, "source")
+    vm.migration = watch
+    listener_cm = qmp.listener(("MIGRATION", "MIGRATION_PASS"))
+    listener = listener_cm.__enter__()  # registered before `migrate`, released by the watcher
+    try:
+        await qmp.execute("migrate", {"uri": req.uri})
+    except KvmotionError:
+        listener_cm.__exit__(None, None, None)
+        vm.migration = None
+        raise
+    vm.transition(VMRunState.MIGRATING_OUT)
+    watch.task = asyncio.create_task(_watch_outgoing(watch, listener, listener_cm, req, handoff),
+                                     name=f"outgoing-{vm.spec.name}")
+    return watch
+
+
+async def _watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any,
+                          req: OutgoingRequest, handoff: Hook | None) -> None:
+    vm = watch.vm
+    r = watch.report
+    try:
+        last_poll = 0.0
+        while True:
+            ev = await next_event(listener, timeout=POLL_S)
+            status = ev["data"].get("status") if ev and ev.get("event") == "MIGRATION" else None
+            if status == "pre-switchover" and req.auto_continue:
+                r.pre_switchover_at = time.time()
+                r.status = status
+                if handoff is not None:
+                    await handoff(vm)
+                await _qmp(vm).execute("migrate-continue", {"state": "pre-switchover"})
+                r.continued_at = time.time()
+                r.parked_ms = (r.continued_at - r.pre_switchover_at) * 1000.0
+            now = time.monotonic()
+            if status in TERMINAL or now - last_poll >= POLL_S:
+                last_poll = now
+                watch.absorb(await query_migrate(vm))
+            if r.status in TERMINAL:
+                break
+    except KvmotionError as exc:
+        r.status, r.error = "failed", exc.message
+    finally:
+        listener_cm.__exit__(None, None, None)
+        if r.status == "completed":
+            r.completed_at = time.time()
+            vm.transition(VMRunState.MIGRATED)
+        else:
+            r.failed_at = time.time()
+            await _settle_source(vm)
+        watch.done.set()
+
+
+async def _settle_source(vm: QemuVM) -> None:
+    """After a failed or cancelled migration the source must be running again."""
+    if not vm.alive():
+        return
+    try:
+        status = (await _qmp(vm).execute("query-status"))["status"]
+        if status != "running":
+            await _qmp(vm).execute("cont")
+        vm.transition(VMRunState.RUNNING)
+    except KvmotionError as exc:
+        log.error("could not resume %s on the source: %s", vm.spec.name, exc)
+
+
+async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0) -> MigrationReport | None:
+    """Cancel; if QEMU already completed but the destination never ran, resume the source."""
+    watch: MigrationWatch | None = vm.migration
+    if watch is None:
+        return None
+    if watch.report.status not in TERMINAL:
+        try:
+            await _qmp(vm).execute("migrate_cancel")
+        except KvmotionError as exc:
+            log.warning("migrate_cancel on %s: %s", vm.spec.name, exc)
+    try:
+        await asyncio.wait_for(watch.done.wait(), timeout=timeout)
+    except asyncio.TimeoutError as exc:
+        raise MigrationFailed(f"migration of {vm.spec.name} did not stop within {timeout:.0f}s after cancel",
+                              remedy="inspect the source QEMU; the VM was not handed over") from exc
+    if vm.state == VMRunState.MIGRATED:
+        # Completed on the wire, but the destination was never started: roll back (cookbook §1).
+        await _qmp(vm).execute("cont")
+        vm.transition(VMRunState.RUNNING)
+    return watch.snapshot()
+
+
+async def resume_destination(vm: QemuVM, timeout: float = 10.0) -> dict[str, Any]:
+    """Start the shadow once its incoming migration completed; confirm it really runs; announce."""
+    watch: MigrationWatch | None = vm.migration
+    if watch is None or vm.state != VMRunState.INCOMING:
+        raise ConflictError(f"VM {vm.spec.name} is not an incoming shadow here", remedy="prepare the shadow first")
+    try:
+        await asyncio.wait_for(watch.done.wait(), timeout=timeout)
+    except asyncio.TimeoutError as exc:
+        raise MigrationFailed(f"incoming state for {vm.spec.name} did not complete within {timeout:.0f}s",
+                              remedy="check the migration network") from exc
+    if watch.report.status != "completed":
+        raise MigrationFailed(f"incoming migration of {vm.spec.name} ended {watch.report.status}: "
+                              f"{watch.report.error or 'no detail'}", remedy="see the source's migration error")
+    qmp = _qmp(vm)
+    t0 = time.time()
+    await qmp.execute("cont")
+    status = (await qmp.execute("query-status"))["status"]
+    if status != "running":
+        raise MigrationFailed(f"VM {vm.spec.name} is {status!r} on the destination after cont",
+                              remedy="see the destination's qemu.log")
+    vm.role = "normal"
+    vm.transition(VMRunState.RUNNING)
+    return {"resumed_at": t0, "confirmed_at": time.time(), "status": status}
+
+
+async def announce(vm: QemuVM, rounds: int = 5) -> dict[str, Any]:
+    """RARP/GARP: QEMU sent its own announce at completion; send another series from the running VM."""
+    params = {"initial": 50, "max": 550, "rounds": rounds, "step": 100}
+    await _qmp(vm).execute("announce-self", params)
+    return {"announced_at": time.time(), "rounds": rounds, "macs": [n.mac for n in vm.spec.nics]}

@@ -1,0 +1,320 @@
+"""One QEMU process per VM: command line, start, adopt after an agent restart, stop."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmotion.agent.qmp import QMPConnection
+from kvmotion.common.errors import ConflictError, KvmotionError, QemuStartFailed
+from kvmotion.common.types import VMRunState, VMRuntime, VMSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
+
+# Guarded lifecycle: which states may follow which.
+_TRANSITIONS: dict[VMRunState, set[VMRunState]] = {
+    VMRunState.STARTING: {VMRunState.RUNNING, VMRunState.INCOMING, VMRunState.PAUSED, VMRunState.STOPPED},
+    VMRunState.RUNNING: {VMRunState.MIGRATING_OUT, VMRunState.PAUSED, VMRunState.STOPPED},
+    VMRunState.PAUSED: {VMRunState.RUNNING, VMRunState.MIGRATING_OUT, VMRunState.STOPPED},
+    VMRunState.INCOMING: {VMRunState.PAUSED, VMRunState.RUNNING, VMRunState.STOPPED},
+    VMRunState.MIGRATING_OUT: {VMRunState.RUNNING, VMRunState.MIGRATED, VMRunState.STOPPED},
+    VMRunState.MIGRATED: {VMRunState.RUNNING, VMRunState.STOPPED},
+    VMRunState.STOPPED: set(),
+}
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """What a VM needs to know about the host it runs on."""
+
+    host_name: str
+    accelerator: str
+    datastore_paths: dict[str, Path]      # datastore name -> mount path on this host
+    bridges: dict[str, str]               # port group name -> Linux bridge
+
+
+def tap_name(uuid: str, index: int) -> str:
+    return f"kv{uuid.replace('-', '')[:9]}{index}"
+
+
+def resolve_datastore(ctx: HostContext, name: str) -> Path:
+    try:
+        return ctx.datastore_paths[name]
+    except KeyError:
+        raise ConflictError(
+            f"datastore {name!r} is not accessible on host {ctx.host_name}",
+            remedy="pick a host that mounts this datastore, or move the VM's storage first",
+            details={"datastore": name, "host": ctx.host_name},
+        ) from None
+
+
+def vm_folder(ctx: HostContext, spec: VMSpec) -> Path:
+    return resolve_datastore(ctx, spec.boot_datastore) / spec.folder
+
+
+def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool) -> list[str]:
+    folder = vm_folder(ctx, spec)
+    cmdline = f"{GUEST_CONSOLE} kvmotion.name={spec.name}"
+    if spec.guest_ip:
+        cmdline += f" kvmotion.ip={spec.guest_ip}"
+    if spec.dirty_mb_s:
+        cmdline += f" kvmotion.dirty={spec.dirty_mb_s:g}"
+    if spec.extra_cmdline:
+        cmdline += " " + spec.extra_cmdline
+    accel = "kvm" if ctx.accelerator == "kvm" else "tcg"
+    argv = [
+        QEMU_BINARY,
+        "-name", f"guest={spec.name},debug-threads=on",
+        "-uuid", spec.uuid,
+        "-machine", f"{spec.machine},accel={accel}",
+        "-cpu", spec.cpu_model,
+        "-m", str(spec.memory_mb),
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-smbios", f"type=1,manufacturer=kvmotion,product=kvmotion-vm,serial={spec.uuid},uuid={spec.uuid}",
+        "-kernel", str(folder / "vmlinuz"),
+        "-initrd", str(folder / "initrd.img"),
+        "-append", cmdline,
+        "-chardev", f"file,id=serial0,path={run_dir / 'serial.log'},append=on",
+        "-serial", "chardev:serial0",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        "-pidfile", str(run_dir / "qemu.pid"),
+        "-msg", "timestamp=on",
+    ]
+    for disk in spec.disks:
+        path = resolve_datastore(ctx, disk.datastore) / disk.path
+        node = {"node-name": disk.node, "driver": disk.format,
+                "file": {"driver": "file", "filename": str(path)}}
+        argv += ["-blockdev", json.dumps(node), "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}"]
+    for i, nic in enumerate(spec.nics):
+        tap = tap_name(spec.uuid, i)
+        argv += ["-netdev", f"tap,id=net-{nic.id},ifname={tap},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net-{nic.id},mac={nic.mac},id={nic.id}"]
+    if incoming:
+        argv += ["-incoming", "defer", "-S"]
+    return argv
+
+
+def _run(argv: list[str], timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def create_taps(spec: VMSpec, ctx: HostContext) -> list[str]:
+    taps: list[str] = []
+    try:
+        for i, nic in enumerate(spec.nics):
+            bridge = ctx.bridges.get(nic.portgroup)
+            if bridge is None:
+                raise ConflictError(
+                    f"port group {nic.portgroup!r} does not exist on host {ctx.host_name}",
+                    remedy=f"create the bridge for {nic.portgroup!r} on {ctx.host_name}, or pick another host",
+                )
+            tap = tap_name(spec.uuid, i)
+            _run(["ip", "link", "del", tap])  # a leftover from a crashed run of this same VM
+            for argv in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+                         ["ip", "link", "set", tap, "master", bridge, "up"]):
+                res = _run(argv)
+                if res.returncode != 0:
+                    raise QemuStartFailed(f"could not set up tap {tap}: {res.stderr.strip()}",
+                                          remedy="check that the agent runs as root and the bridge exists")
+            taps.append(tap)
+    except KvmotionError:
+        delete_taps(taps)
+        raise
+    return taps
+
+
+def delete_taps(taps: list[str]) -> None:
+    for tap in taps:
+        _run(["ip", "link", "del", tap])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pid_is_qemu_for(pid: int, uuid: str) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmd) and cmd[0].endswith(QEMU_BINARY.encode()) and uuid.encode() in cmd
+
+
+def rss_mb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+class QemuVM:
+    """A QEMU process plus its QMP connection and run record."""
+
+    def __init__(self, spec: VMSpec, ctx: HostContext, run_dir: Path) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.run_dir = run_dir
+        self.state = VMRunState.STARTING
+        self.pid: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QMPConnection | None = None
+        self.taps: list[str] = []
+        self.started_at: float | None = None
+        self.role = "normal"
+        self.lock = asyncio.Lock()
+        self.migration: Any = None   # kvmotion.agent.migration.MigrationWatch, when one runs
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def transition(self, new: VMRunState) -> None:
+        if new == self.state:
+            return
+        if new not in _TRANSITIONS[self.state]:
+            raise ConflictError(
+                f"VM {self.spec.name} cannot go from {self.state} to {new}",
+                remedy="wait for the current operation on this VM to finish",
+                details={"from": str(self.state), "to": str(new)},
+            )
+        self.state = new
+        self.save_record()
+
+    def save_record(self) -> None:
+        record = {"spec": self.spec.model_dump(), "pid": self.pid, "state": str(self.state), "role": self.role,
+                  "taps": self.taps, "started_at": self.started_at}
+        tmp = self.run_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, self.run_dir / "run.json")
+
+    async def start(self, incoming: bool, qmp_deadline_s: float = 15.0) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("qmp.sock", "qemu.pid"):
+            (self.run_dir / stale).unlink(missing_ok=True)
+        argv = build_argv(self.spec, self.ctx, self.run_dir, incoming)
+        self.taps = create_taps(self.spec, self.ctx)
+        self.role = "incoming" if incoming else "normal"
+        log = open(self.run_dir / "qemu.log", "ab")
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        except OSError as exc:
+            delete_taps(self.taps)
+            raise QemuStartFailed(f"could not run {QEMU_BINARY}: {exc}",
+                                  remedy="install qemu-system-x86 on this host") from exc
+        finally:
+            log.close()
+        self.pid = self.proc.pid
+        self.started_at = time.time()
+        self.save_record()
+        self.qmp = QMPConnection(self.spec.name, str(self.run_dir / "qmp.sock"))
+        try:
+            await self._connect_or_fail(qmp_deadline_s)
+            status = (await self.qmp.execute("query-status"))["status"]
+        except KvmotionError:
+            await self.kill()
+            raise
+        self.transition(VMRunState.INCOMING if incoming else
+                        VMRunState.RUNNING if status == "running" else VMRunState.PAUSED)
+
+    async def _connect_or_fail(self, deadline_s: float) -> None:
+        assert self.qmp is not None
+        connect = asyncio.create_task(self.qmp.connect(deadline_s))
+        while not connect.done():
+            if self.proc is not None and self.proc.poll() is not None:
+                connect.cancel()
+                tail = self.log_tail()
+                raise QemuStartFailed(f"QEMU for {self.spec.name} exited at start (code {self.proc.returncode}): {tail}",
+                                      remedy="fix the problem QEMU reports above")
+            await asyncio.sleep(0.05)
+        connect.result()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = (self.run_dir / "qemu.log").read_text(errors="replace").strip().splitlines()
+            return " | ".join(text[-lines:])
+        except OSError:
+            return ""
+
+    async def adopt(self, record: dict[str, Any]) -> bool:
+        """Re-attach to a QEMU process that survived an agent restart. False if it is gone."""
+        pid = record.get("pid")
+        if not pid or not pid_alive(pid) or not pid_is_qemu_for(pid, self.spec.uuid):
+            return False
+        self.pid = pid
+        self.taps = list(record.get("taps", []))
+        self.role = record.get("role", "normal")
+        self.started_at = record.get("started_at")
+        self.qmp = QMPConnection(self.spec.name, str(self.run_dir / "qmp.sock"))
+        try:
+            await self.qmp.connect(5.0)
+            status = (await self.qmp.execute("query-status"))["status"]
+        except KvmotionError:
+            return False
+        self.state = {"running": VMRunState.RUNNING, "inmigrate": VMRunState.INCOMING,
+                      "postmigrate": VMRunState.MIGRATED, "finish-migrate": VMRunState.MIGRATING_OUT,
+                      }.get(status, VMRunState.PAUSED)
+        self.save_record()
+        return True
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and pid_alive(self.pid)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self.alive():
+                return True
+            await asyncio.sleep(0.05)
+        return not self.alive()
+
+    async def stop(self, graceful_timeout: float = 5.0) -> None:
+        """Quit QEMU (QMP ``quit``), then SIGTERM/SIGKILL by PID; free taps and the run record."""
+        if self.qmp is not None and self.alive():
+            try:
+                await self.qmp.execute("quit", timeout=3)
+            except KvmotionError:
+                pass
+        if not await self.wait_exit(graceful_timeout):
+            await self.kill()
+        await self._cleanup()
+
+    async def kill(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+            if self.pid is None or not self.alive():
+                break
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                break
+            await self.wait_exit(wait)
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        delete_taps(self.taps)
+        self.taps = []
+        if self.state != VMRunState.STOPPED:
+            self.state = VMRunState.STOPPED
+        for name in ("run.json", "qmp.sock", "qemu.pid"):
+            (self.run_dir / name).unlink(missing_ok=True)
+
+    def runtime(self, qemu_status: str | None = None) -> VMRuntime:
+        return VMRuntime(uuid=self.spec.uuid, name=self.spec.name, state=self.state, pid=self.pid,
+                         qemu_status=qemu_status, started_at=self.started_at)

@@ -1,0 +1,248 @@
+"""The host agent's operations (hostd role), shared by its API and tests."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+from kvmotion.agent import facts as host_facts
+from kvmotion.agent import lease as leases
+from kvmotion.agent import migration
+from kvmotion.agent.accel import AccelResult, probe_kvm
+from kvmotion.agent.config import AgentConfig
+from kvmotion.agent.qemuvm import HostContext, QemuVM, rss_mb, vm_folder
+from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError, QemuStartFailed
+from kvmotion.common.types import (HostFacts, IncomingReady, LeaseInfo, MigrationReport, OutgoingRequest,
+                                   ReleaseReport, VMRunState, VMRuntime, VMSpec)
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.accel = AccelResult("tcg", "not probed yet")
+        self.vms: dict[str, QemuVM] = {}
+        self._ops_lock = asyncio.Lock()
+
+    # -- start-up -------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.accelerator in ("kvm", "tcg"):
+            self.accel = AccelResult(self.cfg.accelerator, "set in the agent configuration")
+        else:
+            kernel = self._image_files()[0] if self._image_ready() else None
+            self.accel = await probe_kvm(self.cfg.kvm_probe_deadline_s, kernel=kernel)
+        log.info("accelerator: %s (%s)", self.accel.accelerator, self.accel.reason)
+        await self.adopt_all()
+
+    async def adopt_all(self) -> list[str]:
+        """Re-adopt QEMU processes that outlived a previous agent: their run records are on disk."""
+        adopted = []
+        for record_file in sorted((self.cfg.state_dir / "vms").glob("*/run.json")):
+            try:
+                record = json.loads(record_file.read_text())
+                spec = VMSpec.model_validate(record["spec"])
+            except (OSError, ValueError, KeyError):
+                continue
+            vm = QemuVM(spec, self.context(), record_file.parent)
+            if await vm.adopt(record):
+                self.vms[spec.uuid] = vm
+                adopted.append(spec.name)
+                log.info("re-adopted %s (pid %s, %s)", spec.name, vm.pid, vm.state)
+            else:
+                vm.taps = list(record.get("taps", []))
+                await vm.kill()   # gone or not ours: clear the stale record and taps
+        return adopted
+
+    async def shutdown(self) -> None:
+        for vm in self.vms.values():   # QEMU processes keep running; only drop our connections
+            if vm.qmp is not None:
+                await vm.qmp.close()
+
+    # -- facts ----------------------------------------------------------------------------
+    def context(self) -> HostContext:
+        stores = {d.name: Path(d.path) for d in map(host_facts.read_datastore, self.cfg.datastores) if d.readable}
+        bridges = {p.name: p.bridge for p in host_facts.portgroups()}
+        return HostContext(self.cfg.name, self.accel.accelerator, stores, bridges)
+
+    def facts(self) -> HostFacts:
+        return host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, sorted(self.vms))
+
+    # -- VM files -------------------------------------------------------------------------
+    def _image_files(self) -> tuple[Path, Path]:
+        base = self.cfg.image_dir or Path("/var/lib/kvmotion/image")
+        manifests = sorted(base.glob("*/manifest.json"))
+        if not manifests:
+            raise ImageMissing(f"no guest image under {base}", remedy="run `kvmotion image build` on this host")
+        return manifests[-1].parent / "vmlinuz", manifests[-1].parent / "initrd.img"
+
+    def _image_ready(self) -> bool:
+        try:
+            self._image_files()
+            return True
+        except ImageMissing:
+            return False
+
+    def provision(self, spec: VMSpec) -> Path:
+        """Create the VM's folder on its datastore: config, boot files, disks. Nothing is left on failure."""
+        ctx = self.context()
+        folder = vm_folder(ctx, spec)
+        if folder.exists() and any(folder.iterdir()):
+            raise ConflictError(f"folder {folder} already exists on datastore {spec.boot_datastore}",
+                                remedy="choose another VM name, or delete the leftover folder")
+        kernel, initrd = self._image_files()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kernel, folder / "vmlinuz")
+            shutil.copyfile(initrd, folder / "initrd.img")
+            for disk in spec.disks:
+                path = ctx.datastore_paths[disk.datastore] / disk.path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                res = subprocess.run(["qemu-img", "create", "-q", "-f", disk.format, str(path), f"{disk.size_mb}M"],
+                                     capture_output=True, text=True, timeout=30, check=False)
+                if res.returncode != 0:
+                    raise QemuStartFailed(f"qemu-img create {path} failed: {res.stderr.strip()}",
+                                          remedy="check free space and permissions on the datastore")
+            (folder / "vm.json").write_text(spec.model_dump_json(indent=1))
+        except (OSError, KvmotionError, subprocess.TimeoutExpired):
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
+
+    def destroy_files(self, spec: VMSpec) -> None:
+        if spec.uuid in self.vms:
+            raise ConflictError(f"VM {spec.name} still runs on {self.cfg.name}", remedy="power it off first")
+        ctx = self.context()
+        for disk in spec.disks:
+            (ctx.datastore_paths[disk.datastore] / disk.path).unlink(missing_ok=True)
+        shutil.rmtree(vm_folder(ctx, spec), ignore_errors=True)
+
+    # -- power ----------------------------------------------------------------------------
+    def get(self, uuid: str) -> QemuVM:
+        vm = self.vms.get(uuid)
+        if vm is None or vm.state == VMRunState.STOPPED:
+            raise NotFoundError(f"VM {uuid} is not running on host {self.cfg.name}",
+                                remedy="check `kvmotion vm show` for where the VM runs")
+        return vm
+
+    def _run_dir(self, uuid: str) -> Path:
+        return self.cfg.state_dir / "vms" / uuid
+
+    async def start(self, spec: VMSpec) -> VMRuntime:
+        if spec.uuid in self.vms:
+            raise ConflictError(f"VM {spec.name} already runs on {self.cfg.name}", remedy="nothing to do")
+        ctx = self.context()
+        folder = vm_folder(ctx, spec)
+        leases.take_lease(folder, spec.uuid, self.cfg.name, expected_holder=None)
+        vm = QemuVM(spec, ctx, self._run_dir(spec.uuid))
+        self.vms[spec.uuid] = vm
+        try:
+            await vm.start(incoming=False)
+        except KvmotionError:
+            self.vms.pop(spec.uuid, None)
+            leases.release_lease(folder, self.cfg.name)
+            raise
+        return vm.runtime()
+
+    async def stop(self, uuid: str) -> VMRuntime:
+        vm = self.get(uuid)
+        async with vm.lock:
+            await vm.stop()
+        self.vms.pop(uuid, None)
+        leases.release_lease(vm_folder(vm.ctx, vm.spec), self.cfg.name)
+        return vm.runtime()
+
+    async def status(self, uuid: str) -> VMRuntime:
+        vm = self.get(uuid)
+        qemu_status = None
+        if vm.qmp is not None and vm.alive():
+            try:
+                qemu_status = (await vm.qmp.execute("query-status", timeout=3))["status"]
+            except KvmotionError:
+                qemu_status = "unreachable"
+        elif not vm.alive():
+            qemu_status = "exited"
+        return vm.runtime(qemu_status)
+
+    def list(self) -> list[VMRuntime]:
+        return [vm.runtime() for vm in self.vms.values()]
+
+    # -- migration primitives -------------------------------------------------------------
+    async def prepare_incoming(self, spec: VMSpec, listen_address: str) -> IncomingReady:
+        if spec.uuid in self.vms:
+            raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
+                                remedy="a VM never runs twice; pick another destination")
+        vm = QemuVM(spec, self.context(), self._run_dir(spec.uuid))
+        self.vms[spec.uuid] = vm
+        try:
+            await vm.start(incoming=True)
+            return await migration.prepare_incoming(vm, listen_address)
+        except KvmotionError:
+            await vm.kill()
+            self.vms.pop(spec.uuid, None)
+            raise
+
+    async def abort_incoming(self, uuid: str) -> bool:
+        """Remove a shadow VM. Refuses if the VM already runs here (it is no shadow then)."""
+        vm = self.vms.get(uuid)
+        if vm is None:
+            return False
+        if vm.state not in (VMRunState.INCOMING, VMRunState.STARTING, VMRunState.STOPPED):
+            raise ConflictError(f"VM {vm.spec.name} is {vm.state} on {self.cfg.name}, not a shadow",
+                                remedy="the VM runs here; it cannot be discarded as a shadow")
+        await vm.kill()
+        self.vms.pop(uuid, None)
+        return True
+
+    async def start_outgoing(self, uuid: str, req: OutgoingRequest) -> MigrationReport:
+        vm = self.get(uuid)
+        watch = await migration.start_outgoing(vm, req)
+        return watch.snapshot()
+
+    def migration_report(self, uuid: str) -> MigrationReport:
+        vm = self.get(uuid)
+        if vm.migration is None:
+            raise NotFoundError(f"no migration of VM {vm.spec.name} on {self.cfg.name}", remedy="start one first")
+        report = vm.migration.snapshot()
+        if report.role == "destination" and not vm.alive() and report.status not in migration.TERMINAL:
+            report.status, report.error = "failed", "destination QEMU exited"
+        return report
+
+    async def cancel_outgoing(self, uuid: str) -> MigrationReport | None:
+        return await migration.cancel_outgoing(self.get(uuid))
+
+    async def resume(self, uuid: str) -> dict[str, object]:
+        return await migration.resume_destination(self.get(uuid))
+
+    async def announce(self, uuid: str) -> dict[str, object]:
+        return await migration.announce(self.get(uuid))
+
+    def take_lease(self, uuid: str, expected_holder: str | None) -> LeaseInfo:
+        vm = self.get(uuid)
+        return leases.take_lease(vm_folder(vm.ctx, vm.spec), uuid, self.cfg.name, expected_holder)
+
+    async def finalize_source(self, uuid: str) -> ReleaseReport:
+        """End the source QEMU after a completed migration and free its memory."""
+        vm = self.get(uuid)
+        if vm.state != VMRunState.MIGRATED:
+            raise ConflictError(f"VM {vm.spec.name} is {vm.state} on {self.cfg.name}; only a migrated-away "
+                                "source may be finalized", remedy="the migration has not completed")
+        pid, freed = vm.pid, rss_mb(vm.pid or 0)
+        await vm.stop(graceful_timeout=5.0)
+        self.vms.pop(uuid, None)
+        folder = vm_folder(vm.ctx, vm.spec)
+        leases.release_lease(folder, self.cfg.name)
+        holder = leases.read_lease(folder)
+        return ReleaseReport(source_exited=not vm.alive(), source_pid=pid,
+                             lock_released=holder is None or holder.host != self.cfg.name, memory_freed_mb=freed)
+
+    def serial_tail(self, uuid: str, lines: int) -> list[str]:
+        path = self._run_dir(uuid) / "serial.log"
+        try:
+            return path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return []

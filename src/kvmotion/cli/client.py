@@ -1,0 +1,95 @@
+"""A small synchronous client for the controller API, used by the CLI, the demo and the tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kvmotion.common.errors import AgentUnreachable, KvmotionError
+
+
+def default_url() -> str:
+    if os.environ.get("KVMOTION_URL"):
+        return os.environ["KVMOTION_URL"]
+    from kvmotion.lab import lab   # only reads the lab's state file if there is one
+
+    info = lab.load(Path(os.environ.get("KVMOTION_LAB_DIR", str(lab.DEFAULT_ROOT))))
+    return info.controller_url if info else "http://127.0.0.1:8760"
+
+
+class Client:
+    def __init__(self, url: str | None = None, timeout: float = 60.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        try:
+            r = httpx.request(method, f"{self.url}/api/v1{path}", json=json, params=params, timeout=self.timeout)
+        except httpx.HTTPError as exc:
+            raise AgentUnreachable(f"controller at {self.url} did not answer: {type(exc).__name__}",
+                                   remedy="start it (`kvmotion lab up` in the lab) or pass --url") from exc
+        if r.status_code >= 400:
+            body: Any
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
+            err = body.get("error") if isinstance(body, dict) else None
+            if err:
+                raise KvmotionError.from_dict(err)
+            detail = body.get("detail") if isinstance(body, dict) else None
+            raise KvmotionError(f"invalid request: {_validation_text(detail) if detail else r.text[:300]}",
+                                remedy="fix the arguments named above")
+        return r.json()
+
+    # convenience wrappers
+    def hosts(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/hosts")
+
+    def host(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/hosts/{name}")
+
+    def add_host(self, address: str, name: str | None = None) -> dict[str, Any]:
+        return self.call("POST", "/hosts", {"address": address, "name": name})
+
+    def vms(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/vms")
+
+    def vm(self, ref: str) -> dict[str, Any]:
+        return self.call("GET", f"/vms/{ref}")
+
+    def create_vm(self, **fields: Any) -> dict[str, Any]:
+        return self.call("POST", "/vms", {k: v for k, v in fields.items() if v is not None})
+
+    def start_vm(self, ref: str) -> dict[str, Any]:
+        return self.call("POST", f"/vms/{ref}/start")
+
+    def stop_vm(self, ref: str) -> dict[str, Any]:
+        return self.call("POST", f"/vms/{ref}/stop")
+
+    def delete_vm(self, ref: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/vms/{ref}")
+
+    def migrate(self, ref: str, host: str, **opts: Any) -> dict[str, Any]:
+        return self.call("POST", f"/vms/{ref}/migrate", {"host": host, **{k: v for k, v in opts.items() if v is not None}})
+
+    def validate(self, ref: str, host: str) -> list[dict[str, Any]]:
+        return self.call("POST", f"/vms/{ref}/migrate/validate", {"host": host})
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/tasks/{task_id}")
+
+    def tasks(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.call("GET", "/tasks", params={"limit": limit})
+
+
+def _validation_text(detail: Any) -> str:
+    if isinstance(detail, list):
+        parts = []
+        for d in detail:
+            loc = ".".join(str(x) for x in d.get("loc", []) if x != "body")
+            parts.append(f"{loc}: {d.get('msg')}")
+        return "; ".join(parts)
+    return str(detail)

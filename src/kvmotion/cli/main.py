@@ -1,0 +1,231 @@
+"""kvmotion: the command line (talks to the controller API)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvmotion.cli.client import Client
+from kvmotion.cli.progress import follow, print_outcome
+from kvmotion.common.errors import KvmotionError
+
+console = Console()
+err_console = Console(stderr=True)
+app = typer.Typer(help="kvmotion: vMotion for QEMU/KVM", no_args_is_help=True, add_completion=False)
+host_app = typer.Typer(help="hosts (hypervisors with a kvmotion agent)", no_args_is_help=True)
+vm_app = typer.Typer(help="virtual machines", no_args_is_help=True)
+task_app = typer.Typer(help="tasks (migrations)", no_args_is_help=True)
+lab_app = typer.Typer(help="the multi-host lab on this machine", no_args_is_help=True)
+image_app = typer.Typer(help="the guest image", no_args_is_help=True)
+for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (lab_app, "lab"), (image_app, "image")):
+    app.add_typer(sub, name=name)
+
+URL = typer.Option(None, "--url", envvar="KVMOTION_URL", help="controller URL")
+T = TypeVar("T")
+
+
+def run(fn: Callable[[], T]) -> T:
+    """Run a command; a kvmotion error becomes a clear message and a non-zero exit code."""
+    try:
+        return fn()
+    except KvmotionError as exc:
+        err_console.print(f"[red]error:[/] {exc.message}")
+        if exc.remedy:
+            err_console.print(f"[yellow]fix:[/] {exc.remedy}")
+        for f in exc.details.get("findings", []):
+            err_console.print(f"  [{f['severity']}] {f['code']} ({f['subject']}): {f['message']} — fix: {f['remedy']}")
+        raise typer.Exit(2 if exc.code in ("NOT_FOUND", "INVALID_INPUT", "PRECHECK_FAILED", "CONFLICT") else 1)
+
+
+def _print_json(data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))
+
+
+# -- hosts -------------------------------------------------------------------------------
+@host_app.command("add")
+def host_add(address: str, name: Optional[str] = typer.Option(None), url: Optional[str] = URL) -> None:
+    """Add a host by its agent's address, e.g. http://198.18.0.11:8770."""
+    h = run(lambda: Client(url).add_host(address, name))
+    console.print(f"added host [bold]{h['name']}[/] ({h['state']})")
+
+
+@host_app.command("list")
+def host_list(url: Optional[str] = URL) -> None:
+    table = Table("name", "state", "address", "accel", "mem free/total MiB", "datastores", "migration if")
+    for h in run(lambda: Client(url).hosts()):
+        f = h.get("facts") or {}
+        ds = ", ".join(d["name"] for d in f.get("datastores", []) if d.get("readable"))
+        mig = ", ".join(f"{i['address']} {i.get('speed_mbps') or '?'}Mb" for i in f.get("migration_interfaces", []))
+        table.add_row(h["name"], h["state"], h["address"], f.get("accelerator", "-"),
+                      f"{f.get('mem_free_mb', '-')}/{f.get('mem_total_mb', '-')}", ds, mig)
+    console.print(table)
+
+
+@host_app.command("show")
+def host_show(name: str, url: Optional[str] = URL) -> None:
+    h = run(lambda: Client(url).host(name))
+    facts = h.pop("facts", {})
+    facts["cpu_features"] = f"{len(facts.get('cpu_features', []))} features"
+    _print_json(h | {"facts": facts})
+
+
+# -- VMs ---------------------------------------------------------------------------------
+@vm_app.command("create")
+def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = typer.Option(256, help="MiB"),
+              vcpus: int = 1, datastore: Optional[str] = None, network: str = "VM Network",
+              disk_mb: int = 64, ip: Optional[str] = typer.Option(None, help="e.g. 198.18.1.120/24"),
+              dirty: float = typer.Option(0.0, help="guest memory dirtier rate, MB/s"),
+              url: Optional[str] = URL) -> None:
+    vm = run(lambda: Client(url).create_vm(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore,
+                                           network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty))
+    console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
+                  f"datastore {vm['spec']['boot_datastore']}, ip {vm['spec']['guest_ip']}")
+
+
+@vm_app.command("start")
+def vm_start(vm: str, url: Optional[str] = URL) -> None:
+    out = run(lambda: Client(url).start_vm(vm))
+    console.print(f"VM [bold]{out['name']}[/] powered on on {out['host']} (pid {out['runtime']['pid']})")
+
+
+@vm_app.command("stop")
+def vm_stop(vm: str, url: Optional[str] = URL) -> None:
+    out = run(lambda: Client(url).stop_vm(vm))
+    console.print(f"VM [bold]{out['name']}[/] powered off")
+
+
+@vm_app.command("delete")
+def vm_delete(vm: str, url: Optional[str] = URL) -> None:
+    run(lambda: Client(url).delete_vm(vm))
+    console.print(f"VM [bold]{vm}[/] deleted")
+
+
+@vm_app.command("list")
+def vm_list(url: Optional[str] = URL) -> None:
+    table = Table("name", "host", "power", "memory MiB", "datastore", "ip", "uuid")
+    for v in run(lambda: Client(url).vms()):
+        s = v["spec"]
+        table.add_row(v["name"], v["host"], v["power_state"], str(s["memory_mb"]), s["boot_datastore"],
+                      s.get("guest_ip") or "-", v["uuid"])
+    console.print(table)
+
+
+@vm_app.command("show")
+def vm_show(vm: str, url: Optional[str] = URL) -> None:
+    _print_json(run(lambda: Client(url).vm(vm)))
+
+
+@vm_app.command("validate")
+def vm_validate(vm: str, host: str = typer.Option(..., "--host"), url: Optional[str] = URL) -> None:
+    """Every precheck finding for moving VM to HOST, at once."""
+    findings = run(lambda: Client(url).validate(vm, host))
+    if not findings:
+        console.print(f"[green]no findings: {vm} can move to {host}[/]")
+    for f in findings:
+        console.print(f"[{f['severity']}] {f['code']} ({f['subject']}): {f['message']} — fix: {f['remedy']}")
+    if any(f["severity"] == "error" for f in findings):
+        raise typer.Exit(2)
+
+
+@vm_app.command("migrate")
+def vm_migrate(vm: str, host: str = typer.Option(..., "--host", help="destination host"),
+               downtime_ms: int = typer.Option(500, help="switchover budget"),
+               max_bandwidth_mbps: Optional[int] = typer.Option(None, help="cap; default the link speed"),
+               priority: str = typer.Option("normal", help="high|normal"),
+               wait: bool = typer.Option(True, help="follow the task and print its summary"),
+               url: Optional[str] = URL) -> None:
+    """Live-migrate a running VM to another host (vMotion)."""
+    client = Client(url)
+    task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
+                                      priority=priority))
+    if not wait:
+        console.print(f"task {task['id']}")
+        return
+    task = run(lambda: follow(client, task["id"], console))
+    print_outcome(task, console)
+    if task["state"] != "success":
+        raise typer.Exit(1)
+
+
+# -- tasks -------------------------------------------------------------------------------
+@task_app.command("list")
+def task_list(limit: int = 20, url: Optional[str] = URL) -> None:
+    table = Table("id", "kind", "vm", "source → dest", "state", "phase", "progress", "error")
+    for t in run(lambda: Client(url).tasks(limit)):
+        table.add_row(t["id"][:8], t["kind"], t["vm_name"], f"{t['source']} → {t['destination']}", t["state"],
+                      t["phase"], f"{t['progress']:.0f}%", (t.get("error") or {}).get("message", "")[:60])
+    console.print(table)
+
+
+@task_app.command("show")
+def task_show(task_id: str, as_json: bool = typer.Option(False, "--json"), url: Optional[str] = URL) -> None:
+    task = run(lambda: Client(url).task(task_id))
+    if as_json:
+        _print_json(task)
+    else:
+        print_outcome(task, console)
+
+
+# -- lab, image, demo ----------------------------------------------------------------------
+@lab_app.command("up")
+def lab_up(hosts: int = typer.Option(2, "--hosts"), root: Optional[Path] = None) -> None:
+    from kvmotion.lab import lab, net
+    from kvmotion.image.build import build_image
+
+    try:
+        image = build_image(log=lambda m: console.print(f"[dim]{m}[/]"))
+        info = lab.up(hosts, root or lab.DEFAULT_ROOT, image_dir=image.kernel.parent.parent,
+                      log=lambda m: console.print(m))
+    except (net.LabError, KvmotionError) as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+    console.print(f"[green]lab up[/]: controller {info.controller_url}")
+
+
+@lab_app.command("down")
+def lab_down(root: Optional[Path] = None) -> None:
+    from kvmotion.lab import lab
+
+    removed = lab.down(root or lab.DEFAULT_ROOT)
+    console.print("removed: " + (", ".join(removed) if removed else "nothing (no lab was up)"))
+
+
+@lab_app.command("status")
+def lab_status(root: Optional[Path] = None) -> None:
+    from kvmotion.lab import lab
+
+    _print_json(lab.status(root or lab.DEFAULT_ROOT))
+
+
+@image_app.command("build")
+def image_build(force: bool = typer.Option(False, "--force")) -> None:
+    from kvmotion.image.build import build_image
+
+    try:
+        img = build_image(force=force, log=lambda m: console.print(f"[dim]{m}[/]"))
+    except Exception as exc:  # noqa: BLE001 - ImageBuildError names the fix
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+    console.print(f"guest image: kernel {img.kernel} ({img.version}), initrd {img.initrd}")
+
+
+@app.command("demo")
+def demo(memory: int = typer.Option(256, help="guest MiB"), dirty: float = typer.Option(0.0, help="MB/s"),
+         keep: bool = typer.Option(False, help="leave the lab up")) -> None:
+    """Lab up, a VM on h1 with a pinging client, live vMotion to h2, the figures, lab down."""
+    from kvmotion.cli.demo import run_demo
+
+    sys.exit(run_demo(console, memory_mb=memory, dirty=dirty, keep=keep))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The controller's client for host agents: one call per driver primitive, each with a deadline."""
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
+from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport,
+                                   OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
+
+DEFAULT_TIMEOUT_S = 15.0
+
+
+class AgentClient:
+    def __init__(self, host: str, address: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.host = host
+        self.address = address.rstrip("/")
+        self.timeout = timeout
+
+    async def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None,
+                    params: dict[str, Any] | None = None) -> Any:
+        try:
+            async with httpx.AsyncClient(timeout=timeout or self.timeout) as client:
+                r = await client.request(method, f"{self.address}{path}", json=json, params=params)
+        except httpx.HTTPError as exc:
+            raise AgentUnreachable(
+                f"agent of host {self.host} at {self.address} did not answer {method} {path}: {type(exc).__name__}",
+                remedy=f"check that kvmotion-agent runs on {self.host} and the management network is up",
+                details={"host": self.host}, cause=exc) from exc
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                err = body.get("error") if isinstance(body, dict) else None
+            except ValueError:
+                err = None
+            if err:
+                exc2 = KvmotionError.from_dict(err)
+                exc2.details.setdefault("host", self.host)
+                raise exc2
+            raise AgentError(f"agent of host {self.host} answered {r.status_code} to {method} {path}: {r.text[:300]}",
+                             remedy="see the agent's log", details={"host": self.host})
+        return r.json()
+
+    async def facts(self) -> HostFacts:
+        return HostFacts.model_validate(await self._call("GET", "/v1/facts", timeout=10))
+
+    async def provision(self, spec: VMSpec) -> dict[str, str]:
+        return await self._call("POST", f"/v1/vms/{spec.uuid}/provision", spec.model_dump(), timeout=60)
+
+    async def destroy_files(self, spec: VMSpec) -> None:
+        await self._call("POST", f"/v1/vms/{spec.uuid}/destroy-files", spec.model_dump(), timeout=60)
+
+    async def start(self, spec: VMSpec) -> VMRuntime:
+        return VMRuntime.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/start", spec.model_dump(),
+                                                         timeout=40))
+
+    async def stop(self, uuid: str) -> VMRuntime:
+        return VMRuntime.model_validate(await self._call("POST", f"/v1/vms/{uuid}/stop", timeout=30))
+
+    async def status(self, uuid: str) -> VMRuntime:
+        return VMRuntime.model_validate(await self._call("GET", f"/v1/vms/{uuid}", timeout=8))
+
+    async def vms(self) -> list[VMRuntime]:
+        return [VMRuntime.model_validate(v) for v in await self._call("GET", "/v1/vms", timeout=8)]
+
+    async def serial(self, uuid: str, lines: int = 20) -> list[str]:
+        return await self._call("GET", f"/v1/vms/{uuid}/serial", params={"lines": lines}, timeout=8)
+
+    async def prepare_incoming(self, spec: VMSpec, listen_address: str) -> IncomingReady:
+        req = IncomingRequest(spec=spec, listen_address=listen_address)
+        return IncomingReady.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/incoming",
+                                                             req.model_dump(), timeout=40))
+
+    async def abort_incoming(self, uuid: str) -> bool:
+        return bool((await self._call("DELETE", f"/v1/vms/{uuid}/incoming", timeout=20))["removed"])
+
+    async def start_outgoing(self, uuid: str, req: OutgoingRequest) -> MigrationReport:
+        return MigrationReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/outgoing",
+                                                               req.model_dump(), timeout=20))
+
+    async def migration(self, uuid: str) -> MigrationReport:
+        return MigrationReport.model_validate(await self._call("GET", f"/v1/vms/{uuid}/migration", timeout=5))
+
+    async def cancel_outgoing(self, uuid: str) -> MigrationReport | None:
+        data = await self._call("POST", f"/v1/vms/{uuid}/migration/cancel", timeout=20)
+        return MigrationReport.model_validate(data) if data else None
+
+    async def resume(self, uuid: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/resume", timeout=20)
+
+    async def announce(self, uuid: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/announce", timeout=10)
+
+    async def take_lease(self, uuid: str, expected_holder: str | None) -> LeaseInfo:
+        return LeaseInfo.model_validate(await self._call("POST", f"/v1/vms/{uuid}/lease",
+                                                         {"expected_holder": expected_holder}, timeout=10))
+
+    async def finalize_source(self, uuid: str) -> ReleaseReport:
+        return ReleaseReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/finalize-source", timeout=30))

@@ -1,0 +1,109 @@
+"""Inventory and task storage (SQLAlchemy; SQLite by default)."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+DB_TIMEOUT_S = 5.0
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(32), default="connected")   # connected | disconnected
+    facts_json: Mapped[str] = mapped_column(Text, default="{}")
+    last_seen: Mapped[float] = mapped_column(Float, default=0.0)
+    added_at: Mapped[float] = mapped_column(Float, default=time.time)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return json.loads(self.facts_json or "{}")
+
+
+class Datastore(Base):
+    __tablename__ = "datastores"
+    uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32), default="directory")
+    shared: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class HostDatastore(Base):
+    __tablename__ = "host_datastores"
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True)
+    datastore: Mapped[str] = mapped_column(ForeignKey("datastores.uuid", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    accessible: Mapped[int] = mapped_column(Integer, default=1)
+    free_mb: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Network(Base):
+    __tablename__ = "networks"
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bridge: Mapped[str] = mapped_column(String(32))
+
+
+class VM(Base):
+    __tablename__ = "vms"
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name"))
+    power_state: Mapped[str] = mapped_column(String(16), default="poweredOff")   # poweredOff | poweredOn
+    spec_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    vm_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    vm_name: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64), default="")
+    destination: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), default="running")   # queued | running | success | error
+    phase: Mapped[str] = mapped_column(String(32), default="")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    phases_json: Mapped[str] = mapped_column(Text, default="[]")
+    progress_json: Mapped[str] = mapped_column(Text, default="{}")
+    options_json: Mapped[str] = mapped_column(Text, default="{}")
+    result_json: Mapped[str] = mapped_column(Text, default="{}")
+    error_json: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+    finished_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+def make_engine(url: str) -> Engine:
+    connect_args: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        connect_args = {"timeout": DB_TIMEOUT_S, "check_same_thread": False}
+    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    if url.startswith("sqlite"):
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

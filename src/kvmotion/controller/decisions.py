@@ -1,0 +1,72 @@
+"""Pure decisions for a running migration: given what was observed, what to do next."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from kvmotion.common.types import MigrationReport
+
+GIB = 1024 ** 3
+
+
+class Action(StrEnum):
+    WAIT = "wait"
+    SWITCHING = "switching"
+    COMPLETED = "completed"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str = ""
+
+
+@dataclass
+class ProgressWatch:
+    """What the engine remembers between polls: the best `remaining` seen, and when."""
+
+    started: float
+    best_remaining: int | None = None
+    best_at: float = 0.0
+    eta_s: float | None = None
+
+    def observe(self, report: MigrationReport, now: float) -> None:
+        if report.ram_total and (self.best_remaining is None or report.ram_remaining < self.best_remaining):
+            self.best_remaining, self.best_at = report.ram_remaining, now
+        if report.mbps > 0 and report.ram_total:
+            eta = report.ram_remaining * 8 / (report.mbps * 1e6)
+            self.eta_s = eta if self.eta_s is None else min(self.eta_s, eta)   # an ETA that only goes down
+
+
+def completion_timeout_s(memory_mb: int, per_gib_s: float) -> float:
+    return max(60.0, per_gib_s * memory_mb * 1024 * 1024 / GIB)
+
+
+def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: float, memory_mb: int,
+           progress_timeout_s: float, completion_per_gib_s: float) -> Decision:
+    if report.status == "completed":
+        return Decision(Action.COMPLETED)
+    if report.status in ("failed", "cancelled"):
+        return Decision(Action.ABORT, report.error or f"QEMU reports the migration {report.status}")
+    if not dst_alive:
+        return Decision(Action.ABORT, "the destination's shadow VM stopped during pre-copy")
+    if report.status in ("pre-switchover", "device") or report.pre_switchover_at:
+        return Decision(Action.SWITCHING)
+    since_progress = now - (watch.best_at or watch.started)
+    if since_progress > progress_timeout_s:
+        return Decision(Action.ABORT, f"no progress for {since_progress:.0f}s (remaining memory did not shrink); "
+                                      "the guest dirties memory faster than the link carries it")
+    limit = completion_timeout_s(memory_mb, completion_per_gib_s)
+    if now - watch.started > limit:
+        return Decision(Action.ABORT, f"migration exceeded its completion timeout of {limit:.0f}s")
+    return Decision(Action.WAIT)
+
+
+def percent(report: MigrationReport) -> float:
+    """Pre-copy progress as a share of memory sent, in 0..100, for the PRECOPY band of the task."""
+    done = report.ram_transferred
+    left = report.ram_remaining
+    if done + left <= 0:
+        return 0.0
+    return 100.0 * done / (done + left)

@@ -1,0 +1,233 @@
+"""Hosts, datastores, networks and VMs: typed service functions shared by the API, CLI and tests."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+import uuid as uuidlib
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
+from kvmotion.common.types import DiskSpec, HostFacts, NicSpec, VMSpec
+from kvmotion.controller.agents import AgentClient
+from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
+from kvmotion.controller.schemas import HostOut, VMCreate, VMOut
+
+
+def host_out(h: Host) -> HostOut:
+    return HostOut(name=h.name, address=h.address, state=h.state, last_seen=h.last_seen,
+                   last_error=h.last_error, facts=h.facts)
+
+
+def vm_out(v: VM, runtime: dict[str, Any] | None = None) -> VMOut:
+    return VMOut(uuid=v.uuid, name=v.name, host=v.host, power_state=v.power_state,
+                 spec=json.loads(v.spec_json), runtime=runtime)
+
+
+class Inventory:
+    def __init__(self, sessions: sessionmaker[Session], vm_ip_pool: str | None = None) -> None:
+        self.sessions = sessions
+        self.vm_ip_pool = vm_ip_pool      # e.g. "198.18.1.100-198.18.1.199/24"
+
+    # -- hosts ----------------------------------------------------------------------------
+    def agent(self, host: str) -> AgentClient:
+        return AgentClient(host, self.get_host(host).address)
+
+    def get_host(self, name: str) -> HostOut:
+        with self.sessions() as s:
+            h = s.get(Host, name)
+            if h is None:
+                known = ", ".join(s.scalars(select(Host.name)).all()) or "none"
+                raise NotFoundError(f"host {name!r} is not in the inventory (known: {known})",
+                                    remedy="add it with `kvmotion host add ADDRESS`")
+            return host_out(h)
+
+    def host_facts(self, name: str) -> HostFacts | None:
+        facts = self.get_host(name).facts
+        return HostFacts.model_validate(facts) if facts else None
+
+    def list_hosts(self) -> list[HostOut]:
+        with self.sessions() as s:
+            return [host_out(h) for h in s.scalars(select(Host).order_by(Host.name)).all()]
+
+    async def add_host(self, address: str, name: str | None = None) -> HostOut:
+        """Add (or re-register) a host by its agent address; the agent's own facts name it."""
+        if not address.startswith(("http://", "https://")):
+            raise InvalidInputError(f"host address {address!r} is not a URL",
+                                    remedy="give the agent URL, e.g. http://198.18.0.11:8770")
+        facts = await AgentClient(name or address, address).facts()
+        if name and name != facts.name:
+            raise InvalidInputError(f"the agent at {address} is host {facts.name!r}, not {name!r}",
+                                    remedy=f"use the name {facts.name!r} or omit it")
+        with self.sessions.begin() as s:
+            h = s.get(Host, facts.name) or Host(name=facts.name, address=address)
+            h.address = address
+            s.add(h)
+        self.store_facts(facts.name, facts)
+        return self.get_host(facts.name)
+
+    def store_facts(self, name: str, facts: HostFacts) -> None:
+        with self.sessions.begin() as s:
+            h = s.get(Host, name)
+            if h is None:
+                return
+            h.facts_json, h.state, h.last_seen, h.last_error = facts.model_dump_json(), "connected", time.time(), ""
+            s.execute(delete(HostDatastore).where(HostDatastore.host == name))
+            s.execute(delete(Network).where(Network.host == name))
+            for d in facts.datastores:
+                if not d.uuid:
+                    continue
+                ds = s.get(Datastore, d.uuid) or Datastore(uuid=d.uuid, name=d.name)
+                ds.name, ds.kind, ds.shared = d.name, d.kind, int(d.shared)
+                s.add(ds)
+                s.add(HostDatastore(host=name, datastore=d.uuid, path=d.path, accessible=int(d.readable),
+                                    free_mb=d.free_mb))
+            for p in facts.portgroups:
+                s.add(Network(host=name, name=p.name, bridge=p.bridge))
+
+    def mark_disconnected(self, name: str, error: str) -> None:
+        with self.sessions.begin() as s:
+            h = s.get(Host, name)
+            if h is not None:
+                h.state, h.last_error = "disconnected", error
+
+    async def refresh_host(self, name: str) -> HostOut:
+        try:
+            self.store_facts(name, await self.agent(name).facts())
+        except KvmotionError as exc:
+            self.mark_disconnected(name, exc.message)
+        return self.get_host(name)
+
+    def datastores(self) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            out = []
+            for ds in s.scalars(select(Datastore).order_by(Datastore.name)).all():
+                links = s.scalars(select(HostDatastore).where(HostDatastore.datastore == ds.uuid)).all()
+                out.append({"uuid": ds.uuid, "name": ds.name, "kind": ds.kind, "shared": bool(ds.shared),
+                            "hosts": sorted(h.host for h in links if h.accessible),
+                            "free_mb": max((h.free_mb for h in links), default=0)})
+            return out
+
+    def networks(self) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            by_name: dict[str, list[str]] = {}
+            for n in s.scalars(select(Network)).all():
+                by_name.setdefault(n.name, []).append(n.host)
+            return [{"name": k, "hosts": sorted(v)} for k, v in sorted(by_name.items())]
+
+    # -- VMs ------------------------------------------------------------------------------
+    def get_vm(self, ref: str) -> VMOut:
+        with self.sessions() as s:
+            v = s.get(VM, ref) or s.scalars(select(VM).where(VM.name == ref)).first()
+            if v is None:
+                raise NotFoundError(f"VM {ref!r} is not in the inventory",
+                                    remedy="check the name with `kvmotion vm list`")
+            return vm_out(v)
+
+    def spec(self, ref: str) -> VMSpec:
+        return VMSpec.model_validate(self.get_vm(ref).spec)
+
+    def list_vms(self) -> list[VMOut]:
+        with self.sessions() as s:
+            return [vm_out(v) for v in s.scalars(select(VM).order_by(VM.name)).all()]
+
+    def set_vm(self, uuid: str, **fields: Any) -> None:
+        with self.sessions.begin() as s:
+            v = s.get(VM, uuid)
+            if v is None:
+                raise NotFoundError(f"VM {uuid} vanished from the inventory", remedy="internal error")
+            for k, val in fields.items():
+                setattr(v, k, val)
+            v.updated_at = time.time()
+
+    def _allocate_ip(self) -> str | None:
+        if not self.vm_ip_pool:
+            return None
+        rng, _, prefix = self.vm_ip_pool.partition("/")
+        first, _, last = rng.partition("-")
+        used = {VMSpec.model_validate(v.spec).guest_ip for v in self.list_vms()}
+        ip = ipaddress.ip_address(first)
+        while ip <= ipaddress.ip_address(last):
+            cand = f"{ip}/{prefix}"
+            if cand not in used:
+                return cand
+            ip += 1
+        raise ConflictError("the VM address pool is exhausted", remedy="delete unused VMs or pass --ip")
+
+    async def create_vm(self, req: VMCreate) -> VMOut:
+        host = self.get_host(req.host)
+        facts = self.host_facts(req.host)
+        if host.state != "connected" or facts is None:
+            raise ConflictError(f"host {req.host} is {host.state}", remedy="reconnect the host's agent first")
+        with self.sessions() as s:
+            if s.scalars(select(VM).where(VM.name == req.name)).first() is not None:
+                raise ConflictError(f"a VM named {req.name!r} already exists", remedy="choose another name")
+        readable = [d for d in facts.datastores if d.readable]
+        ds_name = req.datastore or next((d.name for d in readable if d.shared), readable[0].name if readable else None)
+        if ds_name is None or ds_name not in {d.name for d in readable}:
+            names = ", ".join(d.name for d in readable) or "none"
+            raise InvalidInputError(f"datastore {ds_name!r} is not accessible on {req.host} (accessible: {names})",
+                                    remedy="pass --datastore with one of the accessible datastores")
+        if req.network not in {p.name for p in facts.portgroups}:
+            raise InvalidInputError(f"port group {req.network!r} does not exist on {req.host}",
+                                    remedy="pass --network with an existing port group")
+        if req.ip is not None:
+            try:
+                ipaddress.ip_interface(req.ip)
+            except ValueError:
+                raise InvalidInputError(f"{req.ip!r} is not an address with prefix",
+                                        remedy="write it like 198.18.1.120/24") from None
+        uuid = str(uuidlib.uuid4())
+        mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
+        spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
+                      disks=[DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.qcow2", size_mb=req.disk_mb)],
+                      nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
+                      guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
+                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
+        await self.agent(req.host).provision(spec)
+        with self.sessions.begin() as s:
+            s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
+        return self.get_vm(uuid)
+
+    async def start_vm(self, ref: str) -> VMOut:
+        vm = self.get_vm(ref)
+        if vm.power_state == "poweredOn":
+            raise ConflictError(f"VM {vm.name} is already powered on (on {vm.host})", remedy="nothing to do")
+        runtime = await self.agent(vm.host).start(self.spec(vm.uuid))
+        self.set_vm(vm.uuid, power_state="poweredOn")
+        return vm_out_live(self.get_vm(vm.uuid), runtime.model_dump())
+
+    async def stop_vm(self, ref: str) -> VMOut:
+        vm = self.get_vm(ref)
+        if vm.power_state != "poweredOn":
+            raise ConflictError(f"VM {vm.name} is already powered off", remedy="nothing to do")
+        await self.agent(vm.host).stop(vm.uuid)
+        self.set_vm(vm.uuid, power_state="poweredOff")
+        return self.get_vm(vm.uuid)
+
+    async def delete_vm(self, ref: str) -> None:
+        vm = self.get_vm(ref)
+        if vm.power_state == "poweredOn":
+            raise ConflictError(f"VM {vm.name} is powered on", remedy=f"power it off first: kvmotion vm stop {vm.name}")
+        await self.agent(vm.host).destroy_files(self.spec(vm.uuid))
+        with self.sessions.begin() as s:
+            s.execute(delete(VM).where(VM.uuid == vm.uuid))
+
+    async def show_vm(self, ref: str) -> VMOut:
+        vm = self.get_vm(ref)
+        if vm.power_state != "poweredOn":
+            return vm
+        agent = self.agent(vm.host)
+        try:
+            runtime = (await agent.status(vm.uuid)).model_dump()
+            runtime["serial_tail"] = await agent.serial(vm.uuid, 5)
+        except KvmotionError as exc:
+            runtime = {"error": exc.to_dict()}
+        return vm_out_live(vm, runtime)
+
+
+def vm_out_live(vm: VMOut, runtime: dict[str, Any]) -> VMOut:
+    return vm.model_copy(update={"runtime": runtime})

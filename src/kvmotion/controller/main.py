@@ -1,0 +1,31 @@
+"""kvmotion-server: the controller (vCenter role)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import uvicorn
+
+from kvmotion.controller.api import create_app
+from kvmotion.controller.service import Controller
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kvmotion-server", description="kvmotion controller")
+    parser.add_argument("--db", default=os.environ.get("KVMOTION_DB", "sqlite:////var/lib/kvmotion/controller.db"),
+                        help="SQLAlchemy URL (default: SQLite)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8760)
+    parser.add_argument("--vm-ip-pool", default=None, help="guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.db.startswith("sqlite:////"):
+        os.makedirs(os.path.dirname(args.db[len("sqlite:///"):]), exist_ok=True)
+    app = create_app(Controller(args.db, args.vm_ip_pool))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+
+
+if __name__ == "__main__":
+    main()

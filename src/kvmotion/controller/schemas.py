@@ -1,0 +1,95 @@
+"""The controller API's request and response models."""
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class Finding(BaseModel):
+    code: str
+    severity: Severity
+    subject: str
+    message: str
+    remedy: str
+
+
+class HostAdd(BaseModel):
+    address: str = Field(description="agent URL, e.g. http://198.18.0.11:8770")
+    name: str | None = None
+
+
+class HostOut(BaseModel):
+    name: str
+    address: str
+    state: str
+    last_seen: float
+    last_error: str = ""
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class VMCreate(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+    host: str
+    memory_mb: int = Field(default=256, ge=64, le=65536)
+    vcpus: int = Field(default=1, ge=1, le=64)
+    datastore: str | None = None
+    network: str = "VM Network"
+    disk_mb: int = Field(default=64, ge=1, le=1024 * 1024)
+    ip: str | None = Field(default=None, description="guest address with prefix, e.g. 198.18.1.100/24")
+    dirty_mb_s: float = Field(default=0.0, ge=0, le=10000)
+    cpu_model: str | None = None
+
+
+class VMOut(BaseModel):
+    uuid: str
+    name: str
+    host: str
+    power_state: str
+    spec: dict[str, Any]
+    runtime: dict[str, Any] | None = None
+
+
+class MigrateRequest(BaseModel):
+    host: str
+    downtime_ms: int = Field(default=500, ge=10, le=2_000_000)
+    max_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
+                                           description="cap for this migration; default: the link speed")
+    progress_timeout_s: float = Field(default=150.0, ge=1)
+    completion_timeout_s_per_gib: float = Field(default=800.0, ge=1)
+    priority: str = Field(default="normal", pattern="^(high|normal)$")
+
+
+class PhaseRecord(BaseModel):
+    name: str
+    status: str                        # running | ok | failed | skipped
+    started_at: float
+    ended_at: float | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskOut(BaseModel):
+    id: str
+    kind: str
+    vm_uuid: str
+    vm_name: str
+    source: str
+    destination: str
+    state: str
+    phase: str
+    progress: float
+    phases: list[PhaseRecord]
+    live: dict[str, Any]
+    options: dict[str, Any]
+    result: dict[str, Any]
+    error: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    finished_at: float

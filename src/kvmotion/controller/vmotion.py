@@ -1,0 +1,252 @@
+"""The vMotion engine (controller side): validate -> precheck -> execute, one persisted phase per step.
+
+Both sides are always finalized; the VM's owner in the inventory changes last.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import StrEnum
+from typing import Any
+
+from kvmotion.common.errors import KvmotionError, MigrationFailed, PrecheckFailed
+from kvmotion.common.types import MigrationReport, OutgoingRequest, VMSpec
+from kvmotion.controller import checks, decisions
+from kvmotion.controller.agents import AgentClient
+from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.schemas import Finding, MigrateRequest
+from kvmotion.controller.tasks import TaskJournal
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+MBIT = 125_000            # bytes/s per Mbit/s
+
+
+class Phase(StrEnum):
+    PRECHECK = "precheck"
+    SHADOW = "shadow"                 # shadow VM on the destination
+    PRECOPY = "precopy"               # iterative memory pre-copy with dirty tracking
+    SWITCHOVER = "switchover"         # quiesce, last pages and device state
+    RESUME = "resume"                 # run on the destination, confirmed
+    ANNOUNCE = "announce"             # RARP/GARP
+    RELEASE = "release"               # locks to the destination, source freed, owner changes
+    ROLLBACK = "rollback"
+
+
+# Where each phase starts in the task's 0..100 progress.
+PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90, Phase.RESUME: 93,
+               Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
+
+
+def validate(inv: Inventory, vm_ref: str, req: MigrateRequest) -> tuple[VMSpec, str, list[Finding]]:
+    """Unknown names raise; otherwise every precheck finding is returned (read-only, idempotent)."""
+    vm = inv.get_vm(vm_ref)
+    dst = inv.get_host(req.host)
+    spec = VMSpec.model_validate(vm.spec)
+    facts = inv.host_facts(dst.name)
+    findings = checks.vmotion_prechecks(spec, vm.power_state, vm.host, dst.name, dst.state, facts)
+    return spec, vm.host, findings
+
+
+def link_budget_bytes(inv: Inventory, src: str, dst: str, req: MigrateRequest) -> int:
+    speeds = []
+    for host in (src, dst):
+        facts = inv.host_facts(host)
+        if facts:
+            speeds += [i.speed_mbps for i in facts.migration_interfaces if i.enabled and i.speed_mbps]
+    link = min(speeds) if speeds else 1000
+    mbps = min(link, req.max_bandwidth_mbps) if req.max_bandwidth_mbps else link
+    return int(mbps * MBIT)
+
+
+def migration_address(inv: Inventory, host: str) -> str:
+    facts = inv.host_facts(host)
+    for iface in facts.migration_interfaces if facts else []:
+        if iface.enabled and iface.address:
+            return iface.address
+    raise MigrationFailed(f"host {host} has no migration interface address", remedy="configure its migration interface")
+
+
+class VMotion:
+    """Runs one vMotion task to its end. Every step's phase is persisted before the step."""
+
+    def __init__(self, inv: Inventory, journal: TaskJournal, spec: VMSpec, source: str, destination: str,
+                 req: MigrateRequest) -> None:
+        self.inv, self.journal, self.spec, self.req = inv, journal, spec, req
+        self.source, self.destination = source, destination
+        self.src: AgentClient = inv.agent(source)
+        self.dst: AgentClient = inv.agent(destination)
+        self.shadow_created = False
+        self.outgoing_started = False
+        self.resumed = False
+        self.report: MigrationReport | None = None
+        self.marks: dict[str, float] = {"start": time.time()}
+
+    async def begin(self, phase: Phase, **detail: Any) -> None:
+        await asyncio.to_thread(self.journal.begin_phase, str(phase), PROGRESS_AT.get(phase, 0), None, detail)
+
+    async def end(self, status: str = "ok", ended_at: float | None = None, **detail: Any) -> None:
+        await asyncio.to_thread(self.journal.end_phase, status, detail, ended_at)
+
+    async def run(self) -> None:
+        try:
+            await self._execute()
+        except KvmotionError as exc:
+            await self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - the task must always end in a state a user can act on
+            log.exception("vMotion of %s crashed", self.spec.name)
+            await self._fail(MigrationFailed(f"internal error: {type(exc).__name__}: {exc}",
+                                             remedy="report this bug; the VM was rolled back to the source"))
+
+    async def _execute(self) -> None:
+        await self.begin(Phase.PRECHECK)
+        _, _, findings = await asyncio.to_thread(validate, self.inv, self.spec.uuid, self.req)
+        errors = checks.blockers(findings)
+        if errors:
+            raise PrecheckFailed(f"{len(errors)} precheck(s) failed: " + "; ".join(f.message for f in errors),
+                                 remedy=errors[0].remedy, details={"findings": [f.model_dump() for f in findings]})
+        await self.end(findings=len(findings))
+
+        await self.begin(Phase.SHADOW, host=self.destination)
+        self.shadow_created = True
+        ready = await self.dst.prepare_incoming(self.spec, migration_address(self.inv, self.destination))
+        await self.end(uri=ready.uri, shadow_pid=ready.pid)
+
+        budget = link_budget_bytes(self.inv, self.source, self.destination, self.req)
+        await self.begin(Phase.PRECOPY, max_bandwidth_bytes=budget, downtime_limit_ms=self.req.downtime_ms)
+        self.outgoing_started = True
+        await self.src.start_outgoing(self.spec.uuid, OutgoingRequest(
+            uri=ready.uri, max_bandwidth_bytes=budget, downtime_limit_ms=self.req.downtime_ms))
+        report = await self._follow_precopy()
+
+        await self.begin(Phase.RESUME, host=self.destination)
+        resumed = await self._resume()
+        await self.end(**resumed)
+
+        await self.begin(Phase.ANNOUNCE)
+        try:
+            ann = await self.dst.announce(self.spec.uuid)
+            await self.end(**ann)
+        except KvmotionError as exc:   # the VM runs on the destination; QEMU already announced at completion
+            await self.end("failed", error=exc.message)
+
+        await self.begin(Phase.RELEASE)
+        lease = await self.dst.take_lease(self.spec.uuid, expected_holder=self.source)
+        release = await self.src.finalize_source(self.spec.uuid)
+        await asyncio.to_thread(self.inv.set_vm, self.spec.uuid, host=self.destination)   # the owner changes last
+        await self.end(lease_holder=lease.host, lease_epoch=lease.epoch, **release.model_dump())
+        await asyncio.to_thread(self.journal.finish, "success", self._summary(report))
+
+    async def _follow_precopy(self) -> MigrationReport:
+        watch = decisions.ProgressWatch(started=time.time())
+        switch_marked = False
+        while True:
+            report = await self.src.migration(self.spec.uuid)
+            dst_alive = await self._shadow_alive()
+            now = time.time()
+            watch.observe(report, now)
+            self.report = report
+            decision = decisions.decide(report, dst_alive, watch, now, self.spec.memory_mb,
+                                        self.req.progress_timeout_s, self.req.completion_timeout_s_per_gib)
+            if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED) and not switch_marked:
+                switch_marked = True
+                await self.end(ended_at=report.pre_switchover_at, passes=len(report.passes),
+                               transferred=report.ram_transferred)
+                await asyncio.to_thread(self.journal.begin_phase, str(Phase.SWITCHOVER),
+                                        PROGRESS_AT[Phase.SWITCHOVER], report.pre_switchover_at, {})
+            await asyncio.to_thread(self.journal.live, self._live(report, watch),
+                                    PROGRESS_AT[Phase.PRECOPY] + 0.8 * decisions.percent(report)
+                                    if not switch_marked else None)
+            if decision.action == decisions.Action.COMPLETED:
+                await self.end(ended_at=report.completed_at, downtime_ms=report.downtime_ms,
+                               parked_ms=report.parked_ms)
+                return report
+            if decision.action == decisions.Action.ABORT:
+                raise MigrationFailed(decision.reason, remedy=_remedy_for(decision.reason))
+            await asyncio.sleep(POLL_S)
+
+    async def _shadow_alive(self) -> bool:
+        try:
+            rep = await self.dst.migration(self.spec.uuid)
+            return rep.status not in ("failed", "cancelled")
+        except KvmotionError:
+            return False
+
+    async def _resume(self) -> dict[str, Any]:
+        try:
+            result = await self.dst.resume(self.spec.uuid)
+        except KvmotionError:
+            # Did the destination run? Only if it never did may the source continue.
+            status = await self.dst.status(self.spec.uuid)
+            if status.qemu_status != "running":
+                raise
+            result = {"status": status.qemu_status, "confirmed_at": time.time()}
+        self.resumed = True
+        return result
+
+    def _live(self, r: MigrationReport, watch: decisions.ProgressWatch) -> dict[str, Any]:
+        return {"status": r.status, "pass": r.passes[-1].pass_no if r.passes else 0, "ram_total": r.ram_total,
+                "transferred": r.ram_transferred, "remaining": r.ram_remaining, "mbps": r.mbps,
+                "dirty_pages_rate": r.dirty_pages_rate, "eta_s": watch.eta_s,
+                "passes": [p.model_dump() for p in r.passes[-50:]]}
+
+    def _summary(self, r: MigrationReport) -> dict[str, Any]:
+        total = r.ram_total or self.spec.memory_mb * 1024 * 1024
+        return {"total_time_s": round(time.time() - self.marks["start"], 3),
+                "qemu_total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "parked_ms": r.parked_ms,
+                "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
+                "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),
+                "pass_log": [p.model_dump() for p in r.passes]}
+
+    async def _fail(self, exc: KvmotionError) -> None:
+        failed_phase = self.journal.read().phase
+        await self.end("failed", error=exc.message)
+        rollback: dict[str, Any] = {}
+        if not self.resumed:
+            await self.begin(Phase.ROLLBACK)
+            rollback = await self._rollback()
+            await self.end("ok" if rollback.get("source_running") else "failed", **rollback)
+        error = exc.to_dict() | {"phase": failed_phase, "rollback": rollback}
+        result = self._summary(self.report) if self.report else {}
+        await asyncio.to_thread(self.journal.finish, "error", result, error)
+
+    async def _rollback(self) -> dict[str, Any]:
+        """Before RESUME: cancel, remove the shadow; the VM keeps running on the source."""
+        out: dict[str, Any] = {}
+        if self.outgoing_started:
+            try:
+                await self.src.cancel_outgoing(self.spec.uuid)
+                out["cancelled"] = True
+            except KvmotionError as exc:
+                out["cancel_error"] = exc.message
+        if self.shadow_created:
+            try:
+                await self.dst.abort_incoming(self.spec.uuid)
+                out["shadow_removed"] = True
+            except KvmotionError as exc:
+                out["shadow_error"] = exc.message
+        try:
+            out["source_running"] = (await self.src.status(self.spec.uuid)).qemu_status == "running"
+        except KvmotionError as exc:
+            out["source_running"], out["source_error"] = False, exc.message
+        return out
+
+
+def _remedy_for(reason: str) -> str:
+    if "progress" in reason or "timeout" in reason:
+        return "raise --downtime-ms, give the migration more bandwidth, or lower the guest's write rate"
+    if "shadow" in reason or "destination" in reason:
+        return "check the destination host's agent log and its QEMU log, then retry"
+    return "see the error; the VM still runs on the source"
+
+
+def precheck_or_raise(inv: Inventory, vm_ref: str, req: MigrateRequest) -> tuple[VMSpec, str, list[Finding]]:
+    spec, source, findings = validate(inv, vm_ref, req)
+    errors = checks.blockers(findings)
+    if errors:
+        raise PrecheckFailed(
+            f"cannot migrate {spec.name} to {req.host}: " + "; ".join(f.message for f in errors),
+            remedy="; ".join(f.remedy for f in errors), details={"findings": [f.model_dump() for f in findings]})
+    return spec, source, findings

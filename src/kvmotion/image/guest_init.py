@@ -1,0 +1,251 @@
+"""Text of the files that run inside the guest (busybox ash scripts, configs).
+
+Everything here is plain data; :mod:`kvmotion.image.build` writes it into the
+initramfs.  Changing any of these strings changes the recipe hash, so cached
+images are rebuilt automatically.
+
+Guest interface (see also ``GUEST_PROTOCOL`` below):
+
+* kernel cmdline: ``kvmotion.ip=A.B.C.D/NN`` ``kvmotion.gw=A.B.C.D``
+  ``kvmotion.dirty=R`` (MB/s, float, 0=off) ``kvmotion.dirty_region=M`` (MB,
+  default 64) ``kvmotion.hostname=NAME`` (default ``kvmotion-guest``).  Without
+  ``kvmotion.ip`` the guest tries DHCP (udhcpc) on the first NIC.
+* serial console lines (``\\n`` terminated, ``onlcr`` is switched off)::
+
+    KVMOTION-DISK dev=/dev/vda sectors=N size_mb=M      (only if /dev/vda exists)
+    KVMOTION-DIRTIER rate=R region=M chunk=C            (only if R > 0)
+    KVMOTION-READY ip=A.B.C.D                           (ip=none if no address)
+    KVMOTION-HEARTBEAT seq=N uptime=F boot_id=UUID      (every 10 ticks of ~100 ms)
+
+* HTTP on port 80: ``/cgi-bin/heartbeat`` (application/json, canonical),
+  ``/heartbeat`` (same JSON served as a static file), ``/`` (text page).
+"""
+
+from __future__ import annotations
+
+HEARTBEAT_TICK_CS = 10
+"""Heartbeat tick in centiseconds (the ``seq`` counter advances once per tick)."""
+
+HEARTBEAT_PRINT_EVERY = 10
+"""A ``KVMOTION-HEARTBEAT`` line is printed every this many ticks (~1 s)."""
+
+INIT_SCRIPT = r"""#!/bin/sh
+# kvmotion guest /init (PID 1).  Must never exit.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+umask 022
+set -f
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm /run /tmp
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs -o mode=0755,size=8m tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+dmesg -n 1 2>/dev/null
+CON=/dev/console
+[ -c /dev/ttyS0 ] && CON=/dev/ttyS0
+exec </dev/null >"$CON" 2>&1
+stty -onlcr 2>/dev/null
+mkdir -p /run/kvmotion
+echo 0 > /run/kvmotion/dirtied_mb
+
+now_cs() {  # NOW := uptime in centiseconds (no fork)
+    read -r _u _i < /proc/uptime
+    NOW=$(( ${_u%.*} * 100 + 1${_u#*.} - 100 ))
+}
+
+# ---- kernel command line -------------------------------------------------
+KIP= ; KGW= ; KDIRTY=0 ; KREGION=64 ; KHOST=kvmotion-guest
+read -r CMDLINE < /proc/cmdline
+for arg in $CMDLINE; do
+    case "$arg" in
+        kvmotion.ip=*) KIP=${arg#*=} ;;
+        kvmotion.gw=*) KGW=${arg#*=} ;;
+        kvmotion.dirty=*) KDIRTY=${arg#*=} ;;
+        kvmotion.dirty_region=*) KREGION=${arg#*=} ;;
+        kvmotion.hostname=*) KHOST=${arg#*=} ;;
+    esac
+done
+case "$KDIRTY" in ''|*[!0-9.eE+-]*) KDIRTY=0 ;; esac
+KDIRTY=$(awk -v d="$KDIRTY" 'BEGIN { if (d + 0 < 0) d = 0; printf "%g", d + 0 }')
+RATE_KB=$(awk -v d="$KDIRTY" 'BEGIN { printf "%d", d * 1024 }')
+case "$KREGION" in ''|*[!0-9]*) KREGION=64 ;; esac
+[ "$KREGION" -ge 1 ] || KREGION=1
+case "$KHOST" in ''|*[!A-Za-z0-9.-]*) KHOST=kvmotion-guest ;; esac
+hostname "$KHOST"
+read -r BOOT_ID < /proc/sys/kernel/random/boot_id
+
+# ---- modules -------------------------------------------------------------
+while read -r m; do
+    [ -n "$m" ] || continue
+    insmod "/lib/modules/$m" || echo "KVMOTION-WARN insmod $m failed"
+done < /etc/kvmotion/modules
+
+if [ -b /dev/vda ]; then
+    read -r SECT < /sys/block/vda/size
+    echo "KVMOTION-DISK dev=/dev/vda sectors=$SECT size_mb=$((SECT / 2048))"
+fi
+
+# ---- network -------------------------------------------------------------
+ip link set lo up
+IFACE=
+i=0
+while [ $i -lt 50 ]; do
+    for n in /sys/class/net/*; do
+        n=${n##*/}
+        [ "$n" = lo ] && continue
+        IFACE=$n
+        break
+    done
+    [ -n "$IFACE" ] && break
+    usleep 100000
+    i=$((i + 1))
+done
+ADDR=none
+if [ -n "$IFACE" ]; then
+    ip link set "$IFACE" up
+    if [ -n "$KIP" ]; then
+        case "$KIP" in */*) ;; *) KIP="$KIP/24" ;; esac
+        ip addr add "$KIP" dev "$IFACE" && ADDR=${KIP%/*}
+        [ -n "$KGW" ] && ip route add default via "$KGW" dev "$IFACE"
+    else
+        udhcpc -i "$IFACE" -n -q -t 4 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1
+        [ -s /run/kvmotion/dhcp_ip ] && read -r ADDR < /run/kvmotion/dhcp_ip
+    fi
+    [ "$ADDR" != none ] && arping -U -c 1 -I "$IFACE" "$ADDR" >/dev/null 2>&1 &
+else
+    echo "KVMOTION-WARN no network interface found"
+fi
+
+# ---- heartbeat state + http ----------------------------------------------
+SEQ=0
+DMB=0
+write_state() {
+    read -r DMB < /run/kvmotion/dirtied_mb 2>/dev/null
+    case "$DMB" in ''|*[!0-9]*) DMB=0 ;; esac
+    printf '{"seq": %d, "uptime": %s, "boot_id": "%s", "hostname": "%s", "dirty_mb_s": %s, "dirtied_mb": %d, "ip": "%s"}\n' \
+        "$SEQ" "$_u" "$BOOT_ID" "$KHOST" "$KDIRTY" "$DMB" "$ADDR" > /www/.heartbeat.tmp
+    mv -f /www/.heartbeat.tmp /www/heartbeat
+}
+now_cs
+write_state
+ln -sf /www/heartbeat /run/kvmotion/heartbeat.json
+cat > /www/index.html <<EOF
+kvmotion guest $KHOST
+boot_id $BOOT_ID
+ip $ADDR
+dirty_mb_s $KDIRTY
+endpoints: /cgi-bin/heartbeat (JSON), /heartbeat (same JSON, static file)
+EOF
+start_httpd() {
+    httpd -f -p 80 -h /www -c /etc/httpd.conf &
+    HTTPD_PID=$!
+}
+start_httpd
+
+# ---- memory dirtier ------------------------------------------------------
+dirtier() {  # $1=rate KB/s $2=region MB $3=chunk MB
+    rate=$1; region=$2; chunk=$3
+    src=/dev/shm/kvmotion-src; dst=/dev/shm/kvmotion-dirty
+    dd if=/dev/urandom of=$src bs=1048576 count=$((chunk + 2)) 2>/dev/null
+    : > $dst
+    off=0; n=0; wkb=0
+    now_cs; start=$NOW
+    while :; do
+        now_cs
+        due=$(( start + (wkb + chunk * 1024) * 100 / rate ))
+        if [ "$NOW" -lt "$due" ]; then
+            usleep $(( (due - NOW) * 10000 ))
+            continue
+        fi
+        # more than 2 s behind (guest paused/too slow): do not burst to catch up
+        [ $((NOW - due)) -gt 200 ] && start=$(( NOW - wkb * 100 / rate ))
+        c=$chunk
+        [ $((off + c)) -gt "$region" ] && c=$((region - off))
+        dd if=$src of=$dst bs=1048576 skip=$((n % 3)) seek=$off count=$c conv=notrunc 2>/dev/null
+        wkb=$((wkb + c * 1024)); n=$((n + 1)); off=$(( (off + c) % region ))
+        echo $((wkb / 1024)) > /run/kvmotion/dirtied_mb
+    done
+}
+if [ "$RATE_KB" -gt 0 ]; then
+    CHUNK=$(( (RATE_KB + 10 * 1024 - 1) / (10 * 1024) ))   # <= ~10 dd runs per second
+    SHM_MB=$(df -m /dev/shm | awk 'NR == 2 { print $4 }')
+    case "$SHM_MB" in ''|*[!0-9]*) SHM_MB=64 ;; esac
+    MAXREG=$((SHM_MB - CHUNK - 4))
+    [ "$MAXREG" -ge 1 ] || MAXREG=1
+    [ "$KREGION" -gt "$MAXREG" ] && KREGION=$MAXREG
+    [ "$CHUNK" -gt "$KREGION" ] && CHUNK=$KREGION
+    echo "KVMOTION-DIRTIER rate=$KDIRTY region=$KREGION chunk=$CHUNK"
+    dirtier "$RATE_KB" "$KREGION" "$CHUNK" &
+    echo $! > /run/kvmotion/dirtier.pid
+fi
+
+# ---- ready ---------------------------------------------------------------
+i=0
+while [ $i -lt 100 ]; do
+    wget -q -O /dev/null http://127.0.0.1/cgi-bin/heartbeat 2>/dev/null && break
+    usleep 50000
+    i=$((i + 1))
+done
+echo "KVMOTION-READY ip=$ADDR"
+
+# ---- heartbeat loop (PID 1 stays here; ash reaps orphans while waiting) ---
+now_cs
+NEXT=$NOW
+while :; do
+    SEQ=$((SEQ + 1))
+    now_cs
+    write_state
+    if [ $((SEQ % @PRINT_EVERY@)) -eq 0 ]; then
+        echo "KVMOTION-HEARTBEAT seq=$SEQ uptime=$_u boot_id=$BOOT_ID"
+        kill -0 "$HTTPD_PID" 2>/dev/null || start_httpd
+    fi
+    NEXT=$((NEXT + @TICK_CS@))
+    now_cs
+    if [ "$NOW" -lt "$NEXT" ]; then
+        usleep $(( (NEXT - NOW) * 10000 ))
+    elif [ $((NOW - NEXT)) -gt 100 ]; then
+        NEXT=$NOW
+    fi
+done
+while :; do sleep 3600; done
+""".replace("@PRINT_EVERY@", str(HEARTBEAT_PRINT_EVERY)).replace("@TICK_CS@", str(HEARTBEAT_TICK_CS))
+
+CGI_HEARTBEAT = r"""#!/bin/sh
+printf 'Content-Type: application/json\r\nCache-Control: no-store\r\n\r\n'
+cat /www/heartbeat
+"""
+
+UDHCPC_SCRIPT = r"""#!/bin/sh
+case "$1" in
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        if [ -n "$router" ]; then
+            set -- $router
+            ip route add default via "$1" dev "$interface"
+        fi
+        echo "$ip" > /run/kvmotion/dhcp_ip
+        ;;
+esac
+exit 0
+"""
+
+HTTPD_CONF = """A:*
+.json:application/json
+"""
+
+ETC_FILES: dict[str, str] = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/group": "root:x:0:\n",
+    "etc/hosts": "127.0.0.1 localhost\n",
+    "etc/httpd.conf": HTTPD_CONF,
+}
+"""Plain (non-executable) files placed in the initramfs."""
+
+EXEC_FILES: dict[str, str] = {
+    "init": INIT_SCRIPT,
+    "www/cgi-bin/heartbeat": CGI_HEARTBEAT,
+    "etc/udhcpc.script": UDHCPC_SCRIPT,
+}
+"""Executable files placed in the initramfs."""

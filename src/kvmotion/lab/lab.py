@@ -1,0 +1,211 @@
+"""The lab: hosts as network namespaces, shared and local datastores, a controller and one agent per host.
+
+``up`` records everything it starts (processes by PID, the network via ``net``); ``down`` removes exactly
+that and is safe to run twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
+from kvmotion.lab import net
+
+DEFAULT_ROOT = Path(os.environ.get("KVMOTION_LAB_DIR", "/var/lib/kvmotion/lab"))
+DEFAULT_PREFIX = os.environ.get("KVMOTION_LAB_PREFIX", "kvmo")
+CONTROLLER_PORT = 8760
+AGENT_PORT = 8770
+VM_IP_POOL = "198.18.1.100-198.18.1.199/24"
+START_DEADLINE_S = 60.0
+
+
+@dataclass(frozen=True)
+class LabInfo:
+    root: Path
+    controller_url: str
+    net: net.LabNet
+    pids: dict[str, int]
+
+    def host_netns(self, host: str) -> str:
+        return self.net.host(host).netns
+
+
+def state_path(root: Path) -> Path:
+    return root / "lab.json"
+
+
+def _write_state(root: Path, data: dict[str, Any]) -> None:
+    tmp = root / "lab.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, state_path(root))
+
+
+def load(root: Path = DEFAULT_ROOT) -> LabInfo | None:
+    try:
+        data = json.loads(state_path(root).read_text())
+    except (OSError, ValueError):
+        return None
+    lab_net = net.load_lab(root / "net.json")
+    if lab_net is None:
+        return None
+    return LabInfo(root=root, controller_url=data["controller_url"], net=lab_net, pids=data.get("pids", {}))
+
+
+def _make_datastore(path: Path, name: str, shared: bool) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / DATASTORE_ID_FILE).write_text(json.dumps(
+        {"uuid": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"kvmotion-lab:{path}")), "name": name,
+         "kind": "directory", "shared": shared}))
+
+
+def _spawn(argv: list[str], log: Path) -> int:
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True)
+    return proc.pid
+
+
+def _wait(check: Callable[[], bool], deadline_s: float, what: str, log: Path | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    tail = ""
+    if log is not None and log.exists():
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+    raise net.LabError(f"{what} did not come up within {deadline_s:.0f}s: {tail}")
+
+
+def up(n_hosts: int = 2, root: Path = DEFAULT_ROOT, prefix: str = DEFAULT_PREFIX, image_dir: Path | None = None,
+       ipv6_hosts: set[str] = frozenset(), log: Callable[[str], None] = print) -> LabInfo:
+    if state_path(root).exists():
+        raise net.LabError(f"a lab is already up (state {state_path(root)}); run `kvmotion lab down` first")
+    root.mkdir(parents=True, exist_ok=True)
+    _write_state(root, {"controller_url": "", "pids": {}, "prefix": prefix})
+    try:
+        return _up(n_hosts, root, prefix, image_dir, ipv6_hosts, log)
+    except BaseException:
+        down(root)
+        raise
+
+
+def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_hosts: set[str],
+        log: Callable[[str], None]) -> LabInfo:
+    state: dict[str, Any] = {"controller_url": "", "pids": {}, "prefix": prefix}
+    lab_net = net.lab_up(prefix, n_hosts, root / "net.json", ipv6_hosts=set(ipv6_hosts))
+    log(f"network: {len(lab_net.hosts)} host namespaces, switch {lab_net.switch_netns}, client {lab_net.client_netns}")
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    _make_datastore(root / "ds" / "shared", "shared", shared=True)
+    controller_url = f"http://{lab_net.controller_ip}:{CONTROLLER_PORT}"
+    state["controller_url"] = controller_url
+    state["pids"]["controller"] = _spawn(
+        [sys.executable, "-m", "kvmotion.controller.main", "--host", lab_net.controller_ip,
+         "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL],
+        logs / "controller.log")
+    _write_state(root, state)
+    _wait(lambda: httpx.get(f"{controller_url}/api/v1/health", timeout=2).status_code == 200, START_DEADLINE_S,
+          "controller", logs / "controller.log")
+    log(f"controller: {controller_url} (pid {state['pids']['controller']})")
+    for h in lab_net.hosts:
+        local = root / "ds" / f"{h.name}-local"
+        _make_datastore(local, f"{h.name}-local", shared=False)
+        mgmt = h.mgmt_ip or h.mgmt_ip6 or ""
+        cfg = AgentConfig(name=h.name, listen_host=mgmt, listen_port=AGENT_PORT, mgmt_address=mgmt,
+                          state_dir=root / "hosts" / h.name, datastores=[root / "ds" / "shared", local],
+                          migration_interfaces=["mig0"], image_dir=image_dir,
+                          controller_url=None if h.mgmt_ip6 else controller_url,
+                          accelerator=os.environ.get("KVMOTION_ACCEL", "auto"))
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        cfg_file = cfg.state_dir / "agent.json"
+        cfg_file.write_text(cfg.model_dump_json(indent=1))
+        argv = net.netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
+        state["pids"][f"agent-{h.name}"] = _spawn(argv, logs / f"agent-{h.name}.log")
+        _write_state(root, state)
+    for h in lab_net.hosts:
+        agent_log = logs / f"agent-{h.name}.log"
+        _wait(lambda h=h: _host_connected(controller_url, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log) \
+            if not h.mgmt_ip6 else None
+        log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid {state['pids'][f'agent-{h.name}']}")
+    info = load(root)
+    assert info is not None
+    return info
+
+
+def _host_connected(url: str, name: str) -> bool:
+    r = httpx.get(f"{url}/api/v1/hosts/{name}", timeout=5)
+    return r.status_code == 200 and r.json()["state"] == "connected"
+
+
+def _kill(pid: int, grace_s: float = 5.0) -> bool:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                break
+        except (ProcessLookupError, OSError):
+            break
+        time.sleep(0.05)
+    else:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return True
+
+
+def down(root: Path = DEFAULT_ROOT) -> list[str]:
+    """Stop what `up` recorded: agents and their VMs die with their namespaces, then the controller."""
+    removed: list[str] = []
+    try:
+        state = json.loads(state_path(root).read_text())
+    except (OSError, ValueError):
+        state = None
+    if (root / "net.json").exists():
+        removed += net.lab_down(root / "net.json")
+    if state is not None:
+        for name, pid in state.get("pids", {}).items():
+            if _pid_is_ours(pid) and _kill(pid):
+                removed.append(f"process {name} (pid {pid})")
+    if root.exists() and state is not None:
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(f"folder {root}")
+    return removed
+
+
+def _pid_is_ours(pid: int) -> bool:
+    """Only a kvmotion process we started (the PID may have been reused since)."""
+    try:
+        return b"kvmotion" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def status(root: Path = DEFAULT_ROOT) -> dict[str, Any]:
+    info = load(root)
+    if info is None:
+        return {"up": False, "root": str(root)}
+    procs = {name: {"pid": pid, "alive": _pid_is_ours(pid)} for name, pid in info.pids.items()}
+    return {"up": True, "root": str(root), "controller_url": info.controller_url, "processes": procs,
+            "namespaces": [h.netns for h in info.net.hosts] + [info.net.switch_netns, info.net.client_netns],
+            "hosts": [{"name": h.name, "netns": h.netns, "mgmt": h.mgmt_ip or h.mgmt_ip6, "migration": h.mig_ip}
+                      for h in info.net.hosts]}

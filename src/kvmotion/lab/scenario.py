@@ -1,0 +1,89 @@
+"""A migration scenario as users see it: a guest, a client pinging it, one or more moves.
+
+Shared by the demo, the end-to-end tests and the benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmotion.cli.client import Client
+from kvmotion.lab import net
+from kvmotion.lab.probe import ClientProbe, ProbeReport
+
+GUEST_BOOT_DEADLINE_S = 90.0
+_FETCH = "import json,sys,urllib.request as u;print(u.build_opener(u.ProxyHandler({})).open(sys.argv[1],timeout=2).read().decode())"
+
+
+def heartbeat_url(ip: str) -> str:
+    return f"http://{ip.split('/')[0]}/cgi-bin/heartbeat"
+
+
+def guest_heartbeat(client_netns: str, ip: str) -> dict[str, Any] | None:
+    """One HTTP heartbeat from the guest, fetched from the client namespace (None if no answer)."""
+    try:
+        res = subprocess.run(net.netns_exec_argv(client_netns, [sys.executable, "-c", _FETCH, heartbeat_url(ip)]),
+                             capture_output=True, text=True, timeout=5, check=False)
+        return json.loads(res.stdout) if res.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def wait_guest(client_netns: str, ip: str, deadline_s: float = GUEST_BOOT_DEADLINE_S) -> dict[str, Any]:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        hb = guest_heartbeat(client_netns, ip)
+        if hb is not None:
+            return hb
+        time.sleep(0.5)
+    raise TimeoutError(f"guest {ip} did not answer HTTP within {deadline_s:.0f}s")
+
+
+@dataclass
+class MoveResult:
+    task: dict[str, Any]
+    probe: ProbeReport
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.task["state"] == "success"
+
+    def figures(self) -> dict[str, Any]:
+        r = self.task.get("result") or {}
+        return {"total_time_s": r.get("total_time_s"), "downtime_ms": r.get("downtime_ms"),
+                "client_gap_ms": self.probe.max_gap_ms, "lost_pings": self.probe.lost,
+                "sent_ratio": r.get("sent_ratio"), "passes": r.get("passes")}
+
+
+def follow_task(client: Client, task_id: str, timeout_s: float = 600) -> dict[str, Any]:
+    end = time.monotonic() + timeout_s
+    task = client.task(task_id)
+    while task["state"] in ("queued", "running") and time.monotonic() < end:
+        time.sleep(0.2)
+        task = client.task(task_id)
+    return task
+
+
+def migrate_with_probe(client: Client, lab_net: net.LabNet, vm: str, ip: str, host: str, out: Path,
+                       settle_s: float = 1.0, **opts: Any) -> MoveResult:
+    """Ping + poll the guest from the client namespace while the VM moves to ``host``."""
+    probe = ClientProbe(lab_net.client_netns, ip.split("/")[0], heartbeat_url(ip), interval_ms=10, out=out)
+    probe.start()
+    try:
+        time.sleep(settle_s)
+        before = guest_heartbeat(lab_net.client_netns, ip)
+        task = client.migrate(vm, host, **opts)
+        task = follow_task(client, task["id"])
+        time.sleep(settle_s)
+        after = guest_heartbeat(lab_net.client_netns, ip)
+    finally:
+        report = probe.stop()
+    return MoveResult(task=task, probe=report, before=before, after=after)
