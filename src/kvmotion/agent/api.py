@@ -75,7 +75,7 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
 
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
-        return await agent.prepare_incoming(req.spec, req.listen_address)
+        return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume)
 
     @app.delete("/v1/vms/{uuid}/incoming")
     async def abort_incoming(uuid: str) -> dict[str, bool]:

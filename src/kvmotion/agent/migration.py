@@ -100,38 +100,76 @@ class MigrationWatch:
                 last.dirty_pages_rate = r.dirty_pages_rate
 
 
-async def prepare_incoming(vm: QemuVM, listen_address: str) -> IncomingReady:
-    """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener."""
+async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = True) -> IncomingReady:
+    """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener.
+
+    With ``auto_resume`` the shadow runs (``cont``) the moment its incoming migration completes: the
+    source is parked in postmigrate by then, so the guest's pause is QEMU's downtime plus one event,
+    not a controller round trip.
+    """
     await set_caps(vm, {"events": True, "late-block-activate": True, "return-path": True})
     port = pick_port(listen_address)
     uri = uri_for(listen_address, port)
     watch = MigrationWatch(vm, "destination")
     vm.migration = watch
-    await _qmp(vm).execute("migrate-incoming", {"uri": uri})
-    watch.task = asyncio.create_task(_watch_incoming(watch), name=f"incoming-{vm.spec.name}")
+    qmp = _qmp(vm)
+    listener_cm = qmp.listener(("MIGRATION",))
+    listener = listener_cm.__enter__()   # registered before migrate-incoming; released by the watcher
+    try:
+        await qmp.execute("migrate-incoming", {"uri": uri})
+    except KvmotionError:
+        listener_cm.__exit__(None, None, None)
+        raise
+    watch.task = asyncio.create_task(_watch_incoming(watch, listener, listener_cm, auto_resume),
+                                     name=f"incoming-{vm.spec.name}")
     assert vm.pid is not None
     return IncomingReady(uri=uri, pid=vm.pid)
 
 
-async def _watch_incoming(watch: MigrationWatch) -> None:
+async def _watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any, auto_resume: bool) -> None:
     vm = watch.vm
+    r = watch.report
+    last_poll = 0.0
     try:
         while vm.alive():
-            try:
-                info = await query_migrate(vm)
-            except KvmotionError:
+            ev = await next_event(listener, timeout=POLL_S)
+            status = ev["data"].get("status") if ev else None
+            if status == "completed":
+                r.status, r.completed_at = "completed", time.time()
+                if auto_resume:
+                    await _run_shadow(vm, r)
                 break
-            watch.absorb(info)
-            if watch.report.status in TERMINAL:
-                watch.report.completed_at = watch.report.completed_at or time.time()
+            if status in ("failed", "cancelled"):
+                r.status = status
                 break
-            await asyncio.sleep(POLL_S)
-        if not vm.alive() and watch.report.status not in TERMINAL:
-            watch.report.status = "failed"
-            watch.report.failed_at = time.time()
-            watch.report.error = watch.report.error or "destination QEMU exited during the incoming migration"
+            if time.monotonic() - last_poll >= 0.5:
+                last_poll = time.monotonic()
+                watch.absorb(await query_migrate(vm))
+                if r.status in TERMINAL:
+                    r.completed_at = r.completed_at or time.time()
+                    break
+    except KvmotionError as exc:
+        r.error = r.error or exc.message
     finally:
+        listener_cm.__exit__(None, None, None)
+        if not vm.alive() and r.status != "completed":
+            r.status = "failed"
+            r.error = r.error or "destination QEMU exited during the incoming migration"
+        if r.status != "completed":
+            r.failed_at = time.time()
         watch.done.set()
+
+
+async def _run_shadow(vm: QemuVM, r: MigrationReport) -> None:
+    qmp = _qmp(vm)
+    r.extra["resumed_at"] = time.time()
+    await qmp.execute("cont")
+    status = (await qmp.execute("query-status"))["status"]
+    r.extra["resume_confirmed_at"] = time.time()
+    r.extra["qemu_status"] = status
+    if status == "running":
+        vm.role = "normal"
+        vm.transition(VMRunState.RUNNING)
 
 
 async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None = None) -> MigrationWatch:
@@ -230,28 +268,27 @@ async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0) -> MigrationReport 
 
 
 async def resume_destination(vm: QemuVM, timeout: float = 10.0) -> dict[str, Any]:
-    """Start the shadow once its incoming migration completed; confirm it really runs; announce."""
+    """Make sure the destination runs once its incoming migration completed, and confirm it."""
     watch: MigrationWatch | None = vm.migration
-    if watch is None or vm.state != VMRunState.INCOMING:
-        raise ConflictError(f"VM {vm.spec.name} is not an incoming shadow here", remedy="prepare the shadow first")
+    if watch is None or watch.report.role != "destination":
+        raise ConflictError(f"VM {vm.spec.name} is not an incoming VM here", remedy="prepare the shadow first")
     try:
         await asyncio.wait_for(watch.done.wait(), timeout=timeout)
     except asyncio.TimeoutError as exc:
         raise MigrationFailed(f"incoming state for {vm.spec.name} did not complete within {timeout:.0f}s",
                               remedy="check the migration network") from exc
-    if watch.report.status != "completed":
-        raise MigrationFailed(f"incoming migration of {vm.spec.name} ended {watch.report.status}: "
-                              f"{watch.report.error or 'no detail'}", remedy="see the source's migration error")
-    qmp = _qmp(vm)
-    t0 = time.time()
-    await qmp.execute("cont")
-    status = (await qmp.execute("query-status"))["status"]
+    r = watch.report
+    if r.status != "completed":
+        raise MigrationFailed(f"incoming migration of {vm.spec.name} ended {r.status}: {r.error or 'no detail'}",
+                              remedy="see the source's migration error")
+    if vm.state == VMRunState.INCOMING:
+        await _run_shadow(vm, r)
+    status = (await _qmp(vm).execute("query-status"))["status"]
     if status != "running":
         raise MigrationFailed(f"VM {vm.spec.name} is {status!r} on the destination after cont",
                               remedy="see the destination's qemu.log")
-    vm.role = "normal"
-    vm.transition(VMRunState.RUNNING)
-    return {"resumed_at": t0, "confirmed_at": time.time(), "status": status}
+    return {"incoming_completed_at": r.completed_at, "resumed_at": r.extra.get("resumed_at"),
+            "confirmed_at": time.time(), "qemu_status": status}
 
 
 async def announce(vm: QemuVM, rounds: int = 5) -> dict[str, Any]:

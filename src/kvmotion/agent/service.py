@@ -172,7 +172,7 @@ class Agent:
         return [vm.runtime() for vm in self.vms.values()]
 
     # -- migration primitives -------------------------------------------------------------
-    async def prepare_incoming(self, spec: VMSpec, listen_address: str) -> IncomingReady:
+    async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True) -> IncomingReady:
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
                                 remedy="a VM never runs twice; pick another destination")
@@ -180,7 +180,7 @@ class Agent:
         self.vms[spec.uuid] = vm
         try:
             await vm.start(incoming=True)
-            return await migration.prepare_incoming(vm, listen_address)
+            return await migration.prepare_incoming(vm, listen_address, auto_resume)
         except KvmotionError:
             await vm.kill()
             self.vms.pop(spec.uuid, None)

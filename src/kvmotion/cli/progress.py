@@ -64,6 +64,7 @@ def figures(task: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     rows = [("total time", f"{r['total_time_s']:.3f} s" if r.get("total_time_s") is not None else "-"),
             ("QEMU downtime", f"{r['downtime_ms']} ms" if r.get("downtime_ms") is not None else "-"),
+            ("guest paused (src stop → dst run)", f"{r['guest_pause_ms']:.0f} ms" if r.get("guest_pause_ms") is not None else "-"),
             ("parked at pre-switchover", f"{r['parked_ms']:.1f} ms" if r.get("parked_ms") is not None else "-"),
             ("bytes sent", f"{r.get('bytes_sent', 0) / MB:.1f} MiB"),
             ("sent ÷ RAM", f"{r['sent_ratio']:.2f}" if r.get("sent_ratio") is not None else "-"),

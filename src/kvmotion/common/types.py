@@ -127,6 +127,7 @@ class OutgoingRequest(BaseModel):
 class IncomingRequest(BaseModel):
     spec: VMSpec
     listen_address: str
+    auto_resume: bool = True          # run the shadow as soon as its state is complete
 
 
 class IncomingReady(BaseModel):

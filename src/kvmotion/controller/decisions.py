@@ -47,10 +47,11 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
            progress_timeout_s: float, completion_per_gib_s: float) -> Decision:
     if report.status == "completed":
         return Decision(Action.COMPLETED)
+    if not dst_alive:
+        qemu = f" (QEMU: {report.error})" if report.error else ""
+        return Decision(Action.ABORT, f"the destination's shadow VM stopped during pre-copy{qemu}")
     if report.status in ("failed", "cancelled"):
         return Decision(Action.ABORT, report.error or f"QEMU reports the migration {report.status}")
-    if not dst_alive:
-        return Decision(Action.ABORT, "the destination's shadow VM stopped during pre-copy")
     if report.status in ("pre-switchover", "device") or report.pre_switchover_at:
         return Decision(Action.SWITCHING)
     since_progress = now - (watch.best_at or watch.started)

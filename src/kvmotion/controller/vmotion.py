@@ -10,7 +10,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from kvmotion.common.errors import KvmotionError, MigrationFailed, PrecheckFailed
+from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed, PrecheckFailed
 from kvmotion.common.types import MigrationReport, OutgoingRequest, VMSpec
 from kvmotion.controller import checks, decisions
 from kvmotion.controller.agents import AgentClient
@@ -81,6 +81,7 @@ class VMotion:
         self.shadow_created = False
         self.outgoing_started = False
         self.resumed = False
+        self.resume_info: dict[str, Any] = {}
         self.report: MigrationReport | None = None
         self.marks: dict[str, float] = {"start": time.time()}
 
@@ -161,7 +162,7 @@ class VMotion:
                                     if not switch_marked else None)
             if decision.action == decisions.Action.COMPLETED:
                 await self.end(ended_at=report.completed_at, downtime_ms=report.downtime_ms,
-                               parked_ms=report.parked_ms)
+                               parked_ms=round(report.parked_ms or 0.0, 2))
                 return report
             if decision.action == decisions.Action.ABORT:
                 raise MigrationFailed(decision.reason, remedy=_remedy_for(decision.reason))
@@ -182,8 +183,9 @@ class VMotion:
             status = await self.dst.status(self.spec.uuid)
             if status.qemu_status != "running":
                 raise
-            result = {"status": status.qemu_status, "confirmed_at": time.time()}
+            result = {"qemu_status": status.qemu_status, "confirmed_at": time.time()}
         self.resumed = True
+        self.resume_info = result
         return result
 
     def _live(self, r: MigrationReport, watch: decisions.ProgressWatch) -> dict[str, Any]:
@@ -194,7 +196,9 @@ class VMotion:
 
     def _summary(self, r: MigrationReport) -> dict[str, Any]:
         total = r.ram_total or self.spec.memory_mb * 1024 * 1024
-        return {"total_time_s": round(time.time() - self.marks["start"], 3),
+        resumed_at = self.resume_info.get("resumed_at")
+        pause = (resumed_at - r.pre_switchover_at) * 1000 if resumed_at and r.pre_switchover_at else None
+        return {"guest_pause_ms": round(pause, 1) if pause is not None else None,"total_time_s": round(time.time() - self.marks["start"], 3),
                 "qemu_total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "parked_ms": r.parked_ms,
                 "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),
@@ -213,20 +217,28 @@ class VMotion:
         await asyncio.to_thread(self.journal.finish, "error", result, error)
 
     async def _rollback(self) -> dict[str, Any]:
-        """Before RESUME: cancel, remove the shadow; the VM keeps running on the source."""
+        """Before RESUME: remove the shadow, then cancel; the VM keeps running on the source.
+
+        The shadow goes first: the source may be resumed only once the destination cannot run.
+        """
         out: dict[str, Any] = {}
+        if self.shadow_created:
+            try:
+                await self.dst.abort_incoming(self.spec.uuid)
+                out["shadow_removed"] = True
+            except ConflictError as exc:   # the destination runs the VM: it must not run twice
+                out["shadow_error"] = exc.message
+                out["source_running"] = False
+                out["vm_runs_on"] = self.destination
+                return out
+            except KvmotionError as exc:
+                out["shadow_error"] = exc.message
         if self.outgoing_started:
             try:
                 await self.src.cancel_outgoing(self.spec.uuid)
                 out["cancelled"] = True
             except KvmotionError as exc:
                 out["cancel_error"] = exc.message
-        if self.shadow_created:
-            try:
-                await self.dst.abort_incoming(self.spec.uuid)
-                out["shadow_removed"] = True
-            except KvmotionError as exc:
-                out["shadow_error"] = exc.message
         try:
             out["source_running"] = (await self.src.status(self.spec.uuid)).qemu_status == "running"
         except KvmotionError as exc:

@@ -33,7 +33,6 @@ INIT_SCRIPT = r"""#!/bin/sh
 # kvmotion guest /init (PID 1).  Must never exit.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 umask 022
-set -f
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -45,7 +44,7 @@ dmesg -n 1 2>/dev/null
 CON=/dev/console
 [ -c /dev/ttyS0 ] && CON=/dev/ttyS0
 exec </dev/null >"$CON" 2>&1
-stty -onlcr 2>/dev/null
+stty -F "$CON" -onlcr 2>/dev/null
 mkdir -p /run/kvmotion
 echo 0 > /run/kvmotion/dirtied_mb
 
@@ -57,6 +56,7 @@ now_cs() {  # NOW := uptime in centiseconds (no fork)
 # ---- kernel command line -------------------------------------------------
 KIP= ; KGW= ; KDIRTY=0 ; KREGION=64 ; KHOST=kvmotion-guest
 read -r CMDLINE < /proc/cmdline
+set -f
 for arg in $CMDLINE; do
     case "$arg" in
         kvmotion.ip=*) KIP=${arg#*=} ;;
@@ -66,6 +66,7 @@ for arg in $CMDLINE; do
         kvmotion.hostname=*) KHOST=${arg#*=} ;;
     esac
 done
+set +f
 case "$KDIRTY" in ''|*[!0-9.eE+-]*) KDIRTY=0 ;; esac
 KDIRTY=$(awk -v d="$KDIRTY" 'BEGIN { if (d + 0 < 0) d = 0; printf "%g", d + 0 }')
 RATE_KB=$(awk -v d="$KDIRTY" 'BEGIN { printf "%d", d * 1024 }')

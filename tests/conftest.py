@@ -1,0 +1,52 @@
+"""Shared fixtures: a real lab (namespaces, controller, agents, QEMU guests), always torn down."""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+LAB_ROOT_BASE = Path("/tmp/kvmotion-tests")
+
+
+def leftovers(prefix: str, root: Path) -> dict[str, list[str]]:
+    """Namespaces and QEMU processes that belong to the lab (prefix, root) and still exist."""
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout.split()
+    ours_ns = [n for n in ns if n.startswith(prefix + "-")]
+    qemus = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"qemu-system") and str(root).encode() in cmd:
+            qemus.append(pid)
+    return {"namespaces": ours_ns, "qemu_pids": qemus}
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    from kvmotion.image.build import build_image
+
+    return build_image(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def lab(guest_image, tmp_path_factory):
+    """A two-host lab for one test module. Torn down at the end, also when a test fails."""
+    from kvmotion.lab import lab as lab_mod
+
+    prefix = "kt" + secrets.token_hex(2)
+    root = LAB_ROOT_BASE / prefix
+    info = lab_mod.up(2, root, prefix=prefix, image_dir=guest_image.kernel.parent.parent, log=lambda m: None)
+    try:
+        yield info
+    finally:
+        lab_mod.down(root)
+        left = leftovers(prefix, root)
+        assert left == {"namespaces": [], "qemu_pids": []}, f"the lab left things behind: {left}"

@@ -1,0 +1,153 @@
+"""End to end, in the lab, with real QEMU guests: vMotion h1 -> h2 -> h1, a failure, bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvmotion.cli.client import Client
+from kvmotion.lab import scenario
+
+PHASES = ["precheck", "shadow", "precopy", "switchover", "resume", "announce", "release"]
+
+
+def agent_url(lab, host: str) -> str:
+    return f"http://{lab.net.host(host).mgmt_ip}:8770"
+
+
+def agent_vms(lab, host: str) -> dict[str, dict]:
+    return {v["uuid"]: v for v in httpx.get(f"{agent_url(lab, host)}/v1/vms", timeout=10).json()}
+
+
+def running_vm(client: Client, lab, name: str, **opts) -> dict:
+    vm = client.create_vm(name=name, host="h1", **opts)
+    client.start_vm(name)
+    scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
+    return vm
+
+
+def pid_exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def assert_moved(move: scenario.MoveResult, client: Client, lab, vm: dict, src: str, dst: str) -> None:
+    task = move.task
+    assert task["state"] == "success", task.get("error")
+    # every phase, in order, each with timestamps
+    assert [p["name"] for p in task["phases"]] == PHASES
+    last = task["created_at"]
+    for p in task["phases"]:
+        assert p["status"] == "ok", p
+        assert p["started_at"] >= last - 0.05 and p["ended_at"] >= p["started_at"]
+        last = p["started_at"]
+    # the guest kept running: same boot, the counter continued, HTTP answers from the destination
+    assert move.before and move.after, "the guest's HTTP heartbeat did not answer"
+    assert move.after["boot_id"] == move.before["boot_id"]
+    assert move.after["seq"] > move.before["seq"] and move.after["uptime"] > move.before["uptime"]
+    assert move.probe.boot_ids() == {move.before["boot_id"]}
+    assert move.probe.seq_monotonic()
+    # the client barely noticed
+    assert move.probe.received > 100
+    assert move.probe.max_gap_ms < 1000, move.probe.outages
+    # the source QEMU is gone, the destination runs it, and the inventory says so
+    release = task["phases"][-1]["detail"]
+    assert release["source_exited"] is True and not pid_exists(release["source_pid"])
+    assert vm["uuid"] not in agent_vms(lab, src)
+    assert agent_vms(lab, dst)[vm["uuid"]]["state"] == "running"
+    assert client.vm(vm["name"])["host"] == dst
+    assert release["lease_holder"] == dst
+    r = task["result"]
+    assert r["downtime_ms"] is not None and r["bytes_sent"] > 0 and r["passes"] >= 1
+
+
+def test_vmotion_round_trip(lab, tmp_path) -> None:
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "rt1")
+    ip = vm["spec"]["guest_ip"]
+    there = scenario.migrate_with_probe(client, lab.net, "rt1", ip, "h2", tmp_path / "p1.jsonl")
+    assert_moved(there, client, lab, vm, "h1", "h2")
+    back = scenario.migrate_with_probe(client, lab.net, "rt1", ip, "h1", tmp_path / "p2.jsonl")
+    assert_moved(back, client, lab, vm, "h2", "h1")
+    assert back.after["boot_id"] == there.before["boot_id"]
+    tasks = [t for t in client.tasks() if t["vm_name"] == "rt1"]
+    assert [t["destination"] for t in tasks] == ["h1", "h2"] and all(t["state"] == "success" for t in tasks)
+    client.stop_vm("rt1")
+    client.delete_vm("rt1")
+
+
+def test_destination_killed_mid_precopy_keeps_vm_on_source(lab, tmp_path) -> None:
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "fail1", dirty_mb_s=20)
+    ip = vm["spec"]["guest_ip"]
+    before = scenario.guest_heartbeat(lab.net.client_netns, ip)
+    # 40 Mbit/s against 20 MB/s of dirtying: pre-copy cannot finish, so there is time to strike.
+    task = client.migrate("fail1", "h2", max_bandwidth_mbps=40)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        t = client.task(task["id"])
+        if t["phase"] == "precopy" and (t["live"] or {}).get("transferred", 0) > 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"migration never reached pre-copy: {client.task(task['id'])}")
+    shadow = agent_vms(lab, "h2")[vm["uuid"]]
+    os.kill(shadow["pid"], signal.SIGKILL)
+    t = scenario.follow_task(client, task["id"], timeout_s=60)
+    assert t["state"] == "error"
+    assert t["error"]["phase"] == "precopy"
+    assert "destination" in t["error"]["message"], t["error"]
+    assert t["error"]["rollback"]["source_running"] is True
+    assert [p["name"] for p in t["phases"]][-1] == "rollback"
+    # the VM still runs on the source, same boot, heartbeat unbroken; no shadow left on h2
+    assert vm["uuid"] not in agent_vms(lab, "h2")
+    assert agent_vms(lab, "h1")[vm["uuid"]]["state"] == "running"
+    assert client.vm("fail1")["host"] == "h1"
+    time.sleep(1.0)
+    after = scenario.guest_heartbeat(lab.net.client_netns, ip)
+    assert after and after["boot_id"] == before["boot_id"] and after["seq"] > before["seq"]
+    # and it can still move afterwards
+    client.stop_vm("fail1")
+    client.delete_vm("fail1")
+
+
+def cli(lab, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KVMOTION_URL=lab.controller_url, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "kvmotion.cli.main", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_bad_input_is_refused_clearly_and_nothing_is_started(lab) -> None:
+    client = Client(lab.controller_url)
+    client.create_vm(name="off1", host="h1")                               # powered off
+    client.create_vm(name="local1", host="h1", datastore="h1-local")
+    client.start_vm("local1")
+    tasks_before = len(client.tasks())
+    cases = [
+        (("vm", "migrate", "nosuchvm", "--host", "h2"), "not in the inventory"),
+        (("vm", "migrate", "off1", "--host", "nosuchhost"), "host 'nosuchhost' is not in the inventory"),
+        (("vm", "migrate", "local1", "--host", "h1"), "SAME_HOST"),
+        (("vm", "migrate", "off1", "--host", "h2"), "cold migration"),
+        (("vm", "migrate", "local1", "--host", "h2"), "DATASTORE_NOT_ACCESSIBLE"),
+    ]
+    for args, expected in cases:
+        res = cli(lab, *args)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, (args, out)
+        assert expected in out, (args, out)
+        assert "fix:" in out, (args, out)
+    # validate lists the findings without starting anything
+    res = cli(lab, "vm", "validate", "local1", "--host", "h2")
+    assert res.returncode == 2 and "DATASTORE_NOT_ACCESSIBLE" in res.stdout
+    assert len(client.tasks()) == tasks_before                              # nothing half done
+    local = client.vm("local1")
+    assert local["host"] == "h1" and local["runtime"]["qemu_status"] == "running"
+    assert local["uuid"] not in agent_vms(lab, "h2")
+    client.stop_vm("local1")
+    for name in ("local1", "off1"):
+        client.delete_vm(name)
