@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,22 +43,22 @@ BOOT_DEADLINE = 60.0
 
 
 def test_kernel_cmdline_full() -> None:
-    line = kernel_cmdline(ip="10.1.2.3/24", gateway="10.1.2.1", dirty_mb_s=20.0,
+    line = kernel_cmdline(ip="198.18.2.3/24", gateway="198.18.2.1", dirty_mb_s=20.0,
                           dirty_region_mb=32, extra=" kvmotion.hostname=vm1 ")
-    assert line == ("kvmotion.ip=10.1.2.3/24 kvmotion.gw=10.1.2.1 kvmotion.dirty=20 "
+    assert line == ("kvmotion.ip=198.18.2.3/24 kvmotion.gw=198.18.2.1 kvmotion.dirty=20 "
                     "kvmotion.dirty_region=32 kvmotion.hostname=vm1")
 
 
 def test_kernel_cmdline_defaults_and_normalisation() -> None:
     assert kernel_cmdline() == "kvmotion.dirty=0 kvmotion.dirty_region=64"
-    assert kernel_cmdline(ip="192.168.7.9", dirty_mb_s=2.5).split() == [
-        "kvmotion.ip=192.168.7.9/24", "kvmotion.dirty=2.5", "kvmotion.dirty_region=64"]
-    full = f"{BASE_CMDLINE} {kernel_cmdline(ip='10.0.0.2/16')}"
-    assert full.startswith("console=ttyS0 quiet panic=-1 kvmotion.ip=10.0.0.2/16 ")
+    assert kernel_cmdline(ip="198.19.7.9", dirty_mb_s=2.5).split() == [
+        "kvmotion.ip=198.19.7.9/24", "kvmotion.dirty=2.5", "kvmotion.dirty_region=64"]
+    full = f"{BASE_CMDLINE} {kernel_cmdline(ip='198.18.0.2/16')}"
+    assert full.startswith("console=ttyS0 quiet panic=-1 kvmotion.ip=198.18.0.2/16 ")
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"ip": "10.0.0.300/24"}, {"ip": "10.0.0.1/33"}, {"gateway": "nope"},
+    {"ip": "198.18.0.300/24"}, {"ip": "198.18.0.1/33"}, {"gateway": "nope"},
     {"dirty_mb_s": -1.0}, {"dirty_mb_s": float("nan")}, {"dirty_mb_s": float("inf")},
     {"dirty_region_mb": 0}, {"dirty_region_mb": 1.5},
 ])
@@ -222,24 +223,24 @@ class Guest:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
             return resp.headers.get("Content-Type", ""), resp.read().decode()
 
-    def heartbeat(self) -> dict[str, object]:
+    def heartbeat(self) -> dict[str, Any]:
         ctype, body = self.http("/cgi-bin/heartbeat")
         assert ctype.startswith("application/json")
         data = json.loads(body)
         assert isinstance(data, dict)
         return data
 
-    def qmp_cmd(self, execute: str, **arguments: object) -> object:
+    def qmp_cmd(self, execute: str, **arguments: object) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(str(self.qmp))
             f = s.makefile("rw")
 
-            def reply() -> dict[str, object]:
+            def reply() -> dict[str, Any]:
                 while True:
-                    msg = json.loads(f.readline())
+                    msg: dict[str, Any] = json.loads(f.readline())
                     if "event" not in msg:
-                        return msg  # type: ignore[no-any-return]
+                        return msg
 
             reply()  # greeting
             for cmd in ({"execute": "qmp_capabilities"}, {"execute": execute, "arguments": arguments}):
@@ -247,7 +248,8 @@ class Guest:
                 f.flush()
                 ans = reply()
                 assert "return" in ans, ans
-            return ans["return"]
+            ret: dict[str, Any] = ans["return"]
+            return ret
 
 
 @contextmanager
@@ -261,7 +263,7 @@ def boot(image: GuestImage, append: str) -> Iterator[Guest]:
            "-nodefaults", "-display", "none", "-kernel", str(image.kernel), "-initrd", str(image.initrd),
            "-append", f"{BASE_CMDLINE} {append}", "-serial", f"file:{serial}",
            "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
-           "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80",
+           "-netdev", f"user,id=n0,net=198.18.250.0/24,host=198.18.250.2,dhcpstart=198.18.250.15,hostfwd=tcp:127.0.0.1:{port}-:80",
            "-qmp", f"unix:{qmp},server=on,wait=off"]
     with (workdir / "qemu.out").open("wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
@@ -275,12 +277,12 @@ def boot(image: GuestImage, append: str) -> Iterator[Guest]:
 
 
 def test_boot_static_ip_heartbeat_http_and_dirtier(image: GuestImage) -> None:
-    append = kernel_cmdline(ip="10.0.2.15/24", gateway="10.0.2.2", dirty_mb_s=20)
+    append = kernel_cmdline(ip="198.18.250.15/24", gateway="198.18.250.2", dirty_mb_s=20)
     with boot(image, append) as g:
         deadline = g.started + BOOT_DEADLINE
         ready = g.wait_for(READY_RE, deadline)[0]
         print(f"KVMOTION-READY after {time.monotonic() - g.started:.2f}s")
-        assert ready.group(1) == "10.0.2.15"
+        assert ready.group(1) == "198.18.250.15"
         dirtier = g.wait_for(DIRTIER_RE, deadline)[0]
         assert (dirtier.group(1), dirtier.group(2)) == ("20", "64")
 
@@ -291,7 +293,7 @@ def test_boot_static_ip_heartbeat_http_and_dirtier(image: GuestImage) -> None:
         first = g.heartbeat()
         assert set(first) >= {"seq", "uptime", "boot_id", "hostname", "dirty_mb_s"}
         assert first["boot_id"] == b1 and first["hostname"] == "kvmotion-guest"
-        assert first["dirty_mb_s"] == 20 and first["ip"] == "10.0.2.15"
+        assert first["dirty_mb_s"] == 20 and first["ip"] == "198.18.250.15"
         assert isinstance(first["seq"], int) and isinstance(first["uptime"], float)
         _, static = g.http("/heartbeat")
         assert json.loads(static)["boot_id"] == b1
@@ -303,23 +305,22 @@ def test_boot_static_ip_heartbeat_http_and_dirtier(image: GuestImage) -> None:
         time.sleep(2.2)
         for _ in range(40):
             res = g.qmp_cmd("query-dirty-rate")
-            assert isinstance(res, dict)
             if res.get("status") == "measured":
                 break
             time.sleep(0.25)
         second = g.heartbeat()
-        elapsed = float(second["uptime"]) - float(first["uptime"])  # type: ignore[arg-type]
-        assert second["boot_id"] == b1 and int(second["seq"]) > int(first["seq"])  # type: ignore[call-overload]
-        rate = (int(second["dirtied_mb"]) - int(first["dirtied_mb"])) / elapsed  # type: ignore[call-overload]
+        elapsed = float(second["uptime"]) - float(first["uptime"])
+        assert second["boot_id"] == b1 and int(second["seq"]) > int(first["seq"])
+        rate = (int(second["dirtied_mb"]) - int(first["dirtied_mb"])) / elapsed
         print(f"guest-reported dirty rate {rate:.1f} MB/s, QMP page-sampling {res}")
         assert 12 <= rate <= 28
-        assert res.get("status") == "measured" and int(res["dirty-rate"]) >= 4  # type: ignore[call-overload]
+        assert res.get("status") == "measured" and int(res["dirty-rate"]) >= 4
 
 
 def test_boot_dhcp_no_dirtier(image: GuestImage) -> None:
     with boot(image, kernel_cmdline(extra="kvmotion.hostname=dhcp-guest")) as g:
         ready = g.wait_for(READY_RE, g.started + BOOT_DEADLINE)[0]
-        assert ready.group(1) == "10.0.2.15"  # slirp's DHCP server
+        assert ready.group(1) == "198.18.250.15"  # slirp's DHCP server
         g.wait_for(HEARTBEAT_RE, time.monotonic() + 15, count=1)
         hb = g.heartbeat()
         assert hb["hostname"] == "dhcp-guest" and hb["dirty_mb_s"] == 0 and hb["dirtied_mb"] == 0

@@ -151,3 +151,24 @@ def test_bad_input_is_refused_clearly_and_nothing_is_started(lab) -> None:
     client.stop_vm("local1")
     for name in ("local1", "off1"):
         client.delete_vm(name)
+
+
+def test_agent_restart_re_adopts_running_vms(lab, tmp_path) -> None:
+    from kvmotion.lab import lab as lab_mod
+
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "adopt1")
+    ip = vm["spec"]["guest_ip"]
+    pid = agent_vms(lab, "h1")[vm["uuid"]]["pid"]
+    before = scenario.guest_heartbeat(lab.net.client_netns, ip)
+    new_agent = lab_mod.restart_agent(lab.root, "h1")
+    assert new_agent != lab.pids["agent-h1"]
+    adopted = agent_vms(lab, "h1")[vm["uuid"]]
+    assert adopted["pid"] == pid and adopted["state"] == "running"       # same QEMU, re-adopted
+    assert client.vm("adopt1")["runtime"]["qemu_status"] == "running"   # QMP works again
+    # the adopted VM still migrates
+    move = scenario.migrate_with_probe(client, lab.net, "adopt1", ip, "h2", tmp_path / "p.jsonl")
+    assert move.ok, move.task.get("error")
+    assert move.after["boot_id"] == before["boot_id"]
+    client.stop_vm("adopt1")
+    client.delete_vm("adopt1")

@@ -4,7 +4,7 @@ Public API::
 
     img = build_image()            # cached; downloads the kernel with apt the first time
     img.kernel, img.initrd, img.version
-    append = BASE_CMDLINE + " " + kernel_cmdline(ip="10.0.0.5/24", gateway="10.0.0.1", dirty_mb_s=20)
+    append = BASE_CMDLINE + " " + kernel_cmdline(ip="198.18.1.5/24", gateway="198.18.1.1", dirty_mb_s=20)
 
 The guest's serial/HTTP protocol is documented in :mod:`kvmotion.image.guest_init`.
 """
@@ -229,7 +229,7 @@ def _build(cache: Path, pkg: kernel.KernelPackage, log: Log) -> GuestImage:
         out.mkdir()
         shutil.copyfile(vmlinuz, out / KERNEL_FILE)
         (out / INITRD_FILE).write_bytes(initrd)
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "version": version,
             "kernel_package": pkg.name,

@@ -124,8 +124,11 @@ DMB=0
 write_state() {
     read -r DMB < /run/kvmotion/dirtied_mb 2>/dev/null
     case "$DMB" in ''|*[!0-9]*) DMB=0 ;; esac
-    printf '{"seq": %d, "uptime": %s, "boot_id": "%s", "hostname": "%s", "dirty_mb_s": %s, "dirtied_mb": %d, "ip": "%s"}\n' \
-        "$SEQ" "$_u" "$BOOT_ID" "$KHOST" "$KDIRTY" "$DMB" "$ADDR" > /www/.heartbeat.tmp
+    {
+        printf '{"seq": %d, "uptime": %s, "boot_id": "%s", ' "$SEQ" "$_u" "$BOOT_ID"
+        printf '"hostname": "%s", "dirty_mb_s": %s, "dirtied_mb": %d, "ip": "%s"}\n' \
+            "$KHOST" "$KDIRTY" "$DMB" "$ADDR"
+    } > /www/.heartbeat.tmp
     mv -f /www/.heartbeat.tmp /www/heartbeat
 }
 now_cs

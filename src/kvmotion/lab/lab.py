@@ -146,6 +146,27 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     return info
 
 
+def restart_agent(root: Path, host: str, deadline_s: float = START_DEADLINE_S) -> int:
+    """Stop a host's agent by PID and start it again (its VMs keep running); returns the new PID."""
+    state = json.loads(state_path(root).read_text())
+    info = load(root)
+    if info is None:
+        raise net.LabError("no lab is up; run `kvmotion lab up` first")
+    h = info.net.host(host)
+    key = f"agent-{host}"
+    old = state["pids"].get(key)
+    if old and _pid_is_ours(old):
+        _kill(old)
+    cfg_file = root / "hosts" / host / "agent.json"
+    argv = net.netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
+    state["pids"][key] = _spawn(argv, root / "logs" / f"agent-{host}.log")
+    _write_state(root, state)
+    url = f"http://{h.mgmt_ip}:{AGENT_PORT}/v1/health"
+    _wait(lambda: httpx.get(url, timeout=2).status_code == 200, deadline_s, f"agent {host}",
+          root / "logs" / f"agent-{host}.log")
+    return int(state["pids"][key])
+
+
 def _host_connected(url: str, name: str) -> bool:
     r = httpx.get(f"{url}/api/v1/hosts/{name}", timeout=5)
     return r.status_code == 200 and r.json()["state"] == "connected"
