@@ -62,6 +62,7 @@ def assert_moved(move: scenario.MoveResult, client: Client, lab, vm: dict, src: 
     assert agent_vms(lab, dst)[vm["uuid"]]["state"] == "running"
     assert client.vm(vm["name"])["host"] == dst
     assert release["lease_holder"] == dst
+    assert release["destination_image_locks"] > 0      # the destination QEMU holds the image locks now
     r = task["result"]
     assert r["downtime_ms"] is not None and r["bytes_sent"] > 0 and r["passes"] >= 1
 
@@ -161,7 +162,7 @@ def test_agent_restart_re_adopts_running_vms(lab, tmp_path) -> None:
     ip = vm["spec"]["guest_ip"]
     pid = agent_vms(lab, "h1")[vm["uuid"]]["pid"]
     before = scenario.guest_heartbeat(lab.net.client_netns, ip)
-    new_agent = lab_mod.restart_agent(lab.root, "h1")
+    new_agent = lab_mod.restart(lab.root, "agent-h1")
     assert new_agent != lab.pids["agent-h1"]
     adopted = agent_vms(lab, "h1")[vm["uuid"]]
     assert adopted["pid"] == pid and adopted["state"] == "running"       # same QEMU, re-adopted
@@ -172,3 +173,30 @@ def test_agent_restart_re_adopts_running_vms(lab, tmp_path) -> None:
     assert move.after["boot_id"] == before["boot_id"]
     client.stop_vm("adopt1")
     client.delete_vm("adopt1")
+
+
+def test_controller_crash_mid_precopy_is_reconciled(lab) -> None:
+    """The journal says precopy; the restarted controller finds the VM on the source and rolls back."""
+    from kvmotion.lab import lab as lab_mod
+
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "crash1", dirty_mb_s=20)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    task = client.migrate("crash1", "h2", max_bandwidth_mbps=40)    # cannot converge: stays in pre-copy
+    deadline = time.monotonic() + 30
+    while client.task(task["id"])["phase"] != "precopy" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lab_mod.restart(lab.root, "controller", crash=True)
+    t = scenario.follow_task(client, task["id"], timeout_s=30)
+    assert t["state"] == "error" and t["error"]["code"] == "CONTROLLER_RESTARTED", t
+    assert t["error"]["phase"] == "precopy"
+    assert vm["uuid"] not in agent_vms(lab, "h2")                         # shadow removed
+    deadline = time.monotonic() + 10
+    while agent_vms(lab, "h1")[vm["uuid"]]["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent_vms(lab, "h1")[vm["uuid"]]["state"] == "running"
+    after = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    assert after and after["boot_id"] == before["boot_id"] and after["seq"] > before["seq"]
+    assert client.vm("crash1")["host"] == "h1"
+    client.stop_vm("crash1")
+    client.delete_vm("crash1")

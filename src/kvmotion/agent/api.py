@@ -105,6 +105,10 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
     async def lease(uuid: str, req: LeaseRequest) -> LeaseInfo:
         return agent.take_lease(uuid, req.expected_holder)
 
+    @app.get("/v1/vms/{uuid}/locks")
+    async def locks(uuid: str) -> dict[str, list[str]]:
+        return agent.locks(uuid)
+
     @app.post("/v1/vms/{uuid}/finalize-source")
     async def finalize_source(uuid: str) -> ReleaseReport:
         return await agent.finalize_source(uuid)

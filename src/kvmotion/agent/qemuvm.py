@@ -152,6 +152,26 @@ def pid_is_qemu_for(pid: int, uuid: str) -> bool:
     return bool(cmd) and cmd[0].endswith(QEMU_BINARY.encode()) and uuid.encode() in cmd
 
 
+def image_locks(pid: int, paths: list[Path]) -> dict[str, list[str]]:
+    """The file locks a process holds on the given images, read from /proc/PID/fdinfo."""
+    wanted = {str(p) for p in paths}
+    out: dict[str, list[str]] = {p: [] for p in wanted}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target not in wanted:
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        out[target] += [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("lock:")]
+    return out
+
+
 def rss_mb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

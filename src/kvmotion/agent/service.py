@@ -13,7 +13,7 @@ from kvmotion.agent import lease as leases
 from kvmotion.agent import migration
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.config import AgentConfig
-from kvmotion.agent.qemuvm import HostContext, QemuVM, rss_mb, vm_folder
+from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, resolve_datastore, rss_mb, vm_folder
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError, QemuStartFailed
 from kvmotion.common.types import (HostFacts, IncomingReady, LeaseInfo, MigrationReport, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
@@ -239,6 +239,12 @@ class Agent:
         holder = leases.read_lease(folder)
         return ReleaseReport(source_exited=not vm.alive(), source_pid=pid,
                              lock_released=holder is None or holder.host != self.cfg.name, memory_freed_mb=freed)
+
+    def locks(self, uuid: str) -> dict[str, list[str]]:
+        """Which locks this host's QEMU holds on the VM's disk images (evidence of the lock hand-over)."""
+        vm = self.get(uuid)
+        paths = [resolve_datastore(vm.ctx, d.datastore) / d.path for d in vm.spec.disks]
+        return image_locks(vm.pid or 0, paths)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         path = self._run_dir(uuid) / "serial.log"

@@ -50,8 +50,8 @@ def summary_table(task: dict[str, Any]) -> Table:
     table.add_column("detail", overflow="fold")
     for p in task["phases"]:
         dur = (p["ended_at"] - p["started_at"]) * 1000 if p.get("ended_at") else None
-        detail = ", ".join(f"{k}={v}" for k, v in p.get("detail", {}).items() if k not in ("passes",)
-                           and not isinstance(v, (list, dict)))
+        detail = ", ".join(f"{k}={v}" for k, v in p.get("detail", {}).items()
+                           if not k.endswith("_at") and not isinstance(v, (list, dict)))
         table.add_row(p["name"], p["status"], f"{p['started_at'] - t0:.3f}",
                       f"{dur:.0f} ms" if dur is not None else "-", detail[:160])
     return table

@@ -96,5 +96,8 @@ class AgentClient:
         return LeaseInfo.model_validate(await self._call("POST", f"/v1/vms/{uuid}/lease",
                                                          {"expected_holder": expected_holder}, timeout=10))
 
+    async def locks(self, uuid: str) -> dict[str, list[str]]:
+        return await self._call("GET", f"/v1/vms/{uuid}/locks", timeout=8)
+
     async def finalize_source(self, uuid: str) -> ReleaseReport:
         return ReleaseReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/finalize-source", timeout=30))

@@ -136,8 +136,10 @@ class VMotion:
         await self.begin(Phase.RELEASE)
         lease = await self.dst.take_lease(self.spec.uuid, expected_holder=self.source)
         release = await self.src.finalize_source(self.spec.uuid)
+        locks = await self.dst.locks(self.spec.uuid)
         await asyncio.to_thread(self.inv.set_vm, self.spec.uuid, host=self.destination)   # the owner changes last
-        await self.end(lease_holder=lease.host, lease_epoch=lease.epoch, **release.model_dump())
+        await self.end(lease_holder=lease.host, lease_epoch=lease.epoch,
+                       destination_image_locks=sum(len(v) for v in locks.values()), **release.model_dump())
         await asyncio.to_thread(self.journal.finish, "success", self._summary(report))
 
     async def _follow_precopy(self) -> MigrationReport:

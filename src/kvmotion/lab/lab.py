@@ -113,10 +113,10 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     _make_datastore(root / "ds" / "shared", "shared", shared=True)
     controller_url = f"http://{lab_net.controller_ip}:{CONTROLLER_PORT}"
     state["controller_url"] = controller_url
-    state["pids"]["controller"] = _spawn(
-        [sys.executable, "-m", "kvmotion.controller.main", "--host", lab_net.controller_ip,
-         "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL],
-        logs / "controller.log")
+    state["argv"] = {"controller": [
+        sys.executable, "-m", "kvmotion.controller.main", "--host", lab_net.controller_ip,
+        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL]}
+    state["pids"]["controller"] = _spawn(state["argv"]["controller"], logs / "controller.log")
     _write_state(root, state)
     _wait(lambda: httpx.get(f"{controller_url}/api/v1/health", timeout=2).status_code == 200, START_DEADLINE_S,
           "controller", logs / "controller.log")
@@ -134,6 +134,7 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
         cfg_file = cfg.state_dir / "agent.json"
         cfg_file.write_text(cfg.model_dump_json(indent=1))
         argv = net.netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
+        state["argv"][f"agent-{h.name}"] = argv
         state["pids"][f"agent-{h.name}"] = _spawn(argv, logs / f"agent-{h.name}.log")
         _write_state(root, state)
     for h in lab_net.hosts:
@@ -146,25 +147,32 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     return info
 
 
-def restart_agent(root: Path, host: str, deadline_s: float = START_DEADLINE_S) -> int:
-    """Stop a host's agent by PID and start it again (its VMs keep running); returns the new PID."""
+def restart(root: Path, name: str, crash: bool = False, deadline_s: float = START_DEADLINE_S) -> int:
+    """Stop a lab process ("controller" or "agent-h1") by PID and start it again; returns the new PID.
+
+    ``crash`` kills it with SIGKILL (no clean shutdown). A host's VMs keep running meanwhile.
+    """
     state = json.loads(state_path(root).read_text())
-    info = load(root)
-    if info is None:
-        raise net.LabError("no lab is up; run `kvmotion lab up` first")
-    h = info.net.host(host)
-    key = f"agent-{host}"
-    old = state["pids"].get(key)
+    if name not in state.get("argv", {}):
+        raise net.LabError(f"no lab process named {name!r}; known: {', '.join(state.get('argv', {}))}")
+    old = state["pids"].get(name)
     if old and _pid_is_ours(old):
-        _kill(old)
-    cfg_file = root / "hosts" / host / "agent.json"
-    argv = net.netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
-    state["pids"][key] = _spawn(argv, root / "logs" / f"agent-{host}.log")
+        if crash:
+            os.kill(old, signal.SIGKILL)
+            _kill(old, grace_s=5.0)
+        else:
+            _kill(old)
+    log = root / "logs" / f"{name}.log"
+    state["pids"][name] = _spawn(state["argv"][name], log)
     _write_state(root, state)
-    url = f"http://{h.mgmt_ip}:{AGENT_PORT}/v1/health"
-    _wait(lambda: httpx.get(url, timeout=2).status_code == 200, deadline_s, f"agent {host}",
-          root / "logs" / f"agent-{host}.log")
-    return int(state["pids"][key])
+    info = load(root)
+    assert info is not None
+    if name == "controller":
+        url = f"{info.controller_url}/api/v1/health"
+    else:
+        url = f"http://{info.net.host(name.removeprefix('agent-')).mgmt_ip}:{AGENT_PORT}/v1/health"
+    _wait(lambda: httpx.get(url, timeout=2).status_code == 200, deadline_s, name, log)
+    return int(state["pids"][name])
 
 
 def _host_connected(url: str, name: str) -> bool:
