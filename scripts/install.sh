@@ -12,6 +12,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-if ! python3 -c "import kvmotion, qemu.qmp, fastapi, uvicorn, sqlalchemy, httpx, typer, rich, pytest, pytest_timeout" 2>/dev/null; then
+here="$(pwd)/src/kvmotion"
+if ! python3 -c "import sys, kvmotion, qemu.qmp, fastapi, uvicorn, sqlalchemy, httpx, typer, rich, pytest, pytest_timeout
+sys.exit(0 if kvmotion.__path__[0] == sys.argv[1] else 1)" "$here" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 fi
