@@ -133,3 +133,17 @@ def test_error_tree_round_trips_codes() -> None:
     assert isinstance(back, ConflictError) and back.code == ErrorCode.CONFLICT and back.remedy == "wait"
     assert back.http_status == 409
     assert NotFoundError("x").http_status == 404
+
+
+def test_downtime_is_raised_step_by_step_up_to_the_budget() -> None:
+    assert decisions.downtime_steps(500) == [50, 100, 200, 350, 500]
+    assert decisions.downtime_steps(80) == [50, 80]
+    now = time.time()
+    w = decisions.ProgressWatch(started=now, downtime_ms=50, step_at=now)
+    args = dict(memory_mb=256, progress_timeout_s=150, completion_per_gib_s=800, budget_ms=500)
+    r = report()
+    assert decisions.decide(r, True, w, now + 0.5, **args).action == decisions.Action.WAIT
+    d = decisions.decide(r, True, w, now + 2.5, **args)              # no switchover after 2 s at 50 ms
+    assert d.action == decisions.Action.RAISE_DOWNTIME and d.downtime_ms == 100
+    w.downtime_ms = 500                                               # at the budget: never above it
+    assert decisions.decide(r, True, w, now + 10, **args).action == decisions.Action.WAIT

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from kvmotion import __version__
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
-from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport,
+from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
 
 
@@ -88,6 +88,10 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
     @app.get("/v1/vms/{uuid}/migration")
     async def migration_report(uuid: str) -> MigrationReport:
         return agent.migration_report(uuid)
+
+    @app.post("/v1/vms/{uuid}/migration/tune")
+    async def tune(uuid: str, req: MigrationTuning) -> dict[str, Any]:
+        return await agent.tune(uuid, req)
 
     @app.post("/v1/vms/{uuid}/migration/cancel")
     async def cancel(uuid: str) -> MigrationReport | None:

@@ -245,6 +245,20 @@ async def _settle_source(vm: QemuVM) -> None:
         log.error("could not resume %s on the source: %s", vm.spec.name, exc)
 
 
+async def tune(vm: QemuVM, downtime_limit_ms: int | None, max_bandwidth_bytes: int | None) -> dict[str, Any]:
+    """Change a running migration's parameters live (QEMU applies them at once)."""
+    params: dict[str, Any] = {}
+    if downtime_limit_ms is not None:
+        params["downtime-limit"] = int(downtime_limit_ms)
+    if max_bandwidth_bytes is not None:
+        params["max-bandwidth"] = int(max_bandwidth_bytes)
+    if params:
+        await _qmp(vm).execute("migrate-set-parameters", params)
+        if vm.migration is not None:
+            vm.migration.report.extra.setdefault("tuning", []).append({"t": time.time(), **params})
+    return params
+
+
 async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0) -> MigrationReport | None:
     """Cancel; if QEMU already completed but the destination never ran, resume the source."""
     watch: MigrationWatch | None = vm.migration

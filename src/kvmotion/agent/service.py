@@ -15,7 +15,7 @@ from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, resolve_datastore, rss_mb, vm_folder
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError, QemuStartFailed
-from kvmotion.common.types import (HostFacts, IncomingReady, LeaseInfo, MigrationReport, OutgoingRequest,
+from kvmotion.common.types import (HostFacts, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,9 @@ class Agent:
 
     async def cancel_outgoing(self, uuid: str) -> MigrationReport | None:
         return await migration.cancel_outgoing(self.get(uuid))
+
+    async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, object]:
+        return await migration.tune(self.get(uuid), tuning.downtime_limit_ms, tuning.max_bandwidth_bytes)
 
     async def resume(self, uuid: str) -> dict[str, object]:
         return await migration.resume_destination(self.get(uuid))

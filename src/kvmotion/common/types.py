@@ -124,6 +124,11 @@ class OutgoingRequest(BaseModel):
     auto_continue: bool = True
 
 
+class MigrationTuning(BaseModel):
+    downtime_limit_ms: int | None = None
+    max_bandwidth_bytes: int | None = None
+
+
 class IncomingRequest(BaseModel):
     spec: VMSpec
     listen_address: str

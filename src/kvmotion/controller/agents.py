@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
-from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport,
+from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
 
 DEFAULT_TIMEOUT_S = 15.0
@@ -81,6 +81,9 @@ class AgentClient:
 
     async def migration(self, uuid: str) -> MigrationReport:
         return MigrationReport.model_validate(await self._call("GET", f"/v1/vms/{uuid}/migration", timeout=5))
+
+    async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/migration/tune", tuning.model_dump(), timeout=8)
 
     async def cancel_outgoing(self, uuid: str) -> MigrationReport | None:
         data = await self._call("POST", f"/v1/vms/{uuid}/migration/cancel", timeout=20)

@@ -11,6 +11,7 @@ GIB = 1024 ** 3
 
 class Action(StrEnum):
     WAIT = "wait"
+    RAISE_DOWNTIME = "raise-downtime"
     SWITCHING = "switching"
     COMPLETED = "completed"
     ABORT = "abort"
@@ -20,6 +21,19 @@ class Action(StrEnum):
 class Decision:
     action: Action
     reason: str = ""
+    downtime_ms: int | None = None
+
+
+# The switchover target starts low and is raised, step by step, up to the budget while pre-copy does not
+# converge (the schedule oVirt and Nova use): low downtime when the guest allows it, the budget when not.
+FIRST_STEP_MS = 50
+PASSES_PER_STEP = 3
+SECONDS_PER_STEP = 2.0
+
+
+def downtime_steps(budget_ms: int) -> list[int]:
+    steps = [s for s in (FIRST_STEP_MS, 100, 200, 350) if s < budget_ms]
+    return steps + [budget_ms]
 
 
 @dataclass
@@ -30,6 +44,9 @@ class ProgressWatch:
     best_remaining: int | None = None
     best_at: float = 0.0
     eta_s: float | None = None
+    downtime_ms: int | None = None        # the switchover target now set in QEMU
+    step_pass: int = 0                    # pass count when it was set
+    step_at: float = 0.0
 
     def observe(self, report: MigrationReport, now: float) -> None:
         if report.ram_total and (self.best_remaining is None or report.ram_remaining < self.best_remaining):
@@ -44,7 +61,7 @@ def completion_timeout_s(memory_mb: int, per_gib_s: float) -> float:
 
 
 def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: float, memory_mb: int,
-           progress_timeout_s: float, completion_per_gib_s: float) -> Decision:
+           progress_timeout_s: float, completion_per_gib_s: float, budget_ms: int = 500) -> Decision:
     if report.status == "completed":
         return Decision(Action.COMPLETED)
     if not dst_alive:
@@ -54,6 +71,12 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
         return Decision(Action.ABORT, report.error or f"QEMU reports the migration {report.status}")
     if report.status in ("pre-switchover", "device") or report.pre_switchover_at:
         return Decision(Action.SWITCHING)
+    if watch.downtime_ms is not None and watch.downtime_ms < budget_ms:
+        pass_no = report.passes[-1].pass_no if report.passes else 0
+        if pass_no - watch.step_pass >= PASSES_PER_STEP or now - watch.step_at >= SECONDS_PER_STEP:
+            higher = [s for s in downtime_steps(budget_ms) if s > watch.downtime_ms]
+            return Decision(Action.RAISE_DOWNTIME, f"not converged after {pass_no} passes at "
+                                                   f"{watch.downtime_ms} ms", downtime_ms=higher[0])
     since_progress = now - (watch.best_at or watch.started)
     if since_progress > progress_timeout_s:
         return Decision(Action.ABORT, f"no progress for {since_progress:.0f}s (remaining memory did not shrink); "

@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed, PrecheckFailed
-from kvmotion.common.types import MigrationReport, OutgoingRequest, VMSpec
+from kvmotion.common.types import MigrationReport, MigrationTuning, OutgoingRequest, VMSpec
 from kvmotion.controller import checks, decisions
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
@@ -82,6 +82,7 @@ class VMotion:
         self.outgoing_started = False
         self.resumed = False
         self.resume_info: dict[str, Any] = {}
+        self.downtime_steps: list[dict[str, Any]] = []
         self.report: MigrationReport | None = None
         self.marks: dict[str, float] = {"start": time.time()}
 
@@ -116,10 +117,12 @@ class VMotion:
         await self.end(uri=ready.uri, shadow_pid=ready.pid)
 
         budget = link_budget_bytes(self.inv, self.source, self.destination, self.req)
-        await self.begin(Phase.PRECOPY, max_bandwidth_bytes=budget, downtime_limit_ms=self.req.downtime_ms)
+        first_step = decisions.downtime_steps(self.req.downtime_ms)[0]
+        await self.begin(Phase.PRECOPY, max_bandwidth_bytes=budget, downtime_budget_ms=self.req.downtime_ms,
+                         downtime_first_step_ms=first_step)
         self.outgoing_started = True
         await self.src.start_outgoing(self.spec.uuid, OutgoingRequest(
-            uri=ready.uri, max_bandwidth_bytes=budget, downtime_limit_ms=self.req.downtime_ms))
+            uri=ready.uri, max_bandwidth_bytes=budget, downtime_limit_ms=first_step))
         report = await self._follow_precopy()
 
         await self.begin(Phase.RESUME, host=self.destination)
@@ -144,6 +147,7 @@ class VMotion:
 
     async def _follow_precopy(self) -> MigrationReport:
         watch = decisions.ProgressWatch(started=time.time())
+        watch.downtime_ms, watch.step_at = decisions.downtime_steps(self.req.downtime_ms)[0], time.time()
         switch_marked = False
         while True:
             report = await self.src.migration(self.spec.uuid)
@@ -152,11 +156,18 @@ class VMotion:
             watch.observe(report, now)
             self.report = report
             decision = decisions.decide(report, dst_alive, watch, now, self.spec.memory_mb,
-                                        self.req.progress_timeout_s, self.req.completion_timeout_s_per_gib)
+                                        self.req.progress_timeout_s, self.req.completion_timeout_s_per_gib,
+                                        self.req.downtime_ms)
+            if decision.action == decisions.Action.RAISE_DOWNTIME and decision.downtime_ms is not None:
+                await self.src.tune(self.spec.uuid, MigrationTuning(downtime_limit_ms=decision.downtime_ms))
+                watch.downtime_ms, watch.step_at = decision.downtime_ms, now
+                watch.step_pass = report.passes[-1].pass_no if report.passes else 0
+                self.downtime_steps.append({"t": now, "downtime_ms": decision.downtime_ms, "why": decision.reason})
             if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED) and not switch_marked:
                 switch_marked = True
                 await self.end(ended_at=report.pre_switchover_at, passes=len(report.passes),
-                               transferred=report.ram_transferred)
+                               transferred=report.ram_transferred,
+                               downtime_limit_ms=watch.downtime_ms, downtime_raises=len(self.downtime_steps))
                 await asyncio.to_thread(self.journal.begin_phase, str(Phase.SWITCHOVER),
                                         PROGRESS_AT[Phase.SWITCHOVER], report.pre_switchover_at, {})
             await asyncio.to_thread(self.journal.live, self._live(report, watch),
@@ -204,6 +215,7 @@ class VMotion:
                 "qemu_total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "parked_ms": r.parked_ms,
                 "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),
+                "downtime_steps": self.downtime_steps,
                 "pass_log": [p.model_dump() for p in r.passes]}
 
     async def _fail(self, exc: KvmotionError) -> None:

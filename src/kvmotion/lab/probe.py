@@ -26,6 +26,7 @@ import ipaddress
 import json
 import os
 import signal
+import select
 import socket
 import struct
 import subprocess
@@ -361,26 +362,41 @@ class _Pinger:
                     return
                 time.sleep(0.01)
                 continue
-            now = time.monotonic()
+            self._handle(data, src, time.monotonic())
+
+    def _drain(self) -> None:
+        """Read replies already queued in the socket, so a stalled probe never calls them lost."""
+        while True:
             try:
-                if ipaddress.ip_address(src[0].split("%")[0]) != self.addr:
-                    continue
-            except ValueError:
-                continue
-            off = 0 if self.v6 else (data[0] & 0x0F) * 4
-            if len(data) < off + 8:
-                continue
-            typ, _code, _cs, ident, seq = struct.unpack("!BBHHH", data[off : off + 8])
-            if typ != self.rep_type or ident != self.ident:
-                continue
-            with self.lock:
-                entry = self.outstanding.pop(seq, None)
-                if entry is None:
-                    continue  # duplicate, or late after being declared lost
-                n, mono, wall = entry
-                self._resolve(n, wall, round((now - mono) * 1000.0, 3))
+                ready, _, _ = select.select([self.sock], [], [], 0)
+                if not ready:
+                    return
+                data, src = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError, socket.timeout, OSError, ValueError):
+                return
+            self._handle(data, src, time.monotonic())
+
+    def _handle(self, data: bytes, src: Any, now: float) -> None:
+        try:
+            if ipaddress.ip_address(src[0].split("%")[0]) != self.addr:
+                return
+        except ValueError:
+            return
+        off = 0 if self.v6 else (data[0] & 0x0F) * 4
+        if len(data) < off + 8:
+            return
+        typ, _code, _cs, ident, seq = struct.unpack("!BBHHH", data[off : off + 8])
+        if typ != self.rep_type or ident != self.ident:
+            return
+        with self.lock:
+            entry = self.outstanding.pop(seq, None)
+            if entry is None:
+                return  # duplicate, or late after being declared lost
+            n, mono, wall = entry
+            self._resolve(n, wall, round((now - mono) * 1000.0, 3))
 
     def _expire(self, now: float, force: bool = False) -> None:
+        self._drain()
         with self.lock:
             for seq, (n, mono, wall) in sorted(self.outstanding.items(), key=lambda kv: kv[1][0]):
                 if force or now - mono >= self.reply_timeout_s:
