@@ -8,50 +8,10 @@ import pytest
 
 from kvmotion.agent import lease
 from kvmotion.common.errors import ConflictError, ErrorCode, KvmotionError, NotFoundError
-from kvmotion.common.types import (DatastoreFact, DiskSpec, HostFacts, MigrationInterface, MigrationReport, NicSpec,
-                                   PortGroupFact, VMSpec)
-from kvmotion.controller import checks, decisions
+from kvmotion.common.types import MigrationReport
+from kvmotion.controller import decisions
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.tasks import TaskJournal, get_task, unfinished
-
-
-def spec(ds: str = "shared") -> VMSpec:
-    return VMSpec(uuid="u1", name="vm1", memory_mb=256, disks=[DiskSpec(datastore=ds, path="vm1/vm1.qcow2")],
-                  nics=[NicSpec(mac="52:54:00:00:00:01")], boot_datastore=ds, folder="vm1")
-
-
-def facts(datastores: tuple[str, ...] = ("shared",), free_mb: int = 4096, groups: tuple[str, ...] = ("VM Network",),
-          mig: bool = True) -> HostFacts:
-    return HostFacts(
-        name="h2", agent_version="0", qemu_version="7.2", accelerator="tcg", cpu_model="x", cpu_features=[],
-        cpu_count=2, mem_total_mb=8192, mem_free_mb=free_mb, mgmt_address="198.18.0.12", mgmt_family="ipv4",
-        datastores=[DatastoreFact(uuid=f"id-{d}", name=d, path=f"/ds/{d}", readable=True) for d in datastores],
-        portgroups=[PortGroupFact(name=g, bridge="vmnet") for g in groups],
-        migration_interfaces=[MigrationInterface(ifname="mig0", address="198.19.0.12" if mig else None,
-                                                 family="ipv4", speed_mbps=10000, enabled=mig)])
-
-
-def codes(findings: list) -> list[str]:
-    return sorted(f.code for f in findings)
-
-
-def test_prechecks_pass_for_a_good_destination() -> None:
-    assert checks.vmotion_prechecks(spec(), "poweredOn", "h1", "h2", "connected", facts()) == []
-
-
-def test_prechecks_report_every_blocker_at_once() -> None:
-    found = checks.vmotion_prechecks(spec("h1-local"), "poweredOff", "h2", "h2", "connected",
-                                     facts(free_mb=100, groups=("Other",), mig=False))
-    assert codes(found) == ["DATASTORE_NOT_ACCESSIBLE", "INSUFFICIENT_MEMORY", "NO_MIGRATION_INTERFACE",
-                            "PORTGROUP_MISSING", "SAME_HOST", "VM_NOT_RUNNING"]
-    for f in found:
-        assert f.message and f.remedy and f.severity == "error"
-    assert "cold migration" in next(f.remedy for f in found if f.code == "VM_NOT_RUNNING")
-
-
-def test_prechecks_disconnected_destination() -> None:
-    found = checks.vmotion_prechecks(spec(), "poweredOn", "h1", "h2", "disconnected", None)
-    assert codes(found) == ["HOST_NOT_CONNECTED"]
 
 
 def report(status: str = "active", remaining: int = 100, transferred: int = 50, mbps: float = 800.0) -> MigrationReport:

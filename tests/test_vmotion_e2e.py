@@ -144,7 +144,7 @@ def test_bad_input_is_refused_clearly_and_nothing_is_started(lab) -> None:
         assert "fix:" in out, (args, out)
     # validate lists the findings without starting anything
     res = cli(lab, "vm", "validate", "local1", "--host", "h2")
-    assert res.returncode == 2 and "DATASTORE_NOT_ACCESSIBLE" in res.stdout
+    assert res.returncode == 3 and "DATASTORE_NOT_ACCESSIBLE" in res.stdout
     assert len(client.tasks()) == tasks_before                              # nothing half done
     local = client.vm("local1")
     assert local["host"] == "h1" and local["runtime"]["qemu_status"] == "running"

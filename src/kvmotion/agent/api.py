@@ -12,12 +12,17 @@ from pydantic import BaseModel
 from kvmotion import __version__
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
-from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
+from kvmotion.common.types import (CdromSpec, HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
 
 
 class LeaseRequest(BaseModel):
     expected_holder: str | None = None
+
+
+class CpuExpandRequest(BaseModel):
+    model: str
+    mask: list[str] = []
 
 
 def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
@@ -44,6 +49,10 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
     async def facts() -> HostFacts:
         return agent.facts()
 
+    @app.post("/v1/cpu/expand")
+    async def cpu_expand(req: CpuExpandRequest) -> list[str]:
+        return agent.cpu_expand(req.model, req.mask)
+
     @app.get("/v1/vms")
     async def vms() -> list[VMRuntime]:
         return agent.list()
@@ -60,6 +69,10 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
     @app.post("/v1/vms/{uuid}/start")
     async def start(uuid: str, spec: VMSpec) -> VMRuntime:
         return await agent.start(spec)
+
+    @app.post("/v1/vms/{uuid}/cdrom")
+    async def cdrom(uuid: str, req: CdromSpec) -> dict[str, str]:
+        return await agent.change_cdrom(uuid, req)
 
     @app.post("/v1/vms/{uuid}/stop")
     async def stop(uuid: str) -> VMRuntime:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from kvmotion import __version__
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
-from kvmotion.common.types import DatastoreFact, HostFacts, MigrationInterface, PortGroupFact
+from kvmotion.agent.blockdev import presented_devices
+from kvmotion.common.types import (BlockDeviceFact, CpuFact, DatastoreFact, HostFacts, MigrationInterface,
+                                   PortGroupFact)
 
 
 def _cmd(argv: list[str], timeout: float = 5.0) -> str:
@@ -66,7 +68,7 @@ def portgroups() -> list[PortGroupFact]:
     return groups
 
 
-def interface_info(ifname: str) -> MigrationInterface:
+def interface_info(ifname: str, declared_mbps: int | None = None) -> MigrationInterface:
     addrs = json.loads(_cmd(["ip", "-j", "addr", "show", "dev", ifname]) or "[]")
     address = family = None
     for link in addrs:
@@ -81,11 +83,14 @@ def interface_info(ifname: str) -> MigrationInterface:
         speed = speed if speed > 0 else None
     except (OSError, ValueError):
         speed = None
+    if declared_mbps is not None:
+        return MigrationInterface(ifname=ifname, address=address, family=family, speed_mbps=declared_mbps,
+                                  enabled=address is not None, speed_source="declared")
     return MigrationInterface(ifname=ifname, address=address, family=family, speed_mbps=speed,
                               enabled=address is not None)
 
 
-def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]) -> HostFacts:
+def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str], cpu: CpuFact | None) -> HostFacts:
     model, flags, ncpu = cpu_info()
     total, free = memory_mb()
     qemu_version = _cmd(["qemu-system-x86_64", "--version"]).splitlines()
@@ -97,8 +102,12 @@ def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]
         mgmt_family="ipv6" if ":" in cfg.mgmt_address else "ipv4",
         datastores=[read_datastore(p) for p in cfg.datastores],
         portgroups=portgroups(),
-        migration_interfaces=[interface_info(i) for i in cfg.migration_interfaces],
+        migration_interfaces=[interface_info(i, cfg.declared_link_mbps.get(i)) for i in cfg.migration_interfaces],
         vms=vms,
+        cpu=cpu,
+        block_devices=[BlockDeviceFact(path=b.path, identity=b.identity, size_bytes=b.size_bytes, kind=b.kind)
+                       for b in presented_devices(cfg.block_devices)],
+        swap_location=str(cfg.swap_dir) if cfg.swap_dir else "vm-folder",
     )
 
 

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from kvmotion.agent.qmp import QMPConnection
 from kvmotion.common.errors import ConflictError, KvmotionError, QemuStartFailed
-from kvmotion.common.types import VMRunState, VMRuntime, VMSpec
+from kvmotion.common.types import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
@@ -38,6 +39,39 @@ class HostContext:
     accelerator: str
     datastore_paths: dict[str, Path]      # datastore name -> mount path on this host
     bridges: dict[str, str]               # port group name -> Linux bridge
+    host_model: str = "max"               # what host-passthrough means here ("host" under KVM)
+    luns: dict[str, Path] = field(default_factory=dict)   # raw LUN identity -> device path on this host
+    swap_dir: Path | None = None          # memory-backing files live here when set
+
+
+def cpu_arg(spec: VMSpec, ctx: HostContext) -> str:
+    model = ctx.host_model if spec.cpu_model == HOST_PASSTHROUGH else spec.cpu_model
+    arg = model + "".join(f",-{f}" for f in spec.cpu_mask)
+    return arg + (",enforce=on" if spec.cpu_enforce else "")
+
+
+def disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
+    if disk.kind == "rdm":
+        path = ctx.luns.get(disk.identity or "")
+        if path is None:
+            raise ConflictError(f"raw LUN {disk.identity} of {disk.id} is not presented to {ctx.host_name}",
+                                remedy="present the LUN to this host, or run the VM elsewhere")
+        return {"node-name": disk.node, "driver": "raw", "file": {"driver": "host_device", "filename": str(path)}}
+    path = resolve_datastore(ctx, disk.datastore) / disk.path
+    return {"node-name": disk.node, "driver": disk.format, "file": {"driver": "file", "filename": str(path)}}
+
+
+def cdrom_node(cd: CdromSpec) -> dict[str, Any] | None:
+    """The block node behind a CD/DVD drive's medium (None when the drive is empty)."""
+    if cd.media == "local" and cd.path:
+        file: dict[str, Any] = {"driver": "file", "filename": cd.path, "read-only": True}
+    elif cd.media == "client" and cd.nbd:
+        url = urlparse(cd.nbd)
+        file = {"driver": "nbd", "server": {"type": "inet", "host": url.hostname or "", "port": str(url.port or 10809)},
+                "export": url.path.lstrip("/")}
+    else:
+        return None
+    return {"node-name": f"{cd.id}-media", "driver": "raw", "read-only": True, "file": file}
 
 
 def tap_name(uuid: str, index: int) -> str:
@@ -74,7 +108,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool) ->
         "-name", f"guest={spec.name},debug-threads=on",
         "-uuid", spec.uuid,
         "-machine", f"{spec.machine},accel={accel}",
-        "-cpu", spec.cpu_model,
+        "-cpu", cpu_arg(spec, ctx),
         "-m", str(spec.memory_mb),
         "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none",
@@ -88,11 +122,18 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool) ->
         "-pidfile", str(run_dir / "qemu.pid"),
         "-msg", "timestamp=on",
     ]
+    if ctx.swap_dir is not None:
+        argv[argv.index("-machine") + 1] += ",memory-backend=pc.ram"
+        argv += ["-object", f"memory-backend-file,id=pc.ram,size={spec.memory_mb}M,"
+                            f"mem-path={ctx.swap_dir / (spec.uuid + '.ram')},share=off"]
     for disk in spec.disks:
-        path = resolve_datastore(ctx, disk.datastore) / disk.path
-        node = {"node-name": disk.node, "driver": disk.format,
-                "file": {"driver": "file", "filename": str(path)}}
-        argv += ["-blockdev", json.dumps(node), "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}"]
+        argv += ["-blockdev", json.dumps(disk_node(disk, ctx)),
+                 "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}"]
+    for i, cd in enumerate(spec.cdroms):
+        node = cdrom_node(cd)
+        if node is not None:
+            argv += ["-blockdev", json.dumps(node)]
+        argv += ["-device", f"ide-cd,id={cd.id},bus=ide.{i}" + (f",drive={node['node-name']}" if node else "")]
     for i, nic in enumerate(spec.nics):
         tap = tap_name(spec.uuid, i)
         argv += ["-netdev", f"tap,id=net-{nic.id},ifname={tap},script=no,downscript=no",
@@ -334,6 +375,27 @@ class QemuVM:
             self.state = VMRunState.STOPPED
         for name in ("run.json", "qmp.sock", "qemu.pid"):
             (self.run_dir / name).unlink(missing_ok=True)
+        if self.ctx.swap_dir is not None:
+            (self.ctx.swap_dir / (self.spec.uuid + ".ram")).unlink(missing_ok=True)
+
+    async def change_cdrom(self, new: CdromSpec) -> None:
+        """Swap a drive's medium live: eject what is there, insert the new one (if any)."""
+        if self.qmp is None:
+            raise ConflictError(f"VM {self.spec.name} is not running", remedy="power it on first")
+        old = next((c for c in self.spec.cdroms if c.id == new.id), None)
+        if old is None:
+            raise ConflictError(f"VM {self.spec.name} has no drive {new.id}", remedy="name an existing drive")
+        await self.qmp.execute("blockdev-open-tray", {"id": new.id, "force": True})
+        if cdrom_node(old) is not None:
+            await self.qmp.execute("blockdev-remove-medium", {"id": new.id})
+            await self.qmp.execute("blockdev-del", {"node-name": f"{new.id}-media"})
+        node = cdrom_node(new)
+        if node is not None:
+            await self.qmp.execute("blockdev-add", node)
+            await self.qmp.execute("blockdev-insert-medium", {"id": new.id, "node-name": node["node-name"]})
+        await self.qmp.execute("blockdev-close-tray", {"id": new.id})
+        self.spec = self.spec.model_copy(update={"cdroms": [new if c.id == new.id else c for c in self.spec.cdroms]})
+        self.save_record()
 
     def runtime(self, qemu_status: str | None = None) -> VMRuntime:
         return VMRuntime(uuid=self.spec.uuid, name=self.spec.name, state=self.state, pid=self.pid,

@@ -6,19 +6,29 @@ import json
 import logging
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
 from kvmotion.agent import lease as leases
 from kvmotion.agent import migration
 from kvmotion.agent.accel import AccelResult, probe_kvm
+from kvmotion.agent.blockdev import presented_devices
+from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, resolve_datastore, rss_mb, vm_folder
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError, QemuStartFailed
-from kvmotion.common.types import (HostFacts, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
+from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
 log = logging.getLogger(__name__)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 class Agent:
@@ -26,6 +36,7 @@ class Agent:
         self.cfg = cfg
         self.accel = AccelResult("tcg", "not probed yet")
         self.vms: dict[str, QemuVM] = {}
+        self.cpu: CpuCatalog | None = None
         self._ops_lock = asyncio.Lock()
 
     # -- start-up -------------------------------------------------------------------------
@@ -34,10 +45,34 @@ class Agent:
         if self.cfg.accelerator in ("kvm", "tcg"):
             self.accel = AccelResult(self.cfg.accelerator, "set in the agent configuration")
         else:
-            kernel = self._image_files()[0] if self._image_ready() else None
-            self.accel = await probe_kvm(self.cfg.kvm_probe_deadline_s, kernel=kernel)
+            self.accel = self._cached_accel() or await self._probe_accel()
         log.info("accelerator: %s (%s)", self.accel.accelerator, self.accel.reason)
+        if self.cfg.swap_dir is not None:
+            self.cfg.swap_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cpu = await probe_cpu_catalog(self.accel.accelerator, mask=self.cfg.cpu_feature_mask)
+        except KvmotionError as exc:
+            log.error("CPU model probe failed: %s", exc)
         await self.adopt_all()
+
+    ACCEL_CACHE_S = 3600.0
+
+    def _cached_accel(self) -> AccelResult | None:
+        """A probe result from this host's previous agent run within the hour (restarts stay fast)."""
+        try:
+            data = json.loads((self.cfg.state_dir / "accel.json").read_text())
+            if time.time() - data["at"] < self.ACCEL_CACHE_S and data["boot_id"] == _boot_id():
+                return AccelResult(data["accelerator"], data["reason"] + " (cached probe)")
+        except (OSError, ValueError, KeyError):
+            pass
+        return None
+
+    async def _probe_accel(self) -> AccelResult:
+        kernel = self._image_files()[0] if self._image_ready() else None
+        result = await probe_kvm(self.cfg.kvm_probe_deadline_s, kernel=kernel)
+        (self.cfg.state_dir / "accel.json").write_text(json.dumps(
+            {"accelerator": result.accelerator, "reason": result.reason, "at": time.time(), "boot_id": _boot_id()}))
+        return result
 
     async def adopt_all(self) -> list[str]:
         """Re-adopt QEMU processes that outlived a previous agent: their run records are on disk."""
@@ -67,10 +102,24 @@ class Agent:
     def context(self) -> HostContext:
         stores = {d.name: Path(d.path) for d in map(host_facts.read_datastore, self.cfg.datastores) if d.readable}
         bridges = {p.name: p.bridge for p in host_facts.portgroups()}
-        return HostContext(self.cfg.name, self.accel.accelerator, stores, bridges)
+        luns = {b.identity: Path(b.path) for b in presented_devices(self.cfg.block_devices) if b.identity}
+        host_model = self.cpu.host_model if self.cpu else ("host" if self.accel.accelerator == "kvm" else "max")
+        return HostContext(self.cfg.name, self.accel.accelerator, stores, bridges, host_model, luns, self.cfg.swap_dir)
+
+    def cpu_fact(self) -> CpuFact | None:
+        if self.cpu is None:
+            return None
+        return CpuFact(host_model=self.cpu.host_model, host_features=sorted(self.cpu.host_features),
+                       usable_models=self.cpu.usable_models(), masked=sorted(self.cpu.masked))
+
+    def cpu_expand(self, model: str, mask: list[str]) -> list[str]:
+        if self.cpu is None:
+            raise ConflictError(f"host {self.cfg.name} has not probed its CPU models yet", remedy="retry shortly")
+        return sorted(self.cpu.expand(model, minus=mask))
 
     def facts(self) -> HostFacts:
-        return host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, sorted(self.vms))
+        return host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, sorted(self.vms),
+                                 self.cpu_fact())
 
     # -- VM files -------------------------------------------------------------------------
     def _image_files(self) -> tuple[Path, Path]:
@@ -99,7 +148,7 @@ class Agent:
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(kernel, folder / "vmlinuz")
             shutil.copyfile(initrd, folder / "initrd.img")
-            for disk in spec.disks:
+            for disk in (d for d in spec.disks if d.kind == "file"):   # raw LUNs exist already
                 path = ctx.datastore_paths[disk.datastore] / disk.path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 res = subprocess.run(["qemu-img", "create", "-q", "-f", disk.format, str(path), f"{disk.size_mb}M"],
@@ -117,8 +166,8 @@ class Agent:
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} still runs on {self.cfg.name}", remedy="power it off first")
         ctx = self.context()
-        for disk in spec.disks:
-            (ctx.datastore_paths[disk.datastore] / disk.path).unlink(missing_ok=True)
+        for disk in (d for d in spec.disks if d.kind == "file"):
+            (resolve_datastore(ctx, disk.datastore) / disk.path).unlink(missing_ok=True)
         shutil.rmtree(vm_folder(ctx, spec), ignore_errors=True)
 
     # -- power ----------------------------------------------------------------------------
@@ -147,6 +196,12 @@ class Agent:
             leases.release_lease(folder, self.cfg.name)
             raise
         return vm.runtime()
+
+    async def change_cdrom(self, uuid: str, cdrom: CdromSpec) -> dict[str, str]:
+        vm = self.get(uuid)
+        async with vm.lock:
+            await vm.change_cdrom(cdrom)
+        return {"drive": cdrom.id, "media": cdrom.media}
 
     async def stop(self, uuid: str) -> VMRuntime:
         vm = self.get(uuid)
@@ -246,7 +301,7 @@ class Agent:
     def locks(self, uuid: str) -> dict[str, list[str]]:
         """Which locks this host's QEMU holds on the VM's disk images (evidence of the lock hand-over)."""
         vm = self.get(uuid)
-        paths = [resolve_datastore(vm.ctx, d.datastore) / d.path for d in vm.spec.disks]
+        paths = [resolve_datastore(vm.ctx, d.datastore) / d.path for d in vm.spec.disks if d.kind == "file"]
         return image_locks(vm.pid or 0, paths)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:

@@ -78,6 +78,30 @@ class Client:
     def validate(self, ref: str, host: str) -> list[dict[str, Any]]:
         return self.call("POST", f"/vms/{ref}/migrate/validate", {"host": host})
 
+    def cdrom(self, ref: str, drive: str, media: str, path: str | None = None, nbd: str | None = None) -> dict[str, Any]:
+        return self.call("POST", f"/vms/{ref}/cdrom", {"drive": drive, "media": media, "path": path, "nbd": nbd})
+
+    def maintenance(self, host: str, enter: bool) -> dict[str, Any]:
+        return self.call("POST", f"/hosts/{host}/maintenance", {"enter": enter})
+
+    def clusters(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/clusters")
+
+    def create_cluster(self, name: str, evc_mode: str | None = None) -> dict[str, Any]:
+        return self.call("POST", "/clusters", {"name": name, "evc_mode": evc_mode})
+
+    def cluster_add_host(self, name: str, host: str) -> dict[str, Any]:
+        return self.call("POST", f"/clusters/{name}/hosts/{host}")
+
+    def evc_modes(self, name: str) -> list[str]:
+        return self.call("GET", f"/clusters/{name}/evc-modes")
+
+    def set_evc(self, name: str, mode: str | None) -> dict[str, Any]:
+        return self.call("PUT", f"/clusters/{name}/evc", {"name": name, "evc_mode": mode})
+
+    def cancel_task(self, task_id: str) -> dict[str, Any]:
+        return self.call("POST", f"/tasks/{task_id}/cancel")
+
     def task(self, task_id: str) -> dict[str, Any]:
         return self.call("GET", f"/tasks/{task_id}")
 

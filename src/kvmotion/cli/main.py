@@ -22,7 +22,13 @@ vm_app = typer.Typer(help="virtual machines", no_args_is_help=True)
 task_app = typer.Typer(help="tasks (migrations)", no_args_is_help=True)
 lab_app = typer.Typer(help="the multi-host lab on this machine", no_args_is_help=True)
 image_app = typer.Typer(help="the guest image", no_args_is_help=True)
-for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (lab_app, "lab"), (image_app, "image")):
+cluster_app = typer.Typer(help="clusters and EVC baselines", no_args_is_help=True)
+cdrom_app = typer.Typer(help="CD/DVD media of a VM", no_args_is_help=True)
+maint_app = typer.Typer(help="maintenance mode", no_args_is_help=True)
+host_app.add_typer(maint_app, name="maintenance")
+vm_app.add_typer(cdrom_app, name="cdrom")
+for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (lab_app, "lab"), (image_app, "image"),
+                  (cluster_app, "cluster")):
     app.add_typer(sub, name=name)
 
 URL = typer.Option(None, "--url", envvar="KVMOTION_URL", help="controller URL")
@@ -39,7 +45,8 @@ def run(fn: Callable[[], T]) -> T:
             err_console.print(f"[yellow]fix:[/] {exc.remedy}")
         for f in exc.details.get("findings", []):
             err_console.print(f"  [{f['severity']}] {f['code']} ({f['subject']}): {f['message']} — fix: {f['remedy']}")
-        raise typer.Exit(2 if exc.code in ("NOT_FOUND", "INVALID_INPUT", "PRECHECK_FAILED", "CONFLICT") else 1)
+        raise typer.Exit(3 if exc.code == "PRECHECK_FAILED" else
+                         2 if exc.code in ("NOT_FOUND", "INVALID_INPUT", "CONFLICT") else 1)
 
 
 def _print_json(data: Any) -> None:
@@ -80,9 +87,13 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               vcpus: int = 1, datastore: Optional[str] = None, network: str = "VM Network",
               disk_mb: int = 64, ip: Optional[str] = typer.Option(None, help="e.g. 198.18.1.120/24"),
               dirty: float = typer.Option(0.0, help="guest memory dirtier rate, MB/s"),
+              cpu: Optional[str] = typer.Option(None, help="CPU model, or host-passthrough"),
+              cpu_mask: Optional[str] = typer.Option(None, help="CPU features to hide, comma separated"),
               url: Optional[str] = URL) -> None:
+    mask = [f for f in (cpu_mask or "").split(",") if f]
     vm = run(lambda: Client(url).create_vm(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore,
-                                           network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty))
+                                           network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, cpu_model=cpu,
+                                           cpu_mask=mask))
     console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
                   f"datastore {vm['spec']['boot_datastore']}, ip {vm['spec']['guest_ip']}")
 
@@ -120,16 +131,31 @@ def vm_show(vm: str, url: Optional[str] = URL) -> None:
     _print_json(run(lambda: Client(url).vm(vm)))
 
 
+SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
+
+
+def findings_table(findings: list[dict[str, Any]], title: str) -> Table:
+    table = Table("severity", "code", "subject", "reason", "remedy", title=title)
+    for f in findings:
+        style = SEVERITY_STYLE.get(f["severity"], "")
+        table.add_row(f"[{style}]{f['severity']}[/]", f["code"], f["subject"], f["message"], f["remedy"])
+    return table
+
+
+def check_migration(client: Client, vm: str, host: str) -> int:
+    """Print every finding; 0 when nothing blocks the move, 3 when something does."""
+    findings = run(lambda: client.validate(vm, host))
+    errors = [f for f in findings if f["severity"] == "error"]
+    console.print(findings_table(findings, f"compatibility: {vm} → {host}"))
+    console.print(f"[red]{len(errors)} error(s): the migration would be refused[/]" if errors
+                  else "[green]no errors: the migration can start[/]")
+    return 3 if errors else 0
+
+
 @vm_app.command("validate")
 def vm_validate(vm: str, host: str = typer.Option(..., "--host"), url: Optional[str] = URL) -> None:
-    """Every precheck finding for moving VM to HOST, at once."""
-    findings = run(lambda: Client(url).validate(vm, host))
-    if not findings:
-        console.print(f"[green]no findings: {vm} can move to {host}[/]")
-    for f in findings:
-        console.print(f"[{f['severity']}] {f['code']} ({f['subject']}): {f['message']} — fix: {f['remedy']}")
-    if any(f["severity"] == "error" for f in findings):
-        raise typer.Exit(2)
+    """Every compatibility finding for moving VM to HOST, at once (exit 3 on errors)."""
+    raise typer.Exit(check_migration(Client(url), vm, host))
 
 
 @vm_app.command("migrate")
@@ -138,11 +164,17 @@ def vm_migrate(vm: str, host: str = typer.Option(..., "--host", help="destinatio
                max_bandwidth_mbps: Optional[int] = typer.Option(None, help="cap; default the link speed"),
                priority: str = typer.Option("normal", help="high|normal"),
                wait: bool = typer.Option(True, help="follow the task and print its summary"),
+               check: bool = typer.Option(False, "--check", help="only print the compatibility findings"),
                url: Optional[str] = URL) -> None:
     """Live-migrate a running VM to another host (vMotion)."""
     client = Client(url)
+    if check:
+        raise typer.Exit(check_migration(client, vm, host))
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
                                       priority=priority))
+    shown = [f for p in task["phases"] if p["name"] == "precheck" for f in p["detail"].get("findings", [])]
+    if shown:
+        console.print(findings_table(shown, "compatibility (not blocking)"))
     if not wait:
         console.print(f"task {task['id']}")
         return
@@ -150,6 +182,71 @@ def vm_migrate(vm: str, host: str = typer.Option(..., "--host", help="destinatio
     print_outcome(task, console)
     if task["state"] != "success":
         raise typer.Exit(1)
+
+
+@cdrom_app.command("connect")
+def cdrom_connect(vm: str, iso: Optional[Path] = typer.Option(None, help="host-local image (blocks vMotion)"),
+                  nbd: Optional[str] = typer.Option(None, help="client media: nbd://HOST:PORT/EXPORT"),
+                  drive: str = "cd0", url: Optional[str] = URL) -> None:
+    """Connect a CD/DVD image: a host-local ISO, or client media exported over NBD."""
+    if (iso is None) == (nbd is None):
+        err_console.print("[red]error:[/] give exactly one of --iso or --nbd")
+        raise typer.Exit(2)
+    media, path = ("local", str(iso)) if iso is not None else ("client", None)
+    out = run(lambda: Client(url).cdrom(vm, drive, media, path=path, nbd=nbd))
+    console.print(f"{out['name']}: {drive} now has {media} media")
+
+
+@cdrom_app.command("disconnect")
+def cdrom_disconnect(vm: str, drive: str = "cd0", url: Optional[str] = URL) -> None:
+    out = run(lambda: Client(url).cdrom(vm, drive, "none"))
+    console.print(f"{out['name']}: {drive} is empty")
+
+
+@maint_app.command("enter")
+def maintenance_enter(host: str, url: Optional[str] = URL) -> None:
+    run(lambda: Client(url).maintenance(host, True))
+    console.print(f"host {host} is in maintenance mode: nothing is placed on or migrated to it")
+
+
+@maint_app.command("exit")
+def maintenance_exit(host: str, url: Optional[str] = URL) -> None:
+    run(lambda: Client(url).maintenance(host, False))
+    console.print(f"host {host} is back in service")
+
+
+@cluster_app.command("create")
+def cluster_create(name: str, evc: Optional[str] = typer.Option(None, help="EVC baseline CPU model"),
+                   url: Optional[str] = URL) -> None:
+    c = run(lambda: Client(url).create_cluster(name, evc))
+    console.print(f"cluster {c['name']} created (EVC {c['evc_mode'] or 'off'})")
+
+
+@cluster_app.command("add-host")
+def cluster_add_host(name: str, host: str, url: Optional[str] = URL) -> None:
+    c = run(lambda: Client(url).cluster_add_host(name, host))
+    console.print(f"cluster {c['name']}: hosts {', '.join(c['hosts'])}")
+
+
+@cluster_app.command("evc-modes")
+def cluster_evc_modes(name: str, url: Optional[str] = URL) -> None:
+    """EVC baselines every host of the cluster supports, richest first."""
+    for m in run(lambda: Client(url).evc_modes(name)):
+        console.print(m)
+
+
+@cluster_app.command("set-evc")
+def cluster_set_evc(name: str, mode: str, url: Optional[str] = URL) -> None:
+    c = run(lambda: Client(url).set_evc(name, None if mode == "off" else mode))
+    console.print(f"cluster {c['name']}: EVC {c['evc_mode'] or 'off'} (applies to VMs at their next power-on)")
+
+
+@cluster_app.command("list")
+def cluster_list(url: Optional[str] = URL) -> None:
+    table = Table("name", "EVC", "hosts")
+    for c in run(lambda: Client(url).clusters()):
+        table.add_row(c["name"], c["evc_mode"] or "off", ", ".join(c["hosts"]))
+    console.print(table)
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -169,6 +266,15 @@ def task_show(task_id: str, as_json: bool = typer.Option(False, "--json"), url: 
         _print_json(task)
     else:
         print_outcome(task, console)
+
+
+@task_app.command("cancel")
+def task_cancel(task_id: str, url: Optional[str] = URL) -> None:
+    """Cancel a running migration (before its switchover; the VM stays on the source)."""
+    client = Client(url)
+    t = run(lambda: client.cancel_task(task_id))
+    t = run(lambda: follow(client, t["id"], console))
+    print_outcome(t, console)
 
 
 # -- lab, image, demo ----------------------------------------------------------------------

@@ -10,13 +10,27 @@ DEFAULT_MACHINE = "pc-q35-7.2"   # pinned: never the alias "q35"
 DEFAULT_CPU_MODEL = "qemu64"
 
 
+HOST_PASSTHROUGH = "host-passthrough"   # -cpu host under KVM, -cpu max under TCG
+
+
 class DiskSpec(BaseModel):
     id: str = "disk0"                 # QEMU device id
     node: str = "d0"                  # QEMU block node name
-    datastore: str                    # datastore name
-    path: str                         # relative to the datastore root
+    kind: str = "file"                # "file" (an image on a datastore) | "rdm" (a raw host block device / LUN)
+    datastore: str = ""               # file disks: datastore name
+    path: str = ""                    # file disks: relative to the datastore root
     format: str = "qcow2"
     size_mb: int = 64
+    identity: str | None = None       # rdm disks: the LUN's identity (WWN, serial, loop backing file)
+
+
+class CdromSpec(BaseModel):
+    """A CD/DVD drive. Host-local media block vMotion; client media (an NBD export) does not."""
+
+    id: str = "cd0"
+    media: str = "none"               # "none" | "local" | "client"
+    path: str | None = None           # local media: an ISO path on the host
+    nbd: str | None = None            # client media: nbd://HOST:PORT/EXPORT
 
 
 class NicSpec(BaseModel):
@@ -34,7 +48,10 @@ class VMSpec(BaseModel):
     vcpus: int = 1
     machine: str = DEFAULT_MACHINE
     cpu_model: str = DEFAULT_CPU_MODEL
+    cpu_mask: list[str] = Field(default_factory=list)    # per-VM compatibility mask: features hidden
+    cpu_enforce: bool = False                             # refuse to start if the host lacks a feature
     disks: list[DiskSpec] = Field(default_factory=list)
+    cdroms: list[CdromSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     boot_datastore: str               # datastore holding the VM folder (kernel, initrd, config)
     folder: str                       # VM folder, relative to boot_datastore
@@ -77,6 +94,21 @@ class MigrationInterface(BaseModel):
     family: str | None        # "ipv4" | "ipv6"
     speed_mbps: int | None
     enabled: bool = True
+    speed_source: str = "link"  # "link" (read from the NIC) | "declared" (agent configuration)
+
+
+class CpuFact(BaseModel):
+    host_model: str                       # "host" (KVM) or "max" (TCG): what host-passthrough means here
+    host_features: list[str]
+    usable_models: list[str]
+    masked: list[str] = Field(default_factory=list)   # lab setting: features this host pretends not to have
+
+
+class BlockDeviceFact(BaseModel):
+    path: str
+    identity: str | None
+    size_bytes: int = 0
+    kind: str = "unknown"
 
 
 class HostFacts(BaseModel):
@@ -96,6 +128,9 @@ class HostFacts(BaseModel):
     portgroups: list[PortGroupFact]
     migration_interfaces: list[MigrationInterface]
     vms: list[str] = Field(default_factory=list)
+    cpu: CpuFact | None = None
+    block_devices: list[BlockDeviceFact] = Field(default_factory=list)
+    swap_location: str = "vm-folder"      # where VM memory-backing files live: with the VM, or a host path
 
 
 class VMRuntime(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
-from kvmotion.common.types import (HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
+from kvmotion.common.types import (CdromSpec, HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
 
 DEFAULT_TIMEOUT_S = 15.0
@@ -42,6 +42,9 @@ class AgentClient:
                              remedy="see the agent's log", details={"host": self.host})
         return r.json()
 
+    async def cpu_expand(self, model: str, mask: list[str]) -> list[str]:
+        return await self._call("POST", "/v1/cpu/expand", {"model": model, "mask": mask}, timeout=10)
+
     async def facts(self) -> HostFacts:
         return HostFacts.model_validate(await self._call("GET", "/v1/facts", timeout=10))
 
@@ -54,6 +57,9 @@ class AgentClient:
     async def start(self, spec: VMSpec) -> VMRuntime:
         return VMRuntime.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/start", spec.model_dump(),
                                                          timeout=40))
+
+    async def cdrom(self, uuid: str, cdrom: CdromSpec) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/cdrom", cdrom.model_dump(), timeout=15)
 
     async def stop(self, uuid: str) -> VMRuntime:
         return VMRuntime.model_validate(await self._call("POST", f"/v1/vms/{uuid}/stop", timeout=30))

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from kvmotion import __version__
 from kvmotion.common.errors import KvmotionError
 from kvmotion.controller import tasks as task_store
-from kvmotion.controller.schemas import Finding, HostAdd, HostOut, MigrateRequest, TaskOut, VMCreate, VMOut
+from kvmotion.controller.schemas import (CdromChange, ClusterCreate, ClusterOut, Finding, HostAdd, HostOut,
+                                         MaintenanceRequest, MigrateRequest, TaskOut, VMCreate, VMOut)
 from kvmotion.controller.service import Controller
 
 
@@ -50,6 +51,39 @@ def create_app(ctl: Controller) -> FastAPI:
         inv.get_host(name)
         return await inv.refresh_host(name)
 
+    @app.post("/api/v1/hosts/{name}/maintenance")
+    async def host_maintenance(name: str, req: MaintenanceRequest) -> HostOut:
+        return inv.set_maintenance(name, req.enter)
+
+    # -- clusters (EVC)
+    @app.get("/api/v1/clusters")
+    async def clusters() -> list[ClusterOut]:
+        return ctl.clusters.list()
+
+    @app.post("/api/v1/clusters", status_code=201)
+    async def cluster_create(req: ClusterCreate) -> ClusterOut:
+        return ctl.clusters.create(req.name, req.evc_mode)   # hosts joining later must support the baseline
+
+    @app.get("/api/v1/clusters/{name}")
+    async def cluster_show(name: str) -> ClusterOut:
+        return ctl.clusters.get(name)
+
+    @app.post("/api/v1/clusters/{name}/hosts/{host}")
+    async def cluster_add_host(name: str, host: str) -> ClusterOut:
+        return ctl.clusters.add_host(name, host)
+
+    @app.delete("/api/v1/clusters/{name}/hosts/{host}")
+    async def cluster_remove_host(name: str, host: str) -> ClusterOut:
+        return ctl.clusters.remove_host(name, host)
+
+    @app.get("/api/v1/clusters/{name}/evc-modes")
+    async def cluster_evc_modes(name: str) -> list[str]:
+        return await ctl.clusters.evc_modes(name)
+
+    @app.put("/api/v1/clusters/{name}/evc")
+    async def cluster_set_evc(name: str, req: ClusterCreate) -> ClusterOut:
+        return await ctl.clusters.set_evc(name, req.evc_mode)
+
     @app.get("/api/v1/datastores")
     async def datastores() -> list[dict[str, Any]]:
         return inv.datastores()
@@ -73,7 +107,7 @@ def create_app(ctl: Controller) -> FastAPI:
 
     @app.post("/api/v1/vms/{ref}/start")
     async def vm_start(ref: str) -> VMOut:
-        return await inv.start_vm(ref)
+        return await ctl.start_vm(ref)
 
     @app.post("/api/v1/vms/{ref}/stop")
     async def vm_stop(ref: str) -> VMOut:
@@ -84,9 +118,13 @@ def create_app(ctl: Controller) -> FastAPI:
         await inv.delete_vm(ref)
         return {"deleted": True}
 
+    @app.post("/api/v1/vms/{ref}/cdrom")
+    async def vm_cdrom(ref: str, req: CdromChange) -> VMOut:
+        return await inv.change_cdrom(ref, req)
+
     @app.post("/api/v1/vms/{ref}/migrate/validate")
     async def vm_validate(ref: str, req: MigrateRequest) -> list[Finding]:
-        return ctl.validate_migration(ref, req)
+        return await ctl.validate_migration(ref, req)
 
     @app.post("/api/v1/vms/{ref}/migrate", status_code=202)
     async def vm_migrate(ref: str, req: MigrateRequest) -> TaskOut:
@@ -100,5 +138,9 @@ def create_app(ctl: Controller) -> FastAPI:
     @app.get("/api/v1/tasks/{task_id}")
     async def task_show(task_id: str) -> TaskOut:
         return task_store.get_task(ctl.sessions, task_id)
+
+    @app.post("/api/v1/tasks/{task_id}/cancel")
+    async def task_cancel(task_id: str) -> TaskOut:
+        return ctl.cancel(task_id)
 
     return app

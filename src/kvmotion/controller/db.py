@@ -26,10 +26,20 @@ class Host(Base):
     last_seen: Mapped[float] = mapped_column(Float, default=0.0)
     added_at: Mapped[float] = mapped_column(Float, default=time.time)
     last_error: Mapped[str] = mapped_column(Text, default="")
+    maintenance: Mapped[int] = mapped_column(Integer, default=0)
+    cluster: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     @property
     def facts(self) -> dict[str, Any]:
         return json.loads(self.facts_json or "{}")
+
+
+class Cluster(Base):
+    """A group of hosts; with an EVC baseline every VM powered on in it gets that CPU model."""
+
+    __tablename__ = "clusters"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    evc_mode: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Datastore(Base):

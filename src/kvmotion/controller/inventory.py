@@ -11,15 +11,15 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
-from kvmotion.common.types import DiskSpec, HostFacts, NicSpec, VMSpec
+from kvmotion.common.types import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
-from kvmotion.controller.schemas import HostOut, VMCreate, VMOut
+from kvmotion.controller.schemas import CdromChange, HostOut, VMCreate, VMOut
 
 
 def host_out(h: Host) -> HostOut:
-    return HostOut(name=h.name, address=h.address, state=h.state, last_seen=h.last_seen,
-                   last_error=h.last_error, facts=h.facts)
+    return HostOut(name=h.name, address=h.address, state=h.state, maintenance=bool(h.maintenance),
+                   cluster=h.cluster, last_seen=h.last_seen, last_error=h.last_error, facts=h.facts)
 
 
 def vm_out(v: VM, runtime: dict[str, Any] | None = None) -> VMOut:
@@ -180,23 +180,40 @@ class Inventory:
             except ValueError:
                 raise InvalidInputError(f"{req.ip!r} is not an address with prefix",
                                         remedy="write it like 198.18.1.120/24") from None
+        disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.qcow2", size_mb=req.disk_mb)]
+        if req.rdm is not None:
+            lun = next((b for b in facts.block_devices if b.path == req.rdm and b.identity), None)
+            if lun is None:
+                shown = ", ".join(b.path for b in facts.block_devices) or "none"
+                raise InvalidInputError(f"{req.rdm} is not a LUN presented to {req.host} (presented: {shown})",
+                                        remedy="present the LUN to the host first, or pick one of those listed")
+            disks.append(DiskSpec(id="disk1", node="d1", kind="rdm", format="raw", identity=lun.identity,
+                                  size_mb=lun.size_bytes // (1024 * 1024)))
         uuid = str(uuidlib.uuid4())
         mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
         spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
-                      disks=[DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.qcow2", size_mb=req.disk_mb)],
+                      disks=disks,
                       nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
                       guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
+                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
                       **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
         await self.agent(req.host).provision(spec)
         with self.sessions.begin() as s:
             s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
         return self.get_vm(uuid)
 
-    async def start_vm(self, ref: str) -> VMOut:
+    async def start_vm(self, ref: str, evc_mode: str | None = None) -> VMOut:
+        """Power on; in an EVC cluster the VM gets the baseline CPU model, enforced."""
         vm = self.get_vm(ref)
         if vm.power_state == "poweredOn":
             raise ConflictError(f"VM {vm.name} is already powered on (on {vm.host})", remedy="nothing to do")
-        runtime = await self.agent(vm.host).start(self.spec(vm.uuid))
+        if self.get_host(vm.host).maintenance:
+            raise ConflictError(f"host {vm.host} is in maintenance mode", remedy="move the VM to another host first")
+        spec = self.spec(vm.uuid)
+        if evc_mode is not None:
+            spec = spec.model_copy(update={"cpu_model": evc_mode, "cpu_enforce": True})
+            self.set_vm(vm.uuid, spec_json=spec.model_dump_json())
+        runtime = await self.agent(vm.host).start(spec)
         self.set_vm(vm.uuid, power_state="poweredOn")
         return vm_out_live(self.get_vm(vm.uuid), runtime.model_dump())
 
@@ -206,6 +223,33 @@ class Inventory:
             raise ConflictError(f"VM {vm.name} is already powered off", remedy="nothing to do")
         await self.agent(vm.host).stop(vm.uuid)
         self.set_vm(vm.uuid, power_state="poweredOff")
+        return self.get_vm(vm.uuid)
+
+    def set_maintenance(self, host: str, enter: bool) -> HostOut:
+        self.get_host(host)
+        with self.sessions.begin() as s:
+            h = s.get(Host, host)
+            assert h is not None
+            h.maintenance = int(enter)
+        return self.get_host(host)
+
+    async def change_cdrom(self, ref: str, change: CdromChange) -> VMOut:
+        """Connect or disconnect a CD/DVD image; live on a running VM, then recorded in its spec."""
+        vm = self.get_vm(ref)
+        spec = self.spec(vm.uuid)
+        drives = {c.id: c for c in spec.cdroms}
+        if change.drive not in drives:
+            raise NotFoundError(f"VM {vm.name} has no drive {change.drive!r} (drives: {', '.join(drives) or 'none'})",
+                                remedy="name an existing CD/DVD drive with --drive")
+        new = CdromSpec(id=change.drive, media=change.media, path=change.path, nbd=change.nbd)
+        if new.media == "local" and not new.path:
+            raise InvalidInputError("local media needs an image path", remedy="pass --iso PATH")
+        if new.media == "client" and not new.nbd:
+            raise InvalidInputError("client media needs an NBD address", remedy="pass --client-iso PATH")
+        if vm.power_state == "poweredOn":
+            await self.agent(vm.host).cdrom(vm.uuid, new)
+        spec.cdroms = [new if c.id == new.id else c for c in spec.cdroms]
+        self.set_vm(vm.uuid, spec_json=spec.model_dump_json())
         return self.get_vm(vm.uuid)
 
     async def delete_vm(self, ref: str) -> None:

@@ -1,24 +1,11 @@
 """The controller API's request and response models."""
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-
-class Severity(StrEnum):
-    ERROR = "error"
-    WARNING = "warning"
-    INFO = "info"
-
-
-class Finding(BaseModel):
-    code: str
-    severity: Severity
-    subject: str
-    message: str
-    remedy: str
+from kvmotion.checks.findings import Finding, Severity  # noqa: F401  (re-exported for the API)
 
 
 class HostAdd(BaseModel):
@@ -30,6 +17,8 @@ class HostOut(BaseModel):
     name: str
     address: str
     state: str
+    maintenance: bool = False
+    cluster: str | None = None
     last_seen: float
     last_error: str = ""
     facts: dict[str, Any] = Field(default_factory=dict)
@@ -45,7 +34,9 @@ class VMCreate(BaseModel):
     disk_mb: int = Field(default=64, ge=1, le=1024 * 1024)
     ip: str | None = Field(default=None, description="guest address with prefix, e.g. 198.18.1.100/24")
     dirty_mb_s: float = Field(default=0.0, ge=0, le=10000)
-    cpu_model: str | None = None
+    cpu_model: str | None = Field(default=None, description="named model, or host-passthrough")
+    cpu_mask: list[str] = Field(default_factory=list, description="CPU features hidden from the guest")
+    rdm: str | None = Field(default=None, description="raw LUN: a block device path presented to the host")
 
 
 class VMOut(BaseModel):
@@ -93,3 +84,25 @@ class TaskOut(BaseModel):
     created_at: float
     updated_at: float
     finished_at: float
+
+
+class ClusterCreate(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+    evc_mode: str | None = None
+
+
+class ClusterOut(BaseModel):
+    name: str
+    evc_mode: str | None
+    hosts: list[str]
+
+
+class CdromChange(BaseModel):
+    drive: str = "cd0"
+    media: str = Field(pattern="^(none|local|client)$")
+    path: str | None = None
+    nbd: str | None = None
+
+
+class MaintenanceRequest(BaseModel):
+    enter: bool

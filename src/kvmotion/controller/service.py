@@ -6,12 +6,14 @@ import logging
 from typing import Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError
+from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.db import make_engine, make_sessionmaker
+from kvmotion.controller.clusters import Clusters
 from kvmotion.controller.inventory import Inventory
-from kvmotion.controller.schemas import Finding, MigrateRequest, TaskOut
+from kvmotion.controller.schemas import Finding, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
-from kvmotion.controller.vmotion import VMotion, precheck_or_raise, validate
+from kvmotion.controller.vmotion import VMotion
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,9 @@ class Controller:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
         self.inventory = Inventory(self.sessions, vm_ip_pool)
+        self.clusters = Clusters(self.sessions, self.inventory)
         self.running: dict[str, asyncio.Task[None]] = {}     # task id -> engine task (bounded by MAX_RUNNING)
+        self.engines: dict[str, VMotion] = {}
         self._monitor: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
@@ -47,27 +51,41 @@ class Controller:
                     log.exception("refresh of %s failed", host.name)
             await asyncio.sleep(REFRESH_S)
 
+    async def start_vm(self, ref: str) -> VMOut:
+        vm = self.inventory.get_vm(ref)
+        return await self.inventory.start_vm(ref, evc_mode=self.clusters.evc_for_host(vm.host))
+
     # -- migrations -------------------------------------------------------------------------
-    def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
-        return validate(self.inventory, vm, req)[2]
+    async def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
+        await self.inventory.refresh_host(self.inventory.get_host(req.host).name)
+        return (await compat.validate(self.inventory, self.sessions, vm, req.host))[1]
 
     async def migrate(self, vm: str, req: MigrateRequest) -> TaskOut:
         """Precheck synchronously (nothing is created on failure), then run the task in the background."""
         if len(self.running) >= MAX_RUNNING:
             raise ConflictError(f"{MAX_RUNNING} migrations are already running", remedy="retry when some finish")
-        await self.inventory.refresh_host(req.host)
-        spec, source, _ = precheck_or_raise(self.inventory, vm, req)
-        for t in task_store.unfinished(self.sessions):
-            if t.vm_uuid == spec.uuid:
-                raise ConflictError(f"VM {spec.name} already has task {t.id[:8]} ({t.kind}, {t.phase})",
-                                    remedy="wait for it to finish: kvmotion task show " + t.id[:8])
+        await self.inventory.refresh_host(self.inventory.get_host(req.host).name)
+        ctx, findings = await compat.validate(self.inventory, self.sessions, vm, req.host)
+        compat.raise_on_errors(ctx.spec.name, req.host, findings)
+        spec, source = ctx.spec, ctx.source.name
         journal = TaskJournal.create(self.sessions, "vmotion", spec.uuid, spec.name, source, req.host,
                                      req.model_dump())
         engine = VMotion(self.inventory, journal, spec, source, req.host, req)
         task = asyncio.create_task(engine.run(), name=f"vmotion-{spec.name}")
         self.running[journal.id] = task
-        task.add_done_callback(lambda _t, tid=journal.id: self.running.pop(tid, None))
+        self.engines[journal.id] = engine
+        task.add_done_callback(lambda _t, tid=journal.id: (self.running.pop(tid, None), self.engines.pop(tid, None)))
         return journal.read()
+
+    def cancel(self, task_id: str) -> TaskOut:
+        """Ask a running migration to stop; before the switchover the VM stays on the source."""
+        task = task_store.get_task(self.sessions, task_id)
+        engine = self.engines.get(task.id)
+        if engine is None or task.state not in ("queued", "running"):
+            raise ConflictError(f"task {task.id[:8]} is {task.state}; only a running migration can be cancelled",
+                                remedy="nothing to do")
+        engine.request_cancel()
+        return task
 
     async def reconcile(self) -> list[dict[str, Any]]:
         """A restarted controller finishes what its journal says was in flight.

@@ -10,12 +10,12 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed, PrecheckFailed
+from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import MigrationReport, MigrationTuning, OutgoingRequest, VMSpec
-from kvmotion.controller import checks, decisions
+from kvmotion.controller import compat, decisions
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
-from kvmotion.controller.schemas import Finding, MigrateRequest
+from kvmotion.controller.schemas import MigrateRequest
 from kvmotion.controller.tasks import TaskJournal
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,6 @@ class Phase(StrEnum):
 # Where each phase starts in the task's 0..100 progress.
 PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90, Phase.RESUME: 93,
                Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
-
-
-def validate(inv: Inventory, vm_ref: str, req: MigrateRequest) -> tuple[VMSpec, str, list[Finding]]:
-    """Unknown names raise; otherwise every precheck finding is returned (read-only, idempotent)."""
-    vm = inv.get_vm(vm_ref)
-    dst = inv.get_host(req.host)
-    spec = VMSpec.model_validate(vm.spec)
-    facts = inv.host_facts(dst.name)
-    findings = checks.vmotion_prechecks(spec, vm.power_state, vm.host, dst.name, dst.state, facts)
-    return spec, vm.host, findings
 
 
 def link_budget_bytes(inv: Inventory, src: str, dst: str, req: MigrateRequest) -> int:
@@ -81,10 +71,17 @@ class VMotion:
         self.shadow_created = False
         self.outgoing_started = False
         self.resumed = False
+        self.switching = False
         self.resume_info: dict[str, Any] = {}
         self.downtime_steps: list[dict[str, Any]] = []
+        self.cancel_requested = False
         self.report: MigrationReport | None = None
         self.marks: dict[str, float] = {"start": time.time()}
+
+    def request_cancel(self) -> None:
+        if self.resumed or self.switching:
+            raise ConflictError(f"the migration of {self.spec.name} is past its switchover", remedy="let it finish")
+        self.cancel_requested = True
 
     async def begin(self, phase: Phase, **detail: Any) -> None:
         await asyncio.to_thread(self.journal.begin_phase, str(phase), PROGRESS_AT.get(phase, 0), None, detail)
@@ -104,12 +101,10 @@ class VMotion:
 
     async def _execute(self) -> None:
         await self.begin(Phase.PRECHECK)
-        _, _, findings = await asyncio.to_thread(validate, self.inv, self.spec.uuid, self.req)
-        errors = checks.blockers(findings)
-        if errors:
-            raise PrecheckFailed(f"{len(errors)} precheck(s) failed: " + "; ".join(f.message for f in errors),
-                                 remedy=errors[0].remedy, details={"findings": [f.model_dump() for f in findings]})
-        await self.end(findings=len(findings))
+        _, findings = await compat.validate(self.inv, self.journal.sessions, self.spec.uuid, self.destination,
+                                            exclude_task=self.journal.id)
+        compat.raise_on_errors(self.spec.name, self.destination, findings)
+        await self.end(findings=compat.findings_json(findings))
 
         await self.begin(Phase.SHADOW, host=self.destination)
         self.shadow_created = True
@@ -163,8 +158,10 @@ class VMotion:
                 watch.downtime_ms, watch.step_at = decision.downtime_ms, now
                 watch.step_pass = report.passes[-1].pass_no if report.passes else 0
                 self.downtime_steps.append({"t": now, "downtime_ms": decision.downtime_ms, "why": decision.reason})
+            if self.cancel_requested and decision.action == decisions.Action.WAIT:
+                raise MigrationFailed("cancelled by the user", remedy="nothing to do; the VM stays on the source")
             if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED) and not switch_marked:
-                switch_marked = True
+                switch_marked = self.switching = True
                 await self.end(ended_at=report.pre_switchover_at, passes=len(report.passes),
                                transferred=report.ram_transferred,
                                downtime_limit_ms=watch.downtime_ms, downtime_raises=len(self.downtime_steps))
@@ -266,13 +263,3 @@ def _remedy_for(reason: str) -> str:
     if "shadow" in reason or "destination" in reason:
         return "check the destination host's agent log and its QEMU log, then retry"
     return "see the error; the VM still runs on the source"
-
-
-def precheck_or_raise(inv: Inventory, vm_ref: str, req: MigrateRequest) -> tuple[VMSpec, str, list[Finding]]:
-    spec, source, findings = validate(inv, vm_ref, req)
-    errors = checks.blockers(findings)
-    if errors:
-        raise PrecheckFailed(
-            f"cannot migrate {spec.name} to {req.host}: " + "; ".join(f.message for f in errors),
-            remedy="; ".join(f.remedy for f in errors), details={"findings": [f.model_dump() for f in findings]})
-    return spec, source, findings

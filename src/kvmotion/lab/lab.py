@@ -139,8 +139,12 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
         _write_state(root, state)
     for h in lab_net.hosts:
         agent_log = logs / f"agent-{h.name}.log"
-        _wait(lambda h=h: _host_connected(controller_url, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log) \
-            if not h.mgmt_ip6 else None
+        if h.mgmt_ip6:   # an IPv6-managed host cannot reach the IPv4 controller: add it by address instead
+            url6 = f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
+            _wait(lambda u=url6: httpx.get(f"{u}/v1/health", timeout=2).status_code == 200, START_DEADLINE_S,
+                  f"agent {h.name}", agent_log)
+            httpx.post(f"{controller_url}/api/v1/hosts", json={"address": url6}, timeout=30).raise_for_status()
+        _wait(lambda h=h: _host_connected(controller_url, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
         log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid {state['pids'][f'agent-{h.name}']}")
     info = load(root)
     assert info is not None
@@ -170,9 +174,26 @@ def restart(root: Path, name: str, crash: bool = False, deadline_s: float = STAR
     if name == "controller":
         url = f"{info.controller_url}/api/v1/health"
     else:
-        url = f"http://{info.net.host(name.removeprefix('agent-')).mgmt_ip}:{AGENT_PORT}/v1/health"
+        h = info.net.host(name.removeprefix("agent-"))
+        url = f"http://{h.mgmt_ip or '[' + str(h.mgmt_ip6) + ']'}:{AGENT_PORT}/v1/health"
     _wait(lambda: httpx.get(url, timeout=2).status_code == 200, deadline_s, name, log)
     return int(state["pids"][name])
+
+
+def configure_host(root: Path, host: str, **changes: Any) -> AgentConfig:
+    """Change a host's agent configuration and restart its agent (its VMs keep running).
+
+    Used for lab settings: hide a datastore, declare a link speed, present a LUN, mask CPU features.
+    """
+    cfg_file = root / "hosts" / host / "agent.json"
+    cfg = AgentConfig.load(cfg_file).model_copy(update=changes)
+    cfg = AgentConfig.model_validate(cfg.model_dump())
+    cfg_file.write_text(cfg.model_dump_json(indent=1))
+    restart(root, f"agent-{host}")
+    info = load(root)
+    assert info is not None
+    _wait(lambda: _host_connected(info.controller_url, host), START_DEADLINE_S, f"agent {host}")
+    return cfg
 
 
 def _host_connected(url: str, name: str) -> bool:

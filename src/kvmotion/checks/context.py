@@ -1,0 +1,39 @@
+"""Everything a compatibility decision needs, gathered beforehand (the checks themselves do no I/O)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmotion.common.types import HostFacts, VMSpec
+
+HOST_LIMIT_SLOW = 4          # concurrent migrations per host below 10 GbE
+HOST_LIMIT_FAST = 8          # at 10 GbE or more
+FAST_LINK_MBPS = 10_000
+DATASTORE_LIMIT = 128        # concurrent vMotions per datastore
+MIN_LINK_MBPS = 250
+MEMORY_HEADROOM_MB = 64
+
+
+@dataclass(frozen=True)
+class HostView:
+    name: str
+    state: str                       # connected | disconnected
+    maintenance: bool
+    facts: HostFacts | None
+    running_migrations: int = 0      # migrations in flight that involve this host
+
+    def host_limit(self) -> int:
+        speeds = [i.speed_mbps or 0 for i in (self.facts.migration_interfaces if self.facts else []) if i.enabled]
+        return HOST_LIMIT_FAST if speeds and max(speeds) >= FAST_LINK_MBPS else HOST_LIMIT_SLOW
+
+
+@dataclass(frozen=True)
+class MigrationContext:
+    spec: VMSpec
+    power_state: str
+    source: HostView
+    destination: HostView
+    vm_cpu_features: frozenset[str] | None = None       # what the VM sees (expanded on the source)
+    vm_migrating: bool = False
+    moves_storage: bool = False                         # shared-nothing: disks move too
+    datastore_migrations: dict[str, int] = field(default_factory=dict)   # datastore -> migrations in flight
+    datastore_limit: int = DATASTORE_LIMIT

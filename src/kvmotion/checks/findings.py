@@ -1,0 +1,55 @@
+"""The finding shape and the catalog of codes (stable: callers and tests branch on them)."""
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class Finding(BaseModel):
+    code: str
+    severity: Severity
+    subject: str          # "vm:NAME", "host:NAME", "datastore:NAME", "network:NAME", "device:ID"
+    message: str
+    remedy: str
+
+
+# code -> (severity, what it means). SPEC §3 requirement by requirement; the README lists these.
+CODES: dict[str, tuple[Severity, str]] = {
+    "SAME_HOST": (Severity.ERROR, "the destination is the VM's current host"),
+    "VM_NOT_RUNNING": (Severity.ERROR, "vMotion needs a running VM (use cold migration)"),
+    "VM_ALREADY_MIGRATING": (Severity.ERROR, "the VM has an unfinished migration task"),
+    "HOST_NOT_CONNECTED": (Severity.ERROR, "the destination's agent is not connected"),
+    "HOST_IN_MAINTENANCE": (Severity.ERROR, "the destination is in maintenance mode"),
+    "DATASTORE_NOT_ACCESSIBLE": (Severity.ERROR, "a datastore of the VM is not readable on the destination"),
+    "DATASTORE_CONCURRENCY_LIMIT": (Severity.WARNING, "the datastore already has its maximum (128) of migrations; "
+                                                      "this one queues"),
+    "RDM_DEVICE_NOT_VISIBLE": (Severity.ERROR, "the destination does not see the VM's raw LUN (by identity)"),
+    "LOCAL_MEDIA_CONNECTED": (Severity.ERROR, "a host-local CD/DVD image is connected"),
+    "CLIENT_MEDIA_CONNECTED": (Severity.INFO, "client-connected media (NBD) moves with the VM"),
+    "SWAP_LOCATION_DIFFERS": (Severity.WARNING, "the destination keeps VM memory-backing files elsewhere: slower"),
+    "NO_MIGRATION_INTERFACE": (Severity.ERROR, "a host has no migration-enabled interface"),
+    "MGMT_IP_FAMILY_MISMATCH": (Severity.ERROR, "the hosts' management IP families differ (IPv4 vs IPv6)"),
+    "LINK_TOO_SLOW": (Severity.ERROR, "a migration link is below 250 Mbit/s"),
+    "HOST_CONCURRENCY_LIMIT": (Severity.WARNING, "a host already runs its maximum of migrations (4 below 10 GbE, "
+                                                 "8 at 10 GbE+); this one queues"),
+    "SINGLE_MIGRATION_INTERFACE": (Severity.INFO, "two or more migration interfaces are recommended"),
+    "CPU_FEATURES_MISSING": (Severity.ERROR, "the destination lacks CPU features the VM sees"),
+    "CPU_PASSTHROUGH_MISMATCH": (Severity.ERROR, "a host-passthrough VM needs an identical CPU feature set"),
+    "PORTGROUP_MISSING": (Severity.ERROR, "a network (port group) of the VM does not exist on the destination"),
+    "INSUFFICIENT_MEMORY": (Severity.ERROR, "the destination does not have the VM's memory free"),
+}
+
+
+def finding(code: str, subject: str, message: str, remedy: str) -> Finding:
+    return Finding(code=code, severity=CODES[code][0], subject=subject, message=message, remedy=remedy)
+
+
+def blockers(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity == Severity.ERROR]

@@ -1,0 +1,193 @@
+"""The checks, one function per SPEC §3 requirement. Each returns its findings; ``run_all`` returns them all."""
+from __future__ import annotations
+
+from typing import Callable
+
+from kvmotion.checks.context import MEMORY_HEADROOM_MB, MIN_LINK_MBPS, HostView, MigrationContext
+from kvmotion.checks.findings import Finding, finding
+from kvmotion.common.types import HOST_PASSTHROUGH, HostFacts
+
+Check = Callable[[MigrationContext], list[Finding]]
+
+
+def _host(h: HostView) -> str:
+    return f"host:{h.name}"
+
+
+def placement(ctx: MigrationContext) -> list[Finding]:
+    out = []
+    src, dst, vm = ctx.source, ctx.destination, ctx.spec
+    if dst.name == src.name:
+        out.append(finding("SAME_HOST", _host(dst), f"VM {vm.name} already runs on {dst.name}",
+                           "choose a different destination host"))
+    if ctx.power_state != "poweredOn":
+        out.append(finding("VM_NOT_RUNNING", f"vm:{vm.name}", f"VM {vm.name} is powered off; vMotion moves running VMs",
+                           "use cold migration for a powered-off VM, or power it on first"))
+    if ctx.vm_migrating:
+        out.append(finding("VM_ALREADY_MIGRATING", f"vm:{vm.name}", f"VM {vm.name} is already being migrated",
+                           "wait for its current task to finish (kvmotion task list)"))
+    if dst.state != "connected" or dst.facts is None:
+        out.append(finding("HOST_NOT_CONNECTED", _host(dst), f"destination host {dst.name} is {dst.state}",
+                           f"start kvmotion-agent on {dst.name} or reconnect it"))
+    if dst.maintenance:
+        out.append(finding("HOST_IN_MAINTENANCE", _host(dst), f"destination host {dst.name} is in maintenance mode",
+                           f"pick another host, or take {dst.name} out: kvmotion host maintenance exit {dst.name}"))
+    return out
+
+
+def storage(ctx: MigrationContext) -> list[Finding]:
+    dst, vm = ctx.destination, ctx.spec
+    if dst.facts is None:
+        return []
+    out = []
+    needed = {vm.boot_datastore} | {d.datastore for d in vm.disks if d.kind == "file"}
+    if not ctx.moves_storage:
+        readable = {d.name for d in dst.facts.datastores if d.readable}
+        for ds in sorted(needed - readable):
+            out.append(finding("DATASTORE_NOT_ACCESSIBLE", f"datastore:{ds}",
+                               f"datastore {ds} holding VM {vm.name}'s files is not readable on {dst.name}",
+                               f"mount {ds} on {dst.name}, choose a host that sees it, or move the storage too"))
+    for ds in sorted(needed):
+        running = ctx.datastore_migrations.get(ds, 0)
+        if running >= ctx.datastore_limit:
+            out.append(finding("DATASTORE_CONCURRENCY_LIMIT", f"datastore:{ds}",
+                               f"datastore {ds} already has {running} migrations in flight (limit "
+                               f"{ctx.datastore_limit}); this one will queue",
+                               "nothing to do: it starts when a slot frees; or migrate fewer VMs at once"))
+    return out
+
+
+def raw_devices(ctx: MigrationContext) -> list[Finding]:
+    dst, vm = ctx.destination, ctx.spec
+    if dst.facts is None:
+        return []
+    out = []
+    src_paths = {b.identity: b.path for b in (ctx.source.facts.block_devices if ctx.source.facts else [])}
+    dst_by_path = {b.path: b.identity for b in dst.facts.block_devices}
+    dst_ids = {b.identity for b in dst.facts.block_devices if b.identity}
+    for disk in vm.disks:
+        if disk.kind != "rdm" or disk.identity in dst_ids:
+            continue
+        path = src_paths.get(disk.identity)
+        same_path = path is not None and path in dst_by_path
+        why = (f" ({path} exists there, but it is a different device: {dst_by_path[path]})" if same_path else "")
+        out.append(finding("RDM_DEVICE_NOT_VISIBLE", f"device:{disk.id}",
+                           f"raw LUN {disk.identity} of {disk.id} is not presented to {dst.name}{why}",
+                           f"present the same LUN to {dst.name} (zoning/masking), or pick a host that sees it"))
+    return out
+
+
+def media(ctx: MigrationContext) -> list[Finding]:
+    out = []
+    for cd in ctx.spec.cdroms:
+        if cd.media == "local":
+            out.append(finding("LOCAL_MEDIA_CONNECTED", f"device:{cd.id}",
+                               f"{cd.id} has the host-local image {cd.path} connected",
+                               f"disconnect it: kvmotion vm cdrom disconnect {ctx.spec.name} --drive {cd.id}"))
+        elif cd.media == "client":
+            out.append(finding("CLIENT_MEDIA_CONNECTED", f"device:{cd.id}",
+                               f"{cd.id} has client media {cd.nbd} connected; it stays connected after the move",
+                               "nothing to do"))
+    return out
+
+
+def memory_backing(ctx: MigrationContext) -> list[Finding]:
+    dst = ctx.destination
+    if dst.facts is None or dst.facts.swap_location == "vm-folder":
+        return []
+    return [finding("SWAP_LOCATION_DIFFERS", _host(dst),
+                    f"{dst.name} keeps VM memory-backing files in {dst.facts.swap_location}, not with the VM; "
+                    "they are created there during the move, which makes it slower",
+                    f"keep memory-backing files with the VM on {dst.name}, or accept a slower move")]
+
+
+def _mig_ifaces(facts: HostFacts | None) -> list[tuple[str, int | None]]:
+    return [(i.ifname, i.speed_mbps) for i in (facts.migration_interfaces if facts else []) if i.enabled and i.address]
+
+
+def network(ctx: MigrationContext) -> list[Finding]:
+    out = []
+    hosts = [h for h in (ctx.source, ctx.destination) if h.facts is not None]
+    for h in hosts:
+        ifaces = _mig_ifaces(h.facts)
+        if not ifaces:
+            out.append(finding("NO_MIGRATION_INTERFACE", _host(h), f"{h.name} has no migration-enabled interface",
+                               f"enable migration on an interface of {h.name} and give it an address"))
+            continue
+        best = max((s or 0) for _, s in ifaces)
+        if best < MIN_LINK_MBPS:
+            out.append(finding("LINK_TOO_SLOW", _host(h),
+                               f"{h.name}'s migration link runs at {best} Mbit/s; a migration needs {MIN_LINK_MBPS}",
+                               f"use a faster migration interface on {h.name} (1 GbE or more)"))
+        if len(ifaces) < 2:
+            out.append(finding("SINGLE_MIGRATION_INTERFACE", _host(h),
+                               f"{h.name} has one migration interface ({ifaces[0][0]})",
+                               "add a second migration interface for bandwidth and redundancy"))
+        if h.running_migrations >= h.host_limit():
+            out.append(finding("HOST_CONCURRENCY_LIMIT", _host(h),
+                               f"{h.name} already runs {h.running_migrations} migrations (limit {h.host_limit()} "
+                               "on its link); this one will queue",
+                               "nothing to do: it starts when a slot frees"))
+    if len(hosts) == 2:
+        a, b = (h.facts.mgmt_family for h in hosts if h.facts)
+        if a != b:
+            out.append(finding("MGMT_IP_FAMILY_MISMATCH", _host(ctx.destination),
+                               f"{ctx.source.name} is managed over {a} but {ctx.destination.name} over {b}",
+                               "migrate between hosts of the same management IP family (IPv4↔IPv4, IPv6↔IPv6)"))
+    return out
+
+
+def cpu(ctx: MigrationContext) -> list[Finding]:
+    src, dst, vm = ctx.source.facts, ctx.destination.facts, ctx.spec
+    if dst is None or dst.cpu is None:
+        return []
+    if vm.cpu_model == HOST_PASSTHROUGH:
+        if src is None or src.cpu is None:
+            return []
+        a, b = set(src.cpu.host_features), set(dst.cpu.host_features)
+        if a != b:
+            diff = sorted(a ^ b)
+            return [finding("CPU_PASSTHROUGH_MISMATCH", f"vm:{vm.name}",
+                            f"VM {vm.name} uses host-passthrough; {ctx.source.name} and {ctx.destination.name} "
+                            f"differ in {len(diff)} CPU features ({', '.join(diff[:8])}{'…' if len(diff) > 8 else ''})",
+                            "put both hosts in an EVC cluster and restart the VM there, or give it a named model")]
+        return []
+    if ctx.vm_cpu_features is None:
+        return []
+    missing = sorted(ctx.vm_cpu_features - set(dst.cpu.host_features))
+    if missing:
+        return [finding("CPU_FEATURES_MISSING", _host(ctx.destination),
+                        f"{ctx.destination.name} lacks {len(missing)} CPU feature(s) VM {vm.name} sees "
+                        f"({vm.cpu_model}): {', '.join(missing[:10])}{'…' if len(missing) > 10 else ''}",
+                        "use an EVC cluster baseline both hosts support, mask these features on the VM "
+                        f"(--cpu-mask {','.join(missing[:3])}), or pick another host")]
+    return []
+
+
+def resources(ctx: MigrationContext) -> list[Finding]:
+    dst, vm = ctx.destination, ctx.spec
+    if dst.facts is None:
+        return []
+    out = []
+    groups = {p.name for p in dst.facts.portgroups}
+    for nic in vm.nics:
+        if nic.portgroup not in groups:
+            out.append(finding("PORTGROUP_MISSING", f"network:{nic.portgroup}",
+                               f"port group {nic.portgroup!r} of {nic.id} does not exist on {dst.name}",
+                               f"create {nic.portgroup!r} on {dst.name} or pick another host"))
+    need = vm.memory_mb + MEMORY_HEADROOM_MB
+    if dst.facts.mem_free_mb < need:
+        out.append(finding("INSUFFICIENT_MEMORY", _host(dst),
+                           f"{dst.name} has {dst.facts.mem_free_mb} MiB free; VM {vm.name} needs {need} MiB",
+                           "free memory on the destination or pick another host"))
+    return out
+
+
+ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, media, memory_backing, network, cpu, resources)
+
+
+def run_all(ctx: MigrationContext) -> list[Finding]:
+    """Every finding of every check, errors first."""
+    order = {"error": 0, "warning": 1, "info": 2}
+    found = [f for check in ALL_CHECKS for f in check(ctx)]
+    return sorted(found, key=lambda f: order[f.severity])

@@ -1,0 +1,108 @@
+"""The compatibility checks as pure functions: every code, and every finding at once."""
+from __future__ import annotations
+
+from kvmotion.checks import CODES, HostView, MigrationContext, run_all
+from kvmotion.common.types import (BlockDeviceFact, CdromSpec, CpuFact, DatastoreFact, DiskSpec, HostFacts,
+                                   MigrationInterface, NicSpec, PortGroupFact, VMSpec)
+
+
+def spec(**kw) -> VMSpec:
+    base = dict(uuid="u1", name="vm1", memory_mb=256, disks=[DiskSpec(datastore="shared", path="vm1/vm1.qcow2")],
+                nics=[NicSpec(mac="52:54:00:00:00:01")], boot_datastore="shared", folder="vm1",
+                cdroms=[CdromSpec()])
+    base.update(kw)
+    return VMSpec(**base)
+
+
+def facts(name: str, datastores=("shared",), free_mb=4096, groups=("VM Network",), speed=10000, family="ipv4",
+          ifaces=1, features=("sse2", "sse4.2", "avx2"), luns=(), swap="vm-folder") -> HostFacts:
+    return HostFacts(
+        name=name, agent_version="0", qemu_version="7.2", accelerator="tcg", cpu_model="x", cpu_features=[],
+        cpu_count=2, mem_total_mb=8192, mem_free_mb=free_mb, mgmt_address="198.18.0.12" if family == "ipv4"
+        else "2001:2::12", mgmt_family=family,
+        datastores=[DatastoreFact(uuid=f"id-{d}", name=d, path=f"/ds/{d}", readable=True) for d in datastores],
+        portgroups=[PortGroupFact(name=g, bridge="vmnet") for g in groups],
+        migration_interfaces=[MigrationInterface(ifname=f"mig{i}", address=f"198.19.{i}.12", family="ipv4",
+                                                 speed_mbps=speed) for i in range(ifaces)],
+        cpu=CpuFact(host_model="max", host_features=list(features), usable_models=["qemu64"]),
+        block_devices=[BlockDeviceFact(path=p, identity=i) for p, i in luns], swap_location=swap)
+
+
+def ctx(vm: VMSpec | None = None, src: HostFacts | None = None, dst: HostFacts | None = None, **kw) -> MigrationContext:
+    d = dict(power_state="poweredOn", vm_cpu_features=frozenset({"sse2"}))
+    d.update(kw)
+    src_view = HostView("h1", "connected", False, src or facts("h1"), d.pop("src_running", 0))
+    dst_view = HostView(d.pop("dst_name", "h2"), d.pop("dst_state", "connected"), d.pop("maintenance", False),
+                        dst or facts("h2"), d.pop("dst_running", 0))
+    return MigrationContext(spec=vm or spec(), source=src_view, destination=dst_view, **d)
+
+
+def codes(c: MigrationContext) -> set[str]:
+    return {f.code for f in run_all(c)}
+
+
+def test_a_good_move_has_only_the_interface_advice() -> None:
+    assert codes(ctx()) == {"SINGLE_MIGRATION_INTERFACE"}
+    assert codes(ctx(src=facts("h1", ifaces=2), dst=facts("h2", ifaces=2))) == set()
+
+
+def test_each_code_on_its_own() -> None:
+    cases = {
+        "SAME_HOST": ctx(dst_name="h1"),
+        "VM_NOT_RUNNING": ctx(power_state="poweredOff"),
+        "VM_ALREADY_MIGRATING": ctx(vm_migrating=True),
+        "HOST_NOT_CONNECTED": ctx(dst_state="disconnected"),
+        "HOST_IN_MAINTENANCE": ctx(maintenance=True),
+        "DATASTORE_NOT_ACCESSIBLE": ctx(dst=facts("h2", datastores=("h2-local",))),
+        "DATASTORE_CONCURRENCY_LIMIT": ctx(datastore_migrations={"shared": 128}),
+        "RDM_DEVICE_NOT_VISIBLE": ctx(vm=spec(disks=[DiskSpec(id="disk1", kind="rdm", identity="loop:1:2")]),
+                                      src=facts("h1", luns=[("/h1/lun0", "loop:1:2")]),
+                                      dst=facts("h2", luns=[("/h2/lun0", "loop:9:9")])),
+        "LOCAL_MEDIA_CONNECTED": ctx(vm=spec(cdroms=[CdromSpec(media="local", path="/iso/x.iso")])),
+        "CLIENT_MEDIA_CONNECTED": ctx(vm=spec(cdroms=[CdromSpec(media="client", nbd="nbd://198.18.0.1:10809/x")])),
+        "SWAP_LOCATION_DIFFERS": ctx(dst=facts("h2", swap="/swap")),
+        "NO_MIGRATION_INTERFACE": ctx(dst=facts("h2", ifaces=0)),
+        "MGMT_IP_FAMILY_MISMATCH": ctx(dst=facts("h2", family="ipv6")),
+        "LINK_TOO_SLOW": ctx(dst=facts("h2", speed=100)),
+        "HOST_CONCURRENCY_LIMIT": ctx(dst_running=8),
+        "SINGLE_MIGRATION_INTERFACE": ctx(),
+        "CPU_FEATURES_MISSING": ctx(vm_cpu_features=frozenset({"sse2", "avx512f"})),
+        "CPU_PASSTHROUGH_MISMATCH": ctx(vm=spec(cpu_model="host-passthrough"), dst=facts("h2", features=("sse2",))),
+        "PORTGROUP_MISSING": ctx(dst=facts("h2", groups=("Other",))),
+        "INSUFFICIENT_MEMORY": ctx(dst=facts("h2", free_mb=100)),
+    }
+    assert set(cases) == set(CODES), "every code in the catalog has a case"
+    for code, c in cases.items():
+        found = {f.code: f for f in run_all(c)}
+        assert code in found, (code, list(found))
+        f = found[code]
+        assert f.severity == CODES[code][0] and f.message and f.remedy, f
+
+
+def test_host_limit_depends_on_link_speed() -> None:
+    assert "HOST_CONCURRENCY_LIMIT" in codes(ctx(dst=facts("h2", speed=1000), dst_running=4))
+    assert "HOST_CONCURRENCY_LIMIT" not in codes(ctx(dst=facts("h2", speed=10000), dst_running=4))
+
+
+def test_rdm_message_says_same_path_is_not_the_same_device() -> None:
+    c = ctx(vm=spec(disks=[DiskSpec(id="disk1", kind="rdm", identity="loop:1:2")]),
+            src=facts("h1", luns=[("/dev/lun0", "loop:1:2")]), dst=facts("h2", luns=[("/dev/lun0", "loop:9:9")]))
+    f = next(f for f in run_all(c) if f.code == "RDM_DEVICE_NOT_VISIBLE")
+    assert "different device" in f.message
+    same = ctx(vm=spec(disks=[DiskSpec(id="disk1", kind="rdm", identity="loop:1:2")]),
+               dst=facts("h2", luns=[("/other/path", "loop:1:2")]))
+    assert "RDM_DEVICE_NOT_VISIBLE" not in codes(same)      # same identity under another path is fine
+
+
+def test_storage_move_lifts_the_datastore_requirement() -> None:
+    assert "DATASTORE_NOT_ACCESSIBLE" not in codes(ctx(dst=facts("h2", datastores=("h2-local",)), moves_storage=True))
+
+
+def test_every_blocker_at_once_errors_first() -> None:
+    c = ctx(vm=spec(cdroms=[CdromSpec(media="local", path="/iso/x.iso")], memory_mb=30000), power_state="poweredOff",
+            maintenance=True, dst=facts("h2", datastores=(), groups=(), speed=100, family="ipv6", free_mb=1000))
+    found = run_all(c)
+    assert {"VM_NOT_RUNNING", "HOST_IN_MAINTENANCE", "DATASTORE_NOT_ACCESSIBLE", "LOCAL_MEDIA_CONNECTED",
+            "LINK_TOO_SLOW", "MGMT_IP_FAMILY_MISMATCH", "PORTGROUP_MISSING", "INSUFFICIENT_MEMORY"} <= {f.code for f in found}
+    sev = [f.severity for f in found]
+    assert sev == sorted(sev, key=["error", "warning", "info"].index)
