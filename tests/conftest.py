@@ -1,6 +1,7 @@
 """Shared fixtures: a real lab (namespaces, controller, agents, QEMU guests), always torn down."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -36,17 +37,24 @@ def guest_image():
     return build_image(log=lambda m: None)
 
 
-@pytest.fixture(scope="module")
-def lab(guest_image, tmp_path_factory):
-    """A two-host lab for one test module. Torn down at the end, also when a test fails."""
+@contextlib.contextmanager
+def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset()) -> Iterator:
+    """A lab for one test module. Torn down at the end, also when a test fails; nothing may be left."""
     from kvmotion.lab import lab as lab_mod
 
     prefix = "kt" + secrets.token_hex(2)
     root = LAB_ROOT_BASE / prefix
-    info = lab_mod.up(2, root, prefix=prefix, image_dir=guest_image.kernel.parent.parent, log=lambda m: None)
+    info = lab_mod.up(hosts, root, prefix=prefix, image_dir=image.kernel.parent.parent, ipv6_hosts=set(ipv6_hosts),
+                      log=lambda m: None)
     try:
         yield info
     finally:
         lab_mod.down(root)
         left = leftovers(prefix, root)
         assert left == {"namespaces": [], "qemu_pids": []}, f"the lab left things behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def lab(guest_image):
+    with running_lab(guest_image, 2) as info:
+        yield info

@@ -3,33 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from kvmotion.cli.client import Client
 from kvmotion.lab import scenario
+from labtools import agent_vms, cli, running_vm
 
 PHASES = ["precheck", "shadow", "precopy", "switchover", "resume", "announce", "release"]
-
-
-def agent_url(lab, host: str) -> str:
-    return f"http://{lab.net.host(host).mgmt_ip}:8770"
-
-
-def agent_vms(lab, host: str) -> dict[str, dict]:
-    return {v["uuid"]: v for v in httpx.get(f"{agent_url(lab, host)}/v1/vms", timeout=10).json()}
-
-
-def running_vm(client: Client, lab, name: str, **opts) -> dict:
-    vm = client.create_vm(name=name, host="h1", **opts)
-    client.start_vm(name)
-    scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
-    return vm
 
 
 def pid_exists(pid: int) -> bool:
@@ -115,12 +98,6 @@ def test_destination_killed_mid_precopy_keeps_vm_on_source(lab, tmp_path) -> Non
     # and it can still move afterwards
     client.stop_vm("fail1")
     client.delete_vm("fail1")
-
-
-def cli(lab, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, KVMOTION_URL=lab.controller_url, COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "kvmotion.cli.main", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
 
 
 def test_bad_input_is_refused_clearly_and_nothing_is_started(lab) -> None:

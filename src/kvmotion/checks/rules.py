@@ -1,6 +1,7 @@
 """The checks, one function per SPEC §3 requirement. Each returns its findings; ``run_all`` returns them all."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from kvmotion.checks.context import MEMORY_HEADROOM_MB, MIN_LINK_MBPS, HostView, MigrationContext
@@ -62,8 +63,9 @@ def raw_devices(ctx: MigrationContext) -> list[Finding]:
     if dst.facts is None:
         return []
     out = []
-    src_paths = {b.identity: b.path for b in (ctx.source.facts.block_devices if ctx.source.facts else [])}
-    dst_by_path = {b.path: b.identity for b in dst.facts.block_devices}
+    # Device names are host-local (like /dev/sdb): the same name on two hosts may be two different LUNs.
+    src_paths = {b.identity: Path(b.path).name for b in (ctx.source.facts.block_devices if ctx.source.facts else [])}
+    dst_by_path = {Path(b.path).name: b.identity for b in dst.facts.block_devices}
     dst_ids = {b.identity for b in dst.facts.block_devices if b.identity}
     for disk in vm.disks:
         if disk.kind != "rdm" or disk.identity in dst_ids:

@@ -172,7 +172,7 @@ def vm_migrate(vm: str, host: str = typer.Option(..., "--host", help="destinatio
         raise typer.Exit(check_migration(client, vm, host))
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
                                       priority=priority))
-    shown = [f for p in task["phases"] if p["name"] == "precheck" for f in p["detail"].get("findings", [])]
+    shown = task["options"].get("findings", [])
     if shown:
         console.print(findings_table(shown, "compatibility (not blocking)"))
     if not wait:

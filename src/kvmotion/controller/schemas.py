@@ -3,12 +3,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from kvmotion.checks.findings import Finding, Severity  # noqa: F401  (re-exported for the API)
 
 
-class HostAdd(BaseModel):
+class Request(BaseModel):
+    """Requests refuse unknown fields: a misspelt option is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HostAdd(Request):
     address: str = Field(description="agent URL, e.g. http://198.18.0.11:8770")
     name: str | None = None
 
@@ -24,7 +30,7 @@ class HostOut(BaseModel):
     facts: dict[str, Any] = Field(default_factory=dict)
 
 
-class VMCreate(BaseModel):
+class VMCreate(Request):
     name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
     host: str
     memory_mb: int = Field(default=256, ge=64, le=65536)
@@ -48,7 +54,7 @@ class VMOut(BaseModel):
     runtime: dict[str, Any] | None = None
 
 
-class MigrateRequest(BaseModel):
+class MigrateRequest(Request):
     host: str
     downtime_ms: int = Field(default=500, ge=10, le=2_000_000)
     max_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
@@ -86,7 +92,7 @@ class TaskOut(BaseModel):
     finished_at: float
 
 
-class ClusterCreate(BaseModel):
+class ClusterCreate(Request):
     name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
     evc_mode: str | None = None
 
@@ -97,12 +103,12 @@ class ClusterOut(BaseModel):
     hosts: list[str]
 
 
-class CdromChange(BaseModel):
+class CdromChange(Request):
     drive: str = "cd0"
     media: str = Field(pattern="^(none|local|client)$")
     path: str | None = None
     nbd: str | None = None
 
 
-class MaintenanceRequest(BaseModel):
+class MaintenanceRequest(Request):
     enter: bool

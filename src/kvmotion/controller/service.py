@@ -69,7 +69,7 @@ class Controller:
         compat.raise_on_errors(ctx.spec.name, req.host, findings)
         spec, source = ctx.spec, ctx.source.name
         journal = TaskJournal.create(self.sessions, "vmotion", spec.uuid, spec.name, source, req.host,
-                                     req.model_dump())
+                                     req.model_dump() | {"findings": compat.findings_json(findings)})
         engine = VMotion(self.inventory, journal, spec, source, req.host, req)
         task = asyncio.create_task(engine.run(), name=f"vmotion-{spec.name}")
         self.running[journal.id] = task

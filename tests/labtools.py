@@ -1,0 +1,70 @@
+"""Helpers shared by the end-to-end tests (real lab, real QEMU)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+from kvmotion.agent.config import AgentConfig
+from kvmotion.cli.client import Client
+from kvmotion.lab import lab as lab_mod
+from kvmotion.lab import scenario
+
+
+def agent_url(lab: Any, host: str) -> str:
+    h = lab.net.host(host)
+    return f"http://{h.mgmt_ip}:8770" if h.mgmt_ip else f"http://[{h.mgmt_ip6}]:8770"
+
+
+def agent_vms(lab: Any, host: str) -> dict[str, dict]:
+    return {v["uuid"]: v for v in httpx.get(f"{agent_url(lab, host)}/v1/vms", timeout=10).json()}
+
+
+def running_vm(client: Client, lab: Any, name: str, host: str = "h1", **opts: Any) -> dict:
+    vm = client.create_vm(name=name, host=host, **opts)
+    client.start_vm(name)
+    scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
+    return client.vm(name)
+
+
+def remove_vm(client: Client, name: str) -> None:
+    if client.vm(name)["power_state"] == "poweredOn":
+        client.stop_vm(name)
+    client.delete_vm(name)
+
+
+def cli(lab: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KVMOTION_URL=lab.controller_url, COLUMNS="250")
+    return subprocess.run([sys.executable, "-m", "kvmotion.cli.main", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def codes(findings: list[dict]) -> dict[str, dict]:
+    return {f["code"]: f for f in findings}
+
+
+@contextlib.contextmanager
+def host_settings(lab: Any, host: str, **changes: Any) -> Iterator[AgentConfig]:
+    """Change a host's agent configuration (a lab setting) for the duration of a block, then restore it."""
+    cfg_file = Path(lab.root) / "hosts" / host / "agent.json"
+    original = AgentConfig.load(cfg_file)
+    try:
+        yield lab_mod.configure_host(lab.root, host, **changes)
+    finally:
+        lab_mod.configure_host(lab.root, host, **original.model_dump())
+
+
+def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
