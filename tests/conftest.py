@@ -38,14 +38,14 @@ def guest_image():
 
 
 @contextlib.contextmanager
-def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset()) -> Iterator:
+def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset(), link: str | None = None) -> Iterator:
     """A lab for one test module. Torn down at the end, also when a test fails; nothing may be left."""
     from kvmotion.lab import lab as lab_mod
 
     prefix = "kt" + secrets.token_hex(2)
     root = LAB_ROOT_BASE / prefix
     info = lab_mod.up(hosts, root, prefix=prefix, image_dir=image.kernel.parent.parent, ipv6_hosts=set(ipv6_hosts),
-                      log=lambda m: None)
+                      log=lambda m: None, link=link)
     try:
         yield info
     finally:

@@ -129,7 +129,7 @@ def test_missing_bridge(lab, client) -> None:
 
 
 def test_maintenance_and_concurrency(lab, client, vm1) -> None:
-    assert cli(lab, "host", "maintenance", "enter", "h2").returncode == 0
+    assert cli(lab, "host", "maintenance", "enter", "h2", "--wait").returncode == 0
     try:
         assert_finding(validate(client, "chk1", "h2"), "HOST_IN_MAINTENANCE", "error", "maintenance exit h2")
     finally:

@@ -107,3 +107,30 @@ def test_downtime_is_raised_step_by_step_up_to_the_budget() -> None:
     assert d.action == decisions.Action.RAISE_DOWNTIME and d.downtime_ms == 100
     w.downtime_ms = 500                                               # at the budget: never above it
     assert decisions.decide(r, True, w, now + 10, **args).action == decisions.Action.WAIT
+
+
+def test_admission_slots_bandwidth_and_priority() -> None:
+    from kvmotion.controller.admission import Link, Request, plan, shares_mbps
+
+    links = {"h1": Link("h1", 1000), "h2": Link("h2", 1000), "h3": Link("h3", 10000)}
+    reqs = [Request(f"t{i}", "h1", "h2", frozenset({"shared"}), created_at=i) for i in range(6)]
+    p = plan(reqs, [], links)
+    assert p.start == ["t0", "t1", "t2", "t3"]                  # 4 slots below 10 GbE
+    assert set(p.waiting) == {"t4", "t5"} and p.position == {"t4": 1, "t5": 2}
+    running = reqs[:4]
+    assert sum(shares_mbps(running, links).values()) <= 1000       # the link is never oversubscribed
+    assert all(s >= 250 for s in shares_mbps(running, links).values())
+    high = Request("hi", "h1", "h2", frozenset({"shared"}), priority="high", created_at=99)
+    p = plan(reqs[4:] + [high], reqs[:3], links)                 # one slot frees: the high one takes it
+    assert p.start == ["hi"] and p.position == {"t4": 1, "t5": 2}
+    other = Request("o1", "h3", "h2", frozenset({"shared"}), created_at=100)
+    p = plan(reqs[4:] + [other], reqs[:4], links)                # h2 is full: h3->h2 waits too ...
+    assert p.start == [] and "h2" in p.waiting["o1"]
+    p = plan([Request("o2", "h3", "h3x", frozenset(), created_at=1)], [], links | {"h3x": Link("h3x", 10000)})
+    assert p.start == ["o2"]                                     # ... but other hosts are not held back
+    fast = {"a": Link("a", 10000), "b": Link("b", 10000)}
+    assert len(plan([Request(f"f{i}", "a", "b", frozenset(), created_at=i) for i in range(9)], [], fast).start) == 8
+    slow = {"a": Link("a", 400), "b": Link("b", 400)}
+    assert len(plan([Request(f"s{i}", "a", "b", frozenset(), created_at=i) for i in range(3)], [], slow).start) == 1
+    ds = plan([Request(f"d{i}", "h1", "h3", frozenset({"x"}), created_at=i) for i in range(2)], [], links, ds_limit=1)
+    assert ds.start == ["d0"] and "datastore x" in ds.waiting["d1"]

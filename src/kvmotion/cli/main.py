@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmotion.cli.client import Client
-from kvmotion.cli.progress import follow, print_outcome
+from kvmotion.cli.progress import follow, follow_evacuation, print_evacuation, print_outcome
 from kvmotion.common.errors import KvmotionError
 
 console = Console()
@@ -204,9 +204,18 @@ def cdrom_disconnect(vm: str, drive: str = "cd0", url: Optional[str] = URL) -> N
 
 
 @maint_app.command("enter")
-def maintenance_enter(host: str, url: Optional[str] = URL) -> None:
-    run(lambda: Client(url).maintenance(host, True))
-    console.print(f"host {host} is in maintenance mode: nothing is placed on or migrated to it")
+def maintenance_enter(host: str, wait: bool = typer.Option(False, "--wait", help="follow the evacuation"),
+                      url: Optional[str] = URL) -> None:
+    """Evacuate HOST (vMotion running VMs, re-register powered-off ones), then put it in maintenance."""
+    client = Client(url)
+    task = run(lambda: client.maintenance(host, True))
+    console.print(f"host {host}: entering maintenance mode (task {task['id'][:8]}); nothing new is placed on it")
+    if not wait:
+        return
+    task = run(lambda: follow_evacuation(client, task["id"], console))
+    print_evacuation(task, console)
+    if task["state"] != "success":
+        raise typer.Exit(1)
 
 
 @maint_app.command("exit")
@@ -279,14 +288,16 @@ def task_cancel(task_id: str, url: Optional[str] = URL) -> None:
 
 # -- lab, image, demo ----------------------------------------------------------------------
 @lab_app.command("up")
-def lab_up(hosts: int = typer.Option(2, "--hosts"), root: Optional[Path] = None) -> None:
+def lab_up(hosts: int = typer.Option(2, "--hosts"), link: Optional[str] = typer.Option(
+               None, "--link", help="shape each host's migration link with tc: 1g or 10g"),
+           root: Optional[Path] = None) -> None:
     from kvmotion.lab import lab, net
     from kvmotion.image.build import build_image
 
     try:
         image = build_image(log=lambda m: console.print(f"[dim]{m}[/]"))
         info = lab.up(hosts, root or lab.DEFAULT_ROOT, image_dir=image.kernel.parent.parent,
-                      log=lambda m: console.print(m))
+                      log=lambda m: console.print(m), link=link)
     except (net.LabError, KvmotionError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)

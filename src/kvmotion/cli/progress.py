@@ -15,13 +15,15 @@ MB = 1024 * 1024
 
 def describe(task: dict[str, Any]) -> str:
     live = task.get("live") or {}
-    text = f"[bold]{task['phase'] or 'queued'}[/]"
+    if task["state"] == "queued":
+        return f"[bold]queued[/] #{live.get('queue_position', '?')}: {live.get('waiting_for', 'waiting for a slot')}"
+    text = f"[bold]{task['phase'] or 'starting'}[/]"
     if task["phase"] == "precopy" and live:
         text += f"  pass {live.get('pass', 0)}  remaining {live.get('remaining', 0) / MB:7.1f} MB"
         if live.get("eta_s") is not None:
             text += f"  ETA {live['eta_s']:.1f}s"
         if live.get("mbps"):
-            text += f"  {live['mbps']:.0f} Mbit/s"
+            text += f"  {live['mbps']:.0f}/{live.get('bandwidth_mbps', '?')} Mbit/s"
     return text
 
 
@@ -86,3 +88,44 @@ def print_outcome(task: dict[str, Any], console: Console) -> None:
         rb = e.get("rollback") or {}
         if rb:
             console.print(f"rollback: source running={rb.get('source_running')}, shadow removed={rb.get('shadow_removed')}")
+
+
+def follow_evacuation(client: Client, task_id: str, console: Console, poll_s: float = 0.3,
+                      timeout_s: float = 7200) -> dict[str, Any]:
+    """One progress row for the evacuation, and one per VM migration it started."""
+    task = client.task(task_id)
+    end = time.monotonic() + timeout_s
+    rows: dict[str, Any] = {}
+    with Progress(TextColumn("{task.fields[name]}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        top = bar.add_task("planning", total=100, name=task["vm_name"])
+        while time.monotonic() < end:
+            live = task.get("live") or {}
+            for vm, child in (live.get("children") or {}).items():
+                if vm not in rows:
+                    rows[vm] = bar.add_task("", total=100, name=f"  {vm} → {child['destination']}")
+                sub = client.task(child["task"])
+                bar.update(rows[vm], completed=sub["progress"], description=describe(sub) + f" [{sub['state']}]")
+            bar.update(top, completed=task["progress"], description=task["phase"] or "planning")
+            if task["state"] not in ("queued", "running"):
+                break
+            time.sleep(poll_s)
+            task = client.task(task_id)
+    return task
+
+
+def print_evacuation(task: dict[str, Any], console: Console) -> None:
+    r = task.get("result") or {}
+    table = Table("VM", "how", "destination", "state", "downtime ms", "reason", title=f"{task['vm_name']}: "
+                  f"[{'green' if task['state'] == 'success' else 'red'}]{task['state']}[/]")
+    for vm, res in (r.get("results") or {}).items():
+        table.add_row(vm, "vMotion", res["destination"], res["state"], str(res.get("downtime_ms")), res.get("error") or "")
+    for vm, host in (r.get("reregistered") or {}).items():
+        table.add_row(vm, "re-registered (powered off)", host, "success", "-", "")
+    for vm, findings in ((task.get("error") or {}).get("blocked") or {}).items():
+        reason = "; ".join(f"{f['code']}: {f['message']} (fix: {f.get('remedy', '')})" for f in findings)
+        table.add_row(vm, "cannot move", "-", "blocked", "-", reason)
+    console.print(table)
+    if task["state"] != "success" and task.get("error"):
+        console.print(f"[red]{task['error']['message']}[/]")
+        console.print(f"[yellow]fix:[/] {task['error'].get('remedy', '')}")

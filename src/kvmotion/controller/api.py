@@ -31,7 +31,7 @@ def create_app(ctl: Controller) -> FastAPI:
 
     @app.get("/api/v1/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "version": __version__, "running_tasks": len(ctl.running)}
+        return {"ok": True, "version": __version__, "running_tasks": len(ctl.scheduler.engines)}
 
     # -- hosts
     @app.get("/api/v1/hosts")
@@ -51,9 +51,13 @@ def create_app(ctl: Controller) -> FastAPI:
         inv.get_host(name)
         return await inv.refresh_host(name)
 
-    @app.post("/api/v1/hosts/{name}/maintenance")
-    async def host_maintenance(name: str, req: MaintenanceRequest) -> HostOut:
-        return inv.set_maintenance(name, req.enter)
+    @app.post("/api/v1/hosts/{name}/maintenance", status_code=202)
+    async def host_maintenance(name: str, req: MaintenanceRequest) -> TaskOut | HostOut:
+        """Enter: evacuate, then mark (returns the maintenance task). Exit: back in service."""
+        if req.enter:
+            return await ctl.maintenance.enter(name)
+        ctl.maintenance.exit(name)
+        return inv.get_host(name)
 
     # -- clusters (EVC)
     @app.get("/api/v1/clusters")

@@ -21,7 +21,7 @@ def datastore_limit() -> int:
 
 
 def _view(inv: Inventory, host: HostOut, running: int) -> HostView:
-    return HostView(name=host.name, state=host.state, maintenance=host.maintenance,
+    return HostView(name=host.name, state=host.state, maintenance=bool(host.maintenance),
                     facts=inv.host_facts(host.name), running_migrations=running)
 
 

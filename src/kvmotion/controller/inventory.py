@@ -18,7 +18,7 @@ from kvmotion.controller.schemas import CdromChange, HostOut, VMCreate, VMOut
 
 
 def host_out(h: Host) -> HostOut:
-    return HostOut(name=h.name, address=h.address, state=h.state, maintenance=bool(h.maintenance),
+    return HostOut(name=h.name, address=h.address, state=h.state, maintenance=h.maintenance,
                    cluster=h.cluster, last_seen=h.last_seen, last_error=h.last_error, facts=h.facts)
 
 
@@ -160,6 +160,8 @@ class Inventory:
     async def create_vm(self, req: VMCreate) -> VMOut:
         host = self.get_host(req.host)
         facts = self.host_facts(req.host)
+        if host.maintenance:
+            raise ConflictError(f"host {req.host} is in maintenance mode", remedy="place the VM on another host")
         if host.state != "connected" or facts is None:
             raise ConflictError(f"host {req.host} is {host.state}", remedy="reconnect the host's agent first")
         with self.sessions() as s:
@@ -225,12 +227,13 @@ class Inventory:
         self.set_vm(vm.uuid, power_state="poweredOff")
         return self.get_vm(vm.uuid)
 
-    def set_maintenance(self, host: str, enter: bool) -> HostOut:
+    def set_maintenance(self, host: str, state: int) -> HostOut:
+        """0: in service, 1: in maintenance, 2: entering (being evacuated)."""
         self.get_host(host)
         with self.sessions.begin() as s:
             h = s.get(Host, host)
             assert h is not None
-            h.maintenance = int(enter)
+            h.maintenance = state
         return self.get_host(host)
 
     async def change_cdrom(self, ref: str, change: CdromChange) -> VMOut:

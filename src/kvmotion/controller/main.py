@@ -18,12 +18,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8760)
     parser.add_argument("--vm-ip-pool", default=None, help="guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24")
+    parser.add_argument("--no-admission", action="store_true",
+                        help="start every migration at once (benchmarks only: no slots, no bandwidth shares)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.db.startswith("sqlite:////"):
         os.makedirs(os.path.dirname(args.db[len("sqlite:///"):]), exist_ok=True)
-    app = create_app(Controller(args.db, args.vm_ip_pool))
+    app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
 
 

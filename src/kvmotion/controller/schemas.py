@@ -23,7 +23,7 @@ class HostOut(BaseModel):
     name: str
     address: str
     state: str
-    maintenance: bool = False
+    maintenance: int = 0              # 0 in service, 1 in maintenance, 2 entering (evacuating)
     cluster: str | None = None
     last_seen: float
     last_error: str = ""

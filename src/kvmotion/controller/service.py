@@ -5,7 +5,7 @@ import asyncio
 import logging
 from typing import Any
 
-from kvmotion.common.errors import ConflictError, KvmotionError
+from kvmotion.common.errors import KvmotionError
 from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.db import make_engine, make_sessionmaker
@@ -13,33 +13,33 @@ from kvmotion.controller.clusters import Clusters
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import Finding, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
-from kvmotion.controller.vmotion import VMotion
+from kvmotion.controller.maintenance import Maintenance
+from kvmotion.controller.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0
-MAX_RUNNING = 64
 
 
 class Controller:
-    def __init__(self, db_url: str, vm_ip_pool: str | None = None) -> None:
+    def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True) -> None:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
         self.inventory = Inventory(self.sessions, vm_ip_pool)
         self.clusters = Clusters(self.sessions, self.inventory)
-        self.running: dict[str, asyncio.Task[None]] = {}     # task id -> engine task (bounded by MAX_RUNNING)
-        self.engines: dict[str, VMotion] = {}
+        self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled)
+        self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
         self._monitor: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
         await self.reconcile()
+        self.scheduler.start()     # queued tasks survive a restart: the scheduler picks them up
         self._monitor = asyncio.create_task(self._monitor_hosts(), name="host-monitor")
 
     async def shutdown(self) -> None:
         if self._monitor:
             self._monitor.cancel()
-        for t in list(self.running.values()):
-            t.cancel()
+        await self.scheduler.stop()
         self.engine.dispose()
 
     async def _monitor_hosts(self) -> None:
@@ -61,31 +61,14 @@ class Controller:
         return (await compat.validate(self.inventory, self.sessions, vm, req.host))[1]
 
     async def migrate(self, vm: str, req: MigrateRequest) -> TaskOut:
-        """Precheck synchronously (nothing is created on failure), then run the task in the background."""
-        if len(self.running) >= MAX_RUNNING:
-            raise ConflictError(f"{MAX_RUNNING} migrations are already running", remedy="retry when some finish")
+        """Check at once (nothing is created on errors), then queue; admission control starts it."""
         await self.inventory.refresh_host(self.inventory.get_host(req.host).name)
         ctx, findings = await compat.validate(self.inventory, self.sessions, vm, req.host)
         compat.raise_on_errors(ctx.spec.name, req.host, findings)
-        spec, source = ctx.spec, ctx.source.name
-        journal = TaskJournal.create(self.sessions, "vmotion", spec.uuid, spec.name, source, req.host,
-                                     req.model_dump() | {"findings": compat.findings_json(findings)})
-        engine = VMotion(self.inventory, journal, spec, source, req.host, req)
-        task = asyncio.create_task(engine.run(), name=f"vmotion-{spec.name}")
-        self.running[journal.id] = task
-        self.engines[journal.id] = engine
-        task.add_done_callback(lambda _t, tid=journal.id: (self.running.pop(tid, None), self.engines.pop(tid, None)))
-        return journal.read()
+        return self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings))
 
     def cancel(self, task_id: str) -> TaskOut:
-        """Ask a running migration to stop; before the switchover the VM stays on the source."""
-        task = task_store.get_task(self.sessions, task_id)
-        engine = self.engines.get(task.id)
-        if engine is None or task.state not in ("queued", "running"):
-            raise ConflictError(f"task {task.id[:8]} is {task.state}; only a running migration can be cancelled",
-                                remedy="nothing to do")
-        engine.request_cancel()
-        return task
+        return self.scheduler.cancel(task_id)
 
     async def reconcile(self) -> list[dict[str, Any]]:
         """A restarted controller finishes what its journal says was in flight.
@@ -94,7 +77,7 @@ class Controller:
         release the source and update the inventory. Otherwise it runs on the source: remove the shadow.
         """
         outcomes = []
-        for t in task_store.unfinished(self.sessions):
+        for t in task_store.unfinished(self.sessions, "running"):
             journal = TaskJournal(self.sessions, t.id)
             outcome: dict[str, Any] = {"task": t.id, "phase": t.phase}
             try:
@@ -125,6 +108,11 @@ class Controller:
             except KvmotionError as exc:
                 outcome["error"] = exc.message
             outcomes.append(outcome)
+        for t in task_store.unfinished(self.sessions, kind="maintenance"):
+            TaskJournal(self.sessions, t.id).finish("error", error={
+                "code": "CONTROLLER_RESTARTED", "phase": t.phase, "remedy": "enter maintenance mode again",
+                "message": f"the controller restarted while evacuating {t.source}; the host stays in service"})
+            self.inventory.set_maintenance(t.source, 0)
         return outcomes
 
     async def _runtime_state(self, host: str, uuid: str) -> str | None:

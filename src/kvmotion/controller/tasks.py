@@ -34,10 +34,10 @@ class TaskJournal:
 
     @staticmethod
     def create(sessions: sessionmaker[Session], kind: str, vm_uuid: str, vm_name: str, source: str,
-               destination: str, options: dict[str, Any]) -> "TaskJournal":
+               destination: str, options: dict[str, Any], state: str = "running") -> "TaskJournal":
         now = time.time()
         task = Task(id=str(uuidlib.uuid4()), kind=kind, vm_uuid=vm_uuid, vm_name=vm_name, source=source,
-                    destination=destination, state="running", phase="", options_json=json.dumps(options),
+                    destination=destination, state=state, phase="", options_json=json.dumps(options),
                     created_at=now, updated_at=now)
         with sessions.begin() as s:
             s.add(task)
@@ -80,6 +80,11 @@ class TaskJournal:
             task.phases_json = json.dumps(phases)
         self._edit(fn)
 
+    def set_state(self, state: str) -> None:
+        def fn(task: Task) -> None:
+            task.state = state
+        self._edit(fn)
+
     def live(self, data: dict[str, Any], progress: float | None = None) -> None:
         def fn(task: Task) -> None:
             task.progress_json = json.dumps(data)
@@ -104,10 +109,14 @@ def list_tasks(sessions: sessionmaker[Session], limit: int = 50) -> list[TaskOut
         return [to_out(t) for t in rows]
 
 
-def unfinished(sessions: sessionmaker[Session]) -> list[TaskOut]:
+def unfinished(sessions: sessionmaker[Session], state: str | None = None, kind: str | None = "vmotion") -> list[TaskOut]:
     with sessions() as s:
-        rows = s.scalars(select(Task).where(Task.state.not_in(TERMINAL_STATES))).all()
-        return [to_out(t) for t in rows]
+        q = select(Task).where(Task.state.not_in(TERMINAL_STATES))
+        if kind is not None:
+            q = q.where(Task.kind == kind)
+        if state is not None:
+            q = q.where(Task.state == state)
+        return [to_out(t) for t in s.scalars(q.order_by(Task.created_at)).all()]
 
 
 def get_task(sessions: sessionmaker[Session], task_id: str) -> TaskOut:

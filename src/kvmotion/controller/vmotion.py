@@ -40,17 +40,6 @@ PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.PRECOPY: 10, Phase.SWIT
                Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
 
 
-def link_budget_bytes(inv: Inventory, src: str, dst: str, req: MigrateRequest) -> int:
-    speeds = []
-    for host in (src, dst):
-        facts = inv.host_facts(host)
-        if facts:
-            speeds += [i.speed_mbps for i in facts.migration_interfaces if i.enabled and i.speed_mbps]
-    link = min(speeds) if speeds else 1000
-    mbps = min(link, req.max_bandwidth_mbps) if req.max_bandwidth_mbps else link
-    return int(mbps * MBIT)
-
-
 def migration_address(inv: Inventory, host: str) -> str:
     facts = inv.host_facts(host)
     for iface in facts.migration_interfaces if facts else []:
@@ -63,7 +52,7 @@ class VMotion:
     """Runs one vMotion task to its end. Every step's phase is persisted before the step."""
 
     def __init__(self, inv: Inventory, journal: TaskJournal, spec: VMSpec, source: str, destination: str,
-                 req: MigrateRequest) -> None:
+                 req: MigrateRequest, bandwidth_mbps: int) -> None:
         self.inv, self.journal, self.spec, self.req = inv, journal, spec, req
         self.source, self.destination = source, destination
         self.src: AgentClient = inv.agent(source)
@@ -75,8 +64,22 @@ class VMotion:
         self.resume_info: dict[str, Any] = {}
         self.downtime_steps: list[dict[str, Any]] = []
         self.cancel_requested = False
+        self.bandwidth_mbps = bandwidth_mbps          # this migration's share of its links, set by admission
+        self.bandwidth_log: list[dict[str, Any]] = [{"t": time.time(), "mbps": bandwidth_mbps}]
         self.report: MigrationReport | None = None
         self.marks: dict[str, float] = {"start": time.time()}
+
+    async def set_bandwidth(self, mbps: int) -> None:
+        """Admission gave this migration a new share of its links: apply it live."""
+        if mbps == self.bandwidth_mbps:
+            return
+        self.bandwidth_mbps = mbps
+        self.bandwidth_log.append({"t": time.time(), "mbps": mbps})
+        if self.outgoing_started and not self.switching:
+            try:
+                await self.src.tune(self.spec.uuid, MigrationTuning(max_bandwidth_bytes=mbps * MBIT))
+            except KvmotionError as exc:
+                log.warning("could not set the bandwidth of %s: %s", self.spec.name, exc)
 
     def request_cancel(self) -> None:
         if self.resumed or self.switching:
@@ -111,7 +114,7 @@ class VMotion:
         ready = await self.dst.prepare_incoming(self.spec, migration_address(self.inv, self.destination))
         await self.end(uri=ready.uri, shadow_pid=ready.pid)
 
-        budget = link_budget_bytes(self.inv, self.source, self.destination, self.req)
+        budget = self.bandwidth_mbps * MBIT
         first_step = decisions.downtime_steps(self.req.downtime_ms)[0]
         await self.begin(Phase.PRECOPY, max_bandwidth_bytes=budget, downtime_budget_ms=self.req.downtime_ms,
                          downtime_first_step_ms=first_step)
@@ -200,6 +203,7 @@ class VMotion:
 
     def _live(self, r: MigrationReport, watch: decisions.ProgressWatch) -> dict[str, Any]:
         return {"status": r.status, "pass": r.passes[-1].pass_no if r.passes else 0, "ram_total": r.ram_total,
+                "bandwidth_mbps": self.bandwidth_mbps,
                 "transferred": r.ram_transferred, "remaining": r.ram_remaining, "mbps": r.mbps,
                 "dirty_pages_rate": r.dirty_pages_rate, "eta_s": watch.eta_s,
                 "passes": [p.model_dump() for p in r.passes[-50:]]}
@@ -212,7 +216,7 @@ class VMotion:
                 "qemu_total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "parked_ms": r.parked_ms,
                 "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),
-                "downtime_steps": self.downtime_steps,
+                "downtime_steps": self.downtime_steps, "bandwidth_log": self.bandwidth_log,
                 "pass_log": [p.model_dump() for p in r.passes]}
 
     async def _fail(self, exc: KvmotionError) -> None:

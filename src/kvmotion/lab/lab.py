@@ -27,6 +27,7 @@ DEFAULT_PREFIX = os.environ.get("KVMOTION_LAB_PREFIX", "kvmo")
 CONTROLLER_PORT = 8760
 AGENT_PORT = 8770
 VM_IP_POOL = "198.18.1.100-198.18.1.199/24"
+LINK_RATES = {"1g": 1000, "10g": 10000}     # lab up --link: shape each host's migration link with tc
 START_DEADLINE_S = 60.0
 
 
@@ -90,24 +91,36 @@ def _wait(check: Callable[[], bool], deadline_s: float, what: str, log: Path | N
     raise net.LabError(f"{what} did not come up within {deadline_s:.0f}s: {tail}")
 
 
+def shape_link(netns: str, ifname: str, mbps: int) -> None:
+    """A token bucket on the interface's egress: the link really carries at most ``mbps``."""
+    burst = max(64_000, mbps * 125_000 // 100)          # 10 ms worth of bytes
+    subprocess.run(net.netns_exec_argv(netns, ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate",
+                                               f"{mbps}mbit", "burst", str(burst), "latency", "50ms"]),
+                   check=True, capture_output=True, timeout=10)
+
+
 def up(n_hosts: int = 2, root: Path = DEFAULT_ROOT, prefix: str = DEFAULT_PREFIX, image_dir: Path | None = None,
-       ipv6_hosts: set[str] = frozenset(), log: Callable[[str], None] = print) -> LabInfo:
+       ipv6_hosts: set[str] = frozenset(), log: Callable[[str], None] = print, link: str | None = None,
+       admission: bool = True) -> LabInfo:
+    if link is not None and link not in LINK_RATES:
+        raise net.LabError(f"unknown link {link!r}; use one of {', '.join(LINK_RATES)}")
     if state_path(root).exists():
         raise net.LabError(f"a lab is already up (state {state_path(root)}); run `kvmotion lab down` first")
     root.mkdir(parents=True, exist_ok=True)
     _write_state(root, {"controller_url": "", "pids": {}, "prefix": prefix})
     try:
-        return _up(n_hosts, root, prefix, image_dir, ipv6_hosts, log)
+        return _up(n_hosts, root, prefix, image_dir, ipv6_hosts, log, link, admission)
     except BaseException:
         down(root)
         raise
 
 
 def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_hosts: set[str],
-        log: Callable[[str], None]) -> LabInfo:
+        log: Callable[[str], None], link: str | None, admission: bool) -> LabInfo:
     state: dict[str, Any] = {"controller_url": "", "pids": {}, "prefix": prefix}
     lab_net = net.lab_up(prefix, n_hosts, root / "net.json", ipv6_hosts=set(ipv6_hosts))
-    log(f"network: {len(lab_net.hosts)} host namespaces, switch {lab_net.switch_netns}, client {lab_net.client_netns}")
+    log(f"network: {len(lab_net.hosts)} host namespaces, switch {lab_net.switch_netns}, client {lab_net.client_netns}"
+        + (f", migration links shaped to {link}" if link else ""))
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     _make_datastore(root / "ds" / "shared", "shared", shared=True)
@@ -115,13 +128,16 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     state["controller_url"] = controller_url
     state["argv"] = {"controller": [
         sys.executable, "-m", "kvmotion.controller.main", "--host", lab_net.controller_ip,
-        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL]}
+        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL]
+        + ([] if admission else ["--no-admission"])}
     state["pids"]["controller"] = _spawn(state["argv"]["controller"], logs / "controller.log")
     _write_state(root, state)
     _wait(lambda: httpx.get(f"{controller_url}/api/v1/health", timeout=2).status_code == 200, START_DEADLINE_S,
           "controller", logs / "controller.log")
     log(f"controller: {controller_url} (pid {state['pids']['controller']})")
     for h in lab_net.hosts:
+        if link is not None:
+            shape_link(h.netns, "mig0", LINK_RATES[link])
         local = root / "ds" / f"{h.name}-local"
         _make_datastore(local, f"{h.name}-local", shared=False)
         mgmt = h.mgmt_ip or h.mgmt_ip6 or ""
@@ -129,6 +145,7 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
                           state_dir=root / "hosts" / h.name, datastores=[root / "ds" / "shared", local],
                           migration_interfaces=["mig0"], image_dir=image_dir,
                           controller_url=None if h.mgmt_ip6 else controller_url,
+                          declared_link_mbps={"mig0": LINK_RATES[link]} if link else {},
                           accelerator=os.environ.get("KVMOTION_ACCEL", "auto"))
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         cfg_file = cfg.state_dir / "agent.json"

@@ -1,0 +1,153 @@
+"""Maintenance mode: evacuate a host (running VMs by vMotion, powered-off VMs by re-registering), then mark it.
+
+The host is marked ``maintenance`` only once it is empty. A VM that cannot move is named with the checker's
+findings, and the host goes back to normal service: never a half state.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from kvmotion.checks.findings import blockers
+from kvmotion.common.errors import ConflictError, KvmotionError
+from kvmotion.common.types import VMSpec
+from kvmotion.controller import compat
+from kvmotion.controller import tasks as task_store
+from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.scheduler import Scheduler
+from kvmotion.controller.schemas import MigrateRequest, TaskOut, VMOut
+from kvmotion.controller.tasks import TaskJournal
+
+log = logging.getLogger(__name__)
+
+NORMAL, IN_MAINTENANCE, ENTERING = 0, 1, 2
+POLL_S = 0.5
+
+
+def rank(candidates: list[tuple[str, int, int]]) -> list[str]:
+    """Destinations by free memory (most first), then by current load (fewest VMs first). Pure."""
+    return [h for h, _, _ in sorted(candidates, key=lambda c: (-c[1], c[2], c[0]))]
+
+
+class Maintenance:
+    def __init__(self, sessions: sessionmaker[Session], inv: Inventory, scheduler: Scheduler) -> None:
+        self.sessions, self.inv, self.scheduler = sessions, inv, scheduler
+        self.running: dict[str, asyncio.Task[None]] = {}
+
+    def exit(self, host: str) -> None:
+        if self.inv.get_host(host).maintenance == ENTERING:
+            raise ConflictError(f"host {host} is still being evacuated", remedy="wait for the maintenance task")
+        self.inv.set_maintenance(host, NORMAL)
+
+    async def enter(self, host: str) -> TaskOut:
+        h = self.inv.get_host(host)
+        if h.maintenance:
+            raise ConflictError(f"host {host} is already {'in' if h.maintenance == IN_MAINTENANCE else 'entering'} "
+                                "maintenance mode", remedy="nothing to do")
+        self.inv.set_maintenance(host, ENTERING)      # nothing new is placed here from now on
+        journal = TaskJournal.create(self.sessions, "maintenance", "", f"host {host}", host, "", {"host": host})
+        task = asyncio.create_task(self._evacuate(host, journal), name=f"maintenance-{host}")
+        self.running[journal.id] = task
+        task.add_done_callback(lambda _t, tid=journal.id: self.running.pop(tid, None))
+        return journal.read()
+
+    async def _candidates(self, vm: VMOut, host: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The best destination with no error findings, or None and the findings of the closest one."""
+        options, closest = [], None
+        for other in self.inv.list_hosts():
+            if other.name == host or other.state != "connected" or other.maintenance:
+                continue
+            _, findings = await compat.validate(self.inv, self.sessions, vm.uuid, other.name)
+            errors = blockers(findings)
+            if not errors:
+                facts = self.inv.host_facts(other.name)
+                load = sum(1 for v in self.inv.list_vms() if v.host == other.name and v.power_state == "poweredOn")
+                options.append((other.name, facts.mem_free_mb if facts else 0, load))
+            elif closest is None or len(errors) < len(closest[1]):
+                closest = (other.name, errors)
+        if options:
+            return rank(options)[0], []
+        return None, [f.model_dump(mode="json") | {"host": closest[0]} for f in closest[1]] if closest else []
+
+    def _reregister_target(self, vm: VMOut, host: str) -> str | None:
+        spec = VMSpec.model_validate(vm.spec)
+        needed = {spec.boot_datastore} | {d.datastore for d in spec.disks if d.kind == "file"}
+        for other in self.inv.list_hosts():
+            facts = self.inv.host_facts(other.name) if other.state == "connected" else None
+            if other.name == host or other.maintenance or facts is None:
+                continue
+            if needed <= {d.name for d in facts.datastores if d.readable} and not any(d.kind == "rdm" for d in spec.disks):
+                return other.name
+        return None
+
+    async def _evacuate(self, host: str, journal: TaskJournal) -> None:
+        moves: dict[str, str] = {}                      # vm name -> child task id
+        blocked: dict[str, Any] = {}
+        reregistered: dict[str, str] = {}
+        try:
+            await asyncio.to_thread(journal.begin_phase, "plan", 0)
+            vms = [v for v in self.inv.list_vms() if v.host == host]
+            for vm in vms:
+                if vm.power_state != "poweredOn":
+                    target = self._reregister_target(vm, host)
+                    if target is None:
+                        blocked[vm.name] = [{"code": "DATASTORE_NOT_ACCESSIBLE", "severity": "error",
+                                             "message": f"no other host sees the datastores of powered-off VM {vm.name}",
+                                             "remedy": "move its storage first, or power it on and migrate it"}]
+                    else:
+                        self.inv.set_vm(vm.uuid, host=target)       # re-register on a host that sees its files
+                        reregistered[vm.name] = target
+                    continue
+                target, findings = await self._candidates(vm, host)
+                if target is None:
+                    blocked[vm.name] = findings or [{"code": "NO_DESTINATION", "message": "no other connected host"}]
+                    continue
+                ctx, f = await compat.validate(self.inv, self.sessions, vm.uuid, target)
+                t = self.scheduler.submit(ctx.spec, host, MigrateRequest(host=target), compat.findings_json(f))
+                moves[vm.name] = t.id
+            await asyncio.to_thread(journal.end_phase, "ok", {"migrations": moves, "reregistered": reregistered,
+                                                              "blocked": list(blocked)})
+            await asyncio.to_thread(journal.begin_phase, "evacuate", 5)
+            results = await self._wait(journal, moves, reregistered, blocked)
+            failed = {n: r for n, r in results.items() if r["state"] != "success"}
+            await asyncio.to_thread(journal.end_phase, "ok" if not failed else "failed", {"results": results})
+            still = [v.name for v in self.inv.list_vms() if v.host == host]
+            if blocked or failed or still:
+                self.inv.set_maintenance(host, NORMAL)
+                names = sorted(set(blocked) | set(failed) | set(still))
+                journal.finish("error", {"results": results, "reregistered": reregistered}, {
+                    "code": "EVACUATION_INCOMPLETE", "phase": "evacuate",
+                    "message": f"host {host} was not evacuated: {', '.join(names)} could not move; "
+                               f"the host stays in service",
+                    "remedy": "fix the findings listed for each VM, then enter maintenance mode again",
+                    "blocked": blocked, "failed": failed})
+                return
+            self.inv.set_maintenance(host, IN_MAINTENANCE)
+            journal.finish("success", {"results": results, "reregistered": reregistered, "host_state": "maintenance"})
+        except KvmotionError as exc:
+            self.inv.set_maintenance(host, NORMAL)
+            journal.finish("error", error=exc.to_dict() | {"phase": "plan"})
+        except Exception as exc:  # noqa: BLE001 - never leave a host stuck in "entering"
+            log.exception("maintenance of %s crashed", host)
+            self.inv.set_maintenance(host, NORMAL)
+            journal.finish("error", error={"code": "INTERNAL", "message": str(exc), "phase": "evacuate"})
+
+    async def _wait(self, journal: TaskJournal, moves: dict[str, str], reregistered: dict[str, str],
+                    blocked: dict[str, Any]) -> dict[str, Any]:
+        while True:
+            children = {name: task_store.get_task(self.sessions, tid) for name, tid in moves.items()}
+            done = [c for c in children.values() if c.state in task_store.TERMINAL_STATES]
+            total = len(children) + len(reregistered) + len(blocked)
+            progress = 5 + 95 * (len(done) + len(reregistered)) / total if total else 100
+            await asyncio.to_thread(journal.live, {"children": {n: {"task": c.id, "state": c.state, "phase": c.phase,
+                                                                    "progress": c.progress, "destination": c.destination}
+                                                                for n, c in children.items()},
+                                                   "reregistered": reregistered, "blocked": blocked}, progress)
+            if len(done) == len(children):
+                return {n: {"task": c.id, "state": c.state, "destination": c.destination,
+                            "downtime_ms": c.result.get("downtime_ms"),
+                            "error": (c.error or {}).get("message")} for n, c in children.items()}
+            await asyncio.sleep(POLL_S)

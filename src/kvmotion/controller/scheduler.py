@@ -1,0 +1,137 @@
+"""Runs migration tasks under admission control: queue, start, re-share bandwidth, cancel."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from kvmotion.common.errors import ConflictError, KvmotionError
+from kvmotion.common.types import VMSpec
+from kvmotion.controller import admission, compat
+from kvmotion.controller import tasks as task_store
+from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.schemas import MigrateRequest, TaskOut
+from kvmotion.controller.tasks import TaskJournal
+from kvmotion.controller.vmotion import VMotion
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+DEFAULT_LINK_MBPS = 1000
+
+
+class Scheduler:
+    def __init__(self, sessions: sessionmaker[Session], inv: Inventory, admission_enabled: bool = True) -> None:
+        self.sessions = sessions
+        self.inv = inv
+        self.admission_enabled = admission_enabled     # off only for benchmarks: everything starts at once
+        self.engines: dict[str, VMotion] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        for t in list(self.tasks.values()):
+            t.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.schedule()
+            except Exception:  # noqa: BLE001 - the scheduler must keep running
+                log.exception("scheduling failed")
+            await asyncio.sleep(TICK_S)
+
+    def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict]) -> TaskOut:
+        journal = TaskJournal.create(self.sessions, "vmotion", spec.uuid, spec.name, source, req.host,
+                                     req.model_dump() | {"findings": findings}, state="queued")
+        asyncio.get_running_loop().create_task(self.schedule())
+        return journal.read()
+
+    # -- admission ----------------------------------------------------------------------------
+    def _links(self, hosts: set[str]) -> dict[str, admission.Link]:
+        links = {}
+        for h in hosts:
+            try:
+                facts = self.inv.host_facts(h)
+            except KvmotionError:
+                continue
+            speeds = [i.speed_mbps for i in (facts.migration_interfaces if facts else []) if i.enabled and i.speed_mbps]
+            links[h] = admission.Link(h, max(speeds) if speeds else DEFAULT_LINK_MBPS)
+        return links
+
+    def _request(self, t: TaskOut) -> admission.Request:
+        try:
+            spec = VMSpec.model_validate(self.inv.get_vm(t.vm_uuid).spec)
+            stores = frozenset({spec.boot_datastore} | {d.datastore for d in spec.disks if d.kind == "file"})
+        except KvmotionError:
+            stores = frozenset()
+        return admission.Request(t.id, t.source, t.destination, stores, t.options.get("priority", "normal"),
+                                 t.created_at, t.options.get("max_bandwidth_mbps"))
+
+    async def schedule(self) -> None:
+        async with self._lock:
+            queued = [self._request(t) for t in task_store.unfinished(self.sessions, "queued")]
+            running = [self._request(t) for t in task_store.unfinished(self.sessions, "running")
+                       if t.id in self.engines]
+            links = self._links({h for r in queued + running for h in (r.source, r.destination)})
+            if self.admission_enabled:
+                p = admission.plan(queued, running, links, compat.datastore_limit())
+            else:
+                p = admission.Plan(start=[r.task_id for r in admission.queue_order(queued)])
+            for tid, why in p.waiting.items():
+                await asyncio.to_thread(TaskJournal(self.sessions, tid).live,
+                                        {"queue_position": p.position[tid], "waiting_for": why})
+            started = [r for r in queued if r.task_id in p.start]
+            shares = admission.shares_mbps(running + started, links)
+            for req in started:
+                self._launch(req, shares[req.task_id])
+            for req in running:
+                engine = self.engines.get(req.task_id)
+                if engine is not None:
+                    await engine.set_bandwidth(shares[req.task_id])
+
+    def _launch(self, req: admission.Request, bandwidth_mbps: int) -> None:
+        t = task_store.get_task(self.sessions, req.task_id)
+        journal = TaskJournal(self.sessions, t.id)
+        try:
+            spec = VMSpec.model_validate(self.inv.get_vm(t.vm_uuid).spec)
+        except KvmotionError as exc:
+            journal.finish("error", error=exc.to_dict() | {"phase": "queued"})
+            return
+        journal.set_state("running")
+        engine = VMotion(self.inv, journal, spec, t.source, t.destination, MigrateRequest.model_validate(
+            {k: v for k, v in t.options.items() if k in MigrateRequest.model_fields}), bandwidth_mbps)
+        task = asyncio.create_task(engine.run(), name=f"vmotion-{spec.name}")
+        self.engines[t.id] = engine
+        self.tasks[t.id] = task
+        task.add_done_callback(lambda _t, tid=t.id: self._finished(tid))
+
+    def _finished(self, task_id: str) -> None:
+        self.engines.pop(task_id, None)
+        self.tasks.pop(task_id, None)
+        try:
+            asyncio.get_running_loop().create_task(self.schedule())   # shares grow; the queue moves
+        except RuntimeError:
+            pass
+
+    def cancel(self, task_id: str) -> TaskOut:
+        """Cancel a queued task at once, or ask a running one to roll back (before its switchover)."""
+        task = task_store.get_task(self.sessions, task_id)
+        if task.state == "queued":
+            TaskJournal(self.sessions, task.id).finish("error", error={
+                "code": "CANCELLED", "phase": "queued", "message": "cancelled by the user while queued",
+                "remedy": "nothing to do; the VM did not move", "rollback": {"source_running": True}})
+            return task_store.get_task(self.sessions, task.id)
+        engine = self.engines.get(task.id)
+        if engine is None or task.state != "running":
+            raise ConflictError(f"task {task.id[:8]} is {task.state}; only a queued or running migration can be "
+                                "cancelled", remedy="nothing to do")
+        engine.request_cancel()
+        return task

@@ -1,0 +1,121 @@
+"""Admission control, priority and maintenance mode, in a lab whose migration links are shaped to 1 GbE."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import running_lab
+from kvmotion.cli.client import Client
+from kvmotion.lab import scenario
+from labtools import agent_vms, cli, remove_vm, wait_for
+
+LINK_MBPS = 1000
+
+
+@pytest.fixture(scope="module")
+def lab(guest_image):
+    with running_lab(guest_image, 2, link="1g") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def client(lab) -> Client:
+    return Client(lab.controller_url)
+
+
+def boot(client: Client, lab, names: list[str], host: str = "h1", **opts) -> dict[str, dict]:
+    for n in names:
+        client.create_vm(name=n, host=host, memory_mb=128, **opts)
+        client.start_vm(n)
+    return {n: scenario.wait_guest(lab.net.client_netns, client.vm(n)["spec"]["guest_ip"]) for n in names}
+
+
+def heartbeats(client: Client, lab, names: list[str]) -> dict[str, dict]:
+    return {n: scenario.guest_heartbeat(lab.net.client_netns, client.vm(n)["spec"]["guest_ip"]) for n in names}
+
+
+def test_six_migrations_share_one_gbe_link(lab, client) -> None:
+    names = [f"q{i}" for i in range(6)]
+    before = boot(client, lab, names)
+    tasks = [client.migrate(n, "h2")["id"] for n in names]
+    max_running, saw_queued, worst_sum = 0, set(), 0
+    while True:
+        snapshot = {t["id"]: t for t in client.tasks(limit=50)}              # one consistent read
+        now = [snapshot[t] for t in tasks]
+        running = [t for t in now if t["state"] == "running" and t["phase"] not in ("", "precheck")]
+        max_running = max(max_running, len([t for t in now if t["state"] == "running"]))
+        saw_queued |= {t["id"] for t in now if t["state"] == "queued"}
+        for t in now:
+            if t["state"] == "queued":
+                assert t["live"].get("queue_position", 0) >= 1 and "slot" in t["live"].get("waiting_for", "")
+        worst_sum = max(worst_sum, sum((t["live"] or {}).get("bandwidth_mbps", 0) for t in running
+                                       if t["phase"] == "precopy"))
+        if all(t["state"] in ("success", "error") for t in now):
+            break
+        time.sleep(0.1)
+    assert max_running == 4                      # 4 slots on a link below 10 GbE
+    assert len(saw_queued) >= 2                  # the other two waited in `queued` ...
+    assert all(t["state"] == "success" for t in now), [t["error"] for t in now]   # ... and then completed
+    assert 0 < worst_sum <= LINK_MBPS            # the running ones' max-bandwidth never exceeds the link
+    for t in now:
+        assert min(b["mbps"] for b in t["result"]["bandwidth_log"]) >= 250
+        assert t["result"]["bandwidth_log"][0]["mbps"] <= LINK_MBPS
+    after = heartbeats(client, lab, names)
+    for n in names:
+        assert after[n]["boot_id"] == before[n]["boot_id"] and after[n]["seq"] > before[n]["seq"]
+
+
+def test_high_priority_starts_first(lab, client) -> None:
+    names = [f"q{i}" for i in range(6)]                       # on h2 now; send them back
+    boot(client, lab, ["qh"], host="h2")
+    normal = [client.migrate(n, "h1")["id"] for n in names]
+    high = client.migrate("qh", "h1", priority="high")["id"]
+    queued_then = [t for t in normal if client.task(t)["state"] == "queued"]
+    for t in normal + [high]:
+        assert scenario.follow_task(client, t)["state"] == "success"
+    queued_at_submit = [t for t in queued_then if client.task(t)["phases"][0]["started_at"] > client.task(high)["created_at"]]
+    assert queued_at_submit, "some normal requests were still queued when the high one came"
+    high_start = client.task(high)["phases"][0]["started_at"]
+    assert all(high_start <= client.task(t)["phases"][0]["started_at"] for t in queued_at_submit)
+    for n in names + ["qh"]:
+        remove_vm(client, n)
+
+
+def test_maintenance_evacuates_a_host(lab, client) -> None:
+    names = ["m1", "m2", "m3"]
+    before = boot(client, lab, names)
+    client.create_vm(name="moff", host="h1", memory_mb=128)                     # powered off
+    res = cli(lab, "host", "maintenance", "enter", "h1", "--wait")
+    assert res.returncode == 0, res.stdout + res.stderr
+    h1 = client.host("h1")
+    assert h1["maintenance"] == 1
+    assert [v["name"] for v in client.vms() if v["host"] == "h1"] == []        # empty
+    assert agent_vms(lab, "h1") == {}
+    assert client.vm("moff")["host"] == "h2" and client.vm("moff")["power_state"] == "poweredOff"
+    after = heartbeats(client, lab, names)
+    for n in names:
+        assert after[n]["boot_id"] == before[n]["boot_id"] and after[n]["seq"] > before[n]["seq"]
+    res = cli(lab, "vm", "migrate", "m1", "--host", "h1")                       # nothing goes to h1 now
+    assert res.returncode == 3 and "HOST_IN_MAINTENANCE" in res.stderr
+    assert cli(lab, "host", "maintenance", "exit", "h1").returncode == 0
+    assert client.host("h1")["maintenance"] == 0
+    for n in names + ["moff"]:
+        remove_vm(client, n)
+
+
+def test_maintenance_names_a_vm_that_cannot_move(lab, client, tmp_path) -> None:
+    iso = tmp_path / "local.iso"
+    iso.write_bytes(b"\0" * 65536)
+    boot(client, lab, ["iso1", "free1"])
+    client.cdrom("iso1", "cd0", "local", path=str(iso))
+    start = time.monotonic()
+    res = cli(lab, "host", "maintenance", "enter", "h1", "--wait")
+    assert time.monotonic() - start < 120                                      # it does not hang
+    out = res.stdout + res.stderr
+    assert res.returncode == 1 and "iso1" in out and "LOCAL_MEDIA_CONNECTED" in out, out
+    assert client.host("h1")["maintenance"] == 0                                # back in service, not half
+    assert client.vm("iso1")["host"] == "h1" and client.vm("free1")["host"] == "h2"
+    assert agent_vms(lab, "h1")[client.vm("iso1")["uuid"]]["state"] == "running"
+    for n in ("iso1", "free1"):
+        remove_vm(client, n)
