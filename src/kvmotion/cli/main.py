@@ -25,10 +25,11 @@ image_app = typer.Typer(help="the guest image", no_args_is_help=True)
 cluster_app = typer.Typer(help="clusters and EVC baselines", no_args_is_help=True)
 cdrom_app = typer.Typer(help="CD/DVD media of a VM", no_args_is_help=True)
 maint_app = typer.Typer(help="maintenance mode", no_args_is_help=True)
+bench_app = typer.Typer(help="benchmarks in the lab (figures and ratios, no pass/fail)", no_args_is_help=True)
 host_app.add_typer(maint_app, name="maintenance")
 vm_app.add_typer(cdrom_app, name="cdrom")
 for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (lab_app, "lab"), (image_app, "image"),
-                  (cluster_app, "cluster")):
+                  (cluster_app, "cluster"), (bench_app, "bench")):
     app.add_typer(sub, name=name)
 
 URL = typer.Option(None, "--url", envvar="KVMOTION_URL", help="controller URL")
@@ -329,6 +330,22 @@ def image_build(force: bool = typer.Option(False, "--force")) -> None:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)
     console.print(f"guest image: kernel {img.kernel} ({img.version}), initrd {img.initrd}")
+
+
+@bench_app.command("evacuate")
+def bench_evacuate(vms: int = 4, memory: int = 512, link: str = "1g",
+                   out: Optional[Path] = typer.Option(None, help="write the results as JSON")) -> None:
+    """Evacuate N VMs over a shaped link, with admission control and with everything at once."""
+    from kvmotion.bench.evacuate import run as run_bench
+
+    results = run_bench(vms, memory, link, out, log=lambda m: console.print(f"[dim]{m}[/]"))
+    table = Table("admission", "state", "makespan s", "lower bound s", "ratio", "max concurrent", "downtime ms per VM",
+                  title=f"evacuate {vms} × {memory} MiB over {link}")
+    for r in results:
+        table.add_row("on" if r["admission"] else "off (all at once)", r["state"], str(r["makespan_s"]),
+                      str(r["lower_bound_s"]), str(r["ratio"]), str(r["max_concurrent"]),
+                      ", ".join(f"{k}={v}" for k, v in sorted(r["downtime_ms"].items())))
+    console.print(table)
 
 
 @app.command("demo")
