@@ -68,3 +68,29 @@ def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+CRASH_MARKERS = ("Kernel panic", "BUG:", "Oops:", "general protection fault")
+KNOWN_TCG_BUG = ("QEMU 7.2 under TCG corrupted the guest's memory during live migration while it received "
+                 "network traffic (a QEMU bug, reproduced with plain QMP by benchmarks/tcg_rx_migration_repro.py); "
+                 "real hosts use KVM")
+
+
+def guest_crashed(lab: Any, client: Client, name: str) -> bool:
+    """Did the guest's kernel crash (read from its serial console on the host it runs on)?"""
+    vm = client.vm(name)
+    try:
+        lines = httpx.get(f"{agent_url(lab, vm['host'])}/v1/vms/{vm['uuid']}/serial", params={"lines": 1000},
+                          timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return any(m in line for line in lines for m in CRASH_MARKERS)
+
+
+def xfail_if_tcg_guest_crash(lab: Any, client: Client, name: str) -> None:
+    """Turn a guest kernel crash under TCG into an explicit expected failure naming the QEMU bug."""
+    import pytest
+
+    accel = client.host(client.vm(name)["host"])["facts"].get("accelerator")
+    if accel == "tcg" and guest_crashed(lab, client, name):
+        pytest.xfail(KNOWN_TCG_BUG)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from kvmotion.checks import CODES, HostView, MigrationContext, run_all
 from kvmotion.common.types import (BlockDeviceFact, CdromSpec, CpuFact, DatastoreFact, DiskSpec, HostFacts,
-                                   MigrationInterface, NicSpec, PortGroupFact, VMSpec)
+                                   MigrationInterface, NicSpec, PortGroupFact, TlsFact, VMSpec)
 
 
 def spec(**kw) -> VMSpec:
@@ -15,7 +15,7 @@ def spec(**kw) -> VMSpec:
 
 
 def facts(name: str, datastores=("shared",), free_mb=4096, groups=("VM Network",), speed=10000, family="ipv4",
-          ifaces=1, features=("sse2", "sse4.2", "avx2"), luns=(), swap="vm-folder") -> HostFacts:
+          ifaces=1, features=("sse2", "sse4.2", "avx2"), luns=(), swap="vm-folder", tls=True) -> HostFacts:
     return HostFacts(
         name=name, agent_version="0", qemu_version="7.2", accelerator="tcg", cpu_model="x", cpu_features=[],
         cpu_count=2, mem_total_mb=8192, mem_free_mb=free_mb, mgmt_address="198.18.0.12" if family == "ipv4"
@@ -25,7 +25,8 @@ def facts(name: str, datastores=("shared",), free_mb=4096, groups=("VM Network",
         migration_interfaces=[MigrationInterface(ifname=f"mig{i}", address=f"198.19.{i}.12", family="ipv4",
                                                  speed_mbps=speed) for i in range(ifaces)],
         cpu=CpuFact(host_model="max", host_features=list(features), usable_models=["qemu64"]),
-        block_devices=[BlockDeviceFact(path=p, identity=i) for p, i in luns], swap_location=swap)
+        block_devices=[BlockDeviceFact(path=p, identity=i) for p, i in luns], swap_location=swap,
+        tls=TlsFact(supported=tls))
 
 
 def ctx(vm: VMSpec | None = None, src: HostFacts | None = None, dst: HostFacts | None = None, **kw) -> MigrationContext:
@@ -68,6 +69,8 @@ def test_each_code_on_its_own() -> None:
         "SINGLE_MIGRATION_INTERFACE": ctx(),
         "CPU_FEATURES_MISSING": ctx(vm_cpu_features=frozenset({"sse2", "avx512f"})),
         "CPU_PASSTHROUGH_MISMATCH": ctx(vm=spec(cpu_model="host-passthrough"), dst=facts("h2", features=("sse2",))),
+        "ENCRYPTION_UNSUPPORTED": ctx(vm=spec(encrypted_vmotion="required"), dst=facts("h2", tls=False)),
+        "ENCRYPTION_FALLBACK": ctx(dst=facts("h2", tls=False)),
         "PORTGROUP_MISSING": ctx(dst=facts("h2", groups=("Other",))),
         "INSUFFICIENT_MEMORY": ctx(dst=facts("h2", free_mb=100)),
     }
@@ -106,3 +109,10 @@ def test_every_blocker_at_once_errors_first() -> None:
             "LINK_TOO_SLOW", "MGMT_IP_FAMILY_MISMATCH", "PORTGROUP_MISSING", "INSUFFICIENT_MEMORY"} <= {f.code for f in found}
     sev = [f.severity for f in found]
     assert sev == sorted(sev, key=["error", "warning", "info"].index)
+
+
+def test_encryption_policy() -> None:
+    assert "ENCRYPTION_FALLBACK" not in codes(ctx(vm=spec(encrypted_vmotion="disabled"), dst=facts("h2", tls=False)))
+    enc = spec(disks=[DiskSpec(datastore="shared", path="vm1/vm1.qcow2", encrypted=True)], encrypted_vmotion="opportunistic")
+    assert "ENCRYPTION_UNSUPPORTED" in codes(ctx(vm=enc, dst=facts("h2", tls=False)))   # encrypted VMs: always
+    assert not {"ENCRYPTION_UNSUPPORTED", "ENCRYPTION_FALLBACK"} & codes(ctx(vm=spec(encrypted_vmotion="required")))

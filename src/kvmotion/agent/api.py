@@ -12,12 +12,18 @@ from pydantic import BaseModel
 from kvmotion import __version__
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
-from kvmotion.common.types import (CdromSpec, HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
+from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
 
 
 class LeaseRequest(BaseModel):
     expected_holder: str | None = None
+
+
+class TlsInstall(BaseModel):
+    ca_cert: str
+    server_cert: str
+    client_cert: str
 
 
 class CpuExpandRequest(BaseModel):
@@ -48,6 +54,18 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
     @app.get("/v1/facts")
     async def facts() -> HostFacts:
         return agent.facts()
+
+    @app.post("/v1/tls/csr")
+    async def tls_csr() -> dict[str, str]:
+        return agent.tls_csrs()
+
+    @app.post("/v1/tls/install")
+    async def tls_install(req: TlsInstall) -> TlsFact:
+        return agent.tls_install(req.ca_cert, req.server_cert, req.client_cert)
+
+    @app.delete("/v1/tls")
+    async def tls_remove() -> TlsFact:
+        return agent.tls_remove()
 
     @app.post("/v1/cpu/expand")
     async def cpu_expand(req: CpuExpandRequest) -> list[str]:
@@ -88,7 +106,7 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
 
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
-        return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume)
+        return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume, req.tls_authz_identity)
 
     @app.delete("/v1/vms/{uuid}/incoming")
     async def abort_incoming(uuid: str) -> dict[str, bool]:

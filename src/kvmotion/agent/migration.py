@@ -6,10 +6,12 @@ prepare_incoming -> start_outgoing (watched; parks at pre-switchover only for th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import collections
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from kvmotion.agent.qemuvm import QemuVM
@@ -100,7 +102,24 @@ class MigrationWatch:
                 last.dirty_pages_rate = r.dirty_pages_rate
 
 
-async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = True) -> IncomingReady:
+async def _tls_object(vm: QemuVM, endpoint: str, tls_dir: str) -> str:
+    """The process's tls-creds-x509 object for one endpoint and the current certificate files.
+
+    QEMU reads the files when the object is made, so the id carries a digest of them: renewed certificates
+    get a new object (object-add blocks QMP for ~0.7 s, so an unchanged one is reused).
+    """
+    digest = hashlib.sha256(b"".join(
+        (Path(tls_dir) / f).read_bytes() for f in ("ca-cert.pem", f"{endpoint}-cert.pem", f"{endpoint}-key.pem")))
+    oid = f"kvm-tls-{endpoint}-{digest.hexdigest()[:12]}"
+    if oid not in vm.qemu_objects:
+        await _qmp(vm).execute("object-add", {"qom-type": "tls-creds-x509", "id": oid, "dir": tls_dir,
+                                              "endpoint": endpoint, "verify-peer": True}, timeout=20)
+        vm.qemu_objects.add(oid)
+    return oid
+
+
+async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = True,
+                           tls_authz_identity: str | None = None, tls_dir: str | None = None) -> IncomingReady:
     """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener.
 
     With ``auto_resume`` the shadow runs (``cont``) the moment its incoming migration completes: the
@@ -108,6 +127,16 @@ async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = 
     not a controller round trip.
     """
     await set_caps(vm, {"events": True, "late-block-activate": True, "return-path": True})
+    if tls_authz_identity:
+        if tls_dir is None:
+            raise ConflictError("this host has no TLS certificate for encrypted migration",
+                                remedy="renew the host's certificate: kvmotion host cert renew HOST")
+        creds = await _tls_object(vm, "server", tls_dir)
+        await _qmp(vm).execute("object-add", {"qom-type": "authz-simple", "id": "kvm-authz",
+                                              "identity": tls_authz_identity})
+        await _qmp(vm).execute("migrate-set-parameters", {"tls-creds": creds, "tls-authz": "kvm-authz"})
+    else:
+        await _qmp(vm).execute("migrate-set-parameters", {"tls-creds": ""})
     port = pick_port(listen_address)
     uri = uri_for(listen_address, port)
     watch = MigrationWatch(vm, "destination")
@@ -172,14 +201,22 @@ async def _run_shadow(vm: QemuVM, r: MigrationReport) -> None:
         vm.transition(VMRunState.RUNNING)
 
 
-async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None = None) -> MigrationWatch:
+async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None = None,
+                         tls_dir: str | None = None) -> MigrationWatch:
     if vm.state not in (VMRunState.RUNNING, VMRunState.PAUSED):
         raise ConflictError(f"VM {vm.spec.name} is {vm.state}, not running",
                             remedy="only a running VM can be live-migrated; use cold migration")
     qmp = _qmp(vm)
     await set_caps(vm, {"events": True, "return-path": True, "pause-before-switchover": True})
-    await qmp.execute("migrate-set-parameters", {
-        "max-bandwidth": int(req.max_bandwidth_bytes), "downtime-limit": int(req.downtime_limit_ms)})
+    params: dict[str, Any] = {"max-bandwidth": int(req.max_bandwidth_bytes),
+                              "downtime-limit": int(req.downtime_limit_ms), "tls-creds": "", "tls-hostname": ""}
+    if req.tls_hostname:
+        if tls_dir is None:
+            raise ConflictError("this host has no TLS certificate for encrypted migration",
+                                remedy="renew the host's certificate: kvmotion host cert renew HOST")
+        params["tls-creds"] = await _tls_object(vm, "client", tls_dir)
+        params["tls-hostname"] = req.tls_hostname
+    await qmp.execute("migrate-set-parameters", params)
     watch = MigrationWatch(vm, "source")
     vm.migration = watch
     listener_cm = qmp.listener(("MIGRATION", "MIGRATION_PASS"))

@@ -107,7 +107,8 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool) ->
         QEMU_BINARY,
         "-name", f"guest={spec.name},debug-threads=on",
         "-uuid", spec.uuid,
-        "-machine", f"{spec.machine},accel={accel}",
+        "-machine", spec.machine,
+        "-accel", "kvm" if accel == "kvm" else "tcg,thread=single",
         "-cpu", cpu_arg(spec, ctx),
         "-m", str(spec.memory_mb),
         "-smp", str(spec.vcpus),
@@ -239,6 +240,7 @@ class QemuVM:
         self.role = "normal"
         self.lock = asyncio.Lock()
         self.migration: Any = None   # kvmotion.agent.migration.MigrationWatch, when one runs
+        self.qemu_objects: set[str] = set()   # QOM objects this agent added to the process (TLS creds)
 
     # -- lifecycle -----------------------------------------------------------------------
     def transition(self, new: VMRunState) -> None:

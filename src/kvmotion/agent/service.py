@@ -11,14 +11,14 @@ from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
 from kvmotion.agent import lease as leases
-from kvmotion.agent import migration
+from kvmotion.agent import migration, tls
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, resolve_datastore, rss_mb, vm_folder
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError, QemuStartFailed
-from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
+from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,10 @@ class Agent:
         return sorted(self.cpu.expand(model, minus=mask))
 
     def facts(self) -> HostFacts:
-        return host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, sorted(self.vms),
-                                 self.cpu_fact())
+        facts = host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, sorted(self.vms),
+                                  self.cpu_fact())
+        facts.tls = tls.status(self.tls_dir)
+        return facts
 
     # -- VM files -------------------------------------------------------------------------
     def _image_files(self) -> tuple[Path, Path]:
@@ -227,7 +229,25 @@ class Agent:
         return [vm.runtime() for vm in self.vms.values()]
 
     # -- migration primitives -------------------------------------------------------------
-    async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True) -> IncomingReady:
+    @property
+    def tls_dir(self) -> Path:
+        return self.cfg.state_dir / "tls"
+
+    def _tls_dir_if_valid(self) -> str | None:
+        return str(self.tls_dir) if tls.status(self.tls_dir).supported else None
+
+    def tls_csrs(self) -> dict[str, str]:
+        return tls.make_csrs(self.tls_dir, self.cfg.name)
+
+    def tls_install(self, ca_cert: str, server_cert: str, client_cert: str) -> TlsFact:
+        return tls.install(self.tls_dir, ca_cert, server_cert, client_cert)
+
+    def tls_remove(self) -> TlsFact:
+        tls.remove(self.tls_dir)
+        return tls.status(self.tls_dir)
+
+    async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True,
+                               tls_authz_identity: str | None = None) -> IncomingReady:
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
                                 remedy="a VM never runs twice; pick another destination")
@@ -235,7 +255,8 @@ class Agent:
         self.vms[spec.uuid] = vm
         try:
             await vm.start(incoming=True)
-            return await migration.prepare_incoming(vm, listen_address, auto_resume)
+            return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
+                                                    self._tls_dir_if_valid())
         except KvmotionError:
             await vm.kill()
             self.vms.pop(spec.uuid, None)
@@ -255,7 +276,7 @@ class Agent:
 
     async def start_outgoing(self, uuid: str, req: OutgoingRequest) -> MigrationReport:
         vm = self.get(uuid)
-        watch = await migration.start_outgoing(vm, req)
+        watch = await migration.start_outgoing(vm, req, tls_dir=self._tls_dir_if_valid())
         return watch.snapshot()
 
     def migration_report(self, uuid: str) -> MigrationReport:

@@ -42,6 +42,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "SINGLE_MIGRATION_INTERFACE": (Severity.INFO, "two or more migration interfaces are recommended"),
     "CPU_FEATURES_MISSING": (Severity.ERROR, "the destination lacks CPU features the VM sees"),
     "CPU_PASSTHROUGH_MISMATCH": (Severity.ERROR, "a host-passthrough VM needs an identical CPU feature set"),
+    "ENCRYPTION_UNSUPPORTED": (Severity.ERROR, "encrypted vMotion is required but a host has no valid certificate"),
+    "ENCRYPTION_FALLBACK": (Severity.INFO, "opportunistic encryption: a host has no certificate, so the move is plain"),
     "PORTGROUP_MISSING": (Severity.ERROR, "a network (port group) of the VM does not exist on the destination"),
     "INSUFFICIENT_MEMORY": (Severity.ERROR, "the destination does not have the VM's memory free"),
 }

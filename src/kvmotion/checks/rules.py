@@ -166,6 +166,38 @@ def cpu(ctx: MigrationContext) -> list[Finding]:
     return []
 
 
+def encryption_plan(spec_policy: str, src: HostFacts | None, dst: HostFacts | None,
+                    encrypted_disks: bool) -> tuple[bool, str, list[str]]:
+    """(use TLS?, why, hosts without certificates). Encrypted VMs always migrate encrypted (SPEC §4)."""
+    policy = "required" if encrypted_disks else spec_policy
+    lacking = [f.name for f in (src, dst) if f is not None and not (f.tls and f.tls.supported)]
+    if policy == "disabled":
+        return False, "encryption disabled for this VM", lacking
+    if lacking:
+        return False, f"{', '.join(lacking)} cannot encrypt (no valid certificate)", lacking
+    return True, f"TLS: both hosts have certificates ({policy})", lacking
+
+
+def encryption(ctx: MigrationContext) -> list[Finding]:
+    vm = ctx.spec
+    src, dst = ctx.source.facts, ctx.destination.facts
+    if src is None or dst is None:
+        return []
+    encrypted_disks = any(d.encrypted for d in vm.disks)
+    use_tls, why, lacking = encryption_plan(vm.encrypted_vmotion, src, dst, encrypted_disks)
+    if use_tls or not lacking or vm.encrypted_vmotion == "disabled" and not encrypted_disks:
+        return []
+    hosts = ", ".join(lacking)
+    if vm.encrypted_vmotion == "required" or encrypted_disks:
+        return [finding("ENCRYPTION_UNSUPPORTED", f"vm:{vm.name}",
+                        f"VM {vm.name} requires encrypted vMotion ({'encrypted disks' if encrypted_disks else 'policy'})"
+                        f" but {hosts} has no valid migration certificate",
+                        f"issue one: kvmotion host cert renew {lacking[0]}")]
+    return [finding("ENCRYPTION_FALLBACK", f"vm:{vm.name}",
+                    f"{hosts} has no migration certificate: VM {vm.name} (opportunistic) will migrate unencrypted",
+                    f"issue one (kvmotion host cert renew {lacking[0]}), or set --encrypted-vmotion required")]
+
+
 def resources(ctx: MigrationContext) -> list[Finding]:
     dst, vm = ctx.destination, ctx.spec
     if dst.facts is None:
@@ -185,7 +217,8 @@ def resources(ctx: MigrationContext) -> list[Finding]:
     return out
 
 
-ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, media, memory_backing, network, cpu, resources)
+ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, media, memory_backing, network, cpu, encryption,
+                                 resources)
 
 
 def run_all(ctx: MigrationContext) -> list[Finding]:

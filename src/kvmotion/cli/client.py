@@ -81,6 +81,15 @@ class Client:
     def cdrom(self, ref: str, drive: str, media: str, path: str | None = None, nbd: str | None = None) -> dict[str, Any]:
         return self.call("POST", f"/vms/{ref}/cdrom", {"drive": drive, "media": media, "path": path, "nbd": nbd})
 
+    def update_vm(self, ref: str, **fields: Any) -> dict[str, Any]:
+        return self.call("PATCH", f"/vms/{ref}", fields)
+
+    def cert_renew(self, host: str) -> dict[str, Any]:
+        return self.call("POST", f"/hosts/{host}/cert/renew")
+
+    def cert_remove(self, host: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/hosts/{host}/cert")
+
     def maintenance(self, host: str, enter: bool) -> dict[str, Any]:
         return self.call("POST", f"/hosts/{host}/maintenance", {"enter": enter})
 

@@ -27,6 +27,8 @@ cdrom_app = typer.Typer(help="CD/DVD media of a VM", no_args_is_help=True)
 maint_app = typer.Typer(help="maintenance mode", no_args_is_help=True)
 bench_app = typer.Typer(help="benchmarks in the lab (figures and ratios, no pass/fail)", no_args_is_help=True)
 host_app.add_typer(maint_app, name="maintenance")
+cert_app = typer.Typer(help="host certificates for encrypted vMotion", no_args_is_help=True)
+host_app.add_typer(cert_app, name="cert")
 vm_app.add_typer(cdrom_app, name="cdrom")
 for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (lab_app, "lab"), (image_app, "image"),
                   (cluster_app, "cluster"), (bench_app, "bench")):
@@ -90,13 +92,37 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               dirty: float = typer.Option(0.0, help="guest memory dirtier rate, MB/s"),
               cpu: Optional[str] = typer.Option(None, help="CPU model, or host-passthrough"),
               cpu_mask: Optional[str] = typer.Option(None, help="CPU features to hide, comma separated"),
+              encrypted_vmotion: str = typer.Option("opportunistic", help="disabled | opportunistic | required"),
+              marker: Optional[str] = typer.Option(None, help="a string the guest keeps in RAM (wire tests)"),
               url: Optional[str] = URL) -> None:
     mask = [f for f in (cpu_mask or "").split(",") if f]
     vm = run(lambda: Client(url).create_vm(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore,
                                            network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, cpu_model=cpu,
-                                           cpu_mask=mask))
+                                           cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker))
     console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
                   f"datastore {vm['spec']['boot_datastore']}, ip {vm['spec']['guest_ip']}")
+
+
+@vm_app.command("set")
+def vm_set(vm: str, encrypted_vmotion: Optional[str] = typer.Option(None, help="disabled | opportunistic | required"),
+           url: Optional[str] = URL) -> None:
+    """Change a VM's settings."""
+    out = run(lambda: Client(url).update_vm(vm, encrypted_vmotion=encrypted_vmotion))
+    console.print(f"VM [bold]{out['name']}[/]: encrypted vMotion {out['spec']['encrypted_vmotion']}")
+
+
+@cert_app.command("renew")
+def cert_renew(host: str, url: Optional[str] = URL) -> None:
+    """Issue HOST new migration certificates from the controller's CA (its keys stay on the host)."""
+    out = run(lambda: Client(url).cert_renew(host))
+    console.print(f"host {host}: certificates {'valid' if out['supported'] else 'NOT valid'} until {out['not_after']}")
+
+
+@cert_app.command("remove")
+def cert_remove(host: str, url: Optional[str] = URL) -> None:
+    """Remove HOST's migration certificates: it can no longer migrate encrypted."""
+    run(lambda: Client(url).cert_remove(host))
+    console.print(f"host {host}: certificates removed (encrypted vMotion unsupported)")
 
 
 @vm_app.command("start")

@@ -70,7 +70,8 @@ def figures(task: dict[str, Any]) -> Table:
             ("parked at pre-switchover", f"{r['parked_ms']:.1f} ms" if r.get("parked_ms") is not None else "-"),
             ("bytes sent", f"{r.get('bytes_sent', 0) / MB:.1f} MiB"),
             ("sent ÷ RAM", f"{r['sent_ratio']:.2f}" if r.get("sent_ratio") is not None else "-"),
-            ("pre-copy passes", str(r.get("passes", "-")))]
+            ("pre-copy passes", str(r.get("passes", "-"))),
+            ("encryption", f"{(r.get('encryption') or {}).get('mode', '-')} ({(r.get('encryption') or {}).get('reason', '')})")]
     for k, v in rows:
         table.add_row(k, v)
     return table

@@ -22,6 +22,7 @@ class DiskSpec(BaseModel):
     format: str = "qcow2"
     size_mb: int = 64
     identity: str | None = None       # rdm disks: the LUN's identity (WWN, serial, loop backing file)
+    encrypted: bool = False           # LUKS-encrypted qcow2 (key from the controller's key provider)
 
 
 class CdromSpec(BaseModel):
@@ -58,6 +59,7 @@ class VMSpec(BaseModel):
     guest_ip: str | None = None       # e.g. "198.18.1.100/24"
     dirty_mb_s: float = 0.0
     extra_cmdline: str = ""
+    encrypted_vmotion: str = "opportunistic"   # disabled | opportunistic | required (SPEC §4)
 
 
 class VMRunState(StrEnum):
@@ -104,6 +106,14 @@ class CpuFact(BaseModel):
     masked: list[str] = Field(default_factory=list)   # lab setting: features this host pretends not to have
 
 
+class TlsFact(BaseModel):
+    supported: bool                       # certificates installed and valid: this host can migrate encrypted
+    reason: str = ""
+    directory: str | None = None
+    client_subject: str | None = None
+    not_after: str | None = None
+
+
 class BlockDeviceFact(BaseModel):
     path: str
     identity: str | None
@@ -131,6 +141,7 @@ class HostFacts(BaseModel):
     cpu: CpuFact | None = None
     block_devices: list[BlockDeviceFact] = Field(default_factory=list)
     swap_location: str = "vm-folder"      # where VM memory-backing files live: with the VM, or a host path
+    tls: TlsFact | None = None
 
 
 class VMRuntime(BaseModel):
@@ -157,6 +168,7 @@ class OutgoingRequest(BaseModel):
     max_bandwidth_bytes: int
     downtime_limit_ms: int = 500
     auto_continue: bool = True
+    tls_hostname: str | None = None      # set: the stream is TLS, and the destination must present this name
 
 
 class MigrationTuning(BaseModel):
@@ -168,6 +180,7 @@ class IncomingRequest(BaseModel):
     spec: VMSpec
     listen_address: str
     auto_resume: bool = True          # run the shadow as soon as its state is complete
+    tls_authz_identity: str | None = None   # set: accept only a TLS client with exactly this identity
 
 
 class IncomingReady(BaseModel):

@@ -68,7 +68,7 @@ def plan(queued: list[Request], running: list[Request], links: dict[str, Link],
     """Admit in queue order; a request blocked on one host does not hold back requests on other hosts."""
     out = Plan()
     active = list(running)
-    for i, req in enumerate(queue_order(queued), start=1):
+    for req in queue_order(queued):
         why = _blocker(req, active, links, ds_limit)
         if why is None:
             out.start.append(req.task_id)

@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
-from kvmotion.common.types import (CdromSpec, HostFacts, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
+from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
 
 DEFAULT_TIMEOUT_S = 15.0
@@ -42,6 +42,16 @@ class AgentClient:
                              remedy="see the agent's log", details={"host": self.host})
         return r.json()
 
+    async def tls_csr(self) -> dict[str, str]:
+        return await self._call("POST", "/v1/tls/csr", timeout=15)
+
+    async def tls_install(self, ca_cert: str, server_cert: str, client_cert: str) -> TlsFact:
+        return TlsFact.model_validate(await self._call("POST", "/v1/tls/install", {
+            "ca_cert": ca_cert, "server_cert": server_cert, "client_cert": client_cert}, timeout=15))
+
+    async def tls_remove(self) -> TlsFact:
+        return TlsFact.model_validate(await self._call("DELETE", "/v1/tls", timeout=15))
+
     async def cpu_expand(self, model: str, mask: list[str]) -> list[str]:
         return await self._call("POST", "/v1/cpu/expand", {"model": model, "mask": mask}, timeout=10)
 
@@ -73,8 +83,9 @@ class AgentClient:
     async def serial(self, uuid: str, lines: int = 20) -> list[str]:
         return await self._call("GET", f"/v1/vms/{uuid}/serial", params={"lines": lines}, timeout=8)
 
-    async def prepare_incoming(self, spec: VMSpec, listen_address: str) -> IncomingReady:
-        req = IncomingRequest(spec=spec, listen_address=listen_address)
+    async def prepare_incoming(self, spec: VMSpec, listen_address: str,
+                               tls_authz_identity: str | None = None) -> IncomingReady:
+        req = IncomingRequest(spec=spec, listen_address=listen_address, tls_authz_identity=tls_authz_identity)
         return IncomingReady.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/incoming",
                                                              req.model_dump(), timeout=40))
 

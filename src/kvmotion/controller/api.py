@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse
 
 from kvmotion import __version__
 from kvmotion.common.errors import KvmotionError
+from kvmotion.common.types import TlsFact
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.schemas import (CdromChange, ClusterCreate, ClusterOut, Finding, HostAdd, HostOut,
-                                         MaintenanceRequest, MigrateRequest, TaskOut, VMCreate, VMOut)
+                                         MaintenanceRequest, MigrateRequest, TaskOut, VMCreate, VMOut, VMUpdate)
 from kvmotion.controller.service import Controller
 
 
@@ -40,11 +41,21 @@ def create_app(ctl: Controller) -> FastAPI:
 
     @app.post("/api/v1/hosts", status_code=201)
     async def host_add(req: HostAdd) -> HostOut:
-        return await inv.add_host(req.address, req.name)
+        return await ctl.add_host(req.address, req.name)
 
     @app.post("/api/v1/hosts/register", status_code=201)
     async def host_register(req: HostAdd) -> HostOut:
-        return await inv.add_host(req.address, req.name)
+        return await ctl.add_host(req.address, req.name)
+
+    @app.post("/api/v1/hosts/{name}/cert/renew")
+    async def host_cert_renew(name: str) -> TlsFact:
+        inv.get_host(name)
+        return await ctl.certs.issue(name)
+
+    @app.delete("/api/v1/hosts/{name}/cert")
+    async def host_cert_remove(name: str) -> TlsFact:
+        inv.get_host(name)
+        return await ctl.certs.remove(name)
 
     @app.get("/api/v1/hosts/{name}")
     async def host_show(name: str) -> HostOut:
@@ -121,6 +132,10 @@ def create_app(ctl: Controller) -> FastAPI:
     async def vm_delete(ref: str) -> dict[str, bool]:
         await inv.delete_vm(ref)
         return {"deleted": True}
+
+    @app.patch("/api/v1/vms/{ref}")
+    async def vm_set(ref: str, req: VMUpdate) -> VMOut:
+        return inv.update_vm(ref, req)
 
     @app.post("/api/v1/vms/{ref}/cdrom")
     async def vm_cdrom(ref: str, req: CdromChange) -> VMOut:

@@ -14,7 +14,7 @@ from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionErr
 from kvmotion.common.types import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
-from kvmotion.controller.schemas import CdromChange, HostOut, VMCreate, VMOut
+from kvmotion.controller.schemas import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
 
 def host_out(h: Host) -> HostOut:
@@ -197,7 +197,8 @@ class Inventory:
                       disks=disks,
                       nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
                       guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
-                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
+                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask, encrypted_vmotion=req.encrypted_vmotion,
+                      extra_cmdline=f"kvmotion.marker={req.marker}" if req.marker else "",
                       **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
         await self.agent(req.host).provision(spec)
         with self.sessions.begin() as s:
@@ -225,6 +226,17 @@ class Inventory:
             raise ConflictError(f"VM {vm.name} is already powered off", remedy="nothing to do")
         await self.agent(vm.host).stop(vm.uuid)
         self.set_vm(vm.uuid, power_state="poweredOff")
+        return self.get_vm(vm.uuid)
+
+    def update_vm(self, ref: str, req: VMUpdate) -> VMOut:
+        vm = self.get_vm(ref)
+        spec = self.spec(vm.uuid)
+        if req.encrypted_vmotion is not None:
+            if req.encrypted_vmotion == "disabled" and spec_is_encrypted(spec):
+                raise ConflictError(f"VM {vm.name} has encrypted disks: it always migrates encrypted",
+                                    remedy="use opportunistic or required")
+            spec.encrypted_vmotion = req.encrypted_vmotion
+        self.set_vm(vm.uuid, spec_json=spec.model_dump_json())
         return self.get_vm(vm.uuid)
 
     def set_maintenance(self, host: str, state: int) -> HostOut:
@@ -274,6 +286,10 @@ class Inventory:
         except KvmotionError as exc:
             runtime = {"error": exc.to_dict()}
         return vm_out_live(vm, runtime)
+
+
+def spec_is_encrypted(spec: VMSpec) -> bool:
+    return any(d.encrypted for d in spec.disks)
 
 
 def vm_out_live(vm: VMOut, runtime: dict[str, Any]) -> VMOut:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 import uvicorn
 
@@ -17,6 +18,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="SQLAlchemy URL (default: SQLite)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8760)
+    parser.add_argument("--pki-dir", type=Path, default=None,
+                        help="where the CA lives (default: next to a SQLite database, else /var/lib/kvmotion/pki)")
     parser.add_argument("--vm-ip-pool", default=None, help="guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24")
     parser.add_argument("--no-admission", action="store_true",
                         help="start every migration at once (benchmarks only: no slots, no bandwidth shares)")
@@ -25,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.db.startswith("sqlite:////"):
         os.makedirs(os.path.dirname(args.db[len("sqlite:///"):]), exist_ok=True)
-    app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission))
+    pki = args.pki_dir or (Path(args.db[len("sqlite:///"):]).parent / "pki" if args.db.startswith("sqlite:///")
+                           else None)
+    app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission, pki_dir=pki))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
 
 

@@ -43,6 +43,13 @@ class VMCreate(Request):
     cpu_model: str | None = Field(default=None, description="named model, or host-passthrough")
     cpu_mask: list[str] = Field(default_factory=list, description="CPU features hidden from the guest")
     rdm: str | None = Field(default=None, description="raw LUN: a block device path presented to the host")
+    encrypted_vmotion: str = Field(default="opportunistic", pattern="^(disabled|opportunistic|required)$")
+    marker: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                               description="a string the guest keeps in RAM (to prove what crosses the wire)")
+
+
+class VMUpdate(Request):
+    encrypted_vmotion: str | None = Field(default=None, pattern="^(disabled|opportunistic|required)$")
 
 
 class VMOut(BaseModel):

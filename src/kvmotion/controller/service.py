@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from kvmotion.common.errors import KvmotionError
 from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.db import make_engine, make_sessionmaker
+from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
+from kvmotion.controller.pki import CertificateAuthority
 from kvmotion.controller.inventory import Inventory
-from kvmotion.controller.schemas import Finding, MigrateRequest, TaskOut, VMOut
+from kvmotion.controller.schemas import Finding, HostOut, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.controller.maintenance import Maintenance
 from kvmotion.controller.scheduler import Scheduler
@@ -22,13 +25,16 @@ REFRESH_S = 5.0
 
 
 class Controller:
-    def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True) -> None:
+    def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True,
+                 pki_dir: Path | None = None) -> None:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
         self.inventory = Inventory(self.sessions, vm_ip_pool)
         self.clusters = Clusters(self.sessions, self.inventory)
         self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled)
         self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
+        self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(
+            pki_dir or Path("/var/lib/kvmotion/pki")))
         self._monitor: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
@@ -50,6 +56,15 @@ class Controller:
                 except Exception:  # noqa: BLE001 - keep monitoring the other hosts
                     log.exception("refresh of %s failed", host.name)
             await asyncio.sleep(REFRESH_S)
+
+    async def add_host(self, address: str, name: str | None = None) -> HostOut:
+        """Add or re-register a host; it gets its migration certificates if it has none."""
+        host = await self.inventory.add_host(address, name)
+        try:
+            await self.certs.ensure(host.name)
+        except KvmotionError as exc:
+            log.warning("could not issue certificates to %s: %s", host.name, exc)
+        return self.inventory.get_host(host.name)
 
     async def start_vm(self, ref: str) -> VMOut:
         vm = self.inventory.get_vm(ref)

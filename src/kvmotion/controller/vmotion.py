@@ -12,7 +12,9 @@ from typing import Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import MigrationReport, MigrationTuning, OutgoingRequest, VMSpec
+from kvmotion.checks.rules import encryption_plan
 from kvmotion.controller import compat, decisions
+from kvmotion.controller.pki import client_identity
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import MigrateRequest
@@ -64,6 +66,7 @@ class VMotion:
         self.resume_info: dict[str, Any] = {}
         self.downtime_steps: list[dict[str, Any]] = []
         self.cancel_requested = False
+        self.encryption: dict[str, Any] = {}
         self.bandwidth_mbps = bandwidth_mbps          # this migration's share of its links, set by admission
         self.bandwidth_log: list[dict[str, Any]] = [{"t": time.time(), "mbps": bandwidth_mbps}]
         self.report: MigrationReport | None = None
@@ -109,9 +112,14 @@ class VMotion:
         compat.raise_on_errors(self.spec.name, self.destination, findings)
         await self.end(findings=compat.findings_json(findings))
 
-        await self.begin(Phase.SHADOW, host=self.destination)
+        use_tls, why, _ = encryption_plan(self.spec.encrypted_vmotion, self.inv.host_facts(self.source),
+                                          self.inv.host_facts(self.destination), any(d.encrypted for d in self.spec.disks))
+        self.encryption = {"mode": "tls" if use_tls else "plain", "reason": why, "policy": self.spec.encrypted_vmotion}
+        await self.begin(Phase.SHADOW, host=self.destination, encryption=self.encryption["mode"])
         self.shadow_created = True
-        ready = await self.dst.prepare_incoming(self.spec, migration_address(self.inv, self.destination))
+        dst_address = migration_address(self.inv, self.destination)
+        ready = await self.dst.prepare_incoming(self.spec, dst_address,
+                                                client_identity(self.source) if use_tls else None)
         await self.end(uri=ready.uri, shadow_pid=ready.pid)
 
         budget = self.bandwidth_mbps * MBIT
@@ -120,7 +128,8 @@ class VMotion:
                          downtime_first_step_ms=first_step)
         self.outgoing_started = True
         await self.src.start_outgoing(self.spec.uuid, OutgoingRequest(
-            uri=ready.uri, max_bandwidth_bytes=budget, downtime_limit_ms=first_step))
+            uri=ready.uri, max_bandwidth_bytes=budget, downtime_limit_ms=first_step,
+            tls_hostname=dst_address if use_tls else None))
         report = await self._follow_precopy()
 
         await self.begin(Phase.RESUME, host=self.destination)
@@ -212,7 +221,7 @@ class VMotion:
         total = r.ram_total or self.spec.memory_mb * 1024 * 1024
         resumed_at = self.resume_info.get("resumed_at")
         pause = (resumed_at - r.pre_switchover_at) * 1000 if resumed_at and r.pre_switchover_at else None
-        return {"guest_pause_ms": round(pause, 1) if pause is not None else None,"total_time_s": round(time.time() - self.marks["start"], 3),
+        return {"guest_pause_ms": round(pause, 1) if pause is not None else None, "encryption": self.encryption,"total_time_s": round(time.time() - self.marks["start"], 3),
                 "qemu_total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "parked_ms": r.parked_ms,
                 "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),

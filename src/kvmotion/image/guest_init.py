@@ -54,7 +54,7 @@ now_cs() {  # NOW := uptime in centiseconds (no fork)
 }
 
 # ---- kernel command line -------------------------------------------------
-KIP= ; KGW= ; KDIRTY=0 ; KREGION=64 ; KHOST=kvmotion-guest
+KIP= ; KGW= ; KDIRTY=0 ; KREGION=64 ; KHOST=kvmotion-guest ; KMARKER=
 read -r CMDLINE < /proc/cmdline
 set -f
 for arg in $CMDLINE; do
@@ -64,6 +64,7 @@ for arg in $CMDLINE; do
         kvmotion.dirty=*) KDIRTY=${arg#*=} ;;
         kvmotion.dirty_region=*) KREGION=${arg#*=} ;;
         kvmotion.hostname=*) KHOST=${arg#*=} ;;
+        kvmotion.marker=*) KMARKER=${arg#*=} ;;
     esac
 done
 set +f
@@ -182,6 +183,17 @@ if [ "$RATE_KB" -gt 0 ]; then
     echo "KVMOTION-DIRTIER rate=$KDIRTY region=$KREGION chunk=$CHUNK"
     dirtier "$RATE_KB" "$KREGION" "$CHUNK" &
     echo $! > /run/kvmotion/dirtier.pid
+fi
+
+# ---- marker: a known string kept in guest RAM (to prove what crosses the wire) -----
+case "$KMARKER" in *[!A-Za-z0-9._-]*) KMARKER= ;; esac
+if [ -n "$KMARKER" ]; then
+    ( while :; do
+        i=0; : > /dev/shm/kvmotion-marker
+        while [ $i -lt 256 ]; do echo "$KMARKER$KMARKER$KMARKER$KMARKER" >> /dev/shm/kvmotion-marker; i=$((i + 1)); done
+        sleep 1
+      done ) &
+    echo "KVMOTION-MARKER len=${#KMARKER}"
 fi
 
 # ---- ready ---------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""The host's TLS material for encrypted migration, in the layout QEMU's tls-creds-x509 expects.
+
+Keys are made here and never leave the host; the controller's CA signs the CSRs.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kvmotion.common.errors import InvalidInputError
+from kvmotion.common.types import TlsFact
+
+FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
+
+
+def _key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = ec.generate_private_key(ec.SECP256R1())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return key
+
+
+def make_csrs(directory: Path, host: str) -> dict[str, str]:
+    """New key pairs (pending until installed) and their CSRs."""
+    pending = directory / "pending"
+    pending.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out = {}
+    for usage in ("server", "client"):
+        key = _key(pending / f"{usage}-key.pem")
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{host}-{usage}")]))
+               .sign(key, hashes.SHA256()))
+        out[f"{usage}_csr"] = csr.public_bytes(serialization.Encoding.PEM).decode()
+    return out
+
+
+def install(directory: Path, ca_cert: str, server_cert: str, client_cert: str) -> TlsFact:
+    """Put the signed certificates next to their pending keys, atomically."""
+    pending = directory / "pending"
+    for usage, pem in (("server", server_cert), ("client", client_cert)):
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        key = serialization.load_pem_private_key((pending / f"{usage}-key.pem").read_bytes(), password=None)
+        if cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+                key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+            raise InvalidInputError(f"the {usage} certificate does not match this host's pending key",
+                                    remedy="renew the host's certificate")
+    (pending / "ca-cert.pem").write_text(ca_cert)
+    (pending / "server-cert.pem").write_text(server_cert)
+    (pending / "client-cert.pem").write_text(client_cert)
+    for name in FILES:
+        os.replace(pending / name, directory / name)
+    return status(directory)
+
+
+def remove(directory: Path) -> None:
+    for name in FILES:
+        (directory / name).unlink(missing_ok=True)
+
+
+def status(directory: Path) -> TlsFact:
+    """Supported when every file is present and both certificates are valid now."""
+    try:
+        certs = {u: x509.load_pem_x509_certificate((directory / f"{u}-cert.pem").read_bytes())
+                 for u in ("server", "client")}
+        if not all((directory / f).exists() for f in FILES):
+            return TlsFact(supported=False, reason="incomplete certificate files")
+    except (OSError, ValueError):
+        return TlsFact(supported=False, reason="no host certificate installed")
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = [u for u, c in certs.items() if not (c.not_valid_before_utc <= now <= c.not_valid_after_utc)]
+    if expired:
+        return TlsFact(supported=False, reason=f"{', '.join(expired)} certificate not valid now")
+    return TlsFact(supported=True, reason="certificates installed and valid", directory=str(directory),
+                   client_subject=certs["client"].subject.rfc4514_string(),
+                   not_after=certs["server"].not_valid_after_utc.isoformat())

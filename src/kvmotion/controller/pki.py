@@ -1,0 +1,103 @@
+"""The controller is the trust root: a CA created at first start, host certificates issued from CSRs.
+
+The CA key never leaves the controller and is kept with mode 0600. Hosts keep their own keys (the agent
+makes them and sends only CSRs).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kvmotion.common.errors import InvalidInputError
+
+CA_DAYS = 3650
+HOST_DAYS = 365
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+class CertificateAuthority:
+    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        self.key = key
+        self.cert = cert
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> "CertificateAuthority":
+        directory.mkdir(parents=True, exist_ok=True)
+        key_file, cert_file = directory / "ca-key.pem", directory / "ca-cert.pem"
+        if key_file.exists() and cert_file.exists():
+            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+            return cls(key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmotion"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, "kvmotion controller CA")])
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                             content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        _write_private(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cls(key, cert)
+
+    @property
+    def cert_pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def sign(self, csr_pem: str, usage: str, subject_cn: str, san: list[str], days: int = HOST_DAYS) -> str:
+        """Issue a server (serverAuth, SAN = the host's migration addresses) or client (clientAuth) certificate.
+
+        The subject is set here, not taken from the CSR: a host cannot ask for another host's identity.
+        """
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except ValueError as exc:
+            raise InvalidInputError(f"the agent sent an unreadable CSR: {exc}", remedy="renew the host's certificate") from exc
+        if not csr.is_signature_valid:
+            raise InvalidInputError("the CSR signature is invalid", remedy="renew the host's certificate")
+        now = dt.datetime.now(dt.timezone.utc)
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if usage == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+                   .issuer_name(self.cert.subject).public_key(csr.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=days))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([eku]), critical=False))
+        if usage == "server":
+            names: list[x509.GeneralName] = []
+            for entry in san:
+                try:
+                    names.append(x509.IPAddress(ipaddress.ip_address(entry)))
+                except ValueError:
+                    names.append(x509.DNSName(entry))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def client_identity(host: str) -> str:
+    """The distinguished name QEMU's tls-authz compares against (as GnuTLS prints it)."""
+    return f"CN={client_cn(host)}"
+
+
+def client_cn(host: str) -> str:
+    return f"kvmotion-host-{host}"

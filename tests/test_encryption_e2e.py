@@ -1,0 +1,131 @@
+"""Encrypted vMotion, proven on the wire: what a capture of the migration network sees."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import running_lab
+from kvmotion.cli.client import Client
+from kvmotion.lab import net, scenario
+from labtools import agent_vms, cli, codes, remove_vm, running_vm
+
+MARKER = "KVMOTION-WIRE-MARKER-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"[:43]   # 64 bytes
+TLS_RECORDS = (b"\x16\x03\x01", b"\x16\x03\x03")    # TLS handshake record headers (ClientHello)
+
+
+@pytest.fixture(scope="module")
+def lab(guest_image):
+    with running_lab(guest_image, 3) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def client(lab) -> Client:
+    return Client(lab.controller_url)
+
+
+class Capture:
+    """tcpdump on the lab's migration switch, limited to kvmotion's migration ports."""
+
+    def __init__(self, lab, path: Path) -> None:
+        self.path = path
+        self.log = path.with_suffix(".log")
+        argv = net.netns_exec_argv(lab.net.switch_netns, ["tcpdump", "-i", "br-mig", "-s", "0", "-U", "-n",
+                                                          "-w", str(path), "tcp portrange 49152-49407"])
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        end = time.monotonic() + 10
+        while b"listening on" not in (self.log.read_bytes() if self.log.exists() else b""):
+            assert time.monotonic() < end and self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+
+    def stop(self) -> bytes:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        return self.path.read_bytes()
+
+
+def capture_move(lab, client: Client, vm: str, host: str, tmp: Path) -> tuple[dict, bytes]:
+    cap = Capture(lab, tmp / f"{vm}-{host}-{time.monotonic_ns()}.pcap")
+    try:
+        task = scenario.follow_task(client, client.migrate(vm, host)["id"])
+    finally:
+        data = cap.stop()
+    return task, data
+
+
+def test_every_host_has_certificates_and_the_ca_key_is_private(lab, client) -> None:
+    for h in ("h1", "h2", "h3"):
+        tls = client.host(h)["facts"]["tls"]
+        assert tls["supported"] is True and tls["client_subject"] == f"CN=kvmotion-host-{h}"
+    key = Path(lab.root) / "pki" / "ca-key.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_marker_crosses_in_clear_only_when_disabled(lab, client, tmp_path) -> None:
+    vm = running_vm(client, lab, "wire1", marker=MARKER, encrypted_vmotion="disabled")
+    plain_task, plain = capture_move(lab, client, "wire1", "h2", tmp_path)
+    assert plain_task["state"] == "success", plain_task.get("error")
+    assert plain_task["result"]["encryption"]["mode"] == "plain"
+    assert MARKER.encode() in plain, "the marker should be visible in an unencrypted migration"
+    assert cli(lab, "vm", "set", "wire1", "--encrypted-vmotion", "required").returncode == 0
+    tls_task, wire = capture_move(lab, client, "wire1", "h1", tmp_path)
+    assert tls_task["state"] == "success", tls_task.get("error")
+    assert tls_task["result"]["encryption"]["mode"] == "tls"
+    assert len(wire) > 1_000_000                                   # the memory did cross the wire ...
+    assert MARKER.encode() not in wire                              # ... but never readable
+    assert any(rec in wire for rec in TLS_RECORDS)                  # a TLS handshake opened the stream
+    hb = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    assert hb is not None
+    remove_vm(client, "wire1")
+
+
+def test_opportunistic_falls_back_and_required_is_refused(lab, client) -> None:
+    running_vm(client, lab, "opp1")
+    client.create_vm(name="req1", host="h1", encrypted_vmotion="required")
+    client.start_vm("req1")
+    assert cli(lab, "host", "cert", "remove", "h2").returncode == 0
+    try:
+        found = codes(client.validate("opp1", "h2"))
+        assert found["ENCRYPTION_FALLBACK"]["severity"] == "info"
+        found = codes(client.validate("req1", "h2"))
+        assert found["ENCRYPTION_UNSUPPORTED"]["severity"] == "error"
+        assert "host cert renew h2" in found["ENCRYPTION_UNSUPPORTED"]["remedy"]
+        res = cli(lab, "vm", "migrate", "req1", "--host", "h2")
+        assert res.returncode == 3 and "ENCRYPTION_UNSUPPORTED" in res.stderr
+        task = scenario.follow_task(client, client.migrate("opp1", "h2")["id"])
+        assert task["state"] == "success"
+        enc = task["result"]["encryption"]
+        assert enc["mode"] == "plain" and "h2" in enc["reason"]     # the report says which, and why
+    finally:
+        assert cli(lab, "host", "cert", "renew", "h2").returncode == 0
+    task = scenario.follow_task(client, client.migrate("req1", "h2")["id"])
+    assert task["state"] == "success" and task["result"]["encryption"]["mode"] == "tls"
+    for n in ("opp1", "req1"):
+        remove_vm(client, n)
+
+
+def test_unexpected_client_identity_is_rejected(lab, client) -> None:
+    vm = running_vm(client, lab, "ident1", encrypted_vmotion="required")
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    h1_tls, h3_tls = Path(lab.root) / "hosts" / "h1" / "tls", Path(lab.root) / "hosts" / "h3" / "tls"
+    for name in ("client-cert.pem", "client-key.pem"):      # h1 now presents h3's (valid) identity
+        shutil.copy(h3_tls / name, h1_tls / name)
+    try:
+        task = scenario.follow_task(client, client.migrate("ident1", "h2")["id"])
+        assert task["state"] == "error" and task["error"]["rollback"]["source_running"] is True, task["error"]
+        assert vm["uuid"] not in agent_vms(lab, "h2")
+        assert client.vm("ident1")["host"] == "h1"
+        after = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+        assert after and after["boot_id"] == before["boot_id"]
+    finally:
+        assert cli(lab, "host", "cert", "renew", "h1").returncode == 0
+    task = scenario.follow_task(client, client.migrate("ident1", "h2")["id"])
+    assert task["state"] == "success", task.get("error")
+    remove_vm(client, "ident1")
