@@ -83,7 +83,10 @@ def migrate_with_probe(client: Client, lab_net: net.LabNet, vm: str, ip: str, ho
         task = client.migrate(vm, host, **opts)
         task = follow_task(client, task["id"])
         time.sleep(settle_s)
-        after = guest_heartbeat(lab_net.client_netns, ip)
+        try:
+            after: dict[str, Any] | None = wait_guest(lab_net.client_netns, ip, 15.0)
+        except TimeoutError:
+            after = None
     finally:
         report = probe.stop()
     return MoveResult(task=task, probe=report, before=before, after=after)
