@@ -147,3 +147,23 @@ def test_maintenance_names_a_vm_that_cannot_move(lab, client, tmp_path) -> None:
     assert agent_vms(lab, "h1")[client.vm("iso1")["uuid"]]["state"] == "running"
     for n in ("iso1", "free1"):
         remove_vm(client, n)
+
+
+def test_queued_tasks_survive_a_controller_crash(lab, client) -> None:
+    from kvmotion.lab import lab as lab_mod
+
+    names = [f"r{i}" for i in range(6)]
+    boot(client, lab, names)
+    tasks = [client.migrate(n, "h2")["id"] for n in names]
+    queued = [t for t in tasks if client.task(t)["state"] == "queued"]
+    assert queued, "with 4 slots, some of 6 requests queue"
+    lab_mod.restart(lab.root, "controller", crash=True)
+    final = {t: scenario.follow_task(client, t) for t in tasks}
+    for t in queued:                                # queued work was not lost: it ran after the restart
+        assert final[t]["state"] == "success", final[t].get("error")
+    for t, task in final.items():                   # running ones ended cleanly, one way or the other
+        assert task["state"] in ("success", "error")
+        vm = client.vm(task["vm_name"])
+        assert agent_vms(lab, vm["host"])[vm["uuid"]]["state"] == "running"
+    for n in names:
+        remove_vm(client, n)

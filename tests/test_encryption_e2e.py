@@ -129,3 +129,28 @@ def test_unexpected_client_identity_is_rejected(lab, client) -> None:
     task = scenario.follow_task(client, client.migrate("ident1", "h2")["id"])
     assert task["state"] == "success", task.get("error")
     remove_vm(client, "ident1")
+
+
+def test_encrypted_vm_always_migrates_encrypted(lab, client, tmp_path) -> None:
+    vm = running_vm(client, lab, "luks1", encrypted_disk=True)
+    disk = vm["spec"]["disks"][0]
+    assert disk["encrypted"] and disk["key_wrapped"] and vm["spec"]["encrypted_vmotion"] == "required"
+    res = cli(lab, "vm", "set", "luks1", "--encrypted-vmotion", "disabled")
+    assert res.returncode == 2 and "always migrates encrypted" in res.stderr
+    # the guest reads its disk through QEMU's LUKS layer; the key reached QEMU encrypted, and its file is gone
+    runtime = agent_vms(lab, "h1")[vm["uuid"]]
+    cmdline = Path(f"/proc/{runtime['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert "keyid=kvm-master" in cmdline and "encrypt" in cmdline
+    assert not list((Path(lab.root) / "hosts" / "h1" / "vms" / vm["uuid"]).glob("master.key"))
+    task = scenario.follow_task(client, client.migrate("luks1", "h2")["id"])
+    assert task["state"] == "success", task.get("error")
+    assert task["result"]["encryption"]["mode"] == "tls"
+    scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"], 20)
+    # without the key the disk is unreadable
+    path = Path(lab.root) / "ds" / "shared" / "luks1" / "luks1.qcow2"
+    info = subprocess.run(["qemu-img", "info", "-U", str(path)], capture_output=True, text=True, timeout=30)
+    assert "encrypted: yes" in info.stdout and "luks" in info.stdout
+    out = subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(path), str(tmp_path / "x.raw")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and ("secret" in out.stderr or "key" in out.stderr), out.stderr
+    remove_vm(client, "luks1")

@@ -13,7 +13,7 @@ from kvmotion import __version__
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
-                                   OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
+                                   OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
 
 class LeaseRequest(BaseModel):
@@ -76,8 +76,8 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
         return agent.list()
 
     @app.post("/v1/vms/{uuid}/provision")
-    async def provision(uuid: str, spec: VMSpec) -> dict[str, str]:
-        return {"folder": str(agent.provision(spec))}
+    async def provision(uuid: str, req: StartRequest) -> dict[str, str]:
+        return {"folder": str(agent.provision(req.spec, req.disk_keys))}
 
     @app.post("/v1/vms/{uuid}/destroy-files")
     async def destroy_files(uuid: str, spec: VMSpec) -> dict[str, bool]:
@@ -85,8 +85,8 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
         return {"ok": True}
 
     @app.post("/v1/vms/{uuid}/start")
-    async def start(uuid: str, spec: VMSpec) -> VMRuntime:
-        return await agent.start(spec)
+    async def start(uuid: str, req: StartRequest) -> VMRuntime:
+        return await agent.start(req.spec, req.disk_keys)
 
     @app.post("/v1/vms/{uuid}/cdrom")
     async def cdrom(uuid: str, req: CdromSpec) -> dict[str, str]:
@@ -106,7 +106,8 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
 
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
-        return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume, req.tls_authz_identity)
+        return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume, req.tls_authz_identity,
+                                            req.disk_keys)
 
     @app.delete("/v1/vms/{uuid}/incoming")
     async def abort_incoming(uuid: str) -> dict[str, bool]:

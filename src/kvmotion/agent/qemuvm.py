@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
 from kvmotion.agent.qmp import QMPConnection
 from kvmotion.common.errors import ConflictError, KvmotionError, QemuStartFailed
 from kvmotion.common.types import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec
@@ -51,6 +52,13 @@ def cpu_arg(spec: VMSpec, ctx: HostContext) -> str:
 
 
 def disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
+    node = _plain_disk_node(disk, ctx)
+    if disk.encrypted:
+        node["encrypt"] = {"format": "luks", "key-secret": disk_secret_id(disk.node)}
+    return node
+
+
+def _plain_disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
     if disk.kind == "rdm":
         path = ctx.luns.get(disk.identity or "")
         if path is None:
@@ -93,7 +101,24 @@ def vm_folder(ctx: HostContext, spec: VMSpec) -> Path:
     return resolve_datastore(ctx, spec.boot_datastore) / spec.folder
 
 
-def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool) -> list[str]:
+def secret_args(spec: VMSpec, disk_keys: dict[str, str], master_file: Path) -> list[str]:
+    """A per-process master secret (a 0600 file) and every disk passphrase encrypted under it."""
+    encrypted = [d for d in spec.disks if d.encrypted]
+    if not encrypted:
+        return []
+    missing = [d.id for d in encrypted if d.node not in disk_keys]
+    if missing:
+        raise ConflictError(f"no key was given for the encrypted disk(s) {', '.join(missing)} of {spec.name}",
+                            remedy="start the VM through the controller, which holds its keys")
+    master = write_master(master_file)
+    args = ["-object", master_object(master_file)]
+    for d in encrypted:
+        args += ["-object", encrypted_secret_args(disk_secret_id(d.node), disk_keys[d.node], master)]
+    return args
+
+
+def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
+               disk_keys: dict[str, str] | None = None) -> list[str]:
     folder = vm_folder(ctx, spec)
     cmdline = f"{GUEST_CONSOLE} kvmotion.name={spec.name}"
     if spec.guest_ip:
@@ -127,6 +152,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool) ->
         argv[argv.index("-machine") + 1] += ",memory-backend=pc.ram"
         argv += ["-object", f"memory-backend-file,id=pc.ram,size={spec.memory_mb}M,"
                             f"mem-path={ctx.swap_dir / (spec.uuid + '.ram')},share=off"]
+    argv += secret_args(spec, disk_keys or {}, run_dir / "master.key")
     for disk in spec.disks:
         argv += ["-blockdev", json.dumps(disk_node(disk, ctx)),
                  "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}"]
@@ -262,11 +288,12 @@ class QemuVM:
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, self.run_dir / "run.json")
 
-    async def start(self, incoming: bool, qmp_deadline_s: float = 15.0) -> None:
+    async def start(self, incoming: bool, qmp_deadline_s: float = 15.0,
+                    disk_keys: dict[str, str] | None = None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("qmp.sock", "qemu.pid"):
             (self.run_dir / stale).unlink(missing_ok=True)
-        argv = build_argv(self.spec, self.ctx, self.run_dir, incoming)
+        argv = build_argv(self.spec, self.ctx, self.run_dir, incoming, disk_keys)
         self.taps = create_taps(self.spec, self.ctx)
         self.role = "incoming" if incoming else "normal"
         log = open(self.run_dir / "qemu.log", "ab")
@@ -289,6 +316,8 @@ class QemuVM:
         except KvmotionError:
             await self.kill()
             raise
+        finally:
+            (self.run_dir / "master.key").unlink(missing_ok=True)   # QEMU has read it (or is gone)
         self.transition(VMRunState.INCOMING if incoming else
                         VMRunState.RUNNING if status == "running" else VMRunState.PAUSED)
 

@@ -14,6 +14,7 @@ from kvmotion.agent import lease as leases
 from kvmotion.agent import migration, tls
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.blockdev import presented_devices
+from kvmotion.agent.diskkeys import encrypted_secret_args, master_object, write_master
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, resolve_datastore, rss_mb, vm_folder
@@ -138,7 +139,7 @@ class Agent:
         except ImageMissing:
             return False
 
-    def provision(self, spec: VMSpec) -> Path:
+    def provision(self, spec: VMSpec, disk_keys: dict[str, str] | None = None) -> Path:
         """Create the VM's folder on its datastore: config, boot files, disks. Nothing is left on failure."""
         ctx = self.context()
         folder = vm_folder(ctx, spec)
@@ -153,8 +154,20 @@ class Agent:
             for disk in (d for d in spec.disks if d.kind == "file"):   # raw LUNs exist already
                 path = ctx.datastore_paths[disk.datastore] / disk.path
                 path.parent.mkdir(parents=True, exist_ok=True)
-                res = subprocess.run(["qemu-img", "create", "-q", "-f", disk.format, str(path), f"{disk.size_mb}M"],
-                                     capture_output=True, text=True, timeout=30, check=False)
+                argv = ["qemu-img", "create", "-q", "-f", disk.format]
+                if disk.encrypted:      # LUKS inside qcow2; the passphrase reaches qemu-img encrypted
+                    if not disk_keys or disk.node not in disk_keys:
+                        raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="create it via the controller")
+                    master_file = folder / ".master.key"
+                    master = write_master(master_file)
+                    argv += ["--object", master_object(master_file),
+                             "--object", encrypted_secret_args("sec0", disk_keys[disk.node], master),
+                             "-o", "encrypt.format=luks,encrypt.key-secret=sec0"]
+                try:
+                    res = subprocess.run(argv + [str(path), f"{disk.size_mb}M"], capture_output=True, text=True,
+                                         timeout=60, check=False)
+                finally:
+                    (folder / ".master.key").unlink(missing_ok=True)
                 if res.returncode != 0:
                     raise QemuStartFailed(f"qemu-img create {path} failed: {res.stderr.strip()}",
                                           remedy="check free space and permissions on the datastore")
@@ -183,7 +196,7 @@ class Agent:
     def _run_dir(self, uuid: str) -> Path:
         return self.cfg.state_dir / "vms" / uuid
 
-    async def start(self, spec: VMSpec) -> VMRuntime:
+    async def start(self, spec: VMSpec, disk_keys: dict[str, str] | None = None) -> VMRuntime:
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already runs on {self.cfg.name}", remedy="nothing to do")
         ctx = self.context()
@@ -192,7 +205,7 @@ class Agent:
         vm = QemuVM(spec, ctx, self._run_dir(spec.uuid))
         self.vms[spec.uuid] = vm
         try:
-            await vm.start(incoming=False)
+            await vm.start(incoming=False, disk_keys=disk_keys)
         except KvmotionError:
             self.vms.pop(spec.uuid, None)
             leases.release_lease(folder, self.cfg.name)
@@ -247,14 +260,15 @@ class Agent:
         return tls.status(self.tls_dir)
 
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True,
-                               tls_authz_identity: str | None = None) -> IncomingReady:
+                               tls_authz_identity: str | None = None,
+                               disk_keys: dict[str, str] | None = None) -> IncomingReady:
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
                                 remedy="a VM never runs twice; pick another destination")
         vm = QemuVM(spec, self.context(), self._run_dir(spec.uuid))
         self.vms[spec.uuid] = vm
         try:
-            await vm.start(incoming=True)
+            await vm.start(incoming=True, disk_keys=disk_keys)
             return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
                                                     self._tls_dir_if_valid())
         except KvmotionError:

@@ -94,11 +94,13 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               cpu_mask: Optional[str] = typer.Option(None, help="CPU features to hide, comma separated"),
               encrypted_vmotion: str = typer.Option("opportunistic", help="disabled | opportunistic | required"),
               marker: Optional[str] = typer.Option(None, help="a string the guest keeps in RAM (wire tests)"),
+              encrypted_disk: bool = typer.Option(False, "--encrypted-disk", help="LUKS disk; keys from the controller"),
               url: Optional[str] = URL) -> None:
     mask = [f for f in (cpu_mask or "").split(",") if f]
     vm = run(lambda: Client(url).create_vm(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore,
                                            network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, cpu_model=cpu,
-                                           cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker))
+                                           cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker,
+                                           encrypted_disk=encrypted_disk))
     console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
                   f"datastore {vm['spec']['boot_datastore']}, ip {vm['spec']['guest_ip']}")
 

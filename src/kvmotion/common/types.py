@@ -23,6 +23,7 @@ class DiskSpec(BaseModel):
     size_mb: int = 64
     identity: str | None = None       # rdm disks: the LUN's identity (WWN, serial, loop backing file)
     encrypted: bool = False           # LUKS-encrypted qcow2 (key from the controller's key provider)
+    key_wrapped: str | None = None    # its passphrase, wrapped with the controller's master key
 
 
 class CdromSpec(BaseModel):
@@ -176,9 +177,15 @@ class MigrationTuning(BaseModel):
     max_bandwidth_bytes: int | None = None
 
 
+class StartRequest(BaseModel):
+    spec: VMSpec
+    disk_keys: dict[str, str] = Field(default_factory=dict)   # disk node -> passphrase (encrypted disks only)
+
+
 class IncomingRequest(BaseModel):
     spec: VMSpec
     listen_address: str
+    disk_keys: dict[str, str] = Field(default_factory=dict)
     auto_resume: bool = True          # run the shadow as soon as its state is complete
     tls_authz_identity: str | None = None   # set: accept only a TLS client with exactly this identity
 

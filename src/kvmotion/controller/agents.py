@@ -7,7 +7,7 @@ import httpx
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
-                                   OutgoingRequest, ReleaseReport, VMRuntime, VMSpec)
+                                   OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
 DEFAULT_TIMEOUT_S = 15.0
 
@@ -58,14 +58,16 @@ class AgentClient:
     async def facts(self) -> HostFacts:
         return HostFacts.model_validate(await self._call("GET", "/v1/facts", timeout=10))
 
-    async def provision(self, spec: VMSpec) -> dict[str, str]:
-        return await self._call("POST", f"/v1/vms/{spec.uuid}/provision", spec.model_dump(), timeout=60)
+    async def provision(self, spec: VMSpec, disk_keys: dict[str, str] | None = None) -> dict[str, str]:
+        req = StartRequest(spec=spec, disk_keys=disk_keys or {})
+        return await self._call("POST", f"/v1/vms/{spec.uuid}/provision", req.model_dump(), timeout=90)
 
     async def destroy_files(self, spec: VMSpec) -> None:
         await self._call("POST", f"/v1/vms/{spec.uuid}/destroy-files", spec.model_dump(), timeout=60)
 
-    async def start(self, spec: VMSpec) -> VMRuntime:
-        return VMRuntime.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/start", spec.model_dump(),
+    async def start(self, spec: VMSpec, disk_keys: dict[str, str] | None = None) -> VMRuntime:
+        req = StartRequest(spec=spec, disk_keys=disk_keys or {})
+        return VMRuntime.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/start", req.model_dump(),
                                                          timeout=40))
 
     async def cdrom(self, uuid: str, cdrom: CdromSpec) -> dict[str, Any]:
@@ -83,9 +85,10 @@ class AgentClient:
     async def serial(self, uuid: str, lines: int = 20) -> list[str]:
         return await self._call("GET", f"/v1/vms/{uuid}/serial", params={"lines": lines}, timeout=8)
 
-    async def prepare_incoming(self, spec: VMSpec, listen_address: str,
-                               tls_authz_identity: str | None = None) -> IncomingReady:
-        req = IncomingRequest(spec=spec, listen_address=listen_address, tls_authz_identity=tls_authz_identity)
+    async def prepare_incoming(self, spec: VMSpec, listen_address: str, tls_authz_identity: str | None = None,
+                               disk_keys: dict[str, str] | None = None) -> IncomingReady:
+        req = IncomingRequest(spec=spec, listen_address=listen_address, tls_authz_identity=tls_authz_identity,
+                              disk_keys=disk_keys or {})
         return IncomingReady.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/incoming",
                                                              req.model_dump(), timeout=40))
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.common.types import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
 from kvmotion.controller.agents import AgentClient
+from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.controller.schemas import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
@@ -28,9 +29,18 @@ def vm_out(v: VM, runtime: dict[str, Any] | None = None) -> VMOut:
 
 
 class Inventory:
-    def __init__(self, sessions: sessionmaker[Session], vm_ip_pool: str | None = None) -> None:
+    def __init__(self, sessions: sessionmaker[Session], vm_ip_pool: str | None = None,
+                 keys: KeyProvider | None = None) -> None:
         self.sessions = sessions
         self.vm_ip_pool = vm_ip_pool      # e.g. "198.18.1.100-198.18.1.199/24"
+        self.keys = keys
+
+    def disk_keys(self, spec: VMSpec) -> dict[str, str]:
+        """Unwrapped passphrases of the VM's encrypted disks, for the agent that starts its QEMU."""
+        if self.keys is None:
+            return {}
+        return {d.node: self.keys.unwrap(d.key_wrapped, f"{spec.uuid}/{d.node}")
+                for d in spec.disks if d.encrypted and d.key_wrapped}
 
     # -- hosts ----------------------------------------------------------------------------
     def agent(self, host: str) -> AgentClient:
@@ -182,7 +192,16 @@ class Inventory:
             except ValueError:
                 raise InvalidInputError(f"{req.ip!r} is not an address with prefix",
                                         remedy="write it like 198.18.1.120/24") from None
+        uuid = str(uuidlib.uuid4())
         disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.qcow2", size_mb=req.disk_mb)]
+        if req.encrypted_disk:
+            if req.encrypted_vmotion == "disabled":
+                raise InvalidInputError("a VM with an encrypted disk always migrates encrypted",
+                                        remedy="drop --encrypted-vmotion disabled (use opportunistic or required)")
+            if self.keys is None:
+                raise ConflictError("this controller has no key provider", remedy="start it with a PKI directory")
+            _, wrapped = self.keys.new_key(f"{uuid}/d0")
+            disks[0] = disks[0].model_copy(update={"encrypted": True, "key_wrapped": wrapped})
         if req.rdm is not None:
             lun = next((b for b in facts.block_devices if b.path == req.rdm and b.identity), None)
             if lun is None:
@@ -191,16 +210,16 @@ class Inventory:
                                         remedy="present the LUN to the host first, or pick one of those listed")
             disks.append(DiskSpec(id="disk1", node="d1", kind="rdm", format="raw", identity=lun.identity,
                                   size_mb=lun.size_bytes // (1024 * 1024)))
-        uuid = str(uuidlib.uuid4())
         mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
         spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
                       disks=disks,
                       nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
                       guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
-                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask, encrypted_vmotion=req.encrypted_vmotion,
+                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
+                      encrypted_vmotion="required" if req.encrypted_disk else req.encrypted_vmotion,
                       extra_cmdline=f"kvmotion.marker={req.marker}" if req.marker else "",
                       **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
-        await self.agent(req.host).provision(spec)
+        await self.agent(req.host).provision(spec, self.disk_keys(spec))
         with self.sessions.begin() as s:
             s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
         return self.get_vm(uuid)
@@ -216,7 +235,7 @@ class Inventory:
         if evc_mode is not None:
             spec = spec.model_copy(update={"cpu_model": evc_mode, "cpu_enforce": True})
             self.set_vm(vm.uuid, spec_json=spec.model_dump_json())
-        runtime = await self.agent(vm.host).start(spec)
+        runtime = await self.agent(vm.host).start(spec, self.disk_keys(spec))
         self.set_vm(vm.uuid, power_state="poweredOn")
         return vm_out_live(self.get_vm(vm.uuid), runtime.model_dump())
 

@@ -44,6 +44,7 @@ class VMCreate(Request):
     cpu_mask: list[str] = Field(default_factory=list, description="CPU features hidden from the guest")
     rdm: str | None = Field(default=None, description="raw LUN: a block device path presented to the host")
     encrypted_vmotion: str = Field(default="opportunistic", pattern="^(disabled|opportunistic|required)$")
+    encrypted_disk: bool = Field(default=False, description="LUKS-encrypted disk; the VM always migrates encrypted")
     marker: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
                                description="a string the guest keeps in RAM (to prove what crosses the wire)")
 

@@ -12,6 +12,7 @@ from kvmotion.controller import tasks as task_store
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
+from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import Finding, HostOut, MigrateRequest, TaskOut, VMOut
@@ -29,12 +30,12 @@ class Controller:
                  pki_dir: Path | None = None) -> None:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
-        self.inventory = Inventory(self.sessions, vm_ip_pool)
+        pki = pki_dir or Path("/var/lib/kvmotion/pki")
+        self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki))
         self.clusters = Clusters(self.sessions, self.inventory)
         self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled)
         self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
-        self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(
-            pki_dir or Path("/var/lib/kvmotion/pki")))
+        self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
         self._monitor: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:

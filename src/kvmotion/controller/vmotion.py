@@ -119,7 +119,8 @@ class VMotion:
         self.shadow_created = True
         dst_address = migration_address(self.inv, self.destination)
         ready = await self.dst.prepare_incoming(self.spec, dst_address,
-                                                client_identity(self.source) if use_tls else None)
+                                                client_identity(self.source) if use_tls else None,
+                                                self.inv.disk_keys(self.spec))
         await self.end(uri=ready.uri, shadow_pid=ready.pid)
 
         budget = self.bandwidth_mbps * MBIT
