@@ -23,21 +23,23 @@ def main() -> None:
     ap.add_argument("--sizes", default="256,1024")
     ap.add_argument("--dirty", default="0,20")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--encryption", default="opportunistic",
+                    help="comma list of per-VM settings to compare, e.g. disabled,required")
     ap.add_argument("--root", type=Path, default=Path("/tmp/kvmotion-bench"))
     args = ap.parse_args()
     console = Console()
     image = build_image(log=lambda m: None)
     info = lab.up(2, args.root, prefix="kvb", image_dir=image.kernel.parent.parent, log=lambda m: None)
-    table = Table("RAM MiB", "dirty MB/s", "run", "total s", "QEMU downtime ms", "guest paused ms",
+    table = Table("RAM MiB", "dirty MB/s", "encryption", "run", "Mbit/s", "total s", "QEMU downtime ms", "guest paused ms",
                   "client gap ms", "lost pings", "sent ÷ RAM", "passes", title="live vMotion h1 → h2 (lab)")
     try:
         client = Client(info.controller_url)
         n = 0
         for size in (int(x) for x in args.sizes.split(",")):
-            for dirty in (float(x) for x in args.dirty.split(",")):
+            for dirty, enc in ((float(x), e) for x in args.dirty.split(",") for e in args.encryption.split(",")):
                 n += 1
                 name = f"bench{n}"
-                vm = client.create_vm(name=name, host="h1", memory_mb=size, dirty_mb_s=dirty)
+                vm = client.create_vm(name=name, host="h1", memory_mb=size, dirty_mb_s=dirty, encrypted_vmotion=enc)
                 ip = vm["spec"]["guest_ip"]
                 client.start_vm(name)
                 scenario.wait_guest(info.net.client_netns, ip)
@@ -48,7 +50,9 @@ def main() -> None:
                                                            settle_s=2.0)
                     r = move.task.get("result") or {}
                     gaps.append(move.probe.max_gap_ms)
-                    table.add_row(str(size), f"{dirty:g}", str(run + 1),
+                    passes = r.get("pass_log") or [{}]
+                    table.add_row(str(size), f"{dirty:g}", (r.get("encryption") or {}).get("mode", "?"), str(run + 1),
+                                  f"{max(p.get('mbps', 0) for p in passes):.0f}",
                                   f"{r.get('total_time_s', 0):.2f}", str(r.get("downtime_ms")),
                                   str(r.get("guest_pause_ms")), f"{move.probe.max_gap_ms:.0f}", str(move.probe.lost),
                                   str(r.get("sent_ratio")), str(r.get("passes")))
