@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from kvmotion.checks.context import DATASTORE_LIMIT, FAST_LINK_MBPS, HOST_LIMIT_FAST, HOST_LIMIT_SLOW, MIN_LINK_MBPS
 
 PRIORITY_ORDER = {"high": 0, "normal": 1}
+STORAGE_PER_HOST = 2          # concurrent Storage vMotions per host (vSphere's limit)
+STORAGE_PER_DATASTORE = 8     # concurrent Storage vMotions per datastore
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Request:
     priority: str = "normal"
     created_at: float = 0.0
     cap_mbps: int | None = None          # the request's own bandwidth cap, if any
+    kind: str = "vmotion"                # "vmotion" | "storage" (Storage vMotion: disks only, same host)
 
 
 @dataclass
@@ -46,7 +49,22 @@ def queue_order(queued: list[Request]) -> list[Request]:
     return sorted(queued, key=lambda r: (PRIORITY_ORDER.get(r.priority, 1), r.created_at, r.task_id))
 
 
+def _storage_blocker(req: Request, running: list[Request]) -> str | None:
+    storage = [r for r in running if r.kind == "storage"]
+    n = sum(1 for r in storage if r.source == req.source)
+    if n >= STORAGE_PER_HOST:
+        return f"{req.source} runs {n} of its {STORAGE_PER_HOST} Storage vMotion slots"
+    for ds in sorted(req.datastores):
+        n = sum(1 for r in storage if ds in r.datastores)
+        if n >= STORAGE_PER_DATASTORE:
+            return f"datastore {ds} has {n} of its {STORAGE_PER_DATASTORE} Storage vMotions"
+    return None
+
+
 def _blocker(req: Request, running: list[Request], links: dict[str, Link], ds_limit: int) -> str | None:
+    if req.kind == "storage":        # same host, no network: only the storage limits apply
+        return _storage_blocker(req, running)
+    running = [r for r in running if r.kind != "storage"]
     for host in (req.source, req.destination):
         link = links.get(host)
         if link is None:
@@ -83,6 +101,7 @@ def plan(queued: list[Request], running: list[Request], links: dict[str, Link],
 def shares_mbps(running: list[Request], links: dict[str, Link]) -> dict[str, int]:
     """Each running migration's bandwidth: an equal share of the narrowest of its two links."""
     out = {}
+    running = [r for r in running if r.kind != "storage"]
     for req in running:
         per_link = []
         for host in (req.source, req.destination):
