@@ -8,7 +8,7 @@ import pytest
 from conftest import running_lab
 from kvmotion.cli.client import Client
 from kvmotion.lab import scenario
-from labtools import agent_vms, cli, remove_vm, wait_for, xfail_if_tcg_guest_crash
+from labtools import agent_vms, cli, remove_vm, xfail_if_tcg_guest_crash
 
 LINK_MBPS = 1000
 
@@ -71,7 +71,6 @@ def test_six_migrations_share_one_gbe_link(lab, client) -> None:
     while True:
         snapshot = {t["id"]: t for t in client.tasks(limit=50)}              # one consistent read
         now = [snapshot[t] for t in tasks]
-        running = [t for t in now if t["state"] == "running" and t["phase"] not in ("", "precheck")]
         max_running = max(max_running, len([t for t in now if t["state"] == "running"]))
         saw_queued |= {t["id"] for t in now if t["state"] == "queued"}
         for t in now:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from kvmotion.agent.blockdev import LoopDevice
 from kvmotion.cli.client import Client
 from kvmotion.lab import lab as lab_mod
 from kvmotion.lab import net, scenario
-from labtools import agent_vms, cli, codes, host_settings, remove_vm, running_vm, wait_for
+from labtools import cli, codes, host_settings, remove_vm, running_vm, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,11 @@
 """Encrypted vMotion, proven on the wire: what a capture of the migration network sees."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -110,6 +109,3 @@ def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]
         swap_location=str(cfg.swap_dir) if cfg.swap_dir else "vm-folder",
     )
 
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -6,7 +6,6 @@ the lease is kvmotion's own record, handed over with compare-and-swap at the end
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
