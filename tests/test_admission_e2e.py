@@ -8,7 +8,7 @@ import pytest
 from conftest import running_lab
 from kvmotion.cli.client import Client
 from kvmotion.lab import scenario
-from labtools import agent_vms, cli, remove_vm, xfail_if_tcg_guest_crash
+from labtools import agent_vms, cli, codes, remove_vm, xfail_if_tcg_guest_crash
 
 LINK_MBPS = 1000
 
@@ -67,7 +67,7 @@ def test_six_migrations_share_one_gbe_link(lab, client) -> None:
     names = [f"q{i}" for i in range(6)]
     before = boot(client, lab, names)
     tasks = [client.migrate(n, "h2")["id"] for n in names]
-    max_running, saw_queued = 0, set()
+    max_running, saw_queued, limit_finding = 0, set(), None
     while True:
         snapshot = {t["id"]: t for t in client.tasks(limit=50)}              # one consistent read
         now = [snapshot[t] for t in tasks]
@@ -76,10 +76,14 @@ def test_six_migrations_share_one_gbe_link(lab, client) -> None:
         for t in now:
             if t["state"] == "queued":
                 assert t["live"].get("queue_position", 0) >= 1 and "slot" in t["live"].get("waiting_for", "")
+                if limit_finding is None:        # the checker's view of the same situation: a warning, it queues
+                    limit_finding = codes(client.validate(t["vm_name"], "h2")).get("HOST_CONCURRENCY_LIMIT")
         if all(t["state"] in ("success", "error") for t in now):
             break
         time.sleep(0.1)
     assert max_running == 4                      # 4 slots on a link below 10 GbE
+    assert limit_finding is not None and limit_finding["severity"] == "warning"
+    assert "limit 4" in limit_finding["message"] and "queue" in limit_finding["message"]
     assert len(saw_queued) >= 2                  # the other two waited in `queued` ...
     assert all(t["state"] == "success" for t in now), [t["error"] for t in now]   # ... and then completed
     assert 0 < max_bandwidth_in_use(now) <= LINK_MBPS   # the running ones' max-bandwidth never exceeds the link
