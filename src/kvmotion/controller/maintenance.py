@@ -106,7 +106,7 @@ class Maintenance:
                     blocked[vm.name] = findings or [{"code": "NO_DESTINATION", "message": "no other connected host"}]
                     continue
                 ctx, f = await compat.validate(self.inv, self.sessions, vm.uuid, target)
-                t = self.scheduler.submit(ctx.spec, host, MigrateRequest(host=target), compat.findings_json(f))
+                t = await self.scheduler.submit(ctx.spec, host, MigrateRequest(host=target), compat.findings_json(f))
                 moves[vm.name] = t.id
             await asyncio.to_thread(journal.end_phase, "ok", {"migrations": moves, "reregistered": reregistered,
                                                               "blocked": list(blocked)})

@@ -48,10 +48,11 @@ class Scheduler:
                 log.exception("scheduling failed")
             await asyncio.sleep(TICK_S)
 
-    def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict]) -> TaskOut:
+    async def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict]) -> TaskOut:
+        """Queue a task and run one admission pass: it comes back started, or queued with its place and reason."""
         journal = TaskJournal.create(self.sessions, "vmotion", spec.uuid, spec.name, source, req.host,
                                      req.model_dump() | {"findings": findings}, state="queued")
-        asyncio.get_running_loop().create_task(self.schedule())
+        await self.schedule()
         return journal.read()
 
     # -- admission ----------------------------------------------------------------------------

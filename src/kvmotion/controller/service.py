@@ -81,7 +81,7 @@ class Controller:
         await self.inventory.refresh_host(self.inventory.get_host(req.host).name)
         ctx, findings = await compat.validate(self.inventory, self.sessions, vm, req.host)
         compat.raise_on_errors(ctx.spec.name, req.host, findings)
-        return self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings))
+        return await self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings))
 
     def cancel(self, task_id: str) -> TaskOut:
         return self.scheduler.cancel(task_id)
