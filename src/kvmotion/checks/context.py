@@ -13,6 +13,11 @@ MIN_LINK_MBPS = 250
 MEMORY_HEADROOM_MB = 64
 
 
+def host_slots(link_mbps: int) -> int:
+    """Concurrent migrations a host may run: 4 below 10 GbE, 8 at 10 GbE or more (SPEC §3)."""
+    return HOST_LIMIT_FAST if link_mbps >= FAST_LINK_MBPS else HOST_LIMIT_SLOW
+
+
 @dataclass(frozen=True)
 class HostView:
     name: str
@@ -23,7 +28,7 @@ class HostView:
 
     def host_limit(self) -> int:
         speeds = [i.speed_mbps or 0 for i in (self.facts.migration_interfaces if self.facts else []) if i.enabled]
-        return HOST_LIMIT_FAST if speeds and max(speeds) >= FAST_LINK_MBPS else HOST_LIMIT_SLOW
+        return host_slots(max(speeds, default=0))
 
 
 @dataclass(frozen=True)

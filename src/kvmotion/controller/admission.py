@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvmotion.checks.context import DATASTORE_LIMIT, FAST_LINK_MBPS, HOST_LIMIT_FAST, HOST_LIMIT_SLOW, MIN_LINK_MBPS
+from kvmotion.checks.context import DATASTORE_LIMIT, MIN_LINK_MBPS, host_slots
 
 PRIORITY_ORDER = {"high": 0, "normal": 1}
 STORAGE_PER_HOST = 2          # concurrent Storage vMotions per host (vSphere's limit)
@@ -22,7 +22,7 @@ class Link:
 
     @property
     def slots(self) -> int:
-        return HOST_LIMIT_FAST if self.mbps >= FAST_LINK_MBPS else HOST_LIMIT_SLOW
+        return host_slots(self.mbps)
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class Plan:
     start: list[str] = field(default_factory=list)                 # task ids to start now, in order
     waiting: dict[str, str] = field(default_factory=dict)          # task id -> why it waits
     position: dict[str, int] = field(default_factory=dict)         # task id -> 1-based place in the queue
+
+
+def _on_host(running: list[Request], host: str) -> int:
+    return sum(1 for r in running if host in (r.source, r.destination))
 
 
 def queue_order(queued: list[Request]) -> list[Request]:
@@ -69,7 +73,7 @@ def _blocker(req: Request, running: list[Request], links: dict[str, Link], ds_li
         link = links.get(host)
         if link is None:
             return f"host {host} has no known migration link"
-        n = sum(1 for r in running if host in (r.source, r.destination))
+        n = _on_host(running, host)
         if n >= link.slots:
             return f"{host} runs {n} of its {link.slots} migration slots"
         if link.mbps / (n + 1) < MIN_LINK_MBPS:
@@ -106,7 +110,7 @@ def shares_mbps(running: list[Request], links: dict[str, Link]) -> dict[str, int
         per_link = []
         for host in (req.source, req.destination):
             link = links.get(host)
-            n = sum(1 for r in running if host in (r.source, r.destination))
+            n = _on_host(running, host)
             if link is not None and n:
                 per_link.append(link.mbps // n)
         share = min(per_link) if per_link else MIN_LINK_MBPS

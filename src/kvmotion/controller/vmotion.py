@@ -156,7 +156,6 @@ class VMotion:
     async def _follow_precopy(self) -> MigrationReport:
         watch = decisions.ProgressWatch(started=time.time())
         watch.downtime_ms, watch.step_at = decisions.downtime_steps(self.req.downtime_ms)[0], time.time()
-        switch_marked = False
         while True:
             report = await self.src.migration(self.spec.uuid)
             dst_alive = await self._shadow_alive()
@@ -173,8 +172,8 @@ class VMotion:
                 self.downtime_steps.append({"t": now, "downtime_ms": decision.downtime_ms, "why": decision.reason})
             if self.cancel_requested and decision.action == decisions.Action.WAIT:
                 raise MigrationFailed("cancelled by the user", remedy="nothing to do; the VM stays on the source")
-            if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED) and not switch_marked:
-                switch_marked = self.switching = True
+            if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED) and not self.switching:
+                self.switching = True
                 await self.end(ended_at=report.pre_switchover_at, passes=len(report.passes),
                                transferred=report.ram_transferred,
                                downtime_limit_ms=watch.downtime_ms, downtime_raises=len(self.downtime_steps))
@@ -182,7 +181,7 @@ class VMotion:
                                         PROGRESS_AT[Phase.SWITCHOVER], report.pre_switchover_at, {})
             await asyncio.to_thread(self.journal.live, self._live(report, watch),
                                     PROGRESS_AT[Phase.PRECOPY] + 0.8 * decisions.percent(report)
-                                    if not switch_marked else None)
+                                    if not self.switching else None)
             if decision.action == decisions.Action.COMPLETED:
                 await self.end(ended_at=report.completed_at, downtime_ms=report.downtime_ms,
                                parked_ms=round(report.parked_ms or 0.0, 2))

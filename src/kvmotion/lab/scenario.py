@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +50,10 @@ class MoveResult:
     probe: ProbeReport
     before: dict[str, Any] | None
     after: dict[str, Any] | None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.task["state"] == "success"
-
-    def figures(self) -> dict[str, Any]:
-        r = self.task.get("result") or {}
-        return {"total_time_s": r.get("total_time_s"), "downtime_ms": r.get("downtime_ms"),
-                "client_gap_ms": self.probe.max_gap_ms, "lost_pings": self.probe.lost,
-                "sent_ratio": r.get("sent_ratio"), "passes": r.get("passes")}
 
 
 def follow_task(client: Client, task_id: str, timeout_s: float = 600) -> dict[str, Any]:
