@@ -106,3 +106,19 @@ def xfail_if_tcg_guest_crash(lab: Any, client: Client, name: str) -> None:
     qemu_running = (vm.get("runtime") or {}).get("qemu_status") == "running"   # paused would be our bug
     if accel == "tcg" and qemu_running and guest_crashed(lab, client, name):
         pytest.xfail(KNOWN_TCG_BUG)
+
+
+def serial_heartbeat(lab: Any, client: Client, name: str, newer_than: int = -1, timeout: float = 20.0) -> dict:
+    """The guest's latest heartbeat from its serial console (no guest network involved): seq, uptime, boot_id."""
+    end = time.monotonic() + timeout
+    while True:
+        for line in reversed(_serial(lab, client, name)):
+            if line.startswith("KVMOTION-HEARTBEAT"):
+                hb = dict(kv.split("=", 1) for kv in line.split()[1:])
+                beat = {"seq": int(hb["seq"]), "uptime": float(hb["uptime"]), "boot_id": hb["boot_id"]}
+                if beat["seq"] > newer_than:
+                    return beat
+                break
+        if time.monotonic() > end:
+            raise TimeoutError(f"no new serial heartbeat from {name} within {timeout:.0f}s")
+        time.sleep(0.5)

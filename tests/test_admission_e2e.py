@@ -8,7 +8,7 @@ import pytest
 from conftest import running_lab
 from kvmotion.cli.client import Client
 from kvmotion.lab import scenario
-from labtools import agent_vms, cli, codes, remove_vm, xfail_if_tcg_guest_crash
+from labtools import agent_vms, cli, codes, remove_vm, serial_heartbeat, xfail_if_tcg_guest_crash
 
 LINK_MBPS = 1000
 
@@ -28,14 +28,17 @@ def boot(client: Client, lab, names: list[str], host: str = "h1", **opts) -> dic
     for n in names:
         client.create_vm(name=n, host=host, memory_mb=128, **opts)
         client.start_vm(n)
-    return {n: scenario.wait_guest(lab.net.client_netns, client.vm(n)["spec"]["guest_ip"]) for n in names}
+    for n in names:
+        scenario.wait_guest(lab.net.client_netns, client.vm(n)["spec"]["guest_ip"])
+    return {n: serial_heartbeat(lab, client, n) for n in names}
 
 
-def heartbeats(client: Client, lab, names: list[str]) -> dict[str, dict]:
+def heartbeats(client: Client, lab, names: list[str], before: dict[str, dict]) -> dict[str, dict]:
+    """Each guest's heartbeat from its console (these tests are about moves, not the guest network)."""
     out = {}
     for n in names:
         try:
-            out[n] = scenario.wait_guest(lab.net.client_netns, client.vm(n)["spec"]["guest_ip"], 20)
+            out[n] = serial_heartbeat(lab, client, n, newer_than=before[n]["seq"])
         except TimeoutError:
             xfail_if_tcg_guest_crash(lab, client, n)
             raise
@@ -90,7 +93,7 @@ def test_six_migrations_share_one_gbe_link(lab, client) -> None:
     for t in now:
         assert min(b["mbps"] for b in t["result"]["bandwidth_log"]) >= 250
         assert t["result"]["bandwidth_log"][0]["mbps"] <= LINK_MBPS
-    same_boot(lab, client, before, heartbeats(client, lab, names))
+    same_boot(lab, client, before, heartbeats(client, lab, names, before))
 
 
 def test_high_priority_starts_first(lab, client) -> None:
@@ -130,7 +133,7 @@ def _evacuated(lab, client, res, names, before) -> None:
     assert [v["name"] for v in client.vms() if v["host"] == "h1"] == []        # empty
     assert agent_vms(lab, "h1") == {}
     assert client.vm("moff")["host"] == "h2" and client.vm("moff")["power_state"] == "poweredOff"
-    same_boot(lab, client, before, heartbeats(client, lab, names))
+    same_boot(lab, client, before, heartbeats(client, lab, names, before))
     res = cli(lab, "vm", "migrate", "m1", "--host", "h1")                       # nothing goes to h1 now
     assert res.returncode == 3 and "HOST_IN_MAINTENANCE" in res.stderr
 
