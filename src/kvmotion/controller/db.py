@@ -95,6 +95,7 @@ class Task(Base):
     error_json: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+    started_at: Mapped[float] = mapped_column(Float, default=0.0)     # when admission let it run
     finished_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 

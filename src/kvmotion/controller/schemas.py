@@ -97,6 +97,7 @@ class TaskOut(BaseModel):
     error: dict[str, Any] | None
     created_at: float
     updated_at: float
+    started_at: float = 0.0
     finished_at: float
 
 

@@ -22,7 +22,8 @@ def to_out(t: Task) -> TaskOut:
                    phases=[PhaseRecord.model_validate(p) for p in json.loads(t.phases_json)],
                    live=json.loads(t.progress_json), options=json.loads(t.options_json),
                    result=json.loads(t.result_json), error=json.loads(t.error_json) if t.error_json else None,
-                   created_at=t.created_at, updated_at=t.updated_at, finished_at=t.finished_at)
+                   created_at=t.created_at, updated_at=t.updated_at, started_at=t.started_at,
+                   finished_at=t.finished_at)
 
 
 class TaskJournal:
@@ -38,7 +39,7 @@ class TaskJournal:
         now = time.time()
         task = Task(id=str(uuidlib.uuid4()), kind=kind, vm_uuid=vm_uuid, vm_name=vm_name, source=source,
                     destination=destination, state=state, phase="", options_json=json.dumps(options),
-                    created_at=now, updated_at=now)
+                    created_at=now, updated_at=now, started_at=now if state == "running" else 0.0)
         with sessions.begin() as s:
             s.add(task)
         return TaskJournal(sessions, task.id)
@@ -83,6 +84,8 @@ class TaskJournal:
     def set_state(self, state: str) -> None:
         def fn(task: Task) -> None:
             task.state = state
+            if state == "running" and not task.started_at:
+                task.started_at = time.time()
         self._edit(fn)
 
     def live(self, data: dict[str, Any], progress: float | None = None) -> None:
