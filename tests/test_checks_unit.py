@@ -73,6 +73,14 @@ def test_each_code_on_its_own() -> None:
         "ENCRYPTION_FALLBACK": ctx(dst=facts("h2", tls=False)),
         "PORTGROUP_MISSING": ctx(dst=facts("h2", groups=("Other",))),
         "INSUFFICIENT_MEMORY": ctx(dst=facts("h2", free_mb=100)),
+        "VM_POWERED_ON": ctx(kind="cold"),
+        "NOTHING_TO_MOVE": ctx(kind="svmotion", dst_name="h1"),
+        "DATASTORE_SPACE": ctx(kind="svmotion", dst_name="h1", required_mb={"shared": 100}, moved_disks=("disk0",)),
+        "DISK_FORMAT_UNSUPPORTED": ctx(kind="svmotion", dst_name="h1", moved_disks=("disk0",), target_spec=spec(
+            disks=[DiskSpec(datastore="shared", path="vm1/vm1.raw", format="raw", encrypted=True)])),
+        "RDM_STAYS": ctx(kind="xvmotion", moved_disks=("disk0",), vm=spec(disks=[
+            DiskSpec(datastore="shared", path="vm1/vm1.qcow2"), DiskSpec(id="disk1", kind="rdm", identity="l:1")]),
+            src=facts("h1", luns=[("/l", "l:1")]), dst=facts("h2", luns=[("/l", "l:1")])),
     }
     assert set(cases) == set(CODES), "every code in the catalog has a case"
     for code, c in cases.items():
@@ -98,7 +106,11 @@ def test_rdm_message_says_same_path_is_not_the_same_device() -> None:
 
 
 def test_storage_move_lifts_the_datastore_requirement() -> None:
-    assert "DATASTORE_NOT_ACCESSIBLE" not in codes(ctx(dst=facts("h2", datastores=("h2-local",)), moves_storage=True))
+    moved = spec(boot_datastore="h2-local", disks=[DiskSpec(datastore="h2-local", path="vm1/vm1.qcow2")])
+    dst = facts("h2", datastores=("h2-local",))
+    assert "DATASTORE_NOT_ACCESSIBLE" in codes(ctx(dst=dst))
+    assert "DATASTORE_NOT_ACCESSIBLE" not in codes(ctx(dst=dst, kind="xvmotion", target_spec=moved,
+                                                       moved_disks=("disk0",)))
 
 
 def test_every_blocker_at_once_errors_first() -> None:

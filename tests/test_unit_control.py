@@ -76,15 +76,27 @@ def test_task_journal_persists_phases_in_order(tmp_path: Path) -> None:
 
 
 def test_lease_hand_over_is_compare_and_swap(tmp_path: Path) -> None:
-    first = lease.take_lease(tmp_path, "u1", "h1", None)
+    disks = [tmp_path / "ds" / "vm" / "a.qcow2", tmp_path / "ds" / "vm" / "b.raw"]
+    paths = lease.lease_paths(tmp_path / "ds" / "vm", disks)
+    assert [p.name for p in paths] == [".kvmotion.lease", ".a.qcow2.lease", ".b.raw.lease"]
+    first = lease.take_all(paths, "u1", "h1", None)
     assert first.epoch == 1
     with pytest.raises(ConflictError) as exc:
-        lease.take_lease(tmp_path, "u1", "h2", None)           # h1 still holds it
+        lease.take_all(paths, "u1", "h2", None)           # h1 still holds them
     assert exc.value.details["holder"] == "h1"
-    second = lease.take_lease(tmp_path, "u1", "h2", expected_holder="h1")   # the migration hand-over
+    second = lease.take_all(paths, "u1", "h2", expected_holder="h1")   # the migration hand-over
     assert second.host == "h2" and second.epoch == 2
-    assert lease.release_lease(tmp_path, "h1") is False      # h1 no longer holds it
-    assert lease.release_lease(tmp_path, "h2") is True and lease.read_lease(tmp_path) is None
+    assert lease.release_all(paths, "h1") == 0                # h1 no longer holds any
+    assert lease.release_all(paths, "h2") == 3 and lease.read_lease(paths[1]) is None
+    assert lease.take_one(paths[1], "u1", "h1", None)[0].epoch == 3    # the epoch only grows
+
+
+def test_a_conflict_on_one_disk_takes_no_lease(tmp_path: Path) -> None:
+    paths = lease.lease_paths(tmp_path, [tmp_path / "a.qcow2", tmp_path / "b.qcow2"])
+    lease.take_one(paths[2], "u1", "h9", None)                # another host holds the second disk
+    with pytest.raises(ConflictError):
+        lease.take_all(paths, "u1", "h1", None)
+    assert lease.held_by(paths, "h1") == []
 
 
 def test_error_tree_round_trips_codes() -> None:

@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from kvmotion import __version__
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
+from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
+                                   PivotReport)
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
@@ -24,6 +26,38 @@ class TlsInstall(BaseModel):
     ca_cert: str
     server_cert: str
     client_cert: str
+
+
+class MeasureRequest(BaseModel):
+    spec: VMSpec
+    formats: dict[str, str]            # disk id -> the format it will have
+    preallocate: bool = False
+
+
+class HomePut(BaseModel):
+    spec: VMSpec
+    files: dict[str, str]              # file name -> base64
+
+
+class RemoveFiles(BaseModel):
+    spec: VMSpec
+    disk_ids: list[str] = []
+    home: bool = False
+
+
+class SpecDisks(BaseModel):
+    spec: VMSpec
+    disk_ids: list[str] = []
+
+
+class ExportRequest(BaseModel):
+    spec: VMSpec
+    disk_id: str
+    listen_address: str
+
+
+class SpeedRequest(BaseModel):
+    speed_bytes: int
 
 
 class CpuExpandRequest(BaseModel):
@@ -107,7 +141,7 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
         return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume, req.tls_authz_identity,
-                                            req.disk_keys)
+                                            req.disk_keys, req.new_disks)
 
     @app.delete("/v1/vms/{uuid}/incoming")
     async def abort_incoming(uuid: str) -> dict[str, bool]:
@@ -148,5 +182,71 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
     @app.post("/v1/vms/{uuid}/finalize-source")
     async def finalize_source(uuid: str) -> ReleaseReport:
         return await agent.finalize_source(uuid)
+
+    # -- storage ------------------------------------------------------------------------------------
+    @app.post("/v1/storage/measure")
+    async def measure(req: MeasureRequest) -> dict[str, int]:
+        return await asyncio.to_thread(agent.measure, req.spec, req.formats, req.preallocate)
+
+    @app.post("/v1/storage/home/get")
+    async def home_get(spec: VMSpec) -> dict[str, str]:
+        return await asyncio.to_thread(agent.home_files, spec)
+
+    @app.post("/v1/storage/home/put")
+    async def home_put(req: HomePut) -> dict[str, str]:
+        return {"folder": await asyncio.to_thread(agent.put_home, req.spec, req.files)}
+
+    @app.post("/v1/storage/remove")
+    async def remove(req: RemoveFiles) -> list[str]:
+        return await asyncio.to_thread(agent.remove_files, req.spec, req.disk_ids, req.home)
+
+    @app.post("/v1/storage/check")
+    async def check(req: SpecDisks) -> dict[str, dict[str, Any]]:
+        return await asyncio.to_thread(agent.check_images, req.spec, req.disk_ids)
+
+    @app.post("/v1/storage/leases")
+    async def lease_holders(spec: VMSpec) -> dict[str, str]:
+        return agent.lease_holders(spec)
+
+    @app.post("/v1/storage/export")
+    async def export(req: ExportRequest) -> DiskExport:
+        return await asyncio.to_thread(agent.disk_export, req.spec, req.disk_id, req.listen_address)
+
+    @app.delete("/v1/storage/export/{export_id}")
+    async def export_stop(export_id: str) -> dict[str, bool]:
+        return {"stopped": await asyncio.to_thread(agent.disk_export_stop, export_id)}
+
+    @app.post("/v1/storage/copy")
+    async def copy(req: DiskCopyRequest) -> DiskCopyStatus:
+        return agent.disk_copy(req)
+
+    @app.get("/v1/storage/copy/{job}")
+    async def copy_status(job: str) -> DiskCopyStatus:
+        return agent.copy_status(job)
+
+    @app.delete("/v1/storage/copy/{job}")
+    async def copy_cancel(job: str) -> DiskCopyStatus:
+        return await agent.copy_cancel(job)
+
+    @app.post("/v1/vms/{uuid}/mirror")
+    async def mirror_start(uuid: str, req: MirrorRequest) -> MirrorReport:
+        return await agent.mirror_start(uuid, req)
+
+    @app.get("/v1/vms/{uuid}/mirror")
+    async def mirror_status(uuid: str) -> MirrorReport:
+        return await agent.mirror_status(uuid)
+
+    @app.post("/v1/vms/{uuid}/mirror/speed")
+    async def mirror_speed(uuid: str, req: SpeedRequest) -> dict[str, int]:
+        await agent.mirror_speed(uuid, req.speed_bytes)
+        return {"speed_bytes": req.speed_bytes}
+
+    @app.post("/v1/vms/{uuid}/mirror/pivot")
+    async def mirror_pivot(uuid: str) -> PivotReport:
+        return await agent.mirror_pivot(uuid)
+
+    @app.post("/v1/vms/{uuid}/mirror/cancel")
+    async def mirror_cancel(uuid: str) -> MirrorReport:
+        return await agent.mirror_cancel(uuid)
 
     return app

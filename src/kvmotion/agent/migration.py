@@ -119,7 +119,8 @@ async def _tls_object(vm: QemuVM, endpoint: str, tls_dir: str) -> str:
 
 
 async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = True,
-                           tls_authz_identity: str | None = None, tls_dir: str | None = None) -> IncomingReady:
+                           tls_authz_identity: str | None = None, tls_dir: str | None = None,
+                           export_disks: list[str] | None = None) -> IncomingReady:
     """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener.
 
     With ``auto_resume`` the shadow runs (``cont``) the moment its incoming migration completes: the
@@ -127,6 +128,7 @@ async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = 
     not a controller round trip.
     """
     await set_caps(vm, {"events": True, "late-block-activate": True, "return-path": True})
+    creds: str | None = None
     if tls_authz_identity:
         if tls_dir is None:
             raise ConflictError("this host has no TLS certificate for encrypted migration",
@@ -137,6 +139,7 @@ async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = 
         await _qmp(vm).execute("migrate-set-parameters", {"tls-creds": creds, "tls-authz": "kvm-authz"})
     else:
         await _qmp(vm).execute("migrate-set-parameters", {"tls-creds": ""})
+    nbd_port, exports = (await _export_disks(vm, listen_address, export_disks, creds)) if export_disks else (None, {})
     port = pick_port(listen_address)
     uri = uri_for(listen_address, port)
     watch = MigrationWatch(vm, "destination")
@@ -152,7 +155,45 @@ async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = 
     watch.task = asyncio.create_task(_watch_incoming(watch, listener, listener_cm, auto_resume),
                                      name=f"incoming-{vm.spec.name}")
     assert vm.pid is not None
-    return IncomingReady(uri=uri, pid=vm.pid)
+    return IncomingReady(uri=uri, pid=vm.pid, nbd_port=nbd_port, exports=exports)
+
+
+async def _export_disks(vm: QemuVM, address: str, disk_ids: list[str],
+                        creds: str | None) -> tuple[int, dict[str, str]]:
+    """Shared-nothing shadow: serve its (empty) disks over NBD, writable, for the source's mirrors (§4).
+
+    With TLS the NBD stream uses the same credentials and client identity check as the memory stream.
+    """
+    port = pick_port(address)
+    server: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": address, "port": str(port)}}}
+    if creds:
+        server |= {"tls-creds": creds, "tls-authz": "kvm-authz"}
+    qmp = _qmp(vm)
+    await qmp.execute("nbd-server-start", server, timeout=10)
+    exports = {}
+    for disk_id in disk_ids:
+        name = f"drive-{disk_id}"
+        await qmp.execute("block-export-add", {"type": "nbd", "id": f"exp-{disk_id}", "node-name": vm.nodes[disk_id],
+                                               "name": name, "writable": True}, timeout=10)
+        vm.exports.append(f"exp-{disk_id}")
+        exports[disk_id] = name
+    return port, exports
+
+
+async def stop_exports(vm: QemuVM) -> None:
+    """After the incoming migration: the source has detached; end the exports and the NBD server."""
+    qmp = _qmp(vm)
+    for exp in list(vm.exports):
+        for attempt in range(50):      # "still in use" while the source's connection closes
+            try:
+                await qmp.execute("block-export-del", {"id": exp}, timeout=5)
+                break
+            except KvmotionError:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.02)
+        vm.exports.remove(exp)
+    await qmp.execute("nbd-server-stop", timeout=5)
 
 
 async def _watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any, auto_resume: bool) -> None:
@@ -191,6 +232,8 @@ async def _watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any
 
 async def _run_shadow(vm: QemuVM, r: MigrationReport) -> None:
     qmp = _qmp(vm)
+    if vm.exports:
+        await stop_exports(vm)
     r.extra["resumed_at"] = time.time()
     await qmp.execute("cont")
     status = (await qmp.execute("query-status"))["status"]
@@ -214,7 +257,7 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
         if tls_dir is None:
             raise ConflictError("this host has no TLS certificate for encrypted migration",
                                 remedy="renew the host's certificate: kvmotion host cert renew HOST")
-        params["tls-creds"] = await _tls_object(vm, "client", tls_dir)
+        params["tls-creds"] = vm.tls_client_creds = await _tls_object(vm, "client", tls_dir)
         params["tls-hostname"] = req.tls_hostname
     await qmp.execute("migrate-set-parameters", params)
     watch = MigrationWatch(vm, "source")

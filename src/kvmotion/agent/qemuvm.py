@@ -267,6 +267,11 @@ class QemuVM:
         self.lock = asyncio.Lock()
         self.migration: Any = None   # kvmotion.agent.migration.MigrationWatch, when one runs
         self.qemu_objects: set[str] = set()   # QOM objects this agent added to the process (TLS creds)
+        self.nodes: dict[str, str] = {d.id: d.node for d in spec.disks}   # disk id -> its block node now
+        self.tls_client_creds: str | None = None   # the TLS client object, for NBD disk streams
+        self.mirror: Any = None       # kvmotion.agent.mirror.Mirror, while disks are mirrored
+        self.exports: list[str] = []  # NBD exports of a shared-nothing shadow
+        self.created_files: list[Path] = []   # files made for this shadow (removed if it is discarded)
 
     # -- lifecycle -----------------------------------------------------------------------
     def transition(self, new: VMRunState) -> None:
@@ -283,7 +288,7 @@ class QemuVM:
 
     def save_record(self) -> None:
         record = {"spec": self.spec.model_dump(), "pid": self.pid, "state": str(self.state), "role": self.role,
-                  "taps": self.taps, "started_at": self.started_at}
+                  "taps": self.taps, "started_at": self.started_at, "nodes": self.nodes}
         tmp = self.run_dir / "run.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, self.run_dir / "run.json")
@@ -349,6 +354,7 @@ class QemuVM:
         self.taps = list(record.get("taps", []))
         self.role = record.get("role", "normal")
         self.started_at = record.get("started_at")
+        self.nodes.update(record.get("nodes") or {})
         self.qmp = QMPConnection(self.spec.name, str(self.run_dir / "qmp.sock"))
         try:
             await self.qmp.connect(5.0)
@@ -430,4 +436,4 @@ class QemuVM:
 
     def runtime(self, qemu_status: str | None = None) -> VMRuntime:
         return VMRuntime(uuid=self.spec.uuid, name=self.spec.name, state=self.state, pid=self.pid,
-                         qemu_status=qemu_status, started_at=self.started_at)
+                         qemu_status=qemu_status, started_at=self.started_at, spec=self.spec)

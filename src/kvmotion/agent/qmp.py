@@ -74,9 +74,9 @@ class QMPConnection:
             ) from exc
         except ExecuteError as exc:
             raise QMPCommandError(
-                f"QMP command {cmd} failed on {self.name}: {exc.error.desc}",
+                f"QMP command {cmd} failed on {self.name}: {exc.error.error.desc}",
                 remedy="see the QEMU error above",
-                details={"command": cmd, "error_class": exc.error_class, "desc": exc.error.desc},
+                details={"command": cmd, "error_class": exc.error_class, "desc": exc.error.error.desc},
                 cause=exc,
             ) from exc
         except (QMPError, OSError, EOFError) as exc:

@@ -10,15 +10,14 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import lease as leases
-from kvmotion.agent import migration, tls
+from kvmotion.agent import images, migration, mirror, tls
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.blockdev import presented_devices
-from kvmotion.agent.diskkeys import encrypted_secret_args, master_object, write_master
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.config import AgentConfig
-from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, resolve_datastore, rss_mb, vm_folder
-from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError, QemuStartFailed
+from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, rss_mb, vm_folder
+from kvmotion.agent.storage import AgentStorage, disk_file
+from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError
 from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
@@ -32,9 +31,11 @@ def _boot_id() -> str:
         return ""
 
 
-class Agent:
+class Agent(AgentStorage):
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
+        self.copies: dict[str, images.CopyJob] = {}
+        self.nbd_exports: dict[str, images.NbdExport] = {}
         self.accel = AccelResult("tcg", "not probed yet")
         self.vms: dict[str, QemuVM] = {}
         self.cpu: CpuCatalog | None = None
@@ -95,6 +96,10 @@ class Agent:
         return adopted
 
     async def shutdown(self) -> None:
+        for exp in list(self.nbd_exports.values()):
+            exp.stop()
+        for job in self.copies.values():
+            job.stop()
         for vm in self.vms.values():   # QEMU processes keep running; only drop our connections
             if vm.qmp is not None:
                 await vm.qmp.close()
@@ -152,29 +157,10 @@ class Agent:
             shutil.copyfile(kernel, folder / "vmlinuz")
             shutil.copyfile(initrd, folder / "initrd.img")
             for disk in (d for d in spec.disks if d.kind == "file"):   # raw LUNs exist already
-                path = ctx.datastore_paths[disk.datastore] / disk.path
-                path.parent.mkdir(parents=True, exist_ok=True)
-                argv = ["qemu-img", "create", "-q", "-f", disk.format]
-                if disk.encrypted:      # LUKS inside qcow2; the passphrase reaches qemu-img encrypted
-                    if not disk_keys or disk.node not in disk_keys:
-                        raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="create it via the controller")
-                    master_file = folder / ".master.key"
-                    master = write_master(master_file)
-                    argv += ["--object", master_object(master_file),
-                             "--object", encrypted_secret_args("sec0", disk_keys[disk.node], master),
-                             "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=200"]
-                try:
-                    # LUKS measures PBKDF speed on this CPU; that measurement fails now and then (~1 in 5 here)
-                    for _ in range(6):
-                        res = subprocess.run(argv + [str(path), f"{disk.size_mb}M"], capture_output=True, text=True,
-                                             timeout=60, check=False)
-                        if res.returncode == 0 or not disk.encrypted:
-                            break
-                finally:
-                    (folder / ".master.key").unlink(missing_ok=True)
-                if res.returncode != 0:
-                    raise QemuStartFailed(f"qemu-img create {path} failed: {res.stderr.strip()}",
-                                          remedy="check free space and permissions on the datastore")
+                if disk.encrypted and (not disk_keys or disk.node not in disk_keys):
+                    raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="create it via the controller")
+                images.create_image(disk_file(ctx, disk), disk.format, disk.size_mb,
+                                    passphrase=disk_keys[disk.node] if disk.encrypted and disk_keys else None)
             (folder / "vm.json").write_text(spec.model_dump_json(indent=1))
         except (OSError, KvmotionError, subprocess.TimeoutExpired):
             shutil.rmtree(folder, ignore_errors=True)
@@ -184,10 +170,7 @@ class Agent:
     def destroy_files(self, spec: VMSpec) -> None:
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} still runs on {self.cfg.name}", remedy="power it off first")
-        ctx = self.context()
-        for disk in (d for d in spec.disks if d.kind == "file"):
-            (resolve_datastore(ctx, disk.datastore) / disk.path).unlink(missing_ok=True)
-        shutil.rmtree(vm_folder(ctx, spec), ignore_errors=True)
+        self.remove_files(spec, [d.id for d in spec.disks], home=True)
 
     # -- power ----------------------------------------------------------------------------
     def get(self, uuid: str) -> QemuVM:
@@ -204,15 +187,14 @@ class Agent:
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already runs on {self.cfg.name}", remedy="nothing to do")
         ctx = self.context()
-        folder = vm_folder(ctx, spec)
-        leases.take_lease(folder, spec.uuid, self.cfg.name, expected_holder=None)
+        self.take_leases(spec, expected_holder=None)
         vm = QemuVM(spec, ctx, self._run_dir(spec.uuid))
         self.vms[spec.uuid] = vm
         try:
             await vm.start(incoming=False, disk_keys=disk_keys)
         except KvmotionError:
             self.vms.pop(spec.uuid, None)
-            leases.release_lease(folder, self.cfg.name)
+            self.release_leases(spec)
             raise
         return vm.runtime()
 
@@ -227,7 +209,7 @@ class Agent:
         async with vm.lock:
             await vm.stop()
         self.vms.pop(uuid, None)
-        leases.release_lease(vm_folder(vm.ctx, vm.spec), self.cfg.name)
+        self.release_leases(vm.spec)
         return vm.runtime()
 
     async def status(self, uuid: str) -> VMRuntime:
@@ -265,19 +247,25 @@ class Agent:
 
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True,
                                tls_authz_identity: str | None = None,
-                               disk_keys: dict[str, str] | None = None) -> IncomingReady:
+                               disk_keys: dict[str, str] | None = None,
+                               new_disks: list[str] | None = None) -> IncomingReady:
+        """A shadow VM. For shared-nothing (``new_disks``) its disks are created empty here and NBD-exported."""
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
                                 remedy="a VM never runs twice; pick another destination")
+        created = await asyncio.to_thread(self.create_disks, spec, new_disks or [], disk_keys or {})
         vm = QemuVM(spec, self.context(), self._run_dir(spec.uuid))
+        vm.created_files = created
         self.vms[spec.uuid] = vm
         try:
             await vm.start(incoming=True, disk_keys=disk_keys)
             return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
-                                                    self._tls_dir_if_valid())
+                                                    self._tls_dir_if_valid(), new_disks)
         except KvmotionError:
             await vm.kill()
             self.vms.pop(spec.uuid, None)
+            for p in created:
+                p.unlink(missing_ok=True)
             raise
 
     async def abort_incoming(self, uuid: str) -> bool:
@@ -290,11 +278,20 @@ class Agent:
                                 remedy="the VM runs here; it cannot be discarded as a shadow")
         await vm.kill()
         self.vms.pop(uuid, None)
+        for p in vm.created_files:      # a shared-nothing shadow's partial disks
+            p.unlink(missing_ok=True)
         return True
 
     async def start_outgoing(self, uuid: str, req: OutgoingRequest) -> MigrationReport:
         vm = self.get(uuid)
-        watch = await migration.start_outgoing(vm, req, tls_dir=self._tls_dir_if_valid())
+        m = vm.mirror
+        streams = m is not None and m.report.state in ("mirroring", "ready") and \
+            any(t.kind == "nbd" for t in m.targets.values())
+
+        async def handoff(_vm: QemuVM) -> None:   # at pre-switchover: the disk streams end in sync
+            await mirror.complete_at_switchover(m)
+        watch = await migration.start_outgoing(vm, req, handoff=handoff if streams else None,
+                                               tls_dir=self._tls_dir_if_valid())
         return watch.snapshot()
 
     def migration_report(self, uuid: str) -> MigrationReport:
@@ -319,8 +316,7 @@ class Agent:
         return await migration.announce(self.get(uuid))
 
     def take_lease(self, uuid: str, expected_holder: str | None) -> LeaseInfo:
-        vm = self.get(uuid)
-        return leases.take_lease(vm_folder(vm.ctx, vm.spec), uuid, self.cfg.name, expected_holder)
+        return self.take_leases(self.get(uuid).spec, expected_holder)
 
     async def finalize_source(self, uuid: str) -> ReleaseReport:
         """End the source QEMU after a completed migration and free its memory."""
@@ -331,16 +327,15 @@ class Agent:
         pid, freed = vm.pid, rss_mb(vm.pid or 0)
         await vm.stop(graceful_timeout=5.0)
         self.vms.pop(uuid, None)
-        folder = vm_folder(vm.ctx, vm.spec)
-        leases.release_lease(folder, self.cfg.name)
-        holder = leases.read_lease(folder)
-        return ReleaseReport(source_exited=not vm.alive(), source_pid=pid,
-                             lock_released=holder is None or holder.host != self.cfg.name, memory_freed_mb=freed)
+        self.release_leases(vm.spec)
+        still = [p for p, h in self.lease_holders(vm.spec).items() if h == self.cfg.name]
+        return ReleaseReport(source_exited=not vm.alive(), source_pid=pid, lock_released=not still,
+                             memory_freed_mb=freed)
 
     def locks(self, uuid: str) -> dict[str, list[str]]:
         """Which locks this host's QEMU holds on the VM's disk images (evidence of the lock hand-over)."""
         vm = self.get(uuid)
-        paths = [resolve_datastore(vm.ctx, d.datastore) / d.path for d in vm.spec.disks if d.kind == "file"]
+        paths = [disk_file(vm.ctx, d) for d in vm.spec.disks if d.kind == "file"]
         return image_locks(vm.pid or 0, paths)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:

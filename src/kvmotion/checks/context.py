@@ -42,3 +42,11 @@ class MigrationContext:
     moves_storage: bool = False                         # shared-nothing: disks move too
     datastore_migrations: dict[str, int] = field(default_factory=dict)   # datastore -> migrations in flight
     datastore_limit: int = DATASTORE_LIMIT
+    kind: str = "vmotion"                               # vmotion | svmotion | xvmotion (shared-nothing) | cold
+    target_spec: VMSpec | None = None                   # the VM after the move (None: same files)
+    required_mb: dict[str, int] = field(default_factory=dict)   # target datastore -> MiB the move writes there
+    moved_disks: tuple[str, ...] = ()                   # disk ids that get new image files
+
+    @property
+    def after(self) -> VMSpec:
+        return self.target_spec or self.spec

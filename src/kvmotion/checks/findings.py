@@ -46,6 +46,11 @@ CODES: dict[str, tuple[Severity, str]] = {
     "ENCRYPTION_FALLBACK": (Severity.INFO, "opportunistic encryption: a host has no certificate, so the move is plain"),
     "PORTGROUP_MISSING": (Severity.ERROR, "a network (port group) of the VM does not exist on the destination"),
     "INSUFFICIENT_MEMORY": (Severity.ERROR, "the destination does not have the VM's memory free"),
+    "VM_POWERED_ON": (Severity.ERROR, "cold migration needs a powered-off VM (use vMotion)"),
+    "NOTHING_TO_MOVE": (Severity.ERROR, "the VM already is on that host and those datastores"),
+    "DATASTORE_SPACE": (Severity.ERROR, "a target datastore lacks the free space the copied disks need"),
+    "DISK_FORMAT_UNSUPPORTED": (Severity.ERROR, "an encrypted disk stays qcow2 (LUKS inside qcow2)"),
+    "RDM_STAYS": (Severity.INFO, "a raw LUN is not copied; the VM keeps using the same LUN"),
 }
 
 

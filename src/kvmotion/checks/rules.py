@@ -18,12 +18,15 @@ def _host(h: HostView) -> str:
 def placement(ctx: MigrationContext) -> list[Finding]:
     out = []
     src, dst, vm = ctx.source, ctx.destination, ctx.spec
-    if dst.name == src.name:
+    if dst.name == src.name and ctx.kind in ("vmotion", "xvmotion"):
         out.append(finding("SAME_HOST", _host(dst), f"VM {vm.name} already runs on {dst.name}",
                            "choose a different destination host"))
-    if ctx.power_state != "poweredOn":
+    if ctx.power_state != "poweredOn" and ctx.kind != "cold":
         out.append(finding("VM_NOT_RUNNING", f"vm:{vm.name}", f"VM {vm.name} is powered off; vMotion moves running VMs",
                            "use cold migration for a powered-off VM, or power it on first"))
+    if ctx.power_state == "poweredOn" and ctx.kind == "cold":
+        out.append(finding("VM_POWERED_ON", f"vm:{vm.name}", f"VM {vm.name} is powered on; cold migration moves "
+                           "powered-off VMs", f"power it off first (kvmotion vm stop {vm.name}), or use vMotion"))
     if ctx.vm_migrating:
         out.append(finding("VM_ALREADY_MIGRATING", f"vm:{vm.name}", f"VM {vm.name} is already being migrated",
                            "wait for its current task to finish (kvmotion task list)"))
@@ -37,17 +40,17 @@ def placement(ctx: MigrationContext) -> list[Finding]:
 
 
 def storage(ctx: MigrationContext) -> list[Finding]:
-    dst, vm = ctx.destination, ctx.spec
+    dst, vm = ctx.destination, ctx.after
     if dst.facts is None:
         return []
     out = []
     needed = {vm.boot_datastore} | {d.datastore for d in vm.disks if d.kind == "file"}
-    if not ctx.moves_storage:
-        readable = {d.name for d in dst.facts.datastores if d.readable}
-        for ds in sorted(needed - readable):
-            out.append(finding("DATASTORE_NOT_ACCESSIBLE", f"datastore:{ds}",
-                               f"datastore {ds} holding VM {vm.name}'s files is not readable on {dst.name}",
-                               f"mount {ds} on {dst.name}, choose a host that sees it, or move the storage too"))
+    readable = {d.name for d in dst.facts.datastores if d.readable}
+    for ds in sorted(needed - readable):
+        out.append(finding("DATASTORE_NOT_ACCESSIBLE", f"datastore:{ds}",
+                           f"datastore {ds} for VM {vm.name}'s files is not readable on {dst.name}",
+                           f"mount {ds} on {dst.name}, choose a host that sees it, or move the storage too "
+                           f"(--datastore)"))
     for ds in sorted(needed):
         running = ctx.datastore_migrations.get(ds, 0)
         if running >= ctx.datastore_limit:
@@ -210,19 +213,55 @@ def resources(ctx: MigrationContext) -> list[Finding]:
                                f"port group {nic.portgroup!r} of {nic.id} does not exist on {dst.name}",
                                f"create {nic.portgroup!r} on {dst.name} or pick another host"))
     need = vm.memory_mb + MEMORY_HEADROOM_MB
-    if dst.facts.mem_free_mb < need:
+    if dst.facts.mem_free_mb < need and ctx.kind != "cold":
         out.append(finding("INSUFFICIENT_MEMORY", _host(dst),
                            f"{dst.name} has {dst.facts.mem_free_mb} MiB free; VM {vm.name} needs {need} MiB",
                            "free memory on the destination or pick another host"))
     return out
 
 
+SPACE_MARGIN_MB = 16
+
+
+def capacity(ctx: MigrationContext) -> list[Finding]:
+    """What moving the disks needs: something to move, a format they can take, room on the target datastores."""
+    before, after, dst = ctx.spec, ctx.after, ctx.destination
+    out = []
+    if ctx.kind != "vmotion" and not ctx.moved_disks and before.boot_datastore == after.boot_datastore \
+            and ctx.source.name == dst.name:
+        out.append(finding("NOTHING_TO_MOVE", f"vm:{before.name}", f"VM {before.name} already is on {dst.name} "
+                           f"with its files on {before.boot_datastore}", "name another host or datastore"))
+    for d in after.disks:
+        if d.encrypted and d.format != "qcow2":
+            out.append(finding("DISK_FORMAT_UNSUPPORTED", f"device:{d.id}",
+                               f"{d.id} is encrypted (LUKS inside qcow2) and cannot become {d.format}",
+                               "keep --disk-format qcow2 for an encrypted VM"))
+        if d.kind == "rdm" and ctx.moved_disks:
+            out.append(finding("RDM_STAYS", f"device:{d.id}", f"raw LUN {d.identity} of {d.id} is not copied",
+                               "nothing to do: the VM keeps using the LUN"))
+    free = {d.name: d.free_mb for d in (dst.facts.datastores if dst.facts else [])}
+    for ds, need in sorted(ctx.required_mb.items()):
+        have = free.get(ds)
+        if have is not None and need + SPACE_MARGIN_MB > have:
+            out.append(finding("DATASTORE_SPACE", f"datastore:{ds}",
+                               f"datastore {ds} has {have} MiB free on {dst.name}; the move writes {need} MiB there "
+                               f"(plus {SPACE_MARGIN_MB} MiB headroom)",
+                               f"free space on {ds}, pick another datastore, or use thin qcow2 (--disk-format qcow2)"))
+    return out
+
+
 ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, media, memory_backing, network, cpu, encryption,
-                                 resources)
+                                 resources, capacity)
+CHECKS_BY_KIND: dict[str, tuple[Check, ...]] = {
+    "vmotion": ALL_CHECKS,
+    "xvmotion": ALL_CHECKS,
+    "svmotion": (placement, storage, capacity),
+    "cold": (placement, storage, raw_devices, resources, capacity),
+}
 
 
 def run_all(ctx: MigrationContext) -> list[Finding]:
-    """Every finding of every check, errors first."""
+    """Every finding of every check that applies to this kind of move, errors first."""
     order = {"error": 0, "warning": 1, "info": 2}
-    found = [f for check in ALL_CHECKS for f in check(ctx)]
+    found = [f for check in CHECKS_BY_KIND[ctx.kind] for f in check(ctx)]
     return sorted(found, key=lambda f: order[f.severity])

@@ -72,11 +72,13 @@ class Client:
     def delete_vm(self, ref: str) -> dict[str, Any]:
         return self.call("DELETE", f"/vms/{ref}")
 
-    def migrate(self, ref: str, host: str, **opts: Any) -> dict[str, Any]:
-        return self.call("POST", f"/vms/{ref}/migrate", {"host": host, **{k: v for k, v in opts.items() if v is not None}})
+    def migrate(self, ref: str, host: str | None = None, **opts: Any) -> dict[str, Any]:
+        body = {"host": host, **opts}
+        return self.call("POST", f"/vms/{ref}/migrate", {k: v for k, v in body.items() if v not in (None, {})})
 
-    def validate(self, ref: str, host: str) -> list[dict[str, Any]]:
-        return self.call("POST", f"/vms/{ref}/migrate/validate", {"host": host})
+    def validate(self, ref: str, host: str | None = None, **opts: Any) -> list[dict[str, Any]]:
+        body = {"host": host, **opts}
+        return self.call("POST", f"/vms/{ref}/migrate/validate", {k: v for k, v in body.items() if v not in (None, {})})
 
     def cdrom(self, ref: str, drive: str, media: str, path: str | None = None, nbd: str | None = None) -> dict[str, Any]:
         return self.call("POST", f"/vms/{ref}/cdrom", {"drive": drive, "media": media, "path": path, "nbd": nbd})

@@ -95,12 +95,19 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               encrypted_vmotion: str = typer.Option("opportunistic", help="disabled | opportunistic | required"),
               marker: Optional[str] = typer.Option(None, help="a string the guest keeps in RAM (wire tests)"),
               encrypted_disk: bool = typer.Option(False, "--encrypted-disk", help="LUKS disk; keys from the controller"),
+              data_disk_mb: Optional[int] = typer.Option(None, help="add a data disk (vdb) of this size"),
+              data_datastore: Optional[str] = typer.Option(None, help="datastore of the data disk"),
+              disk_format: str = typer.Option("qcow2", help="qcow2 | raw"),
+              records_rate: Optional[int] = typer.Option(None, help="guest writes checksummed records to the data "
+                                                                    "disk at this rate (records/s, 0 = flat out)"),
               url: Optional[str] = URL) -> None:
     mask = [f for f in (cpu_mask or "").split(",") if f]
     vm = run(lambda: Client(url).create_vm(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore,
                                            network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, cpu_model=cpu,
                                            cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker,
-                                           encrypted_disk=encrypted_disk))
+                                           encrypted_disk=encrypted_disk, data_disk_mb=data_disk_mb,
+                                           data_datastore=data_datastore, disk_format=disk_format,
+                                           records_rate=records_rate))
     console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
                   f"datastore {vm['spec']['boot_datastore']}, ip {vm['spec']['guest_ip']}")
 
@@ -171,36 +178,48 @@ def findings_table(findings: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-def check_migration(client: Client, vm: str, host: str) -> int:
+def check_migration(client: Client, vm: str, host: str | None, **opts: Any) -> int:
     """Print every finding; 0 when nothing blocks the move, 3 when something does."""
-    findings = run(lambda: client.validate(vm, host))
+    findings = run(lambda: client.validate(vm, host, **opts))
     errors = [f for f in findings if f["severity"] == "error"]
-    console.print(findings_table(findings, f"compatibility: {vm} → {host}"))
+    where = " ".join(x for x in (host, opts.get("datastore")) if x) or "new placement"
+    console.print(findings_table(findings, f"compatibility: {vm} → {where}"))
     console.print(f"[red]{len(errors)} error(s): the migration would be refused[/]" if errors
                   else "[green]no errors: the migration can start[/]")
     return 3 if errors else 0
 
 
-@vm_app.command("validate")
-def vm_validate(vm: str, host: str = typer.Option(..., "--host"), url: Optional[str] = URL) -> None:
-    """Every compatibility finding for moving VM to HOST, at once (exit 3 on errors)."""
-    raise typer.Exit(check_migration(Client(url), vm, host))
+def parse_disk_map(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        ref, sep, ds = item.partition("=")
+        if not sep or not ref or not ds:
+            err_console.print(f"[red]error:[/] --disk {item!r}: write it as INDEX=DATASTORE, e.g. --disk 0=shared")
+            raise typer.Exit(2)
+        out[ref] = ds
+    return out
 
 
 @vm_app.command("migrate")
-def vm_migrate(vm: str, host: str = typer.Option(..., "--host", help="destination host"),
+def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help="destination host"),
+               datastore: Optional[str] = typer.Option(None, "--datastore", help="move the VM's files to this datastore"),
+               disk: list[str] = typer.Option([], "--disk", help="per-disk placement, e.g. --disk 0=ds1 --disk 1=ds2"),
+               disk_format: Optional[str] = typer.Option(None, "--disk-format", help="qcow2 (thin) | raw (preallocated)"),
+               disk_mbps: Optional[int] = typer.Option(None, help="cap for disk copies, Mbit/s"),
                downtime_ms: int = typer.Option(500, help="switchover budget"),
                max_bandwidth_mbps: Optional[int] = typer.Option(None, help="cap; default the link speed"),
                priority: str = typer.Option("normal", help="high|normal"),
                wait: bool = typer.Option(True, help="follow the task and print its summary"),
                check: bool = typer.Option(False, "--check", help="only print the compatibility findings"),
                url: Optional[str] = URL) -> None:
-    """Live-migrate a running VM to another host (vMotion)."""
+    """Move a VM: vMotion (--host), Storage vMotion (--datastore/--disk), both (shared-nothing), or cold."""
     client = Client(url)
+    opts: dict[str, Any] = {"datastore": datastore, "disks": parse_disk_map(disk), "disk_format": disk_format,
+                            "disk_mbps": disk_mbps}
     if check:
-        raise typer.Exit(check_migration(client, vm, host))
+        raise typer.Exit(check_migration(client, vm, host, **opts))
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
-                                      priority=priority))
+                                      priority=priority, **opts))
     shown = task["options"].get("findings", [])
     if shown:
         console.print(findings_table(shown, "compatibility (not blocking)"))

@@ -152,6 +152,7 @@ class VMRuntime(BaseModel):
     pid: int | None = None
     qemu_status: str | None = None
     started_at: float | None = None
+    spec: VMSpec | None = None        # what this QEMU runs now (disks move with Storage vMotion)
 
 
 class MigrationPass(BaseModel):
@@ -188,10 +189,98 @@ class IncomingRequest(BaseModel):
     disk_keys: dict[str, str] = Field(default_factory=dict)
     auto_resume: bool = True          # run the shadow as soon as its state is complete
     tls_authz_identity: str | None = None   # set: accept only a TLS client with exactly this identity
+    new_disks: list[str] = Field(default_factory=list)   # shared-nothing: disk ids created empty here, NBD-exported
 
 
 class IncomingReady(BaseModel):
     uri: str
+    pid: int
+    nbd_port: int | None = None       # shared-nothing: the NBD server for the disk streams
+    exports: dict[str, str] = Field(default_factory=dict)   # disk id -> NBD export name
+
+
+class DiskTarget(BaseModel):
+    """Where one disk of a running VM is mirrored to: a new image on a datastore, or an NBD export."""
+
+    disk_id: str
+    kind: str = "file"                # "file" (Storage vMotion) | "nbd" (shared-nothing)
+    datastore: str = ""
+    path: str = ""
+    format: str = "qcow2"
+    preallocate: bool = False         # raw: allocate the whole image up front
+    nbd_host: str = ""
+    nbd_port: int = 0
+    export: str = ""
+    tls_hostname: str | None = None   # nbd: the stream is TLS and the server must present this name
+
+
+class MirrorRequest(BaseModel):
+    targets: list[DiskTarget]
+    speed_bytes: int = 0              # 0: unlimited
+    copy_mode: str = "background"     # background | write-blocking
+    disk_keys: dict[str, str] = Field(default_factory=dict)   # encrypted disks: the new image gets the same key
+    home_datastore: str | None = None  # the VM folder moves to this datastore at the pivot
+
+
+class MirrorJob(BaseModel):
+    disk_id: str
+    job_id: str
+    target: str                       # the target path or NBD export
+    status: str                       # QEMU job status: created running ready concluded ...
+    ready: bool = False
+    offset: int = 0
+    length: int = 0
+    error: str | None = None
+
+
+class MirrorReport(BaseModel):
+    jobs: list[MirrorJob] = Field(default_factory=list)
+    started_at: float = 0.0
+    ready_at: float | None = None
+    done: int = 0
+    total: int = 0
+    mbps: float = 0.0
+    state: str = "none"               # none | mirroring | ready | failed | pivoted | cancelled
+    error: str | None = None
+
+
+class PivotReport(BaseModel):
+    pivoted_at: float
+    write_stall_ms: float             # how long block-job-complete + the pivot held the guest's I/O
+    old_files: list[str]
+    new_files: list[str]
+    old_files_closed: bool
+    spec: VMSpec
+
+
+class DiskCopyRequest(BaseModel):
+    """Cold migration: copy one disk image to this host, from a path it can read or an NBD export."""
+
+    source_path: str | None = None    # local: absolute path on this host
+    source_uri: str | None = None     # remote: nbd://HOST:PORT/EXPORT (guest-visible data)
+    source_format: str = "qcow2"      # the format of source_path (NBD exports are raw data)
+    datastore: str
+    path: str
+    format: str = "qcow2"
+    preallocate: bool = False
+    verbatim: bool = False            # copy the image file byte for byte (encrypted disks: ciphertext only)
+
+
+class DiskCopyStatus(BaseModel):
+    job: str
+    state: str                        # copying | verifying | done | failed
+    percent: float = 0.0
+    bytes_total: int = 0
+    started_at: float
+    ended_at: float | None = None
+    identical: bool | None = None     # qemu-img compare verdict
+    error: str | None = None
+    target: str = ""
+
+
+class DiskExport(BaseModel):
+    uri: str
+    export_id: str
     pid: int
 
 

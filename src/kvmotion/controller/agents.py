@@ -6,6 +6,8 @@ from typing import Any
 import httpx
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
+from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
+                                   PivotReport)
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
@@ -86,9 +88,10 @@ class AgentClient:
         return await self._call("GET", f"/v1/vms/{uuid}/serial", params={"lines": lines}, timeout=8)
 
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, tls_authz_identity: str | None = None,
-                               disk_keys: dict[str, str] | None = None) -> IncomingReady:
+                               disk_keys: dict[str, str] | None = None,
+                               new_disks: list[str] | None = None) -> IncomingReady:
         req = IncomingRequest(spec=spec, listen_address=listen_address, tls_authz_identity=tls_authz_identity,
-                              disk_keys=disk_keys or {})
+                              disk_keys=disk_keys or {}, new_disks=new_disks or [])
         return IncomingReady.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/incoming",
                                                              req.model_dump(), timeout=40))
 
@@ -124,3 +127,58 @@ class AgentClient:
 
     async def finalize_source(self, uuid: str) -> ReleaseReport:
         return ReleaseReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/finalize-source", timeout=30))
+
+    # -- storage ------------------------------------------------------------------------------------
+    async def measure(self, spec: VMSpec, formats: dict[str, str], preallocate: bool) -> dict[str, int]:
+        return await self._call("POST", "/v1/storage/measure", {"spec": spec.model_dump(), "formats": formats,
+                                                                 "preallocate": preallocate}, timeout=60)
+
+    async def home_files(self, spec: VMSpec) -> dict[str, str]:
+        return await self._call("POST", "/v1/storage/home/get", spec.model_dump(), timeout=60)
+
+    async def put_home(self, spec: VMSpec, files: dict[str, str]) -> str:
+        return (await self._call("POST", "/v1/storage/home/put", {"spec": spec.model_dump(), "files": files},
+                                 timeout=60))["folder"]
+
+    async def remove_files(self, spec: VMSpec, disk_ids: list[str], home: bool) -> list[str]:
+        return await self._call("POST", "/v1/storage/remove", {"spec": spec.model_dump(), "disk_ids": disk_ids,
+                                                                "home": home}, timeout=60)
+
+    async def check_images(self, spec: VMSpec, disk_ids: list[str]) -> dict[str, dict[str, Any]]:
+        return await self._call("POST", "/v1/storage/check", {"spec": spec.model_dump(), "disk_ids": disk_ids},
+                                timeout=150)
+
+    async def lease_holders(self, spec: VMSpec) -> dict[str, str]:
+        return await self._call("POST", "/v1/storage/leases", spec.model_dump(), timeout=10)
+
+    async def disk_export(self, spec: VMSpec, disk_id: str, listen_address: str) -> DiskExport:
+        return DiskExport.model_validate(await self._call("POST", "/v1/storage/export", {
+            "spec": spec.model_dump(), "disk_id": disk_id, "listen_address": listen_address}, timeout=20))
+
+    async def disk_export_stop(self, export_id: str) -> bool:
+        return bool((await self._call("DELETE", f"/v1/storage/export/{export_id}", timeout=20))["stopped"])
+
+    async def disk_copy(self, req: DiskCopyRequest) -> DiskCopyStatus:
+        return DiskCopyStatus.model_validate(await self._call("POST", "/v1/storage/copy", req.model_dump(), timeout=20))
+
+    async def copy_status(self, job: str) -> DiskCopyStatus:
+        return DiskCopyStatus.model_validate(await self._call("GET", f"/v1/storage/copy/{job}", timeout=8))
+
+    async def copy_cancel(self, job: str) -> DiskCopyStatus:
+        return DiskCopyStatus.model_validate(await self._call("DELETE", f"/v1/storage/copy/{job}", timeout=30))
+
+    async def mirror_start(self, uuid: str, req: MirrorRequest) -> MirrorReport:
+        return MirrorReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/mirror", req.model_dump(),
+                                                            timeout=240))
+
+    async def mirror_status(self, uuid: str) -> MirrorReport:
+        return MirrorReport.model_validate(await self._call("GET", f"/v1/vms/{uuid}/mirror", timeout=8))
+
+    async def mirror_speed(self, uuid: str, speed_bytes: int) -> None:
+        await self._call("POST", f"/v1/vms/{uuid}/mirror/speed", {"speed_bytes": speed_bytes}, timeout=8)
+
+    async def mirror_pivot(self, uuid: str) -> PivotReport:
+        return PivotReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/mirror/pivot", timeout=90))
+
+    async def mirror_cancel(self, uuid: str) -> MirrorReport:
+        return MirrorReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/mirror/cancel", timeout=60))

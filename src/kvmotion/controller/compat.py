@@ -11,7 +11,10 @@ from kvmotion.checks.context import DATASTORE_LIMIT
 from kvmotion.checks.findings import Finding, blockers
 from kvmotion.common.errors import KvmotionError, PrecheckFailed
 from kvmotion.common.types import HOST_PASSTHROUGH, VMSpec
+from kvmotion.controller import relocate
 from kvmotion.controller import tasks as task_store
+from kvmotion.controller.relocate import Relocation
+from kvmotion.controller.schemas import MigrateRequest
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import HostOut
 
@@ -36,7 +39,8 @@ async def vm_cpu_features(inv: Inventory, host: str, spec: VMSpec) -> frozenset[
 
 
 async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, dst_name: str,
-                 moves_storage: bool = False, exclude_task: str | None = None) -> MigrationContext:
+                 moves_storage: bool = False, exclude_task: str | None = None,
+                 reloc: Relocation | None = None, required: dict[str, int] | None = None) -> MigrationContext:
     vm = inv.get_vm(vm_ref)
     dst = inv.get_host(dst_name)
     src = inv.get_host(vm.host)
@@ -62,13 +66,37 @@ async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, d
         spec=spec, power_state=vm.power_state, source=_view(inv, src, per_host.get(src.name, 0)),
         destination=_view(inv, dst, per_host.get(dst.name, 0)),
         vm_cpu_features=await vm_cpu_features(inv, src.name, spec), vm_migrating=migrating,
-        moves_storage=moves_storage, datastore_migrations=per_ds, datastore_limit=datastore_limit())
+        moves_storage=moves_storage or bool(reloc and reloc.moves), datastore_migrations=per_ds,
+        datastore_limit=datastore_limit(), kind=reloc.kind if reloc else "vmotion",
+        target_spec=reloc.after if reloc else None, required_mb=required or {},
+        moved_disks=reloc.moved_ids if reloc else ())
 
 
 async def validate(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, dst_name: str,
                    exclude_task: str | None = None) -> tuple[MigrationContext, list[Finding]]:
     ctx = await gather(inv, sessions, vm_ref, dst_name, exclude_task=exclude_task)
     return ctx, run_all(ctx)
+
+
+async def validate_move(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, req: MigrateRequest,
+                        exclude_task: str | None = None) -> tuple[Relocation, MigrationContext, list[Finding]]:
+    """Plan any kind of move (host, datastores, format; live or cold) and check it; nothing changes."""
+    vm = inv.get_vm(vm_ref)
+    spec = VMSpec.model_validate(vm.spec)
+    dst_name = inv.get_host(req.host).name if req.host else vm.host
+    dst_facts = inv.host_facts(dst_name)
+    readable = {d.name for d in dst_facts.datastores if d.readable} if dst_facts else set()
+    reloc = relocate.plan(spec, vm.power_state, vm.host, dst_name, req.datastore, req.disks, req.disk_format, readable)
+    required: dict[str, int] = {}
+    if reloc.moves or reloc.home_moves:
+        try:
+            measured = await inv.agent(vm.host).measure(spec, {m.disk_id: m.target.format for m in reloc.moves},
+                                                        preallocate=any(m.target.format == "raw" for m in reloc.moves))
+            required = relocate.required_mb(reloc, measured)
+        except KvmotionError:
+            required = relocate.required_mb(reloc, {})     # sizes from the specs: the worst case
+    ctx = await gather(inv, sessions, vm.uuid, dst_name, exclude_task=exclude_task, reloc=reloc, required=required)
+    return reloc, ctx, run_all(ctx)
 
 
 def raise_on_errors(vm_name: str, dst: str, findings: list[Finding]) -> None:

@@ -193,7 +193,19 @@ class Inventory:
                 raise InvalidInputError(f"{req.ip!r} is not an address with prefix",
                                         remedy="write it like 198.18.1.120/24") from None
         uuid = str(uuidlib.uuid4())
-        disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.qcow2", size_mb=req.disk_mb)]
+        fmt = req.disk_format
+        disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.{fmt}", format=fmt, size_mb=req.disk_mb)]
+        if req.data_disk_mb is not None:
+            data_ds = req.data_datastore or ds_name
+            if data_ds not in {d.name for d in readable}:
+                raise InvalidInputError(f"datastore {data_ds!r} is not accessible on {req.host}",
+                                        remedy="pass --data-datastore with one of: " + ", ".join(d.name for d in readable))
+            disks.append(DiskSpec(id="disk1", node="d1", datastore=data_ds, path=f"{req.name}/{req.name}-data.{fmt}",
+                                  format=fmt, size_mb=req.data_disk_mb))
+        elif req.records_rate is not None:
+            raise InvalidInputError("the record writer needs a data disk", remedy="add --data-disk-mb SIZE")
+        if req.encrypted_disk and fmt != "qcow2":
+            raise InvalidInputError("an encrypted disk is LUKS inside qcow2", remedy="use --disk-format qcow2")
         if req.encrypted_disk:
             if req.encrypted_vmotion == "disabled":
                 raise InvalidInputError("a VM with an encrypted disk always migrates encrypted",
@@ -208,7 +220,8 @@ class Inventory:
                 shown = ", ".join(b.path for b in facts.block_devices) or "none"
                 raise InvalidInputError(f"{req.rdm} is not a LUN presented to {req.host} (presented: {shown})",
                                         remedy="present the LUN to the host first, or pick one of those listed")
-            disks.append(DiskSpec(id="disk1", node="d1", kind="rdm", format="raw", identity=lun.identity,
+            n = len(disks)
+            disks.append(DiskSpec(id=f"disk{n}", node=f"d{n}", kind="rdm", format="raw", identity=lun.identity,
                                   size_mb=lun.size_bytes // (1024 * 1024)))
         mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
         spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
@@ -217,7 +230,10 @@ class Inventory:
                       guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
                       cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
                       encrypted_vmotion="required" if req.encrypted_disk else req.encrypted_vmotion,
-                      extra_cmdline=f"kvmotion.marker={req.marker}" if req.marker else "",
+                      extra_cmdline=" ".join(x for x in (
+                          f"kvmotion.marker={req.marker}" if req.marker else "",
+                          f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
+                          if req.records_rate is not None else "") if x),
                       **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
         await self.agent(req.host).provision(spec, self.disk_keys(spec))
         with self.sessions.begin() as s:

@@ -13,7 +13,10 @@ from kvmotion.controller import tasks as task_store
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import MigrateRequest, TaskOut
 from kvmotion.controller.tasks import TaskJournal
+from kvmotion.controller.storagemotion import ColdMigration, StorageVMotion
 from kvmotion.controller.vmotion import VMotion
+
+Engine = VMotion | StorageVMotion | ColdMigration
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ class Scheduler:
         self.sessions = sessions
         self.inv = inv
         self.admission_enabled = admission_enabled     # off only for benchmarks: everything starts at once
-        self.engines: dict[str, VMotion] = {}
+        self.engines: dict[str, Engine] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
@@ -48,9 +51,10 @@ class Scheduler:
                 log.exception("scheduling failed")
             await asyncio.sleep(TICK_S)
 
-    async def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict]) -> TaskOut:
+    async def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict],
+                     kind: str = "vmotion", destination: str | None = None) -> TaskOut:
         """Queue a task and run one admission pass: it comes back started, or queued with its place and reason."""
-        journal = TaskJournal.create(self.sessions, "vmotion", spec.uuid, spec.name, source, req.host,
+        journal = TaskJournal.create(self.sessions, kind, spec.uuid, spec.name, source, destination or req.host or source,
                                      req.model_dump() | {"findings": findings}, state="queued")
         await self.schedule()
         return journal.read()
@@ -73,8 +77,10 @@ class Scheduler:
             stores = frozenset({spec.boot_datastore} | {d.datastore for d in spec.disks if d.kind == "file"})
         except KvmotionError:
             stores = frozenset()
+        local = t.kind == "svmotion" or (t.kind == "cold" and t.source == t.destination)
         return admission.Request(t.id, t.source, t.destination, stores, t.options.get("priority", "normal"),
-                                 t.created_at, t.options.get("max_bandwidth_mbps"))
+                                 t.created_at, t.options.get("max_bandwidth_mbps"),
+                                 kind="storage" if local else "vmotion")
 
     async def schedule(self) -> None:
         async with self._lock:
@@ -92,10 +98,10 @@ class Scheduler:
             started = [r for r in queued if r.task_id in p.start]
             shares = admission.shares_mbps(running + started, links)
             for req in started:
-                self._launch(req, shares[req.task_id])
+                self._launch(req, shares.get(req.task_id, 0))
             for req in running:
                 engine = self.engines.get(req.task_id)
-                if engine is not None:
+                if engine is not None and req.task_id in shares:
                     await engine.set_bandwidth(shares[req.task_id])
 
     def _launch(self, req: admission.Request, bandwidth_mbps: int) -> None:
@@ -107,9 +113,15 @@ class Scheduler:
             journal.finish("error", error=exc.to_dict() | {"phase": "queued"})
             return
         journal.set_state("running")
-        engine = VMotion(self.inv, journal, spec, t.source, t.destination, MigrateRequest.model_validate(
-            {k: v for k, v in t.options.items() if k in MigrateRequest.model_fields}), bandwidth_mbps)
-        task = asyncio.create_task(engine.run(), name=f"vmotion-{spec.name}")
+        req_ = MigrateRequest.model_validate({k: v for k, v in t.options.items() if k in MigrateRequest.model_fields})
+        engine: Engine
+        if t.kind == "svmotion":
+            engine = StorageVMotion(self.inv, journal, spec, t.source, t.destination, req_)
+        elif t.kind == "cold":
+            engine = ColdMigration(self.inv, journal, spec, t.source, t.destination, req_)
+        else:
+            engine = VMotion(self.inv, journal, spec, t.source, t.destination, req_, bandwidth_mbps)
+        task = asyncio.create_task(engine.run(), name=f"{t.kind}-{spec.name}")
         self.engines[t.id] = engine
         self.tasks[t.id] = task
         task.add_done_callback(lambda _t, tid=t.id: self._finished(tid))

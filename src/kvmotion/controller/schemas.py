@@ -47,6 +47,12 @@ class VMCreate(Request):
     encrypted_disk: bool = Field(default=False, description="LUKS-encrypted disk; the VM always migrates encrypted")
     marker: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
                                description="a string the guest keeps in RAM (to prove what crosses the wire)")
+    disk_format: str = Field(default="qcow2", pattern="^(qcow2|raw)$")
+    data_disk_mb: int | None = Field(default=None, ge=1, le=1024 * 1024, description="a second (data) disk, vdb")
+    data_datastore: str | None = Field(default=None, description="datastore of the data disk (default: the VM's)")
+    records_rate: int | None = Field(default=None, ge=0, le=10000,
+                                     description="the guest writes checksummed records to the data disk (records/s)")
+    records_kb: int = Field(default=4, ge=4, le=1024, description="size of each guest record (KiB)")
 
 
 class VMUpdate(Request):
@@ -63,7 +69,12 @@ class VMOut(BaseModel):
 
 
 class MigrateRequest(Request):
-    host: str
+    host: str | None = Field(default=None, description="destination host; default: stay on the current host")
+    datastore: str | None = Field(default=None, description="move the VM folder and every disk to this datastore")
+    disks: dict[str, str] = Field(default_factory=dict, description="per-disk placement: disk index or id -> datastore")
+    disk_format: str | None = Field(default=None, pattern="^(qcow2|raw)$",
+                                    description="convert moved disks: thin qcow2 or preallocated raw")
+    disk_mbps: int | None = Field(default=None, ge=1, le=1_000_000, description="cap for disk copies (Mbit/s)")
     downtime_ms: int = Field(default=500, ge=10, le=2_000_000)
     max_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
                                            description="cap for this migration; default: the link speed")

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kvmotion.common.errors import KvmotionError
+from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.db import make_engine, make_sessionmaker
@@ -72,16 +72,32 @@ class Controller:
         return await self.inventory.start_vm(ref, evc_mode=self.clusters.evc_for_host(vm.host))
 
     # -- migrations -------------------------------------------------------------------------
+    async def _refresh_for(self, vm: str, req: MigrateRequest) -> None:
+        for host in {self.inventory.get_vm(vm).host, *([req.host] if req.host else [])}:
+            await self.inventory.refresh_host(self.inventory.get_host(host).name)
+
     async def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
-        await self.inventory.refresh_host(self.inventory.get_host(req.host).name)
-        return (await compat.validate(self.inventory, self.sessions, vm, req.host))[1]
+        self._check_request(req)
+        await self._refresh_for(vm, req)
+        return (await compat.validate_move(self.inventory, self.sessions, vm, req))[2]
 
     async def migrate(self, vm: str, req: MigrateRequest) -> TaskOut:
-        """Check at once (nothing is created on errors), then queue; admission control starts it."""
-        await self.inventory.refresh_host(self.inventory.get_host(req.host).name)
-        ctx, findings = await compat.validate(self.inventory, self.sessions, vm, req.host)
-        compat.raise_on_errors(ctx.spec.name, req.host, findings)
-        return await self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings))
+        """Check at once (nothing is created on errors), then queue; admission control starts it.
+
+        The kind follows from the request and the VM: vMotion, Storage vMotion, shared-nothing, or cold.
+        """
+        self._check_request(req)
+        await self._refresh_for(vm, req)
+        reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
+        compat.raise_on_errors(ctx.spec.name, reloc.host, findings)
+        return await self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings),
+                                           kind=reloc.kind, destination=reloc.host)
+
+    @staticmethod
+    def _check_request(req: MigrateRequest) -> None:
+        if not (req.host or req.datastore or req.disks or req.disk_format):
+            raise InvalidInputError("a migration needs a destination", remedy="pass --host HOST and/or --datastore DS "
+                                    "(or --disk N=DS, --disk-format FMT)")
 
     def cancel(self, task_id: str) -> TaskOut:
         return self.scheduler.cancel(task_id)
@@ -96,6 +112,9 @@ class Controller:
         for t in task_store.unfinished(self.sessions, "running"):
             journal = TaskJournal(self.sessions, t.id)
             outcome: dict[str, Any] = {"task": t.id, "phase": t.phase}
+            if t.kind in ("svmotion", "cold"):
+                outcomes.append(await self._reconcile_storage(t, journal, outcome))
+                continue
             try:
                 dst_state = await self._runtime_state(t.destination, t.vm_uuid)
                 if dst_state == "running":
@@ -130,6 +149,27 @@ class Controller:
                 "message": f"the controller restarted while evacuating {t.source}; the host stays in service"})
             self.inventory.set_maintenance(t.source, 0)
         return outcomes
+
+    async def _reconcile_storage(self, t: TaskOut, journal: TaskJournal, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Storage vMotion: the VM runs on whatever files its QEMU has open; the inventory follows the agent.
+        Cold migration: nothing runs; the inventory still names the source files (switched last), so copies
+        made so far are leftovers on the destination, reported for removal."""
+        if t.kind == "svmotion":
+            agent = self.inventory.agent(t.source)
+            try:
+                await agent.mirror_cancel(t.vm_uuid)          # a no-op after the pivot
+                runtime = await agent.status(t.vm_uuid)
+                if runtime.spec is not None:
+                    self.inventory.set_vm(t.vm_uuid, spec_json=runtime.spec.model_dump_json())
+                outcome["resolution"] = "the inventory follows the files the VM's QEMU uses"
+            except KvmotionError as exc:
+                outcome["error"] = exc.message
+        else:
+            outcome["resolution"] = "the VM stays registered where it was; partial copies may remain"
+        journal.finish("error", error={"code": "CONTROLLER_RESTARTED", "phase": t.phase, "rollback": outcome,
+                                       "message": f"the controller restarted during {t.phase} of a {t.kind} move",
+                                       "remedy": "check `kvmotion vm show`, then start the move again"})
+        return outcome
 
     async def _runtime_state(self, host: str, uuid: str) -> str | None:
         try:

@@ -112,11 +112,16 @@ def list_tasks(sessions: sessionmaker[Session], limit: int = 50) -> list[TaskOut
         return [to_out(t) for t in rows]
 
 
-def unfinished(sessions: sessionmaker[Session], state: str | None = None, kind: str | None = "vmotion") -> list[TaskOut]:
+MIGRATION_KINDS = ("vmotion", "svmotion", "xvmotion", "cold")
+
+
+def unfinished(sessions: sessionmaker[Session], state: str | None = None,
+               kind: str | tuple[str, ...] | None = MIGRATION_KINDS) -> list[TaskOut]:
+    """Unfinished tasks, oldest first; by default every kind of migration."""
     with sessions() as s:
         q = select(Task).where(Task.state.not_in(TERMINAL_STATES))
         if kind is not None:
-            q = q.where(Task.kind == kind)
+            q = q.where(Task.kind.in_((kind,) if isinstance(kind, str) else kind))
         if state is not None:
             q = q.where(Task.state == state)
         return [to_out(t) for t in s.scalars(q.order_by(Task.created_at)).all()]

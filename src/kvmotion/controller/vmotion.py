@@ -11,12 +11,13 @@ from enum import StrEnum
 from typing import Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import MigrationReport, MigrationTuning, OutgoingRequest, VMSpec
+from kvmotion.common.types import DiskTarget, MigrationReport, MigrationTuning, MirrorRequest, OutgoingRequest, VMSpec
 from kvmotion.checks.rules import encryption_plan
 from kvmotion.controller import compat, decisions
 from kvmotion.controller.pki import client_identity
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.relocate import Relocation
 from kvmotion.controller.schemas import MigrateRequest
 from kvmotion.controller.tasks import TaskJournal
 
@@ -29,6 +30,7 @@ MBIT = 125_000            # bytes/s per Mbit/s
 class Phase(StrEnum):
     PRECHECK = "precheck"
     SHADOW = "shadow"                 # shadow VM on the destination
+    DISKS = "disks"                   # shared-nothing: every disk mirrored to the destination over NBD
     PRECOPY = "precopy"               # iterative memory pre-copy with dirty tracking
     SWITCHOVER = "switchover"         # quiesce, last pages and device state
     RESUME = "resume"                 # run on the destination, confirmed
@@ -38,7 +40,7 @@ class Phase(StrEnum):
 
 
 # Where each phase starts in the task's 0..100 progress.
-PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90, Phase.RESUME: 93,
+PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.DISKS: 6, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90, Phase.RESUME: 93,
                Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
 
 
@@ -71,6 +73,10 @@ class VMotion:
         self.bandwidth_log: list[dict[str, Any]] = [{"t": time.time(), "mbps": bandwidth_mbps}]
         self.report: MigrationReport | None = None
         self.marks: dict[str, float] = {"start": time.time()}
+        self.reloc: Relocation | None = None          # shared-nothing: where the files go
+        self.home_made = False
+        self.mirror_started = False
+        self.disk_summary: dict[str, Any] = {}
 
     async def set_bandwidth(self, mbps: int) -> None:
         """Admission gave this migration a new share of its links: apply it live."""
@@ -107,10 +113,13 @@ class VMotion:
 
     async def _execute(self) -> None:
         await self.begin(Phase.PRECHECK)
-        _, findings = await compat.validate(self.inv, self.journal.sessions, self.spec.uuid, self.destination,
-                                            exclude_task=self.journal.id)
+        reloc, _, findings = await compat.validate_move(self.inv, self.journal.sessions, self.spec.uuid, self.req,
+                                                        exclude_task=self.journal.id)
         compat.raise_on_errors(self.spec.name, self.destination, findings)
-        await self.end(findings=compat.findings_json(findings))
+        await self.end(findings=compat.findings_json(findings), kind=reloc.kind)
+        xv = reloc.kind == "xvmotion"
+        self.reloc = reloc if xv else None
+        target = reloc.after if xv else self.spec
 
         use_tls, why, _ = encryption_plan(self.spec.encrypted_vmotion, self.inv.host_facts(self.source),
                                           self.inv.host_facts(self.destination), any(d.encrypted for d in self.spec.disks))
@@ -118,10 +127,16 @@ class VMotion:
         await self.begin(Phase.SHADOW, host=self.destination, encryption=self.encryption["mode"])
         self.shadow_created = True
         dst_address = migration_address(self.inv, self.destination)
-        ready = await self.dst.prepare_incoming(self.spec, dst_address,
+        if xv and reloc.home_moves:
+            files = await self.src.home_files(self.spec)
+            self.home_made = True
+            await self.dst.put_home(target, files)
+        ready = await self.dst.prepare_incoming(target, dst_address,
                                                 client_identity(self.source) if use_tls else None,
-                                                self.inv.disk_keys(self.spec))
-        await self.end(uri=ready.uri, shadow_pid=ready.pid)
+                                                self.inv.disk_keys(self.spec), list(reloc.moved_ids) if xv else None)
+        await self.end(uri=ready.uri, shadow_pid=ready.pid, nbd_port=ready.nbd_port)
+        if xv:
+            await self._mirror_disks(reloc, dst_address, ready, use_tls)
 
         budget = self.bandwidth_mbps * MBIT
         first_step = decisions.downtime_steps(self.req.downtime_ms)[0]
@@ -148,10 +163,51 @@ class VMotion:
         lease = await self.dst.take_lease(self.spec.uuid, expected_holder=self.source)
         release = await self.src.finalize_source(self.spec.uuid)
         locks = await self.dst.locks(self.spec.uuid)
-        await asyncio.to_thread(self.inv.set_vm, self.spec.uuid, host=self.destination)   # the owner changes last
-        await self.end(lease_holder=lease.host, lease_epoch=lease.epoch,
+        removed: list[str] = []
+        if xv:     # the source's copies of the moved files are released: remove them
+            try:
+                removed = await self.src.remove_files(self.spec, list(reloc.moved_ids), home=reloc.home_moves)
+            except KvmotionError as exc:
+                removed = [f"not removed: {exc.message}"]
+        await asyncio.to_thread(self.inv.set_vm, self.spec.uuid, host=self.destination,   # the owner changes last
+                                spec_json=target.model_dump_json())
+        await self.end(lease_holder=lease.host, lease_epoch=lease.epoch, source_files_removed=removed,
                        destination_image_locks=sum(len(v) for v in locks.values()), **release.model_dump())
         await asyncio.to_thread(self.journal.finish, "success", self._summary(report))
+
+    async def _mirror_disks(self, reloc: Relocation, dst_address: str, ready: Any, use_tls: bool) -> None:
+        """Shared-nothing: the source mirrors every moved disk into the shadow's NBD exports (write-blocking,
+        so the copy converges under any write load); memory pre-copy starts once all are in sync."""
+        speed = (self.req.disk_mbps or 0) * MBIT
+        targets = [DiskTarget(disk_id=d, kind="nbd", nbd_host=dst_address, nbd_port=ready.nbd_port or 0,
+                              export=ready.exports[d], tls_hostname=dst_address if use_tls else None)
+                   for d in reloc.moved_ids]
+        await self.begin(Phase.DISKS, disks=list(reloc.moved_ids), encryption=self.encryption["mode"])
+        t0 = time.time()
+        self.mirror_started = True
+        await self.src.mirror_start(self.spec.uuid, MirrorRequest(targets=targets, speed_bytes=speed,
+                                                                  copy_mode="write-blocking"))
+        while True:
+            r = await self.src.mirror_status(self.spec.uuid)
+            rate = r.mbps * 1e6 / 8
+            eta = round((r.total - r.done) / rate, 1) if rate > 0 and r.total > r.done else None
+            await asyncio.to_thread(self.journal.live, {"disk_bytes_done": r.done, "disk_bytes_total": r.total,
+                                                        "disk_mbps": r.mbps, "eta_s": eta, "state": r.state},
+                                    6 + 40 * (r.done / r.total if r.total else 0))
+            if r.state == "failed" or not await self._shadow_alive():
+                raise MigrationFailed(f"the disk streams to {self.destination} failed: "
+                                      f"{r.error or 'the destination QEMU is gone'}",
+                                      remedy="check the destination host's agent and QEMU logs, then retry")
+            if r.state == "ready":
+                break
+            if self.cancel_requested:
+                raise MigrationFailed("cancelled by the user", remedy="nothing to do; the VM stays on the source")
+            await asyncio.sleep(POLL_S)
+        secs = time.time() - t0
+        self.disk_summary = {"bytes": r.done, "seconds": round(secs, 3),
+                             "throughput_mbps": round(r.done * 8 / 1e6 / max(secs, 1e-3), 1),
+                             "encryption": self.encryption["mode"]}
+        await self.end(**self.disk_summary)
 
     async def _follow_precopy(self) -> MigrationReport:
         watch = decisions.ProgressWatch(started=time.time())
@@ -221,7 +277,9 @@ class VMotion:
         total = r.ram_total or self.spec.memory_mb * 1024 * 1024
         resumed_at = self.resume_info.get("resumed_at")
         pause = (resumed_at - r.pre_switchover_at) * 1000 if resumed_at and r.pre_switchover_at else None
-        return {"guest_pause_ms": round(pause, 1) if pause is not None else None, "encryption": self.encryption,"total_time_s": round(time.time() - self.marks["start"], 3),
+        return {"guest_pause_ms": round(pause, 1) if pause is not None else None, "encryption": self.encryption,
+                "kind": "xvmotion" if self.reloc else "vmotion", "disks": self.disk_summary,
+                "total_time_s": round(time.time() - self.marks["start"], 3),
                 "qemu_total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "parked_ms": r.parked_ms,
                 "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),
@@ -246,6 +304,11 @@ class VMotion:
         The shadow goes first: the source may be resumed only once the destination cannot run.
         """
         out: dict[str, Any] = {}
+        if self.mirror_started:        # the disk streams stop first; the source keeps its own disks
+            try:
+                out["mirror"] = (await self.src.mirror_cancel(self.spec.uuid)).state
+            except KvmotionError as exc:
+                out["mirror_error"] = exc.message
         if self.shadow_created:
             try:
                 await self.dst.abort_incoming(self.spec.uuid)
@@ -263,6 +326,11 @@ class VMotion:
                 out["cancelled"] = True
             except KvmotionError as exc:
                 out["cancel_error"] = exc.message
+        if self.home_made and self.reloc is not None and out.get("shadow_removed"):
+            try:
+                out["destination_files_removed"] = await self.dst.remove_files(self.reloc.after, [], home=True)
+            except KvmotionError as exc:
+                out["destination_files_error"] = exc.message
         try:
             out["source_running"] = (await self.src.status(self.spec.uuid)).qemu_status == "running"
         except KvmotionError as exc:

@@ -10,10 +10,32 @@ Guest interface (see also ``GUEST_PROTOCOL`` below):
   ``kvmotion.dirty=R`` (MB/s, float, 0=off) ``kvmotion.dirty_region=M`` (MB,
   default 64) ``kvmotion.hostname=NAME`` (default ``kvmotion-guest``).  Without
   ``kvmotion.ip`` the guest tries DHCP (udhcpc) on the first NIC.
+* record writer (off unless ``kvmotion.records`` is set; pass these through the
+  free-form ``extra`` of :func:`kvmotion.image.build.kernel_cmdline`):
+  ``kvmotion.records=DEV`` (block device name under ``/dev``, e.g. ``vdb``;
+  only ``[a-z0-9]``), ``kvmotion.records_rate=N`` (records per second, integer,
+  default 20, 0 = as fast as possible), ``kvmotion.records_size=N`` (record size
+  in KiB, default 4, a multiple of 4 in 4..1024; anything else falls back to 4
+  with a ``KVMOTION-WARN`` line).  The writer appends records to the raw device:
+  record ``seq`` (1, 2, 3, ...) lives at byte offset ``seq * size``; slot 0 is
+  never written.  Layout of one record (see :mod:`kvmotion.lab.records`):
+  a 128-byte header, ``KVREC 1 seq=N run=BOOT_ID size_kb=S md5=HEX``
+  left-justified, space-padded to 127 bytes plus ``\\n``, then the payload
+  (``size * 1024 - 128`` random bytes, one of up to 64 per-boot templates picked
+  by ``seq % templates``); ``md5`` is the md5 of the payload.  Each record is
+  written with ``dd conv=notrunc,fsync`` (plus ``oflag=direct`` when the device
+  accepts O_DIRECT) and acknowledged on the console only after dd succeeded;
+  a failed write is retried (same seq, never skipped).  The last acked seq is
+  in ``/run/kvmotion/records_acked`` and in the heartbeat JSON
+  (``records_acked``).
 * serial console lines (``\\n`` terminated, ``onlcr`` is switched off)::
 
     KVMOTION-DISK dev=/dev/vda sectors=N size_mb=M      (only if /dev/vda exists)
     KVMOTION-DIRTIER rate=R region=M chunk=C            (only if R > 0)
+    KVMOTION-RECORDS dev=/dev/vdb size_kb=S rate=R      (record writer starts)
+    KVMOTION-RECORD-ACK seq=N run=BOOT_ID               (record N is durable)
+    KVMOTION-RECORD-ERROR seq=N                         (write failed; retried)
+    KVMOTION-RECORDS-FULL seq=N                         (N does not fit; writer stops)
     KVMOTION-READY ip=A.B.C.D                           (ip=none if no address)
     KVMOTION-HEARTBEAT seq=N uptime=F boot_id=UUID      (every 10 ticks of ~100 ms)
 
@@ -47,6 +69,7 @@ exec </dev/null >"$CON" 2>&1
 stty -F "$CON" -onlcr 2>/dev/null
 mkdir -p /run/kvmotion
 echo 0 > /run/kvmotion/dirtied_mb
+echo 0 > /run/kvmotion/records_acked
 
 now_cs() {  # NOW := uptime in centiseconds (no fork)
     read -r _u _i < /proc/uptime
@@ -55,6 +78,7 @@ now_cs() {  # NOW := uptime in centiseconds (no fork)
 
 # ---- kernel command line -------------------------------------------------
 KIP= ; KGW= ; KDIRTY=0 ; KREGION=64 ; KHOST=kvmotion-guest ; KMARKER=
+KREC= ; KREC_RATE=20 ; KREC_KB=4
 read -r CMDLINE < /proc/cmdline
 set -f
 for arg in $CMDLINE; do
@@ -65,6 +89,9 @@ for arg in $CMDLINE; do
         kvmotion.dirty_region=*) KREGION=${arg#*=} ;;
         kvmotion.hostname=*) KHOST=${arg#*=} ;;
         kvmotion.marker=*) KMARKER=${arg#*=} ;;
+        kvmotion.records=*) KREC=${arg#*=} ;;
+        kvmotion.records_rate=*) KREC_RATE=${arg#*=} ;;
+        kvmotion.records_size=*) KREC_KB=${arg#*=} ;;
     esac
 done
 set +f
@@ -75,6 +102,15 @@ case "$KREGION" in ''|*[!0-9]*) KREGION=64 ;; esac
 [ "$KREGION" -ge 1 ] || KREGION=1
 case "$KHOST" in ''|*[!A-Za-z0-9.-]*) KHOST=kvmotion-guest ;; esac
 hostname "$KHOST"
+case "$KREC" in *[!a-z0-9]*) echo "KVMOTION-WARN records: bad device name; writer off"; KREC= ;; esac
+case "$KREC_RATE" in ''|0?*|*[!0-9]*|??????????*) echo "KVMOTION-WARN records: bad rate; using 20"; KREC_RATE=20 ;; esac
+case "$KREC_KB" in
+    ''|0*|*[!0-9]*|?????*) KREC_KB=0 ;;
+esac
+if [ "$KREC_KB" -lt 4 ] || [ "$KREC_KB" -gt 1024 ] || [ $((KREC_KB % 4)) -ne 0 ]; then
+    echo "KVMOTION-WARN records: bad record size; using 4 KiB"
+    KREC_KB=4
+fi
 read -r BOOT_ID < /proc/sys/kernel/random/boot_id
 
 # ---- modules -------------------------------------------------------------
@@ -122,13 +158,16 @@ fi
 # ---- heartbeat state + http ----------------------------------------------
 SEQ=0
 DMB=0
+RACK=0
 write_state() {
     read -r DMB < /run/kvmotion/dirtied_mb 2>/dev/null
     case "$DMB" in ''|*[!0-9]*) DMB=0 ;; esac
+    read -r _r < /run/kvmotion/records_acked 2>/dev/null
+    case "$_r" in ''|*[!0-9]*) ;; *) RACK=$_r ;; esac   # empty while being rewritten: keep the last
     {
         printf '{"seq": %d, "uptime": %s, "boot_id": "%s", ' "$SEQ" "$_u" "$BOOT_ID"
-        printf '"hostname": "%s", "dirty_mb_s": %s, "dirtied_mb": %d, "ip": "%s"}\n' \
-            "$KHOST" "$KDIRTY" "$DMB" "$ADDR"
+        printf '"hostname": "%s", "dirty_mb_s": %s, "dirtied_mb": %d, "ip": "%s", "records_acked": %d}\n' \
+            "$KHOST" "$KDIRTY" "$DMB" "$ADDR" "$RACK"
     } > /www/.heartbeat.tmp
     mv -f /www/.heartbeat.tmp /www/heartbeat
 }
@@ -183,6 +222,84 @@ if [ "$RATE_KB" -gt 0 ]; then
     echo "KVMOTION-DIRTIER rate=$KDIRTY region=$KREGION chunk=$CHUNK"
     dirtier "$RATE_KB" "$KREGION" "$CHUNK" &
     echo $! > /run/kvmotion/dirtier.pid
+fi
+
+# ---- record writer: sequence-numbered, checksummed records on a raw disk ------------
+records_writer() {  # $1=device name $2=record KiB $3=records/s (0 = unpaced)
+    dev=/dev/$1; rkb=$2; rate=$3
+    rb=$((rkb * 1024)); plen=$((rb - 128))
+    read -r sect < "/sys/block/$1/size"
+    case "$sect" in ''|*[!0-9]*) sect=0 ;; esac
+    max=$((sect * 512 / rb - 1))  # highest seq that fits (slot 0 stays unused)
+    # Precompute (forks are slow under TCG): k templates = 128-byte header slot +
+    # random payload, and their md5s.  Per record only the header is rewritten
+    # in place (no fork) and one dd writes the record.
+    d=/dev/shm/kvmotion-rec
+    mkdir -p $d
+    k=$((4096 / rkb)); [ $k -gt 64 ] && k=64; [ $k -lt 4 ] && k=4
+    i=0
+    while [ $i -lt $k ]; do
+        dd if=/dev/urandom of=$d/p$i bs=$plen count=1 iflag=fullblock 2>/dev/null
+        i=$((i + 1))
+    done
+    md5sum $d/p* > $d/sums
+    while read -r h f; do
+        eval "M${f##*/p}=$h"
+    done < $d/sums
+    i=0
+    while [ $i -lt $k ]; do
+        { printf '%127s\n' ''; cat $d/p$i; } > $d/r$i
+        i=$((i + 1))
+    done
+    rm -f $d/p* $d/sums
+    dflag=oflag=direct  # O_DIRECT if the device takes it (probed with a read)
+    dd if="$dev" of=/dev/null bs=$rb count=1 iflag=direct 2>/dev/null || {
+        dflag=
+        echo "KVMOTION-WARN records: O_DIRECT not usable on $dev; writing with fsync only"
+    }
+    seq=1; n=0
+    now_cs; start=$NOW
+    while :; do
+        if [ "$seq" -gt "$max" ]; then
+            echo "KVMOTION-RECORDS-FULL seq=$seq"
+            return 0
+        fi
+        if [ "$rate" -gt 0 ]; then
+            now_cs
+            due=$((start + n * 100 / rate))
+            if [ "$NOW" -lt "$due" ]; then
+                usleep $(((due - NOW) * 10000))
+                continue
+            fi
+            # more than 2 s behind (guest paused/too slow): do not burst to catch up
+            [ $((NOW - due)) -gt 200 ] && start=$((NOW - n * 100 / rate))
+        fi
+        i=$((seq % k))
+        eval "h=\$M$i"
+        printf '%-127s\n' "KVREC 1 seq=$seq run=$BOOT_ID size_kb=$rkb md5=$h" 1<> $d/r$i
+        if dd if=$d/r$i of="$dev" bs=$rb count=1 seek=$seq conv=notrunc,fsync $dflag 2>/dev/null; then
+            echo "KVMOTION-RECORD-ACK seq=$seq run=$BOOT_ID"
+            echo $seq > /run/kvmotion/records_acked
+            seq=$((seq + 1)); n=$((n + 1))
+        else
+            echo "KVMOTION-RECORD-ERROR seq=$seq"
+            usleep 500000
+        fi
+    done
+}
+if [ -n "$KREC" ]; then
+    i=0
+    while [ ! -b "/dev/$KREC" ] && [ $i -lt 50 ]; do
+        usleep 100000
+        i=$((i + 1))
+    done
+    if [ -b "/dev/$KREC" ] && [ -r "/sys/block/$KREC/size" ]; then
+        echo "KVMOTION-RECORDS dev=/dev/$KREC size_kb=$KREC_KB rate=$KREC_RATE"
+        records_writer "$KREC" "$KREC_KB" "$KREC_RATE" &
+        echo $! > /run/kvmotion/records.pid
+    else
+        echo "KVMOTION-WARN records: /dev/$KREC is not a whole block device; writer off"
+    fi
 fi
 
 # ---- marker: a known string kept in guest RAM (to prove what crosses the wire) -----

@@ -1,0 +1,225 @@
+"""Disk mirrors of a running VM (cookbook §3 and §4): Storage vMotion and the disk half of shared-nothing.
+
+A mirror job copies a disk to its target while the guest keeps writing; READY means the target is in sync
+(with write-blocking, every later guest write reaches both). Then either the pivot (``block-job-complete``:
+the device now uses the target) or, for shared-nothing, a cancel at pre-switchover (the target is a
+consistent copy and the destination QEMU takes over).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmotion.agent.diskkeys import disk_secret_id
+from kvmotion.agent.qemuvm import QemuVM, resolve_datastore
+from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
+from kvmotion.common.types import DiskSpec, DiskTarget, MirrorJob, MirrorReport
+
+log = logging.getLogger(__name__)
+
+JOB_PREFIX = "kvm-mv-"
+
+
+class Mirror:
+    """The mirror jobs of one VM, with the targets they write to."""
+
+    def __init__(self, vm: QemuVM, targets: list[DiskTarget], created: list[Path],
+                 home_datastore: str | None = None) -> None:
+        self.vm = vm
+        self.home_datastore = home_datastore     # Storage vMotion: the VM folder moves here at the pivot
+        self.targets = {t.disk_id: t for t in targets}
+        self.created = created                   # target image files this agent created (removed on cancel)
+        self.target_nodes: dict[str, str] = {}   # disk id -> target node name
+        self.report = MirrorReport(started_at=time.time(), state="mirroring")
+        self._last: tuple[float, int] | None = None
+
+    def job_id(self, disk_id: str) -> str:
+        return JOB_PREFIX + disk_id
+
+
+def _qmp(vm: QemuVM) -> Any:
+    if vm.qmp is None:
+        raise ConflictError(f"VM {vm.spec.name} has no QMP connection", remedy="the QEMU process is gone")
+    return vm.qmp
+
+
+async def target_node_name(vm: QemuVM, disk: DiskSpec) -> str:
+    """A node name not in use in the process (a leftover of an interrupted mirror may still be there)."""
+    used = {n.get("node-name") for n in await _qmp(vm).execute("query-named-block-nodes", {"flat": True}, timeout=5)}
+    n = 1
+    while f"{disk.node}-m{n}" in used or f"{disk.node}-m{n}" in vm.nodes.values():
+        n += 1
+    return f"{disk.node}-m{n}"
+
+
+def target_blockdev(vm: QemuVM, disk: DiskSpec, t: DiskTarget, node: str) -> dict[str, Any]:
+    if t.kind == "nbd":
+        server = {"type": "inet", "host": t.nbd_host, "port": str(t.nbd_port)}
+        dev: dict[str, Any] = {"driver": "nbd", "node-name": node, "server": server, "export": t.export}
+        if t.tls_hostname:
+            dev["tls-creds"] = vm.tls_client_creds or ""
+            dev["tls-hostname"] = t.tls_hostname
+        return dev
+    path = resolve_datastore(vm.ctx, t.datastore) / t.path
+    dev = {"node-name": node, "driver": t.format, "file": {"driver": "file", "filename": str(path)}}
+    if disk.encrypted:
+        dev["encrypt"] = {"format": "luks", "key-secret": disk_secret_id(disk.node)}
+    return dev
+
+
+async def start(m: Mirror, speed_bytes: int, copy_mode: str) -> None:
+    """Attach every target and start every job; on any error, undo what was done."""
+    vm, qmp = m.vm, _qmp(m.vm)
+    disks = {d.id: d for d in vm.spec.disks}
+    try:
+        for disk_id, t in m.targets.items():
+            disk = disks[disk_id]
+            node = await target_node_name(vm, disk)
+            await qmp.execute("blockdev-add", target_blockdev(vm, disk, t, node), timeout=30)
+            m.target_nodes[disk_id] = node
+            args: dict[str, Any] = {"job-id": m.job_id(disk_id), "device": vm.nodes[disk_id], "target": node,
+                                    "sync": "full", "copy-mode": copy_mode, "auto-dismiss": False}
+            if speed_bytes:
+                args["speed"] = int(speed_bytes)
+            await qmp.execute("blockdev-mirror", args, timeout=10)
+    except KvmotionError:
+        await cancel(m)
+        raise
+
+
+async def poll(m: Mirror) -> MirrorReport:
+    """Refresh the report from ``query-jobs`` (status, error) and ``query-block-jobs`` (offset, length)."""
+    r = m.report
+    if r.state in ("pivoted", "cancelled") or not m.vm.alive():
+        if r.state == "mirroring" or r.state == "ready":
+            r.state, r.error = "failed", r.error or "the VM's QEMU exited during the mirror"
+        return r
+    qmp = _qmp(m.vm)
+    jobs = {j["id"]: j for j in await qmp.execute("query-jobs", timeout=5)}
+    blocks = {j["device"]: j for j in await qmp.execute("query-block-jobs", timeout=5)}
+    out = []
+    for disk_id, t in m.targets.items():
+        jid = m.job_id(disk_id)
+        job, blk = jobs.get(jid, {}), blocks.get(jid, {})
+        out.append(MirrorJob(disk_id=disk_id, job_id=jid, target=t.export or f"{t.datastore}:{t.path}",
+                             status=job.get("status", "absent"), ready=bool(blk.get("ready")) or
+                             job.get("status") == "ready", offset=int(blk.get("offset", job.get("current-progress", 0))),
+                             length=int(blk.get("len", job.get("total-progress", 0))), error=job.get("error")))
+    r.jobs = out
+    r.done, r.total = sum(j.offset for j in out), sum(j.length for j in out)
+    now = time.monotonic()
+    if m._last is not None and now > m._last[0]:
+        rate = (r.done - m._last[1]) / (now - m._last[0])
+        r.mbps = round(0.6 * r.mbps + 0.4 * max(rate, 0) * 8 / 1e6, 1) if r.mbps else round(max(rate, 0) * 8 / 1e6, 1)
+    m._last = (now, r.done)
+    failed = [j for j in out if j.error or j.status in ("aborting", "absent") or
+              (j.status == "concluded" and not j.ready)]
+    if failed:
+        r.state = "failed"
+        r.error = "; ".join(f"{j.disk_id}: {j.error or j.status}" for j in failed)
+    elif out and all(j.ready for j in out):
+        if r.state != "ready":
+            r.state, r.ready_at = "ready", time.time()
+    return r
+
+
+async def _wait_concluded(m: Mirror, deadline_s: float) -> dict[str, dict[str, Any]]:
+    qmp = _qmp(m.vm)
+    end = time.monotonic() + deadline_s
+    wanted = {m.job_id(d) for d in m.targets}
+    while True:
+        jobs = {j["id"]: j for j in await qmp.execute("query-jobs", timeout=5) if j["id"] in wanted}
+        if all(j["status"] in ("concluded", "null") for j in jobs.values()):
+            return jobs
+        if time.monotonic() > end:
+            raise MigrationFailed(f"the disk mirrors of {m.vm.spec.name} did not conclude within {deadline_s:.0f}s",
+                                  remedy="check the target datastore or the destination host")
+        await asyncio.sleep(0.02)
+
+
+async def _dismiss(m: Mirror, jobs: dict[str, dict[str, Any]]) -> None:
+    for jid in jobs:
+        try:
+            await _qmp(m.vm).execute("job-dismiss", {"id": jid}, timeout=5)
+        except KvmotionError:
+            pass
+
+
+async def pivot(m: Mirror, deadline_s: float = 60.0) -> float:
+    """``block-job-complete`` every job, wait for them, drop the old nodes. Returns the I/O stall in ms."""
+    if m.report.state != "ready":
+        raise ConflictError(f"the mirrors of {m.vm.spec.name} are {m.report.state}, not ready",
+                            remedy="wait until every disk is in sync")
+    qmp = _qmp(m.vm)
+    t0 = time.monotonic()
+    for disk_id in m.targets:
+        await qmp.execute("block-job-complete", {"device": m.job_id(disk_id)}, timeout=10)
+    jobs = await _wait_concluded(m, deadline_s)
+    stall_ms = (time.monotonic() - t0) * 1000.0
+    errors = {jid: j["error"] for jid, j in jobs.items() if j.get("error")}
+    await _dismiss(m, jobs)
+    if errors:
+        m.report.state, m.report.error = "failed", "; ".join(f"{k}: {v}" for k, v in errors.items())
+        raise MigrationFailed(f"the pivot of {m.vm.spec.name} failed: {m.report.error}",
+                              remedy="the VM keeps its original disks; check the target datastore")
+    for disk_id, node in m.target_nodes.items():
+        old = m.vm.nodes[disk_id]
+        m.vm.nodes[disk_id] = node
+        try:
+            await qmp.execute("blockdev-del", {"node-name": old}, timeout=10)
+        except KvmotionError as exc:
+            log.warning("could not close the old node %s of %s: %s", old, m.vm.spec.name, exc)
+    m.report.state = "pivoted"
+    return stall_ms
+
+
+async def complete_at_switchover(m: Mirror, deadline_s: float = 30.0) -> None:
+    """Shared-nothing, at pre-switchover: the NBD targets are in sync; cancel (= complete without pivot)."""
+    qmp = _qmp(m.vm)
+    for disk_id in m.targets:
+        await qmp.execute("block-job-cancel", {"device": m.job_id(disk_id)}, timeout=10)
+    jobs = await _wait_concluded(m, deadline_s)
+    errors = {jid: j["error"] for jid, j in jobs.items() if j.get("error")}
+    await _dismiss(m, jobs)
+    for node in m.target_nodes.values():
+        await qmp.execute("blockdev-del", {"node-name": node}, timeout=10)
+    m.target_nodes.clear()
+    if errors:
+        raise MigrationFailed(f"the disk streams of {m.vm.spec.name} failed at switchover: {errors}",
+                              remedy="the VM stays on the source; check the destination host")
+    m.report.state = "pivoted"
+
+
+async def cancel(m: Mirror) -> None:
+    """Stop every job, detach every target, remove the target files this agent created.
+
+    After a pivot the targets are the VM's disks: nothing is undone then.
+    """
+    vm = m.vm
+    if m.report.state == "pivoted":
+        return
+    if vm.alive() and vm.qmp is not None:
+        qmp = vm.qmp
+        wanted = {m.job_id(d) for d in m.targets}
+        try:
+            live = {j["id"]: j for j in await qmp.execute("query-jobs", timeout=5) if j["id"] in wanted}
+            for jid, j in live.items():
+                if j["status"] not in ("concluded", "null", "aborting"):
+                    await qmp.execute("block-job-cancel", {"device": jid, "force": True}, timeout=10)
+            if live:
+                await _dismiss(m, await _wait_concluded(m, 30.0))
+        except KvmotionError as exc:
+            log.warning("cancelling the mirrors of %s: %s", vm.spec.name, exc)
+        for node in list(m.target_nodes.values()):
+            try:
+                await qmp.execute("blockdev-del", {"node-name": node}, timeout=10)
+            except KvmotionError as exc:
+                log.warning("could not detach %s from %s: %s", node, vm.spec.name, exc)
+        m.target_nodes.clear()
+    for path in m.created:
+        path.unlink(missing_ok=True)
+    if m.report.state not in ("failed",):
+        m.report.state = "cancelled"

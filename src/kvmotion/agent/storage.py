@@ -1,0 +1,339 @@
+"""The agent's storage primitives: disk mirrors of running VMs, cold copies, VM folders, disk leases.
+
+Mixed into :class:`kvmotion.agent.service.Agent`; the controller decides the order, the agent executes.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmotion.agent import images, lease as leases, migration, mirror
+from kvmotion.agent.qemuvm import HostContext, QemuVM, resolve_datastore, vm_folder
+from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
+from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, LeaseInfo, MirrorReport,
+                                   MirrorRequest, PivotReport, VMSpec)
+
+if TYPE_CHECKING:
+    from kvmotion.agent.config import AgentConfig
+
+HOME_FILES = ("vmlinuz", "initrd.img", "vm.json")
+MAX_HOME_BYTES = 256 << 20
+
+
+def safe_path(ctx: HostContext, datastore: str, rel: str) -> Path:
+    """A datastore-relative path, resolved; refuses anything that leaves the datastore."""
+    root = resolve_datastore(ctx, datastore).resolve()
+    if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+        raise InvalidInputError(f"disk path {rel!r} must be relative to datastore {datastore}, without '..'",
+                                remedy="give a path like VM/VM.qcow2")
+    path = (root / rel).resolve()
+    if root not in path.parents:
+        raise InvalidInputError(f"disk path {rel!r} leaves datastore {datastore}", remedy="use a path inside it")
+    return path
+
+
+def disk_file(ctx: HostContext, disk: DiskSpec) -> Path:
+    return safe_path(ctx, disk.datastore, disk.path)
+
+
+def lease_files(ctx: HostContext, spec: VMSpec) -> list[Path]:
+    return leases.lease_paths(vm_folder(ctx, spec), [disk_file(ctx, d) for d in spec.disks if d.kind == "file"])
+
+
+class AgentStorage:
+    cfg: AgentConfig
+    vms: dict[str, QemuVM]
+    copies: dict[str, images.CopyJob]
+    nbd_exports: dict[str, images.NbdExport]
+
+    def context(self) -> HostContext:
+        raise NotImplementedError
+
+    def get(self, uuid: str) -> QemuVM:
+        raise NotImplementedError
+
+    def _tls_dir_if_valid(self) -> str | None:
+        raise NotImplementedError
+
+    # -- leases -----------------------------------------------------------------------------------
+    def take_leases(self, spec: VMSpec, expected_holder: str | None) -> LeaseInfo:
+        return leases.take_all(lease_files(self.context(), spec), spec.uuid, self.cfg.name, expected_holder)
+
+    def release_leases(self, spec: VMSpec) -> int:
+        return leases.release_all(lease_files(self.context(), spec), self.cfg.name)
+
+    def lease_holders(self, spec: VMSpec) -> dict[str, str]:
+        out = {}
+        for p in lease_files(self.context(), spec):
+            lease = leases.read_lease(p) if p.exists() else None
+            out[str(p)] = lease.host if lease else ""
+        return out
+
+    # -- sizes ------------------------------------------------------------------------------------
+    def measure(self, spec: VMSpec, formats: dict[str, str], preallocate: bool) -> dict[str, int]:
+        """MiB each disk needs in its new format (disk id -> MiB); the VM folder's files too ("home")."""
+        ctx = self.context()
+        out = {}
+        for d in spec.disks:
+            if d.kind == "file" and d.id in formats:
+                verbatim = d.encrypted
+                fmt = "raw" if verbatim else formats[d.id]
+                out[d.id] = images.measure_mb(disk_file(ctx, d), "raw" if verbatim else d.format, fmt,
+                                              preallocate and fmt == "raw" and not verbatim)
+        folder = vm_folder(ctx, spec)
+        out["home"] = sum((folder / f).stat().st_size for f in HOME_FILES if (folder / f).exists()) >> 20
+        return out
+
+    # -- VM folders ---------------------------------------------------------------------------------
+    def home_files(self, spec: VMSpec) -> dict[str, str]:
+        folder = vm_folder(self.context(), spec)
+        files = {}
+        for name in HOME_FILES:
+            path = folder / name
+            if path.stat().st_size > MAX_HOME_BYTES:
+                raise ConflictError(f"{path} is larger than {MAX_HOME_BYTES >> 20} MiB", remedy="shrink the VM folder")
+            files[name] = base64.b64encode(path.read_bytes()).decode()
+        return files
+
+    def put_home(self, spec: VMSpec, files: dict[str, str]) -> str:
+        """Create the VM folder from another host's copy; refuses to overwrite an existing folder."""
+        folder = vm_folder(self.context(), spec)
+        if folder.exists() and any(p.name in HOME_FILES for p in folder.iterdir()):
+            raise ConflictError(f"folder {folder} already holds a VM", remedy="remove the leftover folder first")
+        unknown = set(files) - set(HOME_FILES)
+        if unknown:
+            raise InvalidInputError(f"unexpected VM folder files {sorted(unknown)}", remedy="send only " + ", ".join(HOME_FILES))
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(base64.b64decode(data))
+        (folder / "vm.json").write_text(spec.model_dump_json(indent=1))
+        return str(folder)
+
+    def _copy_home(self, old: VMSpec, new: VMSpec) -> None:
+        src, dst = vm_folder(self.context(), old), vm_folder(self.context(), new)
+        if src == dst:
+            return
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in HOME_FILES[:2]:
+            shutil.copyfile(src / name, dst / name)
+        (dst / "vm.json").write_text(new.model_dump_json(indent=1))
+
+    def remove_files(self, spec: VMSpec, disk_ids: list[str], home: bool) -> list[str]:
+        """Delete a VM's files left behind by a move: the named disks and/or its folder.
+
+        Refuses any file a QEMU on this host still has open, and any disk leased by another host.
+        """
+        ctx = self.context()
+        doomed = [disk_file(ctx, d) for d in spec.disks if d.id in disk_ids and d.kind == "file"]
+        in_use = {str(p) for vm in self.vms.values() if vm.pid for p in doomed if _fd_open(vm.pid, p)}
+        if in_use:
+            raise ConflictError(f"{', '.join(sorted(in_use))} is still open by a VM on {self.cfg.name}",
+                                remedy="the move has not finished; nothing was deleted")
+        for p in doomed:
+            lease = leases.read_lease(leases.disk_lease_path(p)) if leases.disk_lease_path(p).exists() else None
+            if lease is not None and lease.host and lease.host != self.cfg.name:
+                raise ConflictError(f"{p} is leased by {lease.host}", remedy="nothing was deleted")
+        removed = []
+        for p in doomed:
+            for f in (p, leases.disk_lease_path(p)):
+                if f.exists():
+                    f.unlink()
+                    removed.append(str(f))
+        if home:
+            folder = vm_folder(ctx, spec)
+            if any(vm.spec.uuid == spec.uuid and vm_folder(vm.ctx, vm.spec) == folder for vm in self.vms.values()):
+                raise ConflictError(f"the VM folder {folder} belongs to a VM running here", remedy="nothing to do")
+            if folder.exists():
+                shutil.rmtree(folder)
+                removed.append(str(folder))
+        return removed
+
+    # -- mirrors (running VMs) ------------------------------------------------------------------------
+    async def mirror_start(self, uuid: str, req: MirrorRequest) -> MirrorReport:
+        vm = self.get(uuid)
+        if vm.mirror is not None and vm.mirror.report.state in ("mirroring", "ready"):
+            raise ConflictError(f"the disks of {vm.spec.name} are already being mirrored", remedy="wait or cancel it")
+        disks = {d.id: d for d in vm.spec.disks}
+        created: list[Path] = []
+        try:
+            for t in req.targets:
+                disk = disks.get(t.disk_id)
+                if disk is None or disk.kind != "file":
+                    raise InvalidInputError(f"VM {vm.spec.name} has no image disk {t.disk_id!r}",
+                                            remedy="name one of: " + ", ".join(d.id for d in vm.spec.disks))
+                if t.kind == "nbd":
+                    if t.tls_hostname:
+                        tls_dir = self._tls_dir_if_valid()
+                        if tls_dir is None:
+                            raise ConflictError("this host has no TLS certificate for encrypted disk streams",
+                                                remedy="renew the host's certificate: kvmotion host cert renew HOST")
+                        vm.tls_client_creds = await migration._tls_object(vm, "client", tls_dir)
+                    continue
+                path = safe_path(vm.ctx, t.datastore, t.path)
+                if path.exists():
+                    raise ConflictError(f"{path} already exists", remedy="remove the leftover file or pick another datastore")
+                key = req.disk_keys.get(disk.node) if disk.encrypted else None
+                if disk.encrypted and key is None:
+                    raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="move it through the controller")
+                await asyncio.to_thread(images.create_image, path, t.format, disk.size_mb,
+                                        preallocate=t.preallocate, passphrase=key)
+                created.append(path)
+            m = mirror.Mirror(vm, req.targets, created, req.home_datastore)
+            vm.mirror = m
+            await mirror.start(m, req.speed_bytes, req.copy_mode)
+        except BaseException:
+            for p in created:
+                p.unlink(missing_ok=True)
+            raise
+        return await mirror.poll(m)
+
+    def _mirror(self, uuid: str) -> mirror.Mirror:
+        vm = self.get(uuid)
+        if vm.mirror is None:
+            raise NotFoundError(f"no disk mirror of VM {vm.spec.name} on {self.cfg.name}", remedy="start one first")
+        return vm.mirror
+
+    async def mirror_status(self, uuid: str) -> MirrorReport:
+        return (await mirror.poll(self._mirror(uuid))).model_copy(deep=True)
+
+    async def mirror_speed(self, uuid: str, speed_bytes: int) -> None:
+        m = self._mirror(uuid)
+        for disk_id in m.targets:
+            await m.vm.qmp.execute("block-job-set-speed", {"device": m.job_id(disk_id), "speed": int(speed_bytes)})
+
+    async def mirror_cancel(self, uuid: str) -> MirrorReport:
+        vm = self.vms.get(uuid)
+        if vm is None or vm.mirror is None:
+            return MirrorReport(state="none")
+        async with vm.lock:
+            await mirror.cancel(vm.mirror)
+        return vm.mirror.report
+
+    async def mirror_pivot(self, uuid: str) -> PivotReport:
+        """Storage vMotion's switch: the VM now runs on the new images; the old ones are closed, not deleted."""
+        m = self._mirror(uuid)
+        vm = m.vm
+        async with vm.lock:
+            await mirror.poll(m)
+            old = vm.spec
+            stall = await mirror.pivot(m)
+            moved = {d: t for d, t in m.targets.items()}
+            disks = [d.model_copy(update={"datastore": moved[d.id].datastore, "path": moved[d.id].path,
+                                          "format": moved[d.id].format}) if d.id in moved else d for d in old.disks]
+            home = m.home_datastore or old.boot_datastore
+            new = old.model_copy(update={"disks": disks, "boot_datastore": home})
+            if home != old.boot_datastore:
+                await asyncio.to_thread(self._copy_home, old, new)
+            else:
+                (vm_folder(vm.ctx, new) / "vm.json").write_text(new.model_dump_json(indent=1))
+            self.take_leases(new, expected_holder=None)
+            vm.spec = new
+            vm.save_record()
+            old_files = [disk_file(vm.ctx, d) for d in old.disks if d.id in moved]
+            new_files = [disk_file(vm.ctx, d) for d in new.disks if d.id in moved]
+            closed = not any(_fd_open(vm.pid or 0, p) for p in old_files)
+            leases.release_all([leases.disk_lease_path(p) for p in old_files], self.cfg.name)
+            if home != old.boot_datastore:
+                leases.release_one(vm_folder(vm.ctx, old) / leases.LEASE_FILE, self.cfg.name)
+        return PivotReport(pivoted_at=time.time(), write_stall_ms=round(stall, 2), old_files=[str(p) for p in old_files],
+                           new_files=[str(p) for p in new_files], old_files_closed=closed, spec=new)
+
+    def check_images(self, spec: VMSpec, disk_ids: list[str]) -> dict[str, dict[str, object]]:
+        ctx = self.context()
+        out: dict[str, dict[str, object]] = {}
+        for d in spec.disks:
+            if d.id in disk_ids and d.kind == "file":
+                ok, text = images.check_image(disk_file(ctx, d), "raw" if d.encrypted else d.format)
+                out[d.id] = {"ok": ok, "detail": text}
+        return out
+
+    # -- cold copies ----------------------------------------------------------------------------------
+    def disk_export(self, spec: VMSpec, disk_id: str, listen_address: str) -> DiskExport:
+        disk = next((d for d in spec.disks if d.id == disk_id and d.kind == "file"), None)
+        if disk is None:
+            raise NotFoundError(f"VM {spec.name} has no image disk {disk_id}", remedy="check the disk id")
+        if spec.uuid in self.vms:
+            raise ConflictError(f"VM {spec.name} runs on {self.cfg.name}", remedy="power it off for a cold migration")
+        exp = images.NbdExport(disk_file(self.context(), disk), disk.format, listen_address,
+                               migration.pick_port(listen_address), verbatim=disk.encrypted)
+        out = exp.start()
+        self.nbd_exports[out.export_id] = exp
+        try:
+            exp.wait_listening()
+        except Exception:
+            exp.stop()
+            self.nbd_exports.pop(out.export_id, None)
+            raise
+        return out
+
+    def disk_export_stop(self, export_id: str) -> bool:
+        exp = self.nbd_exports.pop(export_id, None)
+        if exp is None:
+            return False
+        exp.stop()
+        return True
+
+    def disk_copy(self, req: DiskCopyRequest) -> DiskCopyStatus:
+        if bool(req.source_path) == bool(req.source_uri):
+            raise InvalidInputError("give exactly one of source_path and source_uri", remedy="fix the request")
+        target = safe_path(self.context(), req.datastore, req.path)
+        if target.exists():
+            raise ConflictError(f"{target} already exists", remedy="remove the leftover file or pick another datastore")
+        if req.source_path and not Path(req.source_path).exists():
+            raise NotFoundError(f"{req.source_path} does not exist on {self.cfg.name}", remedy="check the VM's disks")
+        if len(self.copies) >= images.MAX_COPY_JOBS_KEPT:
+            for jid in [j for j, c in self.copies.items() if c.status.ended_at][:16]:
+                self.copies.pop(jid)
+        job = images.CopyJob(req, target)
+        job.task = asyncio.create_task(job.run(), name=f"copy-{job.status.job}")
+        self.copies[job.status.job] = job
+        return job.status
+
+    def copy_status(self, job_id: str) -> DiskCopyStatus:
+        job = self.copies.get(job_id)
+        if job is None:
+            raise NotFoundError(f"no disk copy {job_id} on {self.cfg.name}", remedy="check the job id")
+        return job.status
+
+    async def copy_cancel(self, job_id: str) -> DiskCopyStatus:
+        job = self.copies.get(job_id)
+        if job is None:
+            raise NotFoundError(f"no disk copy {job_id} on {self.cfg.name}", remedy="check the job id")
+        job.stop()
+        if job.task is not None:
+            await asyncio.wait_for(asyncio.shield(job.task), timeout=15)
+        job.target.unlink(missing_ok=True)
+        return job.status
+
+    def create_disks(self, spec: VMSpec, disk_ids: list[str], disk_keys: dict[str, str]) -> list[Path]:
+        """Empty images of the VM's size and format (a shared-nothing shadow's targets)."""
+        ctx = self.context()
+        created: list[Path] = []
+        try:
+            for d in spec.disks:
+                if d.id not in disk_ids:
+                    continue
+                path = disk_file(ctx, d)
+                if path.exists():
+                    raise ConflictError(f"{path} already exists on {self.cfg.name}",
+                                        remedy="remove the leftover file or pick another datastore")
+                images.create_image(path, d.format, d.size_mb, passphrase=disk_keys.get(d.node) if d.encrypted else None)
+                created.append(path)
+        except BaseException:
+            for p in created:
+                p.unlink(missing_ok=True)
+            raise
+        return created
+
+
+def _fd_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
