@@ -139,11 +139,15 @@ class AgentStorage:
             if lease is not None and lease.host and lease.host != self.cfg.name:
                 raise ConflictError(f"{p} is leased by {lease.host}", remedy="nothing was deleted")
         removed = []
+        roots = {p.resolve() for p in ctx.datastore_paths.values()}
         for p in doomed:
             for f in (p, leases.disk_lease_path(p)):
                 if f.exists():
                     f.unlink()
                     removed.append(str(f))
+            parent = p.parent
+            if parent.resolve() not in roots and parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()         # the disk's folder, now empty
         if home:
             folder = vm_folder(ctx, spec)
             if any(vm.spec.uuid == spec.uuid and vm_folder(vm.ctx, vm.spec) == folder for vm in self.vms.values()):
@@ -237,6 +241,9 @@ class AgentStorage:
             old_files = [disk_file(vm.ctx, d) for d in old.disks if d.id in moved]
             new_files = [disk_file(vm.ctx, d) for d in new.disks if d.id in moved]
             closed = not any(_fd_open(vm.pid or 0, p) for p in old_files)
+            for d in new.disks:        # the mirror leaves zero areas as holes: allocate them again
+                if d.id in moved and moved[d.id].preallocate:
+                    await asyncio.to_thread(_fallocate, disk_file(vm.ctx, d))
             leases.release_all([leases.disk_lease_path(p) for p in old_files], self.cfg.name)
             if home != old.boot_datastore:
                 leases.release_one(vm_folder(vm.ctx, old) / leases.LEASE_FILE, self.cfg.name)
@@ -329,6 +336,15 @@ class AgentStorage:
                 p.unlink(missing_ok=True)
             raise
         return created
+
+
+def _fallocate(path: Path) -> None:
+    """Allocate every block of a raw image (content unchanged; safe while QEMU uses it)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def _fd_open(pid: int, path: Path) -> bool:

@@ -236,22 +236,31 @@ records_writer() {  # $1=device name $2=record KiB $3=records/s (0 = unpaced)
     # in place (no fork) and one dd writes the record.
     d=/dev/shm/kvmotion-rec
     mkdir -p $d
-    k=$((4096 / rkb)); [ $k -gt 64 ] && k=64; [ $k -lt 4 ] && k=4
-    i=0
+    k=$((4096 / rkb)); [ $k -gt 64 ] && k=64; [ $k -lt 4 ] && k=4  # <= 4 MiB of templates
+    ok=1; i=0
     while [ $i -lt $k ]; do
-        dd if=/dev/urandom of=$d/p$i bs=$plen count=1 iflag=fullblock 2>/dev/null
+        dd if=/dev/urandom of=$d/p$i bs=$plen count=1 iflag=fullblock 2>/dev/null || ok=
         i=$((i + 1))
     done
-    md5sum $d/p* > $d/sums
-    while read -r h f; do
-        eval "M${f##*/p}=$h"
-    done < $d/sums
+    if [ -n "$ok" ] && md5sum $d/p* > $d/sums; then
+        while read -r h f; do
+            eval "M${f##*/p}=$h"
+        done < $d/sums
+    else
+        ok=
+    fi
     i=0
-    while [ $i -lt $k ]; do
-        { printf '%127s\n' ''; cat $d/p$i; } > $d/r$i
+    while [ -n "$ok" ] && [ $i -lt $k ]; do
+        { printf '%127s\n' ''; cat $d/p$i; } > $d/r$i || ok=
+        : > $d/p$i  # free it now (no fork); removed below
         i=$((i + 1))
     done
     rm -f $d/p* $d/sums
+    if [ -z "$ok" ]; then
+        rm -rf $d
+        echo "KVMOTION-WARN records: cannot prepare record templates in /dev/shm; writer off"
+        return 1
+    fi
     dflag=oflag=direct  # O_DIRECT if the device takes it (probed with a read)
     dd if="$dev" of=/dev/null bs=$rb count=1 iflag=direct 2>/dev/null || {
         dflag=
