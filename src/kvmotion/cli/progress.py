@@ -18,6 +18,15 @@ def describe(task: dict[str, Any]) -> str:
     if task["state"] == "queued":
         return f"[bold]queued[/] #{live.get('queue_position', '?')}: {live.get('waiting_for', 'waiting for a slot')}"
     text = f"[bold]{task['phase'] or 'starting'}[/]"
+    if task["phase"] in ("mirror", "disks") and live:
+        done, total = live.get("bytes_done", live.get("disk_bytes_done", 0)), live.get("bytes_total",
+                                                                                      live.get("disk_bytes_total", 0))
+        text += f"  {done / MB:7.1f}/{total / MB:.1f} MB  {live.get('mbps', live.get('disk_mbps', 0)):.0f} Mbit/s"
+        if live.get("eta_s") is not None:
+            text += f"  ETA {live['eta_s']:.1f}s"
+    if task["phase"] == "copy" and live:
+        text += f"  disk {live.get('disk_index', '?')}/{live.get('disks', '?')} {live.get('percent', 0):.0f}% " \
+                f"({live.get('state', '')}, via {live.get('via', '?')})"
     if task["phase"] == "precopy" and live:
         text += f"  pass {live.get('pass', 0)}  remaining {live.get('remaining', 0) / MB:7.1f} MB"
         if live.get("eta_s") is not None:
@@ -64,6 +73,19 @@ def figures(task: dict[str, Any]) -> Table:
     table = Table(show_header=False, title="figures")
     table.add_column("what")
     table.add_column("value", justify="right")
+    if task["kind"] in ("svmotion", "cold"):
+        copy = r.get("mirror") or r.get("copy") or {}
+        rows = [("total time", f"{r['total_time_s']:.3f} s" if r.get("total_time_s") is not None else "-"),
+                ("disk bytes copied", f"{copy.get('bytes', 0) / MB:.1f} MiB"),
+                ("copy throughput", f"{copy.get('throughput_mbps', 0):.0f} Mbit/s"),
+                ("guest write stall at the pivot", f"{r['write_stall_ms']:.1f} ms" if r.get("write_stall_ms")
+                 is not None else "-"),
+                ("verified", copy.get("verified") or ", ".join(f"{k}: qemu-img check {'ok' if v else 'FAILED'}"
+                                                               for k, v in (r.get("qemu_img_check") or {}).items()) or "-"),
+                ("encryption", (r.get("encryption") or {}).get("mode", "-"))]
+        for k, v in rows:
+            table.add_row(k, v)
+        return table
     rows = [("total time", f"{r['total_time_s']:.3f} s" if r.get("total_time_s") is not None else "-"),
             ("QEMU downtime", f"{r['downtime_ms']} ms" if r.get("downtime_ms") is not None else "-"),
             ("guest paused (src stop → dst run)", f"{r['guest_pause_ms']:.0f} ms" if r.get("guest_pause_ms") is not None else "-"),
@@ -71,6 +93,8 @@ def figures(task: dict[str, Any]) -> Table:
             ("bytes sent", f"{r.get('bytes_sent', 0) / MB:.1f} MiB"),
             ("sent ÷ RAM", f"{r['sent_ratio']:.2f}" if r.get("sent_ratio") is not None else "-"),
             ("pre-copy passes", str(r.get("passes", "-"))),
+            ("disk streams (shared-nothing)", f"{(r.get('disks') or {}).get('bytes', 0) / MB:.1f} MiB at "
+             f"{(r.get('disks') or {}).get('throughput_mbps', 0):.0f} Mbit/s" if r.get("disks") else "-"),
             ("encryption", f"{(r.get('encryption') or {}).get('mode', '-')} ({(r.get('encryption') or {}).get('reason', '')})")]
     for k, v in rows:
         table.add_row(k, v)
