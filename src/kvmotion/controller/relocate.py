@@ -86,7 +86,7 @@ def plan(spec: VMSpec, power_state: str, source_host: str, host: str | None, dat
     moves_files = bool(moves) or home != spec.boot_datastore
     if power_state != "poweredOn":
         kind = "cold"
-    elif changes_host:
+    elif changes_host or (host is not None and not moves_files):   # --host to where it runs: SAME_HOST
         kind = "xvmotion" if moves_files else "vmotion"
     else:
         kind = "svmotion"

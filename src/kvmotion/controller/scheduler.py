@@ -95,7 +95,8 @@ class Scheduler:
             for tid, why in p.waiting.items():
                 await asyncio.to_thread(TaskJournal(self.sessions, tid).live,
                                         {"queue_position": p.position[tid], "waiting_for": why})
-            started = [r for r in queued if r.task_id in p.start]
+            by_id = {r.task_id: r for r in queued}
+            started = [by_id[tid] for tid in p.start if tid in by_id]      # in admission order
             shares = admission.shares_mbps(running + started, links)
             for req in started:
                 self._launch(req, shares.get(req.task_id, 0))
