@@ -200,6 +200,13 @@ def parse_disk_map(items: list[str]) -> dict[str, str]:
     return out
 
 
+@vm_app.command("validate")
+def vm_validate(vm: str, host: Optional[str] = typer.Option(None, "--host"),
+                datastore: Optional[str] = typer.Option(None, "--datastore"), url: Optional[str] = URL) -> None:
+    """Every compatibility finding for moving VM to HOST and/or DATASTORE, at once (exit 3 on errors)."""
+    raise typer.Exit(check_migration(Client(url), vm, host, datastore=datastore))
+
+
 @vm_app.command("migrate")
 def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help="destination host"),
                datastore: Optional[str] = typer.Option(None, "--datastore", help="move the VM's files to this datastore"),
