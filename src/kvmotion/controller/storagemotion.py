@@ -45,6 +45,7 @@ class MoveEngine:
         self.cancel_requested = False
         self.committed = False            # past the point of no return (pivot / inventory switched)
         self.reloc: Relocation | None = None
+        self.mirror_started = False
         self.marks: dict[str, float] = {"start": time.time()}
         self.result: dict[str, Any] = {"kind": self.kind}
 
@@ -183,7 +184,7 @@ class StorageVMotion(MoveEngine):
     async def rollback(self) -> dict[str, Any]:
         """Before the pivot: stop the mirrors and remove the partial targets; the VM keeps its disks."""
         out: dict[str, Any] = {}
-        if getattr(self, "mirror_started", False):
+        if self.mirror_started:
             r = await self.src.mirror_cancel(self.spec.uuid)
             out["mirror"] = r.state
             out["partial_targets_removed"] = True
