@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid as uuidlib
@@ -174,7 +175,6 @@ class NbdExport:
                           pid=self.proc.pid)
 
     def wait_listening(self, deadline_s: float = 10.0) -> None:
-        import socket
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             if self.proc is not None and self.proc.poll() is not None:

@@ -94,7 +94,7 @@ async def poll(m: Mirror) -> MirrorReport:
     """Refresh the report from ``query-jobs`` (status, error) and ``query-block-jobs`` (offset, length)."""
     r = m.report
     if r.state in ("pivoted", "cancelled") or not m.vm.alive():
-        if r.state == "mirroring" or r.state == "ready":
+        if r.state in ("mirroring", "ready"):
             r.state, r.error = "failed", r.error or "the VM's QEMU exited during the mirror"
         return r
     qmp = _qmp(m.vm)

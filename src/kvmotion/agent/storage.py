@@ -21,7 +21,8 @@ from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, 
 if TYPE_CHECKING:
     from kvmotion.agent.config import AgentConfig
 
-HOME_FILES = ("vmlinuz", "initrd.img", "vm.json")
+BOOT_FILES = ("vmlinuz", "initrd.img")
+HOME_FILES = (*BOOT_FILES, "vm.json")
 MAX_HOME_BYTES = 256 << 20
 
 
@@ -93,7 +94,7 @@ class AgentStorage:
     def home_files(self, spec: VMSpec) -> dict[str, str]:
         folder = vm_folder(self.context(), spec)
         files = {}
-        for name in HOME_FILES:
+        for name in BOOT_FILES:
             path = folder / name
             if path.stat().st_size > MAX_HOME_BYTES:
                 raise ConflictError(f"{path} is larger than {MAX_HOME_BYTES >> 20} MiB", remedy="shrink the VM folder")
@@ -105,9 +106,9 @@ class AgentStorage:
         folder = vm_folder(self.context(), spec)
         if folder.exists() and any(p.name in HOME_FILES for p in folder.iterdir()):
             raise ConflictError(f"folder {folder} already holds a VM", remedy="remove the leftover folder first")
-        unknown = set(files) - set(HOME_FILES)
+        unknown = set(files) - set(BOOT_FILES)
         if unknown:
-            raise InvalidInputError(f"unexpected VM folder files {sorted(unknown)}", remedy="send only " + ", ".join(HOME_FILES))
+            raise InvalidInputError(f"unexpected VM folder files {sorted(unknown)}", remedy="send only " + ", ".join(BOOT_FILES))
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             (folder / name).write_bytes(base64.b64decode(data))
@@ -119,7 +120,7 @@ class AgentStorage:
         if src == dst:
             return
         dst.mkdir(parents=True, exist_ok=True)
-        for name in HOME_FILES[:2]:
+        for name in BOOT_FILES:
             shutil.copyfile(src / name, dst / name)
         (dst / "vm.json").write_text(new.model_dump_json(indent=1))
 

@@ -39,7 +39,6 @@ class MigrationContext:
     destination: HostView
     vm_cpu_features: frozenset[str] | None = None       # what the VM sees (expanded on the source)
     vm_migrating: bool = False
-    moves_storage: bool = False                         # shared-nothing: disks move too
     datastore_migrations: dict[str, int] = field(default_factory=dict)   # datastore -> migrations in flight
     datastore_limit: int = DATASTORE_LIMIT
     kind: str = "vmotion"                               # vmotion | svmotion | xvmotion (shared-nothing) | cold

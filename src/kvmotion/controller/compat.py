@@ -39,7 +39,7 @@ async def vm_cpu_features(inv: Inventory, host: str, spec: VMSpec) -> frozenset[
 
 
 async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, dst_name: str,
-                 moves_storage: bool = False, exclude_task: str | None = None,
+                 exclude_task: str | None = None,
                  reloc: Relocation | None = None, required: dict[str, int] | None = None) -> MigrationContext:
     vm = inv.get_vm(vm_ref)
     dst = inv.get_host(dst_name)
@@ -66,7 +66,7 @@ async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, d
         spec=spec, power_state=vm.power_state, source=_view(inv, src, per_host.get(src.name, 0)),
         destination=_view(inv, dst, per_host.get(dst.name, 0)),
         vm_cpu_features=await vm_cpu_features(inv, src.name, spec), vm_migrating=migrating,
-        moves_storage=moves_storage or bool(reloc and reloc.moves), datastore_migrations=per_ds,
+        datastore_migrations=per_ds,
         datastore_limit=datastore_limit(), kind=reloc.kind if reloc else "vmotion",
         target_spec=reloc.after if reloc else None, required_mb=required or {},
         moved_disks=reloc.moved_ids if reloc else ())

@@ -94,3 +94,9 @@ def percent(report: MigrationReport) -> float:
     if done + left <= 0:
         return 0.0
     return 100.0 * done / (done + left)
+
+
+def copy_eta_s(done: int, total: int, mbps: float) -> float | None:
+    """Seconds left for a disk copy at its measured rate (None while the rate is unknown)."""
+    rate = mbps * 1e6 / 8
+    return round((total - done) / rate, 1) if rate > 0 and total > done else None

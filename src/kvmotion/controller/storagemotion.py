@@ -14,7 +14,7 @@ from typing import Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import DiskCopyRequest, DiskTarget, MirrorReport, MirrorRequest, VMSpec
-from kvmotion.controller import compat
+from kvmotion.controller import compat, decisions
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.relocate import Relocation
@@ -25,10 +25,6 @@ from kvmotion.controller.vmotion import MBIT, migration_address
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25
-
-
-def eta_s(done: int, total: int, rate_bytes: float) -> float | None:
-    return round((total - done) / rate_bytes, 1) if rate_bytes > 0 and total > done else None
 
 
 class MoveEngine:
@@ -168,9 +164,8 @@ class StorageVMotion(MoveEngine):
     async def _follow(self, t0: float) -> MirrorReport:
         while True:
             r = await self.src.mirror_status(self.spec.uuid)
-            rate = r.mbps * 1e6 / 8
             await self.live({"bytes_done": r.done, "bytes_total": r.total, "mbps": r.mbps,
-                             "eta_s": eta_s(r.done, r.total, rate), "state": r.state,
+                             "eta_s": decisions.copy_eta_s(r.done, r.total, r.mbps), "state": r.state,
                              "disks": [j.model_dump() for j in r.jobs]},
                             5 + 80 * (r.done / r.total if r.total else 0))
             if r.state == "failed":

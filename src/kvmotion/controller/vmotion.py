@@ -189,10 +189,9 @@ class VMotion:
                                                                   copy_mode="write-blocking"))
         while True:
             r = await self.src.mirror_status(self.spec.uuid)
-            rate = r.mbps * 1e6 / 8
-            eta = round((r.total - r.done) / rate, 1) if rate > 0 and r.total > r.done else None
             await asyncio.to_thread(self.journal.live, {"disk_bytes_done": r.done, "disk_bytes_total": r.total,
-                                                        "disk_mbps": r.mbps, "eta_s": eta, "state": r.state},
+                                                        "disk_mbps": r.mbps, "state": r.state,
+                                                        "eta_s": decisions.copy_eta_s(r.done, r.total, r.mbps)},
                                     6 + 40 * (r.done / r.total if r.total else 0))
             if r.state == "failed" or not await self._shadow_alive():
                 raise MigrationFailed(f"the disk streams to {self.destination} failed: "

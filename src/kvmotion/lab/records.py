@@ -341,6 +341,13 @@ def _pick_run(acks: Mapping[str, int | Iterable[int]], run: str | None) -> tuple
     return next(iter(highest.items()))
 
 
+def _keep(items: list[int], item: int) -> int:
+    """Append while the list is under LIST_LIMIT; returns 1 to add to the exact count."""
+    if len(items) < LIST_LIMIT:
+        items.append(item)
+    return 1
+
+
 def verify(image: Path, fmt: str, acks: Mapping[str, int | Iterable[int]], record_kb: int, *,
            run: str | None = None, workdir: Path | None = None) -> RecordVerdict:
     """Check that every acknowledged record of one run is on *image*, intact.
@@ -373,14 +380,10 @@ def verify(image: Path, fmt: str, acks: Mapping[str, int | Iterable[int]], recor
         if slot is not None and slot.status == "valid" and slot.run == run_id:
             continue
         if slot is not None and slot.status == "torn":
-            n_torn += 1
-            if len(torn) < LIST_LIMIT:
-                torn.append(seq)
+            n_torn += _keep(torn, seq)
             note(seq, f"torn ({slot.problem})")
         else:
-            n_missing += 1
-            if len(missing) < LIST_LIMIT:
-                missing.append(seq)
+            n_missing += _keep(missing, seq)
             if slot is None:
                 note(seq, "slot is empty")
             elif slot.status == "garbage":
@@ -396,14 +399,10 @@ def verify(image: Path, fmt: str, acks: Mapping[str, int | Iterable[int]], recor
         if slot.run not in (run_id, None):
             continue
         if index < last_valid:  # a later record was written, so this write had completed
-            n_torn += 1
-            if len(torn) < LIST_LIMIT:
-                torn.append(index)
+            n_torn += _keep(torn, index)
             note(index, f"torn past the last ack although seq {last_valid} was written later ({slot.problem})")
         else:
-            n_torn_beyond += 1
-            if len(torn_beyond) < LIST_LIMIT:
-                torn_beyond.append(index)
+            n_torn_beyond += _keep(torn_beyond, index)
     ok = n_missing == 0 and n_torn == 0 and acked <= scan.capacity
     if ok:
         reason = f"all {acked} acked records of run {run_id} are on disk and valid"
