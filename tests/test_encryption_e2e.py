@@ -49,10 +49,10 @@ class Capture:
         return self.path.read_bytes()
 
 
-def capture_move(lab, client: Client, vm: str, host: str, tmp: Path) -> tuple[dict, bytes]:
+def capture_move(lab, client: Client, vm: str, host: str, tmp: Path, **opts) -> tuple[dict, bytes]:
     cap = Capture(lab, tmp / f"{vm}-{host}-{time.monotonic_ns()}.pcap")
     try:
-        task = scenario.follow_task(client, client.migrate(vm, host)["id"])
+        task = scenario.follow_task(client, client.migrate(vm, host, **opts)["id"], timeout_s=300)
     finally:
         data = cap.stop()
     return task, data
@@ -152,3 +152,42 @@ def test_encrypted_vm_always_migrates_encrypted(lab, client, tmp_path) -> None:
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and ("secret" in out.stderr or "key" in out.stderr), out.stderr
     remove_vm(client, "luks1")
+
+
+DISK_MARKER = ("KVMOTION-DISK-MARKER-" + "9876543210ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsr")[:64].encode()
+
+
+def plant_disk_marker(lab, vm: dict) -> None:
+    """Write the marker into the powered-off VM's raw data disk: it then lives only on disk, never in guest RAM."""
+    data = next(d for d in vm["spec"]["disks"] if d["id"] == "disk1")
+    assert data["format"] == "raw"
+    path = Path(lab.root) / "ds" / data["datastore"] / data["path"]
+    with open(path, "r+b") as f:
+        f.seek(4 << 20)
+        f.write(DISK_MARKER * 1024)                     # 64 KiB of markers at 4 MiB
+
+
+def test_disk_stream_of_shared_nothing_is_readable_only_when_disabled(lab, client, tmp_path) -> None:
+    vm = client.create_vm(name="wire2", host="h1", datastore="h1-local", data_disk_mb=16, disk_format="raw",
+                          encrypted_vmotion="disabled")
+    plant_disk_marker(lab, vm)
+    client.start_vm("wire2")
+    scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
+    plain_task, plain = capture_move(lab, client, "wire2", "h2", tmp_path, datastore="h2-local")
+    assert plain_task["state"] == "success", plain_task.get("error")
+    assert plain_task["kind"] == "xvmotion" and plain_task["result"]["encryption"]["mode"] == "plain"
+    assert DISK_MARKER in plain, "the disk marker should be visible in an unencrypted NBD stream"
+    assert cli(lab, "vm", "set", "wire2", "--encrypted-vmotion", "required").returncode == 0
+    tls_task, wire = capture_move(lab, client, "wire2", "h1", tmp_path, datastore="h1-local")
+    assert tls_task["state"] == "success", tls_task.get("error")
+    assert tls_task["result"]["encryption"]["mode"] == "tls"
+    disks = next(p for p in tls_task["phases"] if p["name"] == "disks")["detail"]
+    assert disks["bytes"] >= 16 << 20 and len(wire) > 16 << 20    # the whole data disk crossed the wire ...
+    assert DISK_MARKER not in wire                                  # ... but never readable
+    assert any(rec in wire for rec in TLS_RECORDS)
+    moved = client.vm("wire2")
+    data = next(d for d in moved["spec"]["disks"] if d["id"] == "disk1")
+    with open(Path(lab.root) / "ds" / data["datastore"] / data["path"], "rb") as f:
+        f.seek(4 << 20)
+        assert f.read(64) == DISK_MARKER                            # and it arrived intact on h1-local
+    remove_vm(client, "wire2")
