@@ -33,7 +33,7 @@ def main() -> None:
     table = Table("RAM MiB", "dirty MB/s", "encryption", "run", "Mbit/s", "total s", "QEMU downtime ms", "guest paused ms",
                   "client gap ms", "lost pings", "sent ÷ RAM", "passes", title="live vMotion h1 → h2 (lab)")
     try:
-        client = Client(info.controller_url)
+        client = Client(info.controller_url, token=info.admin_token())
         n = 0
         for size in (int(x) for x in args.sizes.split(",")):
             for dirty, enc in ((float(x), e) for x in args.dirty.split(",") for e in args.encryption.split(",")):

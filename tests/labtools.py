@@ -22,8 +22,14 @@ def agent_url(lab: Any, host: str) -> str:
     return f"http://{h.mgmt_ip}:8770" if h.mgmt_ip else f"http://[{h.mgmt_ip6}]:8770"
 
 
+def agent_call(lab: Any, host: str, method: str, path: str, **kw: Any) -> httpx.Response:
+    """Call a lab agent directly, signed with its host secret (as the controller does)."""
+    with lab_mod.agent_http(Path(lab.root), host, timeout=kw.pop("timeout", 10)) as c:
+        return c.request(method, path, **kw)
+
+
 def agent_vms(lab: Any, host: str) -> dict[str, dict]:
-    return {v["uuid"]: v for v in httpx.get(f"{agent_url(lab, host)}/v1/vms", timeout=10).json()}
+    return {v["uuid"]: v for v in agent_call(lab, host, "GET", "/v1/vms").json()}
 
 
 def running_vm(client: Client, lab: Any, name: str, host: str = "h1", **opts: Any) -> dict:
@@ -79,8 +85,7 @@ KNOWN_TCG_BUG = ("QEMU 7.2 under TCG corrupted the guest's memory during live mi
 def _serial(lab: Any, client: Client, name: str) -> list[str]:
     vm = client.vm(name)
     try:
-        return httpx.get(f"{agent_url(lab, vm['host'])}/v1/vms/{vm['uuid']}/serial", params={"lines": 1000},
-                         timeout=10).json()
+        return agent_call(lab, vm["host"], "GET", f"/v1/vms/{vm['uuid']}/serial", params={"lines": 1000}).json()
     except (httpx.HTTPError, ValueError):
         return []
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -22,6 +23,12 @@ def lab(guest_image):
 @pytest.fixture(scope="module")
 def client(lab) -> Client:
     return Client(lab.controller_url)
+
+
+def submit_all(client: Client, names: list[str], host: str) -> list[str]:
+    """Request all the migrations at once (in parallel), as a burst of admins would; returns the task ids."""
+    with ThreadPoolExecutor(len(names)) as pool:
+        return list(pool.map(lambda n: client.migrate(n, host)["id"], names))
 
 
 def boot(client: Client, lab, names: list[str], host: str = "h1", **opts) -> dict[str, dict]:
@@ -69,7 +76,7 @@ def max_bandwidth_in_use(tasks: list[dict]) -> int:
 def test_six_migrations_share_one_gbe_link(lab, client) -> None:
     names = [f"q{i}" for i in range(6)]
     before = boot(client, lab, names)
-    tasks = [client.migrate(n, "h2")["id"] for n in names]
+    tasks = submit_all(client, names, "h2")
     max_running, saw_queued, limit_finding = 0, set(), None
     while True:
         snapshot = {t["id"]: t for t in client.tasks(limit=50)}              # one consistent read
@@ -99,7 +106,7 @@ def test_six_migrations_share_one_gbe_link(lab, client) -> None:
 def test_high_priority_starts_first(lab, client) -> None:
     names = [f"q{i}" for i in range(6)]                       # on h2 now; send them back
     boot(client, lab, ["qh"], host="h2")
-    normal = [client.migrate(n, "h1")["id"] for n in names]
+    normal = submit_all(client, names, "h1")
     high = client.migrate("qh", "h1", priority="high")["id"]
     queued_then = [t for t in normal if client.task(t)["state"] == "queued"]
     for t in normal + [high]:
@@ -137,11 +144,11 @@ def _evacuated(lab, client, res, names, before) -> None:
     assert res.returncode == 3 and "HOST_IN_MAINTENANCE" in res.stderr
 
 
-def test_maintenance_names_a_vm_that_cannot_move(lab, client, tmp_path) -> None:
-    iso = tmp_path / "local.iso"
-    iso.write_bytes(b"\0" * 65536)
+def test_maintenance_names_a_vm_that_cannot_move(lab, client) -> None:
     boot(client, lab, ["iso1", "free1"])
-    client.cdrom("iso1", "cd0", "local", path=str(iso))
+    # an ISO path is relative to a datastore (default: the VM's); this one sits in the VM's folder
+    (lab.root / "ds" / client.vm("iso1")["spec"]["boot_datastore"] / "iso1" / "local.iso").write_bytes(b"\0" * 65536)
+    client.cdrom("iso1", "cd0", "local", path="iso1/local.iso")
     start = time.monotonic()
     res = cli(lab, "host", "maintenance", "enter", "h1", "--wait")
     assert time.monotonic() - start < 120                                      # it does not hang
@@ -159,7 +166,7 @@ def test_queued_tasks_survive_a_controller_crash(lab, client) -> None:
 
     names = [f"r{i}" for i in range(6)]
     boot(client, lab, names)
-    tasks = [client.migrate(n, "h2")["id"] for n in names]
+    tasks = submit_all(client, names, "h2")
     queued = [t for t in tasks if client.task(t)["state"] == "queued"]
     assert queued, "with 4 slots, some of 6 requests queue"
     crash_at = time.time()

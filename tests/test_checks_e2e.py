@@ -55,9 +55,10 @@ def test_clean_move_has_no_errors(client, vm1) -> None:
 
 
 def test_host_local_iso_blocks_and_client_media_does_not(lab, client, vm1, tmp_path) -> None:
-    iso = tmp_path / "tools.iso"
+    # an ISO path is relative to a datastore (default: the VM's); this one sits in the VM's folder
+    iso = lab.root / "ds" / client.vm("chk1")["spec"]["boot_datastore"] / "chk1" / "tools.iso"
     iso.write_bytes(os.urandom(2 * 1024 * 1024))
-    res = cli(lab, "vm", "cdrom", "connect", "chk1", "--iso", str(iso))
+    res = cli(lab, "vm", "cdrom", "connect", "chk1", "--iso", "chk1/tools.iso")
     assert res.returncode == 0, res.stderr
     assert_finding(validate(client, "chk1", "h2"), "LOCAL_MEDIA_CONNECTED", "error", "cdrom disconnect chk1")
     res = cli(lab, "vm", "migrate", "chk1", "--host", "h2")
@@ -86,6 +87,7 @@ def test_host_local_iso_blocks_and_client_media_does_not(lab, client, vm1, tmp_p
         assert scenario.follow_task(client, back["id"])["state"] == "success"
     finally:
         os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        iso.unlink(missing_ok=True)
 
 
 def test_datastore_hidden_from_destination(lab, client, vm1) -> None:
@@ -224,11 +226,10 @@ def test_cpu_features_and_evc(lab, client) -> None:
             remove_vm(client, name)
 
 
-def test_every_problem_in_one_request(lab, client, tmp_path) -> None:
-    iso = tmp_path / "x.iso"
-    iso.write_bytes(b"\0" * 65536)
+def test_every_problem_in_one_request(lab, client) -> None:
     client.create_vm(name="bad1", host="h1", datastore="h1-local", memory_mb=60000)    # powered off
-    client.cdrom("bad1", "cd0", "local", path=str(iso))
+    (lab.root / "ds" / "h1-local" / "bad1" / "x.iso").write_bytes(b"\0" * 65536)     # ISO paths: datastore-relative
+    client.cdrom("bad1", "cd0", "local", path="bad1/x.iso")
     res = cli(lab, "vm", "migrate", "bad1", "--host", "h3")
     assert res.returncode == 3
     # powered off, so this is a cold migration: what blocks it is where its files are

@@ -11,7 +11,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 
 from kvmotion.agent.config import AgentConfig
@@ -19,7 +18,7 @@ from kvmotion.cli.client import Client
 from kvmotion.common.errors import KvmotionError
 from kvmotion.lab import lab as lab_mod
 from kvmotion.lab import records, scenario
-from labtools import agent_url, agent_vms, cli, host_settings, serial_heartbeat, wait_for, xfail_if_tcg_guest_crash
+from labtools import agent_call, agent_vms, cli, host_settings, serial_heartbeat, wait_for, xfail_if_tcg_guest_crash
 
 
 def ds_path(lab, name: str) -> Path:
@@ -247,14 +246,14 @@ def test_a_second_host_cannot_start_a_leased_vm(lab) -> None:
     vm = client.create_vm(name="lease1", host="h1", datastore="shared")
     client.start_vm("lease1")
     spec = client.vm("lease1")["spec"]
-    r = httpx.post(f"{agent_url(lab, 'h2')}/v1/vms/{vm['uuid']}/start", json={"spec": spec}, timeout=30)
+    r = agent_call(lab, "h2", "POST", f"/v1/vms/{vm['uuid']}/start", json={"spec": spec}, timeout=30)
     assert r.status_code == 409, r.text
     err = r.json()["error"]
     assert "leased by host h1" in err["message"] and err["details"]["holder"] == "h1"
     assert vm["uuid"] not in agent_vms(lab, "h2")
-    holders = httpx.post(f"{agent_url(lab, 'h1')}/v1/storage/leases", json=spec, timeout=10).json()
+    holders = agent_call(lab, "h1", "POST", "/v1/storage/leases", json=spec).json()
     assert set(holders.values()) == {"h1"} and len(holders) == 2      # the folder and the disk
     client.stop_vm("lease1")
-    holders = httpx.post(f"{agent_url(lab, 'h1')}/v1/storage/leases", json=spec, timeout=10).json()
+    holders = agent_call(lab, "h1", "POST", "/v1/storage/leases", json=spec).json()
     assert set(holders.values()) == {""}
     client.delete_vm("lease1")

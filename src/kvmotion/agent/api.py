@@ -5,67 +5,89 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 from kvmotion import __version__
+from kvmotion.agent.auth import SignedRequestsOnly
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
+from kvmotion.common.types import MAX_CPU_FEATURES, MAX_DISKS, DiskRef, Name, NameOrEmpty
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
 
+MAX_PEM = 16384
+MAX_HOME_B64 = 200 * 1024 * 1024        # kernel + initrd, base64
+
+
 class LeaseRequest(BaseModel):
-    expected_holder: str | None = None
+    expected_holder: NameOrEmpty | None = None
 
 
 class TlsInstall(BaseModel):
-    ca_cert: str
-    server_cert: str
-    client_cert: str
+    ca_cert: str = Field(max_length=MAX_PEM)
+    server_cert: str = Field(max_length=MAX_PEM)
+    client_cert: str = Field(max_length=MAX_PEM)
 
 
 class MeasureRequest(BaseModel):
     spec: VMSpec
-    formats: dict[str, str]            # disk id -> the format it will have
+    formats: dict[DiskRef, str] = Field(max_length=MAX_DISKS)     # disk id -> the format it will have
     preallocate: bool = False
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(f for f in v.values() if f not in ("qcow2", "raw"))
+        if bad:
+            raise ValueError(f"unknown disk format(s) {bad}; use qcow2 or raw")
+        return v
 
 
 class HomePut(BaseModel):
     spec: VMSpec
-    files: dict[str, str]              # file name -> base64
+    files: dict[DiskRef, str] = Field(max_length=8)               # file name -> base64
+
+    @field_validator("files")
+    @classmethod
+    def _size(cls, v: dict[str, str]) -> dict[str, str]:
+        if sum(len(x) for x in v.values()) > MAX_HOME_B64:
+            raise ValueError(f"VM folder files exceed {MAX_HOME_B64 >> 20} MiB")
+        return v
 
 
 class RemoveFiles(BaseModel):
     spec: VMSpec
-    disk_ids: list[str] = []
+    disk_ids: list[DiskRef] = Field(default_factory=list, max_length=MAX_DISKS)
     home: bool = False
 
 
 class SpecDisks(BaseModel):
     spec: VMSpec
-    disk_ids: list[str] = []
+    disk_ids: list[DiskRef] = Field(default_factory=list, max_length=MAX_DISKS)
 
 
 class ExportRequest(BaseModel):
     spec: VMSpec
-    disk_id: str
-    listen_address: str
+    disk_id: DiskRef
+    listen_address: str = Field(pattern=r"^[0-9A-Fa-f.:]{2,45}$", description="an IP address of this host")
 
 
 class SpeedRequest(BaseModel):
-    speed_bytes: int
+    speed_bytes: int = Field(ge=0, le=1 << 40)
 
 
 class CpuExpandRequest(BaseModel):
-    model: str
-    mask: list[str] = []
+    model: Name
+    mask: list[Name] = Field(default_factory=list, max_length=MAX_CPU_FEATURES)
 
 
-def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    """The agent's API; every request must be signed with ``secret`` (the host's enrolment secret)."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await agent.startup()
@@ -75,7 +97,9 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
             side.cancel()
         await agent.shutdown()
 
-    app = FastAPI(title="kvmotion agent", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="kvmotion agent", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.add_middleware(SignedRequestsOnly, secret=secret)
 
     @app.exception_handler(KvmotionError)
     async def _kvm_error(_: Request, exc: KvmotionError) -> JSONResponse:
@@ -135,8 +159,8 @@ def create_app(agent: Agent, after_start: Callable[[], Awaitable[None]] | None =
         return await agent.status(uuid)
 
     @app.get("/v1/vms/{uuid}/serial")
-    async def serial(uuid: str, lines: int = 20) -> list[str]:
-        return agent.serial_tail(uuid, min(max(lines, 1), 1000))
+    async def serial(uuid: str, lines: int = Query(default=20, ge=1, le=1000)) -> list[str]:
+        return agent.serial_tail(uuid, lines)
 
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:

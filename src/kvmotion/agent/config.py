@@ -19,6 +19,7 @@ class AgentConfig(BaseModel):
     migration_interfaces: list[str] = Field(default_factory=lambda: ["mig0"])
     image_dir: Path | None = None
     controller_url: str | None = None       # register here at start, when set
+    enrol_token_file: Path | None = None    # the enrolment token for that registration (`kvmotion host enrol-token`)
     accelerator: str = "auto"               # auto | kvm | tcg
     kvm_probe_deadline_s: float = 8.0
     swap_dir: Path | None = None            # where VM memory-backing/swap files live, if not with the VM

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.agent.diskkeys import disk_secret_id
-from kvmotion.agent.qemuvm import QemuVM, resolve_datastore
+from kvmotion.agent.qemuvm import QemuVM, safe_path
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import DiskSpec, DiskTarget, MirrorJob, MirrorReport
 
@@ -63,7 +63,7 @@ def target_blockdev(vm: QemuVM, disk: DiskSpec, t: DiskTarget, node: str) -> dic
             dev["tls-creds"] = vm.tls_client_creds or ""
             dev["tls-hostname"] = t.tls_hostname
         return dev
-    path = resolve_datastore(vm.ctx, t.datastore) / t.path
+    path = safe_path(vm.ctx, t.datastore, t.path)
     dev = {"node-name": node, "driver": t.format, "file": {"driver": "file", "filename": str(path)}}
     if disk.encrypted:
         dev["encrypt"] = {"format": "luks", "key-secret": disk_secret_id(disk.node)}

@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
 from kvmotion.agent.qmp import QMPConnection
-from kvmotion.common.errors import ConflictError, KvmotionError, QemuStartFailed
-from kvmotion.common.types import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec
+from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError, QemuStartFailed
+from kvmotion.common.types import (HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec, nbd_problem,
+                                   parse_nbd, relative_path_problem)
 
 QEMU_BINARY = "qemu-system-x86_64"
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
@@ -65,18 +65,39 @@ def _plain_disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
             raise ConflictError(f"raw LUN {disk.identity} of {disk.id} is not presented to {ctx.host_name}",
                                 remedy="present the LUN to this host, or run the VM elsewhere")
         return {"node-name": disk.node, "driver": "raw", "file": {"driver": "host_device", "filename": str(path)}}
-    path = resolve_datastore(ctx, disk.datastore) / disk.path
+    path = safe_path(ctx, disk.datastore, disk.path)
     return {"node-name": disk.node, "driver": disk.format, "file": {"driver": "file", "filename": str(path)}}
 
 
-def cdrom_node(cd: CdromSpec) -> dict[str, Any] | None:
+def has_media(cd: CdromSpec) -> bool:
+    """Whether a CD/DVD drive holds a medium (without opening it)."""
+    return (cd.media == "local" and bool(cd.path)) or (cd.media == "client" and bool(cd.nbd))
+
+
+def iso_file(ctx: HostContext, cd: CdromSpec, boot_datastore: str) -> Path:
+    """A drive's local ISO image: a regular file inside its datastore (default: the VM's boot datastore)."""
+    datastore = cd.datastore or boot_datastore
+    path = safe_path(ctx, datastore, cd.path or "", what="ISO image")
+    if not path.exists():
+        raise NotFoundError(f"ISO image {cd.path!r} does not exist on datastore {datastore} of host {ctx.host_name}",
+                            remedy="copy the image into the datastore first, or name another image")
+    if not path.is_file():
+        raise InvalidInputError(f"ISO image {cd.path!r} on datastore {datastore} is not a regular file",
+                                remedy="name an image file")
+    return path
+
+
+def cdrom_node(cd: CdromSpec, ctx: HostContext, boot_datastore: str) -> dict[str, Any] | None:
     """The block node behind a CD/DVD drive's medium (None when the drive is empty)."""
     if cd.media == "local" and cd.path:
-        file: dict[str, Any] = {"driver": "file", "filename": cd.path, "read-only": True}
+        file: dict[str, Any] = {"driver": "file", "filename": str(iso_file(ctx, cd, boot_datastore)), "read-only": True}
     elif cd.media == "client" and cd.nbd:
-        url = urlparse(cd.nbd)
-        file = {"driver": "nbd", "server": {"type": "inet", "host": url.hostname or "", "port": str(url.port or 10809)},
-                "export": url.path.lstrip("/")}
+        problem = nbd_problem(cd.nbd)
+        if problem is not None:
+            raise InvalidInputError(f"client media address {cd.nbd!r} of {cd.id} {problem}",
+                                    remedy="write it like nbd://HOST:PORT/EXPORT")
+        host, port, export = parse_nbd(cd.nbd)
+        file = {"driver": "nbd", "server": {"type": "inet", "host": host, "port": str(port)}, "export": export}
     else:
         return None
     return {"node-name": f"{cd.id}-media", "driver": "raw", "read-only": True, "file": file}
@@ -97,8 +118,42 @@ def resolve_datastore(ctx: HostContext, name: str) -> Path:
         ) from None
 
 
+def safe_path(ctx: HostContext, datastore: str, rel: str, *, what: str = "disk path", directory: bool = False) -> Path:
+    """A datastore-relative path, resolved; refuses anything that leaves the datastore.
+
+    Refused (InvalidInputError, HTTP 422): an empty or absolute path, '..', a NUL byte or control character, a
+    symbolic link that leads out of the datastore (or loops), the datastore root itself, and a directory where a
+    file is wanted (``directory=False``) or a file where a directory is wanted (``directory=True``).
+    """
+    problem = relative_path_problem(rel)
+    if problem is not None:
+        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} {problem}",
+                                remedy="give a path inside the datastore, like VM/VM.qcow2")
+    root = resolve_datastore(ctx, datastore).resolve()
+    try:
+        path = (root / rel).resolve()
+        is_dir = path.is_dir()
+        exists = is_dir or path.exists()
+    except RuntimeError:           # Python 3.11: a symbolic link loop
+        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} runs into a symbolic link loop",
+                                remedy="remove the looping link") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} cannot be resolved: {exc}",
+                                remedy="give a path inside the datastore, like VM/VM.qcow2") from None
+    if root not in path.parents:
+        raise InvalidInputError(f"{what} {rel!r} leaves datastore {datastore} (through a symbolic link or '..')",
+                                remedy="use a path inside the datastore, without links that lead out of it")
+    if directory and exists and not is_dir:
+        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} is a file, not a directory",
+                                remedy="name a directory")
+    if not directory and is_dir:
+        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} is a directory, not a file",
+                                remedy="name a file, like VM/VM.qcow2")
+    return path
+
+
 def vm_folder(ctx: HostContext, spec: VMSpec) -> Path:
-    return resolve_datastore(ctx, spec.boot_datastore) / spec.folder
+    return safe_path(ctx, spec.boot_datastore, spec.folder, what="VM folder", directory=True)
 
 
 def secret_args(spec: VMSpec, disk_keys: dict[str, str], master_file: Path) -> list[str]:
@@ -157,7 +212,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         argv += ["-blockdev", json.dumps(disk_node(disk, ctx)),
                  "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}"]
     for i, cd in enumerate(spec.cdroms):
-        node = cdrom_node(cd)
+        node = cdrom_node(cd, ctx, spec.boot_datastore)
         if node is not None:
             argv += ["-blockdev", json.dumps(node)]
         argv += ["-device", f"ide-cd,id={cd.id},bus=ide.{i}" + (f",drive={node['node-name']}" if node else "")]
@@ -422,11 +477,11 @@ class QemuVM:
         old = next((c for c in self.spec.cdroms if c.id == new.id), None)
         if old is None:
             raise ConflictError(f"VM {self.spec.name} has no drive {new.id}", remedy="name an existing drive")
+        node = cdrom_node(new, self.ctx, self.spec.boot_datastore)    # checked before the tray opens
         await self.qmp.execute("blockdev-open-tray", {"id": new.id, "force": True})
-        if cdrom_node(old) is not None:
+        if has_media(old):
             await self.qmp.execute("blockdev-remove-medium", {"id": new.id})
             await self.qmp.execute("blockdev-del", {"node-name": f"{new.id}-media"})
-        node = cdrom_node(new)
         if node is not None:
             await self.qmp.execute("blockdev-add", node)
             await self.qmp.execute("blockdev-insert-medium", {"id": new.id, "node-name": node["node-name"]})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmotion.agent import images, lease as leases, migration, mirror
-from kvmotion.agent.qemuvm import HostContext, QemuVM, resolve_datastore, vm_folder
+from kvmotion.agent.qemuvm import HostContext, QemuVM, safe_path, vm_folder
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, LeaseInfo, MirrorReport,
                                    MirrorRequest, PivotReport, VMSpec)
@@ -26,20 +26,34 @@ HOME_FILES = (*BOOT_FILES, "vm.json")
 MAX_HOME_BYTES = 256 << 20
 
 
-def safe_path(ctx: HostContext, datastore: str, rel: str) -> Path:
-    """A datastore-relative path, resolved; refuses anything that leaves the datastore."""
-    root = resolve_datastore(ctx, datastore).resolve()
-    if not rel or rel.startswith("/") or ".." in Path(rel).parts:
-        raise InvalidInputError(f"disk path {rel!r} must be relative to datastore {datastore}, without '..'",
-                                remedy="give a path like VM/VM.qcow2")
-    path = (root / rel).resolve()
-    if root not in path.parents:
-        raise InvalidInputError(f"disk path {rel!r} leaves datastore {datastore}", remedy="use a path inside it")
-    return path
+__all__ = ["AgentStorage", "disk_file", "lease_files", "safe_path", "source_file"]
 
 
 def disk_file(ctx: HostContext, disk: DiskSpec) -> Path:
+    """A file disk's image: inside its datastore (see :func:`kvmotion.agent.qemuvm.safe_path`)."""
     return safe_path(ctx, disk.datastore, disk.path)
+
+
+def source_file(ctx: HostContext, source: str) -> Path:
+    """A cold copy's local source: an absolute path to a regular file inside one of this host's datastores."""
+    if not source or "\x00" in source or not source.startswith("/"):
+        raise InvalidInputError(f"copy source {source!r} is not an absolute path without NUL bytes",
+                                remedy="give the image's path on this host, inside one of its datastores")
+    try:
+        path = Path(source).resolve()
+        roots = [r.resolve() for r in ctx.datastore_paths.values()]
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InvalidInputError(f"copy source {source!r} cannot be resolved: {exc}",
+                                remedy="give the image's path on this host, inside one of its datastores") from None
+    if not any(r in path.parents for r in roots):
+        raise InvalidInputError(f"copy source {source!r} is not inside a datastore of host {ctx.host_name}",
+                                remedy="copy from a datastore this host mounts, or through an NBD export")
+    if not exists:
+        raise NotFoundError(f"{source} does not exist on {ctx.host_name}", remedy="check the VM's disks")
+    if not is_file:
+        raise InvalidInputError(f"copy source {source!r} is not a regular file", remedy="name a disk image")
+    return path
 
 
 def lease_files(ctx: HostContext, spec: VMSpec) -> list[Path]:
@@ -289,11 +303,12 @@ class AgentStorage:
     def disk_copy(self, req: DiskCopyRequest) -> DiskCopyStatus:
         if bool(req.source_path) == bool(req.source_uri):
             raise InvalidInputError("give exactly one of source_path and source_uri", remedy="fix the request")
-        target = safe_path(self.context(), req.datastore, req.path)
+        ctx = self.context()
+        target = safe_path(ctx, req.datastore, req.path)
         if target.exists():
             raise ConflictError(f"{target} already exists", remedy="remove the leftover file or pick another datastore")
-        if req.source_path and not Path(req.source_path).exists():
-            raise NotFoundError(f"{req.source_path} does not exist on {self.cfg.name}", remedy="check the VM's disks")
+        if req.source_path:
+            req = req.model_copy(update={"source_path": str(source_file(ctx, req.source_path))})
         if len(self.copies) >= images.MAX_COPY_JOBS_KEPT:
             for jid in [j for j, c in self.copies.items() if c.status.ended_at][:16]:
                 self.copies.pop(jid)

@@ -21,7 +21,7 @@ def evacuate_once(admission: bool, n_vms: int, memory_mb: int, link: str, root: 
     info = lab.up(2, root, prefix="kvbe", image_dir=image.kernel.parent.parent, link=link, admission=admission,
                   log=lambda m: None)
     try:
-        client = Client(info.controller_url)
+        client = Client(info.controller_url, token=info.admin_token())
         names = [f"ev{i}" for i in range(n_vms)]
         for n in names:
             client.create_vm(name=n, host="h1", memory_mb=memory_mb)

@@ -19,14 +19,41 @@ def default_url() -> str:
     return info.controller_url if info else "http://127.0.0.1:8760"
 
 
+CONFIG_TOKEN = Path.home() / ".config" / "kvmotion" / "token"
+
+
+def default_token() -> str | None:
+    """The API token: $KVMOTION_TOKEN, else the file $KVMOTION_TOKEN_FILE, else ~/.config/kvmotion/token, else the
+    admin token of the lab on this machine (root only). Never taken from the command line (process listings)."""
+    if os.environ.get("KVMOTION_TOKEN"):
+        return os.environ["KVMOTION_TOKEN"].strip()
+    candidates = [Path(os.environ["KVMOTION_TOKEN_FILE"])] if os.environ.get("KVMOTION_TOKEN_FILE") else []
+    if not candidates:
+        from kvmotion.lab import lab
+        candidates = [CONFIG_TOKEN, lab.admin_token_path(Path(os.environ.get("KVMOTION_LAB_DIR",
+                                                                              str(lab.DEFAULT_ROOT))))]
+    for path in candidates:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            continue
+    return None
+
+
 class Client:
-    def __init__(self, url: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str | None = None, timeout: float = 60.0, token: str | None = None) -> None:
         self.url = (url or default_url()).rstrip("/")
         self.timeout = timeout
+        self._token = token if token is not None else default_token()
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
 
     def call(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
-            r = httpx.request(method, f"{self.url}/api/v1{path}", json=json, params=params, timeout=self.timeout)
+            r = httpx.request(method, f"{self.url}/api/v1{path}", json=json, params=params, timeout=self.timeout,
+                              headers=headers)
         except httpx.HTTPError as exc:
             raise AgentUnreachable(f"controller at {self.url} did not answer: {type(exc).__name__}",
                                    remedy="start it (`kvmotion lab up` in the lab) or pass --url") from exc
@@ -51,8 +78,21 @@ class Client:
     def host(self, name: str) -> dict[str, Any]:
         return self.call("GET", f"/hosts/{name}")
 
-    def add_host(self, address: str, name: str | None = None) -> dict[str, Any]:
-        return self.call("POST", "/hosts", {"address": address, "name": name})
+    def add_host(self, address: str, secret: str, name: str | None = None) -> dict[str, Any]:
+        return self.call("POST", "/hosts", {"address": address, "secret": secret, "name": name})
+
+    def create_token(self, name: str, role: str, ttl_s: int | None = None) -> dict[str, Any]:
+        return self.call("POST", "/tokens", {k: v for k, v in {"name": name, "role": role, "ttl_s": ttl_s}.items()
+                                             if v is not None})
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/tokens")
+
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/tokens/{name}")
+
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self.call("GET", "/audit", params={"limit": limit})
 
     def vms(self) -> list[dict[str, Any]]:
         return self.call("GET", "/vms")
@@ -80,8 +120,10 @@ class Client:
         body = {"host": host, **opts}
         return self.call("POST", f"/vms/{ref}/migrate/validate", {k: v for k, v in body.items() if v not in (None, {})})
 
-    def cdrom(self, ref: str, drive: str, media: str, path: str | None = None, nbd: str | None = None) -> dict[str, Any]:
-        return self.call("POST", f"/vms/{ref}/cdrom", {"drive": drive, "media": media, "path": path, "nbd": nbd})
+    def cdrom(self, ref: str, drive: str, media: str, path: str | None = None, nbd: str | None = None,
+              datastore: str | None = None) -> dict[str, Any]:
+        body = {"drive": drive, "media": media, "path": path, "nbd": nbd, "datastore": datastore}
+        return self.call("POST", f"/vms/{ref}/cdrom", {k: v for k, v in body.items() if v is not None})
 
     def update_vm(self, ref: str, **fields: Any) -> dict[str, Any]:
         return self.call("PATCH", f"/vms/{ref}", fields)

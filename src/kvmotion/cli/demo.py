@@ -24,7 +24,7 @@ def run_demo(console: Console, memory_mb: int = 256, dirty: float = 0.0, keep: b
     info = None
     try:
         info = lab.up(2, root, image_dir=image.kernel.parent.parent, log=lambda m: console.print(f"  {m}"))
-        client = Client(info.controller_url)
+        client = Client(info.controller_url, token=info.admin_token())
         vm = client.create_vm(name="demo-vm", host="h1", memory_mb=memory_mb, dirty_mb_s=dirty)
         ip = vm["spec"]["guest_ip"]
         client.start_vm("demo-vm")

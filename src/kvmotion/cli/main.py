@@ -30,8 +30,9 @@ host_app.add_typer(maint_app, name="maintenance")
 cert_app = typer.Typer(help="host certificates for encrypted vMotion", no_args_is_help=True)
 host_app.add_typer(cert_app, name="cert")
 vm_app.add_typer(cdrom_app, name="cdrom")
+token_app = typer.Typer(help="API tokens (admin)", no_args_is_help=True)
 for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (lab_app, "lab"), (image_app, "image"),
-                  (cluster_app, "cluster"), (bench_app, "bench")):
+                  (cluster_app, "cluster"), (bench_app, "bench"), (token_app, "token")):
     app.add_typer(sub, name=name)
 
 URL = typer.Option(None, "--url", envvar="KVMOTION_URL", help="controller URL")
@@ -49,7 +50,8 @@ def run(fn: Callable[[], T]) -> T:
         for f in exc.details.get("findings", []):
             err_console.print(f"  [{f['severity']}] {f['code']} ({f['subject']}): {f['message']} — fix: {f['remedy']}")
         raise typer.Exit(3 if exc.code == "PRECHECK_FAILED" else
-                         2 if exc.code in ("NOT_FOUND", "INVALID_INPUT", "CONFLICT") else 1)
+                         2 if exc.code in ("NOT_FOUND", "INVALID_INPUT", "CONFLICT") else
+                         4 if exc.code in ("UNAUTHORIZED", "FORBIDDEN") else 1)
 
 
 def _print_json(data: Any) -> None:
@@ -58,10 +60,67 @@ def _print_json(data: Any) -> None:
 
 # -- hosts -------------------------------------------------------------------------------
 @host_app.command("add")
-def host_add(address: str, name: Optional[str] = typer.Option(None), url: Optional[str] = URL) -> None:
-    """Add a host by its agent's address, e.g. http://198.18.0.11:8770."""
-    h = run(lambda: Client(url).add_host(address, name))
-    console.print(f"added host [bold]{h['name']}[/] ({h['state']})")
+def host_add(address: str,
+             secret_file: Path = typer.Option(..., "--secret-file", help="the agent's agent.secret (from its host)"),
+             name: Optional[str] = typer.Option(None), url: Optional[str] = URL) -> None:
+    """Enrol a host by its agent's address, e.g. http://198.18.0.11:8770, and the agent's secret."""
+    try:
+        secret = secret_file.read_text().strip()
+    except OSError as exc:
+        err_console.print(f"[red]error:[/] cannot read {secret_file}: {exc.strerror}")
+        err_console.print("[yellow]fix:[/] copy agent.secret from the host's state directory (mode 0600)")
+        raise typer.Exit(2)
+    h = run(lambda: Client(url).add_host(address, secret, name))
+    console.print(f"enrolled host [bold]{h['name']}[/] ({h['state']})")
+
+
+@host_app.command("enrol-token")
+def host_enrol_token(name: str = typer.Option("enrol", help="token name"),
+                     ttl_hours: float = typer.Option(24.0, help="lifetime"), url: Optional[str] = URL) -> None:
+    """A token agents use to register themselves (their config's enrol_token_file); it expires."""
+    t = run(lambda: Client(url).create_token(name, "enrol", int(ttl_hours * 3600)))
+    console.print(t["token"])
+
+
+@token_app.command("create")
+def token_create(name: str, role: str = typer.Option(..., help="viewer | operator | admin"),
+                 ttl_hours: Optional[float] = typer.Option(None, help="lifetime (default: no expiry)"),
+                 url: Optional[str] = URL) -> None:
+    """Make an API token; it is printed once (only its hash is kept)."""
+    t = run(lambda: Client(url).create_token(name, role, int(ttl_hours * 3600) if ttl_hours else None))
+    err_console.print(f"token [bold]{t['name']}[/] ({t['role']}); store it now, it is not shown again:")
+    console.print(t["token"])
+
+
+@token_app.command("list")
+def token_list(url: Optional[str] = URL) -> None:
+    import datetime as dt
+
+    def when(ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+    table = Table("name", "role", "created", "expires", "last used", "state")
+    for t in run(lambda: Client(url).tokens()):
+        table.add_row(t["name"], t["role"], when(t["created_at"]), when(t["expires_at"]), when(t["last_used"]),
+                      "revoked" if t["revoked"] else "valid")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str, url: Optional[str] = URL) -> None:
+    run(lambda: Client(url).revoke_token(name))
+    console.print(f"revoked token [bold]{name}[/]")
+
+
+@app.command("audit")
+def audit(limit: int = typer.Option(50, help="newest first"), url: Optional[str] = URL) -> None:
+    """Who did what and when: every state-changing API call."""
+    import datetime as dt
+
+    table = Table("when", "who", "role", "call", "status", "from")
+    for a in run(lambda: Client(url).audit(limit)):
+        table.add_row(dt.datetime.fromtimestamp(a["at"]).strftime("%Y-%m-%d %H:%M:%S"), a["who"], a["role"],
+                      f"{a['method']} {a['path']}", str(a["status"]), a["client"])
+    console.print(table)
 
 
 @host_app.command("list")
@@ -240,15 +299,17 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
 
 
 @cdrom_app.command("connect")
-def cdrom_connect(vm: str, iso: Optional[Path] = typer.Option(None, help="host-local image (blocks vMotion)"),
+def cdrom_connect(vm: str, iso: Optional[str] = typer.Option(
+                      None, help="an ISO image, relative to a datastore (host-attached media: blocks vMotion)"),
+                  datastore: Optional[str] = typer.Option(None, help="the ISO's datastore (default: the VM's)"),
                   nbd: Optional[str] = typer.Option(None, help="client media: nbd://HOST:PORT/EXPORT"),
                   drive: str = "cd0", url: Optional[str] = URL) -> None:
-    """Connect a CD/DVD image: a host-local ISO, or client media exported over NBD."""
+    """Connect a CD/DVD image: an ISO on a datastore, or client media exported over NBD."""
     if (iso is None) == (nbd is None):
         err_console.print("[red]error:[/] give exactly one of --iso or --nbd")
         raise typer.Exit(2)
-    media, path = ("local", str(iso)) if iso is not None else ("client", None)
-    out = run(lambda: Client(url).cdrom(vm, drive, media, path=path, nbd=nbd))
+    media, path = ("local", iso) if iso is not None else ("client", None)
+    out = run(lambda: Client(url).cdrom(vm, drive, media, path=path, nbd=nbd, datastore=datastore))
     console.print(f"{out['name']}: {drive} now has {media} media")
 
 
@@ -356,7 +417,10 @@ def lab_up(hosts: int = typer.Option(2, "--hosts"), link: Optional[str] = typer.
     except (net.LabError, KvmotionError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)
-    console.print(f"[green]lab up[/]: controller {info.controller_url}")
+    console.print(f"[green]lab up[/]: controller {info.controller_url}; admin token in "
+                  f"{lab.admin_token_path(info.root)}")
+    if root is not None and root != lab.DEFAULT_ROOT:
+        console.print(f"export KVMOTION_URL={info.controller_url} KVMOTION_TOKEN_FILE={lab.admin_token_path(info.root)}")
 
 
 @lab_app.command("down")

@@ -22,6 +22,8 @@ class ErrorCode(StrEnum):
     MIGRATION_FAILED = "MIGRATION_FAILED"
     TIMEOUT = "TIMEOUT"
     IMAGE_MISSING = "IMAGE_MISSING"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    FORBIDDEN = "FORBIDDEN"
     INTERNAL = "INTERNAL"
 
 
@@ -38,6 +40,8 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MIGRATION_FAILED: 500,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.IMAGE_MISSING: 409,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -100,6 +104,18 @@ class ConflictError(KvmotionError):
     code = ErrorCode.CONFLICT
 
 
+class UnauthorizedError(KvmotionError):
+    """No credentials, or credentials that are unknown, revoked or expired (HTTP 401)."""
+
+    code = ErrorCode.UNAUTHORIZED
+
+
+class ForbiddenError(KvmotionError):
+    """Valid credentials whose role is too low for the call (HTTP 403)."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class PrecheckFailed(KvmotionError):
     """Prechecks found blockers; ``details['findings']`` lists every one of them."""
 
@@ -143,5 +159,6 @@ _BY_CODE: dict[ErrorCode, type[KvmotionError]] = {
     for cls in (
         NotFoundError, InvalidInputError, ConflictError, PrecheckFailed, AgentUnreachable, AgentError,
         QMPCommandError, QMPTimeout, QemuStartFailed, MigrationFailed, DeadlineExceeded, ImageMissing,
+        UnauthorizedError, ForbiddenError,
     )
 }

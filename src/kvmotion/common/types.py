@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Annotated, Any
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 DEFAULT_MACHINE = "pc-q35-7.2"   # pinned: never the alias "q35"
 DEFAULT_CPU_MODEL = "qemu64"
@@ -13,54 +15,158 @@ DEFAULT_CPU_MODEL = "qemu64"
 HOST_PASSTHROUGH = "host-passthrough"   # -cpu host under KVM, -cpu max under TCG
 
 
+# -- input rules, shared by the controller's requests and the agent's --------------------------------------------
+# Names of VMs, hosts, clusters, datastores, tokens; CPU models and features; EVC modes. A name ends up in file
+# names, QEMU arguments ("-name guest=NAME,...") and the guest kernel command line: no spaces, commas, slashes.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+NameOrEmpty = Annotated[str, StringConstraints(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62})?$")]
+# Port groups (networks) may hold inner spaces, like "VM Network".
+PORTGROUP_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9 ._-]{0,61}[A-Za-z0-9._-])?$"
+PortGroupName = Annotated[str, StringConstraints(pattern=PORTGROUP_PATTERN)]
+# QEMU device ids and block node names ("disk0", "d0", "nic0", "cd0"): QEMU wants a letter first.
+DEVICE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,31}$"
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+# A disk named by index ("1") or id ("disk1").
+DiskRef = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")]
+# VM UUIDs (a run directory on the agent is named after it).
+VmUuid = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")]
+GUEST_IP_PATTERN = r"^[0-9A-Fa-f.:]{2,45}/[0-9]{1,3}$"
+MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
+DISK_FORMAT_PATTERN = "^(qcow2|raw)$"
+ENCRYPTED_VMOTION_PATTERN = "^(disabled|opportunistic|required)$"
+NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
+
+MAX_PATH_CHARS = 1024          # a datastore-relative path
+MAX_NAME_BYTES = 255           # one path component (NAME_MAX)
+MAX_URL_CHARS = 2048
+MAX_DISKS = 16
+MAX_CDROMS = 4
+MAX_NICS = 8
+MAX_CPU_FEATURES = 128
+
+
+def relative_path_problem(rel: object) -> str | None:
+    """What is wrong with a datastore-relative path, lexically (None: nothing). Symlinks are the agent's job."""
+    if not isinstance(rel, str) or not rel:
+        return "is empty"
+    if "\x00" in rel:
+        return "contains a NUL byte"
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return "contains a control character"
+    if len(rel) > MAX_PATH_CHARS:
+        return f"is longer than {MAX_PATH_CHARS} characters"
+    if rel.startswith("/"):
+        return "is absolute: it must be relative to its datastore"
+    parts = PurePosixPath(rel).parts
+    if ".." in parts:
+        return "contains '..'"
+    if not parts:
+        return "names the datastore itself, not a file in it"
+    if any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+        return f"has a component longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def _check_relative_path(rel: str) -> str:
+    problem = relative_path_problem(rel)
+    if problem is not None:
+        raise ValueError(f"path {rel!r} {problem} (write it relative to the datastore, like VM/VM.iso)")
+    return rel
+
+
+DatastorePath = Annotated[str, StringConstraints(max_length=MAX_PATH_CHARS), AfterValidator(_check_relative_path)]
+
+
+def nbd_problem(url: object) -> str | None:
+    """What is wrong with an NBD address nbd://HOST[:PORT]/EXPORT (None: nothing)."""
+    if not isinstance(url, str) or not url:
+        return "is empty"
+    if len(url) > MAX_URL_CHARS:
+        return f"is longer than {MAX_URL_CHARS} characters"
+    if any(ord(c) <= 32 or ord(c) == 127 for c in url):
+        return "contains a space or a control character"
+    if not url.startswith("nbd://"):
+        return "is not an nbd:// address"
+    try:
+        parsed = urlparse(url)
+        parsed.port             # raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        return f"is not a valid address ({exc})"
+    if not parsed.hostname:
+        return "names no host"
+    if parsed.query or parsed.fragment or parsed.username or parsed.password:
+        return "may not carry a user, a query or a fragment"
+    return None
+
+
+def parse_nbd(url: str) -> tuple[str, int, str]:
+    """(host, port, export) of a valid NBD address (see :func:`nbd_problem`)."""
+    parsed = urlparse(url)
+    return parsed.hostname or "", parsed.port or 10809, parsed.path.lstrip("/")
+
+
+def _check_nbd(url: str) -> str:
+    problem = nbd_problem(url)
+    if problem is not None:
+        raise ValueError(f"NBD address {url!r} {problem} (write it like nbd://HOST:PORT/EXPORT)")
+    return url
+
+
+NbdUrl = Annotated[str, StringConstraints(max_length=MAX_URL_CHARS), AfterValidator(_check_nbd)]
+
+
 class DiskSpec(BaseModel):
-    id: str = "disk0"                 # QEMU device id
-    node: str = "d0"                  # QEMU block node name
-    kind: str = "file"                # "file" (an image on a datastore) | "rdm" (a raw host block device / LUN)
-    datastore: str = ""               # file disks: datastore name
-    path: str = ""                    # file disks: relative to the datastore root
-    format: str = "qcow2"
-    size_mb: int = 64
-    identity: str | None = None       # rdm disks: the LUN's identity (WWN, serial, loop backing file)
+    id: DeviceId = "disk0"            # QEMU device id
+    node: DeviceId = "d0"             # QEMU block node name
+    kind: str = Field(default="file", pattern="^(file|rdm)$")   # "file" (an image on a datastore) | "rdm" (a LUN)
+    datastore: NameOrEmpty = ""       # file disks: datastore name ("" for rdm disks)
+    path: str = Field(default="", max_length=MAX_PATH_CHARS)    # file disks: relative to the datastore root
+    format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)
+    size_mb: int = Field(default=64, ge=0, le=64 << 20)
+    identity: str | None = Field(default=None, max_length=1024)  # rdm disks: the LUN's identity (WWN, serial, ...)
     encrypted: bool = False           # LUKS-encrypted qcow2 (key from the controller's key provider)
-    key_wrapped: str | None = None    # its passphrase, wrapped with the controller's master key
+    key_wrapped: str | None = Field(default=None, max_length=8192)   # its passphrase, wrapped with the master key
 
 
 class CdromSpec(BaseModel):
     """A CD/DVD drive. Host-local media block vMotion; client media (an NBD export) does not."""
 
-    id: str = "cd0"
-    media: str = "none"               # "none" | "local" | "client"
-    path: str | None = None           # local media: an ISO path on the host
-    nbd: str | None = None            # client media: nbd://HOST:PORT/EXPORT
+    id: DeviceId = "cd0"
+    media: str = Field(default="none", pattern="^(none|local|client)$")
+    # local media: an ISO image, relative to ``datastore`` (default: the VM's boot datastore). The agent refuses
+    # anything else when it opens the image; a recorded spec is not refused here, so an old one still loads.
+    path: str | None = Field(default=None, max_length=MAX_PATH_CHARS)
+    datastore: Name | None = None
+    nbd: str | None = Field(default=None, max_length=MAX_URL_CHARS)    # client media: nbd://HOST:PORT/EXPORT
 
 
 class NicSpec(BaseModel):
-    id: str = "nic0"
-    mac: str
-    portgroup: str = "VM Network"
+    id: DeviceId = "nic0"
+    mac: str = Field(pattern=MAC_PATTERN)
+    portgroup: PortGroupName = "VM Network"
 
 
 class VMSpec(BaseModel):
     """Everything needed to (re)create the VM's QEMU process identically on any host."""
 
-    uuid: str
-    name: str
-    memory_mb: int = 256
-    vcpus: int = 1
-    machine: str = DEFAULT_MACHINE
-    cpu_model: str = DEFAULT_CPU_MODEL
-    cpu_mask: list[str] = Field(default_factory=list)    # per-VM compatibility mask: features hidden
+    uuid: VmUuid
+    name: Name
+    memory_mb: int = Field(default=256, ge=16, le=16 << 20)
+    vcpus: int = Field(default=1, ge=1, le=1024)
+    machine: Name = DEFAULT_MACHINE
+    cpu_model: Name = DEFAULT_CPU_MODEL
+    cpu_mask: list[Name] = Field(default_factory=list, max_length=MAX_CPU_FEATURES)   # features hidden
     cpu_enforce: bool = False                             # refuse to start if the host lacks a feature
-    disks: list[DiskSpec] = Field(default_factory=list)
-    cdroms: list[CdromSpec] = Field(default_factory=list)
-    nics: list[NicSpec] = Field(default_factory=list)
-    boot_datastore: str               # datastore holding the VM folder (kernel, initrd, config)
-    folder: str                       # VM folder, relative to boot_datastore
-    guest_ip: str | None = None       # e.g. "198.18.1.100/24"
-    dirty_mb_s: float = 0.0
-    extra_cmdline: str = ""
-    encrypted_vmotion: str = "opportunistic"   # disabled | opportunistic | required (SPEC §4)
+    disks: list[DiskSpec] = Field(default_factory=list, max_length=MAX_DISKS)
+    cdroms: list[CdromSpec] = Field(default_factory=list, max_length=MAX_CDROMS)
+    nics: list[NicSpec] = Field(default_factory=list, max_length=MAX_NICS)
+    boot_datastore: Name              # datastore holding the VM folder (kernel, initrd, config)
+    folder: str = Field(max_length=MAX_PATH_CHARS)   # VM folder, relative to boot_datastore (the agent checks it)
+    guest_ip: str | None = Field(default=None, pattern=GUEST_IP_PATTERN)   # e.g. "198.18.1.100/24"
+    dirty_mb_s: float = Field(default=0.0, ge=0, le=10000, allow_inf_nan=False)
+    extra_cmdline: str = Field(default="", max_length=2048, pattern=NO_CONTROL_CHARS)
+    encrypted_vmotion: str = Field(default="opportunistic", pattern=ENCRYPTED_VMOTION_PATTERN)   # SPEC §4
 
 
 class VMRunState(StrEnum):
@@ -180,16 +286,16 @@ class MigrationTuning(BaseModel):
 
 class StartRequest(BaseModel):
     spec: VMSpec
-    disk_keys: dict[str, str] = Field(default_factory=dict)   # disk node -> passphrase (encrypted disks only)
+    disk_keys: dict[DeviceId, str] = Field(default_factory=dict, max_length=MAX_DISKS)   # disk node -> passphrase
 
 
 class IncomingRequest(BaseModel):
     spec: VMSpec
     listen_address: str
-    disk_keys: dict[str, str] = Field(default_factory=dict)
+    disk_keys: dict[DeviceId, str] = Field(default_factory=dict, max_length=MAX_DISKS)
     auto_resume: bool = True          # run the shadow as soon as its state is complete
     tls_authz_identity: str | None = None   # set: accept only a TLS client with exactly this identity
-    new_disks: list[str] = Field(default_factory=list)   # shared-nothing: disk ids created empty here, NBD-exported
+    new_disks: list[DeviceId] = Field(default_factory=list, max_length=MAX_DISKS)   # shared-nothing: created empty
 
 
 class IncomingReady(BaseModel):
@@ -202,24 +308,24 @@ class IncomingReady(BaseModel):
 class DiskTarget(BaseModel):
     """Where one disk of a running VM is mirrored to: a new image on a datastore, or an NBD export."""
 
-    disk_id: str
-    kind: str = "file"                # "file" (Storage vMotion) | "nbd" (shared-nothing)
-    datastore: str = ""
-    path: str = ""
-    format: str = "qcow2"
+    disk_id: DeviceId
+    kind: str = Field(default="file", pattern="^(file|nbd)$")   # "file" (Storage vMotion) | "nbd" (shared-nothing)
+    datastore: NameOrEmpty = ""
+    path: str = Field(default="", max_length=MAX_PATH_CHARS)     # file: relative to the datastore (the agent checks)
+    format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)
     preallocate: bool = False         # raw: allocate the whole image up front
-    nbd_host: str = ""
-    nbd_port: int = 0
-    export: str = ""
+    nbd_host: str = Field(default="", max_length=255)
+    nbd_port: int = Field(default=0, ge=0, le=65535)
+    export: str = Field(default="", max_length=255)
     tls_hostname: str | None = None   # nbd: the stream is TLS and the server must present this name
 
 
 class MirrorRequest(BaseModel):
-    targets: list[DiskTarget]
-    speed_bytes: int = 0              # 0: unlimited
-    copy_mode: str = "background"     # background | write-blocking
-    disk_keys: dict[str, str] = Field(default_factory=dict)   # encrypted disks: the new image gets the same key
-    home_datastore: str | None = None  # the VM folder moves to this datastore at the pivot
+    targets: list[DiskTarget] = Field(max_length=MAX_DISKS)
+    speed_bytes: int = Field(default=0, ge=0)   # 0: unlimited
+    copy_mode: str = Field(default="background", pattern="^(background|write-blocking)$")
+    disk_keys: dict[DeviceId, str] = Field(default_factory=dict, max_length=MAX_DISKS)   # encrypted: the same key
+    home_datastore: Name | None = None  # the VM folder moves to this datastore at the pivot
 
 
 class MirrorJob(BaseModel):
@@ -256,12 +362,12 @@ class PivotReport(BaseModel):
 class DiskCopyRequest(BaseModel):
     """Cold migration: copy one disk image to this host, from a path it can read or an NBD export."""
 
-    source_path: str | None = None    # local: absolute path on this host
-    source_uri: str | None = None     # remote: nbd://HOST:PORT/EXPORT (guest-visible data)
-    source_format: str = "qcow2"      # the format of source_path (NBD exports are raw data)
-    datastore: str
-    path: str
-    format: str = "qcow2"
+    source_path: str | None = Field(default=None, max_length=4096)   # local: absolute path inside a datastore here
+    source_uri: NbdUrl | None = None  # remote: nbd://HOST:PORT/EXPORT (guest-visible data)
+    source_format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)   # of source_path (NBD: raw data)
+    datastore: Name
+    path: str = Field(max_length=MAX_PATH_CHARS)    # relative to the datastore (the agent checks)
+    format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)
     preallocate: bool = False
     verbatim: bool = False            # copy the image file byte for byte (encrypted disks: ciphertext only)
 

@@ -5,6 +5,7 @@ from typing import Any
 
 import httpx
 
+from kvmotion.common.hostauth import HostAuth
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
@@ -15,17 +16,20 @@ DEFAULT_TIMEOUT_S = 15.0
 
 
 class AgentClient:
-    def __init__(self, host: str, address: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    """Calls one agent; every request is signed with the host's enrolment secret."""
+
+    def __init__(self, host: str, address: str, secret: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.host = host
         self.address = address.rstrip("/")
         self.timeout = timeout
+        self._auth = HostAuth(secret)
 
     async def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None,
                     params: dict[str, Any] | None = None) -> Any:
         try:
-            async with httpx.AsyncClient(timeout=timeout or self.timeout) as client:
+            async with httpx.AsyncClient(timeout=timeout or self.timeout, auth=self._auth) as client:
                 r = await client.request(method, f"{self.address}{path}", json=json, params=params)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise AgentUnreachable(
                 f"agent of host {self.host} at {self.address} did not answer {method} {path}: {type(exc).__name__}",
                 remedy=f"check that kvmotion-agent runs on {self.host} and the management network is up",
@@ -36,6 +40,10 @@ class AgentClient:
                 err = body.get("error") if isinstance(body, dict) else None
             except ValueError:
                 err = None
+            if err and r.status_code == 401:     # the agent refused our signature: not the API caller's fault
+                raise AgentError(f"agent of host {self.host} refused the controller: {err.get('message')}",
+                                 remedy=err.get("remedy") or "re-enrol the host with `kvmotion host add`",
+                                 details={"host": self.host, "auth_refused": True})
             if err:
                 exc2 = KvmotionError.from_dict(err)
                 exc2.details.setdefault("host", self.host)

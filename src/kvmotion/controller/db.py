@@ -28,6 +28,7 @@ class Host(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     maintenance: Mapped[int] = mapped_column(Integer, default=0)
     cluster: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    secret_wrapped: Mapped[str] = mapped_column(Text, default="")    # the agent's enrolment secret, wrapped
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -97,6 +98,34 @@ class Task(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
     started_at: Mapped[float] = mapped_column(Float, default=0.0)     # when admission let it run
     finished_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ApiToken(Base):
+    """An API bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)      # 0: never
+    revoked_at: Mapped[float] = mapped_column(Float, default=0.0)      # 0: valid
+    last_used: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class AuditEntry(Base):
+    """Who did what and when: one row per state-changing API call (bounded, oldest pruned)."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    who: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    status: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str] = mapped_column(String(64))
 
 
 def make_engine(url: str) -> Engine:

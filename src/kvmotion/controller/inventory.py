@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import urllib.parse
 import json
 import time
 import uuid as uuidlib
@@ -10,7 +12,8 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
+from kvmotion.common.errors import AgentError, AgentUnreachable, ConflictError, InvalidInputError, KvmotionError, NotFoundError
+from kvmotion.common.hostauth import SECRET_FILE, check_secret
 from kvmotion.common.types import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
@@ -26,6 +29,22 @@ def host_out(h: Host) -> HostOut:
 def vm_out(v: VM, runtime: dict[str, Any] | None = None) -> VMOut:
     return VMOut(uuid=v.uuid, name=v.name, host=v.host, power_state=v.power_state,
                  spec=json.loads(v.spec_json), runtime=runtime)
+
+
+def agent_url(address: str) -> str:
+    """An agent's base URL: http(s)://HOST[:PORT], nothing else."""
+    remedy = "give the agent URL, e.g. http://198.18.0.11:8770"
+    try:
+        url = urllib.parse.urlsplit(address)
+        port = url.port
+    except ValueError as exc:
+        raise InvalidInputError(f"host address {address[:100]!r} is not a valid URL ({exc})", remedy=remedy) from exc
+    host = url.hostname or ""
+    if url.scheme not in ("http", "https") or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}", host) \
+            or url.path not in ("", "/") or url.query or url.fragment or url.username or url.password:
+        raise InvalidInputError(f"host address {address[:100]!r} is not an agent URL", remedy=remedy)
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{url.scheme}://{netloc}" + (f":{port}" if port else "")
 
 
 class Inventory:
@@ -44,7 +63,16 @@ class Inventory:
 
     # -- hosts ----------------------------------------------------------------------------
     def agent(self, host: str) -> AgentClient:
-        return AgentClient(host, self.get_host(host).address)
+        return AgentClient(host, self.get_host(host).address, self.host_secret(host))
+
+    def host_secret(self, name: str) -> str:
+        with self.sessions() as s:
+            h = s.get(Host, name)
+            wrapped = h.secret_wrapped if h is not None else ""
+        if not wrapped or self.keys is None:
+            raise ConflictError(f"host {name!r} has no enrolment secret", remedy=f"enrol it again: `kvmotion host add "
+                                f"URL --secret-file FILE` with the agent's {SECRET_FILE}")
+        return self.keys.unwrap(wrapped, f"host/{name}")
 
     def get_host(self, name: str) -> HostOut:
         with self.sessions() as s:
@@ -63,18 +91,37 @@ class Inventory:
         with self.sessions() as s:
             return [host_out(h) for h in s.scalars(select(Host).order_by(Host.name)).all()]
 
-    async def add_host(self, address: str, name: str | None = None) -> HostOut:
-        """Add (or re-register) a host by its agent address; the agent's own facts name it."""
-        if not address.startswith(("http://", "https://")):
-            raise InvalidInputError(f"host address {address!r} is not a URL",
-                                    remedy="give the agent URL, e.g. http://198.18.0.11:8770")
-        facts = await AgentClient(name or address, address).facts()
+    async def add_host(self, address: str, secret: str, name: str | None = None, replace: bool = True) -> HostOut:
+        """Enrol (or re-enrol) a host by its agent address and secret; the agent's own facts name it.
+
+        The first call is signed with the given secret, so a wrong secret is refused by the agent itself.
+        ``replace=False`` (self-registration) may not change the secret of a host that is already enrolled.
+        """
+        address = agent_url(address)
+        check_secret(secret)
+        try:
+            facts = await AgentClient(name or address, address, secret).facts()
+        except AgentUnreachable as exc:
+            raise InvalidInputError(f"no kvmotion agent answers at {address}",
+                                    remedy="check the address and that kvmotion-agent runs there") from exc
+        except AgentError as exc:
+            if not exc.details.get("auth_refused"):
+                raise
+            raise InvalidInputError(f"the agent at {address} refused the secret: {exc.message}",
+                                    remedy=f"give the secret from that host's {SECRET_FILE}") from exc
         if name and name != facts.name:
             raise InvalidInputError(f"the agent at {address} is host {facts.name!r}, not {name!r}",
                                     remedy=f"use the name {facts.name!r} or omit it")
+        assert self.keys is not None
         with self.sessions.begin() as s:
-            h = s.get(Host, facts.name) or Host(name=facts.name, address=address)
+            h = s.get(Host, facts.name)
+            if h is not None and h.secret_wrapped and not replace \
+                    and self.keys.unwrap(h.secret_wrapped, f"host/{facts.name}") != secret:
+                raise ConflictError(f"host {facts.name!r} is already enrolled with another secret",
+                                    remedy="an admin can re-enrol it: `kvmotion host add URL --secret-file FILE`")
+            h = h or Host(name=facts.name, address=address)
             h.address = address
+            h.secret_wrapped = self.keys.wrap(secret, f"host/{facts.name}")
             s.add(h)
         self.store_facts(facts.name, facts)
         return self.get_host(facts.name)
@@ -291,7 +338,8 @@ class Inventory:
         if change.drive not in drives:
             raise NotFoundError(f"VM {vm.name} has no drive {change.drive!r} (drives: {', '.join(drives) or 'none'})",
                                 remedy="name an existing CD/DVD drive with --drive")
-        new = CdromSpec(id=change.drive, media=change.media, path=change.path, nbd=change.nbd)
+        new = CdromSpec(id=change.drive, media=change.media, path=change.path, nbd=change.nbd,   # ISO: datastore-relative
+                        datastore=(change.datastore or spec.boot_datastore) if change.media == "local" else None)
         if new.media == "local" and not new.path:
             raise InvalidInputError("local media needs an image path", remedy="pass --iso PATH")
         if new.media == "client" and not new.nbd:

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8760)
     parser.add_argument("--pki-dir", type=Path, default=None,
                         help="where the CA lives (default: next to a SQLite database, else /var/lib/kvmotion/pki)")
+    parser.add_argument("--token-dir", type=Path, default=None,
+                        help="where the first admin token is written (default: next to a SQLite database)")
     parser.add_argument("--vm-ip-pool", default=None, help="guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24")
     parser.add_argument("--no-admission", action="store_true",
                         help="start every migration at once (benchmarks only: no slots, no bandwidth shares)")
@@ -30,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(os.path.dirname(args.db[len("sqlite:///"):]), exist_ok=True)
     pki = args.pki_dir or (Path(args.db[len("sqlite:///"):]).parent / "pki" if args.db.startswith("sqlite:///")
                            else None)
-    app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission, pki_dir=pki))
+    tokens = args.token_dir or (Path(args.db[len("sqlite:///"):]).parent if args.db.startswith("sqlite:///")
+                                else Path("/var/lib/kvmotion"))
+    app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission, pki_dir=pki,
+                                token_dir=tokens))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
 
 

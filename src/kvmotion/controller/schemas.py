@@ -1,11 +1,23 @@
 """The controller API's request and response models."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from kvmotion.checks.findings import Finding, Severity  # noqa: F401  (re-exported for the API)
+from kvmotion.checks.findings import Finding, Severity
+
+__all__ = ["Finding", "Severity"]      # re-exported for the API; the models below are imported by name
+from kvmotion.common.types import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTERN, GUEST_IP_PATTERN, MAX_CPU_FEATURES,
+                                   MAX_DISKS, MAX_URL_CHARS, DatastorePath, DiskRef, Name, NbdUrl,
+                                   PortGroupName)
+
+# Names (VMs, hosts, clusters, datastores, tokens, CPU models) are ``Name``: one rule everywhere (common.types).
+# An agent URL: scheme, host (an IPv6 address in brackets) and port; no user, path, query or spaces.
+AGENT_URL_PATTERN = r"^https?://[^\s/?#@]{1,255}/?$"
+# A raw LUN: an absolute device path on the host (checked against the LUNs the host presents).
+DevicePath = Annotated[str, StringConstraints(pattern=r"^/[^\x00-\x1f\x7f]{1,4095}$")]
+MAX_TIMEOUT_S = 7 * 86400.0
 
 
 class Request(BaseModel):
@@ -15,8 +27,10 @@ class Request(BaseModel):
 
 
 class HostAdd(Request):
-    address: str = Field(description="agent URL, e.g. http://198.18.0.11:8770")
-    name: str | None = None
+    address: str = Field(pattern=AGENT_URL_PATTERN, max_length=MAX_URL_CHARS,
+                         description="agent URL, e.g. http://198.18.0.11:8770")
+    name: Name | None = None
+    secret: str = Field(pattern=r"^[0-9a-f]{64}$", description="the agent's enrolment secret (its agent.secret file)")
 
 
 class HostOut(BaseModel):
@@ -31,32 +45,34 @@ class HostOut(BaseModel):
 
 
 class VMCreate(Request):
-    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-    host: str
+    name: Name
+    host: Name
     memory_mb: int = Field(default=256, ge=64, le=65536)
     vcpus: int = Field(default=1, ge=1, le=64)
-    datastore: str | None = None
-    network: str = "VM Network"
+    datastore: Name | None = None
+    network: PortGroupName = "VM Network"
     disk_mb: int = Field(default=64, ge=1, le=1024 * 1024)
-    ip: str | None = Field(default=None, description="guest address with prefix, e.g. 198.18.1.100/24")
-    dirty_mb_s: float = Field(default=0.0, ge=0, le=10000)
-    cpu_model: str | None = Field(default=None, description="named model, or host-passthrough")
-    cpu_mask: list[str] = Field(default_factory=list, description="CPU features hidden from the guest")
-    rdm: str | None = Field(default=None, description="raw LUN: a block device path presented to the host")
-    encrypted_vmotion: str = Field(default="opportunistic", pattern="^(disabled|opportunistic|required)$")
+    ip: str | None = Field(default=None, pattern=GUEST_IP_PATTERN,
+                           description="guest address with prefix, e.g. 198.18.1.100/24")
+    dirty_mb_s: float = Field(default=0.0, ge=0, le=10000, allow_inf_nan=False)
+    cpu_model: Name | None = Field(default=None, description="named model, or host-passthrough")
+    cpu_mask: list[Name] = Field(default_factory=list, max_length=MAX_CPU_FEATURES,
+                                 description="CPU features hidden from the guest")
+    rdm: DevicePath | None = Field(default=None, description="raw LUN: a block device path presented to the host")
+    encrypted_vmotion: str = Field(default="opportunistic", pattern=ENCRYPTED_VMOTION_PATTERN)
     encrypted_disk: bool = Field(default=False, description="LUKS-encrypted disk; the VM always migrates encrypted")
     marker: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
                                description="a string the guest keeps in RAM (to prove what crosses the wire)")
-    disk_format: str = Field(default="qcow2", pattern="^(qcow2|raw)$")
+    disk_format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)
     data_disk_mb: int | None = Field(default=None, ge=1, le=1024 * 1024, description="a second (data) disk, vdb")
-    data_datastore: str | None = Field(default=None, description="datastore of the data disk (default: the VM's)")
+    data_datastore: Name | None = Field(default=None, description="datastore of the data disk (default: the VM's)")
     records_rate: int | None = Field(default=None, ge=0, le=10000,
                                      description="the guest writes checksummed records to the data disk (records/s)")
     records_kb: int = Field(default=4, ge=4, le=1024, description="size of each guest record (KiB)")
 
 
 class VMUpdate(Request):
-    encrypted_vmotion: str | None = Field(default=None, pattern="^(disabled|opportunistic|required)$")
+    encrypted_vmotion: str | None = Field(default=None, pattern=ENCRYPTED_VMOTION_PATTERN)
 
 
 class VMOut(BaseModel):
@@ -69,17 +85,18 @@ class VMOut(BaseModel):
 
 
 class MigrateRequest(Request):
-    host: str | None = Field(default=None, description="destination host; default: stay on the current host")
-    datastore: str | None = Field(default=None, description="move the VM folder and every disk to this datastore")
-    disks: dict[str, str] = Field(default_factory=dict, description="per-disk placement: disk index or id -> datastore")
-    disk_format: str | None = Field(default=None, pattern="^(qcow2|raw)$",
+    host: Name | None = Field(default=None, description="destination host; default: stay on the current host")
+    datastore: Name | None = Field(default=None, description="move the VM folder and every disk to this datastore")
+    disks: dict[DiskRef, Name] = Field(default_factory=dict, max_length=MAX_DISKS,
+                                       description="per-disk placement: disk index or id -> datastore")
+    disk_format: str | None = Field(default=None, pattern=DISK_FORMAT_PATTERN,
                                     description="convert moved disks: thin qcow2 or preallocated raw")
     disk_mbps: int | None = Field(default=None, ge=1, le=1_000_000, description="cap for disk copies (Mbit/s)")
     downtime_ms: int = Field(default=500, ge=10, le=2_000_000)
     max_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
                                            description="cap for this migration; default: the link speed")
-    progress_timeout_s: float = Field(default=150.0, ge=1)
-    completion_timeout_s_per_gib: float = Field(default=800.0, ge=1)
+    progress_timeout_s: float = Field(default=150.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    completion_timeout_s_per_gib: float = Field(default=800.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     priority: str = Field(default="normal", pattern="^(high|normal)$")
 
 
@@ -113,8 +130,8 @@ class TaskOut(BaseModel):
 
 
 class ClusterCreate(Request):
-    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-    evc_mode: str | None = None
+    name: Name
+    evc_mode: Name | None = None
 
 
 class ClusterOut(BaseModel):
@@ -124,10 +141,11 @@ class ClusterOut(BaseModel):
 
 
 class CdromChange(Request):
-    drive: str = "cd0"
+    drive: Name = "cd0"
     media: str = Field(pattern="^(none|local|client)$")
-    path: str | None = None
-    nbd: str | None = None
+    path: DatastorePath | None = Field(default=None, description="local media: an ISO image, relative to datastore")
+    datastore: Name | None = Field(default=None, description="local media: its datastore (default: the VM's)")
+    nbd: NbdUrl | None = Field(default=None, description="client media: nbd://HOST:PORT/EXPORT")
 
 
 class MaintenanceRequest(Request):

@@ -9,6 +9,7 @@ from typing import Any
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
+from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
@@ -27,7 +28,7 @@ REFRESH_S = 5.0
 
 class Controller:
     def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True,
-                 pki_dir: Path | None = None) -> None:
+                 pki_dir: Path | None = None, token_dir: Path | None = None) -> None:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
         pki = pki_dir or Path("/var/lib/kvmotion/pki")
@@ -36,9 +37,15 @@ class Controller:
         self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled)
         self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
         self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
+        self.tokens = Tokens(self.sessions)
+        self.audit = Audit(self.sessions)
+        self.token_dir = token_dir or pki.parent
         self._monitor: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
+        made = self.tokens.bootstrap_admin(self.token_dir)
+        if made:
+            log.info("first start: the admin token is in %s (mode 0600)", made)
         await self.reconcile()
         self.scheduler.start()     # queued tasks survive a restart: the scheduler picks them up
         self._monitor = asyncio.create_task(self._monitor_hosts(), name="host-monitor")
@@ -58,9 +65,9 @@ class Controller:
                     log.exception("refresh of %s failed", host.name)
             await asyncio.sleep(REFRESH_S)
 
-    async def add_host(self, address: str, name: str | None = None) -> HostOut:
-        """Add or re-register a host; it gets its migration certificates if it has none."""
-        host = await self.inventory.add_host(address, name)
+    async def add_host(self, address: str, secret: str, name: str | None = None, replace: bool = True) -> HostOut:
+        """Enrol or re-register a host; it gets its migration certificates if it has none."""
+        host = await self.inventory.add_host(address, secret, name, replace)
         try:
             await self.certs.ensure(host.name)
         except KvmotionError as exc:

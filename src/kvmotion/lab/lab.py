@@ -20,6 +20,8 @@ from typing import Any, Callable
 import httpx
 
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
+from kvmotion.common.hostauth import SECRET_FILE, HostAuth
+from kvmotion.controller.auth import ADMIN_TOKEN_FILE
 from kvmotion.lab import net
 
 DEFAULT_ROOT = Path(os.environ.get("KVMOTION_LAB_DIR", "/var/lib/kvmotion/lab"))
@@ -40,6 +42,36 @@ class LabInfo:
 
     def host_netns(self, host: str) -> str:
         return self.net.host(host).netns
+
+    def admin_token(self) -> str:
+        return admin_token_path(self.root).read_text().strip()
+
+
+def admin_token_path(root: Path) -> Path:
+    """The lab controller's first admin token (written by the controller, mode 0600)."""
+    return root / ADMIN_TOKEN_FILE
+
+
+def _admin_headers(root: Path) -> dict[str, str]:
+    path = admin_token_path(root)
+    return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
+
+
+def agent_http(root: Path, host: str, timeout: float = 10.0) -> httpx.Client:
+    """An HTTP client for one lab agent, signing like the controller does (lab tooling and tests; root only)."""
+    info = load(root)
+    assert info is not None, f"no lab at {root}"
+    h = info.net.host(host)
+    base = f"http://{h.mgmt_ip}:{AGENT_PORT}" if h.mgmt_ip else f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
+    secret = (root / "hosts" / host / SECRET_FILE).read_text().strip()
+    return httpx.Client(base_url=base, auth=HostAuth(secret), timeout=timeout)
+
+
+def _agent_healthy(root: Path, host: str) -> bool:
+    if not (root / "hosts" / host / SECRET_FILE).exists():
+        return False
+    with agent_http(root, host, timeout=2) as c:
+        return c.get("/v1/health").status_code == 200
 
 
 def state_path(root: Path) -> Path:
@@ -132,9 +164,16 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
         + ([] if admission else ["--no-admission"])}
     state["pids"]["controller"] = _spawn(state["argv"]["controller"], logs / "controller.log")
     _write_state(root, state)
-    _wait(lambda: httpx.get(f"{controller_url}/api/v1/health", timeout=2).status_code == 200, START_DEADLINE_S,
-          "controller", logs / "controller.log")
-    log(f"controller: {controller_url} (pid {state['pids']['controller']})")
+    _wait(lambda: httpx.get(f"{controller_url}/api/v1/health", headers=_admin_headers(root),
+                            timeout=2).status_code == 200, START_DEADLINE_S, "controller", logs / "controller.log")
+    enrol = httpx.post(f"{controller_url}/api/v1/tokens", headers=_admin_headers(root), timeout=10,
+                       json={"name": "lab-enrol", "role": "enrol", "ttl_s": 30 * 86400})
+    enrol.raise_for_status()
+    enrol_file = root / "enrol.token"
+    fd = os.open(enrol_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(enrol.json()["token"] + "\n")
+    log(f"controller: {controller_url} (pid {state['pids']['controller']}), admin token {admin_token_path(root)}")
     for h in lab_net.hosts:
         if link is not None:
             shape_link(h.netns, "mig0", LINK_RATES[link])
@@ -145,6 +184,7 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
                           state_dir=root / "hosts" / h.name, datastores=[root / "ds" / "shared", local],
                           migration_interfaces=["mig0"], image_dir=image_dir,
                           controller_url=None if h.mgmt_ip6 else controller_url,
+                          enrol_token_file=None if h.mgmt_ip6 else enrol_file,
                           declared_link_mbps={"mig0": LINK_RATES[link]} if link else {},
                           accelerator=os.environ.get("KVMOTION_ACCEL", "auto"))
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -158,10 +198,12 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
         agent_log = logs / f"agent-{h.name}.log"
         if h.mgmt_ip6:   # an IPv6-managed host cannot reach the IPv4 controller: add it by address instead
             url6 = f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
-            _wait(lambda u=url6: httpx.get(f"{u}/v1/health", timeout=2).status_code == 200, START_DEADLINE_S,
-                  f"agent {h.name}", agent_log)
-            httpx.post(f"{controller_url}/api/v1/hosts", json={"address": url6}, timeout=30).raise_for_status()
-        _wait(lambda h=h: _host_connected(controller_url, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
+            _wait(lambda h=h: _agent_healthy(root, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
+            secret = (root / "hosts" / h.name / SECRET_FILE).read_text().strip()
+            httpx.post(f"{controller_url}/api/v1/hosts", json={"address": url6, "secret": secret},
+                       headers=_admin_headers(root), timeout=30).raise_for_status()
+        _wait(lambda h=h: _host_connected(root, controller_url, h.name), START_DEADLINE_S, f"agent {h.name}",
+              agent_log)
         log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid {state['pids'][f'agent-{h.name}']}")
     info = load(root)
     assert info is not None
@@ -189,11 +231,10 @@ def restart(root: Path, name: str, crash: bool = False, deadline_s: float = STAR
     info = load(root)
     assert info is not None
     if name == "controller":
-        url = f"{info.controller_url}/api/v1/health"
+        _wait(lambda: httpx.get(f"{info.controller_url}/api/v1/health", headers=_admin_headers(root),
+                                timeout=2).status_code == 200, deadline_s, name, log)
     else:
-        h = info.net.host(name.removeprefix("agent-"))
-        url = f"http://{h.mgmt_ip or '[' + str(h.mgmt_ip6) + ']'}:{AGENT_PORT}/v1/health"
-    _wait(lambda: httpx.get(url, timeout=2).status_code == 200, deadline_s, name, log)
+        _wait(lambda: _agent_healthy(root, name.removeprefix("agent-")), deadline_s, name, log)
     return int(state["pids"][name])
 
 
@@ -209,12 +250,12 @@ def configure_host(root: Path, host: str, **changes: Any) -> AgentConfig:
     restart(root, f"agent-{host}")
     info = load(root)
     assert info is not None
-    _wait(lambda: _host_connected(info.controller_url, host), START_DEADLINE_S, f"agent {host}")
+    _wait(lambda: _host_connected(root, info.controller_url, host), START_DEADLINE_S, f"agent {host}")
     return cfg
 
 
-def _host_connected(url: str, name: str) -> bool:
-    r = httpx.get(f"{url}/api/v1/hosts/{name}", timeout=5)
+def _host_connected(root: Path, url: str, name: str) -> bool:
+    r = httpx.get(f"{url}/api/v1/hosts/{name}", headers=_admin_headers(root), timeout=5)
     return r.status_code == 200 and r.json()["state"] == "connected"
 
 
