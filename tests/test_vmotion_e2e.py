@@ -10,7 +10,7 @@ import pytest
 
 from kvmotion.cli.client import Client
 from kvmotion.lab import scenario
-from labtools import agent_vms, cli, running_vm, xfail_if_tcg_guest_crash
+from labtools import agent_vms, cli, running_vm, wait_for, xfail_if_tcg_guest_crash
 
 PHASES = ["precheck", "shadow", "precopy", "switchover", "resume", "announce", "release"]
 
@@ -65,6 +65,32 @@ def test_vmotion_round_trip(lab, tmp_path) -> None:
     assert [t["destination"] for t in tasks] == ["h1", "h2"] and all(t["state"] == "success" for t in tasks)
     client.stop_vm("rt1")
     client.delete_vm("rt1")
+
+
+def test_prediction_before_the_move_and_against_the_actual(lab) -> None:
+    client = Client(lab.controller_url)
+    running_vm(client, lab, "pred1", memory_mb=512, dirty_mb_s=20)
+    def predicted() -> dict[str, dict] | None:          # the agent samples a new VM within seconds
+        found = {f["code"]: f for f in client.validate("pred1", "h2")}
+        return found if "CONVERGENCE_PREDICTED" in found else None
+
+    found = wait_for(predicted, 30, "a convergence prediction")
+    msg = found["CONVERGENCE_PREDICTED"]["message"]
+    assert found["CONVERGENCE_PREDICTED"]["severity"] == "info" and "passes" in msg and "MB/s" in msg
+    slow = {f["code"]: f for f in client.validate("pred1", "h2", max_bandwidth_mbps=40)}   # 5 MB/s vs 20 MB/s
+    assert slow["CONVERGENCE_UNLIKELY"]["severity"] == "warning"
+    assert "does not converge" in slow["CONVERGENCE_UNLIKELY"]["message"]
+    task = scenario.follow_task(client, client.migrate("pred1", "h2")["id"])
+    assert task["state"] == "success", task.get("error")
+    r = task["result"]
+    assert r["prediction"]["converges"] is True and r["prediction"]["dirty_mb_s"] > 5
+    pva = r["predicted_vs_actual"]
+    assert pva["total_s"][1] == r["total_time_s"] and pva["passes"][1] == r["passes"]
+    assert pva["total_s"][0] > 0 and "total_error_pct" in pva
+    res = cli(lab, "task", "show", task["id"])
+    assert "predicted → actual" in res.stdout
+    client.stop_vm("pred1")
+    client.delete_vm("pred1")
 
 
 def test_destination_killed_mid_precopy_keeps_vm_on_source(lab, tmp_path) -> None:

@@ -13,7 +13,7 @@ from kvmotion import __version__
 from kvmotion.agent.auth import SignedRequestsOnly
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
-from kvmotion.common.types import MAX_CPU_FEATURES, MAX_DISKS, DiskRef, Name, NameOrEmpty
+from kvmotion.common.types import MAX_CPU_FEATURES, MAX_DISKS, DirtySample, DiskRef, Name, NameOrEmpty
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
@@ -157,6 +157,10 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     @app.get("/v1/vms/{uuid}")
     async def status(uuid: str) -> VMRuntime:
         return await agent.status(uuid)
+
+    @app.get("/v1/vms/{uuid}/dirty")
+    async def dirty(uuid: str, max_age_s: float = Query(default=60.0, ge=0, le=3600)) -> DirtySample:
+        return await agent.dirty_sample(uuid, max_age_s)
 
     @app.get("/v1/vms/{uuid}/serial")
     async def serial(uuid: str, lines: int = Query(default=20, ge=1, le=1000)) -> list[str]:

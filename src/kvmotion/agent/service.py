@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import images, migration, mirror, tls
+from kvmotion.agent import images, migration, mirror, sampling, tls
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
@@ -18,6 +18,7 @@ from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, rss_mb, vm_folder
 from kvmotion.agent.storage import AgentStorage, disk_file
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError
+from kvmotion.common.types import DirtySample
 from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
@@ -40,6 +41,8 @@ class Agent(AgentStorage):
         self.vms: dict[str, QemuVM] = {}
         self.cpu: CpuCatalog | None = None
         self._ops_lock = asyncio.Lock()
+        self.sampler = sampling.DirtySampler()
+        self._sampling: asyncio.Task[None] | None = None
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -56,6 +59,7 @@ class Agent(AgentStorage):
         except KvmotionError as exc:
             log.error("CPU model probe failed: %s", exc)
         await self.adopt_all()
+        self._sampling = asyncio.create_task(self.sampler.loop(self.vms), name="dirty-sampler")
 
     ACCEL_CACHE_S = 3600.0
 
@@ -96,6 +100,8 @@ class Agent(AgentStorage):
         return adopted
 
     async def shutdown(self) -> None:
+        if self._sampling is not None:
+            self._sampling.cancel()
         for exp in list(self.nbd_exports.values()):
             exp.stop()
         for job in self.copies.values():
@@ -337,6 +343,17 @@ class Agent(AgentStorage):
         vm = self.get(uuid)
         paths = [disk_file(vm.ctx, d) for d in vm.spec.disks if d.kind == "file"]
         return image_locks(vm.pid or 0, paths)
+
+    async def dirty_sample(self, uuid: str, max_age_s: float) -> DirtySample:
+        """The VM's dirty rate and touched RAM (cached up to ``max_age_s``; else measured, about 1 s)."""
+        vm = self.get(uuid)
+        cached = self.sampler.samples.get(uuid)
+        if not sampling.sampleable(vm):
+            if cached is not None:
+                return cached
+            raise ConflictError(f"VM {vm.spec.name} is {vm.state}; its dirty rate cannot be sampled now",
+                                remedy="sample a running VM that is not migrating")
+        return await self.sampler.get(vm, max_age_s)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         path = self._run_dir(uuid) / "serial.log"

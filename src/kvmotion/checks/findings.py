@@ -51,6 +51,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "DATASTORE_SPACE": (Severity.ERROR, "a target datastore lacks the free space the copied disks need"),
     "DISK_FORMAT_UNSUPPORTED": (Severity.ERROR, "an encrypted disk stays qcow2 (LUKS inside qcow2)"),
     "RDM_STAYS": (Severity.INFO, "a raw LUN is not copied; the VM keeps using the same LUN"),
+    "CONVERGENCE_PREDICTED": (Severity.INFO, "pre-copy is predicted to converge (time, downtime, passes)"),
+    "CONVERGENCE_UNLIKELY": (Severity.WARNING, "the guest dirties memory faster than the link carries it"),
 }
 
 

@@ -96,9 +96,20 @@ def figures(task: dict[str, Any]) -> Table:
             ("disk streams (shared-nothing)", f"{(r.get('disks') or {}).get('bytes', 0) / MB:.1f} MiB at "
              f"{(r.get('disks') or {}).get('throughput_mbps', 0):.0f} Mbit/s" if r.get("disks") else "-"),
             ("encryption", f"{(r.get('encryption') or {}).get('mode', '-')} ({(r.get('encryption') or {}).get('reason', '')})")]
+    pva = r.get("predicted_vs_actual")
+    if pva:
+        err = pva.get("total_error_pct")
+        rows.append(("predicted → actual", f"{_fmt(pva['total_s'][0], 's')} → {_fmt(pva['total_s'][1], 's')}"
+                     + (f" ({err:+.0f} %)" if err is not None else "") + f"; downtime {_fmt(pva['downtime_ms'][0], 'ms')}"
+                     f" → {_fmt(pva['downtime_ms'][1], 'ms')}; passes {pva['passes'][0]} → {pva['passes'][1]}"))
+        rows.append(("prediction", (r.get("prediction") or {}).get("strategy", "-")))
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def _fmt(v: Any, unit: str) -> str:
+    return "-" if v is None else f"{v:.2f} {unit}" if unit == "s" else f"{v:.0f} {unit}"
 
 
 def print_outcome(task: dict[str, Any], console: Console) -> None:

@@ -251,6 +251,15 @@ class HostFacts(BaseModel):
     tls: TlsFact | None = None
 
 
+class DirtySample(BaseModel):
+    """A VM's dirty rate and touched RAM, as measured on its host (see ``kvmotion.agent.sampling``)."""
+
+    dirty_mb_s: float
+    sampled_at: float
+    memory_mb: int
+    ram_touched_mb: int | None = None       # resident guest RAM: the non-zero pages a migration must send
+
+
 class VMRuntime(BaseModel):
     uuid: str
     name: str

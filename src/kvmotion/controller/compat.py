@@ -1,6 +1,7 @@
 """Gathers live facts for the compatibility checks (I/O here; the checks themselves are pure)."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -8,15 +9,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.checks import HostView, MigrationContext, run_all
 from kvmotion.checks.context import DATASTORE_LIMIT
+from kvmotion.checks.rules import encryption_plan
 from kvmotion.checks.findings import Finding, blockers
 from kvmotion.common.errors import KvmotionError, PrecheckFailed
 from kvmotion.common.types import HOST_PASSTHROUGH, VMSpec
-from kvmotion.controller import relocate
+from kvmotion.controller import predict, relocate
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.relocate import Relocation
 from kvmotion.controller.schemas import MigrateRequest
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import HostOut
+
+log = logging.getLogger(__name__)
 
 
 def datastore_limit() -> int:
@@ -109,3 +113,21 @@ def raise_on_errors(vm_name: str, dst: str, findings: list[Finding]) -> None:
 
 def findings_json(findings: list[Finding]) -> list[dict[str, Any]]:
     return [f.model_dump(mode="json") for f in findings]
+
+
+async def predict_move(inv: Inventory, sessions: sessionmaker[Session], spec: VMSpec, source: str, dst: str,
+                       budget_ms: int, link: float | None = None, tls: bool | None = None
+                       ) -> predict.Prediction | None:
+    """The convergence prediction for a live move (None when the VM's dirty rate cannot be sampled)."""
+    try:
+        sample = await inv.agent(source).dirty_sample(spec.uuid, max_age_s=60)
+    except KvmotionError as exc:
+        log.info("no dirty-rate sample for %s: %s", spec.name, exc.message)
+        return None
+    budget = link if link is not None else predict.link_mbps(inv.host_facts(source), inv.host_facts(dst))
+    if tls is None:
+        tls = encryption_plan(spec.encrypted_vmotion, inv.host_facts(source), inv.host_facts(dst),
+                              any(d.encrypted for d in spec.disks))[0]
+    history = task_store.achieved(sessions, (source, dst), "tls" if tls else "plain")
+    rate, overhead = predict.learned(budget, history)
+    return predict.predict(sample.memory_mb, sample.ram_touched_mb, sample.dirty_mb_s, rate, budget_ms, overhead)

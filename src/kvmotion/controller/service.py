@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.common.errors import InvalidInputError, KvmotionError
-from kvmotion.controller import compat
+from kvmotion.controller import compat, predict
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
@@ -86,7 +86,16 @@ class Controller:
     async def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
         self._check_request(req)
         await self._refresh_for(vm, req)
-        return (await compat.validate_move(self.inventory, self.sessions, vm, req))[2]
+        reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
+        if reloc.kind in ("vmotion", "xvmotion") and not compat.blockers(findings):
+            link = predict.link_mbps(ctx.source.facts, ctx.destination.facts)
+            if req.max_bandwidth_mbps:
+                link = min(link, float(req.max_bandwidth_mbps))
+            pred = await compat.predict_move(self.inventory, self.sessions, ctx.spec, ctx.source.name,
+                                             ctx.destination.name, req.downtime_ms, link=link)
+            if pred is not None:
+                findings.append(predict.finding_for(ctx.spec.name, pred))
+        return findings
 
     async def migrate(self, vm: str, req: MigrateRequest) -> TaskOut:
         """Check at once (nothing is created on errors), then queue; admission control starts it.

@@ -115,6 +115,25 @@ def list_tasks(sessions: sessionmaker[Session], limit: int = 50) -> list[TaskOut
 MIGRATION_KINDS = ("vmotion", "svmotion", "xvmotion", "cold")
 
 
+def achieved(sessions: sessionmaker[Session], hosts: tuple[str, str], encryption: str | None,
+             limit: int = 200) -> list[tuple[float, float]]:
+    """(peak pre-copy Mbit/s, orchestration overhead s) of recent successful live migrations between two hosts
+    (either way), newest first; the overhead is the task's total time minus QEMU's."""
+    with sessions() as s:
+        rows = s.scalars(select(Task).where(Task.kind.in_(("vmotion", "xvmotion")), Task.state == "success",
+                                            Task.source.in_(hosts), Task.destination.in_(hosts))
+                         .order_by(Task.finished_at.desc()).limit(limit)).all()
+        out = []
+        for t in rows:
+            r = json.loads(t.result_json or "{}")
+            if encryption is not None and (r.get("encryption") or {}).get("mode") != encryption:
+                continue
+            peak = max((p.get("mbps") or 0 for p in r.get("pass_log") or []), default=0)
+            if peak > 0 and r.get("total_time_s") and r.get("qemu_total_time_ms"):
+                out.append((float(peak), max(0.0, r["total_time_s"] - r["qemu_total_time_ms"] / 1000.0)))
+        return out
+
+
 def unfinished(sessions: sessionmaker[Session], state: str | None = None,
                kind: str | tuple[str, ...] | None = MIGRATION_KINDS) -> list[TaskOut]:
     """Unfinished tasks, oldest first; by default every kind of migration."""

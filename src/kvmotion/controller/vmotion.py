@@ -13,7 +13,7 @@ from typing import Any
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import DiskTarget, MigrationReport, MigrationTuning, MirrorRequest, OutgoingRequest, VMSpec
 from kvmotion.checks.rules import encryption_plan
-from kvmotion.controller import compat, decisions
+from kvmotion.controller import compat, decisions, predict
 from kvmotion.controller.pki import client_identity
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
@@ -77,6 +77,7 @@ class VMotion:
         self.home_made = False
         self.mirror_started = False
         self.disk_summary: dict[str, Any] = {}
+        self.prediction: asyncio.Task[predict.Prediction | None] | None = None
 
     async def set_bandwidth(self, mbps: int) -> None:
         """Admission gave this migration a new share of its links: apply it live."""
@@ -124,6 +125,10 @@ class VMotion:
         use_tls, why, _ = encryption_plan(self.spec.encrypted_vmotion, self.inv.host_facts(self.source),
                                           self.inv.host_facts(self.destination), any(d.encrypted for d in self.spec.disks))
         self.encryption = {"mode": "tls" if use_tls else "plain", "reason": why, "policy": self.spec.encrypted_vmotion}
+        self.prediction = asyncio.create_task(   # from the source's dirty-rate sample; runs beside the shadow
+            compat.predict_move(self.inv, self.journal.sessions, self.spec, self.source, self.destination,
+                                self.req.downtime_ms, link=float(self.bandwidth_mbps), tls=use_tls),
+            name=f"predict-{self.spec.name}")
         await self.begin(Phase.SHADOW, host=self.destination, encryption=self.encryption["mode"])
         self.shadow_created = True
         dst_address = migration_address(self.inv, self.destination)
@@ -173,7 +178,22 @@ class VMotion:
                                 spec_json=target.model_dump_json())
         await self.end(lease_holder=lease.host, lease_epoch=lease.epoch, source_files_removed=removed,
                        destination_image_locks=sum(len(v) for v in locks.values()), **release.model_dump())
-        await asyncio.to_thread(self.journal.finish, "success", self._summary(report))
+        summary = self._summary(report)
+        summary.update(await self._predicted_vs_actual(summary))
+        await asyncio.to_thread(self.journal.finish, "success", summary)
+
+    async def _predicted_vs_actual(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.prediction is None:
+            return {}
+        try:
+            pred = await asyncio.wait_for(self.prediction, timeout=5)
+        except (asyncio.TimeoutError, KvmotionError):
+            return {}
+        if pred is None:
+            return {}
+        out = pred.as_dict()
+        return {"prediction": out, "predicted_vs_actual": predict.compare(
+            out, summary["total_time_s"], summary["downtime_ms"], summary["passes"])}
 
     async def _mirror_disks(self, reloc: Relocation, dst_address: str, ready: Any, use_tls: bool) -> None:
         """Shared-nothing: the source mirrors every moved disk into the shadow's NBD exports (write-blocking,
@@ -286,6 +306,8 @@ class VMotion:
                 "pass_log": [p.model_dump() for p in r.passes]}
 
     async def _fail(self, exc: KvmotionError) -> None:
+        if self.prediction is not None and not self.prediction.done():
+            self.prediction.cancel()
         failed_phase = self.journal.read().phase
         await self.end("failed", error=exc.message)
         rollback: dict[str, Any] = {}

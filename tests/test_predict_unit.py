@@ -1,0 +1,57 @@
+"""The convergence predictor: pure functions, no lab."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import cast
+
+from kvmotion.common.types import HostFacts
+from kvmotion.controller import predict
+
+
+def test_an_idle_guest_converges_in_two_passes_at_the_link_rate() -> None:
+    p = predict.predict(1024, 512, 0.0, 1000, overhead_s=0.5)
+    rate = 1000 * predict.LINK_EFFICIENCY / 8
+    assert p.converges and p.passes == 2 and p.strategy == "pre-copy"
+    assert p.downtime_ms == predict.DEVICE_STATE_MS
+    assert abs(p.total_s - (512 / rate + 512 / predict.ZERO_SCAN_MB_S + 0.5)) < 0.01
+
+
+def test_a_dirtying_guest_needs_more_passes_and_a_higher_downtime_target() -> None:
+    quiet = predict.predict(1024, 300, 5.0, 1000)
+    busy = predict.predict(1024, 300, 100.0, 1000)
+    assert quiet.converges and busy.converges
+    assert busy.passes > quiet.passes and busy.total_s > quiet.total_s
+    assert "raised to" in busy.strategy and busy.downtime_ms <= 500 + predict.DEVICE_STATE_MS + 10
+
+
+def test_dirtying_faster_than_the_link_does_not_converge_and_says_why() -> None:
+    p = predict.predict(1024, 300, 300.0, 1000)
+    assert not p.converges and p.total_s is None
+    assert "300 MB/s" in p.strategy and "112 MB/s" in p.strategy
+
+
+def test_more_dirtying_never_predicts_a_faster_migration() -> None:
+    totals = [predict.predict(2048, 800, d, 10000).total_s for d in (0, 10, 50, 100, 300, 600)]
+    assert all(t is not None for t in totals)
+    assert totals == sorted(totals)
+
+
+def test_history_lowers_the_rate_to_what_was_achieved_and_learns_the_overhead() -> None:
+    assert predict.learned(10000, []) == (10000, predict.ORCHESTRATION_S)
+    rate, overhead = predict.learned(10000, [(2000.0, 0.7), (2400.0, 0.9), (1800.0, 0.8)])
+    assert rate == 2000.0 / predict.LINK_EFFICIENCY and overhead == 0.8
+    assert predict.learned(500, [(2000.0, 0.7)])[0] == 500          # never above the link budget
+
+
+def test_compare_reports_the_error_of_the_total() -> None:
+    out = predict.compare({"total_s": 2.0, "downtime_ms": 30.0, "passes": 3}, 2.5, 40, 4)
+    assert out["total_error_pct"] == 25.0 and out["passes"] == [3, 4]
+
+
+def test_link_is_the_slower_sides_fastest_interface() -> None:
+    def facts(*speeds: int) -> HostFacts:          # only the migration interfaces matter here
+        nics = [SimpleNamespace(speed_mbps=s, enabled=True) for s in speeds] + [SimpleNamespace(speed_mbps=99999,
+                                                                                               enabled=False)]
+        return cast(HostFacts, SimpleNamespace(migration_interfaces=nics))
+    assert predict.link_mbps(facts(1000, 10000), facts(1000)) == 1000
+    assert predict.link_mbps(None, facts(1000)) == 0
