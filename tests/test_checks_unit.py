@@ -82,7 +82,8 @@ def test_each_code_on_its_own() -> None:
             DiskSpec(datastore="shared", path="vm1/vm1.qcow2"), DiskSpec(id="disk1", kind="rdm", identity="l:1")]),
             src=facts("h1", luns=[("/l", "l:1")]), dst=facts("h2", luns=[("/l", "l:1")])),
     }
-    assert set(cases) == set(CODES), "every code in the catalog has a case"
+    from_predictor = {"CONVERGENCE_PREDICTED", "CONVERGENCE_UNLIKELY"}     # see test_predict_unit
+    assert set(cases) == set(CODES) - from_predictor, "every code in the catalog has a case"
     for code, c in cases.items():
         found = {f.code: f for f in run_all(c)}
         assert code in found, (code, list(found))

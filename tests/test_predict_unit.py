@@ -4,6 +4,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import cast
 
+from kvmotion.checks.findings import CODES
 from kvmotion.common.types import HostFacts
 from kvmotion.controller import predict
 
@@ -55,3 +56,10 @@ def test_link_is_the_slower_sides_fastest_interface() -> None:
         return cast(HostFacts, SimpleNamespace(migration_interfaces=nics))
     assert predict.link_mbps(facts(1000, 10000), facts(1000)) == 1000
     assert predict.link_mbps(None, facts(1000)) == 0
+
+
+def test_the_prediction_becomes_a_finding_with_its_catalog_severity() -> None:
+    ok = predict.finding_for("vm1", predict.predict(1024, 300, 5.0, 1000))
+    bad = predict.finding_for("vm1", predict.predict(1024, 300, 300.0, 1000))
+    assert ok.code == "CONVERGENCE_PREDICTED" and ok.severity == CODES[ok.code][0] and "passes" in ok.message
+    assert bad.code == "CONVERGENCE_UNLIKELY" and bad.severity == CODES[bad.code][0] and bad.remedy

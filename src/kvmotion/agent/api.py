@@ -159,8 +159,9 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
         return await agent.status(uuid)
 
     @app.get("/v1/vms/{uuid}/dirty")
-    async def dirty(uuid: str, max_age_s: float = Query(default=60.0, ge=0, le=3600)) -> DirtySample:
-        return await agent.dirty_sample(uuid, max_age_s)
+    async def dirty(uuid: str, max_age_s: float = Query(default=60.0, ge=0, le=86400),
+                    measure: bool = True) -> DirtySample:
+        return await agent.dirty_sample(uuid, max_age_s, measure)
 
     @app.get("/v1/vms/{uuid}/serial")
     async def serial(uuid: str, lines: int = Query(default=20, ge=1, le=1000)) -> list[str]:

@@ -11,7 +11,7 @@ import asyncio
 import time
 
 from kvmotion.agent.qemuvm import QemuVM
-from kvmotion.common.errors import DeadlineExceeded
+from kvmotion.common.errors import ConflictError, DeadlineExceeded
 from kvmotion.common.types import DirtySample, VMRunState
 
 SAMPLE_EVERY_S = 30.0           # a sample older than this is refreshed
@@ -55,7 +55,9 @@ async def measure(vm: QemuVM, deadline_s: float = 5.0) -> DirtySample:
 
 
 def sampleable(vm: QemuVM) -> bool:
-    return vm.state is VMRunState.RUNNING and vm.qmp is not None      # not while migrating out or paused
+    """Running, and in no migration (an incoming one that has finished is fine)."""
+    busy = vm.migration is not None and not vm.migration.done.is_set()
+    return vm.state is VMRunState.RUNNING and vm.qmp is not None and not busy
 
 
 class DirtySampler:
@@ -65,13 +67,19 @@ class DirtySampler:
         self.samples: dict[str, DirtySample] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def lock_for(self, uuid: str) -> asyncio.Lock:
+        """Held while the VM is measured; a migration start takes it too, so the two never overlap."""
+        return self._locks.setdefault(uuid, asyncio.Lock())
+
     async def get(self, vm: QemuVM, max_age_s: float) -> DirtySample:
         uuid = vm.spec.uuid
-        lock = self._locks.setdefault(uuid, asyncio.Lock())
-        async with lock:                                  # one calc-dirty-rate per VM at a time
+        async with self.lock_for(uuid):                   # one calc-dirty-rate per VM at a time
             s = self.samples.get(uuid)
-            if s is None or time.time() - s.sampled_at > max_age_s:
+            if (s is None or time.time() - s.sampled_at > max_age_s) and sampleable(vm):
                 s = self.samples[uuid] = await measure(vm)
+            elif s is None:
+                raise ConflictError(f"VM {vm.spec.name} is {vm.state}: not sampled",
+                                    remedy="retry when it runs and is not migrating")
             elif vm.pid:                                  # the touched RAM only grows: always read it fresh
                 s = s.model_copy(update={"ram_touched_mb": ram_touched_mb(vm.pid, vm.spec.memory_mb)})
             return s

@@ -296,8 +296,9 @@ class Agent(AgentStorage):
 
         async def handoff(_vm: QemuVM) -> None:   # at pre-switchover: the disk streams end in sync
             await mirror.complete_at_switchover(m)
-        watch = await migration.start_outgoing(vm, req, handoff=handoff if streams else None,
-                                               tls_dir=self._tls_dir_if_valid())
+        async with self.sampler.lock_for(uuid):     # never while calc-dirty-rate is measuring this VM
+            watch = await migration.start_outgoing(vm, req, handoff=handoff if streams else None,
+                                                   tls_dir=self._tls_dir_if_valid())
         return watch.snapshot()
 
     def migration_report(self, uuid: str) -> MigrationReport:
@@ -344,15 +345,16 @@ class Agent(AgentStorage):
         paths = [disk_file(vm.ctx, d) for d in vm.spec.disks if d.kind == "file"]
         return image_locks(vm.pid or 0, paths)
 
-    async def dirty_sample(self, uuid: str, max_age_s: float) -> DirtySample:
-        """The VM's dirty rate and touched RAM (cached up to ``max_age_s``; else measured, about 1 s)."""
+    async def dirty_sample(self, uuid: str, max_age_s: float, measure: bool = True) -> DirtySample:
+        """The VM's dirty rate and touched RAM: cached up to ``max_age_s``, else measured (about 1 s) when
+        ``measure`` is set and the VM runs and is not migrating."""
         vm = self.get(uuid)
         cached = self.sampler.samples.get(uuid)
-        if not sampling.sampleable(vm):
+        if not (measure and sampling.sampleable(vm)):
             if cached is not None:
                 return cached
-            raise ConflictError(f"VM {vm.spec.name} is {vm.state}; its dirty rate cannot be sampled now",
-                                remedy="sample a running VM that is not migrating")
+            raise ConflictError(f"no dirty-rate sample of VM {vm.spec.name} yet ({vm.state})",
+                                remedy="the agent samples running VMs every few seconds; retry shortly")
         return await self.sampler.get(vm, max_age_s)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:

@@ -66,9 +66,9 @@ class AgentClient:
     async def cpu_expand(self, model: str, mask: list[str]) -> list[str]:
         return await self._call("POST", "/v1/cpu/expand", {"model": model, "mask": mask}, timeout=10)
 
-    async def dirty_sample(self, uuid: str, max_age_s: float = 60.0) -> DirtySample:
-        return DirtySample.model_validate(await self._call("GET", f"/v1/vms/{uuid}/dirty",
-                                                           params={"max_age_s": max_age_s}, timeout=10))
+    async def dirty_sample(self, uuid: str, max_age_s: float = 60.0, measure: bool = True) -> DirtySample:
+        return DirtySample.model_validate(await self._call(
+            "GET", f"/v1/vms/{uuid}/dirty", params={"max_age_s": max_age_s, "measure": measure}, timeout=10))
 
     async def facts(self) -> HostFacts:
         return HostFacts.model_validate(await self._call("GET", "/v1/facts", timeout=10))

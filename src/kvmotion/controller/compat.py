@@ -116,11 +116,13 @@ def findings_json(findings: list[Finding]) -> list[dict[str, Any]]:
 
 
 async def predict_move(inv: Inventory, sessions: sessionmaker[Session], spec: VMSpec, source: str, dst: str,
-                       budget_ms: int, link: float | None = None, tls: bool | None = None
-                       ) -> predict.Prediction | None:
-    """The convergence prediction for a live move (None when the VM's dirty rate cannot be sampled)."""
+                       budget_ms: int, link: float | None = None, tls: bool | None = None,
+                       max_age_s: float = 10.0, measure: bool = True) -> predict.Prediction | None:
+    """The convergence prediction for a live move (None when the VM's dirty rate cannot be sampled).
+
+    ``measure=False`` uses only the agent's background sample (a migration about to start must not wait)."""
     try:
-        sample = await inv.agent(source).dirty_sample(spec.uuid, max_age_s=60)
+        sample = await inv.agent(source).dirty_sample(spec.uuid, max_age_s=max_age_s, measure=measure)
     except KvmotionError as exc:
         log.info("no dirty-rate sample for %s: %s", spec.name, exc.message)
         return None

@@ -127,7 +127,8 @@ class VMotion:
         self.encryption = {"mode": "tls" if use_tls else "plain", "reason": why, "policy": self.spec.encrypted_vmotion}
         self.prediction = asyncio.create_task(   # from the source's dirty-rate sample; runs beside the shadow
             compat.predict_move(self.inv, self.journal.sessions, self.spec, self.source, self.destination,
-                                self.req.downtime_ms, link=float(self.bandwidth_mbps), tls=use_tls),
+                                self.req.downtime_ms, link=float(self.bandwidth_mbps), tls=use_tls,
+                                max_age_s=86400, measure=False),
             name=f"predict-{self.spec.name}")
         await self.begin(Phase.SHADOW, host=self.destination, encryption=self.encryption["mode"])
         self.shadow_created = True
