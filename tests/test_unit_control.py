@@ -160,3 +160,11 @@ def test_storage_vmotion_limits() -> None:
     assert len(p.start) == 8 and "8 Storage vMotions" in p.waiting["m8"]            # 8 per datastore
     vm = Request("v", "h1", "h2", frozenset({"ds0"}), created_at=99)
     assert plan([vm], sv[:2], links).start == ["v"]        # Storage vMotions hold no network slot
+
+
+def test_concurrent_incoming_preparations_get_different_ports() -> None:
+    """A port handed out stays reserved until QEMU has bound it: two preparations at once never share one."""
+    from kvmotion.agent.migration import PORT_RANGE, pick_port
+
+    ports = [pick_port("127.0.0.1") for _ in range(5)]       # nothing binds them in between
+    assert len(set(ports)) == 5 and all(p in PORT_RANGE for p in ports)
