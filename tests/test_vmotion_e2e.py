@@ -181,7 +181,9 @@ def test_agent_restart_re_adopts_running_vms(lab, tmp_path) -> None:
     # the adopted VM still migrates
     move = scenario.migrate_with_probe(client, lab.net, "adopt1", ip, "h2", tmp_path / "p.jsonl")
     assert move.ok, move.task.get("error")
-    assert move.after["boot_id"] == before["boot_id"]
+    if move.after is None:                   # the guest stopped answering: only the known TCG bug may explain it
+        xfail_if_tcg_guest_crash(lab, client, "adopt1")
+    assert move.after is not None and move.after["boot_id"] == before["boot_id"]
     client.stop_vm("adopt1")
     client.delete_vm("adopt1")
 
