@@ -71,15 +71,17 @@ class DirtySampler:
         """Held while the VM is measured; a migration start takes it too, so the two never overlap."""
         return self._locks.setdefault(uuid, asyncio.Lock())
 
-    async def get(self, vm: QemuVM, max_age_s: float) -> DirtySample:
+    async def get(self, vm: QemuVM, max_age_s: float, refresh: bool = True) -> DirtySample:
+        """The newest sample (measured again when older than ``max_age_s``, if ``refresh`` and the VM allows);
+        its touched RAM is always read fresh."""
         uuid = vm.spec.uuid
         async with self.lock_for(uuid):                   # one calc-dirty-rate per VM at a time
             s = self.samples.get(uuid)
-            if (s is None or time.time() - s.sampled_at > max_age_s) and sampleable(vm):
+            if (s is None or time.time() - s.sampled_at > max_age_s) and refresh and sampleable(vm):
                 s = self.samples[uuid] = await measure(vm)
             elif s is None:
-                raise ConflictError(f"VM {vm.spec.name} is {vm.state}: not sampled",
-                                    remedy="retry when it runs and is not migrating")
+                raise ConflictError(f"no dirty-rate sample of VM {vm.spec.name} yet ({vm.state})",
+                                    remedy="the agent samples running VMs every few seconds; retry shortly")
             elif vm.pid:                                  # the touched RAM only grows: always read it fresh
                 s = s.model_copy(update={"ram_touched_mb": ram_touched_mb(vm.pid, vm.spec.memory_mb)})
             return s

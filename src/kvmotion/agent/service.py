@@ -346,16 +346,9 @@ class Agent(AgentStorage):
         return image_locks(vm.pid or 0, paths)
 
     async def dirty_sample(self, uuid: str, max_age_s: float, measure: bool = True) -> DirtySample:
-        """The VM's dirty rate and touched RAM: cached up to ``max_age_s``, else measured (about 1 s) when
-        ``measure`` is set and the VM runs and is not migrating."""
-        vm = self.get(uuid)
-        cached = self.sampler.samples.get(uuid)
-        if not (measure and sampling.sampleable(vm)):
-            if cached is not None:
-                return cached
-            raise ConflictError(f"no dirty-rate sample of VM {vm.spec.name} yet ({vm.state})",
-                                remedy="the agent samples running VMs every few seconds; retry shortly")
-        return await self.sampler.get(vm, max_age_s)
+        """The VM's dirty rate (cached up to ``max_age_s``, else measured in about 1 s when ``measure`` is set
+        and the VM runs outside any migration) and its touched RAM (always fresh)."""
+        return await self.sampler.get(self.get(uuid), max_age_s, measure)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         path = self._run_dir(uuid) / "serial.log"
