@@ -170,7 +170,7 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
         return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume, req.tls_authz_identity,
-                                            req.disk_keys, req.new_disks)
+                                            req.disk_keys, req.new_disks, req.multifd_channels)
 
     @app.delete("/v1/vms/{uuid}/incoming")
     async def abort_incoming(uuid: str) -> dict[str, bool]:
@@ -181,8 +181,9 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
         return await agent.start_outgoing(uuid, req)
 
     @app.get("/v1/vms/{uuid}/migration")
-    async def migration_report(uuid: str) -> MigrationReport:
-        return agent.migration_report(uuid)
+    async def migration_report(uuid: str, wait_s: float = Query(default=0.0, ge=0, le=5),
+                               since: str | None = Query(default=None, max_length=32)) -> MigrationReport:
+        return await agent.migration_report(uuid, wait_s, since)
 
     @app.post("/v1/vms/{uuid}/migration/tune")
     async def tune(uuid: str, req: MigrationTuning) -> dict[str, Any]:
@@ -193,8 +194,8 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
         return await agent.cancel_outgoing(uuid)
 
     @app.post("/v1/vms/{uuid}/resume")
-    async def resume(uuid: str) -> dict[str, Any]:
-        return await agent.resume(uuid)
+    async def resume(uuid: str, announce: bool = False) -> dict[str, Any]:
+        return await agent.resume(uuid, announce)
 
     @app.post("/v1/vms/{uuid}/announce")
     async def announce(uuid: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from kvmotion.agent.qemuvm import QemuVM
 from kvmotion.agent.qmp import next_event
+from kvmotion.agent.tls import ensure_dh_params
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import IncomingReady, MigrationPass, MigrationReport, OutgoingRequest, VMRunState
 
@@ -67,6 +68,22 @@ async def set_caps(vm: QemuVM, caps: dict[str, bool]) -> None:
         "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]})
 
 
+# The destination's self-announce (RARP/GARP for every NIC) when its state is complete: the first at once,
+# then after 20, 90, 210, 380 ms (QEMU's default waits 50 ms, then 150, 250, ...): switches learn the new
+# port while the guest still resumes, and the repeats cover a switch that missed the first.
+ANNOUNCE = {"announce-initial": 20, "announce-max": 200, "announce-rounds": 5, "announce-step": 50}
+
+
+def stream_caps(multifd_channels: int, xbzrle: bool = False) -> dict[str, bool]:
+    """Capabilities of the migration stream, set explicitly every time: a VM that arrived with multifd
+    keeps the capability in its QEMU and would otherwise leave with it."""
+    return {"multifd": multifd_channels > 0, "xbzrle": xbzrle and multifd_channels == 0}
+
+
+def stream_params(multifd_channels: int) -> dict[str, Any]:
+    return {"multifd-channels": multifd_channels} if multifd_channels > 0 else {}
+
+
 async def query_migrate(vm: QemuVM) -> dict[str, Any]:
     return await _qmp(vm).execute("query-migrate", timeout=5)
 
@@ -80,6 +97,26 @@ class MigrationWatch:
         self._passes: collections.deque[MigrationPass] = collections.deque(maxlen=MAX_PASSES_KEPT)
         self.task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
+        self._changed = asyncio.Event()      # replaced at every status change: waiters wake at once
+
+    def bump(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_change(self, since: str, timeout: float) -> None:
+        """Return when the status is no longer ``since``, the watch ended, or after ``timeout`` (a long poll:
+        the controller learns of pre-switchover and completion at once instead of at its next poll)."""
+        end = time.monotonic() + timeout
+        while self.report.status == since and not self.done.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            changed, done = asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(self.done.wait())
+            try:
+                await asyncio.wait({changed, done}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                done.cancel()
 
     def snapshot(self) -> MigrationReport:
         self.report.passes = list(self._passes)
@@ -90,7 +127,9 @@ class MigrationWatch:
         status = info.get("status", r.status)
         if r.status in TERMINAL and status not in TERMINAL:
             return
-        r.status = status
+        if status != r.status:
+            r.status = status
+            self.bump()
         for key, attr in (("total-time", "total_time_ms"), ("downtime", "downtime_ms"), ("setup-time", "setup_time_ms")):
             if key in info:
                 setattr(r, attr, int(info[key]))
@@ -122,6 +161,8 @@ async def _tls_object(vm: QemuVM, endpoint: str, tls_dir: str) -> str:
         (Path(tls_dir) / f).read_bytes() for f in ("ca-cert.pem", f"{endpoint}-cert.pem", f"{endpoint}-key.pem")))
     oid = f"kvm-tls-{endpoint}-{digest.hexdigest()[:12]}"
     if oid not in vm.qemu_objects:
+        if endpoint == "server":
+            ensure_dh_params(Path(tls_dir))
         await _qmp(vm).execute("object-add", {"qom-type": "tls-creds-x509", "id": oid, "dir": tls_dir,
                                               "endpoint": endpoint, "verify-peer": True}, timeout=20)
         vm.qemu_objects.add(oid)
@@ -130,14 +171,16 @@ async def _tls_object(vm: QemuVM, endpoint: str, tls_dir: str) -> str:
 
 async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = True,
                            tls_authz_identity: str | None = None, tls_dir: str | None = None,
-                           export_disks: list[str] | None = None) -> IncomingReady:
+                           export_disks: list[str] | None = None, multifd_channels: int = 0) -> IncomingReady:
     """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener.
 
     With ``auto_resume`` the shadow runs (``cont``) the moment its incoming migration completes: the
     source is parked in postmigrate by then, so the guest's pause is QEMU's downtime plus one event,
     not a controller round trip.
     """
-    await set_caps(vm, {"events": True, "late-block-activate": True, "return-path": True})
+    await set_caps(vm, {"events": True, "late-block-activate": True, "return-path": True}
+                   | stream_caps(multifd_channels))
+    await _qmp(vm).execute("migrate-set-parameters", ANNOUNCE | stream_params(multifd_channels))
     creds: str | None = None
     if tls_authz_identity:
         if tls_dir is None:
@@ -216,6 +259,7 @@ async def _watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any
             status = ev["data"].get("status") if ev else None
             if status == "completed":
                 r.status, r.completed_at = "completed", time.time()
+                watch.bump()
                 if auto_resume:
                     await _run_shadow(vm, r)
                 break
@@ -238,6 +282,7 @@ async def _watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any
         if r.status != "completed":
             r.failed_at = time.time()
         watch.done.set()
+        watch.bump()
 
 
 async def _run_shadow(vm: QemuVM, r: MigrationReport) -> None:
@@ -260,9 +305,13 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
         raise ConflictError(f"VM {vm.spec.name} is {vm.state}, not running",
                             remedy="only a running VM can be live-migrated; use cold migration")
     qmp = _qmp(vm)
-    await set_caps(vm, {"events": True, "return-path": True, "pause-before-switchover": True})
+    await set_caps(vm, {"events": True, "return-path": True, "pause-before-switchover": True}
+                   | stream_caps(req.multifd_channels, req.xbzrle_cache_bytes > 0))
     params: dict[str, Any] = {"max-bandwidth": int(req.max_bandwidth_bytes),
                               "downtime-limit": int(req.downtime_limit_ms), "tls-creds": "", "tls-hostname": ""}
+    params |= stream_params(req.multifd_channels)
+    if req.xbzrle_cache_bytes > 0 and req.multifd_channels == 0:
+        params["xbzrle-cache-size"] = int(req.xbzrle_cache_bytes)
     if req.tls_hostname:
         if tls_dir is None:
             raise ConflictError("this host has no TLS certificate for encrypted migration",
@@ -298,6 +347,7 @@ async def _watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any
             if status == "pre-switchover" and req.auto_continue:
                 r.pre_switchover_at = time.time()
                 r.status = status
+                watch.bump()
                 if handoff is not None:
                     await handoff(vm)
                 await _qmp(vm).execute("migrate-continue", {"state": "pre-switchover"})
@@ -320,6 +370,7 @@ async def _watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any
             r.failed_at = time.time()
             await _settle_source(vm)
         watch.done.set()
+        watch.bump()
 
 
 async def _settle_source(vm: QemuVM) -> None:
@@ -371,8 +422,9 @@ async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0) -> MigrationReport 
     return watch.snapshot()
 
 
-async def resume_destination(vm: QemuVM, timeout: float = 10.0) -> dict[str, Any]:
-    """Make sure the destination runs once its incoming migration completed, and confirm it."""
+async def resume_destination(vm: QemuVM, timeout: float = 10.0, and_announce: bool = False) -> dict[str, Any]:
+    """Make sure the destination runs once its incoming migration completed, and confirm it; with
+    ``and_announce`` also send the RARP/GARP series in the same call (one round trip less)."""
     watch: MigrationWatch | None = vm.migration
     if watch is None or watch.report.role != "destination":
         raise ConflictError(f"VM {vm.spec.name} is not an incoming VM here", remedy="prepare the shadow first")
@@ -391,8 +443,14 @@ async def resume_destination(vm: QemuVM, timeout: float = 10.0) -> dict[str, Any
     if status != "running":
         raise MigrationFailed(f"VM {vm.spec.name} is {status!r} on the destination after cont",
                               remedy="see the destination's qemu.log")
-    return {"incoming_completed_at": r.completed_at, "resumed_at": r.extra.get("resumed_at"),
-            "confirmed_at": time.time(), "qemu_status": status}
+    out: dict[str, Any] = {"incoming_completed_at": r.completed_at, "resumed_at": r.extra.get("resumed_at"),
+                           "confirmed_at": time.time(), "qemu_status": status}
+    if and_announce:
+        try:
+            out["announce"] = await announce(vm)
+        except KvmotionError as exc:    # QEMU already announced at completion (ANNOUNCE); the VM runs
+            out["announce"] = {"error": exc.message}
+    return out
 
 
 async def announce(vm: QemuVM, rounds: int = 5) -> dict[str, Any]:

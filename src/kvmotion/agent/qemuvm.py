@@ -390,7 +390,7 @@ class QemuVM:
                 tail = self.log_tail()
                 raise QemuStartFailed(f"QEMU for {self.spec.name} exited at start (code {self.proc.returncode}): {tail}",
                                       remedy="fix the problem QEMU reports above")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         connect.result()
 
     def log_tail(self, lines: int = 5) -> str:
@@ -432,7 +432,7 @@ class QemuVM:
         while time.monotonic() < end:
             if not self.alive():
                 return True
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         return not self.alive()
 
     async def stop(self, graceful_timeout: float = 5.0) -> None:

@@ -43,7 +43,7 @@ class QMPConnection:
             except (ConnectError, OSError, asyncio.TimeoutError) as exc:
                 last = exc
                 self._client = QMPClient(self.name)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
         raise QMPTimeout(
             f"QMP socket {self.socket_path} did not answer within {deadline_s:.0f}s",
             remedy="check that QEMU started (see the VM's qemu.log) and that the socket path is reachable",

@@ -254,7 +254,7 @@ class Agent(AgentStorage):
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True,
                                tls_authz_identity: str | None = None,
                                disk_keys: dict[str, str] | None = None,
-                               new_disks: list[str] | None = None) -> IncomingReady:
+                               new_disks: list[str] | None = None, multifd_channels: int = 0) -> IncomingReady:
         """A shadow VM. For shared-nothing (``new_disks``) its disks are created empty here and NBD-exported."""
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
@@ -266,7 +266,7 @@ class Agent(AgentStorage):
         try:
             await vm.start(incoming=True, disk_keys=disk_keys)
             return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
-                                                    self._tls_dir_if_valid(), new_disks)
+                                                    self._tls_dir_if_valid(), new_disks, multifd_channels)
         except KvmotionError:
             await vm.kill()
             self.vms.pop(spec.uuid, None)
@@ -301,10 +301,13 @@ class Agent(AgentStorage):
                                                    tls_dir=self._tls_dir_if_valid())
         return watch.snapshot()
 
-    def migration_report(self, uuid: str) -> MigrationReport:
+    async def migration_report(self, uuid: str, wait_s: float = 0.0, since: str | None = None) -> MigrationReport:
+        """The migration's state; with ``wait_s`` and ``since``, once it leaves status ``since`` (long poll)."""
         vm = self.get(uuid)
         if vm.migration is None:
             raise NotFoundError(f"no migration of VM {vm.spec.name} on {self.cfg.name}", remedy="start one first")
+        if wait_s > 0 and since is not None:
+            await vm.migration.wait_change(since, wait_s)
         report = vm.migration.snapshot()
         if report.role == "destination" and not vm.alive() and report.status not in migration.TERMINAL:
             report.status, report.error = "failed", "destination QEMU exited"
@@ -316,8 +319,8 @@ class Agent(AgentStorage):
     async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, object]:
         return await migration.tune(self.get(uuid), tuning.downtime_limit_ms, tuning.max_bandwidth_bytes)
 
-    async def resume(self, uuid: str) -> dict[str, object]:
-        return await migration.resume_destination(self.get(uuid))
+    async def resume(self, uuid: str, announce: bool = False) -> dict[str, object]:
+        return await migration.resume_destination(self.get(uuid), and_announce=announce)
 
     async def announce(self, uuid: str) -> dict[str, object]:
         return await migration.announce(self.get(uuid))

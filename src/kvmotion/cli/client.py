@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from kvmotion.common.errors import AgentUnreachable, KvmotionError
+from kvmotion.common.http import tls_context
 
 
 def default_url() -> str:
@@ -53,7 +54,7 @@ class Client:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
             r = httpx.request(method, f"{self.url}/api/v1{path}", json=json, params=params, timeout=self.timeout,
-                              headers=headers)
+                              headers=headers, verify=tls_context())
         except httpx.HTTPError as exc:
             raise AgentUnreachable(f"controller at {self.url} did not answer: {type(exc).__name__}",
                                    remedy="start it (`kvmotion lab up` in the lab) or pass --url") from exc

@@ -466,6 +466,31 @@ def bench_evacuate(vms: int = 4, memory: int = 512, link: str = "1g",
     console.print(table)
 
 
+@bench_app.command("migrate")
+def bench_migrate(sizes: str = typer.Option("256,1024,2048", help="guest RAM, MiB"),
+                  dirty: str = typer.Option("0,20,100", help="guest dirty rates, MB/s"),
+                  links: str = typer.Option("unshaped,1g,10g", help="migration links: unshaped, 1g, 10g"),
+                  variants: str = typer.Option("kvmotion,qemu-defaults",
+                                               help="also: one-stream, multifd-N, xbzrle, no-xbzrle"),
+                  repeat: int = typer.Option(1, min=1, max=50, help="migrations per variant and case"),
+                  out: Path = typer.Option(Path("bench-results"), help="JSON, Markdown and PNG plots go here")) -> None:
+    """Sweep RAM × dirty rate × link; kvmotion against a plain QEMU migration with its defaults."""
+    from kvmotion.bench import migrate as bench, report
+
+    try:
+        sweep = bench.Sweep(sizes=[int(x) for x in sizes.split(",")], dirty=[float(x) for x in dirty.split(",")],
+                            links=links.split(","), variants=variants.split(","), repeat=repeat)
+        for v in sweep.variants:
+            bench.variant_options(v)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    result = bench.run(sweep, out, log=lambda m: console.print(m, markup=False, highlight=False))
+    console.print(report.markdown(result), markup=False, highlight=False)
+    console.print(f"results: {out / 'bench-migrate.json'}, {out / 'bench-migrate.md'}, "
+                  f"{out / 'remaining.png'}, {out / 'downtime.png'}")
+
+
 @app.command("demo")
 def demo(memory: int = typer.Option(256, help="guest MiB"), dirty: float = typer.Option(0.0, help="MB/s"),
          keep: bool = typer.Option(False, help="leave the lab up")) -> None:

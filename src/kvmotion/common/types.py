@@ -280,12 +280,18 @@ class MigrationPass(BaseModel):
     mbps: float
 
 
+MAX_MULTIFD_CHANNELS = 16
+MAX_XBZRLE_CACHE = 4 * 1024 ** 3
+
+
 class OutgoingRequest(BaseModel):
-    uri: str
-    max_bandwidth_bytes: int
-    downtime_limit_ms: int = 500
+    uri: str = Field(max_length=MAX_URL_CHARS)
+    max_bandwidth_bytes: int = Field(ge=1, le=10 ** 12)
+    downtime_limit_ms: int = Field(default=500, ge=1, le=2_000_000)
     auto_continue: bool = True
-    tls_hostname: str | None = None      # set: the stream is TLS, and the destination must present this name
+    tls_hostname: str | None = Field(default=None, max_length=255)  # set: TLS, the destination must present it
+    multifd_channels: int = Field(default=0, ge=0, le=MAX_MULTIFD_CHANNELS)  # 0: one stream; same on both sides
+    xbzrle_cache_bytes: int = Field(default=0, ge=0, le=MAX_XBZRLE_CACHE)    # 0: off (never with multifd)
 
 
 class MigrationTuning(BaseModel):
@@ -305,6 +311,7 @@ class IncomingRequest(BaseModel):
     auto_resume: bool = True          # run the shadow as soon as its state is complete
     tls_authz_identity: str | None = None   # set: accept only a TLS client with exactly this identity
     new_disks: list[DeviceId] = Field(default_factory=list, max_length=MAX_DISKS)   # shared-nothing: created empty
+    multifd_channels: int = Field(default=0, ge=0, le=MAX_MULTIFD_CHANNELS)  # must match the source's
 
 
 class IncomingReady(BaseModel):

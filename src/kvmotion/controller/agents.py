@@ -6,6 +6,7 @@ from typing import Any
 import httpx
 
 from kvmotion.common.hostauth import HostAuth
+from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.common.types import DirtySample
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
@@ -28,7 +29,8 @@ class AgentClient:
     async def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None,
                     params: dict[str, Any] | None = None) -> Any:
         try:
-            async with httpx.AsyncClient(timeout=timeout or self.timeout, auth=self._auth) as client:
+            async with httpx.AsyncClient(timeout=timeout or self.timeout, auth=self._auth,
+                                         verify=tls_context()) as client:
                 r = await client.request(method, f"{self.address}{path}", json=json, params=params)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise AgentUnreachable(
@@ -102,9 +104,9 @@ class AgentClient:
 
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, tls_authz_identity: str | None = None,
                                disk_keys: dict[str, str] | None = None,
-                               new_disks: list[str] | None = None) -> IncomingReady:
+                               new_disks: list[str] | None = None, multifd_channels: int = 0) -> IncomingReady:
         req = IncomingRequest(spec=spec, listen_address=listen_address, tls_authz_identity=tls_authz_identity,
-                              disk_keys=disk_keys or {}, new_disks=new_disks or [])
+                              disk_keys=disk_keys or {}, new_disks=new_disks or [], multifd_channels=multifd_channels)
         return IncomingReady.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/incoming",
                                                              req.model_dump(), timeout=40))
 
@@ -115,8 +117,11 @@ class AgentClient:
         return MigrationReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/outgoing",
                                                                req.model_dump(), timeout=20))
 
-    async def migration(self, uuid: str) -> MigrationReport:
-        return MigrationReport.model_validate(await self._call("GET", f"/v1/vms/{uuid}/migration", timeout=5))
+    async def migration(self, uuid: str, wait_s: float = 0.0, since: str | None = None) -> MigrationReport:
+        """With ``wait_s``/``since``: a long poll that returns as soon as the status leaves ``since``."""
+        params: dict[str, Any] = {"wait_s": wait_s, "since": since} if wait_s > 0 and since else {}
+        return MigrationReport.model_validate(await self._call("GET", f"/v1/vms/{uuid}/migration", params=params,
+                                                               timeout=5 + wait_s))
 
     async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, Any]:
         return await self._call("POST", f"/v1/vms/{uuid}/migration/tune", tuning.model_dump(), timeout=8)
@@ -125,8 +130,9 @@ class AgentClient:
         data = await self._call("POST", f"/v1/vms/{uuid}/migration/cancel", timeout=20)
         return MigrationReport.model_validate(data) if data else None
 
-    async def resume(self, uuid: str) -> dict[str, Any]:
-        return await self._call("POST", f"/v1/vms/{uuid}/resume", timeout=20)
+    async def resume(self, uuid: str, announce: bool = False) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/resume", params={"announce": announce} if announce else None,
+                                timeout=20)
 
     async def announce(self, uuid: str) -> dict[str, Any]:
         return await self._call("POST", f"/v1/vms/{uuid}/announce", timeout=10)

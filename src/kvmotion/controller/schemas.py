@@ -98,6 +98,12 @@ class MigrateRequest(Request):
     progress_timeout_s: float = Field(default=150.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     completion_timeout_s_per_gib: float = Field(default=800.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     priority: str = Field(default="normal", pattern="^(high|normal)$")
+    tuning: str = Field(default="auto", pattern="^(auto|qemu-defaults)$",
+                        description="auto: kvmotion's tuning; qemu-defaults: a plain QEMU migration (baseline)")
+    multifd_channels: int | None = Field(default=None, ge=0, le=16,
+                                         description="parallel streams (0: one); default: by link speed")
+    xbzrle: bool | None = Field(default=None, description="delta-encode rewritten pages; default: when plain "
+                                                          "pre-copy is predicted not to converge")
 
 
 class PhaseRecord(BaseModel):

@@ -5,6 +5,7 @@ Both sides are always finalized; the VM's owner in the inventory changes last.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from enum import StrEnum
@@ -13,7 +14,7 @@ from typing import Any
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import DiskTarget, MigrationReport, MigrationTuning, MirrorRequest, OutgoingRequest, VMSpec
 from kvmotion.checks.rules import encryption_plan
-from kvmotion.controller import compat, decisions, predict
+from kvmotion.controller import compat, decisions, predict, tuning
 from kvmotion.controller.pki import client_identity
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
@@ -78,10 +79,11 @@ class VMotion:
         self.mirror_started = False
         self.disk_summary: dict[str, Any] = {}
         self.prediction: asyncio.Task[predict.Prediction | None] | None = None
+        self.stream: tuning.StreamPlan | None = None
 
     async def set_bandwidth(self, mbps: int) -> None:
         """Admission gave this migration a new share of its links: apply it live."""
-        if mbps == self.bandwidth_mbps:
+        if mbps == self.bandwidth_mbps or self.req.tuning == "qemu-defaults":
             return
         self.bandwidth_mbps = mbps
         self.bandwidth_log.append({"t": time.time(), "mbps": mbps})
@@ -125,12 +127,16 @@ class VMotion:
         use_tls, why, _ = encryption_plan(self.spec.encrypted_vmotion, self.inv.host_facts(self.source),
                                           self.inv.host_facts(self.destination), any(d.encrypted for d in self.spec.disks))
         self.encryption = {"mode": "tls" if use_tls else "plain", "reason": why, "policy": self.spec.encrypted_vmotion}
+        # Channels depend on the link only (the shadow needs them); xbzrle waits for the prediction.
+        self.stream = self._plan(None)
         self.prediction = asyncio.create_task(   # from the source's dirty-rate sample; runs beside the shadow
             compat.predict_move(self.inv, self.journal.sessions, self.spec, self.source, self.destination,
-                                self.req.downtime_ms, link=float(self.bandwidth_mbps), tls=use_tls,
+                                self.stream.downtime_steps[-1],
+                                link=self.stream.max_bandwidth_bytes / MBIT, tls=use_tls,
                                 max_age_s=86400, measure=False),
             name=f"predict-{self.spec.name}")
-        await self.begin(Phase.SHADOW, host=self.destination, encryption=self.encryption["mode"])
+        await self.begin(Phase.SHADOW, host=self.destination, encryption=self.encryption["mode"],
+                         multifd_channels=self.stream.multifd_channels)
         self.shadow_created = True
         dst_address = migration_address(self.inv, self.destination)
         if xv and reloc.home_moves:
@@ -139,36 +145,43 @@ class VMotion:
             await self.dst.put_home(target, files)
         ready = await self.dst.prepare_incoming(target, dst_address,
                                                 client_identity(self.source) if use_tls else None,
-                                                self.inv.disk_keys(self.spec), list(reloc.moved_ids) if xv else None)
+                                                self.inv.disk_keys(self.spec), list(reloc.moved_ids) if xv else None,
+                                                self.stream.multifd_channels)
         await self.end(uri=ready.uri, shadow_pid=ready.pid, nbd_port=ready.nbd_port)
         if xv:
             await self._mirror_disks(reloc, dst_address, ready, use_tls)
 
-        budget = self.bandwidth_mbps * MBIT
-        first_step = decisions.downtime_steps(self.req.downtime_ms)[0]
-        await self.begin(Phase.PRECOPY, max_bandwidth_bytes=budget, downtime_budget_ms=self.req.downtime_ms,
-                         downtime_first_step_ms=first_step)
+        self.stream = plan = self._plan(await self._prediction_now())
+        await self.begin(Phase.PRECOPY, max_bandwidth_bytes=plan.max_bandwidth_bytes,
+                         downtime_budget_ms=plan.downtime_steps[-1], downtime_first_step_ms=plan.downtime_steps[0],
+                         stream=plan.as_dict())
         self.outgoing_started = True
         await self.src.start_outgoing(self.spec.uuid, OutgoingRequest(
-            uri=ready.uri, max_bandwidth_bytes=budget, downtime_limit_ms=first_step,
-            tls_hostname=dst_address if use_tls else None))
+            uri=ready.uri, max_bandwidth_bytes=plan.max_bandwidth_bytes, downtime_limit_ms=plan.downtime_steps[0],
+            tls_hostname=dst_address if use_tls else None, multifd_channels=plan.multifd_channels,
+            xbzrle_cache_bytes=plan.xbzrle_cache_bytes))
         report = await self._follow_precopy()
 
         await self.begin(Phase.RESUME, host=self.destination)
-        resumed = await self._resume()
-        await self.end(**resumed)
+        resumed = await self._resume()       # confirms the run and sends the announce series, one call
+        ann = resumed.pop("announce", None)
+        if ann is None:                      # confirmed by status after a failed resume call: announce now
+            try:
+                ann = await self.dst.announce(self.spec.uuid)
+            except KvmotionError as exc:
+                ann = {"error": exc.message}
+        announced_at = ann.get("announced_at")
+        await self.end(ended_at=announced_at, **resumed)
 
-        await self.begin(Phase.ANNOUNCE)
-        try:
-            ann = await self.dst.announce(self.spec.uuid)
-            await self.end(**ann)
-        except KvmotionError as exc:   # the VM runs on the destination; QEMU already announced at completion
-            await self.end("failed", error=exc.message)
+        # RARP/GARP: QEMU announced at completion already; this is the agent's series from the running VM.
+        await asyncio.to_thread(self.journal.begin_phase, str(Phase.ANNOUNCE), PROGRESS_AT[Phase.ANNOUNCE],
+                                announced_at, {})
+        await self.end("failed" if "error" in ann else "ok", **ann)
 
         await self.begin(Phase.RELEASE)
         lease = await self.dst.take_lease(self.spec.uuid, expected_holder=self.source)
-        release = await self.src.finalize_source(self.spec.uuid)
-        locks = await self.dst.locks(self.spec.uuid)
+        release, locks = await asyncio.gather(self.src.finalize_source(self.spec.uuid),
+                                              self.dst.locks(self.spec.uuid))
         removed: list[str] = []
         if xv:     # the source's copies of the moved files are released: remove them
             try:
@@ -182,6 +195,26 @@ class VMotion:
         summary = self._summary(report)
         summary.update(await self._predicted_vs_actual(summary))
         await asyncio.to_thread(self.journal.finish, "success", summary)
+
+    def _plan(self, pred: predict.Prediction | None) -> tuning.StreamPlan:
+        """The stream plan; the second call (with the prediction) keeps the first's channels: the shadow has them."""
+        first = self.stream
+        multifd = first.multifd_channels if first is not None else self.req.multifd_channels
+        p = tuning.plan(self.req.tuning, self.bandwidth_mbps, self.req.downtime_ms, self.spec.memory_mb,
+                        pred.converges if pred else None, pred.dirty_mb_s if pred else 0.0,
+                        multifd=multifd, xbzrle=self.req.xbzrle)
+        if first is None or len(p.why) < 2:
+            return p
+        return dataclasses.replace(p, why=[p.why[0], first.why[1], *p.why[2:]])
+
+    async def _prediction_now(self, timeout: float = 3.0) -> predict.Prediction | None:
+        """The prediction, if it is ready within ``timeout`` (it reads a cached sample; it rarely waits)."""
+        if self.prediction is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.prediction), timeout=timeout)
+        except (asyncio.TimeoutError, KvmotionError):
+            return None
 
     async def _predicted_vs_actual(self, summary: dict[str, Any]) -> dict[str, Any]:
         if self.prediction is None:
@@ -231,16 +264,20 @@ class VMotion:
 
     async def _follow_precopy(self) -> MigrationReport:
         watch = decisions.ProgressWatch(started=time.time())
-        watch.downtime_ms, watch.step_at = decisions.downtime_steps(self.req.downtime_ms)[0], time.time()
+        steps = self.stream.downtime_steps if self.stream else decisions.downtime_steps(self.req.downtime_ms)
+        watch.downtime_ms, watch.step_at = steps[0], time.time()
+        since: str | None = None
         while True:
-            report = await self.src.migration(self.spec.uuid)
-            dst_alive = await self._shadow_alive()
+            # A long poll: it returns at once when QEMU's status changes (pre-switchover, completion).
+            report, dst_alive = await asyncio.gather(self.src.migration(self.spec.uuid, wait_s=POLL_S, since=since),
+                                                     self._shadow_alive())
+            since = report.status
             now = time.time()
             watch.observe(report, now)
             self.report = report
             decision = decisions.decide(report, dst_alive, watch, now, self.spec.memory_mb,
                                         self.req.progress_timeout_s, self.req.completion_timeout_s_per_gib,
-                                        self.req.downtime_ms)
+                                        steps[-1])
             if decision.action == decisions.Action.RAISE_DOWNTIME and decision.downtime_ms is not None:
                 await self.src.tune(self.spec.uuid, MigrationTuning(downtime_limit_ms=decision.downtime_ms))
                 watch.downtime_ms, watch.step_at = decision.downtime_ms, now
@@ -264,7 +301,6 @@ class VMotion:
                 return report
             if decision.action == decisions.Action.ABORT:
                 raise MigrationFailed(decision.reason, remedy=_remedy_for(decision.reason))
-            await asyncio.sleep(POLL_S)
 
     async def _shadow_alive(self) -> bool:
         try:
@@ -275,7 +311,7 @@ class VMotion:
 
     async def _resume(self) -> dict[str, Any]:
         try:
-            result = await self.dst.resume(self.spec.uuid)
+            result = await self.dst.resume(self.spec.uuid, announce=True)
         except KvmotionError:
             # Did the destination run? Only if it never did may the source continue.
             status = await self.dst.status(self.spec.uuid)
@@ -304,6 +340,7 @@ class VMotion:
                 "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),
                 "downtime_steps": self.downtime_steps, "bandwidth_log": self.bandwidth_log,
+                "stream": self.stream.as_dict() if self.stream else None,
                 "pass_log": [p.model_dump() for p in r.passes]}
 
     async def _fail(self, exc: KvmotionError) -> None:

@@ -21,6 +21,7 @@ import httpx
 
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
+from kvmotion.common.http import tls_context
 from kvmotion.controller.auth import ADMIN_TOKEN_FILE
 from kvmotion.lab import net
 
@@ -64,7 +65,7 @@ def agent_http(root: Path, host: str, timeout: float = 10.0) -> httpx.Client:
     h = info.net.host(host)
     base = f"http://{h.mgmt_ip}:{AGENT_PORT}" if h.mgmt_ip else f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
     secret = (root / "hosts" / host / SECRET_FILE).read_text().strip()
-    return httpx.Client(base_url=base, auth=HostAuth(secret), timeout=timeout)
+    return httpx.Client(base_url=base, auth=HostAuth(secret), timeout=timeout, verify=tls_context())
 
 
 def _agent_healthy(root: Path, host: str) -> bool:

@@ -1,0 +1,83 @@
+"""How one migration's stream is set up: a pure function of the link, the prediction and the request.
+
+``auto`` (kvmotion's tuning, each choice measured by ``kvmotion bench migrate``):
+- bandwidth: the migration's share of the link (admission), not QEMU's 128 MiB/s default;
+- downtime: a low first target raised step by step to the budget (``decisions.downtime_steps``);
+- multifd: parallel streams on fast links only; one stream fills a link up to ``ONE_STREAM_MBPS``;
+- xbzrle: only when plain pre-copy is predicted not to converge and the stream is single (QEMU ignores
+  xbzrle under multifd): delta-encoding rewritten pages costs source CPU and helps only sparse rewrites.
+
+``qemu-defaults`` is the baseline a user gets from a plain ``migrate``: 128 MiB/s, 300 ms, one stream.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvmotion.controller import decisions
+
+MBIT = 125_000                       # bytes/s per Mbit/s
+QEMU_DEFAULT_BANDWIDTH = 128 * 1024 * 1024
+QEMU_DEFAULT_DOWNTIME_MS = 300
+ONE_STREAM_MBPS = 5000               # what one migration thread carries here (bench: unshaped lab link)
+MBPS_PER_CHANNEL = 5000
+MAX_CHANNELS = 8
+XBZRLE_MIN_CACHE = 64 * 1024 * 1024
+XBZRLE_MAX_CACHE = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    profile: str
+    max_bandwidth_bytes: int
+    downtime_steps: list[int]
+    multifd_channels: int
+    xbzrle_cache_bytes: int
+    why: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def channels_for(link_mbps: float) -> int:
+    """Parallel streams for a link: none up to what one stream carries, then one per ``MBPS_PER_CHANNEL``."""
+    if link_mbps <= ONE_STREAM_MBPS:
+        return 0
+    return min(MAX_CHANNELS, max(2, -(-int(link_mbps) // MBPS_PER_CHANNEL)))
+
+
+def xbzrle_cache_for(memory_mb: int, dirty_mb_s: float) -> int:
+    """A power of two holding about two seconds of rewritten pages, within [64 MiB, min(1 GiB, RAM/4)]."""
+    want = max(XBZRLE_MIN_CACHE, int(dirty_mb_s * 2 * 1024 * 1024))
+    cap = max(XBZRLE_MIN_CACHE, min(XBZRLE_MAX_CACHE, memory_mb * 1024 * 1024 // 4))
+    size = XBZRLE_MIN_CACHE
+    while size * 2 <= min(want, cap):
+        size *= 2
+    return size
+
+
+def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, converges: bool | None,
+         dirty_mb_s: float, multifd: int | None = None, xbzrle: bool | None = None) -> StreamPlan:
+    """``multifd``/``xbzrle`` override the automatic choice (None: automatic)."""
+    if profile == "qemu-defaults":
+        return StreamPlan(profile, QEMU_DEFAULT_BANDWIDTH, [QEMU_DEFAULT_DOWNTIME_MS], 0, 0,
+                          ["QEMU's defaults: 128 MiB/s, 300 ms downtime limit, one stream"])
+    why = [f"bandwidth: this migration's share of the link, {bandwidth_mbps} Mbit/s"]
+    channels = channels_for(bandwidth_mbps) if multifd is None else multifd
+    why.append(f"multifd: {channels} channels" + (" (requested)" if multifd is not None else
+                                                  f" (link {bandwidth_mbps} Mbit/s; one stream carries "
+                                                  f"{ONE_STREAM_MBPS})") if channels else
+               "one stream" + (" (requested)" if multifd is not None else
+                               f" (link {bandwidth_mbps} Mbit/s ≤ {ONE_STREAM_MBPS})"))
+    if xbzrle is None:
+        use_x = converges is False and channels == 0
+        reason = ("xbzrle: plain pre-copy predicted not to converge" if use_x else
+                  "no xbzrle: " + ("multifd streams" if channels else
+                                   "predicted to converge without it" if converges else "no prediction"))
+    else:
+        use_x = xbzrle and channels == 0
+        reason = f"xbzrle {'on' if use_x else 'off'} (requested" + (", not with multifd)" if xbzrle and channels
+                                                                      else ")")
+    why.append(reason)
+    cache = xbzrle_cache_for(memory_mb, dirty_mb_s) if use_x else 0
+    return StreamPlan(profile, bandwidth_mbps * MBIT, decisions.downtime_steps(budget_ms), channels, cache, why)
