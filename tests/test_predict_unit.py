@@ -1,6 +1,8 @@
 """The convergence predictor: pure functions, no lab."""
 from __future__ import annotations
 
+import pytest
+
 from types import SimpleNamespace
 from typing import cast
 
@@ -38,10 +40,24 @@ def test_more_dirtying_never_predicts_a_faster_migration() -> None:
 
 
 def test_history_lowers_the_rate_to_what_was_achieved_and_learns_the_overhead() -> None:
-    assert predict.learned(10000, []) == (10000, predict.ORCHESTRATION_S)
-    rate, overhead = predict.learned(10000, [(2000.0, 0.7), (2400.0, 0.9), (1800.0, 0.8)])
-    assert rate == 2000.0 / predict.LINK_EFFICIENCY and overhead == 0.8
-    assert predict.learned(500, [(2000.0, 0.7)])[0] == 500          # never above the link budget
+    A = predict.Achieved
+    assert predict.learned(10000, []) == (10000, predict.ORCHESTRATION_S, 1.0)
+    rate, overhead, scale = predict.learned(10000, [A(2000.0, 0.7), A(2400.0, 0.9), A(1800.0, 0.8)])
+    assert rate == 2000.0 / predict.LINK_EFFICIENCY and overhead == 0.8 and scale == 1.0
+    assert predict.learned(500, [A(2000.0, 0.7)])[0] == 500          # never above the link budget
+
+
+def test_history_scales_the_model_to_what_qemu_really_took() -> None:
+    A = predict.Achieved
+    hist = [A(2000.0, 0.2, 0.30, 0.60), A(2000.0, 0.2, 0.25, 0.50), A(2000.0, 0.2, 0.35, 0.50),
+            A(2000.0, 0.2, 9.0, None)]                                # no model figure: not counted
+    rate, overhead, scale = predict.learned(10000, hist)
+    assert scale == 0.5
+    raw = predict.predict(1024, 300, 5.0, rate, overhead_s=overhead)
+    fitted = predict.predict(1024, 300, 5.0, rate, overhead_s=overhead, scale=scale)
+    assert raw.qemu_s_model == fitted.qemu_s_model and fitted.scale == 0.5
+    assert fitted.total_s == pytest.approx(raw.qemu_s_model * 0.5 + overhead, abs=1e-3)
+    assert predict.learned(10000, [A(1.0, 0.1, 100.0, 1.0)])[2] == predict.MAX_SCALE   # bounded
 
 
 def test_compare_reports_the_error_of_the_total() -> None:

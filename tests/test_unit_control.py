@@ -1,6 +1,8 @@
 """Control-plane unit tests: pure checks and decisions, the task journal, leases, the error tree."""
 from __future__ import annotations
 
+import random
+
 import time
 from pathlib import Path
 
@@ -35,8 +37,14 @@ def test_decide_waits_switches_completes_and_aborts() -> None:
     assert decisions.decide(failed, True, w, now, **args).reason == "Broken pipe"
     both = decisions.decide(failed, False, w, now, **args).reason
     assert "destination" in both and "Broken pipe" in both
+    r.dirty_pages_rate = 50_000                            # 204.8 MB/s against 100 MB/s sent
     stalled = decisions.decide(r, True, w, now + 151, **args)
-    assert stalled.action == decisions.Action.ABORT and "no progress" in stalled.reason
+    assert stalled.action == decisions.Action.ABORT
+    assert stalled.reason.startswith("did not converge: dirty rate 204.8 MB/s > bandwidth 100.0 MB/s;")
+    assert "151s" in stalled.reason
+    r.dirty_pages_rate = 5000
+    slow = decisions.decide(r, True, w, now + 151, **args).reason
+    assert slow.startswith("did not converge: dirty rate 20.5 MB/s, bandwidth 100.0 MB/s;")
 
 
 def test_completion_timeout_scales_with_memory() -> None:
@@ -45,14 +53,21 @@ def test_completion_timeout_scales_with_memory() -> None:
     assert decisions.completion_timeout_s(64, 800) == 60.0
 
 
-def test_eta_only_goes_down() -> None:
+def test_eta_is_smoothed_counts_down_and_never_rises() -> None:
     w = decisions.ProgressWatch(started=0)
-    w.observe(report(remaining=100_000_000, mbps=800), 1)
-    first = w.eta_s
-    w.observe(report(remaining=200_000_000, mbps=800), 2)   # the guest dirtied more: ETA must not rise
-    assert first is not None and w.eta_s == first
-    w.observe(report(remaining=10_000_000, mbps=800), 3)
-    assert w.eta_s is not None and w.eta_s < first
+    w.observe(report(remaining=100_000_000, mbps=800), 1.0)             # 1.0 s left
+    assert w.eta_s == pytest.approx(1.0) and not w.converging
+    w.observe(report(remaining=200_000_000, mbps=800), 1.2)             # the guest dirtied more: 2.0 s raw
+    assert w.converging and w.eta_s == pytest.approx(0.8)               # held (counted down), "converging…"
+    w.observe(report(remaining=10_000_000, mbps=800), 1.4)              # 0.1 s raw, smoothed with 0.6 shown
+    assert not w.converging and w.eta_s == pytest.approx(0.35)
+    rng = random.Random(7)
+    last, t = w.eta_s, 1.4
+    for _ in range(200):
+        t += 0.2
+        w.observe(report(remaining=rng.randrange(1, 400_000_000), mbps=rng.choice([200, 800, 3000])), t)
+        assert w.eta_s is not None and w.eta_s <= last
+        last = w.eta_s
 
 
 def test_task_journal_persists_phases_in_order(tmp_path: Path) -> None:

@@ -96,6 +96,32 @@ def test_prediction_before_the_move_and_against_the_actual(lab) -> None:
     client.delete_vm("pred1")
 
 
+def test_stream_tuning_multifd_xbzrle_and_the_qemu_defaults_baseline(lab) -> None:
+    """Each stream choice really reaches QEMU on both sides, and the guest survives every one of them."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "tune1", memory_mb=256, dirty_mb_s=10)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    runs = [("h2", {"multifd_channels": 3}), ("h1", {"multifd_channels": 0, "xbzrle": True}),
+            ("h2", {"tuning": "qemu-defaults"})]
+    results = []
+    for host, opts in runs:
+        task = scenario.follow_task(client, client.migrate("tune1", host, **opts)["id"])
+        assert task["state"] == "success", task.get("error")
+        results.append(task["result"])
+    multifd, xbzrle, plain = results
+    assert multifd["stream"]["multifd_channels"] == 3 and multifd["multifd_bytes"] > 1_000_000
+    assert multifd["stream"]["xbzrle_cache_bytes"] == 0
+    # the VM arrived over multifd: leaving on one stream, its QEMU must have dropped the capability
+    assert xbzrle["stream"]["multifd_channels"] == 0 and xbzrle["multifd_bytes"] == 0
+    assert xbzrle["stream"]["xbzrle_cache_bytes"] >= 64 * 1024 * 1024 and xbzrle["xbzrle"] is not None
+    assert plain["stream"]["profile"] == "qemu-defaults" and plain["stream"]["downtime_steps"] == [300]
+    assert plain["stream"]["max_bandwidth_bytes"] == 128 * 1024 * 1024 and plain["downtime_steps"] == []
+    after = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    assert after and after["boot_id"] == before["boot_id"] and after["seq"] > before["seq"]
+    client.stop_vm("tune1")
+    client.delete_vm("tune1")
+
+
 def test_destination_killed_mid_precopy_keeps_vm_on_source(lab, tmp_path) -> None:
     client = Client(lab.controller_url)
     vm = running_vm(client, lab, "fail1", dirty_mb_s=20)

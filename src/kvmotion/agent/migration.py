@@ -74,6 +74,10 @@ async def set_caps(vm: QemuVM, caps: dict[str, bool]) -> None:
 ANNOUNCE = {"announce-initial": 20, "announce-max": 200, "announce-rounds": 5, "announce-step": 50}
 
 
+AUTO_CONVERGE = {"throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
+                 "max-cpu-throttle": 99}
+
+
 def stream_caps(multifd_channels: int, xbzrle: bool = False) -> dict[str, bool]:
     """Capabilities of the migration stream, set explicitly every time: a VM that arrived with multifd
     keeps the capability in its QEMU and would otherwise leave with it."""
@@ -135,11 +139,20 @@ class MigrationWatch:
                 setattr(r, attr, int(info[key]))
         if info.get("error-desc"):
             r.error = info["error-desc"]
+        xb = info.get("xbzrle-cache")
+        if xb:          # delta encoding at work: pages sent as deltas, misses, and deltas too big to send
+            r.extra["xbzrle"] = {"pages": int(xb.get("pages", 0)), "bytes": int(xb.get("bytes", 0)),
+                                 "cache_miss": int(xb.get("cache-miss", 0)), "overflow": int(xb.get("overflow", 0))}
         ram = info.get("ram")
         if ram:
             r.ram_total, r.ram_transferred, r.ram_remaining = ram["total"], ram["transferred"], ram["remaining"]
             r.dirty_pages_rate = int(ram.get("dirty-pages-rate", 0))
             r.mbps = float(ram.get("mbps", 0.0))
+            r.extra["multifd_bytes"] = int(ram.get("multifd-bytes", 0))
+        if "cpu-throttle-percentage" in info:
+            pct = int(info["cpu-throttle-percentage"])
+            r.extra["cpu_throttle_pct"] = pct
+            r.extra["max_cpu_throttle_pct"] = max(pct, int(r.extra.get("max_cpu_throttle_pct", 0)))
             pass_no = int(ram.get("dirty-sync-count", 0))
             if not self._passes or self._passes[-1].pass_no != pass_no:
                 self._passes.append(MigrationPass(
@@ -305,11 +318,14 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
         raise ConflictError(f"VM {vm.spec.name} is {vm.state}, not running",
                             remedy="only a running VM can be live-migrated; use cold migration")
     qmp = _qmp(vm)
-    await set_caps(vm, {"events": True, "return-path": True, "pause-before-switchover": True}
+    await set_caps(vm, {"events": True, "return-path": True, "pause-before-switchover": True,
+                        "auto-converge": req.auto_converge}
                    | stream_caps(req.multifd_channels, req.xbzrle_cache_bytes > 0))
     params: dict[str, Any] = {"max-bandwidth": int(req.max_bandwidth_bytes),
                               "downtime-limit": int(req.downtime_limit_ms), "tls-creds": "", "tls-hostname": ""}
     params |= stream_params(req.multifd_channels)
+    if req.auto_converge:       # QEMU's defaults: throttle once two syncs in a row dirty > 50 % of what was sent
+        params |= AUTO_CONVERGE
     if req.xbzrle_cache_bytes > 0 and req.multifd_channels == 0:
         params["xbzrle-cache-size"] = int(req.xbzrle_cache_bytes)
     if req.tls_hostname:

@@ -183,7 +183,8 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     variants = sorted({r["variant"] for r in recs})
     data = [[r["downtime_ms"] for r in recs if r["variant"] == v and r["downtime_ms"] is not None] for v in variants]
     if any(data):
-        ax.boxplot([d or [0] for d in data], labels=variants)
+        ax.boxplot([d or [0] for d in data])
+        ax.set_xticks(range(1, len(variants) + 1), variants)
     ax.set_ylabel("QEMU downtime, ms")
     ax.set_title("downtime distribution")
     paths.append(out_dir / "downtime.png")

@@ -156,6 +156,9 @@ class Client:
     def cancel_task(self, task_id: str) -> dict[str, Any]:
         return self.call("POST", f"/tasks/{task_id}/cancel")
 
+    def force_complete(self, task_id: str) -> dict[str, Any]:
+        return self.call("POST", f"/tasks/{task_id}/force-complete")
+
     def task(self, task_id: str) -> dict[str, Any]:
         return self.call("GET", f"/tasks/{task_id}")
 

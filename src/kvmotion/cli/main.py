@@ -277,9 +277,19 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
                priority: str = typer.Option("normal", help="high|normal"),
                wait: bool = typer.Option(True, help="follow the task and print its summary"),
                check: bool = typer.Option(False, "--check", help="only print the compatibility findings"),
+               force_complete: bool = typer.Option(False, "--force-complete",
+                                                   help="switch the VM's running live migration over now"),
                url: Optional[str] = URL) -> None:
     """Move a VM: vMotion (--host), Storage vMotion (--datastore/--disk), both (shared-nothing), or cold."""
     client = Client(url)
+    if force_complete:
+        running = [t for t in run(lambda: client.tasks(200)) if t["state"] == "running"
+                   and vm in (t["vm_name"], t["vm_uuid"])]
+        if not running:
+            err_console.print(f"[red]error:[/] VM {vm} has no running migration; remedy: start one first")
+            raise typer.Exit(3)
+        task_force_complete(running[0]["id"], url)
+        return
     opts: dict[str, Any] = {"datastore": datastore, "disks": parse_disk_map(disk), "disk_format": disk_format,
                             "disk_mbps": disk_mbps}
     if check:
@@ -402,6 +412,15 @@ def task_cancel(task_id: str, url: Optional[str] = URL) -> None:
     print_outcome(t, console)
 
 
+@task_app.command("force-complete")
+def task_force_complete(task_id: str, url: Optional[str] = URL) -> None:
+    """Switch a live migration over now: the downtime limit is raised to cover what remains."""
+    client = Client(url)
+    t = run(lambda: client.force_complete(task_id))
+    t = run(lambda: follow(client, t["id"], console))
+    print_outcome(t, console)
+
+
 # -- lab, image, demo ----------------------------------------------------------------------
 @lab_app.command("up")
 def lab_up(hosts: int = typer.Option(2, "--hosts"), link: Optional[str] = typer.Option(
@@ -489,6 +508,24 @@ def bench_migrate(sizes: str = typer.Option("256,1024,2048", help="guest RAM, Mi
     console.print(report.markdown(result), markup=False, highlight=False)
     console.print(f"results: {out / 'bench-migrate.json'}, {out / 'bench-migrate.md'}, "
                   f"{out / 'remaining.png'}, {out / 'downtime.png'}")
+
+
+@bench_app.command("report")
+def bench_report(results: Path = typer.Argument(..., help="a bench-migrate.json"),
+                 out: Optional[Path] = typer.Option(None, help="where the Markdown and plots go (default: beside)")) -> None:
+    """Render a `bench migrate` result again: the Markdown table, the targets and the plots."""
+    from kvmotion.bench import report
+
+    try:
+        result = json.loads(results.read_text())
+    except (OSError, ValueError) as exc:
+        err_console.print(f"[red]error:[/] cannot read {results}: {exc}; remedy: pass a bench-migrate.json")
+        raise typer.Exit(2)
+    out = out or results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-migrate.md").write_text(report.markdown(result))
+    report.plots(result, out)
+    console.print(report.markdown(result), markup=False, highlight=False)
 
 
 @app.command("demo")

@@ -29,7 +29,9 @@ def describe(task: dict[str, Any]) -> str:
                 f"({live.get('state', '')}, via {live.get('via', '?')})"
     if task["phase"] == "precopy" and live:
         text += f"  pass {live.get('pass', 0)}  remaining {live.get('remaining', 0) / MB:7.1f} MB"
-        if live.get("eta_s") is not None:
+        if live.get("converging"):          # the estimate would rise: hold it, do not jump back
+            text += "  converging…"
+        elif live.get("eta_s") is not None:
             text += f"  ETA {live['eta_s']:.1f}s"
         if live.get("mbps"):
             text += f"  {live['mbps']:.0f}/{live.get('bandwidth_mbps', '?')} Mbit/s"
@@ -124,6 +126,11 @@ def print_outcome(task: dict[str, Any], console: Console) -> None:
         rb = e.get("rollback") or {}
         if rb:
             console.print(f"rollback: source running={rb.get('source_running')}, shadow removed={rb.get('shadow_removed')}")
+    if task["state"] == "unknown":
+        u = (task.get("live") or {}).get("unknown") or {}
+        console.print(f"[yellow]unknown:[/] {u.get('reason', 'a host does not answer')} (source "
+                      f"{u.get('source_seen', '?')}, destination {u.get('destination_seen', '?')}); nothing is "
+                      "changed until both hosts answer, the controller re-checks every 10 s")
 
 
 def follow_evacuation(client: Client, task_id: str, console: Console, poll_s: float = 0.3,

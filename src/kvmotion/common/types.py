@@ -292,6 +292,7 @@ class OutgoingRequest(BaseModel):
     tls_hostname: str | None = Field(default=None, max_length=255)  # set: TLS, the destination must present it
     multifd_channels: int = Field(default=0, ge=0, le=MAX_MULTIFD_CHANNELS)  # 0: one stream; same on both sides
     xbzrle_cache_bytes: int = Field(default=0, ge=0, le=MAX_XBZRLE_CACHE)    # 0: off (never with multifd)
+    auto_converge: bool = False          # QEMU throttles the vCPUs once pre-copy stops converging
 
 
 class MigrationTuning(BaseModel):

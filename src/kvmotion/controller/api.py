@@ -260,6 +260,11 @@ def create_app(ctl: Controller) -> FastAPI:
     async def task_cancel(task_id: str) -> TaskOut:
         return ctl.cancel(task_id)
 
+    @r.post("/tasks/{task_id}/force-complete", dependencies=role(Role.OPERATOR))
+    async def task_force_complete(task_id: str) -> TaskOut:
+        """Switch a live migration over now: its downtime limit is raised to cover what remains."""
+        return ctl.scheduler.force_complete(task_id)
+
     # -- tokens and audit (admin)
     @r.post("/tokens", status_code=201, dependencies=role(Role.ADMIN))
     async def token_create(req: TokenCreate) -> TokenCreated:

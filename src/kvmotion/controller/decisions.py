@@ -7,6 +7,7 @@ from enum import StrEnum
 from kvmotion.common.types import MigrationReport
 
 GIB = 1024 ** 3
+PAGE = 4096
 
 
 class Action(StrEnum):
@@ -31,6 +32,9 @@ PASSES_PER_STEP = 3
 SECONDS_PER_STEP = 2.0
 
 
+ETA_SMOOTHING = 0.5
+
+
 def downtime_steps(budget_ms: int) -> list[int]:
     steps = [s for s in (FIRST_STEP_MS, 100, 200, 350) if s < budget_ms]
     return steps + [budget_ms]
@@ -47,13 +51,21 @@ class ProgressWatch:
     downtime_ms: int | None = None        # the switchover target now set in QEMU
     step_pass: int = 0                    # pass count when it was set
     step_at: float = 0.0
+    converging: bool = False              # the estimate would go up: the ETA holds and says "converging…"
+    eta_at: float = 0.0
 
     def observe(self, report: MigrationReport, now: float) -> None:
         if report.ram_total and (self.best_remaining is None or report.ram_remaining < self.best_remaining):
             self.best_remaining, self.best_at = report.ram_remaining, now
         if report.mbps > 0 and report.ram_total:
-            eta = report.ram_remaining * 8 / (report.mbps * 1e6)
-            self.eta_s = eta if self.eta_s is None else min(self.eta_s, eta)   # an ETA that only goes down
+            raw = report.ram_remaining * 8 / (report.mbps * 1e6)
+            if self.eta_s is None:
+                self.eta_s, self.eta_at = raw, now
+                return
+            shown = max(0.0, self.eta_s - (now - self.eta_at))          # the last ETA, counted down
+            smoothed = ETA_SMOOTHING * raw + (1 - ETA_SMOOTHING) * shown
+            self.converging = smoothed > shown
+            self.eta_s, self.eta_at = min(shown, smoothed), now         # never goes up
 
 
 def completion_timeout_s(memory_mb: int, per_gib_s: float) -> float:
@@ -79,12 +91,27 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
                                                    f"{watch.downtime_ms} ms", downtime_ms=higher[0])
     since_progress = now - (watch.best_at or watch.started)
     if since_progress > progress_timeout_s:
-        return Decision(Action.ABORT, f"no progress for {since_progress:.0f}s (remaining memory did not shrink); "
-                                      "the guest dirties memory faster than the link carries it")
+        dirty = report.dirty_pages_rate * PAGE / 1e6
+        link = report.mbps / 8
+        rates = (f"dirty rate {dirty:.1f} MB/s > bandwidth {link:.1f} MB/s" if dirty > link else
+                 f"dirty rate {dirty:.1f} MB/s, bandwidth {link:.1f} MB/s")
+        return Decision(Action.ABORT, f"did not converge: {rates}; the remaining memory did not shrink for "
+                                      f"{since_progress:.0f}s (downtime target {watch.downtime_ms} ms reached)")
     limit = completion_timeout_s(memory_mb, completion_per_gib_s)
     if now - watch.started > limit:
         return Decision(Action.ABORT, f"migration exceeded its completion timeout of {limit:.0f}s")
     return Decision(Action.WAIT)
+
+
+MAX_FORCED_DOWNTIME_MS = 60_000
+
+
+def forced_downtime_ms(report: MigrationReport, ceiling_ms: int) -> int:
+    """The downtime limit that lets QEMU switch over at its next check: what remains at the measured rate,
+    with half again as margin (at least the policy's ceiling)."""
+    rate = report.mbps * 125_000            # bytes/s
+    need = report.ram_remaining / rate * 1000 * 1.5 + 100 if rate > 0 else MAX_FORCED_DOWNTIME_MS
+    return int(min(MAX_FORCED_DOWNTIME_MS, max(ceiling_ms, need)))
 
 
 def percent(report: MigrationReport) -> float:

@@ -279,6 +279,7 @@ class Inventory:
                       encrypted_vmotion="required" if req.encrypted_disk else req.encrypted_vmotion,
                       extra_cmdline=" ".join(x for x in (
                           f"kvmotion.marker={req.marker}" if req.marker else "",
+                          f"kvmotion.dirty_region={req.dirty_region_mb}" if req.dirty_region_mb else "",
                           f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
                           if req.records_rate is not None else "") if x),
                       **({"cpu_model": req.cpu_model} if req.cpu_model else {}))

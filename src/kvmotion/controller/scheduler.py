@@ -149,3 +149,14 @@ class Scheduler:
                                 "cancelled", remedy="nothing to do")
         engine.request_cancel()
         return task
+
+    def force_complete(self, task_id: str) -> TaskOut:
+        """Ask a running live migration to switch over now (its downtime limit covers what remains)."""
+        task = task_store.get_task(self.sessions, task_id)
+        engine = self.engines.get(task.id)
+        force = getattr(engine, "request_force_complete", None)
+        if task.state != "running" or force is None:
+            raise ConflictError(f"task {task.id[:8]} is a {task.kind} task, {task.state}; only a running live "
+                                "migration can be forced to complete", remedy="nothing to do")
+        force()
+        return task

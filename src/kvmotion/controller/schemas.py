@@ -55,6 +55,8 @@ class VMCreate(Request):
     ip: str | None = Field(default=None, pattern=GUEST_IP_PATTERN,
                            description="guest address with prefix, e.g. 198.18.1.100/24")
     dirty_mb_s: float = Field(default=0.0, ge=0, le=10000, allow_inf_nan=False)
+    dirty_region_mb: int | None = Field(default=None, ge=1, le=4096,
+                                        description="RAM the dirtier rewrites, cyclically (default 64 MiB)")
     cpu_model: Name | None = Field(default=None, description="named model, or host-passthrough")
     cpu_mask: list[Name] = Field(default_factory=list, max_length=MAX_CPU_FEATURES,
                                  description="CPU features hidden from the guest")
@@ -96,12 +98,14 @@ class MigrateRequest(Request):
     max_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
                                            description="cap for this migration; default: the link speed")
     progress_timeout_s: float = Field(default=150.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    completion_timeout_s_per_gib: float = Field(default=800.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    completion_timeout_s_per_gib: float = Field(default=150.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     priority: str = Field(default="normal", pattern="^(high|normal)$")
     tuning: str = Field(default="auto", pattern="^(auto|qemu-defaults)$",
                         description="auto: kvmotion's tuning; qemu-defaults: a plain QEMU migration (baseline)")
     multifd_channels: int | None = Field(default=None, ge=0, le=16,
                                          description="parallel streams (0: one); default: by link speed")
+    auto_converge: bool = Field(default=True, description="escalation: let QEMU throttle the guest's vCPUs when "
+                                                          "pre-copy stops converging")
     xbzrle: bool | None = Field(default=None, description="delta-encode rewritten pages; default: when plain "
                                                           "pre-copy is predicted not to converge")
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from kvmotion.common.errors import InvalidInputError, KvmotionError
-from kvmotion.controller import compat, predict
+from kvmotion.controller import compat, predict, reconcile
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
@@ -24,6 +25,7 @@ from kvmotion.controller.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0
+RECONCILE_S = 10.0        # unknown migrations are re-checked this often
 
 
 class Controller:
@@ -57,7 +59,14 @@ class Controller:
         self.engine.dispose()
 
     async def _monitor_hosts(self) -> None:
+        last_reconcile = time.monotonic()
         while True:
+            if time.monotonic() - last_reconcile >= RECONCILE_S:
+                last_reconcile = time.monotonic()
+                try:
+                    await self.reconcile(("unknown",))
+                except Exception:  # noqa: BLE001 - keep monitoring
+                    log.exception("periodic reconciliation failed")
             for host in await asyncio.to_thread(self.inventory.list_hosts):
                 try:
                     await self.inventory.refresh_host(host.name)
@@ -118,47 +127,28 @@ class Controller:
     def cancel(self, task_id: str) -> TaskOut:
         return self.scheduler.cancel(task_id)
 
-    async def reconcile(self) -> list[dict[str, Any]]:
-        """A restarted controller finishes what its journal says was in flight.
+    async def reconcile(self, states: tuple[str, ...] = ("running", "unknown")) -> list[dict[str, Any]]:
+        """Finish what the journal says was in flight, by what the hosts really run (``reconcile.decide``).
 
-        The rule: the VM is wherever it really runs. If it runs on the destination, the move happened:
-        release the source and update the inventory. Otherwise it runs on the source: remove the shadow.
+        At start-up every unfinished move; afterwards, periodically, the ``unknown`` ones (a host did not
+        answer): they stay unknown, and nothing destructive happens, until both hosts answer.
         """
         outcomes = []
-        for t in task_store.unfinished(self.sessions, "running"):
-            journal = TaskJournal(self.sessions, t.id)
-            outcome: dict[str, Any] = {"task": t.id, "phase": t.phase}
-            if t.kind in ("svmotion", "cold"):
-                outcomes.append(await self._reconcile_storage(t, journal, outcome))
-                continue
-            try:
-                dst_state = await self._runtime_state(t.destination, t.vm_uuid)
-                if dst_state == "running":
-                    src = self.inventory.agent(t.source)
-                    try:
-                        await src.finalize_source(t.vm_uuid)
-                    except KvmotionError as exc:
-                        outcome["finalize_error"] = exc.message
-                    self.inventory.set_vm(t.vm_uuid, host=t.destination)
-                    outcome["resolution"] = "completed on the destination"
-                    journal.finish("success", {"reconciled": outcome})
-                else:
-                    try:
-                        await self.inventory.agent(t.destination).abort_incoming(t.vm_uuid)
-                    except KvmotionError as exc:
-                        outcome["abort_error"] = exc.message
-                    try:
-                        await self.inventory.agent(t.source).cancel_outgoing(t.vm_uuid)
-                    except KvmotionError:
-                        pass
-                    outcome["resolution"] = "rolled back: the VM stays on the source"
-                    journal.finish("error", error={
-                        "code": "CONTROLLER_RESTARTED", "phase": t.phase,
-                        "message": f"the controller restarted during {t.phase}; the VM stays on {t.source}",
-                        "remedy": "start the migration again", "rollback": outcome})
-            except KvmotionError as exc:
-                outcome["error"] = exc.message
-            outcomes.append(outcome)
+        for state in states:
+            for t in task_store.unfinished(self.sessions, state):
+                journal = TaskJournal(self.sessions, t.id)
+                if t.kind in ("svmotion", "cold"):
+                    outcomes.append(await self._reconcile_storage(t, journal, {"task": t.id, "phase": t.phase}))
+                    continue
+                if t.kind not in ("vmotion", "xvmotion"):
+                    continue
+                try:
+                    outcomes.append(await reconcile.execute(self.inventory, journal, t))
+                except KvmotionError as exc:
+                    log.warning("reconciling task %s: %s", t.id, exc)
+                    outcomes.append({"task": t.id, "error": exc.message})
+        if "running" not in states:
+            return outcomes
         for t in task_store.unfinished(self.sessions, kind="maintenance"):
             TaskJournal(self.sessions, t.id).finish("error", error={
                 "code": "CONTROLLER_RESTARTED", "phase": t.phase, "remedy": "enter maintenance mode again",
@@ -186,9 +176,3 @@ class Controller:
                                        "message": f"the controller restarted during {t.phase} of a {t.kind} move",
                                        "remedy": "check `kvmotion vm show`, then start the move again"})
         return outcome
-
-    async def _runtime_state(self, host: str, uuid: str) -> str | None:
-        try:
-            return (await self.inventory.agent(host).status(uuid)).qemu_status
-        except KvmotionError:
-            return None

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import NotFoundError
+from kvmotion.controller.predict import Achieved
 from kvmotion.controller.db import Task
 from kvmotion.controller.schemas import PhaseRecord, TaskOut
 
@@ -88,6 +89,14 @@ class TaskJournal:
                 task.started_at = time.time()
         self._edit(fn)
 
+    def mark_unknown(self, why: dict[str, Any]) -> None:
+        """Reconciliation could not tell where the VM runs: nothing destructive until it can (or an operator
+        decides). The task stays unfinished, so the VM cannot be moved meanwhile."""
+        def fn(task: Task) -> None:
+            task.state = "unknown"
+            task.progress_json = json.dumps({"unknown": why})
+        self._edit(fn)
+
     def live(self, data: dict[str, Any], progress: float | None = None) -> None:
         def fn(task: Task) -> None:
             task.progress_json = json.dumps(data)
@@ -116,9 +125,8 @@ MIGRATION_KINDS = ("vmotion", "svmotion", "xvmotion", "cold")
 
 
 def achieved(sessions: sessionmaker[Session], hosts: tuple[str, str], encryption: str | None,
-             limit: int = 200) -> list[tuple[float, float]]:
-    """(peak pre-copy Mbit/s, orchestration overhead s) of recent successful live migrations between two hosts
-    (either way), newest first; the overhead is the task's total time minus QEMU's."""
+             limit: int = 200) -> list[Achieved]:
+    """What recent successful live migrations between two hosts (either way) achieved, newest first."""
     with sessions() as s:
         rows = s.scalars(select(Task).where(Task.kind.in_(("vmotion", "xvmotion")), Task.state == "success",
                                             Task.source.in_(hosts), Task.destination.in_(hosts))
@@ -130,7 +138,9 @@ def achieved(sessions: sessionmaker[Session], hosts: tuple[str, str], encryption
                 continue
             peak = max((p.get("mbps") or 0 for p in r.get("pass_log") or []), default=0)
             if peak > 0 and r.get("total_time_s") and r.get("qemu_total_time_ms"):
-                out.append((float(peak), max(0.0, r["total_time_s"] - r["qemu_total_time_ms"] / 1000.0)))
+                qemu_s = r["qemu_total_time_ms"] / 1000.0
+                out.append(Achieved(float(peak), max(0.0, r["total_time_s"] - qemu_s), qemu_s,
+                                    (r.get("prediction") or {}).get("qemu_s_model")))
         return out
 
 

@@ -33,6 +33,7 @@ class StreamPlan:
     downtime_steps: list[int]
     multifd_channels: int
     xbzrle_cache_bytes: int
+    auto_converge: bool = False
     why: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -57,10 +58,12 @@ def xbzrle_cache_for(memory_mb: int, dirty_mb_s: float) -> int:
 
 
 def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, converges: bool | None,
-         dirty_mb_s: float, multifd: int | None = None, xbzrle: bool | None = None) -> StreamPlan:
-    """``multifd``/``xbzrle`` override the automatic choice (None: automatic)."""
+         dirty_mb_s: float, multifd: int | None = None, xbzrle: bool | None = None,
+         auto_converge: bool = True) -> StreamPlan:
+    """``multifd``/``xbzrle`` override the automatic choice (None: automatic); ``auto_converge`` is the
+    policy's permission to throttle the guest when pre-copy stops converging."""
     if profile == "qemu-defaults":
-        return StreamPlan(profile, QEMU_DEFAULT_BANDWIDTH, [QEMU_DEFAULT_DOWNTIME_MS], 0, 0,
+        return StreamPlan(profile, QEMU_DEFAULT_BANDWIDTH, [QEMU_DEFAULT_DOWNTIME_MS], 0, 0, False,
                           ["QEMU's defaults: 128 MiB/s, 300 ms downtime limit, one stream"])
     why = [f"bandwidth: this migration's share of the link, {bandwidth_mbps} Mbit/s"]
     channels = channels_for(bandwidth_mbps) if multifd is None else multifd
@@ -80,4 +83,7 @@ def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, conv
                                                                       else ")")
     why.append(reason)
     cache = xbzrle_cache_for(memory_mb, dirty_mb_s) if use_x else 0
-    return StreamPlan(profile, bandwidth_mbps * MBIT, decisions.downtime_steps(budget_ms), channels, cache, why)
+    why.append("auto-converge armed: QEMU throttles the vCPUs if two passes in a row dirty more than half of "
+               "what they send" if auto_converge else "no auto-converge (policy)")
+    return StreamPlan(profile, bandwidth_mbps * MBIT, decisions.downtime_steps(budget_ms), channels, cache,
+                      auto_converge, why)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from enum import StrEnum
 from typing import Any
@@ -45,6 +46,17 @@ PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.DISKS: 6, Phase.PRECOPY
                Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
 
 
+CRASH_AT_ENV = "KVMOTION_FAULT_CRASH_AT"
+
+
+def crash_point(phase: Phase) -> None:
+    """Fault injection for the crash tests: the controller dies right after persisting ``phase``, the way a
+    power cut would, when ``KVMOTION_FAULT_CRASH_AT`` names it. Unset in production."""
+    if os.environ.get(CRASH_AT_ENV) == str(phase):
+        log.critical("fault injection: controller exits at phase %s", phase)
+        os._exit(70)
+
+
 def migration_address(inv: Inventory, host: str) -> str:
     facts = inv.host_facts(host)
     for iface in facts.migration_interfaces if facts else []:
@@ -69,6 +81,7 @@ class VMotion:
         self.resume_info: dict[str, Any] = {}
         self.downtime_steps: list[dict[str, Any]] = []
         self.cancel_requested = False
+        self.force_requested = False        # the operator asked to switch over now
         self.encryption: dict[str, Any] = {}
         self.bandwidth_mbps = bandwidth_mbps          # this migration's share of its links, set by admission
         self.bandwidth_log: list[dict[str, Any]] = [{"t": time.time(), "mbps": bandwidth_mbps}]
@@ -93,6 +106,11 @@ class VMotion:
             except KvmotionError as exc:
                 log.warning("could not set the bandwidth of %s: %s", self.spec.name, exc)
 
+    def request_force_complete(self) -> None:
+        if self.resumed or self.switching:
+            raise ConflictError(f"the migration of {self.spec.name} is already switching over", remedy="nothing to do")
+        self.force_requested = True
+
     def request_cancel(self) -> None:
         if self.resumed or self.switching:
             raise ConflictError(f"the migration of {self.spec.name} is past its switchover", remedy="let it finish")
@@ -100,6 +118,7 @@ class VMotion:
 
     async def begin(self, phase: Phase, **detail: Any) -> None:
         await asyncio.to_thread(self.journal.begin_phase, str(phase), PROGRESS_AT.get(phase, 0), None, detail)
+        crash_point(phase)
 
     async def end(self, status: str = "ok", ended_at: float | None = None, **detail: Any) -> None:
         await asyncio.to_thread(self.journal.end_phase, status, detail, ended_at)
@@ -159,7 +178,7 @@ class VMotion:
         await self.src.start_outgoing(self.spec.uuid, OutgoingRequest(
             uri=ready.uri, max_bandwidth_bytes=plan.max_bandwidth_bytes, downtime_limit_ms=plan.downtime_steps[0],
             tls_hostname=dst_address if use_tls else None, multifd_channels=plan.multifd_channels,
-            xbzrle_cache_bytes=plan.xbzrle_cache_bytes))
+            xbzrle_cache_bytes=plan.xbzrle_cache_bytes, auto_converge=plan.auto_converge))
         report = await self._follow_precopy()
 
         await self.begin(Phase.RESUME, host=self.destination)
@@ -202,7 +221,7 @@ class VMotion:
         multifd = first.multifd_channels if first is not None else self.req.multifd_channels
         p = tuning.plan(self.req.tuning, self.bandwidth_mbps, self.req.downtime_ms, self.spec.memory_mb,
                         pred.converges if pred else None, pred.dirty_mb_s if pred else 0.0,
-                        multifd=multifd, xbzrle=self.req.xbzrle)
+                        multifd=multifd, xbzrle=self.req.xbzrle, auto_converge=self.req.auto_converge)
         if first is None or len(p.why) < 2:
             return p
         return dataclasses.replace(p, why=[p.why[0], first.why[1], *p.why[2:]])
@@ -283,6 +302,12 @@ class VMotion:
                 watch.downtime_ms, watch.step_at = decision.downtime_ms, now
                 watch.step_pass = report.passes[-1].pass_no if report.passes else 0
                 self.downtime_steps.append({"t": now, "downtime_ms": decision.downtime_ms, "why": decision.reason})
+            if self.force_requested and not self.switching and decision.action == decisions.Action.WAIT:
+                self.force_requested = False
+                forced = decisions.forced_downtime_ms(report, steps[-1])
+                await self.src.tune(self.spec.uuid, MigrationTuning(downtime_limit_ms=forced))
+                watch.downtime_ms, watch.step_at = forced, now
+                self.downtime_steps.append({"t": now, "downtime_ms": forced, "why": "forced by the operator"})
             if self.cancel_requested and decision.action == decisions.Action.WAIT:
                 raise MigrationFailed("cancelled by the user", remedy="nothing to do; the VM stays on the source")
             if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED) and not self.switching:
@@ -292,6 +317,7 @@ class VMotion:
                                downtime_limit_ms=watch.downtime_ms, downtime_raises=len(self.downtime_steps))
                 await asyncio.to_thread(self.journal.begin_phase, str(Phase.SWITCHOVER),
                                         PROGRESS_AT[Phase.SWITCHOVER], report.pre_switchover_at, {})
+                crash_point(Phase.SWITCHOVER)
             await asyncio.to_thread(self.journal.live, self._live(report, watch),
                                     PROGRESS_AT[Phase.PRECOPY] + 0.8 * decisions.percent(report)
                                     if not self.switching else None)
@@ -326,7 +352,7 @@ class VMotion:
         return {"status": r.status, "pass": r.passes[-1].pass_no if r.passes else 0, "ram_total": r.ram_total,
                 "bandwidth_mbps": self.bandwidth_mbps,
                 "transferred": r.ram_transferred, "remaining": r.ram_remaining, "mbps": r.mbps,
-                "dirty_pages_rate": r.dirty_pages_rate, "eta_s": watch.eta_s,
+                "dirty_pages_rate": r.dirty_pages_rate, "eta_s": watch.eta_s, "converging": watch.converging,
                 "passes": [p.model_dump() for p in r.passes[-50:]]}
 
     def _summary(self, r: MigrationReport) -> dict[str, Any]:
@@ -341,6 +367,8 @@ class VMotion:
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),
                 "downtime_steps": self.downtime_steps, "bandwidth_log": self.bandwidth_log,
                 "stream": self.stream.as_dict() if self.stream else None,
+                "multifd_bytes": r.extra.get("multifd_bytes", 0), "xbzrle": r.extra.get("xbzrle"),
+                "max_cpu_throttle_pct": r.extra.get("max_cpu_throttle_pct", 0),
                 "pass_log": [p.model_dump() for p in r.passes]}
 
     async def _fail(self, exc: KvmotionError) -> None:
@@ -398,7 +426,7 @@ class VMotion:
 
 
 def _remedy_for(reason: str) -> str:
-    if "progress" in reason or "timeout" in reason:
+    if "converge" in reason or "timeout" in reason:
         return "raise --downtime-ms, give the migration more bandwidth, or lower the guest's write rate"
     if "shadow" in reason or "destination" in reason:
         return "check the destination host's agent log and its QEMU log, then retry"

@@ -103,9 +103,10 @@ def _make_datastore(path: Path, name: str, shared: bool) -> None:
          "kind": "directory", "shared": shared}))
 
 
-def _spawn(argv: list[str], log: Path) -> int:
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True,
+                                env={**os.environ, **env} if env else None)
     return proc.pid
 
 
@@ -211,10 +212,12 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     return info
 
 
-def restart(root: Path, name: str, crash: bool = False, deadline_s: float = START_DEADLINE_S) -> int:
+def restart(root: Path, name: str, crash: bool = False, deadline_s: float = START_DEADLINE_S,
+            env: dict[str, str] | None = None) -> int:
     """Stop a lab process ("controller" or "agent-h1") by PID and start it again; returns the new PID.
 
-    ``crash`` kills it with SIGKILL (no clean shutdown). A host's VMs keep running meanwhile.
+    ``crash`` kills it with SIGKILL (no clean shutdown). A host's VMs keep running meanwhile. ``env`` adds
+    environment variables for the new process only (fault injection in tests).
     """
     state = json.loads(state_path(root).read_text())
     if name not in state.get("argv", {}):
@@ -227,7 +230,7 @@ def restart(root: Path, name: str, crash: bool = False, deadline_s: float = STAR
         else:
             _kill(old)
     log = root / "logs" / f"{name}.log"
-    state["pids"][name] = _spawn(state["argv"][name], log)
+    state["pids"][name] = _spawn(state["argv"][name], log, env)
     _write_state(root, state)
     info = load(root)
     assert info is not None

@@ -1,0 +1,170 @@
+"""Reconciling an unfinished vMotion: what both hosts really run decides, never what the journal hoped for.
+
+``observe`` asks each agent about the VM (its QEMU's run state, or that it has none, or that the host did not
+answer); ``decide`` is a pure function of the two views; ``Service`` carries the resolution out. Nothing
+destructive happens while a host does not answer: the task is ``unknown`` until it does, or until an operator
+says where the VM runs (``kvmotion task resolve``).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from kvmotion.common.errors import ErrorCode, KvmotionError
+from kvmotion.controller.agents import AgentClient
+from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.schemas import TaskOut
+from kvmotion.controller.tasks import TaskJournal
+
+
+class Seen(StrEnum):
+    RUNNING = "running"          # QEMU runs the guest
+    HELD = "held"                # QEMU exists, the guest does not run (incoming, paused, postmigrate, …)
+    ABSENT = "absent"            # the agent answers and has no QEMU for the VM
+    UNREACHABLE = "unreachable"  # the agent did not answer
+
+
+class Resolution(StrEnum):
+    COMPLETE = "complete"                        # the destination runs it: release the source, owner → dst
+    RESUME_DESTINATION = "resume-destination"    # the destination holds the complete state, the source is done
+    ROLLBACK = "rollback"                        # the source runs it: remove the shadow
+    RESUME_SOURCE = "resume-source"              # the source is paused and the destination has nothing
+    WAIT = "wait"                                # a host does not answer: nothing destructive (unknown)
+    LOST = "lost"                                # no host has the VM: an operator must decide
+
+
+@dataclass(frozen=True)
+class View:
+    seen: Seen
+    qemu_status: str | None = None
+    incoming_completed: bool = False             # destination: its incoming migration completed
+
+
+@dataclass(frozen=True)
+class Decision:
+    resolution: Resolution
+    reason: str
+
+
+# Source QEMU states after a completed switchover: it may never run again.
+SWITCHED = {"postmigrate"}
+
+
+def decide(src: View, dst: View) -> Decision:
+    if dst.seen == Seen.RUNNING:
+        # The destination runs the guest: the switchover happened. A source found running too is stale:
+        # it is never resumed and never kept (its guest diverged at the switchover).
+        why = "the destination runs the VM"
+        if src.seen == Seen.RUNNING:
+            why += "; the source copy also runs and is stale: it is stopped, never resumed"
+        elif src.seen == Seen.UNREACHABLE:
+            why += "; the source does not answer: it is released when it does"
+        return Decision(Resolution.COMPLETE, why)
+    if dst.seen == Seen.UNREACHABLE:
+        return Decision(Resolution.WAIT, "the destination host does not answer: the VM may run there")
+    if src.seen == Seen.UNREACHABLE:
+        return Decision(Resolution.WAIT, "the source host does not answer and the destination does not run the VM")
+    if dst.seen == Seen.HELD and dst.incoming_completed and src.seen != Seen.RUNNING:
+        return Decision(Resolution.RESUME_DESTINATION,
+                        "the destination holds the complete state and the source stopped at the switchover")
+    if src.seen == Seen.RUNNING:
+        return Decision(Resolution.ROLLBACK, "the source runs the VM; the destination never ran it")
+    if src.seen == Seen.HELD:
+        if src.qemu_status in SWITCHED:
+            return Decision(Resolution.LOST, "the source stopped at a switchover but the destination has no "
+                                             "complete state: an operator must decide")
+        return Decision(Resolution.RESUME_SOURCE, "the source is paused and the destination never ran the VM")
+    return Decision(Resolution.LOST, "neither host has a QEMU for the VM")
+
+
+async def observe(agent: AgentClient, uuid: str, destination: bool) -> View:
+    try:
+        rt = await agent.status(uuid)
+    except KvmotionError as exc:
+        if exc.code == ErrorCode.NOT_FOUND:
+            return View(Seen.ABSENT)
+        return View(Seen.UNREACHABLE)
+    status = rt.qemu_status
+    if status in (None, "exited"):
+        return View(Seen.ABSENT, status)
+    if status == "unreachable":
+        return View(Seen.UNREACHABLE, status)
+    completed = False
+    if destination and status != "running":
+        try:
+            completed = (await agent.migration(uuid)).status == "completed"
+        except KvmotionError:
+            completed = False
+    return View(Seen.RUNNING if status == "running" else Seen.HELD, status, completed)
+
+
+async def _stop_source(src: AgentClient, uuid: str, view: View) -> dict[str, Any]:
+    """Free the source after a switchover: finalize a parked source, stop a stale running one."""
+    try:
+        if view.seen == Seen.RUNNING:
+            await src.stop(uuid)
+            return {"source": "stale copy stopped (never resumed)"}
+        if view.seen == Seen.HELD:
+            return {"source": "released", **(await src.finalize_source(uuid)).model_dump()}
+    except KvmotionError as exc:
+        return {"source": "not released", "source_error": exc.message}
+    return {"source": "gone" if view.seen == Seen.ABSENT else "pending: the source host does not answer"}
+
+
+async def execute(inv: Inventory, journal: TaskJournal, t: TaskOut) -> dict[str, Any]:
+    """Observe both hosts, decide, and carry the resolution out. Returns what was done."""
+    src_agent, dst_agent = inv.agent(t.source), inv.agent(t.destination)
+    src, dst = await asyncio.gather(observe(src_agent, t.vm_uuid, False), observe(dst_agent, t.vm_uuid, True))
+    d = decide(src, dst)
+    out: dict[str, Any] = {"task": t.id, "phase": t.phase, "source_seen": str(src.seen),
+                           "destination_seen": str(dst.seen), "resolution": str(d.resolution), "reason": d.reason,
+                           "checked_at": time.time()}
+    if d.resolution in (Resolution.WAIT, Resolution.LOST):
+        await asyncio.to_thread(journal.mark_unknown, out)
+        return out
+    if d.resolution == Resolution.RESUME_DESTINATION:
+        try:
+            out["resumed"] = await dst_agent.resume(t.vm_uuid, announce=True)
+        except KvmotionError as exc:
+            out["resume_error"] = exc.message
+            await asyncio.to_thread(journal.mark_unknown, out)
+            return out
+    if d.resolution in (Resolution.COMPLETE, Resolution.RESUME_DESTINATION):
+        out |= await _stop_source(src_agent, t.vm_uuid, src)
+        try:
+            lease = await dst_agent.take_lease(t.vm_uuid, expected_holder=t.source)
+            out["lease_holder"] = lease.host
+        except KvmotionError as exc:
+            out["lease_error"] = exc.message
+        runtime = await dst_agent.status(t.vm_uuid)
+        fields: dict[str, Any] = {"host": t.destination}
+        if runtime.spec is not None:
+            fields["spec_json"] = runtime.spec.model_dump_json()
+        await asyncio.to_thread(inv.set_vm, t.vm_uuid, **fields)     # the owner changes last
+        out["vm_runs_on"] = t.destination
+        await asyncio.to_thread(journal.finish, "success", {"reconciled": out})
+        return out
+    # ROLLBACK / RESUME_SOURCE: the shadow goes first, then the source runs on.
+    if dst.seen != Seen.ABSENT:
+        try:
+            out["shadow_removed"] = await dst_agent.abort_incoming(t.vm_uuid)
+        except KvmotionError as exc:
+            out["shadow_error"] = exc.message
+            await asyncio.to_thread(journal.mark_unknown, out)
+            return out
+    for step, call in (("mirror", src_agent.mirror_cancel), ("outgoing", src_agent.cancel_outgoing)):
+        try:
+            await call(t.vm_uuid)
+        except KvmotionError as exc:
+            out[f"{step}_cancel"] = exc.message
+    seen = await observe(src_agent, t.vm_uuid, False)
+    out["source_running"] = seen.seen == Seen.RUNNING
+    out["vm_runs_on"] = t.source if out["source_running"] else None
+    await asyncio.to_thread(journal.finish, "error", None, {
+        "code": "CONTROLLER_RESTARTED", "phase": t.phase, "rollback": out,
+        "message": f"the controller restarted during {t.phase}; the VM stays on {t.source}",
+        "remedy": "start the migration again"})
+    return out

@@ -1,0 +1,196 @@
+"""Faults in the lab, with real QEMU guests: the controller dies at a phase, a host does not answer.
+
+Each case checks that the VM runs on exactly one host, that its guest kept its boot (where it never
+stopped), that no QEMU is left behind, who holds the disk lease, and that the task names the cause.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from kvmotion.cli.client import Client
+from kvmotion.controller.vmotion import CRASH_AT_ENV
+from kvmotion.lab import lab as lab_mod
+from kvmotion.lab import scenario
+from labtools import agent_vms, cli, running_vm, wait_for, xfail_if_tcg_guest_crash
+
+
+def runs_on(lab, uuid: str) -> list[str]:
+    return [h for h in ("h1", "h2") if agent_vms(lab, h).get(uuid, {}).get("state") == "running"]
+
+
+def crash_during(lab, client: Client, name: str, phase: str, dest: str = "h2") -> dict:
+    """Migrate with a controller that dies right after persisting ``phase``; restart it; return the task."""
+    lab_mod.restart(lab.root, "controller", env={CRASH_AT_ENV: phase})
+    task = client.migrate(name, dest)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            client.task(task["id"])
+        except Exception:  # noqa: BLE001 - the controller is gone: it died at the phase
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the controller did not die at {phase}")
+    time.sleep(1.0)                       # what QEMU does by itself meanwhile (it may complete)
+    lab_mod.restart(lab.root, "controller")
+    return wait_for(lambda: (t := client.task(task["id"]))["state"] not in ("queued", "running") and t,
+                    60, f"reconciliation of the task that died at {phase}")
+
+
+@pytest.mark.parametrize("phase,outcome", [("shadow", "error"), ("switchover", "success"), ("resume", "success"),
+                                           ("release", "success")])
+def test_controller_killed_at_a_phase_is_reconciled(lab, phase: str, outcome: str) -> None:
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, f"cr-{phase}", dirty_mb_s=5)
+    ip = vm["spec"]["guest_ip"]
+    before = scenario.guest_heartbeat(lab.net.client_netns, ip)
+    t = crash_during(lab, client, vm["name"], phase)
+    assert t["state"] == outcome, t
+    where = "h2" if outcome == "success" else "h1"
+    if outcome == "success":
+        rec = t["result"]["reconciled"]
+        assert rec["vm_runs_on"] == "h2" and rec["resolution"] in ("complete", "resume-destination"), rec
+        assert rec["lease_holder"] == "h2"
+    else:
+        assert t["error"]["code"] == "CONTROLLER_RESTARTED" and t["error"]["phase"] == phase
+        assert t["error"]["rollback"]["vm_runs_on"] == "h1"
+    # exactly one copy, where the inventory says; no QEMU left on the other host
+    wait_for(lambda: runs_on(lab, vm["uuid"]) == [where], 20, f"the VM running only on {where}")
+    other = "h1" if where == "h2" else "h2"
+    assert vm["uuid"] not in agent_vms(lab, other)
+    assert client.vm(vm["name"])["host"] == where
+    after = wait_for(lambda: scenario.guest_heartbeat(lab.net.client_netns, ip), 20, "the guest's heartbeat")
+    if after["boot_id"] != before["boot_id"]:
+        xfail_if_tcg_guest_crash(lab, client, vm["name"])
+    assert after["boot_id"] == before["boot_id"] and after["seq"] > before["seq"]
+    client.stop_vm(vm["name"])
+    client.delete_vm(vm["name"])
+
+
+def test_unreachable_destination_leaves_the_task_unknown_until_it_answers(lab) -> None:
+    """The controller dies at the switchover and the destination's agent is down when it comes back: the task
+    is `unknown` and nothing is touched. When the agent answers again the move is completed."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "unk1", dirty_mb_s=5)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    lab_mod.restart(lab.root, "controller", env={CRASH_AT_ENV: "switchover"})
+    task = client.migrate("unk1", "h2")
+    wait_for(lambda: _down(client, task["id"]), 60, "the controller to die at the switchover")
+    agent_pid = _stop_agent(lab, "h2")
+    try:
+        lab_mod.restart(lab.root, "controller")
+        t = wait_for(lambda: (x := client.task(task["id"]))["state"] == "unknown" and x, 30, "an unknown task")
+        seen = t["live"]["unknown"]
+        assert seen["destination_seen"] == "unreachable" and "destination" in seen["reason"]
+        assert client.vm("unk1")["host"] == "h1"            # nothing decided yet
+        refused = {f["code"] for f in client.validate("unk1", "h2")}
+        assert "VM_ALREADY_MIGRATING" in refused            # no new move while it is unknown
+    finally:
+        lab_mod.restart(lab.root, "agent-h2")
+    assert agent_pid
+    t = wait_for(lambda: (x := client.task(task["id"]))["state"] == "success" and x, 60,
+                 "the periodic reconciliation to complete the move")
+    assert t["result"]["reconciled"]["vm_runs_on"] == "h2"
+    assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("unk1")["host"] == "h2"
+    after = wait_for(lambda: scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"]), 20, "heartbeat")
+    if after["boot_id"] != before["boot_id"]:
+        xfail_if_tcg_guest_crash(lab, client, "unk1")
+    assert after["boot_id"] == before["boot_id"]
+    client.stop_vm("unk1")
+    client.delete_vm("unk1")
+
+
+def _down(client: Client, task_id: str) -> bool:
+    try:
+        client.task(task_id)
+        return False
+    except Exception:  # noqa: BLE001 - connection refused: it died
+        return True
+
+
+def _stop_agent(lab, host: str) -> int:
+    """Stop a host's agent by its PID (its VMs keep running): the host does not answer."""
+    import json
+    import os
+    import signal
+    state = json.loads(lab_mod.state_path(lab.root).read_text())
+    pid = int(state["pids"][f"agent-{host}"])
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+             open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z", 15, "the agent to stop")
+    return pid
+
+
+def _still_on_source(lab, client: Client, vm: dict, before: dict) -> None:
+    assert runs_on(lab, vm["uuid"]) == ["h1"] and vm["uuid"] not in agent_vms(lab, "h2")
+    assert client.vm(vm["name"])["host"] == "h1"
+    after = wait_for(lambda: scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"]), 20, "heartbeat")
+    if after["boot_id"] != before["boot_id"]:
+        xfail_if_tcg_guest_crash(lab, client, vm["name"])
+    assert after["boot_id"] == before["boot_id"] and after["seq"] > before["seq"]
+
+
+def test_no_escalation_allowed_cancels_with_the_precise_reason(lab) -> None:
+    """20 MB/s of dirtying over a 5 MB/s budget, no auto-converge, no xbzrle, a 50 ms ceiling: plain
+    pre-copy cannot finish; the migration ends at its progress timeout and says why, in numbers."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "ladder0", dirty_mb_s=20, dirty_region_mb=16)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    t = scenario.follow_task(client, client.migrate(
+        "ladder0", "h2", max_bandwidth_mbps=40, auto_converge=False, xbzrle=False, downtime_ms=50,
+        progress_timeout_s=8)["id"], timeout_s=120)
+    assert t["state"] == "error", t
+    msg = t["error"]["message"]
+    assert msg.startswith("did not converge: dirty rate") and "> bandwidth" in msg, msg
+    rates = [float(x) for x in re.findall(r"([0-9.]+) MB/s", msg)]
+    assert rates[0] > rates[1] and 3 < rates[1] < 6          # the measured rates, not a canned text
+    assert t["error"]["rollback"]["source_running"] is True
+    _still_on_source(lab, client, vm, before)
+    client.stop_vm("ladder0")
+    client.delete_vm("ladder0")
+
+
+def test_force_complete_switches_over_a_migration_that_cannot_converge(lab) -> None:
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "force1", dirty_mb_s=20, dirty_region_mb=8)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    task = client.migrate("force1", "h2", max_bandwidth_mbps=40, auto_converge=False, xbzrle=False,
+                          downtime_ms=50, progress_timeout_s=120)
+    wait_for(lambda: (client.task(task["id"])["live"] or {}).get("pass", 0) >= 3, 90, "pre-copy passes")
+    assert client.task(task["id"])["state"] == "running"                # not converging by itself
+    res = cli(lab, "vm", "migrate", "force1", "--force-complete")
+    assert res.returncode == 0, res.stdout + res.stderr
+    t = scenario.follow_task(client, task["id"], timeout_s=60)
+    assert t["state"] == "success", t.get("error")
+    forced = [s for s in t["result"]["downtime_steps"] if s["why"] == "forced by the operator"]
+    assert len(forced) == 1 and forced[0]["downtime_ms"] > 50
+    assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("force1")["host"] == "h2"
+    after = wait_for(lambda: scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"]), 20, "heartbeat")
+    if after["boot_id"] != before["boot_id"]:
+        xfail_if_tcg_guest_crash(lab, client, "force1")
+    assert after["boot_id"] == before["boot_id"]
+    client.stop_vm("force1")
+    client.delete_vm("force1")
+
+
+def test_auto_converge_completes_what_plain_precopy_cannot(lab) -> None:
+    """The same guest and budget with the ladder allowed: QEMU throttles the vCPUs and the downtime target
+    rises to the ceiling; the move completes and the report shows the throttle that did it."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "ladder1", dirty_mb_s=20, dirty_region_mb=16)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    t = scenario.follow_task(client, client.migrate("ladder1", "h2", max_bandwidth_mbps=40, xbzrle=False,
+                                                    progress_timeout_s=60)["id"], timeout_s=180)
+    assert t["state"] == "success", t.get("error")
+    r = t["result"]
+    assert r["stream"]["auto_converge"] is True and r["max_cpu_throttle_pct"] >= 20, r
+    assert runs_on(lab, vm["uuid"]) == ["h2"]
+    after = wait_for(lambda: scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"]), 20, "heartbeat")
+    if after["boot_id"] != before["boot_id"]:
+        xfail_if_tcg_guest_crash(lab, client, "ladder1")
+    assert after["boot_id"] == before["boot_id"]
+    client.stop_vm("ladder1")
+    client.delete_vm("ladder1")
