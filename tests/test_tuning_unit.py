@@ -118,3 +118,24 @@ def test_markdown_and_plots(tmp_path: Path) -> None:
     paths = report.plots(result, tmp_path)
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_watch_absorbs_passes_throttle_multifd_and_xbzrle() -> None:
+    from kvmotion.agent.migration import MigrationWatch
+    w = MigrationWatch(None, "source")  # type: ignore[arg-type]   # absorb never touches the VM
+
+    def info(sync: int, remaining: int, **extra: object) -> dict:
+        return {"status": "active", "ram": {"total": 1000, "transferred": 5000 - remaining, "remaining": remaining,
+                                            "dirty-pages-rate": 10, "mbps": 80.0, "dirty-sync-count": sync,
+                                            "multifd-bytes": 700}, **extra}
+    w.absorb(info(1, 900))
+    w.absorb(info(1, 500))
+    w.absorb(info(2, 300, **{"cpu-throttle-percentage": 20}))
+    w.absorb(info(3, 200, **{"cpu-throttle-percentage": 30, "xbzrle-cache": {
+        "pages": 5, "bytes": 100, "cache-miss": 2, "overflow": 1}}))
+    w.absorb(info(3, 100))                                  # throttling over: the maximum stays
+    snap = w.snapshot()
+    assert [p.pass_no for p in snap.passes] == [1, 2, 3] and snap.passes[0].remaining == 500
+    assert snap.passes[-1].remaining == 100
+    assert snap.extra["max_cpu_throttle_pct"] == 30 and snap.extra["multifd_bytes"] == 700
+    assert snap.extra["xbzrle"] == {"pages": 5, "bytes": 100, "cache_miss": 2, "overflow": 1}

@@ -44,7 +44,8 @@ def test_decide_waits_switches_completes_and_aborts() -> None:
     assert "151s" in stalled.reason
     r.dirty_pages_rate = 5000
     slow = decisions.decide(r, True, w, now + 151, **args).reason
-    assert slow.startswith("did not converge: dirty rate 20.5 MB/s, bandwidth 100.0 MB/s;")
+    assert slow.startswith("did not converge: the guest rewrites 0.0 MB between passes")
+    assert "dirty rate 20.5 MB/s" in slow
 
 
 def test_completion_timeout_scales_with_memory() -> None:
@@ -183,3 +184,11 @@ def test_concurrent_incoming_preparations_get_different_ports() -> None:
 
     ports = [pick_port("127.0.0.1") for _ in range(5)]       # nothing binds them in between
     assert len(set(ports)) == 5 and all(p in PORT_RANGE for p in ports)
+
+
+def test_forced_downtime_covers_the_working_set() -> None:
+    r = report(remaining=1_000_000, mbps=80.0)                       # 100 ms at 10 MB/s now
+    assert decisions.forced_downtime_ms(r, 500) == decisions.FORCED_MIN_MS
+    r = report(remaining=100_000_000, mbps=80.0)                     # 10 s now
+    assert decisions.forced_downtime_ms(r, 500) == decisions.MAX_FORCED_DOWNTIME_MS
+    assert decisions.forced_downtime_ms(report(mbps=0.0), 500) == decisions.MAX_FORCED_DOWNTIME_MS

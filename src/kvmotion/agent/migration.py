@@ -149,10 +149,6 @@ class MigrationWatch:
             r.dirty_pages_rate = int(ram.get("dirty-pages-rate", 0))
             r.mbps = float(ram.get("mbps", 0.0))
             r.extra["multifd_bytes"] = int(ram.get("multifd-bytes", 0))
-        if "cpu-throttle-percentage" in info:
-            pct = int(info["cpu-throttle-percentage"])
-            r.extra["cpu_throttle_pct"] = pct
-            r.extra["max_cpu_throttle_pct"] = max(pct, int(r.extra.get("max_cpu_throttle_pct", 0)))
             pass_no = int(ram.get("dirty-sync-count", 0))
             if not self._passes or self._passes[-1].pass_no != pass_no:
                 self._passes.append(MigrationPass(
@@ -162,6 +158,10 @@ class MigrationWatch:
                 last = self._passes[-1]
                 last.transferred, last.remaining, last.mbps = r.ram_transferred, r.ram_remaining, r.mbps
                 last.dirty_pages_rate = r.dirty_pages_rate
+        if "cpu-throttle-percentage" in info:       # auto-converge is throttling the vCPUs
+            pct = int(info["cpu-throttle-percentage"])
+            r.extra["cpu_throttle_pct"] = pct
+            r.extra["max_cpu_throttle_pct"] = max(pct, int(r.extra.get("max_cpu_throttle_pct", 0)))
 
 
 async def _tls_object(vm: QemuVM, endpoint: str, tls_dir: str) -> str:

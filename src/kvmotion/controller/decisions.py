@@ -93,8 +93,10 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
     if since_progress > progress_timeout_s:
         dirty = report.dirty_pages_rate * PAGE / 1e6
         link = report.mbps / 8
+        left = (watch.best_remaining or report.ram_remaining) / 1e6
         rates = (f"dirty rate {dirty:.1f} MB/s > bandwidth {link:.1f} MB/s" if dirty > link else
-                 f"dirty rate {dirty:.1f} MB/s, bandwidth {link:.1f} MB/s")
+                 f"the guest rewrites {left:.1f} MB between passes, {left / link * 1000 if link else 0:.0f} ms at "
+                 f"{link:.1f} MB/s, more than the downtime target; dirty rate {dirty:.1f} MB/s")
         return Decision(Action.ABORT, f"did not converge: {rates}; the remaining memory did not shrink for "
                                       f"{since_progress:.0f}s (downtime target {watch.downtime_ms} ms reached)")
     limit = completion_timeout_s(memory_mb, completion_per_gib_s)
@@ -104,14 +106,17 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
 
 
 MAX_FORCED_DOWNTIME_MS = 60_000
+FORCED_MIN_MS = 5_000
 
 
 def forced_downtime_ms(report: MigrationReport, ceiling_ms: int) -> int:
-    """The downtime limit that lets QEMU switch over at its next check: what remains at the measured rate,
-    with half again as margin (at least the policy's ceiling)."""
+    """The downtime limit that makes QEMU switch over at its next check whatever the guest rewrites meanwhile:
+    its remaining memory swings from nearly nothing to the whole working set within a pass, so the limit
+    covers ten times what remains now at the measured rate, and at least 5 s. The real pause is what is left
+    at switchover ÷ the link (QEMU's last stage is not rate-limited)."""
     rate = report.mbps * 125_000            # bytes/s
-    need = report.ram_remaining / rate * 1000 * 1.5 + 100 if rate > 0 else MAX_FORCED_DOWNTIME_MS
-    return int(min(MAX_FORCED_DOWNTIME_MS, max(ceiling_ms, need)))
+    need = report.ram_remaining / rate * 1000 * 10 if rate > 0 else MAX_FORCED_DOWNTIME_MS
+    return int(min(MAX_FORCED_DOWNTIME_MS, max(ceiling_ms, FORCED_MIN_MS, need)))
 
 
 def percent(report: MigrationReport) -> float:
