@@ -26,8 +26,8 @@ def test_auto_lifts_the_cap_to_the_link_and_steps_the_downtime() -> None:
     assert p.multifd_channels == 0 and "one stream" in p.why[1]
 
 
-@pytest.mark.parametrize("link,channels", [(1000, 0), (tuning.ONE_STREAM_MBPS, 0), (10_000, 2), (25_000, 5),
-                                           (100_000, tuning.MAX_CHANNELS)])
+@pytest.mark.parametrize("link,channels", [(1000, 0), (tuning.ONE_STREAM_MBPS, 0), (10_000, 0), (25_000, 3),
+                                           (40_000, 4), (200_000, tuning.MAX_CHANNELS)])
 def test_channels_scale_with_the_link(link: int, channels: int) -> None:
     assert tuning.channels_for(link) == channels
     assert tuning.plan("auto", link, 500, 1024, True, 0.0).multifd_channels == channels
@@ -38,11 +38,11 @@ def test_xbzrle_only_when_plain_precopy_will_not_converge_on_one_stream() -> Non
     assert tuning.plan("auto", 1000, 500, 1024, None, 10.0).xbzrle_cache_bytes == 0
     p = tuning.plan("auto", 1000, 500, 1024, False, 300.0)
     assert p.xbzrle_cache_bytes == 256 * 1024 * 1024 and "not to converge" in p.why[2]
-    assert tuning.plan("auto", 20_000, 500, 1024, False, 300.0).xbzrle_cache_bytes == 0   # multifd: never
+    assert tuning.plan("auto", 40_000, 500, 1024, False, 300.0).xbzrle_cache_bytes == 0   # multifd: never
 
 
 def test_overrides_win_but_xbzrle_never_rides_multifd() -> None:
-    assert tuning.plan("auto", 20_000, 500, 1024, True, 0.0, multifd=0).multifd_channels == 0
+    assert tuning.plan("auto", 40_000, 500, 1024, True, 0.0, multifd=0).multifd_channels == 0
     assert tuning.plan("auto", 1000, 500, 1024, True, 0.0, multifd=4).multifd_channels == 4
     assert tuning.plan("auto", 1000, 500, 1024, True, 5.0, xbzrle=True).xbzrle_cache_bytes > 0
     p = tuning.plan("auto", 1000, 500, 1024, True, 5.0, multifd=2, xbzrle=True)

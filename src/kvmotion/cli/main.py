@@ -275,6 +275,10 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
                downtime_ms: int = typer.Option(500, help="switchover budget"),
                max_bandwidth_mbps: Optional[int] = typer.Option(None, help="cap; default the link speed"),
                priority: str = typer.Option("normal", help="high|normal"),
+               auto_converge: bool = typer.Option(True, "--auto-converge/--no-auto-converge",
+                                                  help="let QEMU throttle the guest when pre-copy stops converging"),
+               progress_timeout_s: float = typer.Option(150.0, help="cancel when remaining memory makes no new "
+                                                                     "low for this long"),
                wait: bool = typer.Option(True, help="follow the task and print its summary"),
                check: bool = typer.Option(False, "--check", help="only print the compatibility findings"),
                force_complete: bool = typer.Option(False, "--force-complete",
@@ -295,7 +299,8 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
     if check:
         raise typer.Exit(check_migration(client, vm, host, **opts))
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
-                                      priority=priority, **opts))
+                                      priority=priority, auto_converge=auto_converge,
+                                      progress_timeout_s=progress_timeout_s, **opts))
     shown = task["options"].get("findings", [])
     if shown:
         console.print(findings_table(shown, "compatibility (not blocking)"))
@@ -406,8 +411,12 @@ def task_show(task_id: str, as_json: bool = typer.Option(False, "--json"), url: 
 @task_app.command("cancel")
 def task_cancel(task_id: str, url: Optional[str] = URL) -> None:
     """Cancel a running migration (before its switchover; the VM stays on the source)."""
+    _act_and_follow(url, lambda c: c.cancel_task(task_id))
+
+
+def _act_and_follow(url: Optional[str], act: Any) -> None:
     client = Client(url)
-    t = run(lambda: client.cancel_task(task_id))
+    t = run(lambda: act(client))
     t = run(lambda: follow(client, t["id"], console))
     print_outcome(t, console)
 
@@ -415,10 +424,7 @@ def task_cancel(task_id: str, url: Optional[str] = URL) -> None:
 @task_app.command("force-complete")
 def task_force_complete(task_id: str, url: Optional[str] = URL) -> None:
     """Switch a live migration over now: the downtime limit is raised to cover what remains."""
-    client = Client(url)
-    t = run(lambda: client.force_complete(task_id))
-    t = run(lambda: follow(client, t["id"], console))
-    print_outcome(t, console)
+    _act_and_follow(url, lambda c: c.force_complete(task_id))
 
 
 # -- lab, image, demo ----------------------------------------------------------------------
