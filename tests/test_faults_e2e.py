@@ -171,3 +171,84 @@ def test_force_complete_switches_over_a_migration_that_cannot_converge(lab) -> N
     assert len(forced) == 1 and forced[0]["downtime_ms"] > 50
     assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("force1")["host"] == "h2"
     same_guest(lab, client, vm, before)
+
+
+def _in_precopy(client: Client, task_id: str) -> dict:
+    return wait_for(lambda: (t := client.task(task_id))["phase"] == "precopy"
+                    and (t["live"] or {}).get("transferred", 0) > 0 and t, 60, "pre-copy under way")
+
+
+@pytest.mark.parametrize("host", ["h1", "h2"])
+def test_an_agent_restarted_mid_precopy_re_adopts_the_migration(lab, host: str) -> None:
+    """The source's (h1) or the destination's (h2) agent dies during pre-copy and comes back: it re-adopts its
+    QEMU and the migration in flight, and the move completes; the guest never stopped."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, f"ag-{host}", dirty_mb_s=5)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    task = client.migrate(vm["name"], "h2", max_bandwidth_mbps=80)       # ~10 s of pre-copy
+    _in_precopy(client, task["id"])
+    lab_mod.restart(lab.root, f"agent-{host}", crash=True)
+    t = scenario.follow_task(client, task["id"], timeout_s=120)
+    assert t["state"] == "success", t.get("error")
+    assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm(vm["name"])["host"] == "h2"
+    assert t["phases"][-1]["detail"]["lease_holder"] == "h2"
+    same_guest(lab, client, vm, before)
+
+
+def test_destination_qemu_killed_while_parked_at_pre_switchover(lab) -> None:
+    import os
+    import signal
+    from kvmotion.agent.migration import PARK_ENV
+    client = Client(lab.controller_url)
+    lab_mod.restart(lab.root, "agent-h1", env={PARK_ENV: "4"})
+    try:
+        vm = running_vm(client, lab, "park1", dirty_mb_s=5)
+        before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+        task = client.migrate("park1", "h2")
+        wait_for(lambda: client.task(task["id"])["phase"] == "switchover", 60, "the switchover")
+        os.kill(agent_vms(lab, "h2")[vm["uuid"]]["pid"], signal.SIGKILL)
+        t = scenario.follow_task(client, task["id"], timeout_s=60)
+        assert t["state"] == "error", t
+        assert t["error"]["rollback"]["source_running"] is True, t["error"]
+        _still_on_source(lab, client, vm, before)
+    finally:
+        lab_mod.restart(lab.root, "agent-h1")
+
+
+def _link(lab, host: str, up: bool) -> None:
+    import subprocess
+    from kvmotion.lab import net
+    subprocess.run(net.netns_exec_argv(lab.net.host(host).netns, ["ip", "link", "set", "mig0", "up" if up else "down"]),
+                   check=True, capture_output=True, timeout=10)
+
+
+def test_migration_link_down_for_two_seconds_recovers(lab) -> None:
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "link1", dirty_mb_s=5)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    task = client.migrate("link1", "h2", max_bandwidth_mbps=80)
+    _in_precopy(client, task["id"])
+    _link(lab, "h2", False)
+    time.sleep(2.0)
+    _link(lab, "h2", True)
+    t = scenario.follow_task(client, task["id"], timeout_s=120)
+    assert t["state"] == "success", t.get("error")
+    assert runs_on(lab, vm["uuid"]) == ["h2"]
+    same_guest(lab, client, vm, before)
+
+
+def test_migration_link_down_for_good_ends_by_the_progress_timeout(lab) -> None:
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "link2", dirty_mb_s=5)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    task = client.migrate("link2", "h2", max_bandwidth_mbps=80, progress_timeout_s=8)
+    _in_precopy(client, task["id"])
+    _link(lab, "h2", False)
+    try:
+        t = scenario.follow_task(client, task["id"], timeout_s=90)
+    finally:
+        _link(lab, "h2", True)
+    assert t["state"] == "error", t
+    assert "did not shrink" in t["error"]["message"] or "did not converge" in t["error"]["message"], t["error"]
+    assert t["error"]["rollback"]["source_running"] is True
+    _still_on_source(lab, client, vm, before)

@@ -139,3 +139,19 @@ def test_watch_absorbs_passes_throttle_multifd_and_xbzrle() -> None:
     assert snap.passes[-1].remaining == 100
     assert snap.extra["max_cpu_throttle_pct"] == 30 and snap.extra["multifd_bytes"] == 700
     assert snap.extra["xbzrle"] == {"pages": 5, "bytes": 100, "cache_miss": 2, "overflow": 1}
+
+
+def test_soak_tally_catches_reboots_and_heartbeats_going_back() -> None:
+    from kvmotion.bench.soak import Tally, check_beat
+    t = Tally()
+    check_beat(t, {"seq": 10, "boot_id": "a"}, "start")
+    t.migrations, t.downtime_ms, t.total_s = 2, [20.0, 40.0], [0.5, 0.7]
+    check_beat(t, {"seq": 12, "boot_id": "a"}, "after #1")
+    assert t.ok and t.as_dict()["heartbeat_seq"] == [10, 12] and t.as_dict()["downtime_ms_p50"] == 30.0
+    check_beat(t, {"seq": 11, "boot_id": "a"}, "after #2")
+    check_beat(t, {"seq": 1, "boot_id": "b"}, "after #3")
+    check_beat(t, None, "after #4")
+    assert not t.ok and len(t.heartbeat_breaks) == 3
+    assert "went back" in t.heartbeat_breaks[0] and "rebooted" in t.heartbeat_breaks[1]
+    t2 = Tally(migrations=1, failures=["#1 h1→h2: did not converge"])
+    assert not t2.ok and t2.as_dict()["failures"] == 1

@@ -190,8 +190,8 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
         return await agent.tune(uuid, req)
 
     @app.post("/v1/vms/{uuid}/migration/cancel")
-    async def cancel(uuid: str) -> MigrationReport | None:
-        return await agent.cancel_outgoing(uuid)
+    async def cancel(uuid: str, resume_if_completed: bool = True) -> MigrationReport | None:
+        return await agent.cancel_outgoing(uuid, resume_if_completed)
 
     @app.post("/v1/vms/{uuid}/resume")
     async def resume(uuid: str, announce: bool = False) -> dict[str, Any]:

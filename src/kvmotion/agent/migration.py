@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import collections
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from kvmotion.common.types import IncomingReady, MigrationPass, MigrationReport,
 log = logging.getLogger(__name__)
 
 PORT_RANGE = range(49152, 49408)
+PARK_ENV = "KVMOTION_FAULT_PARK_S"
 POLL_S = 0.1
 MAX_PASSES_KEPT = 200
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -346,13 +348,13 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
         vm.migration = None
         raise
     vm.transition(VMRunState.MIGRATING_OUT)
-    watch.task = asyncio.create_task(_watch_outgoing(watch, listener, listener_cm, req, handoff),
+    watch.task = asyncio.create_task(_watch_outgoing(watch, listener, listener_cm, req.auto_continue, handoff),
                                      name=f"outgoing-{vm.spec.name}")
     return watch
 
 
 async def _watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any,
-                          req: OutgoingRequest, handoff: Hook | None) -> None:
+                          auto_continue: bool, handoff: Hook | None) -> None:
     vm = watch.vm
     r = watch.report
     try:
@@ -360,12 +362,18 @@ async def _watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any
         while True:
             ev = await next_event(listener, timeout=POLL_S)
             status = ev["data"].get("status") if ev and ev.get("event") == "MIGRATION" else None
-            if status == "pre-switchover" and req.auto_continue:
+            if status is None and r.status == "pre-switchover" and r.pre_switchover_at is None:
+                status = "pre-switchover"            # parked before this agent started (re-adopted): seen by poll
+            if status == "pre-switchover" and auto_continue and r.pre_switchover_at is None:
                 r.pre_switchover_at = time.time()
                 r.status = status
                 watch.bump()
                 if handoff is not None:
                     await handoff(vm)
+                park = float(os.environ.get(PARK_ENV, "0") or 0)
+                if park > 0:      # fault injection for tests: hold the switchover; unset in production
+                    log.critical("fault injection: parked at pre-switchover for %.1f s", park)
+                    await asyncio.sleep(park)
                 await _qmp(vm).execute("migrate-continue", {"state": "pre-switchover"})
                 r.continued_at = time.time()
                 r.parked_ms = (r.continued_at - r.pre_switchover_at) * 1000.0
@@ -416,8 +424,11 @@ async def tune(vm: QemuVM, downtime_limit_ms: int | None, max_bandwidth_bytes: i
     return params
 
 
-async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0) -> MigrationReport | None:
-    """Cancel; if QEMU already completed but the destination never ran, resume the source."""
+async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0, resume_if_completed: bool = True
+                          ) -> MigrationReport | None:
+    """Cancel; if QEMU already completed but the destination never ran, resume the source, but only when the
+    controller confirmed the destination's shadow is gone (``resume_if_completed``): otherwise the VM could run
+    twice, and it stays parked for reconciliation."""
     watch: MigrationWatch | None = vm.migration
     if watch is None:
         return None
@@ -431,7 +442,7 @@ async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0) -> MigrationReport 
     except asyncio.TimeoutError as exc:
         raise MigrationFailed(f"migration of {vm.spec.name} did not stop within {timeout:.0f}s after cancel",
                               remedy="inspect the source QEMU; the VM was not handed over") from exc
-    if vm.state == VMRunState.MIGRATED:
+    if vm.state == VMRunState.MIGRATED and resume_if_completed:
         # Completed on the wire, but the destination was never started: roll back (cookbook §1).
         await _qmp(vm).execute("cont")
         vm.transition(VMRunState.RUNNING)
@@ -474,3 +485,44 @@ async def announce(vm: QemuVM, rounds: int = 5) -> dict[str, Any]:
     params = {"initial": 50, "max": 550, "rounds": rounds, "step": 100}
     await _qmp(vm).execute("announce-self", params)
     return {"announced_at": time.time(), "rounds": rounds, "macs": [n.mac for n in vm.spec.nics]}
+
+
+async def readopt(vm: QemuVM) -> MigrationWatch | None:
+    """After an agent restart: follow the migration QEMU is still running for a re-adopted VM.
+
+    A source parked at pre-switchover is continued (the switchover then completes as if nothing happened). A
+    source with block mirrors is cancelled instead: their hand-over at the switchover died with the old agent,
+    and a switchover without it would leave the destination's disks behind. A completed incoming state that was
+    never run stays incoming, so the controller (or its reconciliation) resumes it.
+    """
+    info = await query_migrate(vm)
+    status = info.get("status")
+    if not status or status == "none" or (status in TERMINAL and vm.state == VMRunState.RUNNING):
+        return None                         # nothing in flight (e.g. a VM that arrived here and runs)
+    role = "destination" if vm.state == VMRunState.INCOMING or vm.role == "incoming" else "source"
+    watch = MigrationWatch(vm, role)
+    watch.report.extra["readopted_at"] = time.time()
+    watch.absorb(info)
+    vm.migration = watch
+    qmp = _qmp(vm)
+    if role == "source" and status not in TERMINAL and (await qmp.execute("query-block-jobs", timeout=5)):
+        log.warning("%s: migration with disk mirrors re-adopted: cancelling it", vm.spec.name)
+        await qmp.execute("migrate_cancel")
+        watch.report.error = "the source agent restarted during a migration with disk mirrors"
+    if status in TERMINAL:
+        watch.done.set()
+        if role == "destination" and status == "completed" and vm.state != VMRunState.RUNNING:
+            vm.state = VMRunState.INCOMING
+        return watch
+    listener_cm = qmp.listener(("MIGRATION", "MIGRATION_PASS"))
+    listener = listener_cm.__enter__()
+    if role == "source":
+        vm.state = VMRunState.MIGRATING_OUT
+        watch.task = asyncio.create_task(_watch_outgoing(watch, listener, listener_cm, True, None),
+                                         name=f"outgoing-{vm.spec.name}")
+    else:
+        vm.state = VMRunState.INCOMING
+        watch.task = asyncio.create_task(_watch_incoming(watch, listener, listener_cm, True),
+                                         name=f"incoming-{vm.spec.name}")
+    vm.save_record()
+    return watch

@@ -93,7 +93,13 @@ class Agent(AgentStorage):
             if await vm.adopt(record):
                 self.vms[spec.uuid] = vm
                 adopted.append(spec.name)
-                log.info("re-adopted %s (pid %s, %s)", spec.name, vm.pid, vm.state)
+                try:
+                    watch = await migration.readopt(vm)
+                except KvmotionError as exc:
+                    log.warning("could not follow the migration of re-adopted %s: %s", spec.name, exc)
+                    watch = None
+                log.info("re-adopted %s (pid %s, %s%s)", spec.name, vm.pid, vm.state,
+                         f", migration {watch.report.role} {watch.report.status}" if watch else "")
             else:
                 vm.taps = list(record.get("taps", []))
                 await vm.kill()   # gone or not ours: clear the stale record and taps
@@ -313,8 +319,8 @@ class Agent(AgentStorage):
             report.status, report.error = "failed", "destination QEMU exited"
         return report
 
-    async def cancel_outgoing(self, uuid: str) -> MigrationReport | None:
-        return await migration.cancel_outgoing(self.get(uuid))
+    async def cancel_outgoing(self, uuid: str, resume_if_completed: bool = True) -> MigrationReport | None:
+        return await migration.cancel_outgoing(self.get(uuid), resume_if_completed=resume_if_completed)
 
     async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, object]:
         return await migration.tune(self.get(uuid), tuning.downtime_limit_ms, tuning.max_bandwidth_bytes)

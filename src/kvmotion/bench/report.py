@@ -165,18 +165,29 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     recs = [r for r in result["records"] if r["ok"]]
     paths = []
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for (link, mem, dirty, variant), runs in sorted(groups(recs).items()):
-        log = runs[0]["pass_log"]
-        if log:
-            ax.plot([p["t"] for p in log], [p["remaining"] / 2 ** 20 for p in log], marker="o", markersize=3,
-                    linestyle="-" if variant == "kvmotion" else "--", label=f"{link} {mem}M {dirty:g}MB/s {variant}")
-    ax.set_xlabel("seconds since the first pass")
-    ax.set_ylabel("remaining MiB")
-    ax.set_title("remaining memory per pass")
-    ax.legend(fontsize=6, ncol=2)
+    links = sorted({r["link"] for r in recs}) or ["none"]
+    fig, axes = plt.subplots(1, len(links), figsize=(5 * len(links), 4.5), sharey=True, squeeze=False)
+    cases = sorted({(r["memory_mb"], r["dirty_mb_s"]) for r in recs})
+    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(cases)}
+    for ax, link in zip(axes[0], links):
+        for (lk, mem, dirty, variant), runs in sorted(groups(recs).items()):
+            log = runs[0]["pass_log"]
+            if lk != link or not log:
+                continue
+            ax.plot([p["t"] for p in log], [max(p["remaining"] / 2 ** 20, 0.01) for p in log], marker="o", markersize=3,
+                    color=colors[(mem, dirty)], linestyle="-" if variant == "kvmotion" else "--",
+                    label=f"{mem} MiB, {dirty:g} MB/s, {variant}")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.01)                     # a completed migration's last point (nothing left)
+        ax.set_title(f"link: {link}")
+        ax.set_xlabel("seconds since the first pass")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("remaining MiB (log)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle("remaining memory per pass (solid: kvmotion, dashed: QEMU defaults or other variants)")
     paths.append(out_dir / "remaining.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))

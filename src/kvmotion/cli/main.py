@@ -516,6 +516,23 @@ def bench_migrate(sizes: str = typer.Option("256,1024,2048", help="guest RAM, Mi
                   f"{out / 'remaining.png'}, {out / 'downtime.png'}")
 
 
+@bench_app.command("soak")
+def bench_soak(migrations: int = typer.Option(50, min=1, max=10000), dirty: float = typer.Option(20.0, help="MB/s"),
+               memory: int = typer.Option(256, help="guest MiB")) -> None:
+    """Back-and-forth live migrations of one dirtying guest; exit 1 on any failure or heartbeat break."""
+    from kvmotion.bench import soak
+
+    tally = soak.run(migrations, dirty, memory, log=lambda m: console.print(m, markup=False, highlight=False))
+    t = tally.as_dict()
+    console.print(f"soak: {t['migrations']} migrations, {t['failures']} failures, "
+                  f"{len(t['heartbeat_breaks'])} heartbeat breaks (boot {t['boot_id']}, heartbeat "
+                  f"{t['heartbeat_seq'][0]} → {t['heartbeat_seq'][1]}); downtime p50 {t['downtime_ms_p50']} ms, "
+                  f"p99 {t['downtime_ms_p99']} ms, max {t['downtime_ms_max']} ms; total p50 {t['total_s_p50']} s")
+    for reason in t["failure_reasons"] + t["heartbeat_breaks"]:
+        err_console.print(f"[red]{reason}[/]")
+    raise typer.Exit(0 if tally.ok else 1)
+
+
 @bench_app.command("report")
 def bench_report(results: Path = typer.Argument(..., help="a bench-migrate.json"),
                  out: Optional[Path] = typer.Option(None, help="where the Markdown and plots go (default: beside)")) -> None:

@@ -126,8 +126,9 @@ class AgentClient:
     async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, Any]:
         return await self._call("POST", f"/v1/vms/{uuid}/migration/tune", tuning.model_dump(), timeout=8)
 
-    async def cancel_outgoing(self, uuid: str) -> MigrationReport | None:
-        data = await self._call("POST", f"/v1/vms/{uuid}/migration/cancel", timeout=20)
+    async def cancel_outgoing(self, uuid: str, resume_if_completed: bool = True) -> MigrationReport | None:
+        data = await self._call("POST", f"/v1/vms/{uuid}/migration/cancel", timeout=20,
+                                params=None if resume_if_completed else {"resume_if_completed": False})
         return MigrationReport.model_validate(data) if data else None
 
     async def resume(self, uuid: str, announce: bool = False) -> dict[str, Any]:

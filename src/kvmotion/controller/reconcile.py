@@ -163,8 +163,12 @@ async def execute(inv: Inventory, journal: TaskJournal, t: TaskOut) -> dict[str,
     seen = await observe(src_agent, t.vm_uuid, False)
     out["source_running"] = seen.seen == Seen.RUNNING
     out["vm_runs_on"] = t.source if out["source_running"] else None
-    await asyncio.to_thread(journal.finish, "error", None, {
-        "code": "CONTROLLER_RESTARTED", "phase": t.phase, "rollback": out,
-        "message": f"the controller restarted during {t.phase}; the VM stays on {t.source}",
-        "remedy": "start the migration again"})
+    earlier = ((t.live or {}).get("unknown") or {}).get("error") if t.state == "unknown" else None
+    if earlier:        # the engine had failed and could not finish its rollback: now it is finished
+        error = earlier | {"rollback": (earlier.get("rollback") or {}) | {"reconciled": out}}
+    else:
+        error = {"code": "CONTROLLER_RESTARTED", "phase": t.phase, "rollback": out,
+                 "message": f"the controller restarted during {t.phase}; the VM stays on {t.source}",
+                 "remedy": "start the migration again"}
+    await asyncio.to_thread(journal.finish, "error", None, error)
     return out

@@ -93,8 +93,10 @@ class TaskJournal:
         """Reconciliation could not tell where the VM runs: nothing destructive until it can (or an operator
         decides). The task stays unfinished, so the VM cannot be moved meanwhile."""
         def fn(task: Task) -> None:
+            before = (json.loads(task.progress_json or "{}") or {}).get("unknown") or {}
             task.state = "unknown"
-            task.progress_json = json.dumps({"unknown": why})
+            kept = {"error": before["error"]} if "error" in before and "error" not in why else {}
+            task.progress_json = json.dumps({"unknown": why | kept})   # the engine's error survives re-checks
         self._edit(fn)
 
     def live(self, data: dict[str, Any], progress: float | None = None) -> None:

@@ -12,7 +12,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
+from kvmotion.common.errors import AgentUnreachable, ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import DiskTarget, MigrationReport, MigrationTuning, MirrorRequest, OutgoingRequest, VMSpec
 from kvmotion.checks.rules import encryption_plan
 from kvmotion.controller import compat, decisions, predict, tuning
@@ -26,6 +26,8 @@ from kvmotion.controller.tasks import TaskJournal
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+AGENT_GRACE_S = 30.0      # an agent may restart mid-migration (it re-adopts QEMU and its migration)
+OUTAGE_POLL_S = 0.5
 MBIT = 125_000            # bytes/s per Mbit/s
 
 
@@ -82,6 +84,7 @@ class VMotion:
         self.downtime_steps: list[dict[str, Any]] = []
         self.cancel_requested = False
         self.force_requested = False        # the operator asked to switch over now
+        self.outages: dict[str, float] = {}  # side -> since when its agent does not answer
         self.encryption: dict[str, Any] = {}
         self.bandwidth_mbps = bandwidth_mbps          # this migration's share of its links, set by admission
         self.bandwidth_log: list[dict[str, Any]] = [{"t": time.time(), "mbps": bandwidth_mbps}]
@@ -288,8 +291,21 @@ class VMotion:
         since: str | None = None
         while True:
             # A long poll: it returns at once when QEMU's status changes (pre-switchover, completion).
-            report, dst_alive = await asyncio.gather(self.src.migration(self.spec.uuid, wait_s=POLL_S, since=since),
-                                                     self._shadow_alive())
+            got, alive = await asyncio.gather(self.src.migration(self.spec.uuid, wait_s=POLL_S, since=since),
+                                              self._shadow_alive(), return_exceptions=True)
+            if isinstance(got, AgentUnreachable):          # an agent restart: QEMU goes on, so do we, a while
+                self._outage("source", self.source)
+                await asyncio.sleep(OUTAGE_POLL_S)
+                continue
+            if isinstance(got, BaseException):
+                raise got
+            self.outages.pop("source", None)
+            report = got
+            if alive is None:
+                self._outage("destination", self.destination)
+            else:
+                self.outages.pop("destination", None)
+            dst_alive = alive is not False
             since = report.status
             now = time.time()
             watch.observe(report, now)
@@ -328,12 +344,22 @@ class VMotion:
             if decision.action == decisions.Action.ABORT:
                 raise MigrationFailed(decision.reason, remedy=_remedy_for(decision.reason))
 
-    async def _shadow_alive(self) -> bool:
+    async def _shadow_alive(self) -> bool | None:
+        """True/False as the destination agent reports it; None when the agent does not answer."""
         try:
             rep = await self.dst.migration(self.spec.uuid)
             return rep.status not in ("failed", "cancelled")
+        except AgentUnreachable:
+            return None
         except KvmotionError:
             return False
+
+    def _outage(self, side: str, host: str) -> None:
+        """An agent does not answer: QEMU's migration does not need it, so wait up to ``AGENT_GRACE_S``."""
+        since = self.outages.setdefault(side, time.time())
+        if time.time() - since > AGENT_GRACE_S:
+            raise MigrationFailed(f"the {side} host {host}'s agent has not answered for {AGENT_GRACE_S:.0f}s",
+                                  remedy=f"check kvmotion-agent on {host}; the migration was rolled back")
 
     async def _resume(self) -> dict[str, Any]:
         try:
@@ -382,6 +408,14 @@ class VMotion:
             rollback = await self._rollback()
             await self.end("ok" if rollback.get("source_running") else "failed", **rollback)
         error = exc.to_dict() | {"phase": failed_phase, "rollback": rollback}
+        if self.resumed or rollback.get("needs_reconcile"):
+            # The VM may run on the destination (resumed), or a host did not answer the rollback: where it
+            # runs is not known for sure. Nothing more is done until reconciliation sees both hosts.
+            side = "destination" if rollback.get("needs_reconcile") else "either"
+            await asyncio.to_thread(self.journal.mark_unknown, {
+                "reason": f"{exc.message}; the {side} host must answer before the move is completed or undone",
+                "error": error, "checked_at": time.time()})
+            return
         result = self._summary(self.report) if self.report else {}
         await asyncio.to_thread(self.journal.finish, "error", result, error)
 
@@ -404,13 +438,17 @@ class VMotion:
                 out["shadow_error"] = exc.message
                 out["source_running"] = False
                 out["vm_runs_on"] = self.destination
+                out["needs_reconcile"] = True   # reconciliation completes the move (inventory, lease, source)
                 return out
-            except KvmotionError as exc:
+            except KvmotionError as exc:    # unknown: the shadow may exist, and may even run
                 out["shadow_error"] = exc.message
+                out["needs_reconcile"] = True
         if self.outgoing_started:
             try:
-                await self.src.cancel_outgoing(self.spec.uuid)
+                rep = await self.src.cancel_outgoing(self.spec.uuid, resume_if_completed=not out.get("needs_reconcile"))
                 out["cancelled"] = True
+                if rep is not None and rep.status == "completed" and out.get("needs_reconcile"):
+                    out["source_parked"] = "the switchover completed on the wire; the source stays paused"
             except KvmotionError as exc:
                 out["cancel_error"] = exc.message
         if self.home_made and self.reloc is not None and out.get("shadow_removed"):
