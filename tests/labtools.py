@@ -76,7 +76,7 @@ def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-CRASH_MARKERS = ("Kernel panic", "BUG:", "Oops:", "general protection fault")
+CRASH_MARKERS = scenario.CRASH_MARKERS
 KNOWN_TCG_BUG = ("QEMU 7.2 under TCG corrupted the guest's memory during live migration while it received "
                  "network traffic (a QEMU bug, reproduced with plain QMP by benchmarks/tcg_rx_migration_repro.py); "
                  "real hosts use KVM")

@@ -153,5 +153,11 @@ def test_soak_tally_catches_reboots_and_heartbeats_going_back() -> None:
     check_beat(t, None, "after #4")
     assert not t.ok and len(t.heartbeat_breaks) == 3
     assert "went back" in t.heartbeat_breaks[0] and "rebooted" in t.heartbeat_breaks[1]
+    t3 = Tally(migrations=1)
+    check_beat(t3, {"seq": 5, "boot_id": "a"}, "start")
+    check_beat(t3, {"seq": 2, "boot_id": "b"}, "after #1", ["[ 9.1] Kernel panic - not syncing: Fatal exception"], tcg=True)
+    assert t3.ok and t3.tcg_crashes and not t3.heartbeat_breaks and t3.boot_id == "b"   # the known QEMU bug
+    check_beat(t3, {"seq": 1, "boot_id": "c"}, "after #2", ["[ 9.1] Kernel panic"], tcg=False)   # KVM: ours
+    assert not t3.ok
     t2 = Tally(migrations=1, failures=["#1 h1→h2: did not converge"])
     assert not t2.ok and t2.as_dict()["failures"] == 1

@@ -301,6 +301,8 @@ class VMotion:
                 raise got
             self.outages.pop("source", None)
             report = got
+            if report.status in ("failed", "cancelled"):   # say why: look at the destination after the failure
+                alive = await self._shadow_alive()
             if alive is None:
                 self._outage("destination", self.destination)
             else:

@@ -17,6 +17,8 @@ from kvmotion.lab import net
 from kvmotion.lab.probe import ClientProbe, ProbeReport
 
 GUEST_BOOT_DEADLINE_S = 90.0
+# A guest kernel that crashed (the guest reboots at once: panic=-1) or hung, as its serial console shows it.
+CRASH_MARKERS = ("Kernel panic", "BUG:", "Oops:", "general protection fault")
 _FETCH = "import json,sys,urllib.request as u;print(u.build_opener(u.ProxyHandler({})).open(sys.argv[1],timeout=2).read().decode())"
 
 
