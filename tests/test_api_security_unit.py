@@ -55,6 +55,7 @@ EXPECTED_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/tasks/{task_id}"): "viewer",
     ("POST", "/api/v1/tasks/{task_id}/cancel"): "operator",
     ("POST", "/api/v1/tasks/{task_id}/force-complete"): "operator",
+    ("PATCH", "/api/v1/clusters/{name}"): "admin",
     ("POST", "/api/v1/tokens"): "admin",
     ("GET", "/api/v1/tokens"): "admin",
     ("DELETE", "/api/v1/tokens/{name}"): "admin",

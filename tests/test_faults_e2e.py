@@ -131,14 +131,27 @@ def _still_on_source(lab, client: Client, vm: dict, before: dict) -> None:
 
 
 def test_no_escalation_allowed_cancels_with_the_precise_reason(lab) -> None:
-    """20 MB/s of dirtying over a 5 MB/s budget, no auto-converge, no xbzrle, a 50 ms ceiling: plain
-    pre-copy cannot finish; the migration ends at its progress timeout and says why, in numbers."""
+    """20 MB/s of dirtying over a 5 MB/s budget, no auto-converge, no xbzrle (the cluster's policy), a 50 ms
+    ceiling and an 8 s progress timeout (the VM's own policy): plain pre-copy cannot finish; the migration
+    ends at its progress timeout, says why in numbers, and the task keeps the policy it ran under."""
     client = Client(lab.controller_url)
     vm = running_vm(client, lab, "ladder0", dirty_mb_s=20)
     before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
-    t = scenario.follow_task(client, client.migrate(
-        "ladder0", "h2", max_bandwidth_mbps=40, auto_converge=False, xbzrle=False, downtime_ms=50,
-        progress_timeout_s=8)["id"], timeout_s=120)
+    assert cli(lab, "cluster", "create", "strict").returncode == 0
+    assert cli(lab, "cluster", "add-host", "strict", "h1").returncode == 0
+    try:
+        res = cli(lab, "cluster", "set-policy", "strict", "--no-auto-converge", "--no-xbzrle", "--downtime-ms", "300")
+        assert res.returncode == 0 and "auto_converge" in res.stdout, res.stdout + res.stderr
+        res = cli(lab, "vm", "set", "ladder0", "--downtime-ms", "50", "--progress-timeout-s", "8")
+        assert res.returncode == 0, res.stdout + res.stderr
+        t = scenario.follow_task(client, client.migrate("ladder0", "h2", max_bandwidth_mbps=40)["id"], timeout_s=120)
+    finally:
+        client.call("DELETE", "/clusters/strict/hosts/h1")
+    used = t["options"]["policy"]
+    assert used["auto_converge"] == {"value": False, "from": "cluster"} and used["xbzrle"]["from"] == "cluster"
+    assert used["downtime_ms"] == {"value": 50, "from": "vm"} and used["progress_timeout_s"]["from"] == "vm"
+    assert used["completion_timeout_s_per_gib"] == {"value": 150.0, "from": "default"}
+    assert t["result"]["stream"]["auto_converge"] is False
     assert t["state"] == "error", t
     msg = t["error"]["message"]
     # Either the guest outruns the link, or what it rewrites between passes never fits the target;

@@ -121,6 +121,9 @@ def _unbounded(where: str, schema: dict[str, Any], defs: dict[str, Any]) -> list
             if "maxItems" not in s:
                 out.append(f"{where}: list without a size limit")
             out += _unbounded(f"{where}[]", s.get("items", {}), defs)
+        elif kind == "object" and "properties" in s:        # a nested model: each of its fields
+            for name, sub in s["properties"].items():
+                out += _unbounded(f"{where}.{name}", sub, defs)
         elif kind == "object" and "properties" not in s:
             if "maxProperties" not in s:
                 out.append(f"{where}: dict without a size limit")

@@ -127,7 +127,7 @@ class Client:
         return self.call("POST", f"/vms/{ref}/cdrom", {k: v for k, v in body.items() if v is not None})
 
     def update_vm(self, ref: str, **fields: Any) -> dict[str, Any]:
-        return self.call("PATCH", f"/vms/{ref}", fields)
+        return self.call("PATCH", f"/vms/{ref}", {k: v for k, v in fields.items() if v is not None})
 
     def cert_renew(self, host: str) -> dict[str, Any]:
         return self.call("POST", f"/hosts/{host}/cert/renew")

@@ -171,12 +171,30 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
                   f"datastore {vm['spec']['boot_datastore']}, ip {vm['spec']['guest_ip']}")
 
 
+POLICY_HELP = "migration policy (unset: inherited from the cluster, then the defaults)"
+
+
+def _policy(downtime_ms: Optional[int], progress_timeout_s: Optional[float], completion_timeout_s_per_gib: Optional[float],
+            auto_converge: Optional[bool], xbzrle: Optional[bool]) -> dict[str, Any] | None:
+    p = {"downtime_ms": downtime_ms, "progress_timeout_s": progress_timeout_s, "auto_converge": auto_converge,
+         "completion_timeout_s_per_gib": completion_timeout_s_per_gib, "xbzrle": xbzrle}
+    p = {k: v for k, v in p.items() if v is not None}
+    return p or None
+
+
 @vm_app.command("set")
 def vm_set(vm: str, encrypted_vmotion: Optional[str] = typer.Option(None, help="disabled | opportunistic | required"),
+           downtime_ms: Optional[int] = typer.Option(None, help=f"switchover ceiling, {POLICY_HELP}"),
+           progress_timeout_s: Optional[float] = typer.Option(None, help=POLICY_HELP),
+           completion_timeout_s_per_gib: Optional[float] = typer.Option(None, help=POLICY_HELP),
+           auto_converge: Optional[bool] = typer.Option(None, "--auto-converge/--no-auto-converge", help=POLICY_HELP),
+           xbzrle: Optional[bool] = typer.Option(None, "--xbzrle/--no-xbzrle", help=POLICY_HELP),
            url: Optional[str] = URL) -> None:
-    """Change a VM's settings."""
-    out = run(lambda: Client(url).update_vm(vm, encrypted_vmotion=encrypted_vmotion))
-    console.print(f"VM [bold]{out['name']}[/]: encrypted vMotion {out['spec']['encrypted_vmotion']}")
+    """Change a VM's settings: encrypted vMotion, and its migration policy."""
+    policy = _policy(downtime_ms, progress_timeout_s, completion_timeout_s_per_gib, auto_converge, xbzrle)
+    out = run(lambda: Client(url).update_vm(vm, encrypted_vmotion=encrypted_vmotion, migration_policy=policy))
+    console.print(f"VM [bold]{out['name']}[/]: encrypted vMotion {out['spec']['encrypted_vmotion']}, "
+                  f"migration policy {out['migration_policy'] or 'inherited'}")
 
 
 @cert_app.command("renew")
@@ -272,13 +290,14 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
                disk: list[str] = typer.Option([], "--disk", help="per-disk placement, e.g. --disk 0=ds1 --disk 1=ds2"),
                disk_format: Optional[str] = typer.Option(None, "--disk-format", help="qcow2 (thin) | raw (preallocated)"),
                disk_mbps: Optional[int] = typer.Option(None, help="cap for disk copies, Mbit/s"),
-               downtime_ms: int = typer.Option(500, help="switchover budget"),
+               downtime_ms: Optional[int] = typer.Option(None, help="switchover budget (default: policy, 500)"),
                max_bandwidth_mbps: Optional[int] = typer.Option(None, help="cap; default the link speed"),
                priority: str = typer.Option("normal", help="high|normal"),
-               auto_converge: bool = typer.Option(True, "--auto-converge/--no-auto-converge",
-                                                  help="let QEMU throttle the guest when pre-copy stops converging"),
-               progress_timeout_s: float = typer.Option(150.0, help="cancel when remaining memory makes no new "
-                                                                     "low for this long"),
+               auto_converge: Optional[bool] = typer.Option(None, "--auto-converge/--no-auto-converge",
+                                                            help="let QEMU throttle the guest when pre-copy stops "
+                                                                 "converging (default: policy, on)"),
+               progress_timeout_s: Optional[float] = typer.Option(None, help="cancel when remaining memory makes no "
+                                                                             "new low for this long (default: policy, 150)"),
                wait: bool = typer.Option(True, help="follow the task and print its summary"),
                check: bool = typer.Option(False, "--check", help="only print the compatibility findings"),
                force_complete: bool = typer.Option(False, "--force-complete",
@@ -379,6 +398,21 @@ def cluster_evc_modes(name: str, url: Optional[str] = URL) -> None:
 def cluster_set_evc(name: str, mode: str, url: Optional[str] = URL) -> None:
     c = run(lambda: Client(url).set_evc(name, None if mode == "off" else mode))
     console.print(f"cluster {c['name']}: EVC {c['evc_mode'] or 'off'} (applies to VMs at their next power-on)")
+
+
+@cluster_app.command("set-policy")
+def cluster_set_policy(name: str, downtime_ms: Optional[int] = typer.Option(None, help="switchover ceiling"),
+                       progress_timeout_s: Optional[float] = None, completion_timeout_s_per_gib: Optional[float] = None,
+                       auto_converge: Optional[bool] = typer.Option(None, "--auto-converge/--no-auto-converge"),
+                       xbzrle: Optional[bool] = typer.Option(None, "--xbzrle/--no-xbzrle"),
+                       url: Optional[str] = URL) -> None:
+    """The cluster's default migration policy (a VM's own policy and each request override it)."""
+    policy = _policy(downtime_ms, progress_timeout_s, completion_timeout_s_per_gib, auto_converge, xbzrle)
+    if policy is None:
+        err_console.print("[red]error:[/] nothing to set; remedy: pass e.g. --downtime-ms 300 or --no-auto-converge")
+        raise typer.Exit(2)
+    out = run(lambda: Client(url).call("PATCH", f"/clusters/{name}", {"migration_policy": policy}))
+    console.print(f"cluster [bold]{name}[/]: migration policy {out['migration_policy']}")
 
 
 @cluster_app.command("list")

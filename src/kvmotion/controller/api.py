@@ -18,7 +18,7 @@ from kvmotion import __version__
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.common.types import TlsFact
 from kvmotion.controller import tasks as task_store
-from kvmotion.controller.schemas import (CdromChange, ClusterCreate, ClusterOut, Finding, HostAdd, HostOut,
+from kvmotion.controller.schemas import (CdromChange, ClusterCreate, ClusterOut, ClusterUpdate, Finding, HostAdd, HostOut,
                                          MaintenanceRequest, MigrateRequest, TaskOut, VMCreate, VMOut, VMUpdate)
 from kvmotion.controller.auth import (AUDIT_KEEP, AuditOut, Principal, Role, TokenCreate, TokenCreated, TokenOut,
                                       authenticate_bearer, require_role)
@@ -188,6 +188,11 @@ def create_app(ctl: Controller) -> FastAPI:
     @r.delete("/clusters/{name}/hosts/{host}", dependencies=role(Role.ADMIN))
     async def cluster_remove_host(name: str, host: str) -> ClusterOut:
         return ctl.clusters.remove_host(name, host)
+
+    @r.patch("/clusters/{name}", dependencies=role(Role.ADMIN))
+    async def cluster_update(name: str, req: ClusterUpdate) -> ClusterOut:
+        """The cluster's default migration policy (VMs and requests override it)."""
+        return ctl.clusters.set_policy(name, req.migration_policy)
 
     @r.get("/clusters/{name}/evc-modes", dependencies=role(Role.VIEWER))
     async def cluster_evc_modes(name: str) -> list[str]:

@@ -1,13 +1,16 @@
 """Clusters and EVC baselines: a CPU model every host of the cluster supports, given to its VMs."""
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.controller.db import Cluster, Host
 from kvmotion.controller.inventory import Inventory
-from kvmotion.controller.schemas import ClusterOut
+from kvmotion.controller import policy
+from kvmotion.controller.schemas import ClusterOut, MigrationPolicy
 
 NOT_BASELINES = {"max", "host", "base"}
 
@@ -23,7 +26,8 @@ class Clusters:
             if c is None:
                 raise NotFoundError(f"cluster {name!r} does not exist", remedy="create it: kvmotion cluster create NAME")
             hosts = sorted(s.scalars(select(Host.name).where(Host.cluster == name)).all())
-            return ClusterOut(name=c.name, evc_mode=c.evc_mode, hosts=hosts)
+            return ClusterOut(name=c.name, evc_mode=c.evc_mode, hosts=hosts,
+                              migration_policy=json.loads(c.policy_json or "{}"))
 
     def list(self) -> list[ClusterOut]:
         with self.sessions() as s:
@@ -90,6 +94,19 @@ class Clusters:
             assert c is not None
             c.evc_mode = mode
         return self.get(name)
+
+    def set_policy(self, name: str, change: MigrationPolicy) -> ClusterOut:
+        """The cluster's default migration policy: the fields ``change`` sets replace the current ones."""
+        current = self.get(name).migration_policy
+        with self.sessions.begin() as s:
+            c = s.get(Cluster, name)
+            assert c is not None
+            c.policy_json = json.dumps(policy.merge(current, change))
+        return self.get(name)
+
+    def policy_for_host(self, host: str) -> dict:
+        cluster = self.inv.get_host(host).cluster
+        return self.get(cluster).migration_policy if cluster else {}
 
     def evc_for_host(self, host: str) -> str | None:
         cluster = self.inv.get_host(host).cluster

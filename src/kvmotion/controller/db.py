@@ -41,6 +41,7 @@ class Cluster(Base):
     __tablename__ = "clusters"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     evc_mode: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    policy_json: Mapped[str] = mapped_column(Text, default="{}")      # default migration policy
 
 
 class Datastore(Base):
@@ -74,6 +75,7 @@ class VM(Base):
     host: Mapped[str] = mapped_column(ForeignKey("hosts.name"))
     power_state: Mapped[str] = mapped_column(String(16), default="poweredOff")   # poweredOff | poweredOn
     spec_json: Mapped[str] = mapped_column(Text)
+    policy_json: Mapped[str] = mapped_column(Text, default="{}")      # the VM's migration policy (overrides)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
 

@@ -17,6 +17,7 @@ from kvmotion.common.hostauth import SECRET_FILE, check_secret
 from kvmotion.common.types import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
+from kvmotion.controller import policy
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.controller.schemas import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
@@ -28,7 +29,7 @@ def host_out(h: Host) -> HostOut:
 
 def vm_out(v: VM, runtime: dict[str, Any] | None = None) -> VMOut:
     return VMOut(uuid=v.uuid, name=v.name, host=v.host, power_state=v.power_state,
-                 spec=json.loads(v.spec_json), runtime=runtime)
+                 spec=json.loads(v.spec_json), runtime=runtime, migration_policy=json.loads(v.policy_json or "{}"))
 
 
 def agent_url(address: str) -> str:
@@ -319,7 +320,10 @@ class Inventory:
                 raise ConflictError(f"VM {vm.name} has encrypted disks: it always migrates encrypted",
                                     remedy="use opportunistic or required")
             spec.encrypted_vmotion = req.encrypted_vmotion
-        self.set_vm(vm.uuid, spec_json=spec.model_dump_json())
+        fields: dict[str, Any] = {"spec_json": spec.model_dump_json()}
+        if req.migration_policy is not None:
+            fields["policy_json"] = json.dumps(policy.merge(vm.migration_policy, req.migration_policy))
+        self.set_vm(vm.uuid, **fields)
         return self.get_vm(vm.uuid)
 
     def set_maintenance(self, host: str, state: int) -> HostOut:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -11,6 +12,7 @@ from kvmotion.common.types import VMSpec
 from kvmotion.controller import admission, compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.policy import effective
 from kvmotion.controller.schemas import MigrateRequest, TaskOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.controller.storagemotion import ColdMigration, StorageVMotion
@@ -25,9 +27,12 @@ DEFAULT_LINK_MBPS = 1000
 
 
 class Scheduler:
-    def __init__(self, sessions: sessionmaker[Session], inv: Inventory, admission_enabled: bool = True) -> None:
+    def __init__(self, sessions: sessionmaker[Session], inv: Inventory, admission_enabled: bool = True,
+                 policy_layers: Callable[[str], tuple[dict[str, Any], dict[str, Any]]] | None = None) -> None:
         self.sessions = sessions
         self.inv = inv
+        # VM uuid -> (its cluster's migration policy, its own): both empty without clusters
+        self.policy_layers = policy_layers or (lambda uuid: ({}, {}))
         self.admission_enabled = admission_enabled     # off only for benchmarks: everything starts at once
         self.engines: dict[str, Engine] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -52,10 +57,16 @@ class Scheduler:
             await asyncio.sleep(TICK_S)
 
     async def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict],
-                     kind: str = "vmotion", destination: str | None = None) -> TaskOut:
-        """Queue a task and run one admission pass: it comes back started, or queued with its place and reason."""
+                     kind: str = "vmotion", destination: str | None = None,
+                     policy: dict[str, Any] | None = None) -> TaskOut:
+        """Queue a task and run one admission pass: it comes back started, or queued with its place and reason.
+        The task keeps the migration policy it runs under (each value and where it came from)."""
+        if policy is None:           # not resolved by the caller (e.g. an evacuation): the VM's and cluster's
+            cluster, vm_policy = self.policy_layers(spec.uuid)
+            req, policy = effective(req, cluster, vm_policy)
         journal = TaskJournal.create(self.sessions, kind, spec.uuid, spec.name, source, destination or req.host or source,
-                                     req.model_dump() | {"findings": findings}, state="queued")
+                                     req.model_dump() | {"findings": findings, "policy": policy or {}},
+                                     state="queued")
         await self.schedule()
         return journal.read()
 

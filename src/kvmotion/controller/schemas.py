@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from kvmotion.checks.findings import Finding, Severity
 
@@ -73,8 +73,23 @@ class VMCreate(Request):
     records_kb: int = Field(default=4, ge=4, le=1024, description="size of each guest record (KiB)")
 
 
+class MigrationPolicy(Request):
+    """How live migrations of a VM may escalate and when they give up; unset fields inherit (VM → cluster →
+    built-in defaults). A migration request's own values win; each task keeps the snapshot it used."""
+    downtime_ms: int | None = Field(default=None, ge=10, le=2_000_000)
+    progress_timeout_s: float | None = Field(default=None, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    completion_timeout_s_per_gib: float | None = Field(default=None, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    auto_converge: StrictBool | None = None
+    xbzrle: StrictBool | None = None
+
+
 class VMUpdate(Request):
     encrypted_vmotion: str | None = Field(default=None, pattern=ENCRYPTED_VMOTION_PATTERN)
+    migration_policy: MigrationPolicy | None = Field(default=None, description="set fields replace the VM's")
+
+
+class ClusterUpdate(Request):
+    migration_policy: MigrationPolicy = Field(description="the cluster's default policy (set fields replace)")
 
 
 class VMOut(BaseModel):
@@ -84,6 +99,7 @@ class VMOut(BaseModel):
     power_state: str
     spec: dict[str, Any]
     runtime: dict[str, Any] | None = None
+    migration_policy: dict[str, Any] = Field(default_factory=dict)
 
 
 class MigrateRequest(Request):
@@ -94,19 +110,22 @@ class MigrateRequest(Request):
     disk_format: str | None = Field(default=None, pattern=DISK_FORMAT_PATTERN,
                                     description="convert moved disks: thin qcow2 or preallocated raw")
     disk_mbps: int | None = Field(default=None, ge=1, le=1_000_000, description="cap for disk copies (Mbit/s)")
-    downtime_ms: int = Field(default=500, ge=10, le=2_000_000)
+    downtime_ms: int | None = Field(default=None, ge=10, le=2_000_000,
+                                    description="switchover budget (ceiling); default: VM, then cluster policy, 500")
     max_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
                                            description="cap for this migration; default: the link speed")
-    progress_timeout_s: float = Field(default=150.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    completion_timeout_s_per_gib: float = Field(default=150.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    progress_timeout_s: float | None = Field(default=None, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+                                             description="default: VM, then cluster policy, 150")
+    completion_timeout_s_per_gib: float | None = Field(default=None, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+                                                       description="default: VM, then cluster policy, 150")
     priority: str = Field(default="normal", pattern="^(high|normal)$")
     tuning: str = Field(default="auto", pattern="^(auto|qemu-defaults)$",
                         description="auto: kvmotion's tuning; qemu-defaults: a plain QEMU migration (baseline)")
     multifd_channels: int | None = Field(default=None, ge=0, le=16,
                                          description="parallel streams (0: one); default: by link speed")
-    auto_converge: bool = Field(default=True, description="escalation: let QEMU throttle the guest's vCPUs when "
-                                                          "pre-copy stops converging")
-    xbzrle: bool | None = Field(default=None, description="delta-encode rewritten pages; default: when plain "
+    auto_converge: StrictBool | None = Field(default=None, description="escalation: let QEMU throttle the guest's vCPUs "
+                                                                 "when pre-copy stops converging; default: policy, on")
+    xbzrle: StrictBool | None = Field(default=None, description="delta-encode rewritten pages; default: when plain "
                                                           "pre-copy is predicted not to converge")
 
 
@@ -148,6 +167,7 @@ class ClusterOut(BaseModel):
     name: str
     evc_mode: str | None
     hosts: list[str]
+    migration_policy: dict[str, Any] = Field(default_factory=dict)
 
 
 class CdromChange(Request):

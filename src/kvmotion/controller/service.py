@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.common.errors import InvalidInputError, KvmotionError
-from kvmotion.controller import compat, predict, reconcile
+from kvmotion.controller import compat, policy, predict, reconcile
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
@@ -36,7 +36,7 @@ class Controller:
         pki = pki_dir or Path("/var/lib/kvmotion/pki")
         self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki))
         self.clusters = Clusters(self.sessions, self.inventory)
-        self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled)
+        self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled, self._policy_layers)
         self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
         self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
         self.tokens = Tokens(self.sessions)
@@ -94,6 +94,7 @@ class Controller:
 
     async def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
         self._check_request(req)
+        req, _ = self._with_policy(vm, req)
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
         if reloc.kind in ("vmotion", "xvmotion") and not compat.blockers(findings):
@@ -112,11 +113,20 @@ class Controller:
         The kind follows from the request and the VM: vMotion, Storage vMotion, shared-nothing, or cold.
         """
         self._check_request(req)
+        req, snapshot = self._with_policy(vm, req)
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
         compat.raise_on_errors(ctx.spec.name, reloc.host, findings)
         return await self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings),
-                                           kind=reloc.kind, destination=reloc.host)
+                                           kind=reloc.kind, destination=reloc.host, policy=snapshot)
+
+    def _policy_layers(self, vm: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        out = self.inventory.get_vm(vm)
+        return self.clusters.policy_for_host(out.host), out.migration_policy
+
+    def _with_policy(self, vm: str, req: MigrateRequest) -> tuple[MigrateRequest, dict[str, Any]]:
+        """The request completed from the VM's and its cluster's migration policies (and the defaults)."""
+        return policy.effective(req, *self._policy_layers(vm))
 
     @staticmethod
     def _check_request(req: MigrateRequest) -> None:
