@@ -192,3 +192,19 @@ def test_forced_downtime_covers_the_working_set() -> None:
     r = report(remaining=100_000_000, mbps=80.0)                     # 10 s now
     assert decisions.forced_downtime_ms(r, 500) == decisions.MAX_FORCED_DOWNTIME_MS
     assert decisions.forced_downtime_ms(report(mbps=0.0), 500) == decisions.MAX_FORCED_DOWNTIME_MS
+
+
+def test_force_complete_is_refused_clearly_for_anything_but_a_running_live_migration(tmp_path: Path) -> None:
+    from kvmotion.controller.scheduler import Scheduler
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    sched = Scheduler(sessions, None)  # type: ignore[arg-type]   # refusals never reach the inventory
+    done = TaskJournal.create(sessions, "vmotion", "u1", "vm1", "h1", "h2", {"host": "h2"})
+    done.finish("success", {})
+    with pytest.raises(ConflictError, match="only a running live migration can be forced") as exc:
+        sched.force_complete(done.id)
+    assert exc.value.remedy and get_task(sessions, done.id).state == "success"      # nothing changed
+    cold = TaskJournal.create(sessions, "cold", "u2", "vm2", "h1", "h2", {"host": "h2"})   # running, not live
+    with pytest.raises(ConflictError, match="cold task"):
+        sched.force_complete(cold.id)
+    with pytest.raises(NotFoundError):
+        sched.force_complete("nope")

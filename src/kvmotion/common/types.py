@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
@@ -68,14 +68,18 @@ def relative_path_problem(rel: object) -> str | None:
     return None
 
 
-def _check_relative_path(rel: str) -> str:
-    problem = relative_path_problem(rel)
-    if problem is not None:
-        raise ValueError(f"path {rel!r} {problem} (write it relative to the datastore, like VM/VM.iso)")
-    return rel
+def _checker(problem_of: Callable[[str], str | None], what: str, hint: str) -> Callable[[str], str]:
+    """A pydantic validator from a ``*_problem`` function: the value, or a ValueError naming it and the fix."""
+    def check(value: str) -> str:
+        problem = problem_of(value)
+        if problem is not None:
+            raise ValueError(f"{what} {value!r} {problem} ({hint})")
+        return value
+    return check
 
 
-DatastorePath = Annotated[str, StringConstraints(max_length=MAX_PATH_CHARS), AfterValidator(_check_relative_path)]
+DatastorePath = Annotated[str, StringConstraints(max_length=MAX_PATH_CHARS), AfterValidator(
+    _checker(relative_path_problem, "path", "write it relative to the datastore, like VM/VM.iso"))]
 
 
 def nbd_problem(url: object) -> str | None:
@@ -106,14 +110,8 @@ def parse_nbd(url: str) -> tuple[str, int, str]:
     return parsed.hostname or "", parsed.port or 10809, parsed.path.lstrip("/")
 
 
-def _check_nbd(url: str) -> str:
-    problem = nbd_problem(url)
-    if problem is not None:
-        raise ValueError(f"NBD address {url!r} {problem} (write it like nbd://HOST:PORT/EXPORT)")
-    return url
-
-
-NbdUrl = Annotated[str, StringConstraints(max_length=MAX_URL_CHARS), AfterValidator(_check_nbd)]
+NbdUrl = Annotated[str, StringConstraints(max_length=MAX_URL_CHARS), AfterValidator(
+    _checker(nbd_problem, "NBD address", "write it like nbd://HOST:PORT/EXPORT"))]
 
 
 class DiskSpec(BaseModel):

@@ -61,9 +61,8 @@ class Scheduler:
                      policy: dict[str, Any] | None = None) -> TaskOut:
         """Queue a task and run one admission pass: it comes back started, or queued with its place and reason.
         The task keeps the migration policy it runs under (each value and where it came from)."""
-        if policy is None:           # not resolved by the caller (e.g. an evacuation): the VM's and cluster's
-            cluster, vm_policy = self.policy_layers(spec.uuid)
-            req, policy = effective(req, cluster, vm_policy)
+        if policy is None:           # every submission (a user's move, an evacuation): the VM's and cluster's
+            req, policy = effective(req, *self.policy_layers(spec.uuid))
         journal = TaskJournal.create(self.sessions, kind, spec.uuid, spec.name, source, destination or req.host or source,
                                      req.model_dump() | {"findings": findings, "policy": policy or {}},
                                      state="queued")

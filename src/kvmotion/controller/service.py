@@ -94,7 +94,7 @@ class Controller:
 
     async def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
         self._check_request(req)
-        req, _ = self._with_policy(vm, req)
+        req, _ = policy.effective(req, *self._policy_layers(vm))    # the prediction uses the policy's budget
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
         if reloc.kind in ("vmotion", "xvmotion") and not compat.blockers(findings):
@@ -113,20 +113,17 @@ class Controller:
         The kind follows from the request and the VM: vMotion, Storage vMotion, shared-nothing, or cold.
         """
         self._check_request(req)
-        req, snapshot = self._with_policy(vm, req)
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
         compat.raise_on_errors(ctx.spec.name, reloc.host, findings)
         return await self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings),
-                                           kind=reloc.kind, destination=reloc.host, policy=snapshot)
+                                           kind=reloc.kind, destination=reloc.host)   # the policy is filled in there
 
     def _policy_layers(self, vm: str) -> tuple[dict[str, Any], dict[str, Any]]:
         out = self.inventory.get_vm(vm)
         return self.clusters.policy_for_host(out.host), out.migration_policy
 
-    def _with_policy(self, vm: str, req: MigrateRequest) -> tuple[MigrateRequest, dict[str, Any]]:
-        """The request completed from the VM's and its cluster's migration policies (and the defaults)."""
-        return policy.effective(req, *self._policy_layers(vm))
+
 
     @staticmethod
     def _check_request(req: MigrateRequest) -> None:
