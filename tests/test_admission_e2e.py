@@ -9,7 +9,7 @@ import pytest
 from conftest import running_lab
 from kvmotion.cli.client import Client
 from kvmotion.lab import scenario
-from labtools import agent_vms, cli, codes, remove_vm, serial_heartbeat, xfail_if_tcg_guest_crash
+from labtools import agent_vms, cli, codes, remove_vm, guest_beat, xfail_if_tcg_guest_crash
 
 LINK_MBPS = 1000
 
@@ -37,7 +37,7 @@ def boot(client: Client, lab, names: list[str], host: str = "h1", **opts) -> dic
         client.start_vm(n)
     for n in names:
         scenario.wait_guest(lab.net.client_netns, client.vm(n)["spec"]["guest_ip"])
-    return {n: serial_heartbeat(lab, client, n) for n in names}
+    return {n: guest_beat(lab, client, n) for n in names}
 
 
 def heartbeats(client: Client, lab, names: list[str], before: dict[str, dict]) -> dict[str, dict]:
@@ -45,7 +45,7 @@ def heartbeats(client: Client, lab, names: list[str], before: dict[str, dict]) -
     out = {}
     for n in names:
         try:
-            out[n] = serial_heartbeat(lab, client, n, newer_than=before[n]["seq"])
+            out[n] = guest_beat(lab, client, n, newer_than=before[n]["seq"])
         except TimeoutError:
             xfail_if_tcg_guest_crash(lab, client, n)
             raise

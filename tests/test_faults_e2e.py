@@ -14,7 +14,7 @@ from kvmotion.cli.client import Client
 from kvmotion.controller.vmotion import CRASH_AT_ENV
 from kvmotion.lab import lab as lab_mod
 from kvmotion.lab import scenario
-from labtools import agent_vms, cli, running_vm, wait_for, xfail_if_tcg_guest_crash
+from labtools import agent_vms, cli, record_fault, running_vm, wait_for, xfail_if_tcg_guest_crash
 
 
 def runs_on(lab, uuid: str) -> list[str]:
@@ -44,10 +44,13 @@ def crash_during(lab, client: Client, name: str, phase: str, dest: str = "h2") -
         time.sleep(0.05)
     else:
         pytest.fail(f"the controller did not die at {phase}")
+    died = time.time()
     time.sleep(1.0)                       # what QEMU does by itself meanwhile (it may complete)
     lab_mod.restart(lab.root, "controller")
-    return wait_for(lambda: (t := client.task(task["id"]))["state"] not in ("queued", "running") and t,
-                    60, f"reconciliation of the task that died at {phase}")
+    t = wait_for(lambda: (t := client.task(task["id"]))["state"] not in ("queued", "running") and t,
+                 60, f"reconciliation of the task that died at {phase}")
+    record_fault("controller killed (restarted 1 s later)", phase, died, t)
+    return t
 
 
 @pytest.mark.parametrize("phase,outcome", [("shadow", "error"), ("switchover", "success"), ("resume", "success"),
@@ -84,6 +87,7 @@ def test_unreachable_destination_leaves_the_task_unknown_until_it_answers(lab) -
     lab_mod.restart(lab.root, "controller", env={CRASH_AT_ENV: "switchover"})
     task = client.migrate("unk1", "h2")
     wait_for(lambda: _down(client, task["id"]), 60, "the controller to die at the switchover")
+    died = time.time()
     agent_pid = _stop_agent(lab, "h2")
     try:
         lab_mod.restart(lab.root, "controller")
@@ -98,6 +102,8 @@ def test_unreachable_destination_leaves_the_task_unknown_until_it_answers(lab) -
     assert agent_pid
     t = wait_for(lambda: (x := client.task(task["id"]))["state"] == "success" and x, 60,
                  "the periodic reconciliation to complete the move")
+    record_fault("controller killed, destination agent down until it returns (unknown meanwhile)", "switchover",
+                 died, t)
     assert t["result"]["reconciled"]["vm_runs_on"] == "h2"
     assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("unk1")["host"] == "h2"
     same_guest(lab, client, vm, before)
@@ -161,6 +167,8 @@ def test_no_escalation_allowed_cancels_with_the_precise_reason(lab) -> None:
     assert link and 3 < float(link.group(1)) < 6, msg               # the measured 40 Mbit/s cap, not a canned text
     assert re.search(r"dirty rate [0-9.]+ MB/s", msg) and "downtime target 50 ms" in msg, msg
     assert t["error"]["rollback"]["source_running"] is True
+    record_fault("guest set to dirty 20 MB/s over a 5 MB/s link; policy forbids escalation", "precopy",
+                 t["started_at"], t)
     _still_on_source(lab, client, vm, before)
 
 
@@ -176,10 +184,12 @@ def test_force_complete_switches_over_a_migration_that_cannot_converge(lab) -> N
     time.sleep(3)
     now = client.task(task["id"])
     assert now["state"] == "running", now.get("error")                  # not converging by itself
+    forced_at = time.time()
     res = cli(lab, "vm", "migrate", "force1", "--force-complete")
     assert res.returncode == 0, res.stdout + res.stderr
     t = scenario.follow_task(client, task["id"], timeout_s=60)
     assert t["state"] == "success", t.get("error")
+    record_fault("cannot converge; the operator forces completion (downtime)", "precopy", forced_at, t)
     forced = [s for s in t["result"]["downtime_steps"] if s["why"] == "forced by the operator"]
     assert len(forced) == 1 and forced[0]["downtime_ms"] > 50
     assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("force1")["host"] == "h2"
@@ -200,9 +210,11 @@ def test_an_agent_restarted_mid_precopy_re_adopts_the_migration(lab, host: str) 
     before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
     task = client.migrate(vm["name"], "h2", max_bandwidth_mbps=80)       # ~10 s of pre-copy
     _in_precopy(client, task["id"])
+    killed = time.time()
     lab_mod.restart(lab.root, f"agent-{host}", crash=True)
     t = scenario.follow_task(client, task["id"], timeout_s=120)
     assert t["state"] == "success", t.get("error")
+    record_fault(f"{'source' if host == 'h1' else 'destination'} agent killed and restarted", "precopy", killed, t)
     assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm(vm["name"])["host"] == "h2"
     assert t["phases"][-1]["detail"]["lease_holder"] == "h2"
     same_guest(lab, client, vm, before)
@@ -219,9 +231,11 @@ def test_destination_qemu_killed_while_parked_at_pre_switchover(lab) -> None:
         before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
         task = client.migrate("park1", "h2")
         wait_for(lambda: client.task(task["id"])["phase"] == "switchover", 60, "the switchover")
+        killed = time.time()
         os.kill(agent_vms(lab, "h2")[vm["uuid"]]["pid"], signal.SIGKILL)
         t = scenario.follow_task(client, task["id"], timeout_s=60)
         assert t["state"] == "error", t
+        record_fault("destination QEMU killed", "pre-switchover (parked)", killed, t)
         assert t["error"]["rollback"]["source_running"] is True, t["error"]
         _still_on_source(lab, client, vm, before)
     finally:
@@ -241,11 +255,13 @@ def test_migration_link_down_for_two_seconds_recovers(lab) -> None:
     before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
     task = client.migrate("link1", "h2", max_bandwidth_mbps=80)
     _in_precopy(client, task["id"])
+    cut = time.time()
     _link(lab, "h2", False)
     time.sleep(2.0)
     _link(lab, "h2", True)
     t = scenario.follow_task(client, task["id"], timeout_s=120)
     assert t["state"] == "success", t.get("error")
+    record_fault("migration link down 2 s", "precopy", cut, t)
     assert runs_on(lab, vm["uuid"]) == ["h2"]
     same_guest(lab, client, vm, before)
 
@@ -256,12 +272,79 @@ def test_migration_link_down_for_good_ends_by_the_progress_timeout(lab) -> None:
     before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
     task = client.migrate("link2", "h2", max_bandwidth_mbps=80, progress_timeout_s=8)
     _in_precopy(client, task["id"])
+    cut = time.time()
     _link(lab, "h2", False)
     try:
         t = scenario.follow_task(client, task["id"], timeout_s=90)
     finally:
         _link(lab, "h2", True)
     assert t["state"] == "error", t
-    assert "did not shrink" in t["error"]["message"] or "did not converge" in t["error"]["message"], t["error"]
+    record_fault("migration link down for good (progress timeout 8 s)", "precopy", cut, t)
+    assert t["error"]["message"].startswith("the migration link stalls: no memory moved for "), t["error"]
+    assert "migration network" in t["error"]["remedy"]
     assert t["error"]["rollback"]["source_running"] is True
     _still_on_source(lab, client, vm, before)
+
+
+def test_the_ladder_ends_in_postcopy_when_the_policy_allows_it(lab) -> None:
+    """20 MB/s of dirtying over a 5 MB/s link, no throttling, no xbzrle, a 50 ms ceiling: pre-copy cannot finish
+    (the same guest as the no-escalation case). With post-copy allowed (the VM's policy) the ladder's last step
+    switches to post-copy once pre-copy stalls at the ceiling, and the move completes; the guest keeps its boot."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "ladder4", dirty_mb_s=20)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    res = cli(lab, "vm", "set", "ladder4", "--allow-postcopy", "--downtime-ms", "50", "--no-auto-converge",
+              "--no-xbzrle")
+    assert res.returncode == 0, res.stdout + res.stderr
+    t = scenario.follow_task(client, client.migrate("ladder4", "h2", max_bandwidth_mbps=40)["id"], timeout_s=150)
+    assert t["options"]["policy"]["allow_postcopy"] == {"value": True, "from": "vm"}
+    assert t["state"] == "success", t.get("error")
+    assert t["result"]["stream"]["postcopy"] is True
+    step = [s for s in t["result"]["downtime_steps"] if s.get("postcopy")]
+    assert len(step) == 1 and "does not converge at the downtime ceiling of 50 ms" in step[0]["why"], step
+    pc = t["result"]["postcopy"]
+    assert pc["bytes"] > 0 and pc["pauses"] == 0, pc
+    record_fault("guest set to dirty 20 MB/s over a 5 MB/s link; post-copy allowed", "precopy",
+                 t["started_at"], t)
+    assert [p["name"] for p in t["phases"]][-5:] == ["switchover", "postcopy", "resume", "announce", "release"]
+    assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("ladder4")["host"] == "h2"
+    assert t["phases"][-1]["detail"]["lease_holder"] == "h2"
+    same_guest(lab, client, vm, before)
+
+
+def test_postcopy_link_cut_is_paused_recovered_and_completes(lab) -> None:
+    """The operator forces post-copy (the VM's policy allows it); the migration link goes down for 6 s while the
+    destination runs the guest and still pulls its memory: kvmotion pauses both sides, reconnects them when the
+    link is back, and the move completes. Meanwhile a cancel is refused (it would lose the VM)."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "pc1", dirty_mb_s=5)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    task = client.migrate("pc1", "h2", max_bandwidth_mbps=80, allow_postcopy=True, postcopy_bandwidth_mbps=40)
+    _in_precopy(client, task["id"])
+    res = cli(lab, "vm", "migrate", "pc1", "--force-complete", "--no-wait")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_for(lambda: client.task(task["id"])["phase"] == "postcopy", 30, "post-copy")
+    refused = cli(lab, "task", "cancel", task["id"])
+    assert refused.returncode != 0 and "post-copy" in refused.stdout + refused.stderr, refused.stdout
+    cut = time.time()
+    _link(lab, "h2", False)
+    try:
+        paused = wait_for(lambda: ((client.task(task["id"])["live"] or {}).get("postcopy") or {}).get("pauses"),
+                          20, "the stalled post-copy to be paused")
+        assert paused >= 1
+        time.sleep(3)                             # recovery attempts fail while the link is down
+        assert client.task(task["id"])["state"] == "running"
+    finally:
+        _link(lab, "h2", True)
+    t = scenario.follow_task(client, task["id"], timeout_s=120)
+    assert t["state"] == "success", t.get("error")
+    record_fault("migration link down 6 s during post-copy", "postcopy", cut, t)
+    pc = t["result"]["postcopy"]
+    assert pc["why"] == "forced by the operator" and pc["pauses"] >= 1 and pc["recoveries"] >= 1, pc
+    steps = [e["step"] for e in pc["recovery_log"]]
+    assert "pause" in steps and any(e["step"] == "recover" and "uri" in e for e in pc["recovery_log"]), pc
+    assert any("does not answer" in e.get("error", "") for e in pc["recovery_log"]), pc   # tried while down
+    assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("pc1")["host"] == "h2"
+    assert vm["uuid"] not in agent_vms(lab, "h1")
+    assert t["phases"][-1]["detail"]["lease_holder"] == "h2"
+    same_guest(lab, client, vm, before)

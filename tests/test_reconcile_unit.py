@@ -61,3 +61,38 @@ def test_never_two_copies() -> None:
             assert dst.seen != R and not (dst.incoming_completed and src.seen != R)
         if Seen.UNREACHABLE in (src.seen, dst.seen) and dst.seen != R:
             assert d.resolution == Resolution.WAIT
+
+
+PC_ACTIVE, PC_PAUSED = "postcopy-active", "postcopy-paused"
+
+
+def test_postcopy_in_flight_is_never_completed_early_nor_rolled_back() -> None:
+    # The destination runs the guest during post-copy, but the source still holds part of its memory:
+    # stopping the source (COMPLETE) would lose it, resuming it (ROLLBACK) would make two copies.
+    src, dst = View(H, "finish-migrate", migration=PC_ACTIVE), View(R, "running", migration=PC_ACTIVE)
+    d = decide(src, dst)
+    assert d.resolution == Resolution.POSTCOPY_WAIT and "both QEMUs are kept" in d.reason
+    assert decide(View(U), dst).resolution == Resolution.POSTCOPY_WAIT          # unreachable source: wait
+    assert decide(src, View(U)).resolution == Resolution.POSTCOPY_WAIT          # unreachable destination: wait
+    assert decide(View(H, "finish-migrate", migration="postcopy-recover"), dst).resolution == \
+        Resolution.POSTCOPY_WAIT
+
+
+def test_postcopy_paused_on_both_hosts_is_recovered() -> None:
+    d = decide(View(H, "finish-migrate", migration=PC_PAUSED), View(R, "running", migration=PC_PAUSED))
+    assert d.resolution == Resolution.POSTCOPY_RECOVER
+    # one side has not noticed the dead link yet: wait (the engine or the next check pauses it)
+    assert decide(View(H, "finish-migrate", migration=PC_PAUSED),
+                  View(R, "running", migration=PC_ACTIVE)).resolution == Resolution.POSTCOPY_WAIT
+
+
+def test_a_qemu_lost_during_postcopy_goes_to_an_operator() -> None:
+    lost = decide(View(H, "finish-migrate", migration=PC_PAUSED), View(A))
+    assert lost.resolution == Resolution.LOST and "destination QEMU is gone during post-copy" in lost.reason
+    lost = decide(View(A), View(R, "running", migration=PC_PAUSED))
+    assert lost.resolution == Resolution.LOST and "source QEMU is gone" in lost.reason
+
+
+def test_postcopy_completed_completes() -> None:
+    d = decide(View(H, "postmigrate", migration="completed"), View(R, "running", migration="completed"))
+    assert d.resolution == Resolution.COMPLETE

@@ -18,7 +18,7 @@ from kvmotion.cli.client import Client
 from kvmotion.common.errors import KvmotionError
 from kvmotion.lab import lab as lab_mod
 from kvmotion.lab import records, scenario
-from labtools import agent_call, agent_vms, cli, host_settings, serial_heartbeat, wait_for, xfail_if_tcg_guest_crash
+from labtools import agent_call, agent_vms, cli, host_settings, guest_beat, wait_for, xfail_if_tcg_guest_crash
 
 
 def ds_path(lab, name: str) -> Path:
@@ -90,7 +90,7 @@ def lab(guest_image):
 def test_storage_vmotion_under_write_load_and_format_changes(lab) -> None:
     client = Client(lab.controller_url)
     vm = files_vm(client, lab, "sv1", datastore="shared")
-    before = serial_heartbeat(lab, client, "sv1")
+    before = guest_beat(lab, client, "sv1")
     n0 = wait_acks(lab, vm["uuid"], 10)
 
     # qcow2 on shared -> qcow2 on h1-local (the VM folder moves too)
@@ -107,7 +107,7 @@ def test_storage_vmotion_under_write_load_and_format_changes(lab) -> None:
     spec = client.vm("sv1")["spec"]
     assert spec["boot_datastore"] == "h1-local" and {d["datastore"] for d in spec["disks"]} == {"h1-local"}
     # the VM never stopped: same boot, the heartbeat went on, and so did the records
-    after = serial_heartbeat(lab, client, "sv1", newer_than=before["seq"])
+    after = guest_beat(lab, client, "sv1", newer_than=before["seq"])
     assert after["boot_id"] == before["boot_id"]
     wait_acks(lab, vm["uuid"], n0 + 10)
 
@@ -123,7 +123,7 @@ def test_storage_vmotion_under_write_load_and_format_changes(lab) -> None:
     assert client.vm("sv1")["spec"]["boot_datastore"] == "shared"        # per-disk moves leave the folder
     assert not raw.exists()
     n1 = wait_acks(lab, vm["uuid"], acked(lab, vm["uuid"]) + 10)
-    last = serial_heartbeat(lab, client, "sv1", newer_than=after["seq"])
+    last = guest_beat(lab, client, "sv1", newer_than=after["seq"])
     assert last["boot_id"] == before["boot_id"]
 
     verify_records(lab, client, "sv1", n1)
@@ -135,7 +135,7 @@ def test_storage_vmotion_under_write_load_and_format_changes(lab) -> None:
 def test_shared_nothing_under_write_load(lab) -> None:
     client = Client(lab.controller_url)
     vm = files_vm(client, lab, "xv1", datastore="h1-local")
-    before = serial_heartbeat(lab, client, "xv1")
+    before = guest_beat(lab, client, "xv1")
     n0 = wait_acks(lab, vm["uuid"], 10)
     task = follow(client, client.migrate("xv1", "h2", datastore="h2-local"))
     if task["state"] != "success" or not agent_vms(lab, "h2"):
@@ -153,7 +153,7 @@ def test_shared_nothing_under_write_load(lab) -> None:
     assert agent_vms(lab, "h2")[vm["uuid"]]["state"] == "running" and vm["uuid"] not in agent_vms(lab, "h1")
     moved = client.vm("xv1")
     assert moved["host"] == "h2" and moved["spec"]["boot_datastore"] == "h2-local"
-    after = serial_heartbeat(lab, client, "xv1", newer_than=before["seq"])
+    after = guest_beat(lab, client, "xv1", newer_than=before["seq"])
     assert after["boot_id"] == before["boot_id"]
     n1 = wait_acks(lab, vm["uuid"], n0 + 10)
     verify_records(lab, client, "xv1", n1)
@@ -179,7 +179,7 @@ def test_cold_migration_across_hosts_and_datastores(lab, tmp_path) -> None:
     task = client.tasks()[0]
     assert task["kind"] == "cold" and task["result"]["copy"]["verified"].startswith("qemu-img compare")
     client.start_vm("cold1")                      # it boots on the new host from the copied files
-    serial_heartbeat(lab, client, "cold1")
+    guest_beat(lab, client, "cold1")
     client.stop_vm("cold1")
     client.delete_vm("cold1")
 
@@ -187,7 +187,7 @@ def test_cold_migration_across_hosts_and_datastores(lab, tmp_path) -> None:
 def test_destination_killed_during_the_disk_mirror(lab) -> None:
     client = Client(lab.controller_url)
     vm = files_vm(client, lab, "xf1", datastore="h1-local")
-    before = serial_heartbeat(lab, client, "xf1")
+    before = guest_beat(lab, client, "xf1")
     task = client.migrate("xf1", "h2", datastore="h2-local", disk_mbps=8)
     wait_for(lambda: client.task(task["id"])["phase"] == "disks" and
              (client.task(task["id"])["live"] or {}).get("disk_bytes_done"), 60, "the disk mirror")
@@ -200,7 +200,7 @@ def test_destination_killed_during_the_disk_mirror(lab) -> None:
     assert rollback["source_running"] is True and rollback["mirror"] in ("cancelled", "failed")
     # the VM kept running on its original disks; nothing of it is left on h2
     assert client.vm("xf1")["host"] == "h1"
-    assert serial_heartbeat(lab, client, "xf1", newer_than=before["seq"])["boot_id"] == before["boot_id"]
+    assert guest_beat(lab, client, "xf1", newer_than=before["seq"])["boot_id"] == before["boot_id"]
     assert not (ds_path(lab, "h2-local") / "xf1").exists() or not any((ds_path(lab, "h2-local") / "xf1").iterdir())
     assert vm["uuid"] not in agent_vms(lab, "h2")
     n = acked(lab, vm["uuid"])
@@ -234,7 +234,7 @@ def test_full_datastore_is_refused_or_rolled_back(lab) -> None:
             assert task["error"]["rollback"]["vm_running"] is True
             assert not (tiny / "full1" / "full1-data.qcow2").exists(), "the partial target is removed"
             assert client.vm("full1")["spec"]["disks"][1]["datastore"] == "shared"
-            serial_heartbeat(lab, client, "full1")
+            guest_beat(lab, client, "full1")
             client.stop_vm("full1")
             client.delete_vm("full1")
     finally:

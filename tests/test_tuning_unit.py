@@ -58,9 +58,25 @@ def test_xbzrle_cache_is_a_bounded_power_of_two(memory_mb: int, dirty: float, si
 
 def test_stream_capabilities_are_always_explicit() -> None:
     # A VM that arrived over multifd must leave without it when the plan says one stream.
-    assert stream_caps(0) == {"multifd": False, "xbzrle": False}
-    assert stream_caps(4, xbzrle=True) == {"multifd": True, "xbzrle": False}
-    assert stream_caps(0, xbzrle=True) == {"multifd": False, "xbzrle": True}
+    assert stream_caps(0) == {"multifd": False, "xbzrle": False, "postcopy-ram": False}
+    assert stream_caps(4, xbzrle=True) == {"multifd": True, "xbzrle": False, "postcopy-ram": False}
+    assert stream_caps(0, xbzrle=True) == {"multifd": False, "xbzrle": True, "postcopy-ram": False}
+    # post-copy on both sides, never with multifd (QEMU 7.2 cannot combine them)
+    assert stream_caps(0, postcopy=True)["postcopy-ram"] is True
+    assert stream_caps(2, postcopy=True)["postcopy-ram"] is False
+
+
+def test_postcopy_in_the_plan() -> None:
+    assert not tuning.plan("auto", 1000, 500, 1024, None, 0).postcopy          # not allowed: not mentioned
+    ok = tuning.plan("auto", 1000, 500, 1024, None, 0, postcopy="")
+    assert ok.postcopy and any(w.startswith("post-copy: the last escalation step") for w in ok.why)
+    fast = tuning.plan("auto", 40_000, 500, 1024, None, 0, postcopy="")       # multifd would be used: not now
+    assert fast.postcopy and fast.multifd_channels == 0 and "cannot combine" in fast.why[1]
+    asked = tuning.plan("auto", 40_000, 500, 1024, None, 0, multifd=4, postcopy="")   # requested multifd wins
+    assert not asked.postcopy and asked.multifd_channels == 4 and "no post-copy: not with multifd" in asked.why[-1]
+    blocked = tuning.plan("auto", 1000, 500, 1024, None, 0, postcopy="host h2 cannot do post-copy")
+    assert not blocked.postcopy and blocked.why[-1] == "no post-copy: host h2 cannot do post-copy"
+    assert not tuning.plan("qemu-defaults", 1000, 500, 1024, None, 0, postcopy="").postcopy
     assert stream_params(0) == {} and stream_params(3) == {"multifd-channels": 3}
 
 

@@ -37,6 +37,10 @@ def test_decide_waits_switches_completes_and_aborts() -> None:
     assert decisions.decide(failed, True, w, now, **args).reason == "Broken pipe"
     both = decisions.decide(failed, False, w, now, **args).reason
     assert "destination" in both and "Broken pipe" in both
+    link_dead = decisions.decide(r, True, w, now + 151, **args)      # nothing sent for 151 s: the link, not the guest
+    assert link_dead.action == decisions.Action.ABORT
+    assert link_dead.reason == "the migration link stalls: no memory moved for 151s with 0.0 MB left"
+    w.observe(report(transferred=5000), now + 150)         # bytes keep moving, the remaining memory does not shrink
     r.dirty_pages_rate = 50_000                            # 204.8 MB/s against 100 MB/s sent
     stalled = decisions.decide(r, True, w, now + 151, **args)
     assert stalled.action == decisions.Action.ABORT
@@ -208,3 +212,57 @@ def test_force_complete_is_refused_clearly_for_anything_but_a_running_live_migra
         sched.force_complete(cold.id)
     with pytest.raises(NotFoundError):
         sched.force_complete("nope")
+
+
+def test_the_ladder_ends_in_postcopy_only_when_allowed_and_only_at_the_ceiling() -> None:
+    now = time.time()
+    args = dict(memory_mb=256, progress_timeout_s=150, completion_per_gib_s=800, budget_ms=500)
+    r = report()
+    r.dirty_pages_rate = 50_000
+    w = decisions.ProgressWatch(started=now, downtime_ms=200, step_at=now)
+    w.observe(r, now)
+    # below the ceiling the downtime is raised first, even with post-copy allowed
+    assert decisions.decide(r, True, w, now + 5, postcopy=True, **args).action == decisions.Action.RAISE_DOWNTIME
+    w.downtime_ms, w.step_at = 500, now
+    assert decisions.decide(r, True, w, now + 1, postcopy=True, **args).action == decisions.Action.WAIT
+    d = decisions.decide(r, True, w, now + 5, postcopy=True, **args)   # stalled 5 s at the ceiling
+    assert d.action == decisions.Action.START_POSTCOPY
+    assert "ceiling of 500 ms" in d.reason and "dirty rate 204.8 MB/s, bandwidth 100.0 MB/s" in d.reason
+    assert decisions.decide(r, True, w, now + 5, postcopy=False, **args).action == decisions.Action.WAIT
+    # still shrinking at the ceiling: no post-copy yet
+    w2 = decisions.ProgressWatch(started=now, downtime_ms=500, step_at=now)
+    w2.observe(r, now + 4.5)
+    assert decisions.decide(r, True, w2, now + 5, postcopy=True, **args).action == decisions.Action.WAIT
+    # the completion timeout starts post-copy instead of cancelling when it is allowed
+    w2.observe(report(remaining=10), now + 799)              # a slow migration that still shrinks
+    late = decisions.decide(r, True, w2, now + 800, postcopy=True, progress_timeout_s=10_000, memory_mb=1024,
+                            completion_per_gib_s=700, budget_ms=500)
+    assert late.action == decisions.Action.START_POSTCOPY and "completion timeout" in late.reason
+    # once running, post-copy is followed, never aborted by the pre-copy rules
+    assert decisions.decide(report("postcopy-active"), False, w, now + 999, **args).action == \
+        decisions.Action.POSTCOPY
+
+
+def test_postcopy_is_paused_when_the_link_stalls_and_recovered_when_both_sides_paused() -> None:
+    A = decisions.Action
+    now = time.time()
+    w = decisions.PostcopyWatch(started=now, best_transferred=50, progress_at=now)
+    assert decisions.decide_postcopy(report("postcopy-active", transferred=60), "postcopy-active", w,
+                                     now + 1).action == A.WAIT
+    assert w.best_transferred == 60
+    stalled = decisions.decide_postcopy(report("postcopy-active", transferred=60), "postcopy-active", w, now + 4.5)
+    assert stalled.action == A.PAUSE and "link stalls" in stalled.reason
+    # the source paused; the destination still waits on the dead link: pause it too
+    assert decisions.decide_postcopy(report("postcopy-paused"), "postcopy-active", w, now + 5).action == A.PAUSE
+    assert decisions.decide_postcopy(report("postcopy-paused"), "postcopy-paused", w, now + 5).action == A.RECOVER
+    w.last_recover_at = now + 5
+    assert decisions.decide_postcopy(report("postcopy-paused"), "postcopy-paused", w, now + 5.5).action == A.WAIT
+    assert decisions.decide_postcopy(report("postcopy-paused"), None, w, now + 6).action == A.WAIT
+    assert decisions.decide_postcopy(report("postcopy-recover"), "postcopy-recover", w, now + 7).action == A.WAIT
+    gave_up = decisions.decide_postcopy(report("postcopy-paused"), None, w, now + 5 + 301)
+    assert gave_up.action == A.LOST and "reconciliation keeps recovering" in gave_up.reason
+    assert decisions.decide_postcopy(report("completed"), "completed", w, now + 400).action == A.COMPLETED
+    failed = report("failed")
+    failed.error = "Broken pipe"
+    lost = decisions.decide_postcopy(failed, None, w, now)
+    assert lost.action == A.LOST and "Broken pipe" in lost.reason and "split" in lost.reason

@@ -11,7 +11,7 @@ import pytest
 
 from kvmotion.cli.client import Client
 from kvmotion.lab import scenario
-from labtools import agent_vms, cli, running_vm, wait_for, xfail_if_tcg_guest_crash
+from labtools import agent_vms, cli, record_fault, running_vm, wait_for, xfail_if_tcg_guest_crash
 
 PHASES = ["precheck", "shadow", "precopy", "switchover", "resume", "announce", "release"]
 
@@ -138,9 +138,11 @@ def test_destination_killed_mid_precopy_keeps_vm_on_source(lab, tmp_path) -> Non
     else:
         pytest.fail(f"migration never reached pre-copy: {client.task(task['id'])}")
     shadow = agent_vms(lab, "h2")[vm["uuid"]]
+    killed = time.time()
     os.kill(shadow["pid"], signal.SIGKILL)
     t = scenario.follow_task(client, task["id"], timeout_s=60)
     assert t["state"] == "error"
+    record_fault("destination QEMU killed", "precopy", killed, t)
     assert t["error"]["phase"] == "precopy"
     assert "destination" in t["error"]["message"], t["error"]
     assert t["error"]["rollback"]["source_running"] is True
@@ -225,9 +227,11 @@ def test_controller_crash_mid_precopy_is_reconciled(lab) -> None:
     deadline = time.monotonic() + 30
     while client.task(task["id"])["phase"] != "precopy" and time.monotonic() < deadline:
         time.sleep(0.1)
+    killed = time.time()
     lab_mod.restart(lab.root, "controller", crash=True)
     t = scenario.follow_task(client, task["id"], timeout_s=30)
     assert t["state"] == "error" and t["error"]["code"] == "CONTROLLER_RESTARTED", t
+    record_fault("controller killed and restarted", "precopy", killed, t)
     assert t["error"]["phase"] == "precopy"
     assert vm["uuid"] not in agent_vms(lab, "h2")                         # shadow removed
     deadline = time.monotonic() + 10

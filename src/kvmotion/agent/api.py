@@ -16,6 +16,7 @@ from kvmotion.common.errors import KvmotionError
 from kvmotion.common.types import MAX_CPU_FEATURES, MAX_DISKS, DirtySample, DiskRef, Name, NameOrEmpty
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
+from kvmotion.common.types import PostcopyRecover, PostcopyResume
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
@@ -170,7 +171,7 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
         return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume, req.tls_authz_identity,
-                                            req.disk_keys, req.new_disks, req.multifd_channels)
+                                            req.disk_keys, req.new_disks, req.multifd_channels, req.postcopy)
 
     @app.delete("/v1/vms/{uuid}/incoming")
     async def abort_incoming(uuid: str) -> dict[str, bool]:
@@ -188,6 +189,22 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     @app.post("/v1/vms/{uuid}/migration/tune")
     async def tune(uuid: str, req: MigrationTuning) -> dict[str, Any]:
         return await agent.tune(uuid, req)
+
+    @app.post("/v1/vms/{uuid}/migration/postcopy")
+    async def postcopy_start(uuid: str) -> dict[str, Any]:
+        return await agent.postcopy_start(uuid)
+
+    @app.post("/v1/vms/{uuid}/migration/pause")
+    async def postcopy_pause(uuid: str) -> dict[str, Any]:
+        return await agent.postcopy_pause(uuid)
+
+    @app.post("/v1/vms/{uuid}/migration/recover")
+    async def postcopy_recover(uuid: str, req: PostcopyRecover) -> dict[str, Any]:
+        return await agent.postcopy_recover(uuid, req.listen_address)
+
+    @app.post("/v1/vms/{uuid}/migration/resume")
+    async def postcopy_resume(uuid: str, req: PostcopyResume) -> dict[str, Any]:
+        return await agent.postcopy_resume(uuid, req.uri, req.probe_address)
 
     @app.post("/v1/vms/{uuid}/migration/cancel")
     async def cancel(uuid: str, resume_if_completed: bool = True) -> MigrationReport | None:

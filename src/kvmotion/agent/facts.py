@@ -89,6 +89,27 @@ def interface_info(ifname: str, declared_mbps: int | None = None) -> MigrationIn
                               enabled=address is not None)
 
 
+SYS_USERFAULTFD_X86_64 = 323
+
+
+def userfaultfd_works() -> bool:
+    """Can this host give QEMU a userfaultfd (what post-copy's destination needs to fault pages in)?"""
+    import ctypes
+    import platform
+
+    if platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(SYS_USERFAULTFD_X86_64, os.O_CLOEXEC | os.O_NONBLOCK)
+    except (OSError, AttributeError):
+        return False
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
 def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str], cpu: CpuFact | None) -> HostFacts:
     model, flags, ncpu = cpu_info()
     total, free = memory_mb()
@@ -107,5 +128,6 @@ def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]
         block_devices=[BlockDeviceFact(path=b.path, identity=b.identity, size_bytes=b.size_bytes, kind=b.kind)
                        for b in presented_devices(cfg.block_devices)],
         swap_location=str(cfg.swap_dir) if cfg.swap_dir else "vm-folder",
+        postcopy=cfg.swap_dir is None and userfaultfd_works(),   # a private file mapping cannot be faulted in
     )
 

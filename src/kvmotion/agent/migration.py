@@ -80,10 +80,20 @@ AUTO_CONVERGE = {"throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "
                  "max-cpu-throttle": 99}
 
 
-def stream_caps(multifd_channels: int, xbzrle: bool = False) -> dict[str, bool]:
+def stream_caps(multifd_channels: int, xbzrle: bool = False, postcopy: bool = False) -> dict[str, bool]:
     """Capabilities of the migration stream, set explicitly every time: a VM that arrived with multifd
-    keeps the capability in its QEMU and would otherwise leave with it."""
-    return {"multifd": multifd_channels > 0, "xbzrle": xbzrle and multifd_channels == 0}
+    keeps the capability in its QEMU and would otherwise leave with it. QEMU 7.2 cannot combine multifd with
+    post-copy; post-copy must be on both sides."""
+    return {"multifd": multifd_channels > 0, "xbzrle": xbzrle and multifd_channels == 0,
+            "postcopy-ram": postcopy and multifd_channels == 0}
+
+
+POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+
+
+def in_postcopy(r: MigrationReport) -> bool:
+    """Post-copy started: the guest's memory is split between the hosts; the source must never run again."""
+    return r.status in POSTCOPY_STATES or bool(r.extra.get("postcopy_started_at"))
 
 
 def stream_params(multifd_channels: int) -> dict[str, Any]:
@@ -135,6 +145,10 @@ class MigrationWatch:
             return
         if status != r.status:
             r.status = status
+            if status in POSTCOPY_STATES:
+                r.extra.setdefault("postcopy_started_at", time.time())
+            if status != "postcopy-paused":
+                r.extra.pop("recover_uri", None)      # a recovery listener is used up once the status moves on
             self.bump()
         for key, attr in (("total-time", "total_time_ms"), ("downtime", "downtime_ms"), ("setup-time", "setup_time_ms")):
             if key in info:
@@ -151,6 +165,9 @@ class MigrationWatch:
             r.dirty_pages_rate = int(ram.get("dirty-pages-rate", 0))
             r.mbps = float(ram.get("mbps", 0.0))
             r.extra["multifd_bytes"] = int(ram.get("multifd-bytes", 0))
+            if ram.get("postcopy-bytes") or ram.get("postcopy-requests"):
+                r.extra["postcopy_bytes"] = int(ram.get("postcopy-bytes", 0))
+                r.extra["postcopy_requests"] = int(ram.get("postcopy-requests", 0))
             pass_no = int(ram.get("dirty-sync-count", 0))
             if not self._passes or self._passes[-1].pass_no != pass_no:
                 self._passes.append(MigrationPass(
@@ -186,7 +203,8 @@ async def _tls_object(vm: QemuVM, endpoint: str, tls_dir: str) -> str:
 
 async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = True,
                            tls_authz_identity: str | None = None, tls_dir: str | None = None,
-                           export_disks: list[str] | None = None, multifd_channels: int = 0) -> IncomingReady:
+                           export_disks: list[str] | None = None, multifd_channels: int = 0,
+                           postcopy: bool = False) -> IncomingReady:
     """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener.
 
     With ``auto_resume`` the shadow runs (``cont``) the moment its incoming migration completes: the
@@ -194,7 +212,7 @@ async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = 
     not a controller round trip.
     """
     await set_caps(vm, {"events": True, "late-block-activate": True, "return-path": True}
-                   | stream_caps(multifd_channels))
+                   | stream_caps(multifd_channels, postcopy=postcopy))
     await _qmp(vm).execute("migrate-set-parameters", ANNOUNCE | stream_params(multifd_channels))
     creds: str | None = None
     if tls_authz_identity:
@@ -275,18 +293,30 @@ async def _watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any
             if status == "completed":
                 r.status, r.completed_at = "completed", time.time()
                 watch.bump()
-                if auto_resume:
+                if auto_resume and vm.state == VMRunState.INCOMING:
                     await _run_shadow(vm, r)
+                vm.role = "normal"
                 break
             if status in ("failed", "cancelled"):
                 r.status = status
                 break
-            if time.monotonic() - last_poll >= 0.5:
+            if status in POSTCOPY_STATES and status != r.status:
+                watch.absorb({"status": status})
+            # In post-copy the destination follows events only: its main loop may block on a missing page,
+            # and in-band commands would queue up behind it (see ``postcopy.pause``).
+            if time.monotonic() - last_poll >= 0.5 and r.status not in POSTCOPY_STATES:
                 last_poll = time.monotonic()
                 watch.absorb(await query_migrate(vm))
                 if r.status in TERMINAL:
                     r.completed_at = r.completed_at or time.time()
                     break
+            if auto_resume and r.status == "postcopy-active" and vm.state == VMRunState.INCOMING and \
+                    int(r.extra.get("run_attempts", 0)) < 3:
+                r.extra["run_attempts"] = int(r.extra.get("run_attempts", 0)) + 1
+                try:
+                    await _run_postcopy_guest(vm, r)
+                except KvmotionError as exc:    # post-copy cannot be given up: retried, then left to the controller
+                    log.error("%s: running the guest in post-copy: %s", vm.spec.name, exc.message)
     except KvmotionError as exc:
         r.error = r.error or exc.message
     finally:
@@ -298,6 +328,30 @@ async def _watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any
             r.failed_at = time.time()
         watch.done.set()
         watch.bump()
+
+
+POSTCOPY_RUN_WAIT_S = 5.0
+
+
+async def _run_postcopy_guest(vm: QemuVM, r: MigrationReport) -> None:
+    """Post-copy: the device state arrives first, then QEMU leaves ``inmigrate`` (paused: the shadow was started
+    with -S). Run the guest then, not at completion: that is the point of post-copy. A ``cont`` while still
+    ``inmigrate`` would activate the disks before the source released them."""
+    qmp = _qmp(vm)
+    end = time.monotonic() + POSTCOPY_RUN_WAIT_S
+    while (await qmp.execute("query-status", timeout=5))["status"] == "inmigrate":
+        if time.monotonic() > end:
+            log.error("%s: post-copy started but the device state did not arrive in %.0f s", vm.spec.name,
+                      POSTCOPY_RUN_WAIT_S)
+            return
+        await asyncio.sleep(0.005)
+    r.extra["resumed_at"] = time.time()
+    await qmp.execute("cont", timeout=5)
+    status = (await qmp.execute("query-status", timeout=5))["status"]
+    r.extra["resume_confirmed_at"] = time.time()
+    r.extra["qemu_status"] = status
+    if status == "running":
+        vm.transition(VMRunState.RUNNING)      # role stays "incoming" until the last page arrived
 
 
 async def _run_shadow(vm: QemuVM, r: MigrationReport) -> None:
@@ -322,10 +376,12 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
     qmp = _qmp(vm)
     await set_caps(vm, {"events": True, "return-path": True, "pause-before-switchover": True,
                         "auto-converge": req.auto_converge}
-                   | stream_caps(req.multifd_channels, req.xbzrle_cache_bytes > 0))
+                   | stream_caps(req.multifd_channels, req.xbzrle_cache_bytes > 0, req.postcopy))
     params: dict[str, Any] = {"max-bandwidth": int(req.max_bandwidth_bytes),
                               "downtime-limit": int(req.downtime_limit_ms), "tls-creds": "", "tls-hostname": ""}
     params |= stream_params(req.multifd_channels)
+    if req.postcopy:        # 0: post-copy sends as fast as the link goes
+        params["max-postcopy-bandwidth"] = int(req.postcopy_bandwidth_bytes)
     if req.auto_converge:       # QEMU's defaults: throttle once two syncs in a row dirty > 50 % of what was sent
         params |= AUTO_CONVERGE
     if req.xbzrle_cache_bytes > 0 and req.multifd_channels == 0:
@@ -338,6 +394,7 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
         params["tls-hostname"] = req.tls_hostname
     await qmp.execute("migrate-set-parameters", params)
     watch = MigrationWatch(vm, "source")
+    watch.report.extra["postcopy_capable"] = bool(req.postcopy and req.multifd_channels == 0)
     vm.migration = watch
     listener_cm = qmp.listener(("MIGRATION", "MIGRATION_PASS"))
     listener = listener_cm.__enter__()  # registered before `migrate`, released by the watcher
@@ -401,6 +458,10 @@ async def _settle_source(vm: QemuVM) -> None:
     """After a failed or cancelled migration the source must be running again."""
     if not vm.alive():
         return
+    if vm.migration is not None and in_postcopy(vm.migration.report):
+        log.critical("%s: post-copy failed; the source is NOT resumed (the destination ran the guest)",
+                     vm.spec.name)
+        return
     try:
         status = (await _qmp(vm).execute("query-status"))["status"]
         if status != "running":
@@ -432,6 +493,10 @@ async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0, resume_if_completed
     watch: MigrationWatch | None = vm.migration
     if watch is None:
         return None
+    if in_postcopy(watch.report):
+        raise ConflictError(f"the migration of {vm.spec.name} is in post-copy: the guest runs on the destination "
+                            "and part of its memory is still here; a cancel would lose it",
+                            remedy="let it complete; a failed link is paused and recovered")
     if watch.report.status not in TERMINAL:
         try:
             await _qmp(vm).execute("migrate_cancel")
@@ -505,7 +570,8 @@ async def readopt(vm: QemuVM) -> MigrationWatch | None:
     watch.absorb(info)
     vm.migration = watch
     qmp = _qmp(vm)
-    if role == "source" and status not in TERMINAL and (await qmp.execute("query-block-jobs", timeout=5)):
+    if role == "source" and status not in TERMINAL and status not in POSTCOPY_STATES \
+            and (await qmp.execute("query-block-jobs", timeout=5)):
         log.warning("%s: migration with disk mirrors re-adopted: cancelling it", vm.spec.name)
         await qmp.execute("migrate_cancel")
         watch.report.error = "the source agent restarted during a migration with disk mirrors"
@@ -520,8 +586,9 @@ async def readopt(vm: QemuVM) -> MigrationWatch | None:
         vm.state = VMRunState.MIGRATING_OUT
         watch.task = asyncio.create_task(_watch_outgoing(watch, listener, listener_cm, True, None),
                                          name=f"outgoing-{vm.spec.name}")
-    else:
-        vm.state = VMRunState.INCOMING
+    else:       # a destination in post-copy already runs the guest: it is no shadow any more
+        running = (await qmp.execute("query-status", timeout=5))["status"] == "running"
+        vm.state = VMRunState.RUNNING if running else VMRunState.INCOMING
         watch.task = asyncio.create_task(_watch_incoming(watch, listener, listener_cm, True),
                                          name=f"incoming-{vm.spec.name}")
     vm.save_record()

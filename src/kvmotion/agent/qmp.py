@@ -62,9 +62,12 @@ class QMPConnection:
         """Context manager yielding an ``EventListener``; register it before the triggering command."""
         return self._client.listener(names)
 
-    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                      oob: bool = False) -> Any:
+        """``oob``: out of band, answered by QEMU's monitor thread even while its main loop is blocked (post-copy's
+        destination blocks on a missing page while the link is down); only a few commands allow it."""
         try:
-            return await asyncio.wait_for(self._client.execute(cmd, args), timeout=timeout)
+            return await asyncio.wait_for(self._client.execute(cmd, args, oob=oob), timeout=timeout)
         except asyncio.TimeoutError as exc:
             raise QMPTimeout(
                 f"QMP command {cmd} on {self.name} took longer than {timeout:.1f}s",

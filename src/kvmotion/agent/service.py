@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import images, migration, mirror, sampling, tls
+from kvmotion.agent import images, migration, mirror, postcopy, sampling, tls
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
@@ -227,7 +227,11 @@ class Agent(AgentStorage):
     async def status(self, uuid: str) -> VMRuntime:
         vm = self.get(uuid)
         qemu_status = None
-        if vm.qmp is not None and vm.alive():
+        if vm.alive() and vm.migration is not None and vm.migration.report.role == "destination" and \
+                vm.migration.report.status in migration.POSTCOPY_STATES:
+            # never in band during post-copy (the main loop may wait for a page): what the agent confirmed
+            qemu_status = "running" if vm.state == VMRunState.RUNNING else "inmigrate"
+        elif vm.qmp is not None and vm.alive():
             try:
                 qemu_status = (await vm.qmp.execute("query-status", timeout=3))["status"]
             except KvmotionError:
@@ -260,7 +264,8 @@ class Agent(AgentStorage):
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True,
                                tls_authz_identity: str | None = None,
                                disk_keys: dict[str, str] | None = None,
-                               new_disks: list[str] | None = None, multifd_channels: int = 0) -> IncomingReady:
+                               new_disks: list[str] | None = None, multifd_channels: int = 0,
+                               postcopy: bool = False) -> IncomingReady:
         """A shadow VM. For shared-nothing (``new_disks``) its disks are created empty here and NBD-exported."""
         if spec.uuid in self.vms:
             raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
@@ -272,7 +277,7 @@ class Agent(AgentStorage):
         try:
             await vm.start(incoming=True, disk_keys=disk_keys)
             return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
-                                                    self._tls_dir_if_valid(), new_disks, multifd_channels)
+                                                    self._tls_dir_if_valid(), new_disks, multifd_channels, postcopy)
         except KvmotionError:
             await vm.kill()
             self.vms.pop(spec.uuid, None)
@@ -321,6 +326,19 @@ class Agent(AgentStorage):
 
     async def cancel_outgoing(self, uuid: str, resume_if_completed: bool = True) -> MigrationReport | None:
         return await migration.cancel_outgoing(self.get(uuid), resume_if_completed=resume_if_completed)
+
+    async def postcopy_start(self, uuid: str) -> dict[str, object]:
+        return await postcopy.start(self.get(uuid))
+
+    async def postcopy_pause(self, uuid: str) -> dict[str, object]:
+        vm = self.get(uuid)
+        return await postcopy.pause(vm, vm.migration.report.role if vm.migration else "source")
+
+    async def postcopy_recover(self, uuid: str, listen_address: str) -> dict[str, object]:
+        return await postcopy.recover_incoming(self.get(uuid), listen_address)
+
+    async def postcopy_resume(self, uuid: str, uri: str, probe_address: str) -> dict[str, object]:
+        return await postcopy.resume(self.get(uuid), uri, probe_address)
 
     async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, object]:
         return await migration.tune(self.get(uuid), tuning.downtime_limit_ms, tuning.max_bandwidth_bytes)

@@ -175,9 +175,11 @@ POLICY_HELP = "migration policy (unset: inherited from the cluster, then the def
 
 
 def _policy(downtime_ms: Optional[int], progress_timeout_s: Optional[float], completion_timeout_s_per_gib: Optional[float],
-            auto_converge: Optional[bool], xbzrle: Optional[bool]) -> dict[str, Any] | None:
+            auto_converge: Optional[bool], xbzrle: Optional[bool],
+            allow_postcopy: Optional[bool] = None) -> dict[str, Any] | None:
     p = {"downtime_ms": downtime_ms, "progress_timeout_s": progress_timeout_s, "auto_converge": auto_converge,
-         "completion_timeout_s_per_gib": completion_timeout_s_per_gib, "xbzrle": xbzrle}
+         "completion_timeout_s_per_gib": completion_timeout_s_per_gib, "xbzrle": xbzrle,
+         "allow_postcopy": allow_postcopy}
     p = {k: v for k, v in p.items() if v is not None}
     return p or None
 
@@ -189,9 +191,12 @@ def vm_set(vm: str, encrypted_vmotion: Optional[str] = typer.Option(None, help="
            completion_timeout_s_per_gib: Optional[float] = typer.Option(None, help=POLICY_HELP),
            auto_converge: Optional[bool] = typer.Option(None, "--auto-converge/--no-auto-converge", help=POLICY_HELP),
            xbzrle: Optional[bool] = typer.Option(None, "--xbzrle/--no-xbzrle", help=POLICY_HELP),
+           allow_postcopy: Optional[bool] = typer.Option(None, "--allow-postcopy/--no-allow-postcopy",
+                                                         help=f"post-copy as the last escalation step, {POLICY_HELP}"),
            url: Optional[str] = URL) -> None:
     """Change a VM's settings: encrypted vMotion, and its migration policy."""
-    policy = _policy(downtime_ms, progress_timeout_s, completion_timeout_s_per_gib, auto_converge, xbzrle)
+    policy = _policy(downtime_ms, progress_timeout_s, completion_timeout_s_per_gib, auto_converge, xbzrle,
+                     allow_postcopy)
     out = run(lambda: Client(url).update_vm(vm, encrypted_vmotion=encrypted_vmotion, migration_policy=policy))
     console.print(f"VM [bold]{out['name']}[/]: encrypted vMotion {out['spec']['encrypted_vmotion']}, "
                   f"migration policy {out['migration_policy'] or 'inherited'}")
@@ -298,10 +303,15 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
                                                                  "converging (default: policy, on)"),
                progress_timeout_s: Optional[float] = typer.Option(None, help="cancel when remaining memory makes no "
                                                                              "new low for this long (default: policy, 150)"),
+               allow_postcopy: Optional[bool] = typer.Option(None, "--allow-postcopy/--no-allow-postcopy",
+                                                             help="end the escalation in post-copy rather than "
+                                                                  "cancel (default: policy, off)"),
+               postcopy_mbps: Optional[int] = typer.Option(None, help="cap for the post-copy phase, Mbit/s"),
                wait: bool = typer.Option(True, help="follow the task and print its summary"),
                check: bool = typer.Option(False, "--check", help="only print the compatibility findings"),
                force_complete: bool = typer.Option(False, "--force-complete",
-                                                   help="switch the VM's running live migration over now"),
+                                                   help="switch the VM's running live migration over now "
+                                                        "(post-copy when its policy allows it)"),
                url: Optional[str] = URL) -> None:
     """Move a VM: vMotion (--host), Storage vMotion (--datastore/--disk), both (shared-nothing), or cold."""
     client = Client(url)
@@ -311,7 +321,11 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
         if not running:
             err_console.print(f"[red]error:[/] VM {vm} has no running migration; remedy: start one first")
             raise typer.Exit(3)
-        task_force_complete(running[0]["id"], url)
+        if wait:
+            task_force_complete(running[0]["id"], url)
+        else:
+            t = run(lambda: client.force_complete(running[0]["id"]))
+            console.print(f"task {t['id']}: switching over now")
         return
     opts: dict[str, Any] = {"datastore": datastore, "disks": parse_disk_map(disk), "disk_format": disk_format,
                             "disk_mbps": disk_mbps}
@@ -319,7 +333,8 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
         raise typer.Exit(check_migration(client, vm, host, **opts))
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
                                       priority=priority, auto_converge=auto_converge,
-                                      progress_timeout_s=progress_timeout_s, **opts))
+                                      progress_timeout_s=progress_timeout_s, allow_postcopy=allow_postcopy,
+                                      postcopy_bandwidth_mbps=postcopy_mbps, **opts))
     shown = task["options"].get("findings", [])
     if shown:
         console.print(findings_table(shown, "compatibility (not blocking)"))
@@ -405,9 +420,11 @@ def cluster_set_policy(name: str, downtime_ms: Optional[int] = typer.Option(None
                        progress_timeout_s: Optional[float] = None, completion_timeout_s_per_gib: Optional[float] = None,
                        auto_converge: Optional[bool] = typer.Option(None, "--auto-converge/--no-auto-converge"),
                        xbzrle: Optional[bool] = typer.Option(None, "--xbzrle/--no-xbzrle"),
+                       allow_postcopy: Optional[bool] = typer.Option(None, "--allow-postcopy/--no-allow-postcopy"),
                        url: Optional[str] = URL) -> None:
     """The cluster's default migration policy (a VM's own policy and each request override it)."""
-    policy = _policy(downtime_ms, progress_timeout_s, completion_timeout_s_per_gib, auto_converge, xbzrle)
+    policy = _policy(downtime_ms, progress_timeout_s, completion_timeout_s_per_gib, auto_converge, xbzrle,
+                     allow_postcopy)
     if policy is None:
         err_console.print("[red]error:[/] nothing to set; remedy: pass e.g. --downtime-ms 300 or --no-auto-converge")
         raise typer.Exit(2)
@@ -457,7 +474,8 @@ def _act_and_follow(url: Optional[str], act: Any) -> None:
 
 @task_app.command("force-complete")
 def task_force_complete(task_id: str, url: Optional[str] = URL) -> None:
-    """Switch a live migration over now: the downtime limit is raised to cover what remains."""
+    """Switch a live migration over now: post-copy when its policy allows it, else the downtime limit is raised
+    to cover what remains."""
     _act_and_follow(url, lambda c: c.force_complete(task_id))
 
 

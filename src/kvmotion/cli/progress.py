@@ -27,6 +27,12 @@ def describe(task: dict[str, Any]) -> str:
     if task["phase"] == "copy" and live:
         text += f"  disk {live.get('disk_index', '?')}/{live.get('disks', '?')} {live.get('percent', 0):.0f}% " \
                 f"({live.get('state', '')}, via {live.get('via', '?')})"
+    if task["phase"] == "postcopy" and live.get("postcopy"):
+        pc = live["postcopy"]
+        text += f"  {pc['status']}  remaining {live.get('remaining', 0) / MB:7.1f} MB  pauses {pc['pauses']}" \
+                f"  recoveries {pc['recoveries']}"
+        if pc.get("paused_since"):
+            text += f"  [yellow]paused {time.time() - pc['paused_since']:.0f}s: waiting for the migration link[/]"
     if task["phase"] == "precopy" and live:
         text += f"  pass {live.get('pass', 0)}  remaining {live.get('remaining', 0) / MB:7.1f} MB"
         if live.get("converging"):          # the estimate would rise: hold it, do not jump back
@@ -98,6 +104,11 @@ def figures(task: dict[str, Any]) -> Table:
             ("disk streams (shared-nothing)", f"{(r.get('disks') or {}).get('bytes', 0) / MB:.1f} MiB at "
              f"{(r.get('disks') or {}).get('throughput_mbps', 0):.0f} Mbit/s" if r.get("disks") else "-"),
             ("encryption", f"{(r.get('encryption') or {}).get('mode', '-')} ({(r.get('encryption') or {}).get('reason', '')})")]
+    pc = r.get("postcopy")
+    if pc:
+        rows.append(("post-copy", f"{(pc.get('bytes') or 0) / MB:.1f} MiB after the switchover, "
+                                  f"{pc.get('page_requests', 0)} page requests, {pc.get('pauses', 0)} pauses, "
+                                  f"{pc.get('recoveries', 0)} recoveries ({pc.get('why', '')})"))
     pva = r.get("predicted_vs_actual")
     if pva:
         err = pva.get("total_error_pct")

@@ -246,6 +246,7 @@ class HostFacts(BaseModel):
     cpu: CpuFact | None = None
     block_devices: list[BlockDeviceFact] = Field(default_factory=list)
     swap_location: str = "vm-folder"      # where VM memory-backing files live: with the VM, or a host path
+    postcopy: bool = False                # userfaultfd works and guest RAM is anonymous: post-copy possible
     tls: TlsFact | None = None
 
 
@@ -291,6 +292,8 @@ class OutgoingRequest(BaseModel):
     multifd_channels: int = Field(default=0, ge=0, le=MAX_MULTIFD_CHANNELS)  # 0: one stream; same on both sides
     xbzrle_cache_bytes: int = Field(default=0, ge=0, le=MAX_XBZRLE_CACHE)    # 0: off (never with multifd)
     auto_converge: bool = False          # QEMU throttles the vCPUs once pre-copy stops converging
+    postcopy: bool = False               # post-copy capable (both sides); started only on request
+    postcopy_bandwidth_bytes: int = Field(default=0, ge=0, le=10 ** 12)   # 0: as fast as the link goes
 
 
 class MigrationTuning(BaseModel):
@@ -311,6 +314,16 @@ class IncomingRequest(BaseModel):
     tls_authz_identity: str | None = None   # set: accept only a TLS client with exactly this identity
     new_disks: list[DeviceId] = Field(default_factory=list, max_length=MAX_DISKS)   # shared-nothing: created empty
     multifd_channels: int = Field(default=0, ge=0, le=MAX_MULTIFD_CHANNELS)  # must match the source's
+    postcopy: bool = False            # must match the source's
+
+
+class PostcopyRecover(BaseModel):
+    listen_address: str = Field(max_length=255)
+
+
+class PostcopyResume(BaseModel):
+    uri: str = Field(max_length=MAX_URL_CHARS)
+    probe_address: str = Field(max_length=255)   # the destination's migration address, checked before QEMU dials
 
 
 class IncomingReady(BaseModel):

@@ -8,6 +8,7 @@ import httpx
 from kvmotion.common.hostauth import HostAuth
 from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
+from kvmotion.common.types import PostcopyRecover, PostcopyResume
 from kvmotion.common.types import DirtySample
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
@@ -104,9 +105,11 @@ class AgentClient:
 
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, tls_authz_identity: str | None = None,
                                disk_keys: dict[str, str] | None = None,
-                               new_disks: list[str] | None = None, multifd_channels: int = 0) -> IncomingReady:
+                               new_disks: list[str] | None = None, multifd_channels: int = 0,
+                               postcopy: bool = False) -> IncomingReady:
         req = IncomingRequest(spec=spec, listen_address=listen_address, tls_authz_identity=tls_authz_identity,
-                              disk_keys=disk_keys or {}, new_disks=new_disks or [], multifd_channels=multifd_channels)
+                              disk_keys=disk_keys or {}, new_disks=new_disks or [], multifd_channels=multifd_channels,
+                              postcopy=postcopy)
         return IncomingReady.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/incoming",
                                                              req.model_dump(), timeout=40))
 
@@ -125,6 +128,20 @@ class AgentClient:
 
     async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, Any]:
         return await self._call("POST", f"/v1/vms/{uuid}/migration/tune", tuning.model_dump(), timeout=8)
+
+    async def postcopy_start(self, uuid: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/migration/postcopy", timeout=8)
+
+    async def postcopy_pause(self, uuid: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/migration/pause", timeout=8)
+
+    async def postcopy_recover(self, uuid: str, listen_address: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/migration/recover",
+                                PostcopyRecover(listen_address=listen_address).model_dump(), timeout=8)
+
+    async def postcopy_resume(self, uuid: str, uri: str, probe_address: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/vms/{uuid}/migration/resume",
+                                PostcopyResume(uri=uri, probe_address=probe_address).model_dump(), timeout=15)
 
     async def cancel_outgoing(self, uuid: str, resume_if_completed: bool = True) -> MigrationReport | None:
         data = await self._call("POST", f"/v1/vms/{uuid}/migration/cancel", timeout=20,

@@ -16,6 +16,18 @@ class Action(StrEnum):
     SWITCHING = "switching"
     COMPLETED = "completed"
     ABORT = "abort"
+    START_POSTCOPY = "start-postcopy"    # the last escalation step (policy permitting)
+    POSTCOPY = "postcopy"                # post-copy runs: follow it with ``decide_postcopy``
+    PAUSE = "pause"                      # post-copy's link stalls: pause both sides
+    RECOVER = "recover"                  # post-copy paused: reconnect
+    LOST = "lost"                        # post-copy failed: the memory is split, an operator must look
+
+
+POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+POSTCOPY_AFTER_S = 4.0         # at the downtime ceiling, no new low of the remaining memory for this long
+POSTCOPY_STALL_S = 3.0         # post-copy: no byte moved for this long = the link stalls
+RECOVER_EVERY_S = 1.0
+POSTCOPY_PAUSED_GIVEUP_S = 300.0   # then the task is `unknown`; reconciliation keeps recovering it
 
 
 @dataclass(frozen=True)
@@ -53,10 +65,14 @@ class ProgressWatch:
     step_at: float = 0.0
     converging: bool = False              # the estimate would go up: the ETA holds and says "converging…"
     eta_at: float = 0.0
+    sent: int = 0                         # bytes sent so far, and when that last grew: a stalled link
+    sent_at: float = 0.0
 
     def observe(self, report: MigrationReport, now: float) -> None:
         if report.ram_total and (self.best_remaining is None or report.ram_remaining < self.best_remaining):
             self.best_remaining, self.best_at = report.ram_remaining, now
+        if report.ram_transferred > self.sent or not self.sent_at:
+            self.sent, self.sent_at = report.ram_transferred, now
         if report.mbps > 0 and report.ram_total:
             raw = report.ram_remaining * 8 / (report.mbps * 1e6)
             if self.eta_s is None:
@@ -73,12 +89,18 @@ def completion_timeout_s(memory_mb: int, per_gib_s: float) -> float:
 
 
 def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: float, memory_mb: int,
-           progress_timeout_s: float, completion_per_gib_s: float, budget_ms: int = 500) -> Decision:
+           progress_timeout_s: float, completion_per_gib_s: float, budget_ms: int = 500,
+           postcopy: bool = False) -> Decision:
+    """``postcopy``: the ladder may end in post-copy (allowed, capable, not started yet)."""
     if report.status == "completed":
         return Decision(Action.COMPLETED)
+    if report.status in POSTCOPY_STATES:
+        return Decision(Action.POSTCOPY)
     if not dst_alive:
         qemu = f" (QEMU: {report.error})" if report.error else ""
-        return Decision(Action.ABORT, f"the destination's shadow VM stopped during pre-copy{qemu}")
+        when = "at the switchover" if report.pre_switchover_at or report.status in ("pre-switchover", "device") \
+            else "during pre-copy"
+        return Decision(Action.ABORT, f"the destination's shadow VM stopped {when}{qemu}")
     if report.status in ("failed", "cancelled"):
         return Decision(Action.ABORT, report.error or f"QEMU reports the migration {report.status}")
     if report.status in ("pre-switchover", "device") or report.pre_switchover_at:
@@ -90,6 +112,15 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
             return Decision(Action.RAISE_DOWNTIME, f"not converged after {pass_no} passes at "
                                                    f"{watch.downtime_ms} ms", downtime_ms=higher[0])
     since_progress = now - (watch.best_at or watch.started)
+    at_ceiling = watch.downtime_ms is None or watch.downtime_ms >= budget_ms
+    if postcopy and at_ceiling and now - watch.step_at >= POSTCOPY_AFTER_S and since_progress >= POSTCOPY_AFTER_S:
+        return Decision(Action.START_POSTCOPY, f"pre-copy does not converge at the downtime ceiling of {budget_ms} ms"
+                                               f" (the remaining memory did not shrink for {since_progress:.0f}s; "
+                                               f"{_rates(report)})")
+    if since_progress > progress_timeout_s and now - (watch.sent_at or watch.started) > progress_timeout_s:
+        left = (watch.best_remaining or report.ram_remaining) / 1e6
+        return Decision(Action.ABORT, f"the migration link stalls: no memory moved for "
+                                      f"{now - (watch.sent_at or watch.started):.0f}s with {left:.1f} MB left")
     if since_progress > progress_timeout_s:
         dirty = report.dirty_pages_rate * PAGE / 1e6
         link = report.mbps / 8
@@ -101,7 +132,56 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
                                       f"{since_progress:.0f}s (downtime target {watch.downtime_ms} ms reached)")
     limit = completion_timeout_s(memory_mb, completion_per_gib_s)
     if now - watch.started > limit:
+        if postcopy:
+            return Decision(Action.START_POSTCOPY, f"pre-copy reached its completion timeout of {limit:.0f}s")
         return Decision(Action.ABORT, f"migration exceeded its completion timeout of {limit:.0f}s")
+    return Decision(Action.WAIT)
+
+
+def _rates(report: MigrationReport) -> str:
+    dirty = report.dirty_pages_rate * PAGE / 1e6
+    return f"dirty rate {dirty:.1f} MB/s, bandwidth {report.mbps / 8:.1f} MB/s"
+
+
+@dataclass
+class PostcopyWatch:
+    """What the engine remembers while post-copy runs."""
+
+    started: float
+    best_transferred: int = 0
+    progress_at: float = 0.0
+    paused_at: float | None = None
+    last_pause_at: float = 0.0
+    last_recover_at: float = 0.0
+
+
+def decide_postcopy(report: MigrationReport, dst_status: str | None, w: PostcopyWatch, now: float) -> Decision:
+    """Post-copy cannot be rolled back: it completes, or it is paused and recovered, never cancelled.
+    ``dst_status`` is the destination's migration status (None when its agent does not answer)."""
+    if report.status == "completed":
+        return Decision(Action.COMPLETED)
+    if report.status in ("failed", "cancelled"):
+        return Decision(Action.LOST, f"post-copy {report.status}: {report.error or 'no detail'}; the guest's memory "
+                                     "is split between the hosts")
+    if report.status == "postcopy-active":
+        w.paused_at = None
+        if report.ram_transferred > w.best_transferred:
+            w.best_transferred, w.progress_at = report.ram_transferred, now
+            return Decision(Action.WAIT)
+        if now - (w.progress_at or w.started) >= POSTCOPY_STALL_S:
+            return Decision(Action.PAUSE, f"no memory moved for {now - (w.progress_at or w.started):.0f}s: "
+                                          "the migration link stalls")
+        return Decision(Action.WAIT)
+    if report.status == "postcopy-paused":
+        w.paused_at = w.paused_at or now
+        if dst_status == "postcopy-active":          # the destination has not noticed the dead link
+            if now - w.last_pause_at >= RECOVER_EVERY_S:
+                return Decision(Action.PAUSE, "the destination still waits on the dead link")
+        if dst_status == "postcopy-paused" and now - w.last_recover_at >= RECOVER_EVERY_S:
+            return Decision(Action.RECOVER, "both sides paused: reconnect")
+        if now - w.paused_at > POSTCOPY_PAUSED_GIVEUP_S:
+            return Decision(Action.LOST, f"post-copy paused for {now - w.paused_at:.0f}s: the migration link "
+                                         "is down; reconciliation keeps recovering it")
     return Decision(Action.WAIT)
 
 

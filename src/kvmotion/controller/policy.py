@@ -6,7 +6,7 @@ from typing import Any
 from kvmotion.controller.schemas import MigrateRequest, MigrationPolicy
 
 DEFAULTS: dict[str, Any] = {"downtime_ms": 500, "progress_timeout_s": 150.0, "completion_timeout_s_per_gib": 150.0,
-                            "auto_converge": True, "xbzrle": None}
+                            "auto_converge": True, "xbzrle": None, "allow_postcopy": False}
 FIELDS = tuple(DEFAULTS)
 
 

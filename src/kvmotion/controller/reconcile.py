@@ -15,9 +15,11 @@ from typing import Any
 
 from kvmotion.common.errors import ErrorCode, KvmotionError
 from kvmotion.controller.agents import AgentClient
+from kvmotion.controller import postcopy
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import TaskOut
 from kvmotion.controller.tasks import TaskJournal
+from kvmotion.controller.vmotion import migration_address
 
 
 class Seen(StrEnum):
@@ -33,6 +35,8 @@ class Resolution(StrEnum):
     ROLLBACK = "rollback"                        # the source runs it: remove the shadow
     RESUME_SOURCE = "resume-source"              # the source is paused and the destination has nothing
     WAIT = "wait"                                # a host does not answer: nothing destructive (unknown)
+    POSTCOPY_WAIT = "postcopy-wait"              # post-copy runs: it completes by itself (unknown meanwhile)
+    POSTCOPY_RECOVER = "postcopy-recover"        # post-copy paused on both sides: reconnect them
     LOST = "lost"                                # no host has the VM: an operator must decide
 
 
@@ -41,6 +45,7 @@ class View:
     seen: Seen
     qemu_status: str | None = None
     incoming_completed: bool = False             # destination: its incoming migration completed
+    migration: str | None = None                 # its QEMU's migration status, when it has one
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,22 @@ class Decision:
 SWITCHED = {"postmigrate"}
 
 
+POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+
+
 def decide(src: View, dst: View) -> Decision:
+    if src.migration in POSTCOPY or dst.migration in POSTCOPY:
+        # The guest runs on the destination, part of its memory is on the source: neither may be stopped, the
+        # source never resumed. It completes by itself, or it is paused and must be reconnected.
+        if dst.seen == Seen.ABSENT or src.seen == Seen.ABSENT:
+            gone = "destination" if dst.seen == Seen.ABSENT else "source"
+            return Decision(Resolution.LOST, f"the {gone} QEMU is gone during post-copy: the guest's memory was "
+                                             "split between the hosts; an operator must decide (the other QEMU "
+                                             "is kept as it is)")
+        if src.migration == "postcopy-paused" and dst.migration == "postcopy-paused":
+            return Decision(Resolution.POSTCOPY_RECOVER, "post-copy is paused on both hosts: reconnect them")
+        return Decision(Resolution.POSTCOPY_WAIT, f"post-copy in flight (source {src.migration or src.seen}, "
+                                                  f"destination {dst.migration or dst.seen}): both QEMUs are kept")
     if dst.seen == Seen.RUNNING:
         # The destination runs the guest: the switchover happened. A source found running too is stale:
         # it is never resumed and never kept (its guest diverged at the switchover).
@@ -92,13 +112,12 @@ async def observe(agent: AgentClient, uuid: str, destination: bool) -> View:
         return View(Seen.ABSENT, status)
     if status == "unreachable":
         return View(Seen.UNREACHABLE, status)
-    completed = False
-    if destination and status != "running":
-        try:
-            completed = (await agent.migration(uuid)).status == "completed"
-        except KvmotionError:
-            completed = False
-    return View(Seen.RUNNING if status == "running" else Seen.HELD, status, completed)
+    try:
+        migration: str | None = (await agent.migration(uuid)).status
+    except KvmotionError:
+        migration = None
+    completed = destination and status != "running" and migration == "completed"
+    return View(Seen.RUNNING if status == "running" else Seen.HELD, status, completed, migration)
 
 
 async def _stop_source(src: AgentClient, uuid: str, view: View) -> dict[str, Any]:
@@ -122,8 +141,14 @@ async def execute(inv: Inventory, journal: TaskJournal, t: TaskOut) -> dict[str,
     out: dict[str, Any] = {"task": t.id, "phase": t.phase, "source_seen": str(src.seen),
                            "destination_seen": str(dst.seen), "resolution": str(d.resolution), "reason": d.reason,
                            "checked_at": time.time()}
-    if d.resolution in (Resolution.WAIT, Resolution.LOST):
-        await asyncio.to_thread(journal.mark_unknown, out)
+    if d.resolution == Resolution.POSTCOPY_RECOVER:
+        try:
+            out["recovered"] = await postcopy.recover(src_agent, dst_agent, t.vm_uuid,
+                                                      migration_address(inv, t.destination))
+        except KvmotionError as exc:
+            out["recover_error"] = exc.message
+    if d.resolution in (Resolution.WAIT, Resolution.LOST, Resolution.POSTCOPY_WAIT, Resolution.POSTCOPY_RECOVER):
+        await asyncio.to_thread(journal.mark_unknown, out)      # checked again in RECONCILE_S
         return out
     if d.resolution == Resolution.RESUME_DESTINATION:
         try:

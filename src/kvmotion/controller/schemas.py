@@ -81,6 +81,7 @@ class MigrationPolicy(Request):
     completion_timeout_s_per_gib: float | None = Field(default=None, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     auto_converge: StrictBool | None = None
     xbzrle: StrictBool | None = None
+    allow_postcopy: StrictBool | None = None
 
 
 class VMUpdate(Request):
@@ -127,6 +128,11 @@ class MigrateRequest(Request):
                                                                  "when pre-copy stops converging; default: policy, on")
     xbzrle: StrictBool | None = Field(default=None, description="delta-encode rewritten pages; default: when plain "
                                                           "pre-copy is predicted not to converge")
+    allow_postcopy: StrictBool | None = Field(default=None, description="escalation: switch to post-copy (the VM runs "
+                                              "on the destination and pulls the rest) when pre-copy does not "
+                                              "converge at the downtime ceiling; default: policy, off")
+    postcopy_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
+                                                description="cap for the post-copy phase; default: the link")
 
 
 class PhaseRecord(BaseModel):

@@ -38,6 +38,7 @@ class StreamPlan:
     xbzrle_cache_bytes: int
     auto_converge: bool = False
     why: list[str] = field(default_factory=list)
+    postcopy: bool = False            # post-copy capable on both sides: the last step of the escalation ladder
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,15 +63,20 @@ def xbzrle_cache_for(memory_mb: int, dirty_mb_s: float) -> int:
 
 def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, converges: bool | None,
          dirty_mb_s: float, multifd: int | None = None, xbzrle: bool | None = None,
-         auto_converge: bool = True) -> StreamPlan:
+         auto_converge: bool = True, postcopy: str | None = None) -> StreamPlan:
     """``multifd``/``xbzrle`` override the automatic choice (None: automatic); ``auto_converge`` is the
-    policy's permission to throttle the guest when pre-copy stops converging."""
+    policy's permission to throttle the guest when pre-copy stops converging. ``postcopy`` is "" when the policy
+    allows post-copy and both hosts can do it, the reason it cannot be used otherwise, None when not allowed."""
     if profile == "qemu-defaults":
         return StreamPlan(profile, QEMU_DEFAULT_BANDWIDTH, [QEMU_DEFAULT_DOWNTIME_MS], 0, 0, False,
                           ["QEMU's defaults: 128 MiB/s, 300 ms downtime limit, one stream"])
     why = [f"bandwidth: this migration's share of the link, {bandwidth_mbps} Mbit/s"]
     channels = channels_for(bandwidth_mbps) if multifd is None else multifd
-    why.append(f"multifd: {channels} channels" + (" (requested)" if multifd is not None else
+    postcopy_note = postcopy == "" and multifd is None and channels > 0
+    if postcopy_note:
+        channels = 0
+    why.append("one stream (post-copy allowed: QEMU 7.2 cannot combine it with multifd)" if postcopy_note else
+               f"multifd: {channels} channels" + (" (requested)" if multifd is not None else
                                                   f" (link {bandwidth_mbps} Mbit/s; one stream carries "
                                                   f"{ONE_STREAM_MBPS})") if channels else
                "one stream" + (" (requested)" if multifd is not None else
@@ -88,5 +94,9 @@ def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, conv
     cache = xbzrle_cache_for(memory_mb, dirty_mb_s) if use_x else 0
     why.append("auto-converge armed: QEMU throttles the vCPUs if two passes in a row dirty more than half of "
                "what they send" if auto_converge else "no auto-converge (policy)")
+    use_postcopy = postcopy == "" and channels == 0
+    if postcopy is not None:
+        why.append("post-copy: the last escalation step, when pre-copy stalls at the downtime ceiling"
+                   if use_postcopy else f"no post-copy: {postcopy or 'not with multifd streams'}")
     return StreamPlan(profile, bandwidth_mbps * MBIT, decisions.downtime_steps(budget_ms), channels, cache,
-                      auto_converge, why)
+                      auto_converge, why, use_postcopy)

@@ -15,7 +15,7 @@ from typing import Any
 from kvmotion.common.errors import AgentUnreachable, ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import DiskTarget, MigrationReport, MigrationTuning, MirrorRequest, OutgoingRequest, VMSpec
 from kvmotion.checks.rules import encryption_plan
-from kvmotion.controller import compat, decisions, predict, tuning
+from kvmotion.controller import compat, decisions, postcopy, predict, tuning
 from kvmotion.controller.pki import client_identity
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
@@ -37,6 +37,7 @@ class Phase(StrEnum):
     DISKS = "disks"                   # shared-nothing: every disk mirrored to the destination over NBD
     PRECOPY = "precopy"               # iterative memory pre-copy with dirty tracking
     SWITCHOVER = "switchover"         # quiesce, last pages and device state
+    POSTCOPY = "postcopy"             # (escalation) the guest runs on the destination and pulls the rest
     RESUME = "resume"                 # run on the destination, confirmed
     ANNOUNCE = "announce"             # RARP/GARP
     RELEASE = "release"               # locks to the destination, source freed, owner changes
@@ -44,7 +45,7 @@ class Phase(StrEnum):
 
 
 # Where each phase starts in the task's 0..100 progress.
-PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.DISKS: 6, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90, Phase.RESUME: 93,
+PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.DISKS: 6, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90, Phase.POSTCOPY: 91, Phase.RESUME: 93,
                Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
 
 
@@ -96,6 +97,9 @@ class VMotion:
         self.disk_summary: dict[str, Any] = {}
         self.prediction: asyncio.Task[predict.Prediction | None] | None = None
         self.stream: tuning.StreamPlan | None = None
+        self.postcopy_requested = False     # from here: never cancelled, never rolled back
+        self.postcopy_block: str | None = None   # None: not allowed; "": possible; else why not
+        self.postcopy_summary: dict[str, Any] = {}
 
     async def set_bandwidth(self, mbps: int) -> None:
         """Admission gave this migration a new share of its links: apply it live."""
@@ -115,9 +119,18 @@ class VMotion:
         self.force_requested = True
 
     def request_cancel(self) -> None:
+        if self.postcopy_requested:
+            raise ConflictError(f"the migration of {self.spec.name} is in post-copy: the VM runs on "
+                                f"{self.destination} and part of its memory is still on {self.source}",
+                                remedy="let it complete; a failed link is paused and recovered")
         if self.resumed or self.switching:
             raise ConflictError(f"the migration of {self.spec.name} is past its switchover", remedy="let it finish")
         self.cancel_requested = True
+
+    def _check_cancel(self) -> None:
+        """Between steps before the switchover: a cancel takes effect here (and in the pre-copy loop)."""
+        if self.cancel_requested:
+            raise MigrationFailed("cancelled by the user", remedy="nothing to do; the VM stays on the source")
 
     async def begin(self, phase: Phase, **detail: Any) -> None:
         await asyncio.to_thread(self.journal.begin_phase, str(phase), PROGRESS_AT.get(phase, 0), None, detail)
@@ -149,6 +162,7 @@ class VMotion:
         use_tls, why, _ = encryption_plan(self.spec.encrypted_vmotion, self.inv.host_facts(self.source),
                                           self.inv.host_facts(self.destination), any(d.encrypted for d in self.spec.disks))
         self.encryption = {"mode": "tls" if use_tls else "plain", "reason": why, "policy": self.spec.encrypted_vmotion}
+        self.postcopy_block = self._postcopy_blocker(xv)
         # Channels depend on the link only (the shadow needs them); xbzrle waits for the prediction.
         self.stream = self._plan(None)
         self.prediction = asyncio.create_task(   # from the source's dirty-rate sample; runs beside the shadow
@@ -168,10 +182,12 @@ class VMotion:
         ready = await self.dst.prepare_incoming(target, dst_address,
                                                 client_identity(self.source) if use_tls else None,
                                                 self.inv.disk_keys(self.spec), list(reloc.moved_ids) if xv else None,
-                                                self.stream.multifd_channels)
+                                                self.stream.multifd_channels, postcopy=self.stream.postcopy)
         await self.end(uri=ready.uri, shadow_pid=ready.pid, nbd_port=ready.nbd_port)
+        self._check_cancel()
         if xv:
             await self._mirror_disks(reloc, dst_address, ready, use_tls)
+        self._check_cancel()
 
         self.stream = plan = self._plan(await self._prediction_now())
         await self.begin(Phase.PRECOPY, max_bandwidth_bytes=plan.max_bandwidth_bytes,
@@ -181,8 +197,11 @@ class VMotion:
         await self.src.start_outgoing(self.spec.uuid, OutgoingRequest(
             uri=ready.uri, max_bandwidth_bytes=plan.max_bandwidth_bytes, downtime_limit_ms=plan.downtime_steps[0],
             tls_hostname=dst_address if use_tls else None, multifd_channels=plan.multifd_channels,
-            xbzrle_cache_bytes=plan.xbzrle_cache_bytes, auto_converge=plan.auto_converge))
+            xbzrle_cache_bytes=plan.xbzrle_cache_bytes, auto_converge=plan.auto_converge, postcopy=plan.postcopy,
+            postcopy_bandwidth_bytes=(self.req.postcopy_bandwidth_mbps or 0) * MBIT))
         report = await self._follow_precopy()
+        if report.status in decisions.POSTCOPY_STATES:
+            report = await self._follow_postcopy(report, dst_address)
 
         await self.begin(Phase.RESUME, host=self.destination)
         resumed = await self._resume()       # confirms the run and sends the announce series, one call
@@ -224,10 +243,23 @@ class VMotion:
         multifd = first.multifd_channels if first is not None else self.req.multifd_channels
         p = tuning.plan(self.req.tuning, self.bandwidth_mbps, self.req.downtime_ms, self.spec.memory_mb,
                         pred.converges if pred else None, pred.dirty_mb_s if pred else 0.0,
-                        multifd=multifd, xbzrle=self.req.xbzrle, auto_converge=self.req.auto_converge)
+                        multifd=multifd, xbzrle=self.req.xbzrle, auto_converge=self.req.auto_converge,
+                        postcopy=self.postcopy_block)
         if first is None or len(p.why) < 2:
             return p
         return dataclasses.replace(p, why=[p.why[0], first.why[1], *p.why[2:]])
+
+    def _postcopy_blocker(self, xv: bool) -> str | None:
+        """None: the policy does not allow post-copy; "": allowed and possible; else why it cannot be used."""
+        if not self.req.allow_postcopy or self.req.tuning == "qemu-defaults":
+            return None
+        if xv:
+            return "the disks are copied with the memory (post-copy is for moves on shared storage)"
+        for host in (self.source, self.destination):
+            facts = self.inv.host_facts(host)
+            if facts is None or not facts.postcopy:
+                return f"host {host} cannot do post-copy (no userfaultfd, or guest RAM is file-backed)"
+        return ""
 
     async def _prediction_now(self, timeout: float = 3.0) -> predict.Prediction | None:
         """The prediction, if it is ready within ``timeout`` (it reads a cached sample; it rarely waits)."""
@@ -275,8 +307,7 @@ class VMotion:
                                       remedy="check the destination host's agent and QEMU logs, then retry")
             if r.state == "ready":
                 break
-            if self.cancel_requested:
-                raise MigrationFailed("cancelled by the user", remedy="nothing to do; the VM stays on the source")
+            self._check_cancel()
             await asyncio.sleep(POLL_S)
         secs = time.time() - t0
         self.disk_summary = {"bytes": r.done, "seconds": round(secs, 3),
@@ -314,21 +345,29 @@ class VMotion:
             self.report = report
             decision = decisions.decide(report, dst_alive, watch, now, self.spec.memory_mb,
                                         self.req.progress_timeout_s, self.req.completion_timeout_s_per_gib,
-                                        steps[-1])
+                                        steps[-1], postcopy=bool(self.stream and self.stream.postcopy)
+                                        and not self.postcopy_requested)
             if decision.action == decisions.Action.RAISE_DOWNTIME and decision.downtime_ms is not None:
                 await self.src.tune(self.spec.uuid, MigrationTuning(downtime_limit_ms=decision.downtime_ms))
                 watch.downtime_ms, watch.step_at = decision.downtime_ms, now
                 watch.step_pass = report.passes[-1].pass_no if report.passes else 0
                 self.downtime_steps.append({"t": now, "downtime_ms": decision.downtime_ms, "why": decision.reason})
+            if decision.action in (decisions.Action.WAIT, decisions.Action.START_POSTCOPY):
+                self._check_cancel()
+            if decision.action == decisions.Action.START_POSTCOPY:
+                await self._start_postcopy(decision.reason)
+            if self.force_requested and not self.switching and decision.action == decisions.Action.WAIT and \
+                    self.stream is not None and self.stream.postcopy and not self.postcopy_requested:
+                self.force_requested = False
+                await self._start_postcopy("forced by the operator")
             if self.force_requested and not self.switching and decision.action == decisions.Action.WAIT:
                 self.force_requested = False
                 forced = decisions.forced_downtime_ms(report, steps[-1])
                 await self.src.tune(self.spec.uuid, MigrationTuning(downtime_limit_ms=forced))
                 watch.downtime_ms, watch.step_at = forced, now
                 self.downtime_steps.append({"t": now, "downtime_ms": forced, "why": "forced by the operator"})
-            if self.cancel_requested and decision.action == decisions.Action.WAIT:
-                raise MigrationFailed("cancelled by the user", remedy="nothing to do; the VM stays on the source")
-            if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED) and not self.switching:
+            if decision.action in (decisions.Action.SWITCHING, decisions.Action.COMPLETED,
+                                   decisions.Action.POSTCOPY) and not self.switching:
                 self.switching = True
                 await self.end(ended_at=report.pre_switchover_at, passes=len(report.passes),
                                transferred=report.ram_transferred,
@@ -343,8 +382,69 @@ class VMotion:
                 await self.end(ended_at=report.completed_at, downtime_ms=report.downtime_ms,
                                parked_ms=round(report.parked_ms or 0.0, 2))
                 return report
+            if decision.action == decisions.Action.POSTCOPY:
+                await self.end(postcopy=True, parked_ms=round(report.parked_ms or 0.0, 2))
+                return report
             if decision.action == decisions.Action.ABORT:
                 raise MigrationFailed(decision.reason, remedy=_remedy_for(decision.reason))
+
+    async def _start_postcopy(self, why: str) -> None:
+        """The last escalation step: from here the migration is never cancelled or rolled back."""
+        self.postcopy_requested = True
+        self.postcopy_summary = {"requested_at": time.time(), "why": why, "pauses": 0, "recoveries": 0,
+                                 "recovery_log": []}
+        self.downtime_steps.append({"t": time.time(), "postcopy": True, "why": why})
+        await self.src.postcopy_start(self.spec.uuid)
+
+    async def _follow_postcopy(self, report: MigrationReport, dst_address: str) -> MigrationReport:
+        """Post-copy runs until it completes: a stalled link is paused on both sides and reconnected."""
+        await self.begin(Phase.POSTCOPY, host=self.destination, why=self.postcopy_summary.get("why"))
+        pc = self.postcopy_summary
+        pc.setdefault("recovery_log", [])
+        now = time.time()
+        w = decisions.PostcopyWatch(started=now, best_transferred=report.ram_transferred, progress_at=now)
+        since: str | None = report.status
+        log_ = pc["recovery_log"]
+        while True:
+            try:
+                report = await self.src.migration(self.spec.uuid, wait_s=POLL_S, since=since)
+            except AgentUnreachable:          # QEMU goes on without its agent; post-copy is never abandoned
+                await asyncio.sleep(OUTAGE_POLL_S)
+                continue
+            since = report.status
+            self.report = report
+            dst_status = await postcopy.settle_dst_status(self.dst, self.spec.uuid)
+            now = time.time()
+            new_episode = w.paused_at is None
+            d = decisions.decide_postcopy(report, dst_status, w, now)
+            if d.action == decisions.Action.PAUSE:
+                w.last_pause_at = now
+                pc["pauses"] += 1 if new_episode else 0
+                log_.append({"t": now, "step": "pause", "why": d.reason,
+                             **await postcopy.pause_both(self.src, self.dst, self.spec.uuid)})
+            elif d.action == decisions.Action.RECOVER:
+                w.last_recover_at = now
+                try:
+                    got = await postcopy.recover(self.src, self.dst, self.spec.uuid, dst_address)
+                    pc["recoveries"] += 1
+                    log_.append({"t": now, "step": "recover", **got})
+                except KvmotionError as exc:
+                    if not log_ or log_[-1].get("error") != exc.message:     # one line per distinct failure
+                        log_.append({"t": now, "step": "recover", "error": exc.message})
+            del log_[:-50]
+            await asyncio.to_thread(self.journal.live, self._live(report, decisions.ProgressWatch(started=now)) | {
+                "postcopy": {"status": report.status, "destination": dst_status, "pauses": pc["pauses"],
+                             "recoveries": pc["recoveries"], "paused_since": w.paused_at,
+                             "postcopy_bytes": report.extra.get("postcopy_bytes", 0)}},
+                PROGRESS_AT[Phase.POSTCOPY] + 2 * decisions.percent(report) / 100)
+            if d.action == decisions.Action.COMPLETED:
+                pc.update(completed_at=report.completed_at, bytes=report.extra.get("postcopy_bytes", 0),
+                          page_requests=report.extra.get("postcopy_requests", 0))
+                await self.end(ended_at=report.completed_at, pauses=pc["pauses"], recoveries=pc["recoveries"],
+                               postcopy_bytes=pc["bytes"], page_requests=pc["page_requests"])
+                return report
+            if d.action == decisions.Action.LOST:
+                raise MigrationFailed(d.reason, remedy="both QEMUs are kept; see the task's reconciliation")
 
     async def _shadow_alive(self) -> bool | None:
         """True/False as the destination agent reports it; None when the agent does not answer."""
@@ -397,6 +497,7 @@ class VMotion:
                 "stream": self.stream.as_dict() if self.stream else None,
                 "multifd_bytes": r.extra.get("multifd_bytes", 0), "xbzrle": r.extra.get("xbzrle"),
                 "max_cpu_throttle_pct": r.extra.get("max_cpu_throttle_pct", 0),
+                "postcopy": self.postcopy_summary or None,
                 "pass_log": [p.model_dump() for p in r.passes]}
 
     async def _fail(self, exc: KvmotionError) -> None:
@@ -405,11 +506,18 @@ class VMotion:
         failed_phase = self.journal.read().phase
         await self.end("failed", error=exc.message)
         rollback: dict[str, Any] = {}
-        if not self.resumed:
+        if not self.resumed and not self.postcopy_requested:
             await self.begin(Phase.ROLLBACK)
             rollback = await self._rollback()
             await self.end("ok" if rollback.get("source_running") else "failed", **rollback)
         error = exc.to_dict() | {"phase": failed_phase, "rollback": rollback}
+        if self.postcopy_requested and not self.resumed:
+            # Post-copy is never rolled back: its memory may be split between the hosts. Reconciliation sees
+            # where QEMU runs and what its migration does, and completes or recovers it.
+            await asyncio.to_thread(self.journal.mark_unknown, {
+                "reason": f"{exc.message}; post-copy had started: reconciliation completes or recovers it",
+                "error": error, "checked_at": time.time()})
+            return
         if self.resumed or rollback.get("needs_reconcile"):
             # The VM may run on the destination (resumed), or a host did not answer the rollback: where it
             # runs is not known for sure. Nothing more is done until reconciliation sees both hosts.
@@ -466,6 +574,8 @@ class VMotion:
 
 
 def _remedy_for(reason: str) -> str:
+    if "link stalls" in reason:
+        return "check the migration network between the hosts (links, MTU, firewall); the VM stays on the source"
     if "converge" in reason or "timeout" in reason:
         return "raise --downtime-ms, give the migration more bandwidth, or lower the guest's write rate"
     if "shadow" in reason or "destination" in reason:
