@@ -348,3 +348,30 @@ def test_postcopy_link_cut_is_paused_recovered_and_completes(lab) -> None:
     assert vm["uuid"] not in agent_vms(lab, "h1")
     assert t["phases"][-1]["detail"]["lease_holder"] == "h2"
     same_guest(lab, client, vm, before)
+
+
+def test_controller_killed_during_postcopy_waits_for_it_and_completes(lab) -> None:
+    """The controller dies right after persisting the post-copy phase. Reconciliation finds the guest running on
+    the destination with part of its memory still on the source: it stops neither QEMU and resumes nothing;
+    the task stays `unknown` until post-copy completes by itself, then the move is completed."""
+    client = Client(lab.controller_url)
+    vm = running_vm(client, lab, "pc2", dirty_mb_s=5)
+    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    lab_mod.restart(lab.root, "controller", env={CRASH_AT_ENV: "postcopy"})
+    task = client.migrate("pc2", "h2", max_bandwidth_mbps=80, allow_postcopy=True, postcopy_bandwidth_mbps=40)
+    _in_precopy(client, task["id"])
+    client.force_complete(task["id"])
+    wait_for(lambda: _down(client, task["id"]), 60, "the controller to die in post-copy")
+    died = time.time()
+    lab_mod.restart(lab.root, "controller")
+    t = wait_for(lambda: (x := client.task(task["id"]))["state"] == "unknown" and x, 30, "an unknown task")
+    seen = t["live"]["unknown"]
+    assert seen["resolution"] == "postcopy-wait" and "both QEMUs are kept" in seen["reason"], seen
+    assert vm["uuid"] in agent_vms(lab, "h1") and client.vm("pc2")["host"] == "h1"   # nothing decided yet
+    t = wait_for(lambda: (x := client.task(task["id"]))["state"] == "success" and x, 90,
+                 "post-copy to complete and reconciliation to complete the move")
+    record_fault("controller killed (restarted at once)", "postcopy", died, t)
+    assert t["result"]["reconciled"]["vm_runs_on"] == "h2"
+    assert runs_on(lab, vm["uuid"]) == ["h2"] and client.vm("pc2")["host"] == "h2"
+    wait_for(lambda: vm["uuid"] not in agent_vms(lab, "h1"), 20, "the source to be released")
+    same_guest(lab, client, vm, before)

@@ -113,6 +113,8 @@ def _mig_ifaces(facts: HostFacts | None) -> list[tuple[str, int | None]]:
 def network(ctx: MigrationContext) -> list[Finding]:
     out = []
     hosts = [h for h in (ctx.source, ctx.destination) if h.facts is not None]
+    if len(hosts) == 2 and hosts[0].name == hosts[1].name:     # same host (refused anyway): one finding each
+        hosts = hosts[:1]
     for h in hosts:
         ifaces = _mig_ifaces(h.facts)
         if not ifaces:

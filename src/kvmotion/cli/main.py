@@ -149,6 +149,7 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               vcpus: int = 1, datastore: Optional[str] = None, network: str = "VM Network",
               disk_mb: int = 64, ip: Optional[str] = typer.Option(None, help="e.g. 198.18.1.120/24"),
               dirty: float = typer.Option(0.0, help="guest memory dirtier rate, MB/s"),
+              dirty_region_mb: Optional[int] = typer.Option(None, help="how much RAM the dirtier rewrites (MiB)"),
               cpu: Optional[str] = typer.Option(None, help="CPU model, or host-passthrough"),
               cpu_mask: Optional[str] = typer.Option(None, help="CPU features to hide, comma separated"),
               encrypted_vmotion: str = typer.Option("opportunistic", help="disabled | opportunistic | required"),
@@ -162,7 +163,8 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               url: Optional[str] = URL) -> None:
     mask = [f for f in (cpu_mask or "").split(",") if f]
     vm = run(lambda: Client(url).create_vm(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore,
-                                           network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, cpu_model=cpu,
+                                           network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty,
+                                           dirty_region_mb=dirty_region_mb, cpu_model=cpu,
                                            cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker,
                                            encrypted_disk=encrypted_disk, data_disk_mb=data_disk_mb,
                                            data_datastore=data_datastore, disk_format=disk_format,
@@ -303,6 +305,9 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
                                                                  "converging (default: policy, on)"),
                progress_timeout_s: Optional[float] = typer.Option(None, help="cancel when remaining memory makes no "
                                                                              "new low for this long (default: policy, 150)"),
+               xbzrle: Optional[bool] = typer.Option(None, "--xbzrle/--no-xbzrle",
+                                                     help="delta-encode rewritten pages (default: when predicted "
+                                                          "not to converge)"),
                allow_postcopy: Optional[bool] = typer.Option(None, "--allow-postcopy/--no-allow-postcopy",
                                                              help="end the escalation in post-copy rather than "
                                                                   "cancel (default: policy, off)"),
@@ -333,7 +338,7 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
         raise typer.Exit(check_migration(client, vm, host, **opts))
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
                                       priority=priority, auto_converge=auto_converge,
-                                      progress_timeout_s=progress_timeout_s, allow_postcopy=allow_postcopy,
+                                      progress_timeout_s=progress_timeout_s, allow_postcopy=allow_postcopy, xbzrle=xbzrle,
                                       postcopy_bandwidth_mbps=postcopy_mbps, **opts))
     shown = task["options"].get("findings", [])
     if shown:

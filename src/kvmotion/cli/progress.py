@@ -104,6 +104,12 @@ def figures(task: dict[str, Any]) -> Table:
             ("disk streams (shared-nothing)", f"{(r.get('disks') or {}).get('bytes', 0) / MB:.1f} MiB at "
              f"{(r.get('disks') or {}).get('throughput_mbps', 0):.0f} Mbit/s" if r.get("disks") else "-"),
             ("encryption", f"{(r.get('encryption') or {}).get('mode', '-')} ({(r.get('encryption') or {}).get('reason', '')})")]
+    if r.get("max_cpu_throttle_pct"):
+        rows.append(("auto-converge throttle reached", f"{r['max_cpu_throttle_pct']} %"))
+    xb = r.get("xbzrle")
+    if xb:
+        rows.append(("xbzrle", f"{xb.get('pages', 0)} pages as deltas, {xb.get('cache_miss', 0)} cache misses, "
+                               f"{xb.get('overflow', 0)} overflows"))
     pc = r.get("postcopy")
     if pc:
         rows.append(("post-copy", f"{(pc.get('bytes') or 0) / MB:.1f} MiB after the switchover, "
