@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -133,6 +134,9 @@ def xfail_if_tcg_guest_crash(lab: Any, client: Client, name: str) -> None:
         pytest.xfail(KNOWN_TCG_BUG)
 
 
+FULL_BEAT = re.compile(r"^KVMOTION-HEARTBEAT seq=\d+ uptime=[0-9.]+ boot_id=[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$")
+
+
 def guest_beat(lab: Any, client: Client, name: str, newer_than: int = -1, timeout: float = 20.0) -> dict:
     """The guest's latest heartbeat: seq, uptime, boot_id. Read from its serial console first (no guest network
     involved); under TCG the console of a migrated guest sometimes stops printing while the guest runs on, so
@@ -142,7 +146,7 @@ def guest_beat(lab: Any, client: Client, name: str, newer_than: int = -1, timeou
     ip = client.vm(name)["spec"]["guest_ip"]
     while True:
         for line in reversed(_serial(lab, client, name)):
-            if line.startswith("KVMOTION-HEARTBEAT"):
+            if line.startswith("KVMOTION-HEARTBEAT") and FULL_BEAT.match(line):   # not a line still being written
                 hb = dict(kv.split("=", 1) for kv in line.split()[1:])
                 beat = {"seq": int(hb["seq"]), "uptime": float(hb["uptime"]), "boot_id": hb["boot_id"]}
                 if beat["seq"] > newer_than:

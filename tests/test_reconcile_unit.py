@@ -96,3 +96,14 @@ def test_a_qemu_lost_during_postcopy_goes_to_an_operator() -> None:
 def test_postcopy_completed_completes() -> None:
     d = decide(View(H, "postmigrate", migration="completed"), View(R, "running", migration="completed"))
     assert d.resolution == Resolution.COMPLETE
+
+
+def test_a_silent_postcopy_link_is_seen_between_two_checks() -> None:
+    from kvmotion.controller.reconcile import postcopy_stalled
+    src = View(H, "finish-migrate", migration=PC_ACTIVE, sent=1000)
+    assert not postcopy_stalled({}, src, 100.0)                                       # first look: no history
+    assert postcopy_stalled({"postcopy_sent": 1000, "checked_at": 90.0}, src, 100.0)  # nothing sent in 10 s
+    assert not postcopy_stalled({"postcopy_sent": 900, "checked_at": 90.0}, src, 100.0)   # it moves
+    assert not postcopy_stalled({"postcopy_sent": 1000, "checked_at": 99.0}, src, 100.0)  # too soon to tell
+    paused = View(H, "finish-migrate", migration=PC_PAUSED, sent=1000)
+    assert not postcopy_stalled({"postcopy_sent": 1000, "checked_at": 90.0}, paused, 100.0)  # already paused

@@ -262,6 +262,8 @@ def test_postcopy_is_paused_when_the_link_stalls_and_recovered_when_both_sides_p
     gave_up = decisions.decide_postcopy(report("postcopy-paused"), None, w, now + 5 + 301)
     assert gave_up.action == A.LOST and "reconciliation keeps recovering" in gave_up.reason
     assert decisions.decide_postcopy(report("completed"), "completed", w, now + 400).action == A.COMPLETED
+    dst_gone = decisions.decide_postcopy(report("postcopy-paused"), "failed", w, now)
+    assert dst_gone.action == A.LOST and "destination QEMU failed during post-copy" in dst_gone.reason
     failed = report("failed")
     failed.error = "Broken pipe"
     lost = decisions.decide_postcopy(failed, None, w, now)

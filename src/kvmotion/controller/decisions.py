@@ -163,6 +163,9 @@ def decide_postcopy(report: MigrationReport, dst_status: str | None, w: Postcopy
     if report.status in ("failed", "cancelled"):
         return Decision(Action.LOST, f"post-copy {report.status}: {report.error or 'no detail'}; the guest's memory "
                                      "is split between the hosts")
+    if dst_status in ("failed", "cancelled"):
+        return Decision(Action.LOST, "the destination QEMU failed during post-copy (its stream broke where QEMU "
+                                     "cannot resume it); the source keeps the guest's state at the switchover, paused")
     if report.status == "postcopy-active":
         w.paused_at = None
         if report.ram_transferred > w.best_transferred:

@@ -32,10 +32,10 @@ async def recover(src: AgentClient, dst: AgentClient, uuid: str, dst_address: st
     return {"uri": listening["uri"], "source": resumed.get("status")}
 
 
-async def settle_dst_status(dst: AgentClient, uuid: str) -> str | None:
+async def dst_migration_status(dst: AgentClient, uuid: str) -> str | None:
+    """The destination's migration status as its agent follows it (from events: never a QEMU call), or None
+    when the agent does not answer."""
     try:
         return (await dst.migration(uuid)).status
-    except KvmotionError:
-        return None
-    except asyncio.TimeoutError:
+    except (KvmotionError, asyncio.TimeoutError):
         return None

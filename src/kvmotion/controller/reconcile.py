@@ -15,7 +15,7 @@ from typing import Any
 
 from kvmotion.common.errors import ErrorCode, KvmotionError
 from kvmotion.controller.agents import AgentClient
-from kvmotion.controller import postcopy
+from kvmotion.controller import decisions, postcopy
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.schemas import TaskOut
 from kvmotion.controller.tasks import TaskJournal
@@ -46,6 +46,7 @@ class View:
     qemu_status: str | None = None
     incoming_completed: bool = False             # destination: its incoming migration completed
     migration: str | None = None                 # its QEMU's migration status, when it has one
+    sent: int = 0                                # memory its migration has sent so far (source)
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,19 @@ async def observe(agent: AgentClient, uuid: str, destination: bool) -> View:
     if status == "unreachable":
         return View(Seen.UNREACHABLE, status)
     try:
-        migration: str | None = (await agent.migration(uuid)).status
+        rep = await agent.migration(uuid)
+        migration, sent = rep.status, rep.ram_transferred
     except KvmotionError:
-        migration = None
+        migration, sent = None, 0
     completed = destination and status != "running" and migration == "completed"
-    return View(Seen.RUNNING if status == "running" else Seen.HELD, status, completed, migration)
+    return View(Seen.RUNNING if status == "running" else Seen.HELD, status, completed, migration, sent)
+
+
+def postcopy_stalled(previous: dict[str, Any], src: View, now: float) -> bool:
+    """Post-copy runs but sent nothing since the previous check (at least ``POSTCOPY_STALL_S`` ago): its link is
+    dead and QEMU has not noticed (a silent link only fails at TCP's timeout). Pure."""
+    return (src.migration == "postcopy-active" and previous.get("postcopy_sent") == src.sent
+            and now - float(previous.get("checked_at", now)) >= decisions.POSTCOPY_STALL_S)
 
 
 async def _stop_source(src: AgentClient, uuid: str, view: View) -> dict[str, Any]:
@@ -141,6 +150,10 @@ async def execute(inv: Inventory, journal: TaskJournal, t: TaskOut) -> dict[str,
     out: dict[str, Any] = {"task": t.id, "phase": t.phase, "source_seen": str(src.seen),
                            "destination_seen": str(dst.seen), "resolution": str(d.resolution), "reason": d.reason,
                            "checked_at": time.time()}
+    if d.resolution == Resolution.POSTCOPY_WAIT and src.migration == "postcopy-active":
+        out["postcopy_sent"] = src.sent
+        if postcopy_stalled(t.live.get("unknown") or {}, src, out["checked_at"]):
+            out["paused"] = await postcopy.pause_both(src_agent, dst_agent, t.vm_uuid)
     if d.resolution == Resolution.POSTCOPY_RECOVER:
         try:
             out["recovered"] = await postcopy.recover(src_agent, dst_agent, t.vm_uuid,

@@ -45,8 +45,8 @@ class Phase(StrEnum):
 
 
 # Where each phase starts in the task's 0..100 progress.
-PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.DISKS: 6, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90, Phase.POSTCOPY: 91, Phase.RESUME: 93,
-               Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
+PROGRESS_AT = {Phase.PRECHECK: 0, Phase.SHADOW: 5, Phase.DISKS: 6, Phase.PRECOPY: 10, Phase.SWITCHOVER: 90,
+               Phase.POSTCOPY: 91, Phase.RESUME: 93, Phase.ANNOUNCE: 96, Phase.RELEASE: 97}
 
 
 CRASH_AT_ENV = "KVMOTION_FAULT_CRASH_AT"
@@ -400,7 +400,8 @@ class VMotion:
         """Post-copy runs until it completes: a stalled link is paused on both sides and reconnected."""
         await self.begin(Phase.POSTCOPY, host=self.destination, why=self.postcopy_summary.get("why"))
         pc = self.postcopy_summary
-        pc.setdefault("recovery_log", [])
+        for key, empty in (("pauses", 0), ("recoveries", 0), ("recovery_log", [])):
+            pc.setdefault(key, empty)
         now = time.time()
         w = decisions.PostcopyWatch(started=now, best_transferred=report.ram_transferred, progress_at=now)
         since: str | None = report.status
@@ -413,7 +414,7 @@ class VMotion:
                 continue
             since = report.status
             self.report = report
-            dst_status = await postcopy.settle_dst_status(self.dst, self.spec.uuid)
+            dst_status = await postcopy.dst_migration_status(self.dst, self.spec.uuid)
             now = time.time()
             new_episode = w.paused_at is None
             d = decisions.decide_postcopy(report, dst_status, w, now)
@@ -432,7 +433,7 @@ class VMotion:
                     if not log_ or log_[-1].get("error") != exc.message:     # one line per distinct failure
                         log_.append({"t": now, "step": "recover", "error": exc.message})
             del log_[:-50]
-            await asyncio.to_thread(self.journal.live, self._live(report, decisions.ProgressWatch(started=now)) | {
+            await asyncio.to_thread(self.journal.live, self._live(report) | {
                 "postcopy": {"status": report.status, "destination": dst_status, "pauses": pc["pauses"],
                              "recoveries": pc["recoveries"], "paused_since": w.paused_at,
                              "postcopy_bytes": report.extra.get("postcopy_bytes", 0)}},
@@ -476,11 +477,13 @@ class VMotion:
         self.resume_info = result
         return result
 
-    def _live(self, r: MigrationReport, watch: decisions.ProgressWatch) -> dict[str, Any]:
+    def _live(self, r: MigrationReport, watch: decisions.ProgressWatch | None = None) -> dict[str, Any]:
+        """The task's live view; the ETA only while pre-copy is watched."""
         return {"status": r.status, "pass": r.passes[-1].pass_no if r.passes else 0, "ram_total": r.ram_total,
                 "bandwidth_mbps": self.bandwidth_mbps,
                 "transferred": r.ram_transferred, "remaining": r.ram_remaining, "mbps": r.mbps,
-                "dirty_pages_rate": r.dirty_pages_rate, "eta_s": watch.eta_s, "converging": watch.converging,
+                "dirty_pages_rate": r.dirty_pages_rate, "eta_s": watch.eta_s if watch else None,
+                "converging": watch.converging if watch else False,
                 "passes": [p.model_dump() for p in r.passes[-50:]]}
 
     def _summary(self, r: MigrationReport) -> dict[str, Any]:
