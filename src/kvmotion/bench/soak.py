@@ -77,6 +77,8 @@ def check_beat(tally: Tally, beat: dict[str, Any] | None, where: str, tcg_guest_
         problem = f"{where}: the guest rebooted ({tally.boot_id} → {beat['boot_id']})"
     elif tally.last_seq is not None and beat["seq"] < tally.last_seq:
         problem = f"{where}: heartbeat went back from {tally.last_seq} to {beat['seq']}"
+    elif tally.last_seq is not None and beat["seq"] == tally.last_seq:
+        problem = f"{where}: heartbeat stopped at {beat['seq']} (its web server answers, its counter does not move)"
     if problem is None:
         assert beat is not None
         if tally.boot_id is None:

@@ -2,8 +2,10 @@
 
 ``observe`` asks each agent about the VM (its QEMU's run state, or that it has none, or that the host did not
 answer); ``decide`` is a pure function of the two views; ``Service`` carries the resolution out. Nothing
-destructive happens while a host does not answer: the task is ``unknown`` until it does, or until an operator
-says where the VM runs (``kvmotion task resolve``).
+destructive happens while a host does not answer: the task is ``unknown`` until it does. A ``lost`` resolution
+(no host has the VM's latest state) stays ``unknown`` for an operator; kvmotion has no command for that yet.
+Post-copy in flight is never completed early nor rolled back: reconciliation waits for it, pauses it when it
+sent nothing between two checks, and reconnects it once both sides are paused.
 """
 from __future__ import annotations
 
