@@ -24,7 +24,12 @@ def runs_on(lab, uuid: str) -> list[str]:
 
 def same_guest(lab, client: Client, vm: dict, before: dict) -> None:
     """The guest answers with the boot it had before (a known TCG guest crash is an expected failure)."""
-    after = wait_for(lambda: scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"]), 20, "heartbeat")
+    try:
+        after = wait_for(lambda: scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"]), 20,
+                         "heartbeat")
+    except AssertionError:                  # no answer at all: a hung guest under TCG is the known QEMU bug
+        xfail_if_tcg_guest_crash(lab, client, vm["name"])
+        raise
     if after["boot_id"] != before["boot_id"]:
         xfail_if_tcg_guest_crash(lab, client, vm["name"])
     assert after["boot_id"] == before["boot_id"] and after["seq"] > before["seq"]

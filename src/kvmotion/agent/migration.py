@@ -19,7 +19,8 @@ from kvmotion.agent.qemuvm import QemuVM
 from kvmotion.agent.qmp import next_event
 from kvmotion.agent.tls import ensure_dh_params
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import IncomingReady, MigrationPass, MigrationReport, OutgoingRequest, VMRunState
+from kvmotion.common.types import (POSTCOPY_STATES, IncomingReady, MigrationPass, MigrationReport, OutgoingRequest,
+                                   VMRunState)
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,6 @@ def stream_caps(multifd_channels: int, xbzrle: bool = False, postcopy: bool = Fa
     post-copy; post-copy must be on both sides."""
     return {"multifd": multifd_channels > 0, "xbzrle": xbzrle and multifd_channels == 0,
             "postcopy-ram": postcopy and multifd_channels == 0}
-
-
-POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 
 
 def in_postcopy(r: MigrationReport) -> bool:

@@ -18,13 +18,12 @@ from typing import Any
 from kvmotion.agent.migration import MigrationWatch, _qmp, pick_port, query_migrate, uri_for
 from kvmotion.agent.qemuvm import QemuVM
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
+from kvmotion.common.types import POSTCOPY_STATES
 
 log = logging.getLogger(__name__)
 
 ACTIVE = "postcopy-active"
 PAUSED = "postcopy-paused"
-RECOVERING = "postcopy-recover"
-STATES = frozenset({ACTIVE, PAUSED, RECOVERING})
 PROBE_PORT = 9          # discard: a refused connection proves the address answers as well as an accepted one
 
 
@@ -46,7 +45,7 @@ async def start(vm: QemuVM) -> dict[str, Any]:
     """Switch a running pre-copy to post-copy (the source stops, the destination runs and pulls the rest)."""
     w = _watch(vm, "source")
     status = await _status(vm, w)
-    if status in STATES:
+    if status in POSTCOPY_STATES:
         return {"status": status, "postcopy_started_at": w.report.extra.get("postcopy_started_at")}
     if status != "active":
         raise ConflictError(f"the migration of {vm.spec.name} is {status}; post-copy starts from an active "

@@ -18,7 +18,7 @@ from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, rss_mb, vm_folder
 from kvmotion.agent.storage import AgentStorage, disk_file
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError
-from kvmotion.common.types import DirtySample
+from kvmotion.common.types import POSTCOPY_STATES, DirtySample
 from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
@@ -228,7 +228,7 @@ class Agent(AgentStorage):
         vm = self.get(uuid)
         qemu_status = None
         if vm.alive() and vm.migration is not None and vm.migration.report.role == "destination" and \
-                vm.migration.report.status in migration.POSTCOPY_STATES:
+                vm.migration.report.status in POSTCOPY_STATES:
             # never in band during post-copy (the main loop may wait for a page): what the agent confirmed
             qemu_status = "running" if vm.state == VMRunState.RUNNING else "inmigrate"
         elif vm.qmp is not None and vm.alive():

@@ -167,6 +167,10 @@ class VMSpec(BaseModel):
     encrypted_vmotion: str = Field(default="opportunistic", pattern=ENCRYPTED_VMOTION_PATTERN)   # SPEC §4
 
 
+# QEMU's migration states once post-copy started (either side): the guest's memory is split between the hosts.
+POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+
+
 class VMRunState(StrEnum):
     """Lifecycle of one QEMU process as the agent sees it."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from kvmotion.common.types import MigrationReport
+from kvmotion.common.types import POSTCOPY_STATES, MigrationReport
 
 GIB = 1024 ** 3
 PAGE = 4096
@@ -23,7 +23,6 @@ class Action(StrEnum):
     LOST = "lost"                        # post-copy failed: the memory is split, an operator must look
 
 
-POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 POSTCOPY_AFTER_S = 4.0         # at the downtime ceiling, no new low of the remaining memory for this long
 POSTCOPY_STALL_S = 3.0         # post-copy: no byte moved for this long = the link stalls
 RECOVER_EVERY_S = 1.0

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from kvmotion.common.errors import ErrorCode, KvmotionError
+from kvmotion.common.types import POSTCOPY_STATES
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller import decisions, postcopy
 from kvmotion.controller.inventory import Inventory
@@ -61,11 +62,8 @@ class Decision:
 SWITCHED = {"postmigrate"}
 
 
-POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
-
-
 def decide(src: View, dst: View) -> Decision:
-    if src.migration in POSTCOPY or dst.migration in POSTCOPY:
+    if src.migration in POSTCOPY_STATES or dst.migration in POSTCOPY_STATES:
         # The guest runs on the destination, part of its memory is on the source: neither may be stopped, the
         # source never resumed. It completes by itself, or it is paused and must be reconnected.
         if dst.seen == Seen.ABSENT or src.seen == Seen.ABSENT:

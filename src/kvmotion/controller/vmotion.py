@@ -13,7 +13,8 @@ from enum import StrEnum
 from typing import Any
 
 from kvmotion.common.errors import AgentUnreachable, ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import DiskTarget, MigrationReport, MigrationTuning, MirrorRequest, OutgoingRequest, VMSpec
+from kvmotion.common.types import (POSTCOPY_STATES, DiskTarget, MigrationReport, MigrationTuning, MirrorRequest,
+                                   OutgoingRequest, VMSpec)
 from kvmotion.checks.rules import encryption_plan
 from kvmotion.controller import compat, decisions, postcopy, predict, tuning
 from kvmotion.controller.pki import client_identity
@@ -200,7 +201,7 @@ class VMotion:
             xbzrle_cache_bytes=plan.xbzrle_cache_bytes, auto_converge=plan.auto_converge, postcopy=plan.postcopy,
             postcopy_bandwidth_bytes=(self.req.postcopy_bandwidth_mbps or 0) * MBIT))
         report = await self._follow_precopy()
-        if report.status in decisions.POSTCOPY_STATES:
+        if report.status in POSTCOPY_STATES:
             report = await self._follow_postcopy(report, dst_address)
 
         await self.begin(Phase.RESUME, host=self.destination)
