@@ -59,8 +59,9 @@ KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL in lab_down
 LAB_V4 = ipaddress.ip_network("198.18.0.0/15")
 LAB_V6 = ipaddress.ip_network("2001:2::/48")
 
-CONTROLLER_IP = "198.18.0.1"
+CONTROLLER_IP = "198.18.0.1"       # slot 0; slot k > 0 uses 198.18.(128+k).0/24 and 2001:2:0:k::/64
 CONTROLLER_IP6 = "2001:2::1"
+MAX_SLOTS = 64                      # labs that can be up at once (each has its own management subnet)
 MGMT_PREFIXLEN = 24
 MGMT6_PREFIXLEN = 64
 MIG_PREFIXLEN = 24
@@ -111,6 +112,7 @@ class LabNet:
     controller_ip: str
     vm_subnet: str
     hosts: list[HostNet] = field(default_factory=list)
+    slot: int = 0          # which management subnet of the root namespace this lab uses (labs side by side)
 
     def host(self, name: str) -> HostNet:
         for h in self.hosts:
@@ -120,7 +122,7 @@ class LabNet:
 
     @property
     def controller_ip6(self) -> str:
-        return CONTROLLER_IP6
+        return mgmt_v6_base(self.slot) + "1"
 
     @property
     def client_ip(self) -> str:
@@ -133,6 +135,30 @@ class LabNet:
     @property
     def namespaces(self) -> list[str]:
         return [self.switch_netns, self.client_netns, *(h.netns for h in self.hosts)]
+
+
+def mgmt_v4_base(slot: int) -> str:
+    """The first three octets of a slot's management subnet (root namespace leg, hosts' mgmt0)."""
+    return "198.18.0" if slot == 0 else f"198.18.{128 + slot}"
+
+
+def mgmt_v6_base(slot: int) -> str:
+    return "2001:2::" if slot == 0 else f"2001:2:0:{slot:x}::"
+
+
+def slot_networks(slot: int) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network]:
+    return (ipaddress.ip_network(f"{mgmt_v4_base(slot)}.0/{MGMT_PREFIXLEN}"),
+            ipaddress.ip_network(f"{mgmt_v6_base(slot)}/{MGMT6_PREFIXLEN}"))
+
+
+def free_slot() -> int:
+    """The first slot whose management subnets no address of the root namespace uses."""
+    used = [ipaddress.ip_address(a) for _, a in _root_lab_addresses()]
+    for slot in range(MAX_SLOTS):
+        v4, v6 = slot_networks(slot)
+        if not any(a in v4 or a in v6 for a in used):
+            return slot
+    raise LabError(f"all {MAX_SLOTS} lab slots are in use in the root namespace; run `kvmotion lab down` for one")
 
 
 def root_veth_name(prefix: str) -> str:
@@ -289,7 +315,7 @@ class _Record:
 # planning
 
 
-def _plan(prefix: str, n_hosts: int, ipv6_hosts: Iterable[str]) -> LabNet:
+def _plan(prefix: str, n_hosts: int, ipv6_hosts: Iterable[str], slot: int = 0) -> LabNet:
     v6 = set(ipv6_hosts)
     hosts = []
     for i in range(1, n_hosts + 1):
@@ -298,9 +324,9 @@ def _plan(prefix: str, n_hosts: int, ipv6_hosts: Iterable[str]) -> LabNet:
             HostNet(
                 name=name,
                 netns=f"{prefix}-{name}",
-                mgmt_ip="" if name in v6 else f"198.18.0.{10 + i}",
+                mgmt_ip="" if name in v6 else f"{mgmt_v4_base(slot)}.{10 + i}",
                 # "2001:2::11" for h1 mirrors 198.18.0.11 (digits read as hex group)
-                mgmt_ip6=f"2001:2::{10 + i}" if name in v6 else None,
+                mgmt_ip6=f"{mgmt_v6_base(slot)}{10 + i}" if name in v6 else None,
                 mig_ip=f"198.19.0.{10 + i}",
                 vm_bridge=VM_BRIDGE,
             )
@@ -309,9 +335,10 @@ def _plan(prefix: str, n_hosts: int, ipv6_hosts: Iterable[str]) -> LabNet:
         prefix=prefix,
         switch_netns=f"{prefix}-sw",
         client_netns=f"{prefix}-cl",
-        controller_ip=CONTROLLER_IP,
+        controller_ip=f"{mgmt_v4_base(slot)}.1",
         vm_subnet=VM_SUBNET,
         hosts=hosts,
+        slot=slot,
     )
     # Hard rule: nothing outside the benchmarking ranges.
     for h in hosts:
@@ -352,7 +379,7 @@ def _root_lab_addresses() -> list[tuple[str, str]]:
     return out
 
 
-def _preflight(prefix: str, state_file: Path) -> None:
+def _preflight(prefix: str, state_file: Path, slot: int = 0) -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, veths); run as root")
     if state_file.exists():
@@ -366,12 +393,13 @@ def _preflight(prefix: str, state_file: Path) -> None:
     rv = root_veth_name(prefix)
     if _root_link_exists(rv):
         raise LabError(f"interface {rv} already exists in the root namespace; remove it (`ip link del {rv}`) or choose another prefix")
-    used = _root_lab_addresses()
+    v4, v6 = slot_networks(slot)
+    used = [(i, a) for i, a in _root_lab_addresses() if ipaddress.ip_address(a) in v4 or ipaddress.ip_address(a) in v6]
     if used:
         desc = ", ".join(f"{a} on {i}" for i, a in used)
         raise LabError(
-            f"lab addresses already in use in the root namespace ({desc}); another lab is probably up: "
-            f"run `kvmotion lab down` for it first"
+            f"lab slot {slot}'s addresses are already in use in the root namespace ({desc}); another lab is "
+            f"probably up: run `kvmotion lab down` for it first, or let the lab pick a free slot"
         )
 
 
@@ -446,11 +474,11 @@ def _build(rec: _Record, lab: LabNet) -> None:
     _ip(sw, "link", "set", "dev", "root-mgmt", "addrgenmode", "none")
     _ip(sw, "link", "set", "dev", "root-mgmt", "master", "br-mgmt")
     _ip(sw, "link", "set", "dev", "root-mgmt", "up")
-    _ip(None, "addr", "add", f"{CONTROLLER_IP}/{MGMT_PREFIXLEN}", "dev", rv)
-    cp = _ip(None, "-6", "addr", "add", f"{CONTROLLER_IP6}/{MGMT6_PREFIXLEN}", "dev", rv, "nodad", check=False)
+    _ip(None, "addr", "add", f"{lab.controller_ip}/{MGMT_PREFIXLEN}", "dev", rv)
+    cp = _ip(None, "-6", "addr", "add", f"{lab.controller_ip6}/{MGMT6_PREFIXLEN}", "dev", rv, "nodad", check=False)
     if cp.returncode != 0:
         if any(h.mgmt_ip6 for h in lab.hosts):
-            raise LabError(f"cannot add {CONTROLLER_IP6} to {rv} (is IPv6 disabled?): {cp.stderr.strip()}")
+            raise LabError(f"cannot add {lab.controller_ip6} to {rv} (is IPv6 disabled?): {cp.stderr.strip()}")
         log.warning("no IPv6 on %s: %s", rv, cp.stderr.strip())
     _ip(None, "link", "set", "dev", rv, "up")
 
@@ -483,13 +511,17 @@ def _build(rec: _Record, lab: LabNet) -> None:
         _ip(ns, "link", "set", "dev", "mig0", "up")
 
 
-def lab_up(prefix: str, n_hosts: int, state_file: Path, ipv6_hosts: set[str] = frozenset()) -> LabNet:  # type: ignore[assignment]
-    """Create the lab; on any failure remove what was made and re-raise."""
+def lab_up(prefix: str, n_hosts: int, state_file: Path, ipv6_hosts: set[str] = frozenset(),  # type: ignore[assignment]
+           slot: int | None = None) -> LabNet:
+    """Create the lab in ``slot`` (None: the first free one); on any failure remove what was made and re-raise."""
     state_file = Path(state_file)
     ipv6_hosts = set(ipv6_hosts)
     _validate(prefix, n_hosts, ipv6_hosts)
-    _preflight(prefix, state_file)
-    lab = _plan(prefix, n_hosts, ipv6_hosts)
+    slot = free_slot() if slot is None else slot
+    if not 0 <= slot < MAX_SLOTS:
+        raise LabError(f"lab slot must be 0..{MAX_SLOTS - 1}, got {slot}")
+    _preflight(prefix, state_file, slot)
+    lab = _plan(prefix, n_hosts, ipv6_hosts, slot)
     rec = _Record.create(
         state_file,
         {
