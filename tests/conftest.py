@@ -11,6 +11,44 @@ from typing import Iterator
 import pytest
 
 LAB_ROOT_BASE = Path("/tmp/kvmotion-tests")
+EXCUSED_PREFIX = "EXCUSED["
+_excused: list[tuple[str, str]] = []          # (test id, reason) of every excused expected failure in this run
+
+
+def _xfail_reason(report: pytest.TestReport) -> str | None:
+    """The reason of an expected failure (pytest.xfail() or an xfail mark whose test failed), else None; an XPASS
+    (outcome "passed") excused nothing."""
+    if not hasattr(report, "wasxfail") or report.outcome != "skipped":
+        return None
+    reason = report.wasxfail or ""
+    return reason[len("reason: "):] if reason.startswith("reason: ") else reason
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the excused tests (labtools.excuse: an exact, proven QEMU failure signature) of this run."""
+    reason = _xfail_reason(report)
+    if reason is not None and reason.startswith(EXCUSED_PREFIX):
+        _excused.append((report.nodeid, reason))
+        _write_excused()
+
+
+def _write_excused() -> None:
+    """The count for CI (``$KVMOTION_EXCUSED_FILE``): written at the start, at each excuse, and at the end."""
+    out = os.environ.get("KVMOTION_EXCUSED_FILE")
+    if out:
+        Path(out).write_text(f"{len(_excused)}\n")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _write_excused()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001 - pytest hook
+    terminalreporter.write_sep("-", "excused tests (proven QEMU failure signatures)")
+    for nodeid, reason in _excused:
+        terminalreporter.write_line(f"{nodeid}: {reason}")
+    terminalreporter.write_line(f"excused tests: {len(_excused)}")
+    _write_excused()
 
 
 def leftovers(prefix: str, root: Path) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ from kvmotion.agent.cpu import (
     probe_cpu_catalog,
 )
 from kvmotion.common.errors import InvalidInputError
+from labtools import record_figure
 
 MASK = {"avx2", "sse4.2"}
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
@@ -50,8 +51,8 @@ def catalogs() -> tuple[CpuCatalog, CpuCatalog, float]:
 
 @needs_qemu
 def test_full_catalog(catalogs: tuple[CpuCatalog, CpuCatalog, float]) -> None:
-    full, _, took = catalogs
-    assert took < 20
+    full, _, took = catalogs                     # the probe's own 30 s deadline guards against a hang
+    record_figure("probe_cpu_catalog('tcg')", took, "s")
     assert full.accelerator == "tcg" and full.host_model == "max"
     assert {"qemu64", "Nehalem"} <= set(full.usable_models())
     assert "Haswell" not in full.models          # TCG 7.2 lacks features Haswell needs

@@ -13,7 +13,7 @@ from kvmotion.agent.blockdev import LoopDevice
 from kvmotion.cli.client import Client
 from kvmotion.lab import lab as lab_mod
 from kvmotion.lab import net, scenario
-from labtools import cli, codes, host_settings, remove_vm, running_vm, wait_for
+from labtools import assert_guest_survived, cli, codes, host_settings, http_beat, remove_vm, running_vm, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,16 @@ def test_host_local_iso_blocks_and_client_media_does_not(lab, client, vm1, tmp_p
         found = validate(client, "chk1", "h2")
         assert_finding(found, "CLIENT_MEDIA_CONNECTED", "info", "nothing to do")
         assert not [c for c, f in found.items() if f["severity"] == "error"]
+        before = http_beat(lab, client, "chk1")
         move = scenario.migrate_with_probe(client, lab.net, "chk1", vm1["spec"]["guest_ip"], "h2",
                                            tmp_path / "p.jsonl", settle_s=0.5)
         assert move.ok, move.task.get("error")                               # client media moved with the VM
+        after = assert_guest_survived(lab, client, "chk1", before)
         assert client.vm("chk1")["spec"]["cdroms"][0]["media"] == "client"
         assert cli(lab, "vm", "cdrom", "disconnect", "chk1").returncode == 0
         back = client.migrate("chk1", "h1")
         assert scenario.follow_task(client, back["id"])["state"] == "success"
+        assert_guest_survived(lab, client, "chk1", after)
     finally:
         os.kill(int(pidfile.read_text()), signal.SIGTERM)
         iso.unlink(missing_ok=True)
@@ -137,6 +140,7 @@ def test_maintenance_and_concurrency(lab, client, vm1) -> None:
         assert cli(lab, "host", "maintenance", "exit", "h2").returncode == 0
     # a migration that cannot converge stays in flight: the VM is busy, and the datastore is at its limit (1 here)
     running_vm(client, lab, "busy1", dirty_mb_s=20)
+    before = http_beat(lab, client, "busy1")
     task = client.migrate("busy1", "h2", max_bandwidth_mbps=40)
     try:
         wait_for(lambda: client.task(task["id"])["phase"] == "precopy", what="pre-copy")
@@ -147,6 +151,7 @@ def test_maintenance_and_concurrency(lab, client, vm1) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
     t = client.task(task["id"])
     assert t["state"] == "error" and "cancelled" in t["error"]["message"] and t["error"]["rollback"]["source_running"]
+    assert_guest_survived(lab, client, "busy1", before)                   # the cancelled move left it unharmed
     remove_vm(client, "busy1")
 
 
@@ -166,11 +171,14 @@ def test_swap_location_warns_and_the_move_still_runs(lab, client, vm1, tmp_path)
     with host_settings(lab, "h2", swap_dir=swap):
         found = validate(client, "chk1", "h2")
         assert_finding(found, "SWAP_LOCATION_DIFFERS", "warning", "slower")
+        before = http_beat(lab, client, "chk1")
         res = cli(lab, "vm", "migrate", "chk1", "--host", "h2")
         assert res.returncode == 0, res.stdout + res.stderr
         assert "SWAP_LOCATION_DIFFERS" in res.stdout                         # shown, and it went on
         assert (swap / f"{vm1['uuid']}.ram").exists()                       # the destination backs RAM there
+        after = assert_guest_survived(lab, client, "chk1", before)
         assert scenario.follow_task(client, client.migrate("chk1", "h1")["id"])["state"] == "success"
+        assert_guest_survived(lab, client, "chk1", after)
 
 
 def test_raw_lun_must_be_the_same_device(lab, client, tmp_path) -> None:
@@ -190,8 +198,10 @@ def test_raw_lun_must_be_the_same_device(lab, client, tmp_path) -> None:
             (root / "hosts" / "h2" / "dev" / "lun1").symlink_to(la2.device)         # the same LUN, presented
             with host_settings(lab, "h2", block_devices=[root / "hosts" / "h2" / "dev" / "lun1"]):
                 assert "RDM_DEVICE_NOT_VISIBLE" not in validate(client, "rdm1", "h2")
+                before = http_beat(lab, client, "rdm1")
                 t = scenario.follow_task(client, client.migrate("rdm1", "h2")["id"])
                 assert t["state"] == "success", t.get("error")
+                assert_guest_survived(lab, client, "rdm1", before)
                 remove_vm(client, "rdm1")
 
 
@@ -217,11 +227,12 @@ def test_cpu_features_and_evc(lab, client) -> None:
         client.start_vm("pt1")                                              # powered on in the EVC cluster
         vm = client.vm("pt1")
         assert vm["spec"]["cpu_model"] == modes[0] and vm["spec"]["cpu_enforce"] is True
-        scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
+        before = scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
         found = validate(client, "pt1", "h2")
         assert not {"CPU_FEATURES_MISSING", "CPU_PASSTHROUGH_MISMATCH"} & set(found)
         t = scenario.follow_task(client, client.migrate("pt1", "h2")["id"])
         assert t["state"] == "success", t.get("error")
+        assert_guest_survived(lab, client, "pt1", before)          # the EVC baseline's CPU runs on the older host
         for name in ("cpu1", "pt1"):
             remove_vm(client, name)
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import running_lab
 from kvmotion.cli.client import Client
 from kvmotion.lab import net, scenario
-from labtools import agent_vms, cli, codes, remove_vm, running_vm
+from labtools import agent_vms, assert_guest_survived, cli, codes, http_beat, remove_vm, running_vm
 
 MARKER = "KVMOTION-WIRE-MARKER-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"[:43]   # 64 bytes
 TLS_RECORDS = (b"\x16\x03\x01", b"\x16\x03\x03")    # TLS handshake record headers (ClientHello)
@@ -67,9 +67,11 @@ def test_every_host_has_certificates_and_the_ca_key_is_private(lab, client) -> N
 
 
 def test_marker_crosses_in_clear_only_when_disabled(lab, client, tmp_path) -> None:
-    vm = running_vm(client, lab, "wire1", marker=MARKER, encrypted_vmotion="disabled")
+    running_vm(client, lab, "wire1", marker=MARKER, encrypted_vmotion="disabled")
+    before = http_beat(lab, client, "wire1")
     plain_task, plain = capture_move(lab, client, "wire1", "h2", tmp_path)
     assert plain_task["state"] == "success", plain_task.get("error")
+    before = assert_guest_survived(lab, client, "wire1", before)
     assert plain_task["result"]["encryption"]["mode"] == "plain"
     assert MARKER.encode() in plain, "the marker should be visible in an unencrypted migration"
     assert cli(lab, "vm", "set", "wire1", "--encrypted-vmotion", "required").returncode == 0
@@ -79,8 +81,7 @@ def test_marker_crosses_in_clear_only_when_disabled(lab, client, tmp_path) -> No
     assert len(wire) > 1_000_000                                   # the memory did cross the wire ...
     assert MARKER.encode() not in wire                              # ... but never readable
     assert any(rec in wire for rec in TLS_RECORDS)                  # a TLS handshake opened the stream
-    hb = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
-    assert hb is not None
+    assert_guest_survived(lab, client, "wire1", before)
     remove_vm(client, "wire1")
 
 
@@ -88,6 +89,7 @@ def test_opportunistic_falls_back_and_required_is_refused(lab, client) -> None:
     running_vm(client, lab, "opp1")
     client.create_vm(name="req1", host="h1", encrypted_vmotion="required")
     client.start_vm("req1")
+    before = {n: http_beat(lab, client, n) for n in ("opp1", "req1")}
     assert cli(lab, "host", "cert", "remove", "h2").returncode == 0
     try:
         found = codes(client.validate("opp1", "h2"))
@@ -106,12 +108,14 @@ def test_opportunistic_falls_back_and_required_is_refused(lab, client) -> None:
     task = scenario.follow_task(client, client.migrate("req1", "h2")["id"])
     assert task["state"] == "success" and task["result"]["encryption"]["mode"] == "tls"
     for n in ("opp1", "req1"):
+        assert_guest_survived(lab, client, n, before[n])
+    for n in ("opp1", "req1"):
         remove_vm(client, n)
 
 
 def test_unexpected_client_identity_is_rejected(lab, client) -> None:
     vm = running_vm(client, lab, "ident1", encrypted_vmotion="required")
-    before = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
+    before = http_beat(lab, client, "ident1")
     h1_tls, h3_tls = Path(lab.root) / "hosts" / "h1" / "tls", Path(lab.root) / "hosts" / "h3" / "tls"
     for name in ("client-cert.pem", "client-key.pem"):      # h1 now presents h3's (valid) identity
         shutil.copy(h3_tls / name, h1_tls / name)
@@ -120,12 +124,12 @@ def test_unexpected_client_identity_is_rejected(lab, client) -> None:
         assert task["state"] == "error" and task["error"]["rollback"]["source_running"] is True, task["error"]
         assert vm["uuid"] not in agent_vms(lab, "h2")
         assert client.vm("ident1")["host"] == "h1"
-        after = scenario.guest_heartbeat(lab.net.client_netns, vm["spec"]["guest_ip"])
-        assert after and after["boot_id"] == before["boot_id"]
+        before = assert_guest_survived(lab, client, "ident1", before)     # the refused move left it unharmed
     finally:
         assert cli(lab, "host", "cert", "renew", "h1").returncode == 0
     task = scenario.follow_task(client, client.migrate("ident1", "h2")["id"])
     assert task["state"] == "success", task.get("error")
+    assert_guest_survived(lab, client, "ident1", before)
     remove_vm(client, "ident1")
 
 
@@ -140,10 +144,11 @@ def test_encrypted_vm_always_migrates_encrypted(lab, client, tmp_path) -> None:
     cmdline = Path(f"/proc/{runtime['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     assert "keyid=kvm-master" in cmdline and "encrypt" in cmdline
     assert not list((Path(lab.root) / "hosts" / "h1" / "vms" / vm["uuid"]).glob("master.key"))
+    before = http_beat(lab, client, "luks1")
     task = scenario.follow_task(client, client.migrate("luks1", "h2")["id"])
     assert task["state"] == "success", task.get("error")
     assert task["result"]["encryption"]["mode"] == "tls"
-    scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"], 20)
+    assert_guest_survived(lab, client, "luks1", before)
     # without the key the disk is unreadable
     path = Path(lab.root) / "ds" / "shared" / "luks1" / "luks1.qcow2"
     info = subprocess.run(["qemu-img", "info", "-U", str(path)], capture_output=True, text=True, timeout=30)
@@ -172,9 +177,10 @@ def test_disk_stream_of_shared_nothing_is_readable_only_when_disabled(lab, clien
                           encrypted_vmotion="disabled")
     plant_disk_marker(lab, vm)
     client.start_vm("wire2")
-    scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
+    before = scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
     plain_task, plain = capture_move(lab, client, "wire2", "h2", tmp_path, datastore="h2-local")
     assert plain_task["state"] == "success", plain_task.get("error")
+    before = assert_guest_survived(lab, client, "wire2", before)
     assert plain_task["kind"] == "xvmotion" and plain_task["result"]["encryption"]["mode"] == "plain"
     assert DISK_MARKER in plain, "the disk marker should be visible in an unencrypted NBD stream"
     assert cli(lab, "vm", "set", "wire2", "--encrypted-vmotion", "required").returncode == 0
@@ -185,6 +191,7 @@ def test_disk_stream_of_shared_nothing_is_readable_only_when_disabled(lab, clien
     assert disks["bytes"] >= 16 << 20 and len(wire) > 16 << 20    # the whole data disk crossed the wire ...
     assert DISK_MARKER not in wire                                  # ... but never readable
     assert any(rec in wire for rec in TLS_RECORDS)
+    assert_guest_survived(lab, client, "wire2", before)
     moved = client.vm("wire2")
     data = next(d for d in moved["spec"]["disks"] if d["id"] == "disk1")
     with open(Path(lab.root) / "ds" / data["datastore"] / data["path"], "rb") as f:

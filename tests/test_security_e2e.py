@@ -14,7 +14,7 @@ from kvmotion.cli.client import Client
 from kvmotion.common import hostauth
 from kvmotion.common.errors import KvmotionError
 from kvmotion.lab import net, scenario
-from labtools import agent_url, cli, remove_vm, running_vm
+from labtools import agent_url, assert_guest_survived, cli, http_beat, remove_vm, running_vm
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,7 @@ def test_tokens_and_secrets_never_leak(lab, client, tmp_path) -> None:
     env = dict(os.environ, KVMOTION_URL=lab.controller_url, KVMOTION_TOKEN=operator)
     env.pop("KVMOTION_TOKEN_FILE", None)
     running_vm(client, lab, "leak1")
+    before = http_beat(lab, client, "leak1")
     proc = subprocess.Popen([os.sys.executable, "-m", "kvmotion.cli.main", "vm", "migrate", "leak1", "--host", "h2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cmdlines = []
@@ -110,6 +111,7 @@ def test_tokens_and_secrets_never_leak(lab, client, tmp_path) -> None:
                     pass
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+    assert_guest_survived(lab, client, "leak1", before)
     task = client.call("GET", "/tasks", params={"limit": 5})
     secrets_ = [operator, lab.admin_token()] + [(Path(lab.root) / "hosts" / h / hostauth.SECRET_FILE).read_text()
                                                 .strip() for h in ("h1", "h2")]

@@ -1,4 +1,6 @@
-"""The migration stream plan (pure) and the benchmark's report (ratios, targets, Markdown, PNG plots)."""
+"""The migration stream plan (pure), and what the predictor learns from (only kvmotion's own tuning).
+
+The bench's own tests: tests/test_bench_unit.py."""
 from __future__ import annotations
 
 import json
@@ -7,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.agent.migration import stream_caps, stream_params
-from kvmotion.bench import report
-from kvmotion.bench.migrate import variant_options
-from kvmotion.controller import tuning
+from kvmotion.controller import predict, tuning
 
 
 def test_qemu_defaults_is_what_a_plain_migrate_gets() -> None:
@@ -80,60 +80,35 @@ def test_postcopy_in_the_plan() -> None:
     assert stream_params(0) == {} and stream_params(3) == {"multifd-channels": 3}
 
 
-def test_bench_variants() -> None:
-    assert variant_options("kvmotion") == {}
-    assert variant_options("qemu-defaults") == {"tuning": "qemu-defaults"}
-    assert variant_options("multifd-4") == {"multifd_channels": 4}
-    assert variant_options("xbzrle") == {"xbzrle": True}
-    with pytest.raises(ValueError, match="unknown variant 'fast'"):
-        variant_options("fast")
+def _result(profile: str | None, peak: float = 2000.0, total: float = 1.0, qemu_ms: int = 700) -> dict:
+    r = {"total_time_s": total, "qemu_total_time_ms": qemu_ms, "pass_log": [{"mbps": peak}, {"mbps": peak / 2}],
+         "prediction": {"qemu_s_model": 0.35}}
+    return r | ({"stream": {"profile": profile}} if profile else {})
 
 
-def _rec(variant: str, link: str = "unshaped", mem: int = 1024, dirty: float = 0.0, **kw: object) -> dict:
-    base = {"link": link, "link_mbps": 10_000.0 if link == "unshaped" else 1000.0, "memory_mb": mem,
-            "dirty_mb_s": dirty, "variant": variant, "run": 1, "ok": True, "error": None, "total_s": 0.3,
-            "qemu_total_ms": 100, "downtime_ms": 20, "gap_ms": 30.0, "peak_mbps": 900.0, "peak_vs_link": 0.9,
-            "lower_bound_s": 0.1, "prediction_error_pct": 10.0, "overhead_ms": 200.0, "passes": 3,
-            "phases_ms": {"precheck": 7.0, "shadow": 80.0, "release": 50.0},
-            "pass_log": [{"t": 0.0, "remaining": 100 << 20}, {"t": 0.1, "remaining": 1 << 20}]}
-    return base | kw
+def test_the_predictor_learns_only_from_kvmotions_own_tuning() -> None:
+    a = predict.achieved_from(_result("auto"))
+    assert a is not None and (a.peak_mbps, a.qemu_s, a.qemu_s_model, a.profile) == (2000.0, 0.7, 0.35, "auto")
+    assert a.overhead_s == pytest.approx(0.3)
+    assert predict.achieved_from(_result(None)) == a                     # results from before stream plans
+    assert predict.achieved_from(_result("qemu-defaults", peak=900.0, qemu_ms=1500)) is None
+    assert predict.achieved_from(_result("auto", peak=0.0)) is None
+    # a qemu-defaults move in the history changes nothing: not the rate, the overhead or the scale
+    ours = [predict.Achieved(2000.0, 0.3, 0.7, 0.35)] * 3
+    theirs = predict.Achieved(900.0, 0.1, 1.5, 0.35, "qemu-defaults")
+    assert predict.learned(10_000, [theirs, *ours]) == predict.learned(10_000, ours)
+    assert predict.learned(10_000, [theirs]) == (10_000, predict.ORCHESTRATION_S, 1.0)
 
 
-def test_ratios_and_targets_from_records() -> None:
-    recs = [_rec("kvmotion", total_s=0.3), _rec("qemu-defaults", total_s=0.9, qemu_total_ms=800),
-            _rec("kvmotion", link="1g", peak_vs_link=0.95), _rec("qemu-defaults", link="1g", ok=False,
-                                                                 error="no progress", qemu_total_ms=None),
-            _rec("kvmotion", dirty=20.0, downtime_ms=40, gap_ms=60.0),
-            _rec("kvmotion", dirty=20.0, downtime_ms=70, gap_ms=250.0, prediction_error_pct=-45.0)]
-    rows = {(r["link"], r["dirty_mb_s"]): r for r in report.ratios(recs)}
-    assert rows[("unshaped", 0.0)]["ratio"] == pytest.approx(0.3 / 0.8, abs=1e-3)   # vs QEMU's own total time
-    assert rows[("1g", 0.0)]["ratio"] is None and rows[("1g", 0.0)]["qemu_defaults_failed"] == 1
-    t = {x["target"].split(",")[0]: x for x in report.targets(recs)}
-    assert t["total ÷ QEMU defaults"]["met"] is True
-    assert t["peak throughput ÷ link"]["measured"] == pytest.approx(0.95)
-    assert t["QEMU downtime p50 ms"]["measured"] == 55.0 and t["QEMU downtime p50 ms"]["met"] is False
-    assert t["client gap p99 ms"]["measured"] == 250.0 and t["client gap p99 ms"]["met"] is False
-    assert t["runs within ±30 % of the prediction (%)"]["measured"] == 75.0
-
-
-def test_percentile_is_nearest_rank() -> None:
-    vals = [float(v) for v in range(1, 101)]
-    assert report.percentile(vals, 50) == 50.0 and report.percentile(vals, 99) == 99.0
-    assert report.percentile([None, 3.0], 99) == 3.0 and report.percentile([], 50) is None
-
-
-def test_markdown_and_plots(tmp_path: Path) -> None:
-    recs = [_rec("kvmotion"), _rec("qemu-defaults", qemu_total_ms=800), _rec("multifd-4", total_s=0.25),
-            _rec("qemu-defaults", dirty=100.0, ok=False, error="no progress for 30s", qemu_total_ms=None)]
-    result = {"command": "kvmotion bench migrate", "started_at": 1.8e9, "records": recs,
-              "machine": {"cpu": "test cpu", "cores": 2, "qemu": "QEMU 7.2", "accelerator": "tcg"}}
-    md = report.markdown(result)
-    assert "| unshaped | 1024 | 0 | 0.30 | 0.80 | 0.38 |" in md
-    assert "multifd-4" in md and "2027-01-15" in md
-    json.dumps(result)
-    paths = report.plots(result, tmp_path)
-    for p in paths:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+def test_the_task_history_leaves_out_qemu_defaults_moves(tmp_path: Path) -> None:
+    from kvmotion.controller import db, tasks
+    sessions = db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+    with sessions() as s:
+        for i, profile in enumerate(("auto", "qemu-defaults")):
+            s.add(db.Task(id=f"t{i}", kind="vmotion", vm_uuid="u", vm_name="vm", source="h1", destination="h2",
+                          state="success", finished_at=float(i), result_json=json.dumps(_result(profile))))
+        s.commit()
+    assert [a.peak_mbps for a in tasks.achieved(sessions, ("h1", "h2"), None)] == [2000.0]
 
 
 def test_watch_absorbs_passes_throttle_multifd_and_xbzrle() -> None:
@@ -171,10 +146,11 @@ def test_soak_tally_catches_reboots_and_heartbeats_going_back() -> None:
     assert not t.ok and len(t.heartbeat_breaks) == 4
     assert "went back" in t.heartbeat_breaks[0] and "rebooted" in t.heartbeat_breaks[1]
     assert "does not answer" in t.heartbeat_breaks[2] and "stopped at 12" in t.heartbeat_breaks[3]
-    t3 = Tally(migrations=1)
+    t3 = Tally(migrations=1, guests=[{"guest": 1, "ended": "still running"}])
     check_beat(t3, {"seq": 5, "boot_id": "a"}, "start")
-    assert check_beat(t3, {"seq": 2, "boot_id": "b"}, "after #1", tcg_guest_fault=True)   # the known QEMU bug
-    assert t3.ok and t3.tcg_crashes and not t3.heartbeat_breaks
-    assert check_beat(t3, None, "after #2", tcg_guest_fault=False) and not t3.ok            # KVM: ours
+    assert check_beat(t3, {"seq": 2, "boot_id": "b"}, "after #1")      # any break fails, whatever the accelerator
+    assert not t3.ok and t3.heartbeat_breaks and "rebooted" in t3.guests[0]["ended"]
+    t4 = Tally(migrations=1, guests=[{"guest": 1}, {"guest": 2}])         # a replaced guest alone fails the soak
+    assert not t4.ok
     t2 = Tally(migrations=1, failures=["#1 h1→h2: did not converge"])
     assert not t2.ok and t2.as_dict()["failures"] == 1

@@ -16,7 +16,7 @@ from kvmotion.common.errors import KvmotionError
 from kvmotion.common.types import MAX_CPU_FEATURES, MAX_DISKS, DirtySample, DiskRef, Name, NameOrEmpty
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
-from kvmotion.common.types import PostcopyRecover, PostcopyResume
+from kvmotion.common.types import GuestHealth, HealthCheckRequest, PostcopyRecover, PostcopyResume
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
@@ -163,6 +163,10 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     async def dirty(uuid: str, max_age_s: float = Query(default=60.0, ge=0, le=86400),
                     measure: bool = True) -> DirtySample:
         return await agent.dirty_sample(uuid, max_age_s, measure)
+
+    @app.post("/v1/vms/{uuid}/health-check")
+    async def health_check(uuid: str, req: HealthCheckRequest) -> GuestHealth:
+        return await agent.health_check(uuid, req)
 
     @app.get("/v1/vms/{uuid}/serial")
     async def serial(uuid: str, lines: int = Query(default=20, ge=1, le=1000)) -> list[str]:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import images, migration, mirror, postcopy, sampling, tls
+from kvmotion.agent import health, images, migration, mirror, postcopy, sampling, tls
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
@@ -18,7 +18,7 @@ from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, rss_mb, vm_folder
 from kvmotion.agent.storage import AgentStorage, disk_file
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError
-from kvmotion.common.types import POSTCOPY_STATES, DirtySample
+from kvmotion.common.types import POSTCOPY_STATES, DirtySample, GuestHealth, HealthCheckRequest
 from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
@@ -43,6 +43,7 @@ class Agent(AgentStorage):
         self._ops_lock = asyncio.Lock()
         self.sampler = sampling.DirtySampler()
         self._sampling: asyncio.Task[None] | None = None
+        self.serial_marks: dict[str, int] = {}     # VM uuid -> console size when it arrived here (incoming)
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -221,6 +222,7 @@ class Agent(AgentStorage):
         async with vm.lock:
             await vm.stop()
         self.vms.pop(uuid, None)
+        self.serial_marks.pop(uuid, None)
         self.release_leases(vm.spec)
         return vm.runtime()
 
@@ -276,6 +278,7 @@ class Agent(AgentStorage):
         self.vms[spec.uuid] = vm
         try:
             await vm.start(incoming=True, disk_keys=disk_keys)
+            self.serial_marks[spec.uuid] = health.serial_size(vm.run_dir)   # the guest's console from its arrival
             return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
                                                     self._tls_dir_if_valid(), new_disks, multifd_channels, postcopy)
         except KvmotionError:
@@ -361,6 +364,7 @@ class Agent(AgentStorage):
         pid, freed = vm.pid, rss_mb(vm.pid or 0)
         await vm.stop(graceful_timeout=5.0)
         self.vms.pop(uuid, None)
+        self.serial_marks.pop(uuid, None)
         self.release_leases(vm.spec)
         still = [p for p, h in self.lease_holders(vm.spec).items() if h == self.cfg.name]
         return ReleaseReport(source_exited=not vm.alive(), source_pid=pid, lock_released=not still,
@@ -376,6 +380,10 @@ class Agent(AgentStorage):
         """The VM's dirty rate (cached up to ``max_age_s``, else measured in about 1 s when ``measure`` is set
         and the VM runs outside any migration) and its touched RAM (always fresh)."""
         return await self.sampler.get(self.get(uuid), max_age_s, measure)
+
+    async def health_check(self, uuid: str, req: HealthCheckRequest) -> GuestHealth:
+        """Does the guest live here? Sampled over ``req.window_s`` (see :mod:`kvmotion.agent.health`)."""
+        return await health.check(self.get(uuid), req, self.cfg.name, self.serial_marks.get(uuid))
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         path = self._run_dir(uuid) / "serial.log"

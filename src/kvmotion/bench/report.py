@@ -1,4 +1,11 @@
-"""Turn `kvmotion bench migrate` records into ratios, a Markdown table and matplotlib plots (pure but plots)."""
+"""Turn `kvmotion bench migrate` records into figures, targets, a Markdown table and matplotlib plots.
+
+Every figure is the median of the runs that count, with their spread (min–max). A run counts when its move
+succeeded and its guest survived it (same boot, higher heartbeat afterwards); a run that does not is listed as a
+failure and left out of every figure, ratio, percentile and target. The ratio is per run: kvmotion's total time
+÷ the baseline's in the same run, for the runs where both count. A target is met or missed only with enough
+samples (``MIN_SAMPLES``); with fewer it says "no data". Pure but the plots.
+"""
 from __future__ import annotations
 
 import os
@@ -7,9 +14,11 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 Record = dict[str, Any]
+BASELINE = "qemu-defaults"
+MIN_SAMPLES = {"ratio": 3, "peak": 3, "downtime": 3, "gap": 9, "prediction": 9, "overhead": 3}
 
 
 def machine() -> dict[str, Any]:
@@ -20,20 +29,41 @@ def machine() -> dict[str, Any]:
                               timeout=10).stdout.splitlines()[0]
     except (OSError, subprocess.TimeoutExpired, IndexError):
         qemu = "?"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "qemu": qemu,
-            "python": platform.python_version(), "accelerator": os.environ.get("KVMOTION_ACCEL", "auto")}
+            "python": platform.python_version(), "accelerator": os.environ.get("KVMOTION_ACCEL", "auto"),
+            "loadavg_1m": load}
 
 
 def _f(v: Any, fmt: str = "{:.0f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
+def counted(r: Record) -> bool:
+    """The move succeeded and the guest survived it (records from before the survival check: no check)."""
+    return bool(r.get("ok")) and r.get("guest_survived") is not False
+
+
+def failure(r: Record) -> str | None:
+    """What went wrong in a run that does not count; None for one that does."""
+    if not r.get("ok"):
+        return f"move failed: {r.get('error') or 'unknown error'}"
+    if r.get("guest_survived") is False:
+        return f"guest did not survive the move: {r.get('broken') or 'no heartbeat'}"
+    return None
+
+
 def one_line(r: Record) -> str:
-    if not r["ok"]:
-        return f"  {r['variant']:<14} FAILED: {r['error']}"
-    return (f"  {r['variant']:<14} total {_f(r['total_s'], '{:.2f}')} s (QEMU {_f(r['qemu_total_ms'])} ms), "
-            f"downtime {_f(r['downtime_ms'])} ms, gap {_f(r['gap_ms'])} ms, sent {_f(r['sent_ratio'], '{:.2f}')}× RAM, "
-            f"{r['passes']} passes, peak {_f(r['peak_mbps'])} Mbit/s, predicted {_f(r['predicted_total_s'], '{:.2f}')} s")
+    head = f"  run {r['run']} {r['variant']:<14}"
+    if not counted(r):
+        return f"{head} FAILED: {failure(r)}"
+    pred = "" if r.get("side") == "raw" else f", predicted {_f(r.get('predicted_total_s'), '{:.2f}')} s"
+    return (f"{head} total {_f(r.get('total_s'), '{:.2f}')} s, downtime {_f(r.get('downtime_ms'))} ms, "
+            f"client gap {_f(r.get('gap_ms'))} ms (probe stall {_f(r.get('probe_stall_ms'))} ms), "
+            f"sent {_f(r.get('sent_ratio'), '{:.2f}')}× RAM, {_f(r.get('passes'))} passes{pred}")
 
 
 def median(values: list[float | None]) -> float | None:
@@ -50,6 +80,21 @@ def percentile(values: list[float | None], q: float) -> float | None:
     return vals[k]
 
 
+def spread(values: list[float | None]) -> tuple[float, float, float] | None:
+    """(median, min, max) of the values that exist; None when there are none."""
+    vals = [v for v in values if v is not None]
+    return (statistics.median(vals), min(vals), max(vals)) if vals else None
+
+
+def fmt_spread(values: list[float | None], fmt: str = "{:.0f}") -> str:
+    """"median (min–max)", or the one value, or "–"."""
+    s = spread(values)
+    if s is None:
+        return "–"
+    med, lo, hi = (fmt.format(v) for v in s)
+    return med if lo == hi else f"{med} ({lo}–{hi})"
+
+
 def groups(records: list[Record]) -> dict[tuple[str, int, float, str], list[Record]]:
     out: dict[tuple[str, int, float, str], list[Record]] = {}
     for r in records:
@@ -58,120 +103,193 @@ def groups(records: list[Record]) -> dict[tuple[str, int, float, str], list[Reco
 
 
 def baseline_seconds(r: Record) -> float | None:
-    """What a plain QEMU migration takes: QEMU's own total time (no orchestration around it)."""
-    return r["qemu_total_ms"] / 1000 if r["ok"] and r["qemu_total_ms"] else None
+    """The baseline's time: a plain QEMU move's (``migrate`` to ``cont``); in results from before the plain QEMU
+    baseline (no ``side``), QEMU's own total time of the move kvmotion ran with QEMU's defaults."""
+    if not counted(r):
+        return None
+    if r.get("side") == "raw":
+        return r.get("total_s")
+    return r["qemu_total_ms"] / 1000 if r.get("qemu_total_ms") else None
 
 
-def ratios(records: list[Record]) -> list[Record]:
-    """Per case: kvmotion's total time (end to end) ÷ QEMU defaults' (QEMU's own total), and the figures around it."""
+def paired_ratios(ours: list[Record], base: list[Record]) -> list[float]:
+    """kvmotion's total ÷ the baseline's, run by run, for the runs where both count."""
+    by_run = {r["run"]: baseline_seconds(r) for r in base}
+    out = []
+    for r in ours:
+        b = by_run.get(r["run"])
+        if counted(r) and r.get("total_s") and b:
+            out.append(round(r["total_s"] / b, 3))
+    return out
+
+
+def _vals(runs: list[Record], key: str, fn: Callable[[Record], Any] | None = None) -> list[Any]:
+    return [(fn(r) if fn else r.get(key)) for r in runs if counted(r)]
+
+
+def cases(records: list[Record]) -> list[Record]:
+    """Per case (link, RAM, dirty rate): kvmotion's and the baseline's figures, every one a list over the runs that
+    count, the per-run ratios, and how many runs counted of how many."""
     g = groups(records)
+    keys = sorted({k[:3] for k in g})
     rows = []
-    for (link, mem, dirty, variant), runs in g.items():
-        if variant != "kvmotion":
-            continue
-        base = g.get((link, mem, dirty, "qemu-defaults"), [])
-        ours_s = median([r["total_s"] for r in runs])
-        base_s = median([baseline_seconds(r) for r in base])
-        rows.append({"link": link, "memory_mb": mem, "dirty_mb_s": dirty, "kvmotion_s": ours_s,
-                     "qemu_defaults_s": base_s,
-                     "qemu_defaults_failed": sum(1 for r in base if not r["ok"]),
-                     "ratio": round(ours_s / base_s, 3) if ours_s and base_s else None,
-                     "downtime_ms": median([r["downtime_ms"] for r in runs]),
-                     "baseline_downtime_ms": median([r["downtime_ms"] for r in base if r["ok"]]),
-                     "gap_ms": median([r["gap_ms"] for r in runs]),
-                     "lower_bound_s": median([r["lower_bound_s"] for r in runs]),
-                     "peak_vs_link": median([r["peak_vs_link"] for r in runs])})
+    for link, mem, dirty in keys:
+        ours = g.get((link, mem, dirty, "kvmotion"), [])
+        base = g.get((link, mem, dirty, BASELINE), [])
+        rows.append({"link": link, "memory_mb": mem, "dirty_mb_s": dirty,
+                     "runs": [sum(map(counted, ours)), len(ours)],
+                     "baseline_runs": [sum(map(counted, base)), len(base)],
+                     "kvmotion_s": _vals(ours, "total_s"), "qemu_defaults_s": _vals(base, "", baseline_seconds),
+                     "ratio": paired_ratios(ours, base),
+                     "downtime_ms": _vals(ours, "downtime_ms"), "baseline_downtime_ms": _vals(base, "downtime_ms"),
+                     "gap_ms": _vals(ours, "gap_ms"), "baseline_gap_ms": _vals(base, "gap_ms"),
+                     "lower_bound_s": _vals(ours, "lower_bound_s"), "peak_vs_link": _vals(ours, "peak_vs_link")})
     return rows
 
 
-def targets(records: list[Record]) -> list[Record]:
-    """Each target of the performance issue, measured from these records (None: not in this sweep)."""
-    ok = [r for r in records if r["ok"] and r["variant"] == "kvmotion"]
-    rows = ratios(records)
-    idle_1g = [r["ratio"] for r in rows if r["link"] == "unshaped" and r["memory_mb"] == 1024
-               and not r["dirty_mb_s"] and r["ratio"] is not None]
-    shaped = [r["peak_vs_link"] for r in ok if r["link"] == "1g"]
-    d20 = [r for r in ok if r["link"] == "unshaped" and r["dirty_mb_s"] == 20]
-    errs = [abs(r["prediction_error_pct"]) for r in ok if r["prediction_error_pct"] is not None]
-    over = [r["overhead_ms"] for r in ok]
+def _target(name: str, measured: float | None, goal: str, test: Callable[[float], bool], samples: int,
+            need: int) -> Record:
+    met = None if measured is None or samples < need else bool(test(measured))
+    return {"target": name, "measured": measured, "goal": goal, "met": met, "samples": samples, "needs": need}
 
-    def row(name: str, value: float | None, goal: str, met: bool | None, n: int) -> Record:
-        return {"target": name, "measured": value, "goal": goal, "met": met, "samples": n}
-    p50 = median([r["downtime_ms"] for r in d20])
-    p99 = percentile([r["gap_ms"] for r in d20], 99)
-    within = sum(1 for e in errs if e <= 30)
+
+def targets(records: list[Record]) -> list[Record]:
+    """Each target of the performance issue, measured from the runs that count; ``met`` is None (no data) when
+    the sweep has fewer samples than ``MIN_SAMPLES`` for it."""
+    ours = [r for r in records if r["variant"] == "kvmotion" and counted(r)]
+    idle = next((c["ratio"] for c in cases(records) if c["link"] == "unshaped" and c["memory_mb"] == 1024
+                 and not c["dirty_mb_s"]), [])
+    shaped = [r["peak_vs_link"] for r in ours if r["link"] == "1g" and r.get("peak_vs_link") is not None]
+    d20 = [r for r in ours if r["link"] == "unshaped" and r["dirty_mb_s"] == 20]
+    downs = [r["downtime_ms"] for r in d20 if r.get("downtime_ms") is not None]
+    gaps = [r["gap_ms"] for r in d20 if r.get("gap_ms") is not None]
+    errs = [abs(r["prediction_error_pct"]) for r in ours if r.get("prediction_error_pct") is not None]
+    over = [r["overhead_ms"] for r in ours if r.get("overhead_ms") is not None]
+    within = round(100 * sum(1 for e in errs if e <= 30) / len(errs), 1) if errs else None
+    n = MIN_SAMPLES
     return [
-        row("total ÷ QEMU defaults, 1 GiB idle, unshaped", median(idle_1g), "≤ 0.5",
-            None if not idle_1g else median(idle_1g) <= 0.5, len(idle_1g)),
-        row("peak throughput ÷ link, shaped 1 GbE", median(shaped), "≥ 0.9",
-            None if not shaped else median(shaped) >= 0.9, len(shaped)),
-        row("QEMU downtime p50 ms, 20 MB/s, unshaped", p50, "≤ 50", None if p50 is None else p50 <= 50, len(d20)),
-        row("client gap p99 ms, 20 MB/s, unshaped", p99, "≤ 200", None if p99 is None else p99 <= 200, len(d20)),
-        row("runs within ±30 % of the prediction (%)", round(100 * within / len(errs), 1) if errs else None,
-            "100", None if not errs else within == len(errs), len(errs)),
-        row("orchestration overhead p50 ms", median(over), "≤ 300", None if not over else median(over) <= 300,
-            len(over)),
+        _target("total ÷ QEMU defaults, 1 GiB idle, unshaped", median(idle), "≤ 0.5", lambda v: v <= 0.5,
+                len(idle), n["ratio"]),
+        _target("peak throughput ÷ link, shaped 1 GbE", median(shaped), "≥ 0.9", lambda v: v >= 0.9,
+                len(shaped), n["peak"]),
+        _target("QEMU downtime p50 ms, 20 MB/s, unshaped", median(downs), "≤ 50", lambda v: v <= 50,
+                len(downs), n["downtime"]),
+        _target("client gap p99 ms, 20 MB/s, unshaped", percentile(gaps, 99), "≤ 200", lambda v: v <= 200,
+                len(gaps), n["gap"]),
+        _target("moves within ±30 % of the prediction (%)", within, "≥ 90", lambda v: v >= 90, len(errs),
+                n["prediction"]),
+        _target("orchestration overhead p50 ms", median(over), "≤ 300", lambda v: v <= 300, len(over),
+                n["overhead"]),
     ]
 
 
 def overhead(records: list[Record]) -> dict[str, float | None]:
-    """Median time per phase outside QEMU's pre-copy, for kvmotion's runs."""
-    ok = [r for r in records if r["ok"] and r["variant"] == "kvmotion"]
+    """Median time per phase outside QEMU's pre-copy, for kvmotion's runs that count."""
+    ok = [r for r in records if r["variant"] == "kvmotion" and counted(r)]
     names = ["queued", "precheck", "shadow", "resume", "announce", "release"]
-    return {n: median([r["phases_ms"].get(n) for r in ok]) for n in names}
+    return {n: median([(r.get("phases_ms") or {}).get(n) for r in ok]) for n in names}
+
+
+def _header(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    base = result.get("baseline") or {}
+    when = time.strftime("%Y-%m-%d", time.gmtime(result["started_at"]))
+    load = f", load {m['loadavg_1m']:.1f}" if m.get("loadavg_1m") is not None else ""
+    lines = [f"`{result['command']}` on {when}: {m['cpu']}, {m['cores']} cores{load}, {m['qemu']}, "
+             f"accelerator {base.get('accelerator') or m['accelerator']}; "
+             f"{(result.get('sweep') or {}).get('repeat', '?')} runs per case.", ""]
+    if base.get("recipe") is not None:
+        pad = base["recipe"].get("ram_pad_kib") or 0
+        lines += [f"QEMU defaults: a plain QEMU `migrate` (128 MiB/s, 300 ms, one stream) of a second guest with "
+                  f"kvmotion's exact argv, no agent; its time runs from `migrate` to `cont` on the destination. "
+                  + (f"Its guest RAM is {pad} KiB above the MiB size, as kvmotion's under TCG, so both move the "
+                     "same RAM. " if pad else "")
+                  + "kvmotion's time is the whole task, precheck to release. The order alternates run by run. "
+                  "Figures: median (min–max) of the runs that count (move succeeded, guest survived); ratio: per "
+                  "run. Client gap: the longest wall-clock silence between two replies to 10 ms pings.", ""]
+    else:
+        lines += ["QEMU defaults in this older result: kvmotion's own pipeline with QEMU's default tuning, timed by "
+                  "QEMU's own total time (not a plain QEMU migration); no survival check or timetable probe.", ""]
+    return lines
+
+
+def _case_table(records: list[Record]) -> list[str]:
+    lines = ["| link | RAM MiB | dirty MB/s | runs ok (kvm / defaults) | kvmotion s | QEMU defaults s | ratio "
+             "| downtime ms kvmotion | downtime ms defaults | client gap ms kvmotion | client gap ms defaults "
+             "| lower bound s | peak ÷ link |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cases(records):
+        lines.append(f"| {c['link']} | {c['memory_mb']} | {c['dirty_mb_s']:g} | {c['runs'][0]}/{c['runs'][1]} / "
+                     f"{c['baseline_runs'][0]}/{c['baseline_runs'][1]} | {fmt_spread(c['kvmotion_s'], '{:.2f}')} | "
+                     f"{fmt_spread(c['qemu_defaults_s'], '{:.2f}')} | {fmt_spread(c['ratio'], '{:.2f}')} | "
+                     f"{fmt_spread(c['downtime_ms'])} | {fmt_spread(c['baseline_downtime_ms'])} | "
+                     f"{fmt_spread(c['gap_ms'])} | {fmt_spread(c['baseline_gap_ms'])} | "
+                     f"{fmt_spread(c['lower_bound_s'], '{:.2f}')} | {fmt_spread(c['peak_vs_link'], '{:.2f}')} |")
+    stalls = [r.get("probe_stall_ms") for r in records if counted(r)]
+    if any(v is not None for v in stalls):
+        lines += ["", f"The probe's own longest pause between two sends, per move: {fmt_spread(stalls)} ms; a "
+                      "client gap near it is (partly) the probe stalling, not the guest."]
+    return lines
+
+
+def _failures(records: list[Record]) -> list[str]:
+    bad = [r for r in records if not counted(r)]
+    if not bad:
+        return ["", "Failed runs: none."]
+    lines = ["", "Failed runs (left out of every figure):", "",
+             "| link | RAM MiB | dirty MB/s | variant | run | what happened |", "|---|---|---|---|---|---|"]
+    for r in bad:
+        what = str(failure(r)).replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {r['link']} | {r['memory_mb']} | {r['dirty_mb_s']:g} | {r['variant']} | {r['run']} | {what} |")
+    return lines
+
+
+def _targets_table(records: list[Record]) -> list[str]:
+    lines = ["", "| target | measured | goal | met | samples |", "|---|---|---|---|---|"]
+    for t in targets(records):
+        if t["met"] is None:
+            met = f"no data (needs ≥ {t['needs']})"
+        else:
+            met = "yes" if t["met"] else "**no**"
+        lines.append(f"| {t['target']} | {_f(t['measured'], '{:.2f}')} | {t['goal']} | {met} | {t['samples']} |")
+    return lines
+
+
+def _variants_table(records: list[Record]) -> list[str]:
+    others = sorted({r["variant"] for r in records} - {"kvmotion", BASELINE})
+    if not others:
+        return []
+    lines = ["", "| link | RAM MiB | dirty MB/s | variant | runs ok | total s | QEMU ms | downtime ms | client gap ms "
+             "| peak Mbit/s | passes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (link, mem, dirty, variant), runs in sorted(groups(records).items()):
+        if variant == BASELINE:
+            continue
+        lines.append(f"| {link} | {mem} | {dirty:g} | {variant} | {sum(map(counted, runs))}/{len(runs)} | "
+                     f"{fmt_spread(_vals(runs, 'total_s'), '{:.2f}')} | {fmt_spread(_vals(runs, 'qemu_total_ms'))} | "
+                     f"{fmt_spread(_vals(runs, 'downtime_ms'))} | {fmt_spread(_vals(runs, 'gap_ms'))} | "
+                     f"{fmt_spread(_vals(runs, 'peak_mbps'))} | {fmt_spread(_vals(runs, 'passes'))} |")
+    return lines
 
 
 def markdown(result: dict[str, Any]) -> str:
     recs = result["records"]
-    m = result["machine"]
-    when = time.strftime("%Y-%m-%d", time.gmtime(result["started_at"]))
-    lines = [f"`{result['command']}` on {when}: {m['cpu']}, {m['cores']} cores, {m['qemu']}, "
-             f"accelerator {m['accelerator']}.", "",
-             "| link | RAM MiB | dirty MB/s | kvmotion s | QEMU defaults s | ratio | downtime ms (kvm / defaults) "
-             "| client gap ms | lower bound s | peak ÷ link |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ratios(recs):
-        base = _f(r["qemu_defaults_s"], "{:.2f}") if r["qemu_defaults_s"] else (
-            "did not converge" if r["qemu_defaults_failed"] else "–")
-        lines.append(f"| {r['link']} | {r['memory_mb']} | {r['dirty_mb_s']:g} | {_f(r['kvmotion_s'], '{:.2f}')} | "
-                     f"{base} | {_f(r['ratio'], '{:.2f}')} | {_f(r['downtime_ms'])} / "
-                     f"{_f(r['baseline_downtime_ms'])} | {_f(r['gap_ms'])} | {_f(r['lower_bound_s'], '{:.2f}')} | "
-                     f"{_f(r['peak_vs_link'], '{:.2f}')} |")
-    lines += ["", "| target | measured | goal | met | samples |", "|---|---|---|---|---|"]
-    for t in targets(recs):
-        met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['target']} | {_f(t['measured'], '{:.2f}')} | {t['goal']} | {met} | {t['samples']} |")
     oh = overhead(recs)
-    lines += ["", "Orchestration (median ms): " + ", ".join(f"{k} {_f(v)}" for k, v in oh.items())]
-    others = sorted({r["variant"] for r in recs} - {"kvmotion", "qemu-defaults"})
-    if others:
-        lines += ["", "| link | RAM MiB | dirty MB/s | variant | total s | QEMU ms | downtime ms | peak Mbit/s | passes |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for (link, mem, dirty, variant), runs in sorted(groups(recs).items()):
-            if variant == "qemu-defaults":
-                continue
-            lines.append(f"| {link} | {mem} | {dirty:g} | {variant} | {_f(median([r['total_s'] for r in runs]), '{:.2f}')} "
-                         f"| {_f(median([r['qemu_total_ms'] for r in runs]))} | "
-                         f"{_f(median([r['downtime_ms'] for r in runs]))} | "
-                         f"{_f(median([r['peak_mbps'] for r in runs]))} | {_f(median([r['passes'] for r in runs]))} |")
+    lines = (_header(result) + _case_table(recs) + _failures(recs) + _targets_table(recs)
+             + ["", "Orchestration (median ms): " + ", ".join(f"{k} {_f(v)}" for k, v in oh.items())]
+             + _variants_table(recs))
     return "\n".join(lines) + "\n"
 
 
-def plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """remaining.png (remaining bytes per pass over time) and downtime.png (downtime distribution)."""
-    import matplotlib
-    matplotlib.use("Agg")
+def _remaining_plot(recs: list[Record], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    recs = [r for r in result["records"] if r["ok"]]
-    paths = []
     links = sorted({r["link"] for r in recs}) or ["none"]
     fig, axes = plt.subplots(1, len(links), figsize=(5 * len(links), 4.5), sharey=True, squeeze=False)
-    cases = sorted({(r["memory_mb"], r["dirty_mb_s"]) for r in recs})
-    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(cases)}
+    cases_ = sorted({(r["memory_mb"], r["dirty_mb_s"]) for r in recs})
+    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(cases_)}
     for ax, link in zip(axes[0], links):
         for (lk, mem, dirty, variant), runs in sorted(groups(recs).items()):
-            log = runs[0]["pass_log"]
+            log = next((r["pass_log"] for r in runs if r.get("pass_log")), None)
             if lk != link or not log:
                 continue
             ax.plot([p["t"] for p in log], [max(p["remaining"] / 2 ** 20, 0.01) for p in log], marker="o", markersize=3,
@@ -184,21 +302,36 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("remaining MiB (log)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle("remaining memory per pass (solid: kvmotion, dashed: QEMU defaults or other variants)")
-    paths.append(out_dir / "remaining.png")
-    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    if handles:
+        fig.legend(handles, labels, fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle("remaining memory per pass, kvmotion's first counted run per case (dashed: other kvmotion variants)")
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
+    return out
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+def _distribution_plot(recs: list[Record], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     variants = sorted({r["variant"] for r in recs})
-    data = [[r["downtime_ms"] for r in recs if r["variant"] == v and r["downtime_ms"] is not None] for v in variants]
-    if any(data):
-        ax.boxplot([d or [0] for d in data])
-        ax.set_xticks(range(1, len(variants) + 1), variants)
-    ax.set_ylabel("QEMU downtime, ms")
-    ax.set_title("downtime distribution")
-    paths.append(out_dir / "downtime.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    for ax, key, label in zip(axes, ("downtime_ms", "gap_ms"), ("QEMU downtime, ms", "client gap, ms")):
+        data = [[r[key] for r in recs if r["variant"] == v and r.get(key) is not None] for v in variants]
+        if any(data):
+            ax.boxplot([d or [0] for d in data])
+            ax.set_xticks(range(1, len(variants) + 1), variants)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("distribution over the runs that count")
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return paths
+    return out
+
+
+def plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """remaining.png (remaining bytes per pass over time) and downtime.png (downtime and client gap per side)."""
+    import matplotlib
+    matplotlib.use("Agg")
+
+    recs = [r for r in result["records"] if counted(r)]
+    return [_remaining_plot(recs, out_dir / "remaining.png"), _distribution_plot(recs, out_dir / "downtime.png")]

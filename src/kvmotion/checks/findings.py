@@ -53,6 +53,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "RDM_STAYS": (Severity.INFO, "a raw LUN is not copied; the VM keeps using the same LUN"),
     "CONVERGENCE_PREDICTED": (Severity.INFO, "pre-copy is predicted to converge (time, downtime, passes)"),
     "CONVERGENCE_UNLIKELY": (Severity.WARNING, "the guest dirties memory faster than the link carries it"),
+    "GUEST_UNHEALTHY": (Severity.WARNING, "after the move the guest does not run, answer or take its network traffic"),
+    "GUEST_HEALTH_UNKNOWN": (Severity.INFO, "the check after the move could not judge the guest"),
 }
 
 

@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -91,6 +92,7 @@ def figures(task: dict[str, Any]) -> Table:
                 ("verified", copy.get("verified") or ", ".join(f"{k}: qemu-img check {'ok' if v else 'FAILED'}"
                                                                for k, v in (r.get("qemu_img_check") or {}).items()) or "-"),
                 ("encryption", (r.get("encryption") or {}).get("mode", "-"))]
+        rows += guest_health_rows(r)
         for k, v in rows:
             table.add_row(k, v)
         return table
@@ -122,9 +124,21 @@ def figures(task: dict[str, Any]) -> Table:
                      + (f" ({err:+.0f} %)" if err is not None else "") + f"; downtime {_fmt(pva['downtime_ms'][0], 'ms')}"
                      f" → {_fmt(pva['downtime_ms'][1], 'ms')}; passes {pva['passes'][0]} → {pva['passes'][1]}"))
         rows.append(("prediction", (r.get("prediction") or {}).get("strategy", "-")))
+    rows += guest_health_rows(r)
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def guest_health_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The guest after the move: the verdict and why (kvmotion.agent.health)."""
+    h = r.get("guest_health")
+    if not h:
+        return []
+    colour = {"healthy": "green", "unhealthy": "red"}.get(h.get("verdict", ""), "yellow")
+    why = escape("; ".join(h.get("reasons") or []) or "-")     # console lines may hold [brackets]
+    return [("guest after the move", f"[{colour}]{h.get('verdict')}[/] on {h.get('host', '?')} "
+                                      f"({h.get('window_s', 0):.1f} s watched): {why}")]
 
 
 def _fmt(v: Any, unit: str) -> str:
@@ -135,6 +149,11 @@ def print_outcome(task: dict[str, Any], console: Console) -> None:
     console.print(summary_table(task))
     if task.get("result"):
         console.print(figures(task))
+    for f in (task.get("result") or {}).get("findings") or []:
+        colour = "yellow" if f.get("severity") == "warning" else "cyan"
+        console.print(f"[{colour}]{f.get('severity')} {f.get('code')}:[/] {escape(str(f.get('message')))}")
+        if f.get("remedy"):
+            console.print(f"[{colour}]fix:[/] {escape(str(f['remedy']))}")
     if task["state"] == "error" and task.get("error"):
         e = task["error"]
         console.print(f"[red]failed in phase {e.get('phase', task['phase'])}:[/] {e.get('message')}")

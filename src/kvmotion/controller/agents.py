@@ -9,7 +9,7 @@ from kvmotion.common.hostauth import HostAuth
 from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.common.types import PostcopyRecover, PostcopyResume
-from kvmotion.common.types import DirtySample
+from kvmotion.common.types import DirtySample, GuestHealth, HealthCheckRequest
 from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
 from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
@@ -99,6 +99,11 @@ class AgentClient:
 
     async def vms(self) -> list[VMRuntime]:
         return [VMRuntime.model_validate(v) for v in await self._call("GET", "/v1/vms", timeout=8)]
+
+    async def health_check(self, uuid: str, req: HealthCheckRequest) -> GuestHealth:
+        """Does the guest live on this host? The agent samples for ``req.window_s``, then answers."""
+        return GuestHealth.model_validate(await self._call("POST", f"/v1/vms/{uuid}/health-check", req.model_dump(),
+                                                           timeout=req.window_s + 10))
 
     async def serial(self, uuid: str, lines: int = 20) -> list[str]:
         return await self._call("GET", f"/v1/vms/{uuid}/serial", params={"lines": lines}, timeout=8)

@@ -84,6 +84,9 @@ def compare(pred: dict[str, Any], total_s: float, downtime_ms: float | None, pas
     return out
 
 
+LEARNS_FROM = "auto"             # the predictor learns only from moves with kvmotion's own tuning
+
+
 @dataclass(frozen=True)
 class Achieved:
     """One recent successful move between the same hosts (same encryption)."""
@@ -91,6 +94,20 @@ class Achieved:
     overhead_s: float                  # the task's total time minus QEMU's
     qemu_s: float | None = None        # QEMU's total time
     qemu_s_model: float | None = None  # what the model said QEMU would take (unscaled)
+    profile: str = LEARNS_FROM         # the move's tuning (``tuning.StreamPlan.profile``)
+
+
+def achieved_from(result: dict[str, Any]) -> Achieved | None:
+    """What a successful live move's task result teaches the predictor; None when it has nothing to teach: no
+    pass log or times, or not kvmotion's own tuning (``tuning=qemu-defaults``, a plain QEMU migration's 128 MiB/s
+    cap and 300 ms limit, would teach a slower rate and a wrong scale)."""
+    profile = (result.get("stream") or {}).get("profile") or LEARNS_FROM
+    peak = max((p.get("mbps") or 0 for p in result.get("pass_log") or []), default=0)
+    if profile != LEARNS_FROM or peak <= 0 or not result.get("total_time_s") or not result.get("qemu_total_time_ms"):
+        return None
+    qemu_s = result["qemu_total_time_ms"] / 1000.0
+    return Achieved(float(peak), max(0.0, result["total_time_s"] - qemu_s), qemu_s,
+                    (result.get("prediction") or {}).get("qemu_s_model"), profile)
 
 
 def _median(values: list[float]) -> float:
@@ -102,10 +119,10 @@ def learned(link_mbps: float, history: list[Achieved], recent: int = 5) -> tuple
     """What a migration will really get, from the most recent moves between the same hosts: the link budget or
     the lower median peak rate (a CPU-bound or TLS stream); kvmotion's median time around QEMU's; and the median
     of QEMU's actual time ÷ the model's (the model's blind spots: touched pages that hold zeros, scan speed).
-    Without history: the link budget, ``ORCHESTRATION_S`` and 1."""
-    if not history:
+    Only moves with kvmotion's own tuning count. Without such history: the link budget, ``ORCHESTRATION_S`` and 1."""
+    seen = [h for h in history if h.profile == LEARNS_FROM][:recent]
+    if not seen:
         return link_mbps, ORCHESTRATION_S, 1.0
-    seen = history[:recent]
     rate = min(link_mbps, _median([h.peak_mbps for h in seen]) / LINK_EFFICIENCY)
     ratios = [h.qemu_s / h.qemu_s_model for h in seen if h.qemu_s and h.qemu_s_model]
     scale = min(MAX_SCALE, max(MIN_SCALE, _median(ratios))) if ratios else 1.0

@@ -14,7 +14,7 @@ from typing import Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
 from kvmotion.common.types import DiskCopyRequest, DiskTarget, MirrorReport, MirrorRequest, VMSpec
-from kvmotion.controller import compat, decisions
+from kvmotion.controller import compat, decisions, guestcheck
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.relocate import Relocation
@@ -44,6 +44,7 @@ class MoveEngine:
         self.mirror_started = False
         self.marks: dict[str, float] = {"start": time.time()}
         self.result: dict[str, Any] = {"kind": self.kind}
+        self.guest_check: guestcheck.Check | None = None    # a running VM after its switch: does the guest live
 
     async def set_bandwidth(self, mbps: int) -> None:       # admission re-shares links; disks copy at their cap
         return None
@@ -81,6 +82,7 @@ class MoveEngine:
         try:
             await self.execute()
             self.result["total_time_s"] = round(time.time() - self.marks["start"], 3)
+            self.result |= await guestcheck.outcome(self.guest_check, self.spec.name)
             await asyncio.to_thread(self.journal.finish, "success", self.result)
         except KvmotionError as exc:
             await self._fail(exc)
@@ -139,6 +141,7 @@ class StorageVMotion(MoveEngine):
         # The VM runs on the new files from here on: the inventory follows at once.
         await asyncio.to_thread(self.inv.set_vm, self.spec.uuid, spec_json=pivot.spec.model_dump_json())
         await self.end(write_stall_ms=pivot.write_stall_ms, old_files_closed=pivot.old_files_closed)
+        self.guest_check = guestcheck.start(self.src, self.spec.uuid, pivot.pivoted_at)
         self.result |= {"write_stall_ms": pivot.write_stall_ms, "new_files": pivot.new_files,
                         "encryption": {"mode": "not applicable",
                                        "reason": "Storage vMotion within one host sends nothing over the network"}}

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import NotFoundError
-from kvmotion.controller.predict import Achieved
+from kvmotion.controller.predict import Achieved, achieved_from
 from kvmotion.controller.db import Task
 from kvmotion.controller.schemas import PhaseRecord, TaskOut
 
@@ -138,11 +138,9 @@ def achieved(sessions: sessionmaker[Session], hosts: tuple[str, str], encryption
             r = json.loads(t.result_json or "{}")
             if encryption is not None and (r.get("encryption") or {}).get("mode") != encryption:
                 continue
-            peak = max((p.get("mbps") or 0 for p in r.get("pass_log") or []), default=0)
-            if peak > 0 and r.get("total_time_s") and r.get("qemu_total_time_ms"):
-                qemu_s = r["qemu_total_time_ms"] / 1000.0
-                out.append(Achieved(float(peak), max(0.0, r["total_time_s"] - qemu_s), qemu_s,
-                                    (r.get("prediction") or {}).get("qemu_s_model")))
+            a = achieved_from(r)          # None: nothing to learn (no figures, or not kvmotion's own tuning)
+            if a is not None:
+                out.append(a)
         return out
 
 

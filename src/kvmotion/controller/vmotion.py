@@ -16,7 +16,7 @@ from kvmotion.common.errors import AgentUnreachable, ConflictError, KvmotionErro
 from kvmotion.common.types import (POSTCOPY_STATES, DiskTarget, MigrationReport, MigrationTuning, MirrorRequest,
                                    OutgoingRequest, VMSpec)
 from kvmotion.checks.rules import encryption_plan
-from kvmotion.controller import compat, decisions, postcopy, predict, tuning
+from kvmotion.controller import compat, decisions, guestcheck, postcopy, predict, tuning
 from kvmotion.controller.pki import client_identity
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
@@ -101,6 +101,7 @@ class VMotion:
         self.postcopy_requested = False     # from here: never cancelled, never rolled back
         self.postcopy_block: str | None = None   # None: not allowed; "": possible; else why not
         self.postcopy_summary: dict[str, Any] = {}
+        self.guest_check: guestcheck.Check | None = None   # does the guest live on the destination (after resume)
 
     async def set_bandwidth(self, mbps: int) -> None:
         """Admission gave this migration a new share of its links: apply it live."""
@@ -219,6 +220,7 @@ class VMotion:
         await asyncio.to_thread(self.journal.begin_phase, str(Phase.ANNOUNCE), PROGRESS_AT[Phase.ANNOUNCE],
                                 announced_at, {})
         await self.end("failed" if "error" in ann else "ok", **ann)
+        self.guest_check = guestcheck.start(self.dst, self.spec.uuid, since=None)   # since it arrived there
 
         await self.begin(Phase.RELEASE)
         lease = await self.dst.take_lease(self.spec.uuid, expected_holder=self.source)
@@ -236,6 +238,7 @@ class VMotion:
                        destination_image_locks=sum(len(v) for v in locks.values()), **release.model_dump())
         summary = self._summary(report)
         summary.update(await self._predicted_vs_actual(summary))
+        summary.update(await guestcheck.outcome(self.guest_check, self.spec.name))   # after total_time_s: not in it
         await asyncio.to_thread(self.journal.finish, "success", summary)
 
     def _plan(self, pred: predict.Prediction | None) -> tuning.StreamPlan:

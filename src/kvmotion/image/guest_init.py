@@ -36,11 +36,25 @@ Guest interface (see also ``GUEST_PROTOCOL`` below):
     KVMOTION-RECORD-ACK seq=N run=BOOT_ID               (record N is durable)
     KVMOTION-RECORD-ERROR seq=N                         (write failed; retried)
     KVMOTION-RECORDS-FULL seq=N                         (N does not fit; writer stops)
+    KVMOTION-IDENTITY uuid=UUID serial=S                (SMBIOS; none if absent)
     KVMOTION-READY ip=A.B.C.D                           (ip=none if no address)
     KVMOTION-HEARTBEAT seq=N uptime=F boot_id=UUID      (every 10 ticks of ~100 ms)
 
 * HTTP on port 80: ``/cgi-bin/heartbeat`` (application/json, canonical),
   ``/heartbeat`` (same JSON served as a static file), ``/`` (text page).
+  The heartbeat JSON (one object, rewritten atomically every tick)::
+
+    {"seq": N, "uptime": F, "boot_id": "UUID", "hostname": "NAME",
+     "dirty_mb_s": R, "dirtied_mb": N, "ip": "A.B.C.D", "records_acked": N,
+     "smbios_uuid": "UUID", "smbios_serial": "S", "macs": ["52:54:00:..", ...]}
+
+  ``seq`` counts ticks since boot; ``dirtied_mb`` (MB written by the dirtier)
+  and ``records_acked`` never decrease within one boot.  The identity fields
+  are read once at boot and never change: ``smbios_uuid`` and ``smbios_serial``
+  are the SMBIOS type-1 system UUID and serial number
+  (``/sys/class/dmi/id/product_uuid`` and ``product_serial``, lower case; ``""``
+  when the firmware has none), ``macs`` the MAC address of every network
+  interface except ``lo``, lower case, in interface-name order.
 """
 
 from __future__ import annotations
@@ -155,19 +169,39 @@ else
     echo "KVMOTION-WARN no network interface found"
 fi
 
+# ---- identity (read once: SMBIOS system UUID + serial, NIC MACs) -----------
+dmi_field() {  # $1 = /sys/class/dmi/id file; lower case, only [a-z0-9._:-] (safe inside JSON)
+    _v=
+    [ -r "$1" ] && read -r _v < "$1" 2>/dev/null
+    case "$_v" in *[!a-z0-9.:_-]*) _v=$(printf '%s' "$_v" | tr 'A-Z' 'a-z' | tr -cd 'a-z0-9._:-') ;; esac
+    printf '%s' "$_v"
+}
+SMUUID=$(dmi_field /sys/class/dmi/id/product_uuid)
+SMSERIAL=$(dmi_field /sys/class/dmi/id/product_serial)
+MACS=
+for n in /sys/class/net/*; do
+    [ "${n##*/}" = lo ] && continue
+    [ -r "$n/address" ] || continue
+    read -r _m < "$n/address"
+    case "$_m" in ''|*[!0-9a-fA-F:]*) continue ;; esac
+    MACS="$MACS${MACS:+, }\"$_m\""
+done
+echo "KVMOTION-IDENTITY uuid=${SMUUID:-none} serial=${SMSERIAL:-none}"
+
 # ---- heartbeat state + http ----------------------------------------------
 SEQ=0
 DMB=0
 RACK=0
 write_state() {
-    read -r DMB < /run/kvmotion/dirtied_mb 2>/dev/null
-    case "$DMB" in ''|*[!0-9]*) DMB=0 ;; esac
+    read -r _d < /run/kvmotion/dirtied_mb 2>/dev/null
+    case "$_d" in ''|*[!0-9]*) ;; *) DMB=$_d ;; esac   # unreadable or empty: keep the last
     read -r _r < /run/kvmotion/records_acked 2>/dev/null
     case "$_r" in ''|*[!0-9]*) ;; *) RACK=$_r ;; esac   # empty while being rewritten: keep the last
     {
         printf '{"seq": %d, "uptime": %s, "boot_id": "%s", ' "$SEQ" "$_u" "$BOOT_ID"
-        printf '"hostname": "%s", "dirty_mb_s": %s, "dirtied_mb": %d, "ip": "%s", "records_acked": %d}\n' \
+        printf '"hostname": "%s", "dirty_mb_s": %s, "dirtied_mb": %d, "ip": "%s", "records_acked": %d, ' \
             "$KHOST" "$KDIRTY" "$DMB" "$ADDR" "$RACK"
+        printf '"smbios_uuid": "%s", "smbios_serial": "%s", "macs": [%s]}\n' "$SMUUID" "$SMSERIAL" "$MACS"
     } > /www/.heartbeat.tmp
     mv -f /www/.heartbeat.tmp /www/heartbeat
 }
@@ -208,7 +242,9 @@ dirtier() {  # $1=rate KB/s $2=region MB $3=chunk MB
         [ $((off + c)) -gt "$region" ] && c=$((region - off))
         dd if=$src of=$dst bs=1048576 skip=$((n % 3)) seek=$off count=$c conv=notrunc 2>/dev/null
         wkb=$((wkb + c * 1024)); n=$((n + 1)); off=$(( (off + c) % region ))
-        echo $((wkb / 1024)) > /run/kvmotion/dirtied_mb
+        # atomic (rename): a reader never sees the file truncated and still empty
+        echo $((wkb / 1024)) > /run/kvmotion/dirtied_mb.tmp
+        mv -f /run/kvmotion/dirtied_mb.tmp /run/kvmotion/dirtied_mb
     done
 }
 if [ "$RATE_KB" -gt 0 ]; then

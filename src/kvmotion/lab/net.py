@@ -23,6 +23,8 @@ benchmarking range) are used.  No work happens at import time.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
@@ -33,7 +35,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 __all__ = [
     "HostNet",
@@ -62,6 +64,7 @@ LAB_V6 = ipaddress.ip_network("2001:2::/48")
 CONTROLLER_IP = "198.18.0.1"       # slot 0; slot k > 0 uses 198.18.(128+k).0/24 and 2001:2:0:k::/64
 CONTROLLER_IP6 = "2001:2::1"
 MAX_SLOTS = 64                      # labs that can be up at once (each has its own management subnet)
+SLOT_LOCK = Path("/run/lock/kvmotion-lab-slots.lock")
 MGMT_PREFIXLEN = 24
 MGMT6_PREFIXLEN = 64
 MIG_PREFIXLEN = 24
@@ -517,10 +520,26 @@ def lab_up(prefix: str, n_hosts: int, state_file: Path, ipv6_hosts: set[str] = f
     state_file = Path(state_file)
     ipv6_hosts = set(ipv6_hosts)
     _validate(prefix, n_hosts, ipv6_hosts)
-    slot = free_slot() if slot is None else slot
-    if not 0 <= slot < MAX_SLOTS:
-        raise LabError(f"lab slot must be 0..{MAX_SLOTS - 1}, got {slot}")
-    _preflight(prefix, state_file, slot)
+    with _slot_lock():      # two labs coming up at once must not pick the same slot
+        slot = free_slot() if slot is None else slot
+        if not 0 <= slot < MAX_SLOTS:
+            raise LabError(f"lab slot must be 0..{MAX_SLOTS - 1}, got {slot}")
+        _preflight(prefix, state_file, slot)
+        return _create(prefix, n_hosts, ipv6_hosts, slot, state_file)
+
+
+@contextlib.contextmanager
+def _slot_lock() -> Iterator[None]:
+    SLOT_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(SLOT_LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _create(prefix: str, n_hosts: int, ipv6_hosts: set[str], slot: int, state_file: Path) -> LabNet:
     lab = _plan(prefix, n_hosts, ipv6_hosts, slot)
     rec = _Record.create(
         state_file,

@@ -5,6 +5,8 @@ Runs as ``python -m kvmotion.lab.probe --target IP --interval-ms 10
 via ``ip netns exec``).  It
 
 * pings *target* every ``interval-ms`` with a raw ICMP socket (root needed),
+  on a fixed timetable (after a stall of the probe itself the overdue pings
+  go out at once: it catches up, never skips),
   one JSON line per ping once it is answered or has timed out
   (``--reply-timeout-ms``, default 1000): ``{"k": "ping", "n": 17,
   "t": <wall time sent>, "rtt_ms": 0.05 | null}``;
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["ClientProbe", "ProbeReport", "parse_probe_file", "main"]
+__all__ = ["ClientProbe", "ProbeReport", "due_sends", "parse_probe_file", "main"]
 
 HTTP_PERIOD_S = 0.2
 HTTP_TIMEOUT_S = 1.0
@@ -302,6 +304,12 @@ def _checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
+def due_sends(start: float, interval_s: float, sent: int, now: float) -> int:
+    """Pings due by ``now`` on the timetable ``start + n * interval_s`` (n = 0, 1, ...) beyond the ``sent`` ones:
+    after a stall of the probe itself every overdue ping goes out at once (catch up, never skip)."""
+    return max(0, int((now - start) / interval_s + 1e-9) + 1 - sent)
+
+
 class _Pinger:
     PAYLOAD_PAD = b"kvmotion-probe".ljust(48, b".")
 
@@ -403,32 +411,32 @@ class _Pinger:
                     del self.outstanding[seq]
                     self._resolve(n, wall, None)
 
+    def _send(self, n: int, dest: tuple) -> None:
+        seq = n & 0xFFFF
+        pkt = self._packet(seq)
+        mono, wall = time.monotonic(), time.time()
+        with self.lock:
+            self.outstanding[seq] = (n, mono, wall)
+        self.sent += 1
+        try:
+            self.sock.sendto(pkt, dest)
+        except OSError as e:
+            # e.g. EHOSTUNREACH after failed ARP, ENOBUFS: the ping is lost
+            with self.lock:
+                if self.outstanding.pop(seq, None) is not None:
+                    self._resolve(n, wall, None, errno.errorcode.get(e.errno or 0, str(e)))
+
     def run(self) -> None:
         self.rx_thread.start()
         dest = (self.target, 0, 0, 0) if self.v6 else (self.target, 0)
         n = 0
-        next_t = time.monotonic()
+        start = time.monotonic()
         while not self.stop.is_set():
-            seq = n & 0xFFFF
-            pkt = self._packet(seq)
-            mono, wall = time.monotonic(), time.time()
-            with self.lock:
-                self.outstanding[seq] = (n, mono, wall)
-            self.sent += 1
-            try:
-                self.sock.sendto(pkt, dest)
-            except OSError as e:
-                # e.g. EHOSTUNREACH after failed ARP, ENOBUFS: the ping is lost
-                with self.lock:
-                    if self.outstanding.pop(seq, None) is not None:
-                        self._resolve(n, wall, None, errno.errorcode.get(e.errno or 0, str(e)))
-            n += 1
+            for _ in range(due_sends(start, self.interval_s, n, time.monotonic())):
+                self._send(n, dest)
+                n += 1
             self._expire(time.monotonic())
-            next_t += self.interval_s
-            now = time.monotonic()
-            if next_t < now - self.interval_s:
-                next_t = now  # we were stalled: no burst to catch up
-            delay = next_t - now
+            delay = start + n * self.interval_s - time.monotonic()
             if delay > 0:
                 self.stop.wait(delay)
         # drain: give pings in flight their reply timeout, then declare them lost
