@@ -31,7 +31,7 @@ from typing import Any, Callable
 from kvmotion.agent.qemuvm import TCG_RAM_PAD_KIB
 from kvmotion.bench import rawqemu, report
 from kvmotion.bench.rawqemu import Recipe
-from kvmotion.bench.survival import Guest, classify
+from kvmotion.bench.survival import Guest, survived
 from kvmotion.cli.client import Client
 from kvmotion.common.types import VMSpec
 from kvmotion.image.build import build_image
@@ -235,40 +235,9 @@ class CaseRunner:
         await asyncio.to_thread(c.delete_vm, g.name)
 
     # -- survival -------------------------------------------------------------------------------------
-    def _beat(self, g: Guest) -> dict[str, Any] | None:
-        """A heartbeat newer than the last one (or from another boot); the last one seen after BEAT_WAIT_S."""
-        end = time.monotonic() + BEAT_WAIT_S
-        last = None
-        while time.monotonic() < end:
-            hb = scenario.guest_heartbeat(self.lb.info.net.client_netns, g.ip)
-            if hb is not None:
-                last = hb
-                if int(hb["seq"]) > g.seq or str(hb["boot_id"]) != g.boot_id:
-                    return hb
-            time.sleep(0.3)
-        return last
-
-    def _console(self, g: Guest) -> list[str]:
-        if g.raw is not None:
-            return g.raw.console(80)
-        try:
-            host = self.lb.client.vm(g.name)["host"]
-            with lab.agent_http(self.lb.root, host, timeout=10) as c:
-                return list(c.get(f"/v1/vms/{g.uuid}/serial", params={"lines": 80}).json())
-        except Exception:      # noqa: BLE001 - the console is evidence, not a requirement
-            return []
-
     async def _check(self, g: Guest) -> str | None:
         """None when the guest survived (same boot, higher heartbeat); else the kind of break."""
-        beat = await asyncio.to_thread(self._beat, g)
-        console = await asyncio.to_thread(self._console, g)
-        later = console
-        if beat is None:
-            await asyncio.sleep(5)
-            later = await asyncio.to_thread(self._console, g)
-        kind = classify(g, beat, console, later)
-        if kind is None and beat is not None:
-            g.seq = int(beat["seq"])
+        kind, _beat, _console = await survived(self.lb.client, self.lb.root, self.lb.info.net.client_netns, g)
         return kind
 
     # -- moves ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from kvmotion.lab.probe import ClientProbe
 
 ROOT = Path("/tmp/kvmotion-survival")
 BEAT_WAIT_S = 45.0
+BOOT_WAIT_S = 300.0       # a guest booting on a starved host (many TCG guests on 2 cores) is slow, not broken
 RAW_TOGGLES = ("auto_converge", "pause_before_switchover", "late_block_activate", "return_path", "announce_params",
                "announce_self")
 
@@ -88,6 +89,34 @@ class Guest:
     seq: int = -1
     raw: rawqemu.RawVM | None = None
     probe: ClientProbe | None = None
+    moved_at: float = 0.0          # wall time the last move ended
+
+
+def probe_beat(g: Guest) -> dict[str, Any] | None:
+    """The newest heartbeat the guest's own client probe fetched after its last move ended, if it is newer than
+    ``g``'s last one or from another boot. The probe polls all the time from the client namespace, so it is the
+    client's view; a one-shot fetch that times out on a starved host is not."""
+    if g.probe is None:
+        return None
+    newest = None
+    try:
+        with open(g.probe.out, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - (1 << 20)))
+            for line in fh.read().decode(errors="replace").splitlines():
+                if '"k": "hb"' not in line and '"k":"hb"' not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                data = rec.get("data")
+                if isinstance(data, dict) and float(rec.get("t", 0)) > g.moved_at and "seq" in data:
+                    newest = data
+    except OSError:
+        return None
+    if newest is None or (int(newest["seq"]) <= g.seq and str(newest.get("boot_id")) == g.boot_id):
+        return None
+    return newest
 
 
 @dataclass
@@ -145,6 +174,49 @@ def classify(before: Guest, beat: dict[str, Any] | None, console: list[str], con
     return None
 
 
+def next_beat(client_netns: str, g: "Guest") -> dict[str, Any] | None:
+    """A heartbeat newer than ``g``'s last one, or from another boot; waits up to BEAT_WAIT_S (a starved host is
+    slow, not a break), then returns the last one seen (None: no answer)."""
+    end = time.monotonic() + BEAT_WAIT_S
+    last = None
+    while time.monotonic() < end:
+        hb = probe_beat(g) or scenario.guest_heartbeat(client_netns, g.ip)
+        if hb is not None:
+            last = hb
+            if int(hb["seq"]) > g.seq or str(hb["boot_id"]) != g.boot_id:
+                return hb
+        time.sleep(0.3)
+    return last
+
+
+def guest_console(client: Client, root: Path, g: "Guest", lines: int = 80) -> list[str]:
+    """The guest's serial console: its raw QEMU's log, or the agent's copy on the host the VM runs on."""
+    if g.raw is not None:
+        return g.raw.console(lines)
+    try:
+        host = client.vm(g.name)["host"]
+        with lab.agent_http(root, host, timeout=10) as c:
+            return list(c.get(f"/v1/vms/{g.uuid}/serial", params={"lines": lines}).json())
+    except Exception:      # noqa: BLE001 - the console is evidence, not a requirement
+        return []
+
+
+async def survived(client: Client, root: Path, client_netns: str, g: "Guest"
+                   ) -> tuple[str | None, dict[str, Any] | None, list[str]]:
+    """(None or the kind of break, the last heartbeat, the console) after a move; a guest that survived has its
+    heartbeat recorded."""
+    beat = await asyncio.to_thread(next_beat, client_netns, g)
+    console = await asyncio.to_thread(guest_console, client, root, g)
+    later = console
+    if beat is None:
+        await asyncio.sleep(5)
+        later = await asyncio.to_thread(guest_console, client, root, g)
+    kind = classify(g, beat, console, later)
+    if kind is None and beat is not None:
+        g.seq = int(beat["seq"])
+    return kind, beat, later
+
+
 class Runner:
     """One arm in one lab."""
 
@@ -176,7 +248,7 @@ class Runner:
             spec = VMSpec(**self.client.vm(g.name)["spec"])
             ctx = rawqemu.lab_context(self.root, "h1", self.accel)
             g.raw = await rawqemu.start(spec, ctx, self.info.host_netns("h1"), self._run_dir(g), False, self.recipe)
-        hb = await asyncio.to_thread(scenario.wait_guest, self.info.net.client_netns, g.ip)
+        hb = await asyncio.to_thread(scenario.wait_guest, self.info.net.client_netns, g.ip, BOOT_WAIT_S)
         g.boot_id, g.seq = str(hb["boot_id"]), int(hb["seq"])
         g.probe = ClientProbe(self.info.net.client_netns, g.ip.split("/")[0], scenario.heartbeat_url(g.ip),
                               interval_ms=10, out=self.out / f"{self.arm}-{g.name}-probe.jsonl")
@@ -194,16 +266,6 @@ class Runner:
         elif self.client.vm(g.name)["power_state"] == "poweredOn":
             await asyncio.to_thread(self.client.stop_vm, g.name)
         await asyncio.to_thread(self.client.delete_vm, g.name)
-
-    def _console(self, g: Guest) -> list[str]:
-        if g.raw is not None:
-            return g.raw.console(80)
-        vm = self.client.vm(g.name)
-        try:
-            with lab.agent_http(self.root, vm["host"], timeout=10) as c:
-                return list(c.get(f"/v1/vms/{g.uuid}/serial", params={"lines": 80}).json())
-        except Exception:      # noqa: BLE001 - the console is evidence, not a requirement
-            return []
 
     # -- moves ----------------------------------------------------------------------------------------
     async def _move_raw(self, g: Guest, dest: str) -> dict[str, Any]:
@@ -226,26 +288,19 @@ class Runner:
     async def _move(self, g: Guest, dest: str) -> dict[str, Any]:
         try:
             fig = await (self._move_raw(g, dest) if self.recipe is not None else self._move_kvmotion(g, dest))
-            g.host = dest
-            return {"ok": True, **fig}
+            g.host, g.moved_at = dest, time.time()
+            return {"ok": True, "ended_at": g.moved_at, **fig}
         except Exception as exc:      # noqa: BLE001 - a failed move is a result
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
     async def _check(self, g: Guest, move: dict[str, Any]) -> dict[str, Any] | None:
         """None when the guest survived; else the failure record (the guest must be replaced)."""
-        beat = await asyncio.to_thread(self._beat, g)
-        console = await asyncio.to_thread(self._console, g)
-        later = console
-        if beat is None:
-            await asyncio.sleep(5)
-            later = await asyncio.to_thread(self._console, g)
-        kind = classify(g, beat, console, later)
+        before = {"boot_id": g.boot_id, "seq": g.seq}
+        kind, beat, console = await survived(self.client, self.root, self.info.net.client_netns, g)
         if kind is None:
-            assert beat is not None
-            g.seq = int(beat["seq"])
             return None
         return {"arm": self.arm, "guest": g.name, "kind": kind, "move": move, "host": g.host, "last_beat": beat,
-                "before": {"boot_id": g.boot_id, "seq": g.seq}, "console": later[-80:],
+                "before": before, "console": console[-80:],
                 "qemu": await self._qemu_state(g) if kind in ("hung", "network-dead") else None}
 
     async def _qemu_state(self, g: Guest) -> dict[str, Any] | None:
@@ -266,20 +321,6 @@ class Runner:
                     "vcpu_busy_pct": None if cpu0 is None or cpu1 is None else round(100 * (cpu1 - cpu0) / 3, 1)}
         except Exception as exc:      # noqa: BLE001 - evidence, best effort
             return {"error": f"{type(exc).__name__}: {exc}"}
-
-    def _beat(self, g: Guest) -> dict[str, Any] | None:
-        """A heartbeat newer than the last one, or a changed boot; waits up to BEAT_WAIT_S (a starved host is slow,
-        not a break)."""
-        end = time.monotonic() + BEAT_WAIT_S
-        last = None
-        while time.monotonic() < end:
-            hb = scenario.guest_heartbeat(self.info.net.client_netns, g.ip)
-            if hb is not None:
-                last = hb
-                if int(hb["seq"]) > g.seq or str(hb["boot_id"]) != g.boot_id:
-                    return hb
-            time.sleep(0.3)
-        return last
 
     async def run(self) -> ArmResult:
         t0 = time.monotonic()
