@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
+from kvmotion.agent.procs import QEMU_BINARY, image_locks, pid_alive, pid_is_qemu_for, rss_mb
 from kvmotion.agent.qmp import QMPConnection
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError, QemuStartFailed
 from kvmotion.common.types import (HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec, nbd_problem,
                                    parse_nbd, relative_path_problem)
 
-QEMU_BINARY = "qemu-system-x86_64"
+__all__ = ["QEMU_BINARY", "HostContext", "QemuVM", "build_argv", "guest_ram", "image_locks", "pid_alive",
+           "pid_is_qemu_for", "rss_mb", "safe_path", "tap_name", "vm_folder"]
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
 
 # Guarded lifecycle: which states may follow which.
@@ -276,52 +278,6 @@ def create_taps(spec: VMSpec, ctx: HostContext) -> list[str]:
 def delete_taps(taps: list[str]) -> None:
     for tap in taps:
         _run(["ip", "link", "del", tap])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def pid_is_qemu_for(pid: int, uuid: str) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return bool(cmd) and cmd[0].endswith(QEMU_BINARY.encode()) and uuid.encode() in cmd
-
-
-def image_locks(pid: int, paths: list[Path]) -> dict[str, list[str]]:
-    """The file locks a process holds on the given images, read from /proc/PID/fdinfo."""
-    wanted = {str(p) for p in paths}
-    out: dict[str, list[str]] = {p: [] for p in wanted}
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target not in wanted:
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        out[target] += [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("lock:")]
-    return out
-
-
-def rss_mb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
 
 
 class QemuVM:

@@ -53,8 +53,13 @@ class AgentClient:
                 exc2.details.setdefault("host", self.host)
                 raise exc2
             raise AgentError(f"agent of host {self.host} answered {r.status_code} to {method} {path}: {r.text[:300]}",
-                             remedy="see the agent's log", details={"host": self.host})
-        return r.json()
+                             remedy="see the agent's log", details={"host": self.host, "not_an_agent": True})
+        try:
+            return r.json()
+        except ValueError as exc:     # something answered, but not a kvmotion agent (a web server, a proxy)
+            raise AgentError(f"{self.host} answered {method} {path} with something that is not JSON",
+                             remedy="check that the address is a kvmotion agent's",
+                             details={"host": self.host, "not_an_agent": True}, cause=exc) from exc
 
     async def tls_csr(self) -> dict[str, str]:
         return await self._call("POST", "/v1/tls/csr", timeout=15)

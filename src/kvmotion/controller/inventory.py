@@ -9,6 +9,7 @@ import time
 import uuid as uuidlib
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -106,10 +107,18 @@ class Inventory:
             raise InvalidInputError(f"no kvmotion agent answers at {address}",
                                     remedy="check the address and that kvmotion-agent runs there") from exc
         except AgentError as exc:
+            if exc.details.get("not_an_agent"):
+                raise InvalidInputError(f"no kvmotion agent answers at {address}: {exc.message}",
+                                        remedy="check the address and port (the agent listens on 8770 by default)"
+                                        ) from exc
             if not exc.details.get("auth_refused"):
                 raise
             raise InvalidInputError(f"the agent at {address} refused the secret: {exc.message}",
                                     remedy=f"give the secret from that host's {SECRET_FILE}") from exc
+        except ValidationError as exc:     # it answered JSON, but not a host's facts
+            raise InvalidInputError(f"no kvmotion agent answers at {address}: its facts do not parse",
+                                    remedy="check the address and port, and that both run the same kvmotion"
+                                    ) from exc
         if name and name != facts.name:
             raise InvalidInputError(f"the agent at {address} is host {facts.name!r}, not {name!r}",
                                     remedy=f"use the name {facts.name!r} or omit it")

@@ -1,0 +1,52 @@
+"""Enrolling a host at an address where something answers that is not a kvmotion agent is the caller's mistake
+(4xx naming the address), never a 5xx: a web server, or a transparent proxy that answers any port-80 address."""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from kvmotion.common.errors import ErrorCode, InvalidInputError
+from kvmotion.controller import db
+from kvmotion.controller.inventory import Inventory
+
+SECRET = "ab" * 32
+
+
+def _server(status: int, body: bytes, ctype: str) -> http.server.ThreadingHTTPServer:
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:   # noqa: N802
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+
+
+@pytest.fixture(params=[(404, b"Not Found", "text/plain"), (200, b"<html>hello</html>", "text/html"),
+                        (200, b'{"hello": "world"}', "application/json"),
+                        (403, b'{"detail": "Forbidden"}', "application/json")],
+                ids=["404-text", "200-html", "200-json-not-facts", "403-json-not-ours"])
+def impostor(request) -> Iterator[str]:
+    srv = _server(*request.param)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+
+
+def test_an_address_that_is_not_an_agent_is_bad_input(impostor: str, tmp_path: Path) -> None:
+    inv = Inventory(db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'c.db'}")))
+    with pytest.raises(InvalidInputError) as err:
+        asyncio.run(inv.add_host(impostor, SECRET))
+    assert err.value.code == ErrorCode.INVALID_INPUT and "no kvmotion agent answers at" in err.value.message
+    assert err.value.remedy and inv.list_hosts() == []
