@@ -45,7 +45,7 @@ class Tally:
                 "downtime_ms_p50": statistics.median(self.downtime_ms) if self.downtime_ms else None,
                 "downtime_ms_p99": percentile(list(self.downtime_ms), 99),
                 "downtime_ms_max": max(self.downtime_ms, default=None),
-                "total_s_p50": statistics.median(self.total_s) if self.total_s else None, "ok": self.ok}
+                "total_s_p50": round(statistics.median(self.total_s), 3) if self.total_s else None, "ok": self.ok}
 
 
 def http_beat(client_netns: str, ip: str, newer_than: int = -1, wait_s: float = 15.0) -> dict[str, Any] | None:
