@@ -125,7 +125,7 @@ async def start(spec: VMSpec, ctx: HostContext, netns: str, run_dir: Path, incom
         try:
             await asyncio.wait_for(qmp.connect(str(run_dir / "qmp.sock")), 2)
             break
-        except (OSError, asyncio.TimeoutError, Exception):
+        except Exception:      # noqa: BLE001 - not listening yet (or QEMU died: checked below)
             if proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"QEMU for {spec.name} did not start: {(run_dir / 'qemu.log').read_text()[-500:]}")
             qmp = QMPClient(spec.name)

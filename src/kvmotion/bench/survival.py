@@ -229,7 +229,8 @@ class Runner:
         self.result = ArmResult(arm)
         self.out, self.log = out, log
         self.accel = self.client.host("h1")["facts"].get("accelerator", "tcg")
-        self.counter = 0
+        self.counter = 0          # guests created (their names)
+        self.qemu_starts = 0      # raw QEMU processes started (their run folders)
         self.root = Path(info.root)
 
     # -- guests ---------------------------------------------------------------------------------------
@@ -255,8 +256,8 @@ class Runner:
         g.probe.start()
 
     def _run_dir(self, g: Guest) -> Path:
-        self.counter += 1
-        return self.root / "raw" / f"{g.name}-{self.counter}"
+        self.qemu_starts += 1
+        return self.root / "raw" / f"{g.name}-{self.qemu_starts}"
 
     async def _remove(self, g: Guest) -> None:
         if g.probe is not None:
