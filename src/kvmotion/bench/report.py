@@ -201,7 +201,7 @@ def _header(result: dict[str, Any]) -> list[str]:
     if base.get("recipe") is not None:
         pad = base["recipe"].get("ram_pad_kib") or 0
         lines += ["QEMU defaults: a plain QEMU `migrate` (128 MiB/s, 300 ms, one stream) of a second guest with "
-                  f"kvmotion's exact argv, no agent; its time runs from `migrate` to `cont` on the destination. "
+                  "kvmotion's exact argv, no agent; its time runs from `migrate` to `cont` on the destination. "
                   + (f"Its guest RAM is {pad} KiB above the MiB size, as kvmotion's under TCG, so both move the "
                      "same RAM. " if pad else "")
                   + "kvmotion's time is the whole task, precheck to release. The order alternates run by run. "
