@@ -325,9 +325,15 @@ def in_postcopy(vm: QemuVM) -> bool:
     return m is not None and m.report.role == "destination" and m.report.status in POSTCOPY_STATES
 
 
-async def check(vm: QemuVM, req: HealthCheckRequest, host: str, console_from: int | None = None) -> GuestHealth:
-    """Sample the guest for ``req.window_s`` and judge it. ``console_from``: the console's size when the VM
-    arrived on this host (None: only what it writes during the window is read)."""
+def arrived_here(vm: QemuVM) -> bool:
+    """The VM came to this host by an incoming migration: its console (emptied when that QEMU started) holds
+    only what the guest wrote since it arrived."""
+    return vm.migration is not None and vm.migration.report.role == "destination"
+
+
+async def check(vm: QemuVM, req: HealthCheckRequest, host: str) -> GuestHealth:
+    """Sample the guest for ``req.window_s`` and judge it. The console is read from the VM's arrival on this
+    host, or, for a VM that did not arrive by migration (or with ``req.since``), only over the window."""
     h = GuestHealth(host=host, checked_at=time.time())
     since = req.since if req.since is not None else (vm.started_at or 0.0)
     if in_postcopy(vm):        # never in band while post-copy runs: the main loop may wait for a page
@@ -339,7 +345,7 @@ async def check(vm: QemuVM, req: HealthCheckRequest, host: str, console_from: in
         return judge(h)
     threads = await vcpu_threads(vm, h.errors)
     h.evidence.append(await stats_note(vm))
-    console_start = console_from if console_from is not None and req.since is None else serial_size(vm.run_dir)
+    console_start = 0 if arrived_here(vm) and req.since is None else serial_size(vm.run_dir)
     await sample_window(vm, h, threads, req)
     end_state = await run_state(vm)
     if end_state != "running":

@@ -43,7 +43,6 @@ class Agent(AgentStorage):
         self._ops_lock = asyncio.Lock()
         self.sampler = sampling.DirtySampler()
         self._sampling: asyncio.Task[None] | None = None
-        self.serial_marks: dict[str, int] = {}     # VM uuid -> console size when it arrived here (incoming)
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -222,7 +221,6 @@ class Agent(AgentStorage):
         async with vm.lock:
             await vm.stop()
         self.vms.pop(uuid, None)
-        self.serial_marks.pop(uuid, None)
         self.release_leases(vm.spec)
         return vm.runtime()
 
@@ -278,7 +276,6 @@ class Agent(AgentStorage):
         self.vms[spec.uuid] = vm
         try:
             await vm.start(incoming=True, disk_keys=disk_keys)
-            self.serial_marks[spec.uuid] = health.serial_size(vm.run_dir)   # the guest's console from its arrival
             return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
                                                     self._tls_dir_if_valid(), new_disks, multifd_channels, postcopy)
         except KvmotionError:
@@ -364,7 +361,6 @@ class Agent(AgentStorage):
         pid, freed = vm.pid, rss_mb(vm.pid or 0)
         await vm.stop(graceful_timeout=5.0)
         self.vms.pop(uuid, None)
-        self.serial_marks.pop(uuid, None)
         self.release_leases(vm.spec)
         still = [p for p, h in self.lease_holders(vm.spec).items() if h == self.cfg.name]
         return ReleaseReport(source_exited=not vm.alive(), source_pid=pid, lock_released=not still,
@@ -383,7 +379,7 @@ class Agent(AgentStorage):
 
     async def health_check(self, uuid: str, req: HealthCheckRequest) -> GuestHealth:
         """Does the guest live here? Sampled over ``req.window_s`` (see :mod:`kvmotion.agent.health`)."""
-        return await health.check(self.get(uuid), req, self.cfg.name, self.serial_marks.get(uuid))
+        return await health.check(self.get(uuid), req, self.cfg.name)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         path = self._run_dir(uuid) / "serial.log"
