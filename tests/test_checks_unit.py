@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kvmotion.checks import CODES, HostView, MigrationContext, run_all
-from kvmotion.common.types import (BlockDeviceFact, CdromSpec, CpuFact, DatastoreFact, DiskSpec, HostFacts,
+from kvmotion.models.agent import (BlockDeviceFact, CdromSpec, CpuFact, DatastoreFact, DiskSpec, HostFacts,
                                    MigrationInterface, NicSpec, PortGroupFact, TlsFact, VMSpec)
 
 

@@ -20,10 +20,10 @@ from kvmotion.agent import mirror
 from kvmotion.agent.qemuvm import HostContext, build_argv, cdrom_node, iso_file, safe_path, vm_folder
 from kvmotion.agent.storage import AgentStorage, disk_file, lease_files, source_file
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
-from kvmotion.common.types import (NAME_PATTERN, CdromSpec, DiskCopyRequest, DiskSpec, DiskTarget, MirrorRequest,
+from kvmotion.models.agent import (NAME_PATTERN, CdromSpec, DiskCopyRequest, DiskSpec, DiskTarget, MirrorRequest,
                                    NicSpec, StartRequest, VMSpec, relative_path_problem)
-from kvmotion.controller import schemas
-from kvmotion.controller.schemas import (CdromChange, ClusterCreate, HostAdd, MigrateRequest, VMCreate, VMUpdate)
+from kvmotion.models import api as schemas
+from kvmotion.models.api import (CdromChange, ClusterCreate, HostAdd, MigrateRequest, VMCreate, VMUpdate)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kvmotion"
 SECRET = "0" * 64

@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from kvmotion.controller import policy
-from kvmotion.controller.schemas import MigrateRequest, MigrationPolicy
+from kvmotion.models.api import MigrateRequest, MigrationPolicy
 
 
 def test_defaults_when_nothing_is_set() -> None:

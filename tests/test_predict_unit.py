@@ -6,8 +6,8 @@ import pytest
 from types import SimpleNamespace
 from typing import cast
 
-from kvmotion.checks.findings import CODES
-from kvmotion.common.types import HostFacts
+from kvmotion.models.findings import CODES
+from kvmotion.models.agent import HostFacts
 from kvmotion.controller import predict
 
 

@@ -13,11 +13,11 @@ from kvmotion import __version__
 from kvmotion.agent.auth import SignedRequestsOnly
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
-from kvmotion.common.types import MAX_CPU_FEATURES, MAX_DISKS, DirtySample, DiskRef, Name, NameOrEmpty
-from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
+from kvmotion.models.agent import MAX_CPU_FEATURES, MAX_DISKS, DirtySample, DiskRef, Name, NameOrEmpty
+from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
-from kvmotion.common.types import GuestHealth, HealthCheckRequest, PostcopyRecover, PostcopyResume
-from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
+from kvmotion.models.agent import GuestHealth, HealthCheckRequest, PostcopyRecover, PostcopyResume
+from kvmotion.models.agent import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
 

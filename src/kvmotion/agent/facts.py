@@ -9,7 +9,7 @@ from pathlib import Path
 from kvmotion import __version__
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
 from kvmotion.agent.blockdev import presented_devices
-from kvmotion.common.types import (BlockDeviceFact, CpuFact, DatastoreFact, HostFacts, MigrationInterface,
+from kvmotion.models.agent import (BlockDeviceFact, CpuFact, DatastoreFact, HostFacts, MigrationInterface,
                                    PortGroupFact)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from kvmotion.agent.qemuvm import QemuVM, tap_name
 from kvmotion.common.errors import KvmotionError, QMPTimeout
-from kvmotion.common.types import POSTCOPY_STATES, GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
+from kvmotion.models.agent import POSTCOPY_STATES, GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
 
 QMP_DEADLINE_S = 2.0
 PROBES = 5                      # ARP probes per check, spread over the window

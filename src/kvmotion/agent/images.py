@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvmotion.agent.diskkeys import encrypted_secret_args, master_object, write_master
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError, QemuStartFailed
-from kvmotion.common.types import DiskCopyRequest, DiskCopyStatus, DiskExport
+from kvmotion.models.agent import DiskCopyRequest, DiskCopyStatus, DiskExport
 
 FORMATS = ("qcow2", "raw")
 MAX_COPY_JOBS_KEPT = 64

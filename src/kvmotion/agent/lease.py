@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from kvmotion.common.errors import ConflictError
-from kvmotion.common.types import LeaseInfo
+from kvmotion.models.agent import LeaseInfo
 
 LEASE_FILE = ".kvmotion.lease"      # the VM folder's lease
 

@@ -19,7 +19,7 @@ from kvmotion.agent.qemuvm import QemuVM
 from kvmotion.agent.qmp import next_event
 from kvmotion.agent.tls import ensure_dh_params
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import (POSTCOPY_STATES, IncomingReady, MigrationPass, MigrationReport, OutgoingRequest,
+from kvmotion.models.agent import (POSTCOPY_STATES, IncomingReady, MigrationPass, MigrationReport, OutgoingRequest,
                                    VMRunState)
 
 log = logging.getLogger(__name__)

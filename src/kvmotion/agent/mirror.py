@@ -16,7 +16,7 @@ from typing import Any
 from kvmotion.agent.diskkeys import disk_secret_id
 from kvmotion.agent.qemuvm import QemuVM, safe_path
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import DiskSpec, DiskTarget, MirrorJob, MirrorReport
+from kvmotion.models.agent import DiskSpec, DiskTarget, MirrorJob, MirrorReport
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 from kvmotion.agent.migration import MigrationWatch, _qmp, pick_port, query_migrate, uri_for
 from kvmotion.agent.qemuvm import QemuVM
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import POSTCOPY_STATES
+from kvmotion.models.agent import POSTCOPY_STATES
 
 log = logging.getLogger(__name__)
 

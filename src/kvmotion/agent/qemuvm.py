@@ -15,7 +15,7 @@ from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, maste
 from kvmotion.agent.procs import QEMU_BINARY, image_locks, pid_alive, pid_is_qemu_for, rss_mb
 from kvmotion.agent.qmp import QMPConnection
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError, QemuStartFailed
-from kvmotion.common.types import (HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec, nbd_problem,
+from kvmotion.models.agent import (HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec, nbd_problem,
                                    parse_nbd, relative_path_problem)
 
 __all__ = ["QEMU_BINARY", "HostContext", "QemuVM", "build_argv", "guest_ram", "image_locks", "pid_alive",

@@ -12,7 +12,7 @@ import time
 
 from kvmotion.agent.qemuvm import QemuVM
 from kvmotion.common.errors import ConflictError, DeadlineExceeded
-from kvmotion.common.types import DirtySample, VMRunState
+from kvmotion.models.agent import DirtySample, VMRunState
 
 SAMPLE_EVERY_S = 30.0           # a sample older than this is refreshed
 TICK_S = 5.0                    # so a new VM has its first sample a few seconds after it runs

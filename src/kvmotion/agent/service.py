@@ -18,8 +18,8 @@ from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, rss_mb, vm_folder
 from kvmotion.agent.storage import AgentStorage, disk_file
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError
-from kvmotion.common.types import POSTCOPY_STATES, DirtySample, GuestHealth, HealthCheckRequest
-from kvmotion.common.types import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
+from kvmotion.models.agent import POSTCOPY_STATES, DirtySample, GuestHealth, HealthCheckRequest
+from kvmotion.models.agent import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
                                    ReleaseReport, VMRunState, VMRuntime, VMSpec)
 
 log = logging.getLogger(__name__)

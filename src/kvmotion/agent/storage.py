@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from kvmotion.agent import images, lease as leases, migration, mirror
 from kvmotion.agent.qemuvm import HostContext, QemuVM, safe_path, vm_folder
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
-from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, LeaseInfo, MirrorReport,
+from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, LeaseInfo, MirrorReport,
                                    MirrorRequest, PivotReport, VMSpec)
 
 if TYPE_CHECKING:

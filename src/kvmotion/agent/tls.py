@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kvmotion.common.errors import InvalidInputError
-from kvmotion.common.types import TlsFact
+from kvmotion.models.agent import TlsFact
 
 FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
 

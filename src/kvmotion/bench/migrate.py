@@ -33,7 +33,7 @@ from kvmotion.bench import rawqemu, report
 from kvmotion.bench.rawqemu import Recipe
 from kvmotion.bench.survival import Guest, survived
 from kvmotion.cli.client import Client
-from kvmotion.common.types import VMSpec
+from kvmotion.models.agent import VMSpec
 from kvmotion.image.build import build_image
 from kvmotion.lab import lab, scenario
 from kvmotion.lab.probe import ClientProbe, ProbeReport

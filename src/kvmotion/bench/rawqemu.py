@@ -20,7 +20,7 @@ from qemu.qmp import QMPClient
 
 from kvmotion.agent.migration import ANNOUNCE, AUTO_CONVERGE
 from kvmotion.agent.qemuvm import HostContext, build_argv, tap_name
-from kvmotion.common.types import VMSpec
+from kvmotion.models.agent import VMSpec
 from kvmotion.lab import net
 
 QMP_DEADLINE_S = 10.0

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from kvmotion.bench import rawqemu
 from kvmotion.bench.rawqemu import KVMOTION_RECIPE, Recipe
 from kvmotion.cli.client import Client
-from kvmotion.common.types import VMSpec
+from kvmotion.models.agent import VMSpec
 from kvmotion.image.build import build_image
 from kvmotion.lab import lab, scenario
 from kvmotion.lab.probe import ClientProbe

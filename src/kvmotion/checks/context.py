@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvmotion.common.types import HostFacts, VMSpec
+from kvmotion.models.agent import HostFacts, VMSpec
 
 HOST_LIMIT_SLOW = 4          # concurrent migrations per host below 10 GbE
 HOST_LIMIT_FAST = 8          # at 10 GbE or more

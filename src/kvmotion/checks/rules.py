@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Callable
 
 from kvmotion.checks.context import MEMORY_HEADROOM_MB, MIN_LINK_MBPS, HostView, MigrationContext
-from kvmotion.checks.findings import Finding, finding
-from kvmotion.common.types import HOST_PASSTHROUGH, HostFacts
+from kvmotion.models.findings import Finding, finding
+from kvmotion.models.agent import HOST_PASSTHROUGH, HostFacts
 
 Check = Callable[[MigrationContext], list[Finding]]
 

@@ -8,11 +8,11 @@ import httpx
 from kvmotion.common.hostauth import HostAuth
 from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
-from kvmotion.common.types import PostcopyRecover, PostcopyResume
-from kvmotion.common.types import DirtySample, GuestHealth, HealthCheckRequest
-from kvmotion.common.types import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
+from kvmotion.models.agent import PostcopyRecover, PostcopyResume
+from kvmotion.models.agent import DirtySample, GuestHealth, HealthCheckRequest
+from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
-from kvmotion.common.types import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
+from kvmotion.models.agent import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
 DEFAULT_TIMEOUT_S = 15.0

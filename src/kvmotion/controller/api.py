@@ -16,9 +16,9 @@ from pydantic import BaseModel
 
 from kvmotion import __version__
 from kvmotion.common.errors import InvalidInputError, KvmotionError
-from kvmotion.common.types import TlsFact
+from kvmotion.models.agent import TlsFact
 from kvmotion.controller import tasks as task_store
-from kvmotion.controller.schemas import (CdromChange, ClusterCreate, ClusterOut, ClusterUpdate, Finding, HostAdd, HostOut,
+from kvmotion.models.api import (CdromChange, ClusterCreate, ClusterOut, ClusterUpdate, Finding, HostAdd, HostOut,
                                          MaintenanceRequest, MigrateRequest, TaskOut, VMCreate, VMOut, VMUpdate)
 from kvmotion.controller.auth import (AUDIT_KEEP, AuditOut, Principal, Role, TokenCreate, TokenCreated, TokenOut,
                                       authenticate_bearer, require_role)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kvmotion.common.errors import ConflictError
-from kvmotion.common.types import TlsFact
+from kvmotion.models.agent import TlsFact
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.pki import CertificateAuthority, client_cn
 

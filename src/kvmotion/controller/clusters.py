@@ -10,7 +10,7 @@ from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionErr
 from kvmotion.controller.db import Cluster, Host
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller import policy
-from kvmotion.controller.schemas import ClusterOut, MigrationPolicy
+from kvmotion.models.api import ClusterOut, MigrationPolicy
 
 NOT_BASELINES = {"max", "host", "base"}
 

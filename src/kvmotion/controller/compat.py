@@ -10,15 +10,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvmotion.checks import HostView, MigrationContext, run_all
 from kvmotion.checks.context import DATASTORE_LIMIT
 from kvmotion.checks.rules import encryption_plan
-from kvmotion.checks.findings import Finding, blockers
+from kvmotion.models.findings import Finding, blockers
 from kvmotion.common.errors import KvmotionError, PrecheckFailed
-from kvmotion.common.types import HOST_PASSTHROUGH, VMSpec
+from kvmotion.models.agent import HOST_PASSTHROUGH, VMSpec
 from kvmotion.controller import predict, relocate
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.relocate import Relocation
-from kvmotion.controller.schemas import MigrateRequest
+from kvmotion.models.api import MigrateRequest
 from kvmotion.controller.inventory import Inventory
-from kvmotion.controller.schemas import HostOut
+from kvmotion.models.api import HostOut
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from kvmotion.common.types import POSTCOPY_STATES, MigrationReport
+from kvmotion.models.agent import POSTCOPY_STATES, MigrationReport
 
 GIB = 1024 ** 3
 PAGE = 4096

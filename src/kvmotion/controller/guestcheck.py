@@ -12,9 +12,9 @@ import logging
 import time
 from typing import Any
 
-from kvmotion.checks.findings import Finding, Severity
+from kvmotion.models.findings import Finding, Severity
 from kvmotion.common.errors import KvmotionError
-from kvmotion.common.types import GuestHealth, HealthCheckRequest
+from kvmotion.models.agent import GuestHealth, HealthCheckRequest
 from kvmotion.controller.agents import AgentClient
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, ConflictError, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.common.hostauth import SECRET_FILE, check_secret
-from kvmotion.common.types import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
+from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller import policy
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
-from kvmotion.controller.schemas import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
+from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
 
 def host_out(h: Host) -> HostOut:

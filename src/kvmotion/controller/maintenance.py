@@ -11,14 +11,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from kvmotion.checks.findings import blockers
+from kvmotion.models.findings import blockers
 from kvmotion.common.errors import ConflictError, KvmotionError
-from kvmotion.common.types import VMSpec
+from kvmotion.models.agent import VMSpec
 from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.scheduler import Scheduler
-from kvmotion.controller.schemas import MigrateRequest, TaskOut, VMOut
+from kvmotion.models.api import MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmotion.controller.schemas import MigrateRequest, MigrationPolicy
+from kvmotion.models.api import MigrateRequest, MigrationPolicy
 
 DEFAULTS: dict[str, Any] = {"downtime_ms": 500, "progress_timeout_s": 150.0, "completion_timeout_s_per_gib": 150.0,
                             "auto_converge": True, "xbzrle": None, "allow_postcopy": False}

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvmotion.checks.findings import Finding, finding
-from kvmotion.common.types import HostFacts
+from kvmotion.models.findings import Finding, finding
+from kvmotion.models.agent import HostFacts
 from kvmotion.controller import decisions
 
 LINK_EFFICIENCY = 0.9           # payload share of the link (TCP/IP and migration-stream framing)

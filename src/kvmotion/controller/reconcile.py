@@ -16,11 +16,11 @@ from enum import StrEnum
 from typing import Any
 
 from kvmotion.common.errors import ErrorCode, KvmotionError
-from kvmotion.common.types import POSTCOPY_STATES
+from kvmotion.models.agent import POSTCOPY_STATES
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller import decisions, postcopy
 from kvmotion.controller.inventory import Inventory
-from kvmotion.controller.schemas import TaskOut
+from kvmotion.models.api import TaskOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.controller.vmotion import migration_address
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from kvmotion.common.errors import InvalidInputError
-from kvmotion.common.types import DiskSpec, VMSpec
+from kvmotion.models.agent import DiskSpec, VMSpec
 
 KINDS = ("vmotion", "svmotion", "xvmotion", "cold")
 

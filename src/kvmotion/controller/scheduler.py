@@ -8,12 +8,12 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import ConflictError, KvmotionError
-from kvmotion.common.types import VMSpec
+from kvmotion.models.agent import VMSpec
 from kvmotion.controller import admission, compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.policy import effective
-from kvmotion.controller.schemas import MigrateRequest, TaskOut
+from kvmotion.models.api import MigrateRequest, TaskOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.controller.storagemotion import ColdMigration, StorageVMotion
 from kvmotion.controller.vmotion import VMotion

@@ -17,7 +17,7 @@ from kvmotion.controller.clusters import Clusters
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
 from kvmotion.controller.inventory import Inventory
-from kvmotion.controller.schemas import Finding, HostOut, MigrateRequest, TaskOut, VMOut
+from kvmotion.models.api import Finding, HostOut, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.controller.maintenance import Maintenance
 from kvmotion.controller.scheduler import Scheduler

@@ -13,12 +13,12 @@ import time
 from typing import Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import DiskCopyRequest, DiskTarget, MirrorReport, MirrorRequest, VMSpec
+from kvmotion.models.agent import DiskCopyRequest, DiskTarget, MirrorReport, MirrorRequest, VMSpec
 from kvmotion.controller import compat, decisions, guestcheck
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.relocate import Relocation
-from kvmotion.controller.schemas import MigrateRequest
+from kvmotion.models.api import MigrateRequest
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.controller.vmotion import MBIT, migration_address
 

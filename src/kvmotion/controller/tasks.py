@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvmotion.common.errors import NotFoundError
 from kvmotion.controller.predict import Achieved, achieved_from
 from kvmotion.controller.db import Task
-from kvmotion.controller.schemas import PhaseRecord, TaskOut
+from kvmotion.models.api import PhaseRecord, TaskOut
 
 TERMINAL_STATES = ("success", "error")
 

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from kvmotion.common.errors import AgentUnreachable, ConflictError, KvmotionError, MigrationFailed
-from kvmotion.common.types import (POSTCOPY_STATES, DiskTarget, MigrationReport, MigrationTuning, MirrorRequest,
+from kvmotion.models.agent import (POSTCOPY_STATES, DiskTarget, MigrationReport, MigrationTuning, MirrorRequest,
                                    OutgoingRequest, VMSpec)
 from kvmotion.checks.rules import encryption_plan
 from kvmotion.controller import compat, decisions, guestcheck, postcopy, predict, tuning
@@ -21,7 +21,7 @@ from kvmotion.controller.pki import client_identity
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.relocate import Relocation
-from kvmotion.controller.schemas import MigrateRequest
+from kvmotion.models.api import MigrateRequest
 from kvmotion.controller.tasks import TaskJournal
 
 log = logging.getLogger(__name__)

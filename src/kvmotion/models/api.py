@@ -5,14 +5,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from kvmotion.checks.findings import Finding, Severity
+from kvmotion.models.findings import Finding, Severity
 
 __all__ = ["Finding", "Severity"]      # re-exported for the API; the models below are imported by name
-from kvmotion.common.types import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTERN, GUEST_IP_PATTERN, MAX_CPU_FEATURES,
+from kvmotion.models.agent import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTERN, GUEST_IP_PATTERN, MAX_CPU_FEATURES,
                                    MAX_DISKS, MAX_URL_CHARS, DatastorePath, DiskRef, Name, NbdUrl,
                                    PortGroupName)
 
-# Names (VMs, hosts, clusters, datastores, tokens, CPU models) are ``Name``: one rule everywhere (common.types).
+# Names (VMs, hosts, clusters, datastores, tokens, CPU models) are ``Name``: one rule everywhere (models.agent).
 # An agent URL: scheme, host (an IPv6 address in brackets) and port; no user, path, query or spaces.
 AGENT_URL_PATTERN = r"^https?://[^\s/?#@]{1,255}/?$"
 # A raw LUN: an absolute device path on the host (checked against the LUNs the host presents).
