@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.cli.client import Client
-from kvmotion.controller.vmotion import CRASH_AT_ENV
+from kvmotion.migration.engine import CRASH_AT_ENV
 from kvmotion.lab import lab as lab_mod
 from kvmotion.lab import scenario
 from labtools import (agent_vms, assert_guest_survived, cli, excuse, http_beat, record_fault, record_figure,

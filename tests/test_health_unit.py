@@ -13,7 +13,7 @@ from kvmotion.agent.health import arp_probe, classify, console_alarms, judge
 from kvmotion.cli.progress import guest_health_rows, print_outcome
 from kvmotion.common.errors import AgentUnreachable
 from kvmotion.models.agent import GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
-from kvmotion.controller import guestcheck
+from kvmotion.migration import guestcheck
 
 W = 1.5
 

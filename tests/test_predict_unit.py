@@ -8,7 +8,7 @@ from typing import cast
 
 from kvmotion.models.findings import CODES
 from kvmotion.models.agent import HostFacts
-from kvmotion.controller import predict
+from kvmotion.migration import predict
 
 
 def test_an_idle_guest_converges_in_two_passes_at_the_link_rate() -> None:

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from kvmotion.controller.reconcile import Resolution, Seen, View, decide
+from kvmotion.migration.recover import Resolution, Seen, View, decide
 
 R, H, A, U = Seen.RUNNING, Seen.HELD, Seen.ABSENT, Seen.UNREACHABLE
 
@@ -99,7 +99,7 @@ def test_postcopy_completed_completes() -> None:
 
 
 def test_a_silent_postcopy_link_is_seen_between_two_checks() -> None:
-    from kvmotion.controller.reconcile import postcopy_stalled
+    from kvmotion.migration.recover import postcopy_stalled
     src = View(H, "finish-migrate", migration=PC_ACTIVE, sent=1000)
     assert not postcopy_stalled({}, src, 100.0)                                       # first look: no history
     assert postcopy_stalled({"postcopy_sent": 1000, "checked_at": 90.0}, src, 100.0)  # nothing sent in 10 s

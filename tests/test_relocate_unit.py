@@ -6,7 +6,7 @@ import pytest
 from kvmotion.checks import HostView, MigrationContext, run_all
 from kvmotion.common.errors import InvalidInputError
 from kvmotion.models.agent import DiskSpec, VMSpec
-from kvmotion.controller import relocate
+from kvmotion.migration import relocate
 from test_checks_unit import facts
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.agent.migration import stream_caps, stream_params
-from kvmotion.controller import predict, tuning
+from kvmotion.migration import predict, tuning
 
 
 def test_qemu_defaults_is_what_a_plain_migrate_gets() -> None:

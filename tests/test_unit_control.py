@@ -11,7 +11,7 @@ import pytest
 from kvmotion.agent import lease
 from kvmotion.common.errors import ConflictError, ErrorCode, KvmotionError, NotFoundError
 from kvmotion.models.agent import MigrationReport
-from kvmotion.controller import decisions
+from kvmotion.migration import decisions
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.tasks import TaskJournal, get_task, unfinished
 

@@ -41,7 +41,7 @@ class MigrationContext:
     vm_migrating: bool = False
     datastore_migrations: dict[str, int] = field(default_factory=dict)   # datastore -> migrations in flight
     datastore_limit: int = DATASTORE_LIMIT
-    kind: str = "vmotion"                               # vmotion | svmotion | xvmotion (shared-nothing) | cold
+    kind: str = "vmotion"                               # a MoveKind (migration.kinds)
     target_spec: VMSpec | None = None                   # the VM after the move (None: same files)
     required_mb: dict[str, int] = field(default_factory=dict)   # target datastore -> MiB the move writes there
     moved_disks: tuple[str, ...] = ()                   # disk ids that get new image files

@@ -5,7 +5,9 @@ from pathlib import Path
 from typing import Callable
 
 from kvmotion.checks.context import MEMORY_HEADROOM_MB, MIN_LINK_MBPS, HostView, MigrationContext
+from kvmotion.migration.kinds import kind
 from kvmotion.models.findings import Finding, finding
+from kvmotion.models.moves import MoveKind
 from kvmotion.models.agent import HOST_PASSTHROUGH, HostFacts
 
 Check = Callable[[MigrationContext], list[Finding]]
@@ -18,13 +20,14 @@ def _host(h: HostView) -> str:
 def placement(ctx: MigrationContext) -> list[Finding]:
     out = []
     src, dst, vm = ctx.source, ctx.destination, ctx.spec
-    if dst.name == src.name and ctx.kind in ("vmotion", "xvmotion"):
+    move = kind(ctx.kind)
+    if dst.name == src.name and move.crosses_hosts:
         out.append(finding("SAME_HOST", _host(dst), f"VM {vm.name} already runs on {dst.name}",
                            "choose a different destination host"))
-    if ctx.power_state != "poweredOn" and ctx.kind != "cold":
+    if ctx.power_state != "poweredOn" and move.powered_on:
         out.append(finding("VM_NOT_RUNNING", f"vm:{vm.name}", f"VM {vm.name} is powered off; vMotion moves running VMs",
                            "use cold migration for a powered-off VM, or power it on first"))
-    if ctx.power_state == "poweredOn" and ctx.kind == "cold":
+    if ctx.power_state == "poweredOn" and not move.powered_on:
         out.append(finding("VM_POWERED_ON", f"vm:{vm.name}", f"VM {vm.name} is powered on; cold migration moves "
                            "powered-off VMs", f"power it off first (kvmotion vm stop {vm.name}), or use vMotion"))
     if ctx.vm_migrating:
@@ -215,7 +218,7 @@ def resources(ctx: MigrationContext) -> list[Finding]:
                                f"port group {nic.portgroup!r} of {nic.id} does not exist on {dst.name}",
                                f"create {nic.portgroup!r} on {dst.name} or pick another host"))
     need = vm.memory_mb + MEMORY_HEADROOM_MB
-    if dst.facts.mem_free_mb < need and ctx.kind != "cold":
+    if dst.facts.mem_free_mb < need and kind(ctx.kind).powered_on:
         out.append(finding("INSUFFICIENT_MEMORY", _host(dst),
                            f"{dst.name} has {dst.facts.mem_free_mb} MiB free; VM {vm.name} needs {need} MiB",
                            "free memory on the destination or pick another host"))
@@ -229,7 +232,7 @@ def capacity(ctx: MigrationContext) -> list[Finding]:
     """What moving the disks needs: something to move, a format they can take, room on the target datastores."""
     before, after, dst = ctx.spec, ctx.after, ctx.destination
     out = []
-    if ctx.kind != "vmotion" and not ctx.moved_disks and before.boot_datastore == after.boot_datastore \
+    if kind(ctx.kind).moves_files is not False and not ctx.moved_disks and before.boot_datastore == after.boot_datastore \
             and ctx.source.name == dst.name:
         out.append(finding("NOTHING_TO_MOVE", f"vm:{before.name}", f"VM {before.name} already is on {dst.name} "
                            f"with its files on {before.boot_datastore}", "name another host or datastore"))
@@ -254,16 +257,16 @@ def capacity(ctx: MigrationContext) -> list[Finding]:
 
 ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, media, memory_backing, network, cpu, encryption,
                                  resources, capacity)
-CHECKS_BY_KIND: dict[str, tuple[Check, ...]] = {
-    "vmotion": ALL_CHECKS,
-    "xvmotion": ALL_CHECKS,
-    "svmotion": (placement, storage, capacity),
-    "cold": (placement, storage, raw_devices, resources, capacity),
+CHECKS_BY_KIND: dict[MoveKind, tuple[Check, ...]] = {
+    MoveKind.VMOTION: ALL_CHECKS,
+    MoveKind.XVMOTION: ALL_CHECKS,
+    MoveKind.SVMOTION: (placement, storage, capacity),
+    MoveKind.COLD: (placement, storage, raw_devices, resources, capacity),
 }
 
 
 def run_all(ctx: MigrationContext) -> list[Finding]:
     """Every finding of every check that applies to this kind of move, errors first."""
     order = {"error": 0, "warning": 1, "info": 2}
-    found = [f for check in CHECKS_BY_KIND[ctx.kind] for f in check(ctx)]
+    found = [f for check in CHECKS_BY_KIND[kind(ctx.kind).name] for f in check(ctx)]
     return sorted(found, key=lambda f: order[f.severity])

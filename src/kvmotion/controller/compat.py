@@ -13,10 +13,11 @@ from kvmotion.checks.rules import encryption_plan
 from kvmotion.models.findings import Finding, blockers
 from kvmotion.common.errors import KvmotionError, PrecheckFailed
 from kvmotion.models.agent import HOST_PASSTHROUGH, VMSpec
-from kvmotion.controller import predict, relocate
+from kvmotion.migration import predict, relocate
 from kvmotion.controller import tasks as task_store
-from kvmotion.controller.relocate import Relocation
+from kvmotion.migration.relocate import Relocation
 from kvmotion.models.api import MigrateRequest
+from kvmotion.models.moves import MoveKind
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.api import HostOut
 
@@ -71,7 +72,7 @@ async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, d
         destination=_view(inv, dst, per_host.get(dst.name, 0)),
         vm_cpu_features=await vm_cpu_features(inv, src.name, spec), vm_migrating=migrating,
         datastore_migrations=per_ds,
-        datastore_limit=datastore_limit(), kind=reloc.kind if reloc else "vmotion",
+        datastore_limit=datastore_limit(), kind=reloc.kind if reloc else MoveKind.VMOTION,
         target_spec=reloc.after if reloc else None, required_mb=required or {},
         moved_disks=reloc.moved_ids if reloc else ())
 

@@ -250,13 +250,35 @@ class Inventory:
                 raise InvalidInputError(f"{req.ip!r} is not an address with prefix",
                                         remedy="write it like 198.18.1.120/24") from None
         uuid = str(uuidlib.uuid4())
+        disks = self._new_disks(req, uuid, ds_name, [d.name for d in readable], facts)
+        mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
+        spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
+                      disks=disks,
+                      nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
+                      guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
+                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
+                      encrypted_vmotion="required" if req.encrypted_disk else req.encrypted_vmotion,
+                      extra_cmdline=" ".join(x for x in (
+                          f"kvmotion.marker={req.marker}" if req.marker else "",
+                          f"kvmotion.dirty_region={req.dirty_region_mb}" if req.dirty_region_mb else "",
+                          f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
+                          if req.records_rate is not None else "") if x),
+                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
+        await self.agent(req.host).provision(spec, self.disk_keys(spec))
+        with self.sessions.begin() as s:
+            s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
+        return self.get_vm(uuid)
+
+    def _new_disks(self, req: VMCreate, uuid: str, ds_name: str, readable: list[str],
+                   facts: HostFacts) -> list[DiskSpec]:
+        """A new VM's disks: boot, data (optional), raw LUN (optional); the boot disk encrypted on request."""
         fmt = req.disk_format
         disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.{fmt}", format=fmt, size_mb=req.disk_mb)]
         if req.data_disk_mb is not None:
             data_ds = req.data_datastore or ds_name
-            if data_ds not in {d.name for d in readable}:
+            if data_ds not in readable:
                 raise InvalidInputError(f"datastore {data_ds!r} is not accessible on {req.host}",
-                                        remedy="pass --data-datastore with one of: " + ", ".join(d.name for d in readable))
+                                        remedy="pass --data-datastore with one of: " + ", ".join(readable))
             disks.append(DiskSpec(id="disk1", node="d1", datastore=data_ds, path=f"{req.name}/{req.name}-data.{fmt}",
                                   format=fmt, size_mb=req.data_disk_mb))
         elif req.records_rate is not None:
@@ -280,23 +302,7 @@ class Inventory:
             n = len(disks)
             disks.append(DiskSpec(id=f"disk{n}", node=f"d{n}", kind="rdm", format="raw", identity=lun.identity,
                                   size_mb=lun.size_bytes // (1024 * 1024)))
-        mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
-        spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
-                      disks=disks,
-                      nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
-                      guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
-                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
-                      encrypted_vmotion="required" if req.encrypted_disk else req.encrypted_vmotion,
-                      extra_cmdline=" ".join(x for x in (
-                          f"kvmotion.marker={req.marker}" if req.marker else "",
-                          f"kvmotion.dirty_region={req.dirty_region_mb}" if req.dirty_region_mb else "",
-                          f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
-                          if req.records_rate is not None else "") if x),
-                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
-        await self.agent(req.host).provision(spec, self.disk_keys(spec))
-        with self.sessions.begin() as s:
-            s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
-        return self.get_vm(uuid)
+        return disks
 
     async def start_vm(self, ref: str, evc_mode: str | None = None) -> VMOut:
         """Power on; in an EVC cluster the VM gets the baseline CPU model, enforced."""

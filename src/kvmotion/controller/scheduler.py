@@ -9,16 +9,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import ConflictError, KvmotionError
 from kvmotion.models.agent import VMSpec
+from kvmotion.models.moves import MoveKind
 from kvmotion.controller import admission, compat
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.policy import effective
 from kvmotion.models.api import MigrateRequest, TaskOut
 from kvmotion.controller.tasks import TaskJournal
-from kvmotion.controller.storagemotion import ColdMigration, StorageVMotion
-from kvmotion.controller.vmotion import VMotion
-
-Engine = VMotion | StorageVMotion | ColdMigration
+from kvmotion.controller.moveview import ControllerView, move_context
+from kvmotion.migration import kinds, registry
+from kvmotion.migration.engine import MoveEngine
+from kvmotion.migration.live import LiveMove
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class Scheduler:
         # VM uuid -> (its cluster's migration policy, its own): both empty without clusters
         self.policy_layers = policy_layers or (lambda uuid: ({}, {}))
         self.admission_enabled = admission_enabled     # off only for benchmarks: everything starts at once
-        self.engines: dict[str, Engine] = {}
+        self.view = ControllerView(inv, sessions)
+        self.engines: dict[str, MoveEngine] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
@@ -57,7 +59,7 @@ class Scheduler:
             await asyncio.sleep(TICK_S)
 
     async def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict],
-                     kind: str = "vmotion", destination: str | None = None,
+                     kind: str = MoveKind.VMOTION, destination: str | None = None,
                      policy: dict[str, Any] | None = None) -> TaskOut:
         """Queue a task and run one admission pass: it comes back started, or queued with its place and reason.
         The task keeps the migration policy it runs under (each value and where it came from)."""
@@ -87,7 +89,7 @@ class Scheduler:
             stores = frozenset({spec.boot_datastore} | {d.datastore for d in spec.disks if d.kind == "file"})
         except KvmotionError:
             stores = frozenset()
-        local = t.kind == "svmotion" or (t.kind == "cold" and t.source == t.destination)
+        local = kinds.kind(t.kind).is_local(t.source, t.destination)
         return admission.Request(t.id, t.source, t.destination, stores, t.options.get("priority", "normal"),
                                  t.created_at, t.options.get("max_bandwidth_mbps"),
                                  kind="storage" if local else "vmotion")
@@ -125,13 +127,7 @@ class Scheduler:
             return
         journal.set_state("running")
         req_ = MigrateRequest.model_validate({k: v for k, v in t.options.items() if k in MigrateRequest.model_fields})
-        engine: Engine
-        if t.kind == "svmotion":
-            engine = StorageVMotion(self.inv, journal, spec, t.source, t.destination, req_)
-        elif t.kind == "cold":
-            engine = ColdMigration(self.inv, journal, spec, t.source, t.destination, req_)
-        else:
-            engine = VMotion(self.inv, journal, spec, t.source, t.destination, req_, bandwidth_mbps)
+        engine = registry.engine(move_context(self.view, t, spec, req_, bandwidth_mbps))
         task = asyncio.create_task(engine.run(), name=f"{t.kind}-{spec.name}")
         self.engines[t.id] = engine
         self.tasks[t.id] = task
@@ -164,9 +160,8 @@ class Scheduler:
         """Ask a running live migration to switch over now (its downtime limit covers what remains)."""
         task = task_store.get_task(self.sessions, task_id)
         engine = self.engines.get(task.id)
-        force = getattr(engine, "request_force_complete", None)
-        if task.state != "running" or force is None:
+        if task.state != "running" or not isinstance(engine, LiveMove):
             raise ConflictError(f"task {task.id[:8]} is a {task.kind} task, {task.state}; only a running live "
                                 "migration can be forced to complete", remedy="nothing to do")
-        force()
+        engine.request_force_complete()
         return task

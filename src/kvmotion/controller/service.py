@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.common.errors import InvalidInputError, KvmotionError
-from kvmotion.controller import compat, policy, predict, reconcile
+from kvmotion.controller import compat, policy
+from kvmotion.controller.moveview import recovery
+from kvmotion.migration import kinds, predict, registry
 from kvmotion.controller import tasks as task_store
 from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
@@ -19,6 +21,7 @@ from kvmotion.controller.pki import CertificateAuthority
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.api import Finding, HostOut, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
+from kvmotion.models.moves import TaskKind
 from kvmotion.controller.maintenance import Maintenance
 from kvmotion.controller.scheduler import Scheduler
 
@@ -97,7 +100,7 @@ class Controller:
         req, _ = policy.effective(req, *self._policy_layers(vm))    # the prediction uses the policy's budget
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
-        if reloc.kind in ("vmotion", "xvmotion") and not compat.blockers(findings):
+        if kinds.kind(reloc.kind).moves_memory and not compat.blockers(findings):
             link = predict.link_mbps(ctx.source.facts, ctx.destination.facts)
             if req.max_bandwidth_mbps:
                 link = min(link, float(req.max_bandwidth_mbps))
@@ -135,7 +138,7 @@ class Controller:
         return self.scheduler.cancel(task_id)
 
     async def reconcile(self, states: tuple[str, ...] = ("running", "unknown")) -> list[dict[str, Any]]:
-        """Finish what the journal says was in flight, by what the hosts really run (``reconcile.decide``).
+        """Finish what the journal says was in flight, by what the hosts really run (``migration.recover.decide``, one reconciler per kind).
 
         At start-up every unfinished move; afterwards, periodically, the ``unknown`` ones (a host did not
         answer): they stay unknown, and nothing destructive happens, until both hosts answer.
@@ -143,43 +146,16 @@ class Controller:
         outcomes = []
         for state in states:
             for t in task_store.unfinished(self.sessions, state):
-                journal = TaskJournal(self.sessions, t.id)
-                if t.kind in ("svmotion", "cold"):
-                    outcomes.append(await self._reconcile_storage(t, journal, {"task": t.id, "phase": t.phase}))
-                    continue
-                if t.kind not in ("vmotion", "xvmotion"):
-                    continue
                 try:
-                    outcomes.append(await reconcile.execute(self.inventory, journal, t))
+                    outcomes.append(await registry.reconcile(recovery(self.scheduler.view, t)))
                 except KvmotionError as exc:
                     log.warning("reconciling task %s: %s", t.id, exc)
                     outcomes.append({"task": t.id, "error": exc.message})
         if "running" not in states:
             return outcomes
-        for t in task_store.unfinished(self.sessions, kind="maintenance"):
+        for t in task_store.unfinished(self.sessions, kind=TaskKind.MAINTENANCE):
             TaskJournal(self.sessions, t.id).finish("error", error={
                 "code": "CONTROLLER_RESTARTED", "phase": t.phase, "remedy": "enter maintenance mode again",
                 "message": f"the controller restarted while evacuating {t.source}; the host stays in service"})
             self.inventory.set_maintenance(t.source, 0)
         return outcomes
-
-    async def _reconcile_storage(self, t: TaskOut, journal: TaskJournal, outcome: dict[str, Any]) -> dict[str, Any]:
-        """Storage vMotion: the VM runs on whatever files its QEMU has open; the inventory follows the agent.
-        Cold migration: nothing runs; the inventory still names the source files (switched last), so copies
-        made so far are leftovers on the destination, reported for removal."""
-        if t.kind == "svmotion":
-            agent = self.inventory.agent(t.source)
-            try:
-                await agent.mirror_cancel(t.vm_uuid)          # a no-op after the pivot
-                runtime = await agent.status(t.vm_uuid)
-                if runtime.spec is not None:
-                    self.inventory.set_vm(t.vm_uuid, spec_json=runtime.spec.model_dump_json())
-                outcome["resolution"] = "the inventory follows the files the VM's QEMU uses"
-            except KvmotionError as exc:
-                outcome["error"] = exc.message
-        else:
-            outcome["resolution"] = "the VM stays registered where it was; partial copies may remain"
-        journal.finish("error", error={"code": "CONTROLLER_RESTARTED", "phase": t.phase, "rollback": outcome,
-                                       "message": f"the controller restarted during {t.phase} of a {t.kind} move",
-                                       "remedy": "check `kvmotion vm show`, then start the move again"})
-        return outcome

@@ -10,9 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import NotFoundError
-from kvmotion.controller.predict import Achieved, achieved_from
+from kvmotion.migration.predict import Achieved, achieved_from
 from kvmotion.controller.db import Task
 from kvmotion.models.api import PhaseRecord, TaskOut
+from kvmotion.models.moves import LIVE_KINDS, MoveKind
+from kvmotion.models.moves import LIVE_KINDS, MoveKind
 
 TERMINAL_STATES = ("success", "error")
 
@@ -123,14 +125,14 @@ def list_tasks(sessions: sessionmaker[Session], limit: int = 50) -> list[TaskOut
         return [to_out(t) for t in rows]
 
 
-MIGRATION_KINDS = ("vmotion", "svmotion", "xvmotion", "cold")
+MIGRATION_KINDS = tuple(str(k) for k in MoveKind)
 
 
 def achieved(sessions: sessionmaker[Session], hosts: tuple[str, str], encryption: str | None,
              limit: int = 200) -> list[Achieved]:
     """What recent successful live migrations between two hosts (either way) achieved, newest first."""
     with sessions() as s:
-        rows = s.scalars(select(Task).where(Task.kind.in_(("vmotion", "xvmotion")), Task.state == "success",
+        rows = s.scalars(select(Task).where(Task.kind.in_([str(k) for k in LIVE_KINDS]), Task.state == "success",
                                             Task.source.in_(hosts), Task.destination.in_(hosts))
                          .order_by(Task.finished_at.desc()).limit(limit)).all()
         out = []

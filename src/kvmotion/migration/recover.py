@@ -17,12 +17,10 @@ from typing import Any
 
 from kvmotion.common.errors import ErrorCode, KvmotionError
 from kvmotion.models.agent import POSTCOPY_STATES
-from kvmotion.controller.agents import AgentClient
-from kvmotion.controller import decisions, postcopy
-from kvmotion.controller.inventory import Inventory
+from kvmotion.migration import decisions, postcopy
+from kvmotion.migration.ports import HostClient, InventoryView, Journal
+from kvmotion.models.agent import VMSpec
 from kvmotion.models.api import TaskOut
-from kvmotion.controller.tasks import TaskJournal
-from kvmotion.controller.vmotion import migration_address
 
 
 class Seen(StrEnum):
@@ -101,7 +99,7 @@ def decide(src: View, dst: View) -> Decision:
     return Decision(Resolution.LOST, "neither host has a QEMU for the VM")
 
 
-async def observe(agent: AgentClient, uuid: str, destination: bool) -> View:
+async def observe(agent: HostClient, uuid: str, destination: bool) -> View:
     try:
         rt = await agent.status(uuid)
     except KvmotionError as exc:
@@ -129,7 +127,7 @@ def postcopy_stalled(previous: dict[str, Any], src: View, now: float) -> bool:
             and now - float(previous.get("checked_at", now)) >= decisions.POSTCOPY_STALL_S)
 
 
-async def _stop_source(src: AgentClient, uuid: str, view: View) -> dict[str, Any]:
+async def _stop_source(src: HostClient, uuid: str, view: View) -> dict[str, Any]:
     """Free the source after a switchover: finalize a parked source, stop a stale running one."""
     try:
         if view.seen == Seen.RUNNING:
@@ -142,71 +140,119 @@ async def _stop_source(src: AgentClient, uuid: str, view: View) -> dict[str, Any
     return {"source": "gone" if view.seen == Seen.ABSENT else "pending: the source host does not answer"}
 
 
-async def execute(inv: Inventory, journal: TaskJournal, t: TaskOut) -> dict[str, Any]:
-    """Observe both hosts, decide, and carry the resolution out. Returns what was done."""
-    src_agent, dst_agent = inv.agent(t.source), inv.agent(t.destination)
-    src, dst = await asyncio.gather(observe(src_agent, t.vm_uuid, False), observe(dst_agent, t.vm_uuid, True))
+@dataclass(frozen=True)
+class Recovery:
+    """What reconciliation works with: the task, its journal, the inventory view and both hosts' clients."""
+
+    task: TaskOut
+    journal: Journal
+    inv: InventoryView
+    src: HostClient
+    dst: HostClient
+
+    def relocation(self) -> dict[str, Any] | None:
+        """The file sets the engine persisted at its precheck (None: the task has none recorded)."""
+        first = self.task.phases[0] if self.task.phases else None
+        return (first.detail or {}).get("relocation") if first is not None else None
+
+
+async def reconcile_live(r: Recovery) -> dict[str, Any]:
+    """vMotion / shared-nothing: observe both hosts, decide, and carry the resolution out."""
+    t = r.task
+    src, dst = await asyncio.gather(observe(r.src, t.vm_uuid, False), observe(r.dst, t.vm_uuid, True))
     d = decide(src, dst)
     out: dict[str, Any] = {"task": t.id, "phase": t.phase, "source_seen": str(src.seen),
                            "destination_seen": str(dst.seen), "resolution": str(d.resolution), "reason": d.reason,
                            "checked_at": time.time()}
-    if d.resolution == Resolution.POSTCOPY_WAIT and src.migration == "postcopy-active":
-        out["postcopy_sent"] = src.sent
-        if postcopy_stalled(t.live.get("unknown") or {}, src, out["checked_at"]):
-            out["paused"] = await postcopy.pause_both(src_agent, dst_agent, t.vm_uuid)
-    if d.resolution == Resolution.POSTCOPY_RECOVER:
-        try:
-            out["recovered"] = await postcopy.recover(src_agent, dst_agent, t.vm_uuid,
-                                                      migration_address(inv, t.destination))
-        except KvmotionError as exc:
-            out["recover_error"] = exc.message
+    if d.resolution in (Resolution.POSTCOPY_WAIT, Resolution.POSTCOPY_RECOVER):
+        await _postcopy(r, src, d, out)
     if d.resolution in (Resolution.WAIT, Resolution.LOST, Resolution.POSTCOPY_WAIT, Resolution.POSTCOPY_RECOVER):
-        await asyncio.to_thread(journal.mark_unknown, out)      # checked again in RECONCILE_S
+        await asyncio.to_thread(r.journal.mark_unknown, out)      # checked again in RECONCILE_S
         return out
     if d.resolution == Resolution.RESUME_DESTINATION:
         try:
-            out["resumed"] = await dst_agent.resume(t.vm_uuid, announce=True)
+            out["resumed"] = await r.dst.resume(t.vm_uuid, announce=True)
         except KvmotionError as exc:
             out["resume_error"] = exc.message
-            await asyncio.to_thread(journal.mark_unknown, out)
+            await asyncio.to_thread(r.journal.mark_unknown, out)
             return out
     if d.resolution in (Resolution.COMPLETE, Resolution.RESUME_DESTINATION):
-        out |= await _stop_source(src_agent, t.vm_uuid, src)
+        await _complete(r, src, out)
+    else:
+        await _roll_back(r, dst, out)
+    return out
+
+
+async def _postcopy(r: Recovery, src: View, d: Decision, out: dict[str, Any]) -> None:
+    t = r.task
+    if d.resolution == Resolution.POSTCOPY_WAIT and src.migration == "postcopy-active":
+        out["postcopy_sent"] = src.sent
+        if postcopy_stalled(t.live.get("unknown") or {}, src, out["checked_at"]):
+            out["paused"] = await postcopy.pause_both(r.src, r.dst, t.vm_uuid)
+    if d.resolution == Resolution.POSTCOPY_RECOVER:
         try:
-            lease = await dst_agent.take_lease(t.vm_uuid, expected_holder=t.source)
-            out["lease_holder"] = lease.host
+            out["recovered"] = await postcopy.recover(r.src, r.dst, t.vm_uuid, r.inv.migration_address(t.destination))
         except KvmotionError as exc:
-            out["lease_error"] = exc.message
-        runtime = await dst_agent.status(t.vm_uuid)
-        fields: dict[str, Any] = {"host": t.destination}
-        if runtime.spec is not None:
-            fields["spec_json"] = runtime.spec.model_dump_json()
-        await asyncio.to_thread(inv.set_vm, t.vm_uuid, **fields)     # the owner changes last
-        out["vm_runs_on"] = t.destination
-        await asyncio.to_thread(journal.finish, "success", {"reconciled": out})
-        return out
-    # ROLLBACK / RESUME_SOURCE: the shadow goes first, then the source runs on.
+            out["recover_error"] = exc.message
+
+
+async def _complete(r: Recovery, src: View, out: dict[str, Any]) -> None:
+    """The destination runs the VM: free the source, take the lease, remove the source's moved files; the
+    owner changes last."""
+    t = r.task
+    out |= await _stop_source(r.src, t.vm_uuid, src)
+    try:
+        lease = await r.dst.take_lease(t.vm_uuid, expected_holder=t.source)
+        out["lease_holder"] = lease.host
+    except KvmotionError as exc:
+        out["lease_error"] = exc.message
+    rel = r.relocation()
+    if rel and rel["moved_ids"] or rel and rel["home_moves"]:       # shared-nothing: the old set goes
+        try:
+            out["source_files_removed"] = await r.src.remove_files(VMSpec.model_validate(rel["before"]),
+                                                                   rel["moved_ids"], home=rel["home_moves"])
+        except KvmotionError as exc:
+            out["source_files_error"] = exc.message
+    runtime = await r.dst.status(t.vm_uuid)
+    spec = runtime.spec or (VMSpec.model_validate(rel["after"]) if rel else None)
+    await asyncio.to_thread(r.inv.set_owner, t.vm_uuid, spec, t.destination)     # the owner changes last
+    out["vm_runs_on"] = t.destination
+    await asyncio.to_thread(r.journal.finish, "success", {"reconciled": out})
+
+
+async def _roll_back(r: Recovery, dst: View, out: dict[str, Any]) -> None:
+    """ROLLBACK / RESUME_SOURCE: the shadow goes first (with any partial disks), then the source runs on."""
+    t = r.task
     if dst.seen != Seen.ABSENT:
         try:
-            out["shadow_removed"] = await dst_agent.abort_incoming(t.vm_uuid)
+            out["shadow_removed"] = await r.dst.abort_incoming(t.vm_uuid)
         except KvmotionError as exc:
             out["shadow_error"] = exc.message
-            await asyncio.to_thread(journal.mark_unknown, out)
-            return out
-    for step, call in (("mirror", src_agent.mirror_cancel), ("outgoing", src_agent.cancel_outgoing)):
+            await asyncio.to_thread(r.journal.mark_unknown, out)
+            return
+    rel = r.relocation()
+    if rel and (rel["moved_ids"] or rel["home_moves"]) and t.source != t.destination:
+        try:        # shared-nothing: what the shadow got of the new set (disks, folder) goes too
+            out["destination_files_removed"] = await r.dst.remove_files(
+                VMSpec.model_validate(rel["after"]), rel["moved_ids"], home=rel["home_moves"])
+        except KvmotionError as exc:
+            out["destination_files_error"] = exc.message
+    for step, call in (("mirror", r.src.mirror_cancel), ("outgoing", r.src.cancel_outgoing)):
         try:
             await call(t.vm_uuid)
         except KvmotionError as exc:
             out[f"{step}_cancel"] = exc.message
-    seen = await observe(src_agent, t.vm_uuid, False)
+    seen = await observe(r.src, t.vm_uuid, False)
     out["source_running"] = seen.seen == Seen.RUNNING
     out["vm_runs_on"] = t.source if out["source_running"] else None
     earlier = ((t.live or {}).get("unknown") or {}).get("error") if t.state == "unknown" else None
     if earlier:        # the engine had failed and could not finish its rollback: now it is finished
         error = earlier | {"rollback": (earlier.get("rollback") or {}) | {"reconciled": out}}
     else:
-        error = {"code": "CONTROLLER_RESTARTED", "phase": t.phase, "rollback": out,
-                 "message": f"the controller restarted during {t.phase}; the VM stays on {t.source}",
-                 "remedy": "start the migration again"}
-    await asyncio.to_thread(journal.finish, "error", None, error)
-    return out
+        error = restarted(t, out, f"the VM stays on {t.source}", "start the migration again")
+    await asyncio.to_thread(r.journal.finish, "error", None, error)
+
+
+def restarted(t: TaskOut, rollback: dict[str, Any], outcome: str, remedy: str) -> dict[str, Any]:
+    return {"code": "CONTROLLER_RESTARTED", "phase": t.phase, "rollback": rollback, "remedy": remedy,
+            "message": f"the controller restarted during {t.phase} of a {t.kind} move; {outcome}"}

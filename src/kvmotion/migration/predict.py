@@ -12,7 +12,7 @@ from typing import Any
 
 from kvmotion.models.findings import Finding, finding
 from kvmotion.models.agent import HostFacts
-from kvmotion.controller import decisions
+from kvmotion.migration import decisions
 
 LINK_EFFICIENCY = 0.9           # payload share of the link (TCP/IP and migration-stream framing)
 ZERO_SCAN_MB_S = 4000.0         # untouched (zero) RAM: scanned and sent as markers, not as pages

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kvmotion.controller import decisions
+from kvmotion.migration import decisions
 
 MBIT = 125_000                       # bytes/s per Mbit/s
 QEMU_DEFAULT_BANDWIDTH = 128 * 1024 * 1024

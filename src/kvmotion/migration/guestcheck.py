@@ -15,7 +15,7 @@ from typing import Any
 from kvmotion.models.findings import Finding, Severity
 from kvmotion.common.errors import KvmotionError
 from kvmotion.models.agent import GuestHealth, HealthCheckRequest
-from kvmotion.controller.agents import AgentClient
+from kvmotion.migration.ports import HostClient
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ WINDOW_S = 1.5                # long enough for a few ARP probes and CPU ticks, 
 Check = asyncio.Task[GuestHealth]
 
 
-async def check(agent: AgentClient, uuid: str, since: float | None) -> GuestHealth:
+async def check(agent: HostClient, uuid: str, since: float | None) -> GuestHealth:
     """The agent's verdict; ``unknown`` with the error when the check itself fails. Never raises."""
     try:
         return await agent.health_check(uuid, HealthCheckRequest(window_s=WINDOW_S, since=since))
@@ -37,7 +37,7 @@ async def check(agent: AgentClient, uuid: str, since: float | None) -> GuestHeal
                        checked_at=time.time())
 
 
-def start(agent: AgentClient, uuid: str, since: float | None) -> Check:
+def start(agent: HostClient, uuid: str, since: float | None) -> Check:
     """Start the check beside whatever follows; :func:`outcome` collects it."""
     return asyncio.create_task(check(agent, uuid, since), name=f"guest-check-{uuid}")
 

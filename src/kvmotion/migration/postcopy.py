@@ -10,10 +10,10 @@ import asyncio
 from typing import Any
 
 from kvmotion.common.errors import KvmotionError
-from kvmotion.controller.agents import AgentClient
+from kvmotion.migration.ports import HostClient
 
 
-async def pause_both(src: AgentClient, dst: AgentClient, uuid: str) -> dict[str, Any]:
+async def pause_both(src: HostClient, dst: HostClient, uuid: str) -> dict[str, Any]:
     """Pause each side that still waits on the link (a side that noticed the failure paused itself)."""
     out: dict[str, Any] = {}
     for side, agent in (("source", src), ("destination", dst)):
@@ -24,7 +24,7 @@ async def pause_both(src: AgentClient, dst: AgentClient, uuid: str) -> dict[str,
     return out
 
 
-async def recover(src: AgentClient, dst: AgentClient, uuid: str, dst_address: str) -> dict[str, Any]:
+async def recover(src: HostClient, dst: HostClient, uuid: str, dst_address: str) -> dict[str, Any]:
     """One reconnection attempt: the destination listens on a new port, the source dials it once the
     destination's migration address answers. Raises when an attempt cannot be made (retried by the caller)."""
     listening = await dst.postcopy_recover(uuid, dst_address)
@@ -32,7 +32,7 @@ async def recover(src: AgentClient, dst: AgentClient, uuid: str, dst_address: st
     return {"uri": listening["uri"], "source": resumed.get("status")}
 
 
-async def dst_migration_status(dst: AgentClient, uuid: str) -> str | None:
+async def dst_migration_status(dst: HostClient, uuid: str) -> str | None:
     """The destination's migration status as its agent follows it (from events: never a QEMU call), or None
     when the agent does not answer."""
     try:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from kvmotion.common.errors import InvalidInputError
+from kvmotion.migration.kinds import kind_for
+from kvmotion.migration.kinds import kind_for
 from kvmotion.models.agent import DiskSpec, VMSpec
-
-KINDS = ("vmotion", "svmotion", "xvmotion", "cold")
-
+from kvmotion.models.moves import MoveKind
+from kvmotion.models.moves import MoveKind
 
 @dataclass(frozen=True)
 class DiskMove:
@@ -24,7 +25,7 @@ class DiskMove:
 
 @dataclass(frozen=True)
 class Relocation:
-    kind: str
+    kind: MoveKind
     source_host: str
     host: str
     before: VMSpec
@@ -84,12 +85,8 @@ def plan(spec: VMSpec, power_state: str, source_host: str, host: str | None, dat
     home = datastore or spec.boot_datastore
     after = spec.model_copy(update={"disks": disks, "boot_datastore": home})
     moves_files = bool(moves) or home != spec.boot_datastore
-    if power_state != "poweredOn":
-        kind = "cold"
-    elif changes_host or (host is not None and not moves_files):   # --host to where it runs: SAME_HOST
-        kind = "xvmotion" if moves_files else "vmotion"
-    else:
-        kind = "svmotion"
+    # --host naming where it runs, with no file moving, stays a vMotion (its precheck says SAME_HOST)
+    kind = kind_for(power_state == "poweredOn", changes_host or (host is not None and not moves_files), moves_files)
     return Relocation(kind=kind, source_host=source_host, host=target_host, before=spec, after=after, moves=moves)
 
 
