@@ -172,10 +172,10 @@ def test_storage_vmotion_limits() -> None:
     from kvmotion.controller.admission import Link, Request, plan
 
     links = {"h1": Link("h1", 1000), "h2": Link("h2", 1000)}
-    sv = [Request(f"s{i}", "h1", "h1", frozenset({f"ds{i % 2}"}), created_at=i, kind="storage") for i in range(3)]
+    sv = [Request(f"s{i}", "h1", "h1", frozenset({f"ds{i % 2}"}), created_at=i, local=True) for i in range(3)]
     p = plan(sv, [], links)
     assert p.start == ["s0", "s1"] and "Storage vMotion slots" in p.waiting["s2"]     # 2 per host
-    many = [Request(f"m{i}", f"x{i}", f"x{i}", frozenset({"big"}), created_at=i, kind="storage") for i in range(9)]
+    many = [Request(f"m{i}", f"x{i}", f"x{i}", frozenset({"big"}), created_at=i, local=True) for i in range(9)]
     p = plan(many, [], {})
     assert len(p.start) == 8 and "8 Storage vMotions" in p.waiting["m8"]            # 8 per datastore
     vm = Request("v", "h1", "h2", frozenset({"ds0"}), created_at=99)

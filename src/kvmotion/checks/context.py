@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvmotion.models.agent import HostFacts, VMSpec
+from kvmotion.models.moves import MoveKind
 
 HOST_LIMIT_SLOW = 4          # concurrent migrations per host below 10 GbE
 HOST_LIMIT_FAST = 8          # at 10 GbE or more
@@ -41,7 +42,7 @@ class MigrationContext:
     vm_migrating: bool = False
     datastore_migrations: dict[str, int] = field(default_factory=dict)   # datastore -> migrations in flight
     datastore_limit: int = DATASTORE_LIMIT
-    kind: str = "vmotion"                               # a MoveKind (migration.kinds)
+    kind: MoveKind = MoveKind.VMOTION
     target_spec: VMSpec | None = None                   # the VM after the move (None: same files)
     required_mb: dict[str, int] = field(default_factory=dict)   # target datastore -> MiB the move writes there
     moved_disks: tuple[str, ...] = ()                   # disk ids that get new image files

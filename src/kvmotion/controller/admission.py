@@ -34,7 +34,7 @@ class Request:
     priority: str = "normal"
     created_at: float = 0.0
     cap_mbps: int | None = None          # the request's own bandwidth cap, if any
-    kind: str = "vmotion"                # "vmotion" | "storage" (Storage vMotion: disks only, same host)
+    local: bool = False                  # nothing crosses hosts (Storage vMotion, a cold move on one host)
 
 
 @dataclass
@@ -54,7 +54,7 @@ def queue_order(queued: list[Request]) -> list[Request]:
 
 
 def _storage_blocker(req: Request, running: list[Request]) -> str | None:
-    storage = [r for r in running if r.kind == "storage"]
+    storage = [r for r in running if r.local]
     n = sum(1 for r in storage if r.source == req.source)
     if n >= STORAGE_PER_HOST:
         return f"{req.source} runs {n} of its {STORAGE_PER_HOST} Storage vMotion slots"
@@ -66,9 +66,9 @@ def _storage_blocker(req: Request, running: list[Request]) -> str | None:
 
 
 def _blocker(req: Request, running: list[Request], links: dict[str, Link], ds_limit: int) -> str | None:
-    if req.kind == "storage":        # same host, no network: only the storage limits apply
+    if req.local:        # same host, no network: only the storage limits apply
         return _storage_blocker(req, running)
-    running = [r for r in running if r.kind != "storage"]
+    running = [r for r in running if not r.local]
     for host in (req.source, req.destination):
         link = links.get(host)
         if link is None:
@@ -105,7 +105,7 @@ def plan(queued: list[Request], running: list[Request], links: dict[str, Link],
 def shares_mbps(running: list[Request], links: dict[str, Link]) -> dict[str, int]:
     """Each running migration's bandwidth: an equal share of the narrowest of its two links."""
     out = {}
-    running = [r for r in running if r.kind != "storage"]
+    running = [r for r in running if not r.local]
     for req in running:
         per_link = []
         for host in (req.source, req.destination):

@@ -92,7 +92,7 @@ class Scheduler:
         local = kinds.kind(t.kind).is_local(t.source, t.destination)
         return admission.Request(t.id, t.source, t.destination, stores, t.options.get("priority", "normal"),
                                  t.created_at, t.options.get("max_bandwidth_mbps"),
-                                 kind="storage" if local else "vmotion")
+                                 local=local)
 
     async def schedule(self) -> None:
         async with self._lock:
