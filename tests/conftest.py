@@ -70,7 +70,7 @@ def leftovers(prefix: str, root: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="session")
 def guest_image():
-    from kvmotion.image.build import build_image
+    from kvmotion_lab.image.build import build_image
 
     return build_image(log=lambda m: None)
 
@@ -78,7 +78,7 @@ def guest_image():
 @contextlib.contextmanager
 def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset(), link: str | None = None) -> Iterator:
     """A lab for one test module. Torn down at the end, also when a test fails; nothing may be left."""
-    from kvmotion.lab import lab as lab_mod
+    from kvmotion_lab import lab as lab_mod
 
     prefix = "kt" + secrets.token_hex(2)
     root = LAB_ROOT_BASE / prefix

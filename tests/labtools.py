@@ -14,8 +14,8 @@ import httpx
 
 from kvmotion.agent.config import AgentConfig
 from kvmotion.cli.client import Client
-from kvmotion.lab import lab as lab_mod
-from kvmotion.lab import scenario
+from kvmotion_lab import lab as lab_mod
+from kvmotion_lab import scenario
 
 
 def agent_url(lab: Any, host: str) -> str:

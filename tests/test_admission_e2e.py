@@ -8,7 +8,7 @@ import pytest
 
 from conftest import running_lab
 from kvmotion.cli.client import Client
-from kvmotion.lab import scenario
+from kvmotion_lab import scenario
 from labtools import agent_vms, assert_guest_survived, cli, codes, record_figure, remove_vm
 
 LINK_MBPS = 1000
@@ -179,7 +179,7 @@ def test_maintenance_names_a_vm_that_cannot_move(lab, client) -> None:
 
 
 def test_queued_tasks_survive_a_controller_crash(lab, client) -> None:
-    from kvmotion.lab import lab as lab_mod
+    from kvmotion_lab import lab as lab_mod
 
     names = [f"r{i}" for i in range(6)]
     before = boot(client, lab, names)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from kvmotion.bench import migrate, report
-from kvmotion.bench.migrate import Sweep, baseline_recipe, side_order, variant_options
-from kvmotion.bench.rawqemu import Recipe
-from kvmotion.lab import probe
+from kvmotion_lab.bench import migrate, report
+from kvmotion_lab.bench.migrate import Sweep, baseline_recipe, side_order, variant_options
+from kvmotion_lab.bench.rawqemu import Recipe
+from kvmotion_lab import probe
 
 KVM, BASE = "kvmotion", "qemu-defaults"
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import running_lab
 from kvmotion.agent.blockdev import LoopDevice
 from kvmotion.cli.client import Client
-from kvmotion.lab import lab as lab_mod
-from kvmotion.lab import net, scenario
+from kvmotion_lab import lab as lab_mod
+from kvmotion_lab import net, scenario
 from labtools import assert_guest_survived, cli, codes, host_settings, http_beat, remove_vm, running_vm, wait_for
 
 

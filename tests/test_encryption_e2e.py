@@ -11,7 +11,7 @@ import pytest
 
 from conftest import running_lab
 from kvmotion.cli.client import Client
-from kvmotion.lab import net, scenario
+from kvmotion_lab import net, scenario
 from labtools import agent_vms, assert_guest_survived, cli, codes, http_beat, remove_vm, running_vm
 
 MARKER = "KVMOTION-WIRE-MARKER-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"[:43]   # 64 bytes

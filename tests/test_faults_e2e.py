@@ -13,8 +13,8 @@ import pytest
 
 from kvmotion.cli.client import Client
 from kvmotion.controller.vmotion import CRASH_AT_ENV
-from kvmotion.lab import lab as lab_mod
-from kvmotion.lab import scenario
+from kvmotion_lab import lab as lab_mod
+from kvmotion_lab import scenario
 from labtools import (agent_vms, assert_guest_survived, cli, excuse, http_beat, record_fault, record_figure,
                       running_vm, wait_for)
 
@@ -246,7 +246,7 @@ def test_destination_qemu_killed_while_parked_at_pre_switchover(lab) -> None:
 
 def _link(lab, host: str, up: bool) -> None:
     import subprocess
-    from kvmotion.lab import net
+    from kvmotion_lab import net
     subprocess.run(net.netns_exec_argv(lab.net.host(host).netns, ["ip", "link", "set", "mig0", "up" if up else "down"]),
                    check=True, capture_output=True, timeout=10)
 

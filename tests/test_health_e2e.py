@@ -26,7 +26,7 @@ import httpx
 
 from kvmotion.agent.qemuvm import tap_name
 from kvmotion.cli.client import Client
-from kvmotion.lab import net, scenario
+from kvmotion_lab import net, scenario
 from labtools import agent_call, agent_url, agent_vms, cli, guest_diagnosis, record_figure, running_vm, wait_for
 
 # Run in the destination host's namespace, armed while the shadow waits for its state: a few frames go into the

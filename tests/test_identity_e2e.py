@@ -2,7 +2,7 @@
 
 The guest reads its SMBIOS system UUID and serial (``/sys/class/dmi/id``) and its NICs' MAC addresses once at
 boot and serves them in its HTTP heartbeat (``smbios_uuid``, ``smbios_serial``, ``macs``; see
-:mod:`kvmotion.image.guest_init`). For vMotion, Storage vMotion, shared-nothing vMotion and cold migration the
+:mod:`kvmotion_lab.image.guest_init`). For vMotion, Storage vMotion, shared-nothing vMotion and cold migration the
 identity is read from the client namespace before and after the move: it must be the same, and the inventory's
 (QEMU gets ``-smbios type=1,serial=UUID,uuid=UUID`` and the NIC's MAC from the VM's spec). Live moves must also
 keep the guest running (same boot_id, heartbeat seq went up); a guest that breaks fails the test.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.cli.client import Client
-from kvmotion.lab import scenario
+from kvmotion_lab import scenario
 from labtools import assert_guest_survived, guest_diagnosis, remove_vm, running_vm, wait_for
 
 BEAT_SEQ = re.compile(r"^KVMOTION-HEARTBEAT seq=(\d+) ")

@@ -1,4 +1,4 @@
-"""Tests for kvmotion.image: unit tests plus real TCG boots of the built guest."""
+"""Tests for kvmotion_lab.image: unit tests plus real TCG boots of the built guest."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kvmotion.image import (
+from kvmotion_lab.image import (
     BASE_CMDLINE,
     GuestImage,
     ImageBuildError,
@@ -29,9 +29,9 @@ from kvmotion.image import (
     default_cache_dir,
     kernel_cmdline,
 )
-from kvmotion.image import guest_init
-from kvmotion.image.cpio import CpioArchive
-from kvmotion.image.kernel import is_static_elf, mod_name
+from kvmotion_lab.image import guest_init
+from kvmotion_lab.image.cpio import CpioArchive
+from kvmotion_lab.image.kernel import is_static_elf, mod_name
 from labtools import record_figure
 
 QEMU = "qemu-system-x86_64"
@@ -254,7 +254,7 @@ def test_cached_image_rejects_corruption(image: GuestImage, tmp_path: Path) -> N
 def test_build_uses_cache_when_apt_cannot_resolve(image: GuestImage, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """With empty/unusable apt lists, build_image falls back to a valid cached image."""
-    from kvmotion.image import kernel
+    from kvmotion_lab.image import kernel
 
     shutil.copytree(image.kernel.parent, tmp_path / image.version)
     monkeypatch.setattr(kernel, "query_kernel_package", lambda meta=kernel.META_PACKAGE: None)

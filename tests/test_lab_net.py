@@ -1,4 +1,4 @@
-"""Real network-namespace tests for kvmotion.lab.net and kvmotion.lab.probe.
+"""Real network-namespace tests for kvmotion_lab.net and kvmotion_lab.probe.
 
 Needs root and iproute2; every lab gets a unique prefix and is always torn
 down with lab_down, even when a test fails.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.lab import net
-from kvmotion.lab.net import LabError, lab_down, lab_up, link_speed_mbps, load_lab, netns_exec_argv, netns_pids
-from kvmotion.lab.probe import ClientProbe
+from kvmotion_lab import net
+from kvmotion_lab.net import LabError, lab_down, lab_up, link_speed_mbps, load_lab, netns_exec_argv, netns_pids
+from kvmotion_lab.probe import ClientProbe
 from labtools import record_figure, wait_for
 
 pytestmark = [

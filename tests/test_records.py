@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from kvmotion.common.errors import InvalidInputError, NotFoundError
-from kvmotion.image import BASE_CMDLINE, GuestImage
-from kvmotion.lab.records import (
+from kvmotion_lab.image import BASE_CMDLINE, GuestImage
+from kvmotion_lab.records import (
     HEADER_BYTES,
     LIST_LIMIT,
     encode_record,
@@ -37,7 +37,7 @@ ACK_RE = re.compile(r"^KVMOTION-RECORD-ACK seq=(\d+) run=([0-9a-f-]{36})$")
 
 
 def make_record(seq: int, run: str, record_kb: int, payload: bytes | None = None) -> bytes:
-    """The record format, built independently of kvmotion.lab.records (as the guest script does)."""
+    """The record format, built independently of kvmotion_lab.records (as the guest script does)."""
     if payload is None:
         payload = os.urandom(record_kb * 1024 - 128)
     header = f"KVREC 1 seq={seq} run={run} size_kb={record_kb} md5={hashlib.md5(payload).hexdigest()}"

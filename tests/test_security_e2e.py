@@ -13,7 +13,7 @@ import pytest
 from kvmotion.cli.client import Client
 from kvmotion.common import hostauth
 from kvmotion.common.errors import KvmotionError
-from kvmotion.lab import net, scenario
+from kvmotion_lab import net, scenario
 from labtools import agent_url, assert_guest_survived, cli, http_beat, remove_vm, running_vm
 
 

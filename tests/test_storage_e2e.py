@@ -16,8 +16,8 @@ import pytest
 from kvmotion.agent.config import AgentConfig
 from kvmotion.cli.client import Client
 from kvmotion.common.errors import KvmotionError
-from kvmotion.lab import lab as lab_mod
-from kvmotion.lab import records, scenario
+from kvmotion_lab import lab as lab_mod
+from kvmotion_lab import records, scenario
 from labtools import (agent_call, agent_vms, assert_guest_survived, cli, guest_diagnosis, host_settings,
                       http_beat, wait_for)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.bench import rawqemu, survival
-from kvmotion.bench.survival import Guest, classify, probe_beat, recipe_for, wilson
+from kvmotion_lab.bench import rawqemu, survival
+from kvmotion_lab.bench.survival import Guest, classify, probe_beat, recipe_for, wilson
 
 
 def test_arms_are_the_recipes_they_name() -> None:

@@ -133,7 +133,7 @@ def test_watch_absorbs_passes_throttle_multifd_and_xbzrle() -> None:
 
 
 def test_soak_tally_catches_reboots_and_heartbeats_going_back() -> None:
-    from kvmotion.bench.soak import Tally, check_beat
+    from kvmotion_lab.bench.soak import Tally, check_beat
     t = Tally()
     assert not check_beat(t, {"seq": 10, "boot_id": "a"}, "start")
     t.migrations, t.downtime_ms, t.total_s = 2, [20.0, 40.0], [0.5, 0.7]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.cli.client import Client
-from kvmotion.lab import scenario
+from kvmotion_lab import scenario
 from labtools import (agent_vms, assert_guest_survived, cli, http_beat, record_fault, record_figure, running_vm,
                       wait_for)
 
@@ -213,7 +213,7 @@ def test_bad_input_is_refused_clearly_and_nothing_is_started(lab) -> None:
 
 
 def test_agent_restart_re_adopts_running_vms(lab, tmp_path) -> None:
-    from kvmotion.lab import lab as lab_mod
+    from kvmotion_lab import lab as lab_mod
 
     client = Client(lab.controller_url)
     vm = running_vm(client, lab, "adopt1")
@@ -235,7 +235,7 @@ def test_agent_restart_re_adopts_running_vms(lab, tmp_path) -> None:
 
 def test_controller_crash_mid_precopy_is_reconciled(lab) -> None:
     """The journal says precopy; the restarted controller finds the VM on the source and rolls back."""
-    from kvmotion.lab import lab as lab_mod
+    from kvmotion_lab import lab as lab_mod
 
     client = Client(lab.controller_url)
     vm = running_vm(client, lab, "crash1", dirty_mb_s=20)

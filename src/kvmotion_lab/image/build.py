@@ -6,7 +6,7 @@ Public API::
     img.kernel, img.initrd, img.version
     append = BASE_CMDLINE + " " + kernel_cmdline(ip="198.18.1.5/24", gateway="198.18.1.1", dirty_mb_s=20)
 
-The guest's serial/HTTP protocol is documented in :mod:`kvmotion.image.guest_init`.
+The guest's serial/HTTP protocol is documented in :mod:`kvmotion_lab.image.guest_init`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmotion.image import guest_init, kernel
-from kvmotion.image.cpio import CpioArchive
-from kvmotion.image.errors import ImageBuildError
+from kvmotion_lab.image import guest_init, kernel
+from kvmotion_lab.image.cpio import CpioArchive
+from kvmotion_lab.image.errors import ImageBuildError
 
 __all__ = [
     "BASE_CMDLINE",

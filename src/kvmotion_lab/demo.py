@@ -10,8 +10,8 @@ from rich.table import Table
 from kvmotion.cli.client import Client
 from kvmotion.cli.progress import print_outcome
 from kvmotion.common.errors import KvmotionError
-from kvmotion.image.build import build_image
-from kvmotion.lab import lab, net, scenario
+from kvmotion_lab.image.build import build_image
+from kvmotion_lab import lab, net, scenario
 
 
 def run_demo(console: Console, memory_mb: int = 256, dirty: float = 0.0, keep: bool = False,

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvmotion.cli.client import Client
-from kvmotion.image.build import build_image
-from kvmotion.lab import lab, scenario
+from kvmotion_lab.image.build import build_image
+from kvmotion_lab import lab, scenario
 
 
 def evacuate_once(admission: bool, n_vms: int, memory_mb: int, link: str, root: Path,

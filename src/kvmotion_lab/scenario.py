@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.cli.client import Client
-from kvmotion.lab import net
-from kvmotion.lab.probe import ClientProbe, ProbeReport
+from kvmotion_lab import net
+from kvmotion_lab.probe import ClientProbe, ProbeReport
 
 GUEST_BOOT_DEADLINE_S = 90.0
 # A guest kernel that crashed (the guest reboots at once: panic=-1) or hung, as its serial console shows it.

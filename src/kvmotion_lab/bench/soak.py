@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kvmotion.bench.report import percentile
+from kvmotion_lab.bench.report import percentile
 from kvmotion.cli.client import Client
-from kvmotion.image.build import build_image
-from kvmotion.lab import lab, scenario
+from kvmotion_lab.image.build import build_image
+from kvmotion_lab import lab, scenario
 
 ROOT = Path("/tmp/kvmotion-soak")
 

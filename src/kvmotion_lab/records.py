@@ -1,6 +1,6 @@
 """Host-side verifier for the guest's record writer (``kvmotion.records=DEV``).
 
-The test guest (:mod:`kvmotion.image.guest_init`) writes sequence-numbered,
+The test guest (:mod:`kvmotion_lab.image.guest_init`) writes sequence-numbered,
 checksummed records to consecutive slots of a raw virtio disk and prints
 ``KVMOTION-RECORD-ACK seq=N run=BOOT_ID`` on its serial console only after the
 write (``dd conv=notrunc,fsync``, O_DIRECT when possible) returned.  After a

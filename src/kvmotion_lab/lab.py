@@ -20,10 +20,11 @@ from typing import Any, Callable
 import httpx
 
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
+from kvmotion.cli.config import SYSTEM_CONFIG, load_config, write_config
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
 from kvmotion.common.http import tls_context
 from kvmotion.controller.auth import ADMIN_TOKEN_FILE
-from kvmotion.lab import net
+from kvmotion_lab import net
 
 DEFAULT_ROOT = Path(os.environ.get("KVMOTION_LAB_DIR", "/var/lib/kvmotion/lab"))
 DEFAULT_PREFIX = os.environ.get("KVMOTION_LAB_PREFIX", "kvmo")
@@ -151,23 +152,46 @@ def up(n_hosts: int = 2, root: Path = DEFAULT_ROOT, prefix: str = DEFAULT_PREFIX
 
 def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_hosts: set[str],
         log: Callable[[str], None], link: str | None, admission: bool) -> LabInfo:
-    state: dict[str, Any] = {"controller_url": "", "pids": {}, "prefix": prefix}
+    state: dict[str, Any] = {"controller_url": "", "pids": {}, "prefix": prefix, "argv": {}}
     lab_net = net.lab_up(prefix, n_hosts, root / "net.json", ipv6_hosts=set(ipv6_hosts))
     log(f"network: {len(lab_net.hosts)} host namespaces, switch {lab_net.switch_netns}, client {lab_net.client_netns}"
         + (f", migration links shaped to {link}" if link else ""))
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
     _make_datastore(root / "ds" / "shared", "shared", shared=True)
+    enrol_file = _start_controller(root, lab_net, state, admission)
+    log(f"controller: {state['controller_url']} (pid {state['pids']['controller']}), admin token "
+        f"{admin_token_path(root)}; CLI config {state['cli_config']}")
+    for h in lab_net.hosts:
+        _start_agent(root, h, state, image_dir, enrol_file, link)
+    for h in lab_net.hosts:
+        _connect_agent(root, h, state["controller_url"])
+        log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid {state['pids'][f'agent-{h.name}']}")
+    info = load(root)
+    assert info is not None
+    return info
+
+
+def cli_config_path(root: Path) -> Path:
+    """Where the lab writes the CLI's config: the system default for the default lab, else inside the lab."""
+    return SYSTEM_CONFIG if root == DEFAULT_ROOT else root / "cli.json"
+
+
+def _start_controller(root: Path, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> Path:
+    """Start the controller, write the CLI's config, make an enrolment token; returns the token's file."""
     controller_url = f"http://{lab_net.controller_ip}:{CONTROLLER_PORT}"
     state["controller_url"] = controller_url
-    state["argv"] = {"controller": [
+    state["argv"]["controller"] = [
         sys.executable, "-m", "kvmotion.controller.main", "--host", lab_net.controller_ip,
-        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL]
-        + ([] if admission else ["--no-admission"])}
-    state["pids"]["controller"] = _spawn(state["argv"]["controller"], logs / "controller.log")
+        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL
+    ] + ([] if admission else ["--no-admission"])
+    log_file = root / "logs" / "controller.log"
+    state["pids"]["controller"] = _spawn(state["argv"]["controller"], log_file)
     _write_state(root, state)
     _wait(lambda: httpx.get(f"{controller_url}/api/v1/health", headers=_admin_headers(root),
-                            timeout=2).status_code == 200, START_DEADLINE_S, "controller", logs / "controller.log")
+                            timeout=2).status_code == 200, START_DEADLINE_S, "controller", log_file)
+    state["cli_config"] = str(cli_config_path(root))
+    _write_state(root, state)
+    write_config(cli_config_path(root), controller_url, admin_token_path(root))
     enrol = httpx.post(f"{controller_url}/api/v1/tokens", headers=_admin_headers(root), timeout=10,
                        json={"name": "lab-enrol", "role": "enrol", "ttl_s": 30 * 86400})
     enrol.raise_for_status()
@@ -175,41 +199,42 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     fd = os.open(enrol_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(enrol.json()["token"] + "\n")
-    log(f"controller: {controller_url} (pid {state['pids']['controller']}), admin token {admin_token_path(root)}")
-    for h in lab_net.hosts:
-        if link is not None:
-            shape_link(h.netns, "mig0", LINK_RATES[link])
-        local = root / "ds" / f"{h.name}-local"
-        _make_datastore(local, f"{h.name}-local", shared=False)
-        mgmt = h.mgmt_ip or h.mgmt_ip6 or ""
-        cfg = AgentConfig(name=h.name, listen_host=mgmt, listen_port=AGENT_PORT, mgmt_address=mgmt,
-                          state_dir=root / "hosts" / h.name, datastores=[root / "ds" / "shared", local],
-                          migration_interfaces=["mig0"], image_dir=image_dir,
-                          controller_url=None if h.mgmt_ip6 else controller_url,
-                          enrol_token_file=None if h.mgmt_ip6 else enrol_file,
-                          declared_link_mbps={"mig0": LINK_RATES[link]} if link else {},
-                          accelerator=os.environ.get("KVMOTION_ACCEL", "auto"))
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        cfg_file = cfg.state_dir / "agent.json"
-        cfg_file.write_text(cfg.model_dump_json(indent=1))
-        argv = net.netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
-        state["argv"][f"agent-{h.name}"] = argv
-        state["pids"][f"agent-{h.name}"] = _spawn(argv, logs / f"agent-{h.name}.log")
-        _write_state(root, state)
-    for h in lab_net.hosts:
-        agent_log = logs / f"agent-{h.name}.log"
-        if h.mgmt_ip6:   # an IPv6-managed host cannot reach the IPv4 controller: add it by address instead
-            url6 = f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
-            _wait(lambda h=h: _agent_healthy(root, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
-            secret = (root / "hosts" / h.name / SECRET_FILE).read_text().strip()
-            httpx.post(f"{controller_url}/api/v1/hosts", json={"address": url6, "secret": secret},
-                       headers=_admin_headers(root), timeout=30).raise_for_status()
-        _wait(lambda h=h: _host_connected(root, controller_url, h.name), START_DEADLINE_S, f"agent {h.name}",
-              agent_log)
-        log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid {state['pids'][f'agent-{h.name}']}")
-    info = load(root)
-    assert info is not None
-    return info
+    return enrol_file
+
+
+def _start_agent(root: Path, h: net.HostNet, state: dict[str, Any], image_dir: Path | None, enrol_file: Path,
+                 link: str | None) -> None:
+    if link is not None:
+        shape_link(h.netns, "mig0", LINK_RATES[link])
+    local = root / "ds" / f"{h.name}-local"
+    _make_datastore(local, f"{h.name}-local", shared=False)
+    mgmt = h.mgmt_ip or h.mgmt_ip6 or ""
+    cfg = AgentConfig(name=h.name, listen_host=mgmt, listen_port=AGENT_PORT, mgmt_address=mgmt,
+                      state_dir=root / "hosts" / h.name, datastores=[root / "ds" / "shared", local],
+                      migration_interfaces=["mig0"], image_dir=image_dir,
+                      controller_url=None if h.mgmt_ip6 else state["controller_url"],
+                      enrol_token_file=None if h.mgmt_ip6 else enrol_file,
+                      declared_link_mbps={"mig0": LINK_RATES[link]} if link else {},
+                      accelerator=os.environ.get("KVMOTION_ACCEL", "auto"))
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = cfg.state_dir / "agent.json"
+    cfg_file.write_text(cfg.model_dump_json(indent=1))
+    argv = net.netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
+    state["argv"][f"agent-{h.name}"] = argv
+    state["pids"][f"agent-{h.name}"] = _spawn(argv, root / "logs" / f"agent-{h.name}.log")
+    _write_state(root, state)
+
+
+def _connect_agent(root: Path, h: net.HostNet, controller_url: str) -> None:
+    """Wait until the controller has the host connected (an IPv6-managed host is added by address)."""
+    agent_log = root / "logs" / f"agent-{h.name}.log"
+    if h.mgmt_ip6:   # an IPv6-managed host cannot reach the IPv4 controller: add it by address instead
+        url6 = f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
+        _wait(lambda: _agent_healthy(root, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
+        secret = (root / "hosts" / h.name / SECRET_FILE).read_text().strip()
+        httpx.post(f"{controller_url}/api/v1/hosts", json={"address": url6, "secret": secret},
+                   headers=_admin_headers(root), timeout=30).raise_for_status()
+    _wait(lambda: _host_connected(root, controller_url, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
 
 
 def restart(root: Path, name: str, crash: bool = False, deadline_s: float = START_DEADLINE_S,
@@ -294,6 +319,8 @@ def down(root: Path = DEFAULT_ROOT) -> list[str]:
         state = None
     if (root / "net.json").exists():
         removed += net.lab_down(root / "net.json")
+    if state is not None and state.get("cli_config"):
+        _remove_cli_config(Path(state["cli_config"]), root, removed)
     if state is not None:
         for name, pid in state.get("pids", {}).items():
             if _pid_is_ours(pid) and _kill(pid):
@@ -302,6 +329,13 @@ def down(root: Path = DEFAULT_ROOT) -> list[str]:
         shutil.rmtree(root, ignore_errors=True)
         removed.append(f"folder {root}")
     return removed
+
+
+def _remove_cli_config(path: Path, root: Path, removed: list[str]) -> None:
+    """Remove the CLI config the lab wrote, unless another lab has written its own there since."""
+    if load_config(path).token_file == admin_token_path(root):
+        path.unlink(missing_ok=True)
+        removed.append(f"CLI config {path}")
 
 
 def _pid_is_ours(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """A client that measures what users see during a migration.
 
-Runs as ``python -m kvmotion.lab.probe --target IP --interval-ms 10
+Runs as ``python -m kvmotion_lab.probe --target IP --interval-ms 10
 [--http-url URL] --out FILE.jsonl`` (normally inside the lab's client netns
 via ``ip netns exec``).  It
 
@@ -203,10 +203,10 @@ class ClientProbe:
         return self.proc.pid if self.proc else None
 
     def argv(self) -> list[str]:
-        from kvmotion.lab.net import netns_exec_argv
+        from kvmotion_lab.net import netns_exec_argv
 
         inner = [
-            sys.executable, "-m", "kvmotion.lab.probe",
+            sys.executable, "-m", "kvmotion_lab.probe",
             "--target", self.target_ip,
             "--interval-ms", str(self.interval_ms),
             "--reply-timeout-ms", str(self.reply_timeout_ms),
@@ -471,7 +471,7 @@ def _http_loop(url: str, w: _Writer, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvmotion.lab.probe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvmotion_lab.probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", required=True, help="IP to ping")
     ap.add_argument("--interval-ms", type=int, default=10)
     ap.add_argument("--reply-timeout-ms", type=int, default=DEFAULT_REPLY_TIMEOUT_MS)

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kvmotion.bench import rawqemu
-from kvmotion.bench.rawqemu import KVMOTION_RECIPE, Recipe
+from kvmotion_lab.bench import rawqemu
+from kvmotion_lab.bench.rawqemu import KVMOTION_RECIPE, Recipe
 from kvmotion.cli.client import Client
 from kvmotion.models.agent import VMSpec
-from kvmotion.image.build import build_image
-from kvmotion.lab import lab, scenario
-from kvmotion.lab.probe import ClientProbe
+from kvmotion_lab.image.build import build_image
+from kvmotion_lab import lab, scenario
+from kvmotion_lab.probe import ClientProbe
 
 ROOT = Path("/tmp/kvmotion-survival")
 BEAT_WAIT_S = 45.0

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.image.errors import ImageBuildError
+from kvmotion_lab.image.errors import ImageBuildError
 
 META_PACKAGE = "linux-image-cloud-amd64"
 WANTED_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_net", "virtio_blk")
@@ -142,7 +142,7 @@ def find_kernel(root: Path) -> tuple[Path, str]:
                 if moddir.is_dir():
                     return vmlinuz, version
     raise ImageBuildError(f"no boot/vmlinuz-* with matching lib/modules/<ver> in {root}; "
-                          f"the kernel package layout changed, adapt kvmotion.image.kernel.find_kernel")
+                          f"the kernel package layout changed, adapt kvmotion_lab.image.kernel.find_kernel")
 
 
 def module_dir(root: Path, version: str) -> Path:

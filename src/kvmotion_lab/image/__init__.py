@@ -1,10 +1,10 @@
 """Tiny real Linux guest (Debian cloud kernel + busybox initramfs) for kvmotion tests.
 
-See :mod:`kvmotion.image.build` for the API and :mod:`kvmotion.image.guest_init`
+See :mod:`kvmotion_lab.image.build` for the API and :mod:`kvmotion_lab.image.guest_init`
 for the guest's serial/HTTP protocol.
 """
 
-from kvmotion.image.build import (
+from kvmotion_lab.image.build import (
     BASE_CMDLINE,
     GuestImage,
     ImageBuildError,

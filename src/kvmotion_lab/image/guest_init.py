@@ -1,6 +1,6 @@
 """Text of the files that run inside the guest (busybox ash scripts, configs).
 
-Everything here is plain data; :mod:`kvmotion.image.build` writes it into the
+Everything here is plain data; :mod:`kvmotion_lab.image.build` writes it into the
 initramfs.  Changing any of these strings changes the recipe hash, so cached
 images are rebuilt automatically.
 
@@ -11,14 +11,14 @@ Guest interface (see also ``GUEST_PROTOCOL`` below):
   default 64) ``kvmotion.hostname=NAME`` (default ``kvmotion-guest``).  Without
   ``kvmotion.ip`` the guest tries DHCP (udhcpc) on the first NIC.
 * record writer (off unless ``kvmotion.records`` is set; pass these through the
-  free-form ``extra`` of :func:`kvmotion.image.build.kernel_cmdline`):
+  free-form ``extra`` of :func:`kvmotion_lab.image.build.kernel_cmdline`):
   ``kvmotion.records=DEV`` (block device name under ``/dev``, e.g. ``vdb``;
   only ``[a-z0-9]``), ``kvmotion.records_rate=N`` (records per second, integer,
   default 20, 0 = as fast as possible), ``kvmotion.records_size=N`` (record size
   in KiB, default 4, a multiple of 4 in 4..1024; anything else falls back to 4
   with a ``KVMOTION-WARN`` line).  The writer appends records to the raw device:
   record ``seq`` (1, 2, 3, ...) lives at byte offset ``seq * size``; slot 0 is
-  never written.  Layout of one record (see :mod:`kvmotion.lab.records`):
+  never written.  Layout of one record (see :mod:`kvmotion_lab.records`):
   a 128-byte header, ``KVREC 1 seq=N run=BOOT_ID size_kb=S md5=HEX``
   left-justified, space-padded to 127 bytes plus ``\\n``, then the payload
   (``size * 1024 - 128`` random bytes, one of up to 64 per-boot templates picked

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvmotion.agent.qemuvm import TCG_RAM_PAD_KIB
-from kvmotion.bench import rawqemu, report
-from kvmotion.bench.rawqemu import Recipe
-from kvmotion.bench.survival import Guest, survived
+from kvmotion_lab.bench import rawqemu, report
+from kvmotion_lab.bench.rawqemu import Recipe
+from kvmotion_lab.bench.survival import Guest, survived
 from kvmotion.cli.client import Client
 from kvmotion.models.agent import VMSpec
-from kvmotion.image.build import build_image
-from kvmotion.lab import lab, scenario
-from kvmotion.lab.probe import ClientProbe, ProbeReport
+from kvmotion_lab.image.build import build_image
+from kvmotion_lab import lab, scenario
+from kvmotion_lab.probe import ClientProbe, ProbeReport
 
 ROOT = Path("/tmp/kvmotion-bench-migrate")
 PREFIX = "kvbm"

@@ -21,7 +21,7 @@ from qemu.qmp import QMPClient
 from kvmotion.agent.migration import ANNOUNCE, AUTO_CONVERGE
 from kvmotion.agent.qemuvm import HostContext, build_argv, tap_name
 from kvmotion.models.agent import VMSpec
-from kvmotion.lab import net
+from kvmotion_lab import net
 
 QMP_DEADLINE_S = 10.0
 MIGRATION_DEADLINE_S = 300.0
