@@ -13,7 +13,7 @@ import pytest
 from kvmotion_lab.bench import migrate, report
 from kvmotion_lab.bench.migrate import Sweep, baseline_recipe, side_order, variant_options
 from kvmotion_lab.bench.rawqemu import Recipe
-from kvmotion_lab import probe
+from kvmotion_lab import pinger, probe
 
 KVM, BASE = "kvmotion", "qemu-defaults"
 
@@ -231,10 +231,10 @@ def test_client_gap_is_wall_clock_silence_between_replies(tmp_path: Path) -> Non
 
 
 def test_due_sends_catch_up_and_never_skip() -> None:
-    assert probe.due_sends(0.0, 0.01, 0, 0.0) == 1
-    assert probe.due_sends(0.0, 0.01, 1, 0.005) == 0
-    assert probe.due_sends(0.0, 0.01, 5, 0.54) == 50                 # 500 ms stalled: all 50 overdue pings
-    assert probe.due_sends(100.0, 0.01, 55, 100.0 + 55 * 0.01) == 1   # exactly on time (no float slip)
+    assert pinger.due_sends(0.0, 0.01, 0, 0.0) == 1
+    assert pinger.due_sends(0.0, 0.01, 1, 0.005) == 0
+    assert pinger.due_sends(0.0, 0.01, 5, 0.54) == 50                 # 500 ms stalled: all 50 overdue pings
+    assert pinger.due_sends(100.0, 0.01, 55, 100.0 + 55 * 0.01) == 1   # exactly on time (no float slip)
 
 
 def test_the_probe_sends_on_its_timetable_after_a_stall(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,14 +257,14 @@ def test_the_probe_sends_on_its_timetable_after_a_stall(monkeypatch: pytest.Monk
         def wait(self, delay: float) -> None:
             clock["now"] += delay
 
-    p = object.__new__(probe._Pinger)
+    p = object.__new__(pinger._Pinger)
     p.target, p.v6, p.interval_s, p.reply_timeout_s = "198.18.1.100", False, 0.01, 0.0
     p.stop, p.sock, p.lock, p.outstanding = Stop(), Sock(), threading.Lock(), {}
     p.sent = p.received = p.lost = 0
     p.ident, p.req_type = 1, 8
     p.rx_thread, p.rx_stop = SimpleNamespace(start=lambda: None, join=lambda timeout=None: None), threading.Event()
     monkeypatch.setattr(p, "_expire", lambda now, force=False: None)
-    monkeypatch.setattr(probe, "time", SimpleNamespace(monotonic=lambda: clock["now"], time=lambda: clock["now"],
+    monkeypatch.setattr(pinger, "time", SimpleNamespace(monotonic=lambda: clock["now"], time=lambda: clock["now"],
                                                        sleep=lambda s: None))
     p.run()
     assert p.sent == len(sends) >= 120

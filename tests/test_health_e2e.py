@@ -26,7 +26,8 @@ import httpx
 
 from kvmotion.agent.qemuvm import tap_name
 from kvmotion.cli.client import Client
-from kvmotion_lab import net, scenario
+from kvmotion_lab import scenario
+from kvmotion_lab.netns import netns_exec_argv
 from labtools import agent_call, agent_url, agent_vms, cli, guest_diagnosis, record_figure, running_vm, wait_for
 
 # Run in the destination host's namespace, armed while the shadow waits for its state: a few frames go into the
@@ -108,7 +109,7 @@ def thread_state(pid: int, tid: int) -> str:
 @contextlib.contextmanager
 def hung_after_resume(netns: str, pid: int, tid: int, tap: str, mac: str) -> Iterator[Callable[[float], str]]:
     """Arms :data:`HANG` (while the shadow waits); yields a function that waits for its "frozen" line."""
-    proc = subprocess.Popen(net.netns_exec_argv(netns, [sys.executable, "-c", HANG, str(pid), str(tid), tap, mac]),
+    proc = subprocess.Popen(netns_exec_argv(netns, [sys.executable, "-c", HANG, str(pid), str(tid), tap, mac]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
 

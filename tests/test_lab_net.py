@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from kvmotion_lab import net
-from kvmotion_lab.net import LabError, lab_down, lab_up, link_speed_mbps, load_lab, netns_exec_argv, netns_pids
+from kvmotion_lab.net import lab_up, load_lab
+from kvmotion_lab.netdown import lab_down
+from kvmotion_lab.netns import LabError, link_speed_mbps, netns_exec_argv, netns_pids
 from kvmotion_lab.probe import ClientProbe
 from labtools import record_figure, wait_for
 
@@ -374,7 +376,7 @@ def test_crash_leaves_record_that_lab_down_cleans(tmp_path, monkeypatch):
         assert lab_down(state_file) == []
     finally:
         monkeypatch.undo()
-        net.lab_down(state_file)
+        lab_down(state_file)
     _assert_gone(prefix, state_file)
 
 

@@ -363,58 +363,74 @@ def verify(image: Path, fmt: str, acks: Mapping[str, int | Iterable[int]], recor
     """
     run_id, acked = _pick_run(acks, run)
     scan = read_records(image, record_kb, fmt=fmt, workdir=workdir)
-    missing: list[int] = []
-    torn: list[int] = []
-    torn_beyond: list[int] = []
-    problems: list[str] = []
-    n_missing = n_torn = n_torn_beyond = 0
-
-    def note(seq: int, what: str) -> None:
-        if len(problems) < LIST_LIMIT:
-            problems.append(f"seq {seq}: {what}")
-
+    t = _Tally()
     if acked > scan.capacity:
-        note(acked, f"acked but the disk holds only {scan.capacity} records of {record_kb} KiB")
+        t.note(acked, f"acked but the disk holds only {scan.capacity} records of {record_kb} KiB")
+    _check_acked(scan, run_id, acked, t)
+    ours = [i for i, s in scan.slots.items() if s.status == "valid" and s.run == run_id]
+    beyond_valid = sum(1 for i in ours if i > acked)
+    _check_beyond_ack(scan, run_id, acked, max(ours, default=0), t)
+    ok = t.n_missing == 0 and t.n_torn == 0 and acked <= scan.capacity
+    if ok:
+        reason = f"all {acked} acked records of run {run_id} are on disk and valid"
+        if beyond_valid:
+            reason += f"; {beyond_valid} more valid past the last ack"
+        if t.n_torn_beyond:
+            reason += f"; {t.n_torn_beyond} torn past the last ack (in flight, allowed)"
+    else:
+        reason = (f"run {run_id}: {t.n_missing} of {acked} acked records missing, {t.n_torn} torn"
+                  + (f"; first problem: {t.problems[0]}" if t.problems else ""))
+    return RecordVerdict(ok=ok, run_id=run_id, acked=acked, found_valid=len(ours), missing=t.missing,
+                         missing_count=t.n_missing, torn=t.torn, torn_count=t.n_torn,
+                         beyond_ack_valid=beyond_valid, torn_beyond_ack=t.torn_beyond,
+                         torn_beyond_ack_count=t.n_torn_beyond, reason=reason, problems=t.problems)
+
+
+@dataclass
+class _Tally:
+    """What :func:`verify` found wrong: exact counts, and lists cut at LIST_LIMIT."""
+
+    missing: list[int] = field(default_factory=list)
+    torn: list[int] = field(default_factory=list)
+    torn_beyond: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    n_missing: int = 0
+    n_torn: int = 0
+    n_torn_beyond: int = 0
+
+    def note(self, seq: int, what: str) -> None:
+        if len(self.problems) < LIST_LIMIT:
+            self.problems.append(f"seq {seq}: {what}")
+
+
+def _check_acked(scan: RecordScan, run_id: str, acked: int, t: _Tally) -> None:
+    """Records 1..acked must be valid records of the run."""
     for seq in range(1, acked + 1):
         slot = scan.slots.get(seq)
         if slot is not None and slot.status == "valid" and slot.run == run_id:
             continue
         if slot is not None and slot.status == "torn":
-            n_torn += _keep(torn, seq)
-            note(seq, f"torn ({slot.problem})")
+            t.n_torn += _keep(t.torn, seq)
+            t.note(seq, f"torn ({slot.problem})")
         else:
-            n_missing += _keep(missing, seq)
+            t.n_missing += _keep(t.missing, seq)
             if slot is None:
-                note(seq, "slot is empty")
+                t.note(seq, "slot is empty")
             elif slot.status == "garbage":
-                note(seq, slot.problem)
+                t.note(seq, slot.problem)
             else:
-                note(seq, f"holds a record of run {slot.run}")
-    ours = [i for i, s in scan.slots.items() if s.status == "valid" and s.run == run_id]
-    found_valid = len(ours)
-    last_valid = max(ours, default=0)
-    beyond_valid = sum(1 for i in ours if i > acked)
+                t.note(seq, f"holds a record of run {slot.run}")
+
+
+def _check_beyond_ack(scan: RecordScan, run_id: str, acked: int, last_valid: int, t: _Tally) -> None:
+    """Past the last ack a torn slot is a write in flight, unless a later record of the run was written."""
     for index in sorted(i for i, s in scan.slots.items() if i > acked and s.status == "torn"):
         slot = scan.slots[index]
         if slot.run not in (run_id, None):
             continue
         if index < last_valid:  # a later record was written, so this write had completed
-            n_torn += _keep(torn, index)
-            note(index, f"torn past the last ack although seq {last_valid} was written later ({slot.problem})")
+            t.n_torn += _keep(t.torn, index)
+            t.note(index, f"torn past the last ack although seq {last_valid} was written later ({slot.problem})")
         else:
-            n_torn_beyond += _keep(torn_beyond, index)
-    ok = n_missing == 0 and n_torn == 0 and acked <= scan.capacity
-    if ok:
-        reason = f"all {acked} acked records of run {run_id} are on disk and valid"
-        if beyond_valid:
-            reason += f"; {beyond_valid} more valid past the last ack"
-        if n_torn_beyond:
-            reason += f"; {n_torn_beyond} torn past the last ack (in flight, allowed)"
-    else:
-        reason = (f"run {run_id}: {n_missing} of {acked} acked records missing, {n_torn} torn"
-                  + (f"; first problem: {problems[0]}" if problems else ""))
-    return RecordVerdict(ok=ok, run_id=run_id, acked=acked, found_valid=found_valid, missing=missing,
-                         missing_count=n_missing, torn=torn, torn_count=n_torn,
-                         beyond_ack_valid=beyond_valid, torn_beyond_ack=torn_beyond,
-                         torn_beyond_ack_count=n_torn_beyond, reason=reason, problems=problems)
+            t.n_torn_beyond += _keep(t.torn_beyond, index)
 
