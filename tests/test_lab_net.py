@@ -331,14 +331,14 @@ def test_lab_down_kills_processes_and_is_idempotent(tmp_path):
 def test_failed_lab_up_cleans_up(tmp_path, monkeypatch):
     prefix = _prefix()
     state_file = tmp_path / "lab.json"
-    real_ip = net._ip
+    real_ip = net.ip_cmd
 
     def failing_ip(netns, *args, **kw):
         if netns == f"{prefix}-h2" and "mig0" in args and "addr" in args:
             raise LabError("injected failure")
         return real_ip(netns, *args, **kw)
 
-    monkeypatch.setattr(net, "_ip", failing_ip)
+    monkeypatch.setattr(net, "ip_cmd", failing_ip)
     try:
         with pytest.raises(LabError, match="injected failure"):
             lab_up(prefix, 2, state_file)
@@ -351,14 +351,14 @@ def test_crash_leaves_record_that_lab_down_cleans(tmp_path, monkeypatch):
     """Simulate a crash mid lab_up (no automatic cleanup): the record suffices."""
     prefix = _prefix()
     state_file = tmp_path / "lab.json"
-    real_ip = net._ip
+    real_ip = net.ip_cmd
 
     def failing_ip(netns, *args, **kw):
         if netns == f"{prefix}-h1" and "uplink0" in args:
             raise LabError("crash")
         return real_ip(netns, *args, **kw)
 
-    monkeypatch.setattr(net, "_ip", failing_ip)
+    monkeypatch.setattr(net, "ip_cmd", failing_ip)
     monkeypatch.setattr(net, "lab_down", lambda sf: [])  # the "crash": no cleanup in lab_up
     try:
         with pytest.raises(LabError, match="crash"):
