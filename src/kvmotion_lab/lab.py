@@ -20,7 +20,7 @@ from typing import Any, Callable
 import httpx
 
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
-from kvmotion.cli.config import SYSTEM_CONFIG, load_config, write_config
+from kvmotion.cli.config import ENV_CONFIG, SYSTEM_CONFIG, load_config, write_config
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
 from kvmotion.common.http import tls_context
 from kvmotion.controller.auth import ADMIN_TOKEN_FILE
@@ -172,8 +172,11 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
 
 
 def cli_config_path(root: Path) -> Path:
-    """Where the lab writes the CLI's config: the system default for the default lab, else inside the lab."""
-    return SYSTEM_CONFIG if root == DEFAULT_ROOT else root / "cli.json"
+    """Where the lab writes the CLI's config: for the default lab where the CLI looks ($KVMOTION_CONFIG, else the
+    system default), for any other lab inside it (`lab up` prints the KVMOTION_CONFIG to use)."""
+    if root != DEFAULT_ROOT:
+        return root / "cli.json"
+    return Path(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG) else SYSTEM_CONFIG
 
 
 def _start_controller(root: Path, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> Path:
