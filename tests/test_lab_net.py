@@ -178,39 +178,8 @@ class TestLab:
     def test_client_probe(self, lab, tmp_path):
         labnet, _ = lab
         ns = labnet.hosts[0].netns
-        # a stand-in "VM": 198.18.1.50 on a veth whose peer is a port of h1's vmnet
-        for args in (
-            ["link", "add", "name", "tgt0", "type", "veth", "peer", "name", "tgt0p"],
-            ["link", "set", "dev", "tgt0p", "master", "vmnet"],
-            ["link", "set", "dev", "tgt0p", "up"],
-            ["addr", "add", "198.18.1.50/24", "dev", "tgt0"],
-            ["link", "set", "dev", "tgt0", "up"],
-        ):
-            subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
-        server_code = textwrap.dedent(
-            """
-            import http.server, json, itertools
-            seq = itertools.count()
-            class H(http.server.BaseHTTPRequestHandler):
-                def do_GET(self):
-                    body = json.dumps({"seq": next(seq), "boot_id": "boot-1"}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                def log_message(self, *a):
-                    pass
-            http.server.ThreadingHTTPServer(("198.18.1.50", 8080), H).serve_forever()
-            """
-        )
-        server = subprocess.Popen(netns_exec_argv(ns, [sys.executable, "-c", server_code]))
+        server = _standin_target(ns)
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if "198.18.1.50:8080" in _run(["ip", "netns", "exec", ns, "ss", "-ltnH"]).stdout:
-                    break
-                time.sleep(0.05)
             out = tmp_path / "probe.jsonl"
             probe = ClientProbe(labnet.client_netns, "198.18.1.50", "http://198.18.1.50:8080/", interval_ms=10, out=out)
             with probe:
@@ -232,26 +201,68 @@ class TestLab:
                 wait_for(lambda: any(h["t"] >= up_at for h in probe.snapshot().heartbeats), 30,
                          "a heartbeat after the outage")
                 report = probe.stop()
-            assert report.complete
-            assert report.sent == report.received + report.lost
-            assert report.received >= received_at_up + 20 and report.lost > base.lost
-            assert report.outages, "the outage is reported"
-            assert sum(o["lost"] for o in report.outages) == report.lost
-            assert math.isfinite(report.max_gap_ms) and report.max_gap_ms > 0
-            assert report.max_gap_ms == max(o["gap_ms"] for o in report.outages)
-            assert report.heartbeats, "HTTP heartbeats seen"
-            assert all("t" in h for h in report.heartbeats)
-            assert report.boot_ids() == {"boot-1"}
-            assert report.seq_monotonic()
-            for name, value, unit in (("probe: pings lost", report.lost, "pings"),
-                                      ("probe: outages", len(report.outages), "outages"),
-                                      ("probe: longest ping gap", report.max_gap_ms, "ms"),
-                                      ("probe: HTTP errors", report.http_errors, "requests")):
-                record_figure(name, value, unit)
+            _check_probe_report(report, base.lost, received_at_up)
             assert probe.proc.poll() is not None  # stopped
         finally:
             server.terminate()
             server.wait(timeout=10)
+
+
+STANDIN_SERVER = textwrap.dedent(
+    """
+    import http.server, json, itertools
+    seq = itertools.count()
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"seq": next(seq), "boot_id": "boot-1"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    http.server.ThreadingHTTPServer(("198.18.1.50", 8080), H).serve_forever()
+    """
+)
+
+
+def _standin_target(ns: str) -> subprocess.Popen:
+    """A stand-in "VM": 198.18.1.50 on a veth whose peer is a port of the host's vmnet, serving heartbeats."""
+    for args in (
+        ["link", "add", "name", "tgt0", "type", "veth", "peer", "name", "tgt0p"],
+        ["link", "set", "dev", "tgt0p", "master", "vmnet"],
+        ["link", "set", "dev", "tgt0p", "up"],
+        ["addr", "add", "198.18.1.50/24", "dev", "tgt0"],
+        ["link", "set", "dev", "tgt0", "up"],
+    ):
+        subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
+    server = subprocess.Popen(netns_exec_argv(ns, [sys.executable, "-c", STANDIN_SERVER]))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "198.18.1.50:8080" in _run(["ip", "netns", "exec", ns, "ss", "-ltnH"]).stdout:
+            break
+        time.sleep(0.05)
+    return server
+
+
+def _check_probe_report(report, lost_before: int, received_at_up: int) -> None:
+    assert report.complete
+    assert report.sent == report.received + report.lost
+    assert report.received >= received_at_up + 20 and report.lost > lost_before
+    assert report.outages, "the outage is reported"
+    assert sum(o["lost"] for o in report.outages) == report.lost
+    assert math.isfinite(report.max_gap_ms) and report.max_gap_ms > 0
+    assert report.max_gap_ms == max(o["gap_ms"] for o in report.outages)
+    assert report.heartbeats, "HTTP heartbeats seen"
+    assert all("t" in h for h in report.heartbeats)
+    assert report.boot_ids() == {"boot-1"}
+    assert report.seq_monotonic()
+    for name, value, unit in (("probe: pings lost", report.lost, "pings"),
+                              ("probe: outages", len(report.outages), "outages"),
+                              ("probe: longest ping gap", report.max_gap_ms, "ms"),
+                              ("probe: HTTP errors", report.http_errors, "requests")):
+        record_figure(name, value, unit)
 
 
 def test_two_labs_side_by_side(tmp_path):
