@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running_lab
 from kvmotion.cli.client import Client
 from kvmotion_lab import netns, scenario
-from labtools import agent_vms, assert_guest_survived, cli, codes, http_beat, remove_vm, running_vm
+from labtools import agent_vms, assert_guest_survived, cli, codes, http_beat, remove_vm, running_lab, running_vm
 
 MARKER = "KVMOTION-WIRE-MARKER-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"[:43]   # 64 bytes
 TLS_RECORDS = (b"\x16\x03\x01", b"\x16\x03\x03")    # TLS handshake record headers (ClientHello)

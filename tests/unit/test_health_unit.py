@@ -373,6 +373,7 @@ def on_a_tap(mode: str) -> dict:
         subprocess.run(["ip", "netns", "del", ns], timeout=10)
 
 
+@pytest.mark.e2e          # root, a network namespace and a tap: not in `pytest -m unit`
 def test_a_guest_that_answers_on_a_real_tap() -> None:
     got = on_a_tap("alive")
     # on a busy host a probe may leave late (or not at all before the window ends) and an answer come late
@@ -383,6 +384,7 @@ def test_a_guest_that_answers_on_a_real_tap() -> None:
     assert v == "healthy" and f"answered {got['answered']}/{got['sent']} ARP probes" in why
 
 
+@pytest.mark.e2e          # root, a network namespace and a tap: not in `pytest -m unit`
 def test_a_guest_that_never_drains_on_a_real_tap() -> None:
     got = on_a_tap("hung")
     assert 1 <= got["sent"] <= health.PROBES and got["answered"] == 0, str(got)

@@ -6,10 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import running_lab
 from kvmotion.cli.client import Client
 from kvmotion_lab import scenario
-from labtools import agent_vms, assert_guest_survived, cli, codes, record_figure, remove_vm
+from labtools import agent_vms, assert_guest_survived, cli, codes, record_figure, remove_vm, running_lab
 
 LINK_MBPS = 1000
 HOST_SLOTS = 4                 # concurrent migrations per host on a link below 10 GbE

@@ -25,7 +25,7 @@ from kvmotion.models.agent import (NAME_PATTERN, CdromSpec, DiskCopyRequest, Dis
 from kvmotion.models import api as schemas
 from kvmotion.models.api import (CdromChange, ClusterCreate, HostAdd, MigrateRequest, VMCreate, VMUpdate)
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "kvmotion"
+SRC = Path(__file__).resolve().parents[2] / "src" / "kvmotion"
 SECRET = "0" * 64
 
 

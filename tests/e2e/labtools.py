@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -201,3 +202,44 @@ def assert_guest_survived(lab: Any, client: Client, name: str, before: dict | No
         what = (f"heartbeat stood still: seq {last['seq']} for {timeout:.0f} s (before the move {b_seq}), "
                 f"boot_id {b_boot}")
     pytest.fail(guest_diagnosis(lab, client, name, what))
+
+
+LAB_ROOT_BASE = Path("/tmp/kvmotion-tests")
+
+
+def leftovers(prefix: str, root: Path) -> dict[str, list[str]]:
+    """Namespaces and QEMU processes that belong to the lab (prefix, root) and still exist."""
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout.split()
+    ours_ns = [n for n in ns if n.startswith(prefix + "-")]
+    qemus = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"qemu-system") and str(root).encode() in cmd:
+            qemus.append(pid)
+    return {"namespaces": ours_ns, "qemu_pids": qemus}
+
+
+@contextlib.contextmanager
+def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset(), link: str | None = None) -> Iterator:
+    """A lab for one test module. Torn down at the end, also when a test fails; nothing may be left."""
+    prefix = "kt" + secrets.token_hex(2)
+    root = LAB_ROOT_BASE / prefix
+    info = lab_mod.up(hosts, root, prefix=prefix, image_dir=image.kernel.parent.parent, ipv6_hosts=set(ipv6_hosts),
+                      log=lambda m: None, link=link)
+    old_token = os.environ.get("KVMOTION_TOKEN_FILE")
+    os.environ["KVMOTION_TOKEN_FILE"] = str(lab_mod.admin_token_path(root))   # the Client and the CLI use it
+    try:
+        yield info
+    finally:
+        if old_token is None:
+            os.environ.pop("KVMOTION_TOKEN_FILE", None)
+        else:
+            os.environ["KVMOTION_TOKEN_FILE"] = old_token
+        lab_mod.down(root)
+        left = leftovers(prefix, root)
+        assert left == {"namespaces": [], "qemu_pids": []}, f"the lab left things behind: {left}"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running_lab
 from kvmotion.agent.blockdev import LoopDevice
 from kvmotion.cli.client import Client
 from kvmotion_lab import lab as lab_mod
 from kvmotion_lab import netns, scenario
-from labtools import assert_guest_survived, cli, codes, host_settings, http_beat, remove_vm, running_vm, wait_for
+from labtools import (assert_guest_survived, cli, codes, host_settings, http_beat, remove_vm, running_lab,
+                     running_vm, wait_for)
 
 
 @pytest.fixture(scope="module")

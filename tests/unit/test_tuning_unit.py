@@ -1,6 +1,6 @@
 """The migration stream plan (pure), and what the predictor learns from (only kvmotion's own tuning).
 
-The bench's own tests: tests/test_bench_unit.py."""
+The bench's own tests: tests/unit/test_bench_unit.py."""
 from __future__ import annotations
 
 import json

@@ -83,7 +83,7 @@ def qemu_img_check(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lab(guest_image):
-    from conftest import running_lab
+    from labtools import running_lab
     with running_lab(guest_image, 2) as info:
         yield info
 
