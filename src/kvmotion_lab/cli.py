@@ -40,14 +40,15 @@ def main() -> None:
 def lab_up(hosts: int = typer.Option(2, "--hosts"), link: Optional[str] = typer.Option(
                None, "--link", help="shape each host's migration link with tc: 1g or 10g"),
            root: Optional[Path] = None) -> None:
-    from kvmotion_lab import lab, netns
+    from kvmotion_lab import lab
+    from kvmotion_lab.netns import LabError
     from kvmotion_lab.image.build import build_image
 
     try:
         image = build_image(log=lambda m: console.print(f"[dim]{m}[/]"))
         info = lab.up(hosts, root or lab.DEFAULT_ROOT, image_dir=image.kernel.parent.parent,
                       log=lambda m: console.print(m), link=link)
-    except (netns.LabError, KvmotionError) as exc:
+    except (LabError, KvmotionError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)
     console.print(f"[green]lab up[/]: controller {info.controller_url}; admin token in "

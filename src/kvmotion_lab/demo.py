@@ -10,8 +10,9 @@ from rich.table import Table
 from kvmotion.cli.client import Client
 from kvmotion.cli.progress import print_outcome
 from kvmotion.common.errors import KvmotionError
-from kvmotion_lab import lab, netns, scenario
+from kvmotion_lab import lab, scenario
 from kvmotion_lab.image.build import build_image
+from kvmotion_lab.netns import LabError
 
 
 def run_demo(console: Console, memory_mb: int = 256, dirty: float = 0.0, keep: bool = False,
@@ -47,7 +48,7 @@ def run_demo(console: Console, memory_mb: int = 256, dirty: float = 0.0, keep: b
         same_boot = bool(b) and b.get("boot_id") == a.get("boot_id") and a.get("seq", -1) > b.get("seq", 0)
         console.print("[green]same boot, counter continued[/]" if same_boot else "[red]guest state not continuous[/]")
         return 0 if move.ok and same_boot else 1
-    except (KvmotionError, netns.LabError, TimeoutError) as exc:
+    except (KvmotionError, LabError, TimeoutError) as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1
     finally:

@@ -24,7 +24,8 @@ from kvmotion.cli.config import ENV_CONFIG, SYSTEM_CONFIG, load_config, write_co
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
 from kvmotion.common.http import tls_context
 from kvmotion.controller.auth import ADMIN_TOKEN_FILE
-from kvmotion_lab import net, netdown, netns
+from kvmotion_lab import net, netdown
+from kvmotion_lab.netns import LabError, netns_exec_argv
 
 DEFAULT_ROOT = Path(os.environ.get("KVMOTION_LAB_DIR", "/var/lib/kvmotion/lab"))
 DEFAULT_PREFIX = os.environ.get("KVMOTION_LAB_PREFIX", "kvmo")
@@ -123,13 +124,13 @@ def _wait(check: Callable[[], bool], deadline_s: float, what: str, log: Path | N
     tail = ""
     if log is not None and log.exists():
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
-    raise netns.LabError(f"{what} did not come up within {deadline_s:.0f}s: {tail}")
+    raise LabError(f"{what} did not come up within {deadline_s:.0f}s: {tail}")
 
 
 def shape_link(netns: str, ifname: str, mbps: int) -> None:
     """A token bucket on the interface's egress: the link really carries at most ``mbps``."""
     burst = max(64_000, mbps * 125_000 // 100)          # 10 ms worth of bytes
-    subprocess.run(netns.netns_exec_argv(netns, ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate",
+    subprocess.run(netns_exec_argv(netns, ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate",
                                                f"{mbps}mbit", "burst", str(burst), "latency", "50ms"]),
                    check=True, capture_output=True, timeout=10)
 
@@ -138,9 +139,9 @@ def up(n_hosts: int = 2, root: Path = DEFAULT_ROOT, prefix: str = DEFAULT_PREFIX
        ipv6_hosts: set[str] = frozenset(), log: Callable[[str], None] = print, link: str | None = None,
        admission: bool = True) -> LabInfo:
     if link is not None and link not in LINK_RATES:
-        raise netns.LabError(f"unknown link {link!r}; use one of {', '.join(LINK_RATES)}")
+        raise LabError(f"unknown link {link!r}; use one of {', '.join(LINK_RATES)}")
     if state_path(root).exists():
-        raise netns.LabError(f"a lab is already up (state {state_path(root)}); run `kvmotion lab down` first")
+        raise LabError(f"a lab is already up (state {state_path(root)}); run `kvmotion lab down` first")
     root.mkdir(parents=True, exist_ok=True)
     _write_state(root, {"controller_url": "", "pids": {}, "prefix": prefix})
     try:
@@ -222,7 +223,7 @@ def _start_agent(root: Path, h: net.HostNet, state: dict[str, Any], image_dir: P
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = cfg.state_dir / "agent.json"
     cfg_file.write_text(cfg.model_dump_json(indent=1))
-    argv = netns.netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
+    argv = netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
     state["argv"][f"agent-{h.name}"] = argv
     state["pids"][f"agent-{h.name}"] = _spawn(argv, root / "logs" / f"agent-{h.name}.log")
     _write_state(root, state)
@@ -249,7 +250,7 @@ def restart(root: Path, name: str, crash: bool = False, deadline_s: float = STAR
     """
     state = json.loads(state_path(root).read_text())
     if name not in state.get("argv", {}):
-        raise netns.LabError(f"no lab process named {name!r}; known: {', '.join(state.get('argv', {}))}")
+        raise LabError(f"no lab process named {name!r}; known: {', '.join(state.get('argv', {}))}")
     old = state["pids"].get(name)
     if old and _pid_is_ours(old):
         if crash:

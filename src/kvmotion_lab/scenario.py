@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.cli.client import Client
-from kvmotion_lab import net, netns
+from kvmotion_lab import net
+from kvmotion_lab.netns import netns_exec_argv
 from kvmotion_lab.probe import ClientProbe, ProbeReport
 
 GUEST_BOOT_DEADLINE_S = 90.0
@@ -29,7 +30,7 @@ def heartbeat_url(ip: str) -> str:
 def guest_heartbeat(client_netns: str, ip: str) -> dict[str, Any] | None:
     """One HTTP heartbeat from the guest, fetched from the client namespace (None if no answer)."""
     try:
-        res = subprocess.run(netns.netns_exec_argv(client_netns, [sys.executable, "-c", _FETCH, heartbeat_url(ip)]),
+        res = subprocess.run(netns_exec_argv(client_netns, [sys.executable, "-c", _FETCH, heartbeat_url(ip)]),
                              capture_output=True, text=True, timeout=5, check=False)
         return json.loads(res.stdout) if res.returncode == 0 else None
     except (subprocess.TimeoutExpired, ValueError):

@@ -11,7 +11,8 @@ import pytest
 from kvmotion.agent.blockdev import LoopDevice
 from kvmotion.cli.client import Client
 from kvmotion_lab import lab as lab_mod
-from kvmotion_lab import netns, scenario
+from kvmotion_lab import scenario
+from kvmotion_lab.netns import netns_exec_argv
 from labtools import (assert_guest_survived, cli, codes, host_settings, http_beat, remove_vm, running_lab,
                      running_vm, wait_for)
 
@@ -119,9 +120,9 @@ def test_ipv4_to_ipv6_managed_host_is_refused(client, vm1) -> None:
 
 def test_missing_bridge(lab, client) -> None:
     ns = lab.net.host("h1").netns
-    subprocess.run(netns.netns_exec_argv(ns, ["ip", "link", "add", "name", "br-bk", "type", "bridge"]), check=True)
+    subprocess.run(netns_exec_argv(ns, ["ip", "link", "add", "name", "br-bk", "type", "bridge"]), check=True)
     try:
-        subprocess.run(netns.netns_exec_argv(ns, ["ip", "link", "set", "br-bk", "alias", "Backup Network", "up"]),
+        subprocess.run(netns_exec_argv(ns, ["ip", "link", "set", "br-bk", "alias", "Backup Network", "up"]),
                        check=True)
         client.host("h1")                                                   # refresh its facts
         client.create_vm(name="bk1", host="h1", network="Backup Network")
@@ -129,7 +130,7 @@ def test_missing_bridge(lab, client) -> None:
         assert_finding(validate(client, "bk1", "h2"), "PORTGROUP_MISSING", "error", "create 'Backup Network' on h2")
         remove_vm(client, "bk1")
     finally:
-        subprocess.run(netns.netns_exec_argv(ns, ["ip", "link", "del", "br-bk"]), check=False)
+        subprocess.run(netns_exec_argv(ns, ["ip", "link", "del", "br-bk"]), check=False)
 
 
 def test_maintenance_and_concurrency(lab, client, vm1) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvmotion.cli.client import Client
-from kvmotion_lab import netns, scenario
+from kvmotion_lab import scenario
+from kvmotion_lab.netns import netns_exec_argv
 from labtools import agent_vms, assert_guest_survived, cli, codes, http_beat, remove_vm, running_lab, running_vm
 
 MARKER = "KVMOTION-WIRE-MARKER-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"[:43]   # 64 bytes
@@ -34,7 +35,7 @@ class Capture:
     def __init__(self, lab, path: Path) -> None:
         self.path = path
         self.log = path.with_suffix(".log")
-        argv = netns.netns_exec_argv(lab.net.switch_netns, ["tcpdump", "-i", "br-mig", "-s", "0", "-U", "-n",
+        argv = netns_exec_argv(lab.net.switch_netns, ["tcpdump", "-i", "br-mig", "-s", "0", "-U", "-n",
                                                           "-w", str(path), "tcp portrange 49152-49407"])
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
         end = time.monotonic() + 10

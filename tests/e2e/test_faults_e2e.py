@@ -246,8 +246,8 @@ def test_destination_qemu_killed_while_parked_at_pre_switchover(lab) -> None:
 
 def _link(lab, host: str, up: bool) -> None:
     import subprocess
-    from kvmotion_lab import netns
-    subprocess.run(netns.netns_exec_argv(lab.net.host(host).netns, ["ip", "link", "set", "mig0", "up" if up else "down"]),
+    from kvmotion_lab.netns import netns_exec_argv
+    subprocess.run(netns_exec_argv(lab.net.host(host).netns, ["ip", "link", "set", "mig0", "up" if up else "down"]),
                    check=True, capture_output=True, timeout=10)
 
 

@@ -13,7 +13,8 @@ import pytest
 from kvmotion.cli.client import Client
 from kvmotion.common import hostauth
 from kvmotion.common.errors import KvmotionError
-from kvmotion_lab import netns, scenario
+from kvmotion_lab import scenario
+from kvmotion_lab.netns import netns_exec_argv
 from labtools import agent_url, assert_guest_survived, cli, http_beat, remove_vm, running_vm
 
 
@@ -27,7 +28,7 @@ def raw_call(lab, from_host: str, url: str, *headers: str) -> tuple[int, str]:
     argv = ["curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", url]
     for h in headers:
         argv += ["-H", h]
-    out = subprocess.run(netns.netns_exec_argv(lab.host_netns(from_host), argv), capture_output=True, text=True,
+    out = subprocess.run(netns_exec_argv(lab.host_netns(from_host), argv), capture_output=True, text=True,
                          timeout=20).stdout
     body, _, code = out.rpartition("\n")
     return int(code or 0), body

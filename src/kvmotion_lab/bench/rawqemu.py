@@ -21,7 +21,8 @@ from qemu.qmp import QMPClient
 from kvmotion.agent.migration import ANNOUNCE, AUTO_CONVERGE
 from kvmotion.agent.qemuvm import HostContext, build_argv, tap_name
 from kvmotion.models.agent import VMSpec
-from kvmotion_lab import net, netns
+from kvmotion_lab import net
+from kvmotion_lab.netns import netns_exec_argv
 
 QMP_DEADLINE_S = 10.0
 MIGRATION_DEADLINE_S = 300.0
@@ -109,15 +110,15 @@ async def start(spec: VMSpec, ctx: HostContext, netns: str, run_dir: Path, incom
     taps = []
     for i, _nic in enumerate(spec.nics):
         tap = tap_name(spec.uuid, i)
-        _run(netns.netns_exec_argv(netns, ["ip", "link", "del", tap]))
+        _run(netns_exec_argv(netns, ["ip", "link", "del", tap]))
         for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
                     ["ip", "link", "set", tap, "master", net.VM_BRIDGE, "up"]):
-            res = _run(netns.netns_exec_argv(netns, cmd))
+            res = _run(netns_exec_argv(netns, cmd))
             if res.returncode != 0:
                 raise RuntimeError(f"tap {tap} in {netns}: {res.stderr.strip()}")
         taps.append(tap)
     log = open(run_dir / "qemu.log", "ab")
-    proc = subprocess.Popen(netns.netns_exec_argv(netns, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    proc = subprocess.Popen(netns_exec_argv(netns, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     log.close()
     qmp = QMPClient(spec.name)
     end = time.monotonic() + QMP_DEADLINE_S
@@ -148,7 +149,7 @@ async def stop(vm: RawVM) -> None:
         vm.proc.kill()
         vm.proc.wait(timeout=10)
     for tap in vm.taps:
-        _run(netns.netns_exec_argv(vm.netns, ["ip", "link", "del", tap]))
+        _run(netns_exec_argv(vm.netns, ["ip", "link", "del", tap]))
 
 
 def _caps(d: dict[str, bool]) -> dict[str, Any]:
