@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmotion.cli.client import Client
-from kvmotion.image.build import build_image
-from kvmotion.lab import lab, scenario
+from kvmotion_lab.image.build import build_image
+from kvmotion_lab import lab, scenario
 
 
 def main() -> None:

@@ -1,16 +1,14 @@
-"""Shared fixtures: a real lab (namespaces, controller, agents, QEMU guests), always torn down."""
+"""Shared by every test: the markers by directory (tests/unit: ``unit``, tests/e2e: ``e2e``) and the count of
+excused tests. The lab's fixtures are in tests/e2e/conftest.py, its helpers in tests/e2e/labtools.py."""
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-LAB_ROOT_BASE = Path("/tmp/kvmotion-tests")
+TESTS = Path(__file__).resolve().parent
+MARKERS = {"unit": "unit", "e2e": "e2e"}           # folder under tests/ -> marker
 EXCUSED_PREFIX = "EXCUSED["
 _excused: list[tuple[str, str]] = []          # (test id, reason) of every excused expected failure in this run
 
@@ -51,54 +49,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     _write_excused()
 
 
-def leftovers(prefix: str, root: Path) -> dict[str, list[str]]:
-    """Namespaces and QEMU processes that belong to the lab (prefix, root) and still exist."""
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout.split()
-    ours_ns = [n for n in ns if n.startswith(prefix + "-")]
-    qemus = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets the marker of its folder (``pytest -m unit`` runs tests/unit), unless it carries a ``unit`` or
+    ``e2e`` mark of its own: a test in tests/unit that needs root and a namespace is marked ``e2e`` in place."""
+    for item in items:
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+            folder = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
             continue
-        if cmd.startswith(b"qemu-system") and str(root).encode() in cmd:
-            qemus.append(pid)
-    return {"namespaces": ours_ns, "qemu_pids": qemus}
-
-
-@pytest.fixture(scope="session")
-def guest_image():
-    from kvmotion.image.build import build_image
-
-    return build_image(log=lambda m: None)
-
-
-@contextlib.contextmanager
-def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset(), link: str | None = None) -> Iterator:
-    """A lab for one test module. Torn down at the end, also when a test fails; nothing may be left."""
-    from kvmotion.lab import lab as lab_mod
-
-    prefix = "kt" + secrets.token_hex(2)
-    root = LAB_ROOT_BASE / prefix
-    info = lab_mod.up(hosts, root, prefix=prefix, image_dir=image.kernel.parent.parent, ipv6_hosts=set(ipv6_hosts),
-                      log=lambda m: None, link=link)
-    old_token = os.environ.get("KVMOTION_TOKEN_FILE")
-    os.environ["KVMOTION_TOKEN_FILE"] = str(lab_mod.admin_token_path(root))   # the Client and the CLI use it
-    try:
-        yield info
-    finally:
-        if old_token is None:
-            os.environ.pop("KVMOTION_TOKEN_FILE", None)
-        else:
-            os.environ["KVMOTION_TOKEN_FILE"] = old_token
-        lab_mod.down(root)
-        left = leftovers(prefix, root)
-        assert left == {"namespaces": [], "qemu_pids": []}, f"the lab left things behind: {left}"
-
-
-@pytest.fixture(scope="module")
-def lab(guest_image):
-    with running_lab(guest_image, 2) as info:
-        yield info
+        if folder in MARKERS and not any(item.get_closest_marker(m) for m in MARKERS.values()):
+            item.add_marker(MARKERS[folder])

@@ -1,44 +1,13 @@
 """A small synchronous client for the controller API, used by the CLI, the demo and the tests."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from kvmotion.cli.config import default_token, default_url
 from kvmotion.common.errors import AgentUnreachable, KvmotionError
 from kvmotion.common.http import tls_context
-
-
-def default_url() -> str:
-    if os.environ.get("KVMOTION_URL"):
-        return os.environ["KVMOTION_URL"]
-    from kvmotion.lab import lab   # only reads the lab's state file if there is one
-
-    info = lab.load(Path(os.environ.get("KVMOTION_LAB_DIR", str(lab.DEFAULT_ROOT))))
-    return info.controller_url if info else "http://127.0.0.1:8760"
-
-
-CONFIG_TOKEN = Path.home() / ".config" / "kvmotion" / "token"
-
-
-def default_token() -> str | None:
-    """The API token: $KVMOTION_TOKEN, else the file $KVMOTION_TOKEN_FILE, else ~/.config/kvmotion/token, else the
-    admin token of the lab on this machine (root only). Never taken from the command line (process listings)."""
-    if os.environ.get("KVMOTION_TOKEN"):
-        return os.environ["KVMOTION_TOKEN"].strip()
-    candidates = [Path(os.environ["KVMOTION_TOKEN_FILE"])] if os.environ.get("KVMOTION_TOKEN_FILE") else []
-    if not candidates:
-        from kvmotion.lab import lab
-        candidates = [CONFIG_TOKEN, lab.admin_token_path(Path(os.environ.get("KVMOTION_LAB_DIR",
-                                                                              str(lab.DEFAULT_ROOT))))]
-    for path in candidates:
-        try:
-            return path.read_text().strip()
-        except OSError:
-            continue
-    return None
 
 
 class Client:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from kvmotion.cli.client import Client
+from kvmotion.models.moves import MoveKind, Phase
 
 MB = 1024 * 1024
 
@@ -19,22 +20,22 @@ def describe(task: dict[str, Any]) -> str:
     if task["state"] == "queued":
         return f"[bold]queued[/] #{live.get('queue_position', '?')}: {live.get('waiting_for', 'waiting for a slot')}"
     text = f"[bold]{task['phase'] or 'starting'}[/]"
-    if task["phase"] in ("mirror", "disks") and live:
+    if task["phase"] in (Phase.MIRROR, Phase.DISKS) and live:
         done, total = live.get("bytes_done", live.get("disk_bytes_done", 0)), live.get("bytes_total",
                                                                                       live.get("disk_bytes_total", 0))
         text += f"  {done / MB:7.1f}/{total / MB:.1f} MB  {live.get('mbps', live.get('disk_mbps', 0)):.0f} Mbit/s"
         if live.get("eta_s") is not None:
             text += f"  ETA {live['eta_s']:.1f}s"
-    if task["phase"] == "copy" and live:
+    if task["phase"] == Phase.COPY and live:
         text += f"  disk {live.get('disk_index', '?')}/{live.get('disks', '?')} {live.get('percent', 0):.0f}% " \
                 f"({live.get('state', '')}, via {live.get('via', '?')})"
-    if task["phase"] == "postcopy" and live.get("postcopy"):
+    if task["phase"] == Phase.POSTCOPY and live.get("postcopy"):
         pc = live["postcopy"]
         text += f"  {pc['status']}  remaining {live.get('remaining', 0) / MB:7.1f} MB  pauses {pc['pauses']}" \
                 f"  recoveries {pc['recoveries']}"
         if pc.get("paused_since"):
             text += f"  [yellow]paused {time.time() - pc['paused_since']:.0f}s: waiting for the migration link[/]"
-    if task["phase"] == "precopy" and live:
+    if task["phase"] == Phase.PRECOPY and live:
         text += f"  pass {live.get('pass', 0)}  remaining {live.get('remaining', 0) / MB:7.1f} MB"
         if live.get("converging"):          # the estimate would rise: hold it, do not jump back
             text += "  converging…"
@@ -82,7 +83,7 @@ def figures(task: dict[str, Any]) -> Table:
     table = Table(show_header=False, title="figures")
     table.add_column("what")
     table.add_column("value", justify="right")
-    if task["kind"] in ("svmotion", "cold"):
+    if task["kind"] in (MoveKind.SVMOTION, MoveKind.COLD):
         copy = r.get("mirror") or r.get("copy") or {}
         rows = [("total time", f"{r['total_time_s']:.3f} s" if r.get("total_time_s") is not None else "-"),
                 ("disk bytes copied", f"{copy.get('bytes', 0) / MB:.1f} MiB"),

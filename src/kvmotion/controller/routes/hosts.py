@@ -1,0 +1,73 @@
+"""Hosts: enrolment, facts, migration certificates, maintenance mode; and the health of the controller."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from kvmotion import __version__
+from kvmotion.controller.auth import Role
+from kvmotion.controller.routes.deps import Ctl, role
+from kvmotion.models.agent import TlsFact
+from kvmotion.models.api import HostAdd, HostOut, MaintenanceRequest, TaskOut
+
+router = APIRouter()
+
+
+@router.get("/health", dependencies=role(Role.VIEWER))
+async def health(ctl: Ctl) -> dict[str, Any]:
+    return {"ok": True, "version": __version__, "running_tasks": len(ctl.scheduler.engines)}
+
+
+@router.get("/hosts", dependencies=role(Role.VIEWER))
+async def hosts(ctl: Ctl) -> list[HostOut]:
+    return ctl.inventory.list_hosts()
+
+
+@router.post("/hosts", status_code=201, dependencies=role(Role.ADMIN))
+async def host_add(req: HostAdd, ctl: Ctl) -> HostOut:
+    """Enrol a host (admin): its agent URL and the secret from its agent.secret file."""
+    return await ctl.add_host(req.address, req.secret, req.name, replace=True)
+
+
+@router.post("/hosts/register", status_code=201, dependencies=role(Role.ENROL))
+async def host_register(req: HostAdd, ctl: Ctl) -> HostOut:
+    """Self-registration by an agent with an enrolment token; it cannot change an enrolled host's secret."""
+    return await ctl.add_host(req.address, req.secret, req.name, replace=False)
+
+
+@router.post("/hosts/{name}/cert/renew", dependencies=role(Role.ADMIN))
+async def host_cert_renew(name: str, ctl: Ctl) -> TlsFact:
+    ctl.inventory.get_host(name)
+    return await ctl.certs.issue(name)
+
+
+@router.delete("/hosts/{name}/cert", dependencies=role(Role.ADMIN))
+async def host_cert_remove(name: str, ctl: Ctl) -> TlsFact:
+    ctl.inventory.get_host(name)
+    return await ctl.certs.remove(name)
+
+
+@router.get("/hosts/{name}", dependencies=role(Role.VIEWER))
+async def host_show(name: str, ctl: Ctl) -> HostOut:
+    ctl.inventory.get_host(name)
+    return await ctl.inventory.refresh_host(name)
+
+
+@router.post("/hosts/{name}/maintenance", status_code=202, dependencies=role(Role.ADMIN))
+async def host_maintenance(name: str, req: MaintenanceRequest, ctl: Ctl) -> TaskOut | HostOut:
+    """Enter: evacuate, then mark (returns the maintenance task). Exit: back in service."""
+    if req.enter:
+        return await ctl.maintenance.enter(name)
+    ctl.maintenance.exit(name)
+    return ctl.inventory.get_host(name)
+
+
+@router.get("/datastores", dependencies=role(Role.VIEWER))
+async def datastores(ctl: Ctl) -> list[dict[str, Any]]:
+    return ctl.inventory.datastores()
+
+
+@router.get("/networks", dependencies=role(Role.VIEWER))
+async def networks(ctl: Ctl) -> list[dict[str, Any]]:
+    return ctl.inventory.networks()
