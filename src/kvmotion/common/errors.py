@@ -83,7 +83,7 @@ class KvmotionError(Exception):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KvmotionError":
         code = ErrorCode(data.get("code", "INTERNAL")) if data.get("code") in ErrorCode.__members__ else ErrorCode.INTERNAL
-        sub = _BY_CODE.get(code, KvmotionError)
+        sub = _BY_FAILURE.get((data.get("details") or {}).get("failure"), _BY_CODE.get(code, KvmotionError))
         err = sub(data.get("message", "unknown error"), remedy=data.get("remedy", ""), details=data.get("details"))
         err.code = code
         return err
@@ -102,6 +102,10 @@ class InvalidInputError(KvmotionError):
 
 class ConflictError(KvmotionError):
     code = ErrorCode.CONFLICT
+
+
+class WrongState(ConflictError):
+    """An operation the VM's run state does not allow; ``details`` name the state and the allowed ones."""
 
 
 class UnauthorizedError(KvmotionError):
@@ -143,7 +147,45 @@ class QemuStartFailed(KvmotionError):
 
 
 class MigrationFailed(KvmotionError):
+    """A move failed. Subclasses name the failure in ``details['failure']`` (same code on the wire)."""
+
     code = ErrorCode.MIGRATION_FAILED
+    failure: str | None = None
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if self.failure is not None:
+            self.details = {"failure": self.failure, **self.details}
+
+
+class LinkStalled(MigrationFailed):
+    """The migration stream made no progress in time."""
+
+    failure = "link-stalled"
+
+
+class DestinationLost(MigrationFailed):
+    """The destination host or its migration address stopped answering."""
+
+    failure = "destination-lost"
+
+
+class ShadowFailed(MigrationFailed):
+    """The destination's incoming VM ended without running the guest."""
+
+    failure = "shadow-failed"
+
+
+class SourceStuck(MigrationFailed):
+    """The source QEMU did not leave its migration when told to."""
+
+    failure = "source-stuck"
+
+
+class MirrorFailed(MigrationFailed):
+    """A disk mirror failed or did not conclude."""
+
+    failure = "mirror-failed"
 
 
 class DeadlineExceeded(KvmotionError):
@@ -161,4 +203,7 @@ _BY_CODE: dict[ErrorCode, type[KvmotionError]] = {
         QMPCommandError, QMPTimeout, QemuStartFailed, MigrationFailed, DeadlineExceeded, ImageMissing,
         UnauthorizedError, ForbiddenError,
     )
+}
+_BY_FAILURE: dict[str | None, type[KvmotionError]] = {
+    cls.failure: cls for cls in (LinkStalled, DestinationLost, ShadowFailed, SourceStuck, MirrorFailed)
 }
