@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kvmotion.agent import mirror
-from kvmotion.agent.qemuvm import HostContext, build_argv, cdrom_node, iso_file, safe_path, vm_folder
+from kvmotion.agent.hv.qemu import mirror
+from kvmotion.agent.context import HostContext, safe_path, vm_folder
+from kvmotion.agent.hv.qemu.argv import build_argv, cdrom_node, iso_file
+from kvmotion.agent.hv.qemu.driver import QemuHypervisor
 from kvmotion.agent.storage import AgentStorage, disk_file, lease_files, source_file
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.models.agent import (NAME_PATTERN, CdromSpec, DiskCopyRequest, DiskSpec, DiskTarget, MirrorRequest,
@@ -470,7 +472,8 @@ def test_iso_paths_inside_a_datastore(box: Box) -> None:
 class FakeAgent(AgentStorage):
     def __init__(self, ctx: HostContext) -> None:
         self.cfg = SimpleNamespace(name="h1")  # type: ignore[assignment]
-        self.vms, self.copies, self.nbd_exports = {}, {}, {}
+        self.hv = QemuHypervisor("h1", ctx.datastore_paths["ds"] / "state")
+        self.copies, self.nbd_exports = {}, {}
         self._ctx = ctx
 
     def context(self) -> HostContext:

@@ -174,8 +174,7 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
 
     @app.post("/v1/vms/{uuid}/incoming")
     async def incoming(uuid: str, req: IncomingRequest) -> IncomingReady:
-        return await agent.prepare_incoming(req.spec, req.listen_address, req.auto_resume, req.tls_authz_identity,
-                                            req.disk_keys, req.new_disks, req.multifd_channels, req.postcopy)
+        return await agent.prepare_incoming(req)
 
     @app.delete("/v1/vms/{uuid}/incoming")
     async def abort_incoming(uuid: str) -> dict[str, bool]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from kvmotion.agent.qmp import QMPConnection
+from kvmotion.agent.hv.qemu.qmp import QMPConnection
 from kvmotion.common.errors import DeadlineExceeded, InvalidInputError, QemuStartFailed, QMPTimeout
 
 HOST_PASSTHROUGH = "host-passthrough"
