@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from kvmotion.agent import images, lease as leases
 from kvmotion.agent.context import HostContext, safe_path, vm_folder
 from kvmotion.agent.hv.base import Hypervisor
-from kvmotion.agent.hv.qemu.migration import pick_port
+from kvmotion.agent.ports import pick_port
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, DiskTarget, LeaseInfo,
                                    MirrorReport, MirrorRequest, PivotReport, VMSpec)

@@ -7,11 +7,11 @@ import logging
 import time
 from typing import Any
 
-from kvmotion.agent.hv.qemu.migration import (ANNOUNCE, POLL_S, TERMINAL, MigrationWatch, qmp_of, tls_object,
-                                             pick_port, query_migrate, set_caps, stream_caps, stream_params, uri_for,
-                                             watch_outgoing)
+from kvmotion.agent.hv.qemu.migration import (ANNOUNCE, POLL_S, TERMINAL, MigrationWatch, qmp_of, query_migrate,
+                                             set_caps, stream_caps, stream_params, tls_object, uri_for, watch_outgoing)
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.qemu.qmp import next_event
+from kvmotion.agent.ports import pick_port
 from kvmotion.common.errors import ConflictError, KvmotionError, LinkStalled, ShadowFailed
 from kvmotion.models.agent import POSTCOPY_STATES, IncomingReady, MigrationReport, VMRunState
 

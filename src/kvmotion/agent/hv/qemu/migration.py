@@ -10,7 +10,6 @@ import hashlib
 import collections
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -24,36 +23,12 @@ from kvmotion.models.agent import POSTCOPY_STATES, MigrationPass, MigrationRepor
 
 log = logging.getLogger(__name__)
 
-PORT_RANGE = range(49152, 49408)
 PARK_ENV = "KVMOTION_FAULT_PARK_S"
 POLL_S = 0.1
 MAX_PASSES_KEPT = 200
 TERMINAL = {"completed", "failed", "cancelled"}
 
 Hook = Callable[[QemuVM], Awaitable[None]]
-
-
-RESERVE_S = 60.0
-_handed_out: dict[int, float] = {}      # port -> when: bounded by PORT_RANGE
-
-
-def pick_port(address: str) -> int:
-    """A free port for QEMU to listen on. A port handed out stays reserved for ``RESERVE_S``: between this
-    check and QEMU's own bind, a concurrent preparation (several incoming VMs at once) must not get it too."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    now = time.monotonic()
-    for port in PORT_RANGE:
-        if now - _handed_out.get(port, -RESERVE_S) < RESERVE_S:
-            continue
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((address, port))
-            except OSError:
-                continue
-        _handed_out[port] = now
-        return port
-    raise ConflictError(f"no free migration port on {address} in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}",
-                        remedy="wait for running migrations to finish")
 
 
 def uri_for(address: str, port: int) -> str:

@@ -15,7 +15,8 @@ import socket
 import time
 from typing import Any
 
-from kvmotion.agent.hv.qemu.migration import MigrationWatch, qmp_of, pick_port, query_migrate, uri_for
+from kvmotion.agent.hv.qemu.migration import MigrationWatch, qmp_of, query_migrate, uri_for
+from kvmotion.agent.ports import pick_port
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.common.errors import ConflictError, KvmotionError, DestinationLost
 from kvmotion.models.agent import POSTCOPY_STATES

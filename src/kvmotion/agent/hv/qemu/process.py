@@ -215,8 +215,7 @@ class QemuVM:
             self.qmp = None
         delete_taps(self.taps)
         self.taps = []
-        if self.state != VMRunState.STOPPED:
-            self.state = VMRunState.STOPPED
+        self.state = VMRunState.STOPPED       # from any state: the process is gone
         for name in ("run.json", "qmp.sock", "qemu.pid"):
             (self.run_dir / name).unlink(missing_ok=True)
         if self.ctx.swap_dir is not None:
