@@ -37,7 +37,10 @@ def wrong_state(vm: Guarded, allowed: frozenset[VMRunState], doing: str, remedy:
                       details={"state": str(vm.state), "allowed": sorted(str(s) for s in allowed)})
 
 
-def requires(*states: VMRunState, remedy: str = "wait for the current operation on this VM to finish") -> Callable[[F], F]:
+BUSY = "wait for the current operation on this VM to finish"
+
+
+def requires(*states: VMRunState, remedy: str = BUSY) -> Callable[[F], F]:
     """Guard a function whose first argument is a :class:`Guarded` VM: refuse (``WrongState``, HTTP 409) unless
     the VM is in one of ``states``."""
     allowed = frozenset(states)
@@ -67,5 +70,4 @@ def requires(*states: VMRunState, remedy: str = "wait for the current operation 
 def check_transition(vm: Guarded, new: VMRunState) -> None:
     """Refuse a state change the table does not allow."""
     if new != vm.state and new not in TRANSITIONS[vm.state]:
-        raise wrong_state(vm, frozenset(s for s, nxt in TRANSITIONS.items() if new in nxt), f"going to {new}",
-                          "wait for the current operation on this VM to finish")
+        raise wrong_state(vm, frozenset(s for s, nxt in TRANSITIONS.items() if new in nxt), f"going to {new}", BUSY)

@@ -195,17 +195,17 @@ async def resume_destination(vm: QemuVM, timeout: float = 10.0, and_announce: bo
         await asyncio.wait_for(watch.done.wait(), timeout=timeout)
     except asyncio.TimeoutError as exc:
         raise LinkStalled(f"incoming state for {vm.spec.name} did not complete within {timeout:.0f}s",
-                              remedy="check the migration network") from exc
+                          remedy="check the migration network") from exc
     r = watch.report
     if r.status != "completed":
         raise ShadowFailed(f"incoming migration of {vm.spec.name} ended {r.status}: {r.error or 'no detail'}",
-                              remedy="see the source's migration error")
+                           remedy="see the source's migration error")
     if vm.state == VMRunState.INCOMING:
         await _run_shadow(vm, r)
     status = (await qmp_of(vm).execute("query-status"))["status"]
     if status != "running":
         raise ShadowFailed(f"VM {vm.spec.name} is {status!r} on the destination after cont",
-                              remedy="see the destination's qemu.log")
+                           remedy="see the destination's qemu.log")
     out: dict[str, Any] = {"incoming_completed_at": r.completed_at, "resumed_at": r.extra.get("resumed_at"),
                            "confirmed_at": time.time(), "qemu_status": status}
     if and_announce:

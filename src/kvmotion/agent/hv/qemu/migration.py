@@ -310,7 +310,7 @@ async def cancel_outgoing(vm: QemuVM, timeout: float = 10.0, resume_if_completed
         await asyncio.wait_for(watch.done.wait(), timeout=timeout)
     except asyncio.TimeoutError as exc:
         raise SourceStuck(f"migration of {vm.spec.name} did not stop within {timeout:.0f}s after cancel",
-                              remedy="inspect the source QEMU; the VM was not handed over") from exc
+                          remedy="inspect the source QEMU; the VM was not handed over") from exc
     if vm.state == VMRunState.MIGRATED and resume_if_completed:
         # Completed on the wire, but the destination was never started: roll back (cookbook §1).
         await qmp_of(vm).execute("cont")

@@ -132,7 +132,7 @@ async def _wait_concluded(m: Mirror, deadline_s: float) -> dict[str, dict[str, A
             return jobs
         if time.monotonic() > end:
             raise MirrorFailed(f"the disk mirrors of {m.vm.spec.name} did not conclude within {deadline_s:.0f}s",
-                                  remedy="check the target datastore or the destination host")
+                               remedy="check the target datastore or the destination host")
         await asyncio.sleep(0.02)
 
 
@@ -160,7 +160,7 @@ async def pivot(m: Mirror, deadline_s: float = 60.0) -> float:
     if errors:
         m.report.state, m.report.error = "failed", "; ".join(f"{k}: {v}" for k, v in errors.items())
         raise MirrorFailed(f"the pivot of {m.vm.spec.name} failed: {m.report.error}",
-                              remedy="the VM keeps its original disks; check the target datastore")
+                           remedy="the VM keeps its original disks; check the target datastore")
     for disk_id, node in m.target_nodes.items():
         old = m.vm.nodes[disk_id]
         m.vm.nodes[disk_id] = node
@@ -185,7 +185,7 @@ async def complete_at_switchover(m: Mirror, deadline_s: float = 30.0) -> None:
     m.target_nodes.clear()
     if errors:
         raise MirrorFailed(f"the disk streams of {m.vm.spec.name} failed at switchover: {errors}",
-                              remedy="the VM stays on the source; check the destination host")
+                           remedy="the VM stays on the source; check the destination host")
     m.report.state = "pivoted"
 
 
