@@ -11,11 +11,11 @@ from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
 from kvmotion.agent import images, tls
-from kvmotion.agent.accel import AccelResult, probe_kvm
+from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.context import HostContext, vm_folder
-from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
+from kvmotion.agent.cpu import CpuCatalog
 from kvmotion.agent.hv.base import Hypervisor, Result
 from kvmotion.agent.storage import AgentStorage, disk_file
 from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError
@@ -55,7 +55,7 @@ class Agent(AgentStorage):
         if self.cfg.swap_dir is not None:
             self.cfg.swap_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.cpu = await probe_cpu_catalog(self.accel.accelerator, mask=self.cfg.cpu_feature_mask)
+            self.cpu = await self.hv.probe_cpu_models(self.accel.accelerator, list(self.cfg.cpu_feature_mask))
         except KvmotionError as exc:
             log.error("CPU model probe failed: %s", exc)
         await self.hv.open(self.context())
@@ -74,7 +74,7 @@ class Agent(AgentStorage):
 
     async def _probe_accel(self) -> AccelResult:
         kernel = self._image_files()[0] if self._image_ready() else None
-        result = await probe_kvm(self.cfg.kvm_probe_deadline_s, kernel=kernel)
+        result = await self.hv.probe_accelerator(self.cfg.kvm_probe_deadline_s, kernel)
         (self.cfg.state_dir / "accel.json").write_text(json.dumps(
             {"accelerator": result.accelerator, "reason": result.reason, "at": time.time(), "boot_id": _boot_id()}))
         return result

@@ -10,7 +10,9 @@ import asyncio
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.context import HostContext
+from kvmotion.agent.cpu import CpuCatalog
 from kvmotion.models.agent import (CdromSpec, DirtySample, DiskTarget, GuestHealth, HealthCheckRequest, IncomingReady,
                                    IncomingRequest, MigrationReport, MigrationTuning, MirrorReport, OutgoingRequest,
                                    ReleaseReport, VMRuntime, VMSpec)
@@ -21,6 +23,15 @@ Result = dict[str, object]
 class Hypervisor(ABC):
     """The VMs of one host and their lifecycle: start, prepare incoming, migrate out, status, finalize on either
     side, device and disk changes."""
+
+    # -- the host's capabilities -----------------------------------------------------------
+    @abstractmethod
+    async def probe_accelerator(self, deadline_s: float, kernel: Path | None) -> AccelResult:
+        """Whether hardware acceleration works here (else emulation), tried within ``deadline_s``."""
+
+    @abstractmethod
+    async def probe_cpu_models(self, accelerator: str, mask: list[str]) -> CpuCatalog:
+        """The CPU models this host can run, with the features in ``mask`` hidden."""
 
     # -- inventory ------------------------------------------------------------------------
     @abstractmethod

@@ -7,7 +7,9 @@ import logging
 import os
 from pathlib import Path
 
+from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.context import HostContext
+from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.hv.base import Hypervisor, Result
 from kvmotion.agent.hv.qemu import health, incoming, migration, mirror, postcopy, sampling
 from kvmotion.agent.hv.qemu.process import QemuVM
@@ -62,6 +64,13 @@ class QemuHypervisor(Hypervisor):
             raise NotFoundError(f"VM {uuid} is not running on host {self.host_name}",
                                 remedy="check `kvmotion vm show` for where the VM runs")
         return vm
+
+    # -- the host's capabilities -----------------------------------------------------------
+    async def probe_accelerator(self, deadline_s: float, kernel: Path | None) -> AccelResult:
+        return await probe_kvm(deadline_s, kernel=kernel)
+
+    async def probe_cpu_models(self, accelerator: str, mask: list[str]) -> CpuCatalog:
+        return await probe_cpu_catalog(accelerator, mask=mask)
 
     # -- inventory ------------------------------------------------------------------------
     async def open(self, ctx: HostContext) -> list[str]:
