@@ -223,7 +223,7 @@ def test_an_agent_restarted_mid_precopy_re_adopts_the_migration(lab, host: str) 
 def test_destination_qemu_killed_while_parked_at_pre_switchover(lab) -> None:
     import os
     import signal
-    from kvmotion.agent.migration import PARK_ENV
+    from kvmotion.agent.hv.qemu.migration import PARK_ENV
     client = Client(lab.controller_url)
     lab_mod.restart(lab.root, "agent-h1", env={PARK_ENV: "4"})
     try:

@@ -1,4 +1,4 @@
-"""End to end, in the lab, with real QEMU guests: does the guest live after a move (kvmotion.agent.health)?
+"""End to end, in the lab, with real QEMU guests: does the guest live after a move (kvmotion.agent.hv.qemu.health)?
 
 - A healthy guest, moved while a client pings it: ``healthy`` (it answered the ARP probes; its NIC took the
   client's pings during the window), after a vMotion and after a Storage vMotion.
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from kvmotion.agent.qemuvm import tap_name
+from kvmotion.agent.hv.qemu.argv import tap_name
 from kvmotion.cli.client import Client
 from kvmotion_lab import scenario
 from kvmotion_lab.netns import netns_exec_argv

@@ -12,7 +12,7 @@ from kvmotion.common.errors import ConflictError, KvmotionError
 from kvmotion.migration import engine as engine_mod
 from kvmotion.migration import kinds, registry
 from kvmotion.migration.engine import MoveContext, MoveEngine, Outcome, Step
-from kvmotion.migration.errors import Cause
+from kvmotion.common.errors import Failure
 from kvmotion.migration.recover import Recovery
 from kvmotion.migration.relocate import plan
 from kvmotion.models.agent import (GuestHealth, MirrorReport, PivotReport, VMRunState, VMRuntime)
@@ -220,17 +220,17 @@ def test_live_moves_undo_disks_then_shadow_then_the_outgoing_stream() -> None:
     assert order == [Phase.DISKS, Phase.SHADOW, Phase.PRECOPY]
 
 
-def test_decisions_carry_a_cause_not_a_message_to_match() -> None:
+def test_decisions_carry_a_failure_not_a_message_to_match() -> None:
     from kvmotion.migration import decisions
-    from kvmotion.migration.errors import LinkStalled, failure
+    from kvmotion.common.errors import LinkStalled, migration_failure
     from kvmotion.models.agent import MigrationReport
     w = decisions.ProgressWatch(started=0.0)
     w.downtime_ms, w.step_at, w.sent_at, w.best_at = 500, 0.0, 1.0, 1.0
     r = MigrationReport(role="source", status="active", ram_total=100, ram_remaining=50, ram_transferred=50)
     d = decisions.decide(r, True, w, 1000.0, 256, 10.0, 60.0, 500)
-    assert d.action == decisions.Action.ABORT and d.cause == Cause.LINK_STALLED
-    err = failure(d.cause, d.reason)
-    assert isinstance(err, LinkStalled) and err.to_dict()["details"]["cause"] == "link-stalled"
+    assert d.action == decisions.Action.ABORT and d.failure == Failure.LINK_STALLED
+    err = migration_failure(d.failure, d.reason)
+    assert isinstance(err, LinkStalled) and err.to_dict()["details"]["failure"] == "link-stalled"
 
 
 def _task(kind: str, phase: str, reloc: Any) -> TaskOut:

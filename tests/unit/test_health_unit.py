@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kvmotion.agent import health
-from kvmotion.agent.health import arp_probe, classify, console_alarms, judge
+from kvmotion.agent.hv.qemu import health
+from kvmotion.agent.hv.qemu.health import arp_probe, classify, console_alarms, judge
 from kvmotion.cli.progress import guest_health_rows, print_outcome
 from kvmotion.common.errors import AgentUnreachable
 from kvmotion.models.agent import GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
@@ -327,7 +327,7 @@ def test_the_cli_summary_shows_the_verdict_and_the_warning() -> None:
 # -- the capture on a real tap (a network namespace of its own; root) ------------------------------------------------
 FAKE_GUEST = r"""
 import fcntl, json, os, socket, struct, sys, threading, time
-from kvmotion.agent import health
+from kvmotion.agent.hv.qemu import health
 mode, mac, ip = sys.argv[1], bytes.fromhex("525400123456"), socket.inet_aton("198.18.1.100")
 fd = os.open("/dev/net/tun", os.O_RDWR)
 fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH", b"kvtest0", 0x0002 | 0x1000))     # TUNSETIFF: IFF_TAP | IFF_NO_PI
@@ -365,7 +365,7 @@ def on_a_tap(mode: str) -> dict:
     ns = "kvhc" + secrets.token_hex(3)
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     try:
-        src = str(Path(health.__file__).parents[2])
+        src = str(Path(health.__file__).parents[4])
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FAKE_GUEST, mode], check=True,
                              capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": src})
         return json.loads(out.stdout)

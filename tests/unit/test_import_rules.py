@@ -36,8 +36,7 @@ RULES: tuple[Rule, ...] = (
          "of another controller is just another client", allow=("kvmotion.migration", "kvmotion.models",
                                                                 "kvmotion.common", "kvmotion.checks")),
     Rule("kvmotion.checks", "prechecks are pure rules over gathered facts",
-         allow=("kvmotion.checks", "kvmotion.models", "kvmotion.common", "kvmotion.migration.kinds",
-                "kvmotion.migration.errors")),
+         allow=("kvmotion.checks", "kvmotion.models", "kvmotion.common", "kvmotion.migration.kinds")),
     Rule("kvmotion", "the product does not depend on its lab (the CLI finds it by entry point string only)",
          forbid=("kvmotion_lab",)),
 )

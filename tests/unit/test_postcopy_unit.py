@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvmotion.agent import migration, postcopy
+from kvmotion.agent.hv.qemu import migration, postcopy
 from kvmotion.common.errors import ConflictError
 
 

@@ -80,7 +80,8 @@ def test_markdown_lists_every_arm_and_trace(tmp_path: Path) -> None:
 
 
 def test_tcg_guest_ram_takes_qemus_slow_bitmap_path_kvm_keeps_the_exact_size(tmp_path: Path) -> None:
-    from kvmotion.agent.qemuvm import HostContext, build_argv, guest_ram
+    from kvmotion.agent.context import HostContext
+    from kvmotion.agent.hv.qemu.argv import build_argv, guest_ram
     from kvmotion.models.agent import VMSpec
     spec = VMSpec(uuid="6b1f3c0e-9f5a-4d4e-8a55-1c2b3d4e5f60", name="vm1", memory_mb=256, boot_datastore="ds",
                   folder="vm1")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.agent.migration import stream_caps, stream_params
+from kvmotion.agent.hv.qemu.migration import stream_caps, stream_params
 from kvmotion.migration import predict, tuning
 
 
@@ -112,7 +112,7 @@ def test_the_task_history_leaves_out_qemu_defaults_moves(tmp_path: Path) -> None
 
 
 def test_watch_absorbs_passes_throttle_multifd_and_xbzrle() -> None:
-    from kvmotion.agent.migration import MigrationWatch
+    from kvmotion.agent.hv.qemu.migration import MigrationWatch
     w = MigrationWatch(None, "source")  # type: ignore[arg-type]   # absorb never touches the VM
 
     def info(sync: int, remaining: int, **extra: object) -> dict:

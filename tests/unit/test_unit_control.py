@@ -184,7 +184,7 @@ def test_storage_vmotion_limits() -> None:
 
 def test_concurrent_incoming_preparations_get_different_ports() -> None:
     """A port handed out stays reserved until QEMU has bound it: two preparations at once never share one."""
-    from kvmotion.agent.migration import PORT_RANGE, pick_port
+    from kvmotion.agent.ports import PORT_RANGE, pick_port
 
     ports = [pick_port("127.0.0.1") for _ in range(5)]       # nothing binds them in between
     assert len(set(ports)) == 5 and all(p in PORT_RANGE for p in ports)

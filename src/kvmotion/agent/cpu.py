@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from kvmotion.agent.qmp import QMPConnection
+from kvmotion.agent.hv.qemu.qmp import QMPConnection
 from kvmotion.common.errors import DeadlineExceeded, InvalidInputError, QemuStartFailed, QMPTimeout
 
 HOST_PASSTHROUGH = "host-passthrough"
@@ -218,6 +218,31 @@ async def _connect(proc: subprocess.Popen[bytes], sock: Path, log: Path, end: fl
             continue
 
 
+async def _query_models(conn: QMPConnection, host_model: str, end: float, deadline_s: float
+                        ) -> tuple[str, dict[str, Any], dict[str, str | None], dict[str, frozenset[str]]]:
+    """QEMU's version, the host model's properties, the usable models (name -> alias target) and their features."""
+    async def ask(cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await conn.execute(cmd, args, timeout=_left(end, deadline_s, f"running {cmd}"))
+
+    ver = (await ask("query-version")).get("qemu", {})
+    version = f"{ver.get('major')}.{ver.get('minor')}.{ver.get('micro')}"
+    defs = await ask("query-cpu-definitions")
+
+    async def expand(name: str) -> dict[str, Any]:
+        res = await ask("query-cpu-model-expansion", {"type": "full", "model": {"name": name}})
+        props: dict[str, Any] = res["model"]["props"]
+        return props
+
+    host_props = await expand(host_model)
+    usable = {d["name"]: d.get("alias-of") for d in defs if not d.get("unavailable-features")}
+    props_of: dict[str, dict[str, Any]] = {host_model: host_props}
+    for name in sorted(n for n, target in usable.items() if not target or target not in usable):
+        if name not in props_of:
+            props_of[name] = await expand(name)
+    raw = {n: feature_names(props_of[t] if t in props_of else props_of[n]) for n, t in usable.items()}
+    return version, host_props, usable, raw
+
+
 async def probe_cpu_catalog(accelerator: str, mask: Iterable[str] = (), binary: str = "qemu-system-x86_64",
                             deadline_s: float = 20.0) -> CpuCatalog:
     """Ask one throw-away ``-machine none`` QEMU which CPU models this host can run, within ``deadline_s``."""
@@ -239,25 +264,7 @@ async def probe_cpu_catalog(accelerator: str, mask: Iterable[str] = (), binary: 
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         conn = await _connect(proc, sock, log, end, deadline_s)
         try:
-            async def ask(cmd: str, args: dict[str, Any] | None = None) -> Any:
-                return await conn.execute(cmd, args, timeout=_left(end, deadline_s, f"running {cmd}"))
-
-            ver = (await ask("query-version")).get("qemu", {})
-            version = f"{ver.get('major')}.{ver.get('minor')}.{ver.get('micro')}"
-            defs = await ask("query-cpu-definitions")
-
-            async def expand(name: str) -> dict[str, Any]:
-                res = await ask("query-cpu-model-expansion", {"type": "full", "model": {"name": name}})
-                props: dict[str, Any] = res["model"]["props"]
-                return props
-
-            host_props = await expand(host_model)
-            usable = {d["name"]: d.get("alias-of") for d in defs if not d.get("unavailable-features")}
-            props_of: dict[str, dict[str, Any]] = {host_model: host_props}
-            for name in sorted(n for n, target in usable.items() if not target or target not in usable):
-                if name not in props_of:
-                    props_of[name] = await expand(name)
-            raw = {n: feature_names(props_of[t] if t in props_of else props_of[n]) for n, t in usable.items()}
+            version, host_props, usable, raw = await _query_models(conn, host_model, end, deadline_s)
         finally:
             await conn.close()
     finally:

@@ -11,6 +11,7 @@ import uvicorn
 
 from kvmotion.agent.api import create_app
 from kvmotion.agent.config import AgentConfig
+from kvmotion.agent.hv.qemu.driver import QemuHypervisor
 from kvmotion.agent.service import Agent
 from kvmotion.common.hostauth import load_or_create_secret
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)   # connect retries are expected; failures are ours to report
     cfg = AgentConfig.load(args.config)
-    agent = Agent(cfg)
+    agent = Agent(cfg, QemuHypervisor(cfg.name, cfg.state_dir))
     secret = load_or_create_secret(cfg.state_dir)
     app = create_app(agent, secret, after_start=lambda: register(cfg, secret))
 

@@ -10,17 +10,18 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import health, images, migration, mirror, postcopy, sampling, tls
-from kvmotion.agent.accel import AccelResult, probe_kvm
+from kvmotion.agent import images, tls
+from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
-from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.config import AgentConfig
-from kvmotion.agent.qemuvm import HostContext, QemuVM, image_locks, rss_mb, vm_folder
+from kvmotion.agent.context import HostContext, vm_folder
+from kvmotion.agent.cpu import CpuCatalog
+from kvmotion.agent.hv.base import Hypervisor, Result
 from kvmotion.agent.storage import AgentStorage, disk_file
-from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError, NotFoundError
-from kvmotion.models.agent import POSTCOPY_STATES, DirtySample, GuestHealth, HealthCheckRequest
-from kvmotion.models.agent import (CdromSpec, CpuFact, HostFacts, TlsFact, IncomingReady, LeaseInfo, MigrationReport, MigrationTuning, OutgoingRequest,
-                                   ReleaseReport, VMRunState, VMRuntime, VMSpec)
+from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError
+from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth, HealthCheckRequest, HostFacts,
+                                   IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
+                                   OutgoingRequest, ReleaseReport, TlsFact, VMRuntime, VMSpec)
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,15 @@ def _boot_id() -> str:
 
 
 class Agent(AgentStorage):
-    def __init__(self, cfg: AgentConfig) -> None:
+    """The host's operations; every one on a VM's process goes through ``hv``."""
+
+    def __init__(self, cfg: AgentConfig, hv: Hypervisor) -> None:
         self.cfg = cfg
+        self.hv = hv
         self.copies: dict[str, images.CopyJob] = {}
         self.nbd_exports: dict[str, images.NbdExport] = {}
         self.accel = AccelResult("tcg", "not probed yet")
-        self.vms: dict[str, QemuVM] = {}
         self.cpu: CpuCatalog | None = None
-        self._ops_lock = asyncio.Lock()
-        self.sampler = sampling.DirtySampler()
-        self._sampling: asyncio.Task[None] | None = None
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -55,11 +55,10 @@ class Agent(AgentStorage):
         if self.cfg.swap_dir is not None:
             self.cfg.swap_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.cpu = await probe_cpu_catalog(self.accel.accelerator, mask=self.cfg.cpu_feature_mask)
+            self.cpu = await self.hv.probe_cpu_models(self.accel.accelerator, list(self.cfg.cpu_feature_mask))
         except KvmotionError as exc:
             log.error("CPU model probe failed: %s", exc)
-        await self.adopt_all()
-        self._sampling = asyncio.create_task(self.sampler.loop(self.vms), name="dirty-sampler")
+        await self.hv.open(self.context())
 
     ACCEL_CACHE_S = 3600.0
 
@@ -75,46 +74,17 @@ class Agent(AgentStorage):
 
     async def _probe_accel(self) -> AccelResult:
         kernel = self._image_files()[0] if self._image_ready() else None
-        result = await probe_kvm(self.cfg.kvm_probe_deadline_s, kernel=kernel)
+        result = await self.hv.probe_accelerator(self.cfg.kvm_probe_deadline_s, kernel)
         (self.cfg.state_dir / "accel.json").write_text(json.dumps(
             {"accelerator": result.accelerator, "reason": result.reason, "at": time.time(), "boot_id": _boot_id()}))
         return result
 
-    async def adopt_all(self) -> list[str]:
-        """Re-adopt QEMU processes that outlived a previous agent: their run records are on disk."""
-        adopted = []
-        for record_file in sorted((self.cfg.state_dir / "vms").glob("*/run.json")):
-            try:
-                record = json.loads(record_file.read_text())
-                spec = VMSpec.model_validate(record["spec"])
-            except (OSError, ValueError, KeyError):
-                continue
-            vm = QemuVM(spec, self.context(), record_file.parent)
-            if await vm.adopt(record):
-                self.vms[spec.uuid] = vm
-                adopted.append(spec.name)
-                try:
-                    watch = await migration.readopt(vm)
-                except KvmotionError as exc:
-                    log.warning("could not follow the migration of re-adopted %s: %s", spec.name, exc)
-                    watch = None
-                log.info("re-adopted %s (pid %s, %s%s)", spec.name, vm.pid, vm.state,
-                         f", migration {watch.report.role} {watch.report.status}" if watch else "")
-            else:
-                vm.taps = list(record.get("taps", []))
-                await vm.kill()   # gone or not ours: clear the stale record and taps
-        return adopted
-
     async def shutdown(self) -> None:
-        if self._sampling is not None:
-            self._sampling.cancel()
         for exp in list(self.nbd_exports.values()):
             exp.stop()
         for job in self.copies.values():
             job.stop()
-        for vm in self.vms.values():   # QEMU processes keep running; only drop our connections
-            if vm.qmp is not None:
-                await vm.qmp.close()
+        await self.hv.close()
 
     # -- facts ----------------------------------------------------------------------------
     def context(self) -> HostContext:
@@ -136,7 +106,7 @@ class Agent(AgentStorage):
         return sorted(self.cpu.expand(model, minus=mask))
 
     def facts(self) -> HostFacts:
-        facts = host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, sorted(self.vms),
+        facts = host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, self.hv.uuids(),
                                   self.cpu_fact())
         facts.tls = tls.status(self.tls_dir)
         return facts
@@ -180,68 +150,39 @@ class Agent(AgentStorage):
         return folder
 
     def destroy_files(self, spec: VMSpec) -> None:
-        if spec.uuid in self.vms:
+        if spec.uuid in self.hv.uuids():
             raise ConflictError(f"VM {spec.name} still runs on {self.cfg.name}", remedy="power it off first")
         self.remove_files(spec, [d.id for d in spec.disks], home=True)
 
     # -- power ----------------------------------------------------------------------------
-    def get(self, uuid: str) -> QemuVM:
-        vm = self.vms.get(uuid)
-        if vm is None or vm.state == VMRunState.STOPPED:
-            raise NotFoundError(f"VM {uuid} is not running on host {self.cfg.name}",
-                                remedy="check `kvmotion vm show` for where the VM runs")
-        return vm
-
-    def _run_dir(self, uuid: str) -> Path:
-        return self.cfg.state_dir / "vms" / uuid
-
     async def start(self, spec: VMSpec, disk_keys: dict[str, str] | None = None) -> VMRuntime:
-        if spec.uuid in self.vms:
+        if spec.uuid in self.hv.uuids():
             raise ConflictError(f"VM {spec.name} already runs on {self.cfg.name}", remedy="nothing to do")
         ctx = self.context()
         self.take_leases(spec, expected_holder=None)
-        vm = QemuVM(spec, ctx, self._run_dir(spec.uuid))
-        self.vms[spec.uuid] = vm
         try:
-            await vm.start(incoming=False, disk_keys=disk_keys)
+            return await self.hv.start(spec, ctx, disk_keys)
         except KvmotionError:
-            self.vms.pop(spec.uuid, None)
             self.release_leases(spec)
             raise
-        return vm.runtime()
 
     async def change_cdrom(self, uuid: str, cdrom: CdromSpec) -> dict[str, str]:
-        vm = self.get(uuid)
-        async with vm.lock:
-            await vm.change_cdrom(cdrom)
+        await self.hv.change_cdrom(uuid, cdrom)
         return {"drive": cdrom.id, "media": cdrom.media}
 
     async def stop(self, uuid: str) -> VMRuntime:
-        vm = self.get(uuid)
-        async with vm.lock:
-            await vm.stop()
-        self.vms.pop(uuid, None)
-        self.release_leases(vm.spec)
-        return vm.runtime()
+        runtime = await self.hv.stop(uuid)
+        self.release_leases(runtime.spec)
+        return runtime
 
     async def status(self, uuid: str) -> VMRuntime:
-        vm = self.get(uuid)
-        qemu_status = None
-        if vm.alive() and vm.migration is not None and vm.migration.report.role == "destination" and \
-                vm.migration.report.status in POSTCOPY_STATES:
-            # never in band during post-copy (the main loop may wait for a page): what the agent confirmed
-            qemu_status = "running" if vm.state == VMRunState.RUNNING else "inmigrate"
-        elif vm.qmp is not None and vm.alive():
-            try:
-                qemu_status = (await vm.qmp.execute("query-status", timeout=3))["status"]
-            except KvmotionError:
-                qemu_status = "unreachable"
-        elif not vm.alive():
-            qemu_status = "exited"
-        return vm.runtime(qemu_status)
+        return await self.hv.status(uuid)
 
     def list(self) -> list[VMRuntime]:
-        return [vm.runtime() for vm in self.vms.values()]
+        return self.hv.list()
+
+    def serial_tail(self, uuid: str, lines: int) -> list[str]:
+        return self.hv.serial_tail(uuid, lines)
 
     # -- migration primitives -------------------------------------------------------------
     @property
@@ -261,129 +202,75 @@ class Agent(AgentStorage):
         tls.remove(self.tls_dir)
         return tls.status(self.tls_dir)
 
-    async def prepare_incoming(self, spec: VMSpec, listen_address: str, auto_resume: bool = True,
-                               tls_authz_identity: str | None = None,
-                               disk_keys: dict[str, str] | None = None,
-                               new_disks: list[str] | None = None, multifd_channels: int = 0,
-                               postcopy: bool = False) -> IncomingReady:
-        """A shadow VM. For shared-nothing (``new_disks``) its disks are created empty here and NBD-exported."""
-        if spec.uuid in self.vms:
-            raise ConflictError(f"VM {spec.name} already exists on {self.cfg.name}",
+    async def prepare_incoming(self, req: IncomingRequest) -> IncomingReady:
+        """A shadow VM. For shared-nothing (``req.new_disks``) its disks are created empty here and NBD-exported."""
+        if req.spec.uuid in self.hv.uuids():
+            raise ConflictError(f"VM {req.spec.name} already exists on {self.cfg.name}",
                                 remedy="a VM never runs twice; pick another destination")
-        created = await asyncio.to_thread(self.create_disks, spec, new_disks or [], disk_keys or {})
-        vm = QemuVM(spec, self.context(), self._run_dir(spec.uuid))
-        vm.created_files = created
-        self.vms[spec.uuid] = vm
+        created = await asyncio.to_thread(self.create_disks, req.spec, req.new_disks, req.disk_keys)
         try:
-            await vm.start(incoming=True, disk_keys=disk_keys)
-            return await migration.prepare_incoming(vm, listen_address, auto_resume, tls_authz_identity,
-                                                    self._tls_dir_if_valid(), new_disks, multifd_channels, postcopy)
+            return await self.hv.prepare_incoming(req, self.context(), self._tls_dir_if_valid(), created)
         except KvmotionError:
-            await vm.kill()
-            self.vms.pop(spec.uuid, None)
             for p in created:
                 p.unlink(missing_ok=True)
             raise
 
     async def abort_incoming(self, uuid: str) -> bool:
         """Remove a shadow VM. Refuses if the VM already runs here (it is no shadow then)."""
-        vm = self.vms.get(uuid)
-        if vm is None:
-            return False
-        if vm.state not in (VMRunState.INCOMING, VMRunState.STARTING, VMRunState.STOPPED):
-            raise ConflictError(f"VM {vm.spec.name} is {vm.state} on {self.cfg.name}, not a shadow",
-                                remedy="the VM runs here; it cannot be discarded as a shadow")
-        await vm.kill()
-        self.vms.pop(uuid, None)
-        for p in vm.created_files:      # a shared-nothing shadow's partial disks
-            p.unlink(missing_ok=True)
-        return True
+        return await self.hv.abort_incoming(uuid)
 
     async def start_outgoing(self, uuid: str, req: OutgoingRequest) -> MigrationReport:
-        vm = self.get(uuid)
-        m = vm.mirror
-        streams = m is not None and m.report.state in ("mirroring", "ready") and \
-            any(t.kind == "nbd" for t in m.targets.values())
-
-        async def handoff(_vm: QemuVM) -> None:   # at pre-switchover: the disk streams end in sync
-            await mirror.complete_at_switchover(m)
-        async with self.sampler.lock_for(uuid):     # never while calc-dirty-rate is measuring this VM
-            watch = await migration.start_outgoing(vm, req, handoff=handoff if streams else None,
-                                                   tls_dir=self._tls_dir_if_valid())
-        return watch.snapshot()
+        return await self.hv.migrate_out(uuid, req, self._tls_dir_if_valid())
 
     async def migration_report(self, uuid: str, wait_s: float = 0.0, since: str | None = None) -> MigrationReport:
         """The migration's state; with ``wait_s`` and ``since``, once it leaves status ``since`` (long poll)."""
-        vm = self.get(uuid)
-        if vm.migration is None:
-            raise NotFoundError(f"no migration of VM {vm.spec.name} on {self.cfg.name}", remedy="start one first")
-        if wait_s > 0 and since is not None:
-            await vm.migration.wait_change(since, wait_s)
-        report = vm.migration.snapshot()
-        if report.role == "destination" and not vm.alive() and report.status not in migration.TERMINAL:
-            report.status, report.error = "failed", "destination QEMU exited"
-        return report
+        return await self.hv.migration_report(uuid, wait_s, since)
 
     async def cancel_outgoing(self, uuid: str, resume_if_completed: bool = True) -> MigrationReport | None:
-        return await migration.cancel_outgoing(self.get(uuid), resume_if_completed=resume_if_completed)
+        return await self.hv.cancel_outgoing(uuid, resume_if_completed)
 
-    async def postcopy_start(self, uuid: str) -> dict[str, object]:
-        return await postcopy.start(self.get(uuid))
+    async def postcopy_start(self, uuid: str) -> Result:
+        return await self.hv.postcopy_start(uuid)
 
-    async def postcopy_pause(self, uuid: str) -> dict[str, object]:
-        vm = self.get(uuid)
-        return await postcopy.pause(vm, vm.migration.report.role if vm.migration else "source")
+    async def postcopy_pause(self, uuid: str) -> Result:
+        return await self.hv.postcopy_pause(uuid)
 
-    async def postcopy_recover(self, uuid: str, listen_address: str) -> dict[str, object]:
-        return await postcopy.recover_incoming(self.get(uuid), listen_address)
+    async def postcopy_recover(self, uuid: str, listen_address: str) -> Result:
+        return await self.hv.postcopy_recover(uuid, listen_address)
 
-    async def postcopy_resume(self, uuid: str, uri: str, probe_address: str) -> dict[str, object]:
-        return await postcopy.resume(self.get(uuid), uri, probe_address)
+    async def postcopy_resume(self, uuid: str, uri: str, probe_address: str) -> Result:
+        return await self.hv.postcopy_resume(uuid, uri, probe_address)
 
-    async def tune(self, uuid: str, tuning: MigrationTuning) -> dict[str, object]:
-        return await migration.tune(self.get(uuid), tuning.downtime_limit_ms, tuning.max_bandwidth_bytes)
+    async def tune(self, uuid: str, tuning: MigrationTuning) -> Result:
+        return await self.hv.tune(uuid, tuning)
 
-    async def resume(self, uuid: str, announce: bool = False) -> dict[str, object]:
-        return await migration.resume_destination(self.get(uuid), and_announce=announce)
+    async def resume(self, uuid: str, announce: bool = False) -> Result:
+        return await self.hv.finalize_destination(uuid, announce)
 
-    async def announce(self, uuid: str) -> dict[str, object]:
-        return await migration.announce(self.get(uuid))
+    async def announce(self, uuid: str) -> Result:
+        return await self.hv.announce(uuid)
 
     def take_lease(self, uuid: str, expected_holder: str | None) -> LeaseInfo:
-        return self.take_leases(self.get(uuid).spec, expected_holder)
+        return self.take_leases(self.hv.spec(uuid), expected_holder)
 
     async def finalize_source(self, uuid: str) -> ReleaseReport:
         """End the source QEMU after a completed migration and free its memory."""
-        vm = self.get(uuid)
-        if vm.state != VMRunState.MIGRATED:
-            raise ConflictError(f"VM {vm.spec.name} is {vm.state} on {self.cfg.name}; only a migrated-away "
-                                "source may be finalized", remedy="the migration has not completed")
-        pid, freed = vm.pid, rss_mb(vm.pid or 0)
-        await vm.stop(graceful_timeout=5.0)
-        self.vms.pop(uuid, None)
-        self.release_leases(vm.spec)
-        still = [p for p, h in self.lease_holders(vm.spec).items() if h == self.cfg.name]
-        return ReleaseReport(source_exited=not vm.alive(), source_pid=pid, lock_released=not still,
-                             memory_freed_mb=freed)
+        spec = self.hv.spec(uuid)
+        report = await self.hv.finalize_source(uuid)
+        self.release_leases(spec)
+        still = [p for p, h in self.lease_holders(spec).items() if h == self.cfg.name]
+        return report.model_copy(update={"lock_released": not still})
 
     def locks(self, uuid: str) -> dict[str, list[str]]:
         """Which locks this host's QEMU holds on the VM's disk images (evidence of the lock hand-over)."""
-        vm = self.get(uuid)
-        paths = [disk_file(vm.ctx, d) for d in vm.spec.disks if d.kind == "file"]
-        return image_locks(vm.pid or 0, paths)
+        ctx = self.context()
+        return self.hv.image_locks(uuid, [disk_file(ctx, d) for d in self.hv.spec(uuid).disks if d.kind == "file"])
 
     async def dirty_sample(self, uuid: str, max_age_s: float, measure: bool = True) -> DirtySample:
         """The VM's dirty rate (cached up to ``max_age_s``, else measured in about 1 s when ``measure`` is set
         and the VM runs outside any migration) and its touched RAM (always fresh)."""
-        return await self.sampler.get(self.get(uuid), max_age_s, measure)
+        return await self.hv.dirty_sample(uuid, max_age_s, measure)
 
     async def health_check(self, uuid: str, req: HealthCheckRequest) -> GuestHealth:
-        """Does the guest live here? Sampled over ``req.window_s`` (see :mod:`kvmotion.agent.health`)."""
-        return await health.check(self.get(uuid), req, self.cfg.name)
-
-    def serial_tail(self, uuid: str, lines: int) -> list[str]:
-        path = self._run_dir(uuid) / "serial.log"
-        try:
-            return path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return []
+        """Does the guest live here? Sampled over ``req.window_s`` (see :mod:`kvmotion.agent.hv.qemu.health`)."""
+        return await self.hv.health_check(uuid, req, self.cfg.name)

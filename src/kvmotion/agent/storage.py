@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmotion.agent import images, lease as leases, migration, mirror
-from kvmotion.agent.qemuvm import HostContext, QemuVM, safe_path, vm_folder
+from kvmotion.agent import images, lease as leases
+from kvmotion.agent.context import HostContext, safe_path, vm_folder
+from kvmotion.agent.hv.base import Hypervisor
+from kvmotion.agent.ports import pick_port
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
-from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, LeaseInfo, MirrorReport,
-                                   MirrorRequest, PivotReport, VMSpec)
+from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, DiskTarget, LeaseInfo,
+                                   MirrorReport, MirrorRequest, PivotReport, VMSpec)
 
 if TYPE_CHECKING:
     from kvmotion.agent.config import AgentConfig
@@ -30,7 +32,7 @@ __all__ = ["AgentStorage", "disk_file", "lease_files", "safe_path", "source_file
 
 
 def disk_file(ctx: HostContext, disk: DiskSpec) -> Path:
-    """A file disk's image: inside its datastore (see :func:`kvmotion.agent.qemuvm.safe_path`)."""
+    """A file disk's image: inside its datastore (see :func:`kvmotion.agent.context.safe_path`)."""
     return safe_path(ctx, disk.datastore, disk.path)
 
 
@@ -62,14 +64,11 @@ def lease_files(ctx: HostContext, spec: VMSpec) -> list[Path]:
 
 class AgentStorage:
     cfg: AgentConfig
-    vms: dict[str, QemuVM]
+    hv: Hypervisor
     copies: dict[str, images.CopyJob]
     nbd_exports: dict[str, images.NbdExport]
 
     def context(self) -> HostContext:
-        raise NotImplementedError
-
-    def get(self, uuid: str) -> QemuVM:
         raise NotImplementedError
 
     def _tls_dir_if_valid(self) -> str | None:
@@ -145,7 +144,7 @@ class AgentStorage:
         """
         ctx = self.context()
         doomed = [disk_file(ctx, d) for d in spec.disks if d.id in disk_ids and d.kind == "file"]
-        in_use = {str(p) for vm in self.vms.values() if vm.pid for p in doomed if _fd_open(vm.pid, p)}
+        in_use = {str(p) for p in doomed if self.hv.holds_open(p)}
         if in_use:
             raise ConflictError(f"{', '.join(sorted(in_use))} is still open by a VM on {self.cfg.name}",
                                 remedy="the move has not finished; nothing was deleted")
@@ -165,7 +164,7 @@ class AgentStorage:
                 parent.rmdir()         # the disk's folder, now empty
         if home:
             folder = vm_folder(ctx, spec)
-            if any(vm.spec.uuid == spec.uuid and vm_folder(vm.ctx, vm.spec) == folder for vm in self.vms.values()):
+            if spec.uuid in self.hv.uuids() and vm_folder(ctx, self.hv.spec(spec.uuid)) == folder:
                 raise ConflictError(f"the VM folder {folder} belongs to a VM running here", remedy="nothing to do")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -174,94 +173,82 @@ class AgentStorage:
 
     # -- mirrors (running VMs) ------------------------------------------------------------------------
     async def mirror_start(self, uuid: str, req: MirrorRequest) -> MirrorReport:
-        vm = self.get(uuid)
-        if vm.mirror is not None and vm.mirror.report.state in ("mirroring", "ready"):
-            raise ConflictError(f"the disks of {vm.spec.name} are already being mirrored", remedy="wait or cancel it")
-        disks = {d.id: d for d in vm.spec.disks}
+        spec = self.hv.spec(uuid)
+        disks = {d.id: d for d in spec.disks}
+        tls_dir = None
         created: list[Path] = []
         try:
             for t in req.targets:
                 disk = disks.get(t.disk_id)
                 if disk is None or disk.kind != "file":
-                    raise InvalidInputError(f"VM {vm.spec.name} has no image disk {t.disk_id!r}",
-                                            remedy="name one of: " + ", ".join(d.id for d in vm.spec.disks))
+                    raise InvalidInputError(f"VM {spec.name} has no image disk {t.disk_id!r}",
+                                            remedy="name one of: " + ", ".join(d.id for d in spec.disks))
                 if t.kind == "nbd":
-                    if t.tls_hostname:
-                        tls_dir = self._tls_dir_if_valid()
-                        if tls_dir is None:
-                            raise ConflictError("this host has no TLS certificate for encrypted disk streams",
-                                                remedy="renew the host's certificate: kvmotion host cert renew HOST")
-                        vm.tls_client_creds = await migration._tls_object(vm, "client", tls_dir)
+                    tls_dir = self._stream_tls_dir() if t.tls_hostname else tls_dir
                     continue
-                path = safe_path(vm.ctx, t.datastore, t.path)
-                if path.exists():
-                    raise ConflictError(f"{path} already exists", remedy="remove the leftover file or pick another datastore")
-                key = req.disk_keys.get(disk.node) if disk.encrypted else None
-                if disk.encrypted and key is None:
-                    raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="move it through the controller")
-                await asyncio.to_thread(images.create_image, path, t.format, disk.size_mb,
-                                        preallocate=t.preallocate, passphrase=key)
+                path = await self._new_target(disk, t, req.disk_keys)
                 created.append(path)
-            m = mirror.Mirror(vm, req.targets, created, req.home_datastore)
-            vm.mirror = m
-            await mirror.start(m, req.speed_bytes, req.copy_mode)
+            return await self.hv.mirror_start(uuid, req.targets, created, req.home_datastore, req.speed_bytes,
+                                              req.copy_mode, tls_dir)
         except BaseException:
             for p in created:
                 p.unlink(missing_ok=True)
             raise
-        return await mirror.poll(m)
 
-    def _mirror(self, uuid: str) -> mirror.Mirror:
-        vm = self.get(uuid)
-        if vm.mirror is None:
-            raise NotFoundError(f"no disk mirror of VM {vm.spec.name} on {self.cfg.name}", remedy="start one first")
-        return vm.mirror
+    def _stream_tls_dir(self) -> str:
+        tls_dir = self._tls_dir_if_valid()
+        if tls_dir is None:
+            raise ConflictError("this host has no TLS certificate for encrypted disk streams",
+                                remedy="renew the host's certificate: kvmotion host cert renew HOST")
+        return tls_dir
+
+    async def _new_target(self, disk: DiskSpec, t: DiskTarget, disk_keys: dict[str, str]) -> Path:
+        """A mirror's target image on a datastore of this host, created empty."""
+        path = safe_path(self.context(), t.datastore, t.path)
+        if path.exists():
+            raise ConflictError(f"{path} already exists", remedy="remove the leftover file or pick another datastore")
+        key = disk_keys.get(disk.node) if disk.encrypted else None
+        if disk.encrypted and key is None:
+            raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="move it through the controller")
+        await asyncio.to_thread(images.create_image, path, t.format, disk.size_mb,
+                                preallocate=t.preallocate, passphrase=key)
+        return path
 
     async def mirror_status(self, uuid: str) -> MirrorReport:
-        return (await mirror.poll(self._mirror(uuid))).model_copy(deep=True)
+        return await self.hv.mirror_status(uuid)
 
     async def mirror_speed(self, uuid: str, speed_bytes: int) -> None:
-        m = self._mirror(uuid)
-        for disk_id in m.targets:
-            await m.vm.qmp.execute("block-job-set-speed", {"device": m.job_id(disk_id), "speed": int(speed_bytes)})
+        await self.hv.mirror_speed(uuid, speed_bytes)
 
     async def mirror_cancel(self, uuid: str) -> MirrorReport:
-        vm = self.vms.get(uuid)
-        if vm is None or vm.mirror is None:
-            return MirrorReport(state="none")
-        async with vm.lock:
-            await mirror.cancel(vm.mirror)
-        return vm.mirror.report
+        return await self.hv.mirror_cancel(uuid)
 
     async def mirror_pivot(self, uuid: str) -> PivotReport:
         """Storage vMotion's switch: the VM now runs on the new images; the old ones are closed, not deleted."""
-        m = self._mirror(uuid)
-        vm = m.vm
-        async with vm.lock:
-            await mirror.poll(m)
-            old = vm.spec
-            stall = await mirror.pivot(m)
-            moved = {d: t for d, t in m.targets.items()}
+        ctx = self.context()
+        async with self.hv.lock(uuid):
+            old = self.hv.spec(uuid)
+            stall, targets, home_datastore = await self.hv.mirror_pivot(uuid)
+            moved = {t.disk_id: t for t in targets}
             disks = [d.model_copy(update={"datastore": moved[d.id].datastore, "path": moved[d.id].path,
                                           "format": moved[d.id].format}) if d.id in moved else d for d in old.disks]
-            home = m.home_datastore or old.boot_datastore
+            home = home_datastore or old.boot_datastore
             new = old.model_copy(update={"disks": disks, "boot_datastore": home})
             if home != old.boot_datastore:
                 await asyncio.to_thread(self._copy_home, old, new)
             else:
-                (vm_folder(vm.ctx, new) / "vm.json").write_text(new.model_dump_json(indent=1))
+                (vm_folder(ctx, new) / "vm.json").write_text(new.model_dump_json(indent=1))
             self.take_leases(new, expected_holder=None)
-            vm.spec = new
-            vm.save_record()
-            old_files = [disk_file(vm.ctx, d) for d in old.disks if d.id in moved]
-            new_files = [disk_file(vm.ctx, d) for d in new.disks if d.id in moved]
-            closed = not any(_fd_open(vm.pid or 0, p) for p in old_files)
+            self.hv.set_spec(uuid, new)
+            old_files = [disk_file(ctx, d) for d in old.disks if d.id in moved]
+            new_files = [disk_file(ctx, d) for d in new.disks if d.id in moved]
+            closed = not any(self.hv.holds_open(p, uuid) for p in old_files)
             for d in new.disks:        # the mirror leaves zero areas as holes: allocate them again
                 if d.id in moved and moved[d.id].preallocate:
-                    await asyncio.to_thread(_fallocate, disk_file(vm.ctx, d))
+                    await asyncio.to_thread(_fallocate, disk_file(ctx, d))
             leases.release_all([leases.disk_lease_path(p) for p in old_files], self.cfg.name)
             if home != old.boot_datastore:
-                leases.release_one(vm_folder(vm.ctx, old) / leases.LEASE_FILE, self.cfg.name)
+                leases.release_one(vm_folder(ctx, old) / leases.LEASE_FILE, self.cfg.name)
         return PivotReport(pivoted_at=time.time(), write_stall_ms=round(stall, 2), old_files=[str(p) for p in old_files],
                            new_files=[str(p) for p in new_files], old_files_closed=closed, spec=new)
 
@@ -279,10 +266,10 @@ class AgentStorage:
         disk = next((d for d in spec.disks if d.id == disk_id and d.kind == "file"), None)
         if disk is None:
             raise NotFoundError(f"VM {spec.name} has no image disk {disk_id}", remedy="check the disk id")
-        if spec.uuid in self.vms:
+        if spec.uuid in self.hv.uuids():
             raise ConflictError(f"VM {spec.name} runs on {self.cfg.name}", remedy="power it off for a cold migration")
         exp = images.NbdExport(disk_file(self.context(), disk), disk.format, listen_address,
-                               migration.pick_port(listen_address), verbatim=disk.encrypted)
+                               pick_port(listen_address), verbatim=disk.encrypted)
         out = exp.start()
         self.nbd_exports[out.export_id] = exp
         try:
@@ -361,11 +348,3 @@ def _fallocate(path: Path) -> None:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     finally:
         os.close(fd)
-
-
-def _fd_open(pid: int, path: Path) -> bool:
-    """Whether process ``pid`` has ``path`` open."""
-    try:
-        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return False

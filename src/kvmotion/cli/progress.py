@@ -132,7 +132,7 @@ def figures(task: dict[str, Any]) -> Table:
 
 
 def guest_health_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
-    """The guest after the move: the verdict and why (kvmotion.agent.health)."""
+    """The guest after the move: the verdict and why (kvmotion.agent.hv.qemu.health)."""
     h = r.get("guest_health")
     if not h:
         return []

@@ -83,7 +83,7 @@ class KvmotionError(Exception):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KvmotionError":
         code = ErrorCode(data.get("code", "INTERNAL")) if data.get("code") in ErrorCode.__members__ else ErrorCode.INTERNAL
-        sub = _BY_CODE.get(code, KvmotionError)
+        sub = _BY_FAILURE.get((data.get("details") or {}).get("failure"), _BY_CODE.get(code, KvmotionError))
         err = sub(data.get("message", "unknown error"), remedy=data.get("remedy", ""), details=data.get("details"))
         err.code = code
         return err
@@ -102,6 +102,10 @@ class InvalidInputError(KvmotionError):
 
 class ConflictError(KvmotionError):
     code = ErrorCode.CONFLICT
+
+
+class WrongState(ConflictError):
+    """An operation the VM's run state does not allow; ``details`` name the state and the allowed ones."""
 
 
 class UnauthorizedError(KvmotionError):
@@ -142,8 +146,120 @@ class QemuStartFailed(KvmotionError):
     code = ErrorCode.QEMU_START_FAILED
 
 
+class Failure(StrEnum):
+    """Why a move failed: ``details['failure']`` of a ``MigrationFailed`` (decisions return one; nothing
+    branches on message text)."""
+
+    CANCELLED = "cancelled"
+    LINK_STALLED = "link-stalled"
+    NOT_CONVERGING = "not-converging"
+    TIMED_OUT = "timed-out"
+    DESTINATION_LOST = "destination-lost"
+    SHADOW_FAILED = "shadow-failed"
+    SOURCE_STUCK = "source-stuck"
+    QEMU_FAILED = "qemu-failed"
+    MIRROR_FAILED = "mirror-failed"
+    COPY_FAILED = "copy-failed"
+    AGENT_SILENT = "agent-silent"
+    POSTCOPY_LOST = "postcopy-lost"
+
+
 class MigrationFailed(KvmotionError):
+    """A move failed. Subclasses name the failure in ``details['failure']`` (same code on the wire) and bring
+    their own default remedy."""
+
     code = ErrorCode.MIGRATION_FAILED
+    failure: Failure | None = None
+    default_remedy = ""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs["remedy"] = kwargs.get("remedy") or self.default_remedy
+        super().__init__(message, **kwargs)
+        if self.failure is not None:
+            self.details = {"failure": str(self.failure), **self.details}
+
+
+class Cancelled(MigrationFailed):
+    """The user cancelled the move before its commit point."""
+
+    failure = Failure.CANCELLED
+    default_remedy = "nothing to do; the VM stays where it was, with its files"
+
+
+class LinkStalled(MigrationFailed):
+    """The migration stream made no progress in time."""
+
+    failure = Failure.LINK_STALLED
+    default_remedy = "check the migration network between the hosts (links, MTU, firewall); the VM stays on the source"
+
+
+class NotConverging(MigrationFailed):
+    """Pre-copy does not converge: the guest rewrites memory faster than the link carries it."""
+
+    failure = Failure.NOT_CONVERGING
+    default_remedy = "raise --downtime-ms, give the migration more bandwidth, or lower the guest's write rate"
+
+
+class TimedOut(NotConverging):
+    """The move exceeded its completion timeout."""
+
+    failure = Failure.TIMED_OUT
+
+
+class DestinationLost(MigrationFailed):
+    """The destination host or its migration address stopped answering."""
+
+    failure = Failure.DESTINATION_LOST
+    default_remedy = "check the destination host's agent log and its QEMU log, then retry"
+
+
+class ShadowFailed(DestinationLost):
+    """The destination's incoming VM ended without running the guest."""
+
+    failure = Failure.SHADOW_FAILED
+
+
+class SourceStuck(MigrationFailed):
+    """The source QEMU did not leave its migration when told to."""
+
+    failure = Failure.SOURCE_STUCK
+
+
+class QemuMigrationFailed(MigrationFailed):
+    """QEMU reports the migration failed or cancelled (its own error in the message)."""
+
+    failure = Failure.QEMU_FAILED
+    default_remedy = "see the error; the VM still runs on the source"
+
+
+class MirrorFailed(MigrationFailed):
+    """A disk mirror failed or did not conclude."""
+
+    failure = Failure.MIRROR_FAILED
+    default_remedy = "check the target datastore (space, permissions) and retry"
+
+
+class CopyFailed(MirrorFailed):
+    """A cold copy (qemu-img convert and compare) failed."""
+
+    failure = Failure.COPY_FAILED
+
+
+class AgentSilent(MigrationFailed):
+    """An agent did not answer for longer than a move waits for it."""
+
+    failure = Failure.AGENT_SILENT
+
+
+class PostcopyLost(MigrationFailed):
+    """Post-copy failed where QEMU cannot resume it: the guest's memory is split between the hosts."""
+
+    failure = Failure.POSTCOPY_LOST
+    default_remedy = "both QEMUs are kept; see the task's reconciliation"
+
+
+class PhaseTableViolation(KvmotionError):
+    """The engine was asked for a transition its kind does not declare: a bug, stopped before acting."""
 
 
 class DeadlineExceeded(KvmotionError):
@@ -162,3 +278,13 @@ _BY_CODE: dict[ErrorCode, type[KvmotionError]] = {
         UnauthorizedError, ForbiddenError,
     )
 }
+_BY_FAILURE: dict[str | None, type[MigrationFailed]] = {
+    str(cls.failure): cls for cls in (Cancelled, LinkStalled, NotConverging, TimedOut, DestinationLost, ShadowFailed,
+                                      SourceStuck, QemuMigrationFailed, MirrorFailed, CopyFailed, AgentSilent,
+                                      PostcopyLost)
+}
+
+
+def migration_failure(failure: Failure, message: str, remedy: str = "") -> MigrationFailed:
+    """The error a decision's ``failure`` stands for."""
+    return _BY_FAILURE[str(failure)](message, remedy=remedy)

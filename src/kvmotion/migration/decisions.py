@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from kvmotion.migration.errors import Cause
+from kvmotion.common.errors import Failure
 from kvmotion.models.agent import POSTCOPY_STATES, MigrationReport
 
 GIB = 1024 ** 3
@@ -35,7 +35,7 @@ class Decision:
     action: Action
     reason: str = ""
     downtime_ms: int | None = None
-    cause: Cause | None = None           # ABORT / LOST: why, for the engine's error subclass
+    failure: Failure | None = None       # ABORT / LOST: why, for the engine's error subclass
 
 
 # The switchover target starts low and is raised, step by step, up to the budget while pre-copy does not
@@ -101,10 +101,10 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
         qemu = f" (QEMU: {report.error})" if report.error else ""
         when = "at the switchover" if report.pre_switchover_at or report.status in ("pre-switchover", "device") \
             else "during pre-copy"
-        return Decision(Action.ABORT, f"the destination's shadow VM stopped {when}{qemu}", cause=Cause.DESTINATION_LOST)
+        return Decision(Action.ABORT, f"the destination's shadow VM stopped {when}{qemu}", failure=Failure.DESTINATION_LOST)
     if report.status in ("failed", "cancelled"):
         return Decision(Action.ABORT, report.error or f"QEMU reports the migration {report.status}",
-                        cause=Cause.QEMU_FAILED)
+                        failure=Failure.QEMU_FAILED)
     if report.status in ("pre-switchover", "device") or report.pre_switchover_at:
         return Decision(Action.SWITCHING)
     if watch.downtime_ms is not None and watch.downtime_ms < budget_ms:
@@ -123,7 +123,7 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
         left = (watch.best_remaining or report.ram_remaining) / 1e6
         return Decision(Action.ABORT, f"the migration link stalls: no memory moved for "
                                       f"{now - (watch.sent_at or watch.started):.0f}s with {left:.1f} MB left",
-                        cause=Cause.LINK_STALLED)
+                        failure=Failure.LINK_STALLED)
     if since_progress > progress_timeout_s:
         dirty = report.dirty_pages_rate * PAGE / 1e6
         link = report.mbps / 8
@@ -133,13 +133,13 @@ def decide(report: MigrationReport, dst_alive: bool, watch: ProgressWatch, now: 
                  f"{link:.1f} MB/s, more than the downtime target; dirty rate {dirty:.1f} MB/s")
         return Decision(Action.ABORT, f"did not converge: {rates}; the remaining memory did not shrink for "
                                       f"{since_progress:.0f}s (downtime target {watch.downtime_ms} ms reached)",
-                        cause=Cause.NOT_CONVERGING)
+                        failure=Failure.NOT_CONVERGING)
     limit = completion_timeout_s(memory_mb, completion_per_gib_s)
     if now - watch.started > limit:
         if postcopy:
             return Decision(Action.START_POSTCOPY, f"pre-copy reached its completion timeout of {limit:.0f}s")
         return Decision(Action.ABORT, f"migration exceeded its completion timeout of {limit:.0f}s",
-                        cause=Cause.TIMED_OUT)
+                        failure=Failure.TIMED_OUT)
     return Decision(Action.WAIT)
 
 
@@ -167,10 +167,10 @@ def decide_postcopy(report: MigrationReport, dst_status: str | None, w: Postcopy
         return Decision(Action.COMPLETED)
     if report.status in ("failed", "cancelled"):
         return Decision(Action.LOST, f"post-copy {report.status}: {report.error or 'no detail'}; the guest's memory "
-                                     "is split between the hosts", cause=Cause.POSTCOPY_LOST)
+                                     "is split between the hosts", failure=Failure.POSTCOPY_LOST)
     if dst_status in ("failed", "cancelled"):
         return Decision(Action.LOST, "the destination QEMU failed during post-copy (its stream broke where QEMU "
-                                     "cannot resume it); the source keeps the guest's state at the switchover, paused", cause=Cause.POSTCOPY_LOST)
+                                     "cannot resume it); the source keeps the guest's state at the switchover, paused", failure=Failure.POSTCOPY_LOST)
     if report.status == "postcopy-active":
         w.paused_at = None
         if report.ram_transferred > w.best_transferred:
@@ -189,7 +189,7 @@ def decide_postcopy(report: MigrationReport, dst_status: str | None, w: Postcopy
             return Decision(Action.RECOVER, "both sides paused: reconnect")
         if now - w.paused_at > POSTCOPY_PAUSED_GIVEUP_S:
             return Decision(Action.LOST, f"post-copy paused for {now - w.paused_at:.0f}s: the migration link "
-                                         "is down; reconciliation keeps recovering it", cause=Cause.POSTCOPY_LOST)
+                                         "is down; reconciliation keeps recovering it", failure=Failure.POSTCOPY_LOST)
     return Decision(Action.WAIT)
 
 

@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from kvmotion.common.errors import ConflictError, KvmotionError
-from kvmotion.migration.errors import Cancelled, MoveFailed
+from kvmotion.common.errors import Cancelled, ConflictError, KvmotionError, MigrationFailed
 from kvmotion.migration.kinds import Kind
 from kvmotion.migration.ports import HostClient, InventoryView, Journal
 from kvmotion.models.agent import VMSpec
@@ -172,7 +171,7 @@ class MoveEngine:
             await self._fail(exc)
         except Exception as exc:  # noqa: BLE001 - the task must always end in a state a user can act on
             log.exception("%s of %s crashed", self.kind.name, self.spec.name)
-            await self._fail(MoveFailed(f"internal error: {type(exc).__name__}: {exc}",
+            await self._fail(MigrationFailed(f"internal error: {type(exc).__name__}: {exc}",
                                         remedy="report this bug; see the task's rollback for where the VM is"))
 
     async def _drive(self) -> None:

@@ -11,10 +11,9 @@ import asyncio
 import time
 from typing import Any
 
-from kvmotion.common.errors import KvmotionError
+from kvmotion.common.errors import CopyFailed, KvmotionError, MirrorFailed
 from kvmotion.migration import decisions, guestcheck
 from kvmotion.migration.engine import MBIT, MoveContext, MoveEngine, Outcome, Step
-from kvmotion.migration.errors import DisksFailed
 from kvmotion.migration.live import relocation_record
 from kvmotion.migration.relocate import DiskMove, Relocation
 from kvmotion.models.agent import DiskCopyRequest, DiskSpec, DiskTarget, MirrorReport, MirrorRequest, PivotReport
@@ -97,7 +96,7 @@ class StorageVMotion(FileMove):
                              "disks": [j.model_dump() for j in r.jobs]},
                             self.band(Phase.MIRROR, r.done / r.total if r.total else 0))
             if r.state == "failed":
-                raise DisksFailed(f"the disk mirror failed: {r.error}")
+                raise MirrorFailed(f"the disk mirror failed: {r.error}")
             if r.state == "ready":
                 return r
             self.check_cancel()
@@ -215,7 +214,7 @@ class ColdMigration(FileMove):
                 await asyncio.sleep(POLL_S)
                 job = await self.dst.copy_status(job.job)
             if job.state != "done":
-                raise DisksFailed(f"copying {m.disk_id} failed: {job.error}")
+                raise CopyFailed(f"copying {m.disk_id} failed: {job.error}")
             return job.bytes_total
         finally:
             if export is not None:

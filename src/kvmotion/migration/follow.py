@@ -10,11 +10,10 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from kvmotion.common.errors import AgentUnreachable, KvmotionError
+from kvmotion.common.errors import AgentSilent, AgentUnreachable, Failure, KvmotionError, migration_failure
 from kvmotion.migration import decisions, postcopy
 from kvmotion.migration.decisions import Action
 from kvmotion.migration.engine import Outcome
-from kvmotion.migration.errors import AgentSilent, Cause, failure
 from kvmotion.models.agent import POSTCOPY_STATES, MigrationReport, MigrationTuning
 from kvmotion.models.moves import Phase
 
@@ -94,7 +93,7 @@ class PrecopyFollower:
         await m.live(m.live_view(report, w), m.kind.progress_at[Phase.PRECOPY] + 0.8 * decisions.percent(report)
                      if not m.switching else None)
         if d.action == Action.ABORT:
-            raise failure(d.cause or Cause.QEMU_FAILED, d.reason)
+            raise migration_failure(d.failure or Failure.QEMU_FAILED, d.reason)
         return report, d
 
     async def _act(self, d: decisions.Decision, report: MigrationReport, now: float) -> None:
@@ -169,7 +168,7 @@ async def follow_postcopy(m: "LiveMove", dst_address: str) -> Outcome:
                            result={"pauses": pc["pauses"], "recoveries": pc["recoveries"],
                                    "postcopy_bytes": pc["bytes"], "page_requests": pc["page_requests"]})
         if d.action == Action.LOST:
-            raise failure(d.cause or Cause.POSTCOPY_LOST, d.reason)
+            raise migration_failure(d.failure or Failure.POSTCOPY_LOST, d.reason)
 
 
 def _postcopy_view(report: MigrationReport, dst_status: str | None, pc: dict[str, Any],

@@ -1,5 +1,5 @@
 """After a move: does the guest live where it runs now? The host's agent samples and judges
-(:mod:`kvmotion.agent.health`); the task's result records the verdict, with a finding when it is not healthy.
+(:mod:`kvmotion.agent.hv.qemu.health`); the task's result records the verdict, with a finding when it is not healthy.
 
 The check starts once the guest runs on its new host (after resume and announce, or after a Storage vMotion's
 pivot) and overlaps the steps that follow, so it adds nothing to the guest's pause. It never fails the move:

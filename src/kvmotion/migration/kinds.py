@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvmotion.common.errors import InvalidInputError
-from kvmotion.migration.errors import PhaseTableViolation
+from kvmotion.common.errors import InvalidInputError, PhaseTableViolation
 from kvmotion.models.moves import MoveKind, Phase
 
 P = Phase

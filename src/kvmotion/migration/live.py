@@ -14,10 +14,9 @@ import time
 from typing import Any
 
 from kvmotion.checks.rules import encryption_plan
-from kvmotion.common.errors import ConflictError, KvmotionError
+from kvmotion.common.errors import ConflictError, KvmotionError, MirrorFailed
 from kvmotion.migration import decisions, guestcheck, predict, tuning
 from kvmotion.migration.engine import MBIT, MoveContext, MoveEngine, Outcome, Step
-from kvmotion.migration.errors import DisksFailed
 from kvmotion.migration.follow import POLL_S, PrecopyFollower, follow_postcopy, shadow_alive
 from kvmotion.migration.live_end import LiveEnd, remove_shadow
 from kvmotion.migration.relocate import Relocation
@@ -154,7 +153,7 @@ class LiveMove(LiveEnd, MoveEngine):
                              "state": r.state, "eta_s": decisions.copy_eta_s(r.done, r.total, r.mbps)},
                             self.band(Phase.DISKS, r.done / r.total if r.total else 0))
             if r.state == "failed" or not await shadow_alive(self):
-                raise DisksFailed(f"the disk streams to {self.destination} failed: "
+                raise MirrorFailed(f"the disk streams to {self.destination} failed: "
                                   f"{r.error or 'the destination QEMU is gone'}",
                                   remedy="check the destination host's agent and QEMU logs, then retry")
             if r.state == "ready":

@@ -255,7 +255,7 @@ class HostFacts(BaseModel):
 
 
 class DirtySample(BaseModel):
-    """A VM's dirty rate and touched RAM, as measured on its host (see ``kvmotion.agent.sampling``)."""
+    """A VM's dirty rate and touched RAM, as measured on its host (see ``kvmotion.agent.hv.qemu.sampling``)."""
 
     dirty_mb_s: float
     sampled_at: float
@@ -460,7 +460,7 @@ class LeaseInfo(BaseModel):
     taken_at: float
 
 
-# -- is the guest alive after a move (kvmotion.agent.health samples, its pure judge() decides) --------------------
+# -- is the guest alive after a move (kvmotion.agent.hv.qemu.health samples, its pure judge() decides) --------------------
 class HealthCheckRequest(BaseModel):
     window_s: float = Field(default=1.5, ge=0.5, le=10.0, allow_inf_nan=False)   # how long counters are watched
     since: float | None = Field(default=None, ge=0, allow_inf_nan=False)   # agent clock; None: since it arrived

@@ -8,7 +8,7 @@ by QEMU alone, with kvmotion's exact command line and no agent (``bench.rawqemu`
 - ``qemu-defaults``: a plain ``migrate`` with QEMU's defaults (128 MiB/s, 300 ms, one stream), then ``cont`` on the
   destination; its time runs from ``migrate`` to ``cont`` (starting the destination QEMU and stopping the source are
   not counted: the baseline is favoured). Under TCG its guest gets the 8 KiB of extra RAM kvmotion's guests get
-  (``agent.qemuvm.guest_ram``), so both sides move the same RAM size;
+  (``agent.hv.qemu.argv.guest_ram``), so both sides move the same RAM size;
 - optional kvmotion variants that isolate one choice (``one-stream``, ``multifd-N``, ``xbzrle``, ``no-xbzrle``).
 
 Every run moves each side's guest once to the other host; the order alternates (run 1 as given, run 2 reversed,
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kvmotion.agent.qemuvm import TCG_RAM_PAD_KIB
+from kvmotion.agent.hv.qemu.argv import TCG_RAM_PAD_KIB
 from kvmotion_lab.bench import rawqemu, report
 from kvmotion_lab.bench.rawqemu import Recipe
 from kvmotion_lab.bench.survival import Guest, survived

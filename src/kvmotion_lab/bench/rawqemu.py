@@ -1,9 +1,9 @@
 """Plain QEMU migrations of a VM with kvmotion's exact argv, in the lab, with no agent and no controller.
 
-The control arms of the benchmarks: the same guest, the same QEMU command line (``agent.qemuvm.build_argv``), the
+The control arms of the benchmarks: the same guest, the same QEMU command line (``agent.hv.qemu.argv.build_argv``), the
 same taps, bridges and migration network as kvmotion uses; only the QMP sequence differs, as a ``Recipe`` says.
 ``Recipe()`` is QEMU's defaults (a plain ``migrate``, then ``cont`` on the destination); ``KVMOTION_RECIPE`` is
-kvmotion's sequence without kvmotion (``agent.migration``'s capabilities and parameters).
+kvmotion's sequence without kvmotion (``agent.hv.qemu.migration``'s capabilities and parameters).
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from kvmotion.agent.migration import ANNOUNCE, AUTO_CONVERGE
-from kvmotion.agent.qemuvm import HostContext, build_argv, tap_name
+from kvmotion.agent.hv.qemu.migration import ANNOUNCE, AUTO_CONVERGE
+from kvmotion.agent.context import HostContext
+from kvmotion.agent.hv.qemu.argv import build_argv, tap_name
 from kvmotion.models.agent import VMSpec
 from kvmotion_lab import net
 from kvmotion_lab.netns import netns_exec_argv

@@ -9,7 +9,7 @@ moves are done. Arms:
 - ``C``: kvmotion itself (controller + agents), TLS as its default policy decides; ``C-plain``: encryption off;
 - ``D-…``: ``B`` with one choice toggled (``D-no-auto-converge``, ``D-qemu-bandwidth``, ...), or ``A`` with one
   choice added (``A+auto-converge``, ...); ``D-ram-pad`` / ``A-ram-pad``: guest RAM 8 KiB above its MiB size, which
-  kvmotion uses under TCG (``agent.qemuvm.guest_ram``) to avoid QEMU 7.2's lost-write bug. The raw arms run with the
+  kvmotion uses under TCG (``agent.hv.qemu.argv.guest_ram``) to avoid QEMU 7.2's lost-write bug. The raw arms run with the
   exact size unless they say ``ram-pad``.
 
 After every round each guest must answer over HTTP with the same boot and a heartbeat that went up; a guest that

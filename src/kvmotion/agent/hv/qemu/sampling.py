@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from kvmotion.agent.qemuvm import QemuVM
+from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.common.errors import ConflictError, DeadlineExceeded
 from kvmotion.models.agent import DirtySample, VMRunState
 

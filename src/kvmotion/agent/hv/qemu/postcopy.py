@@ -15,9 +15,10 @@ import socket
 import time
 from typing import Any
 
-from kvmotion.agent.migration import MigrationWatch, _qmp, pick_port, query_migrate, uri_for
-from kvmotion.agent.qemuvm import QemuVM
-from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
+from kvmotion.agent.hv.qemu.migration import MigrationWatch, qmp_of, query_migrate, uri_for
+from kvmotion.agent.ports import pick_port
+from kvmotion.agent.hv.qemu.process import QemuVM
+from kvmotion.common.errors import ConflictError, KvmotionError, DestinationLost
 from kvmotion.models.agent import POSTCOPY_STATES
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ async def start(vm: QemuVM) -> dict[str, Any]:
     if not w.report.extra.get("postcopy_capable"):
         raise ConflictError(f"the migration of {vm.spec.name} was started without post-copy",
                             remedy="allow post-copy in the VM's migration policy before the migration starts")
-    await _qmp(vm).execute("migrate-start-postcopy", timeout=5)
+    await qmp_of(vm).execute("migrate-start-postcopy", timeout=5)
     w.report.extra["postcopy_started_at"] = time.time()      # from here the source is never resumed
     return {"status": "postcopy-requested", "postcopy_started_at": w.report.extra["postcopy_started_at"]}
 
@@ -68,7 +69,7 @@ async def pause(vm: QemuVM, role: str) -> dict[str, Any]:
     status = await _status(vm, w) if role == "source" else w.report.status
     if (status == ACTIVE) if role == "source" else (status != PAUSED):
         try:
-            await _qmp(vm).execute("migrate-pause", timeout=3, oob=True)
+            await qmp_of(vm).execute("migrate-pause", timeout=3, oob=True)
             w.report.extra["postcopy_pauses"] = int(w.report.extra.get("postcopy_pauses", 0)) + 1
         except KvmotionError as exc:          # it paused by itself meanwhile (QEMU checks the state)
             log.info("%s: migrate-pause: %s", vm.spec.name, exc.message)
@@ -85,7 +86,7 @@ async def recover_incoming(vm: QemuVM, listen_address: str) -> dict[str, Any]:
         return {"uri": pending, "status": w.report.status}   # still listening since the last attempt: reuse it
     uri = uri_for(listen_address, pick_port(listen_address))
     try:
-        await _qmp(vm).execute("migrate-recover", {"uri": uri}, timeout=3, oob=True)
+        await qmp_of(vm).execute("migrate-recover", {"uri": uri}, timeout=3, oob=True)
     except KvmotionError as exc:                # QEMU checks the state: paused, not yet recovering
         raise ConflictError(f"the incoming post-copy of {vm.spec.name} cannot be recovered now: {exc.message}",
                             remedy="it must be paused first (it pauses by itself when its link fails)") from exc
@@ -116,10 +117,10 @@ async def resume(vm: QemuVM, uri: str, probe_address: str) -> dict[str, Any]:
     if status != PAUSED:
         raise ConflictError(f"the post-copy of {vm.spec.name} is {status}, not paused", remedy="nothing to recover")
     if not await asyncio.to_thread(reachable, probe_address):
-        raise MigrationFailed(f"the destination's migration address {probe_address} does not answer",
+        raise DestinationLost(f"the destination's migration address {probe_address} does not answer",
                               remedy="restore the migration link; recovery is retried")
     try:
-        await _qmp(vm).execute("migrate", {"uri": uri, "resume": True}, timeout=10)
+        await qmp_of(vm).execute("migrate", {"uri": uri, "resume": True}, timeout=10)
     except KvmotionError as exc:
         log.warning("post-copy resume of %s: %s", vm.spec.name, exc)
         raise

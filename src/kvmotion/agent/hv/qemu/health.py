@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmotion.agent.qemuvm import QemuVM, tap_name
+from kvmotion.agent.hv.qemu.argv import tap_name
+from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.common.errors import KvmotionError, QMPTimeout
 from kvmotion.models.agent import POSTCOPY_STATES, GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.agent.diskkeys import disk_secret_id
-from kvmotion.agent.qemuvm import QemuVM, safe_path
-from kvmotion.common.errors import ConflictError, KvmotionError, MigrationFailed
+from kvmotion.agent.context import safe_path
+from kvmotion.agent.hv.qemu.migration import qmp_of
+from kvmotion.agent.hv.qemu.process import QemuVM
+from kvmotion.common.errors import ConflictError, KvmotionError, MirrorFailed
 from kvmotion.models.agent import DiskSpec, DiskTarget, MirrorJob, MirrorReport
 
 log = logging.getLogger(__name__)
@@ -40,15 +42,9 @@ class Mirror:
         return JOB_PREFIX + disk_id
 
 
-def _qmp(vm: QemuVM) -> Any:
-    if vm.qmp is None:
-        raise ConflictError(f"VM {vm.spec.name} has no QMP connection", remedy="the QEMU process is gone")
-    return vm.qmp
-
-
 async def target_node_name(vm: QemuVM, disk: DiskSpec) -> str:
     """A node name not in use in the process (a leftover of an interrupted mirror may still be there)."""
-    used = {n.get("node-name") for n in await _qmp(vm).execute("query-named-block-nodes", {"flat": True}, timeout=5)}
+    used = {n.get("node-name") for n in await qmp_of(vm).execute("query-named-block-nodes", {"flat": True}, timeout=5)}
     n = 1
     while f"{disk.node}-m{n}" in used or f"{disk.node}-m{n}" in vm.nodes.values():
         n += 1
@@ -72,7 +68,7 @@ def target_blockdev(vm: QemuVM, disk: DiskSpec, t: DiskTarget, node: str) -> dic
 
 async def start(m: Mirror, speed_bytes: int, copy_mode: str) -> None:
     """Attach every target and start every job; on any error, undo what was done."""
-    vm, qmp = m.vm, _qmp(m.vm)
+    vm, qmp = m.vm, qmp_of(m.vm)
     disks = {d.id: d for d in vm.spec.disks}
     try:
         for disk_id, t in m.targets.items():
@@ -97,7 +93,7 @@ async def poll(m: Mirror) -> MirrorReport:
         if r.state in ("mirroring", "ready"):
             r.state, r.error = "failed", r.error or "the VM's QEMU exited during the mirror"
         return r
-    qmp = _qmp(m.vm)
+    qmp = qmp_of(m.vm)
     jobs = {j["id"]: j for j in await qmp.execute("query-jobs", timeout=5)}
     blocks = {j["device"]: j for j in await qmp.execute("query-block-jobs", timeout=5)}
     out = []
@@ -127,7 +123,7 @@ async def poll(m: Mirror) -> MirrorReport:
 
 
 async def _wait_concluded(m: Mirror, deadline_s: float) -> dict[str, dict[str, Any]]:
-    qmp = _qmp(m.vm)
+    qmp = qmp_of(m.vm)
     end = time.monotonic() + deadline_s
     wanted = {m.job_id(d) for d in m.targets}
     while True:
@@ -135,15 +131,15 @@ async def _wait_concluded(m: Mirror, deadline_s: float) -> dict[str, dict[str, A
         if all(j["status"] in ("concluded", "null") for j in jobs.values()):
             return jobs
         if time.monotonic() > end:
-            raise MigrationFailed(f"the disk mirrors of {m.vm.spec.name} did not conclude within {deadline_s:.0f}s",
-                                  remedy="check the target datastore or the destination host")
+            raise MirrorFailed(f"the disk mirrors of {m.vm.spec.name} did not conclude within {deadline_s:.0f}s",
+                               remedy="check the target datastore or the destination host")
         await asyncio.sleep(0.02)
 
 
 async def _dismiss(m: Mirror, jobs: dict[str, dict[str, Any]]) -> None:
     for jid in jobs:
         try:
-            await _qmp(m.vm).execute("job-dismiss", {"id": jid}, timeout=5)
+            await qmp_of(m.vm).execute("job-dismiss", {"id": jid}, timeout=5)
         except KvmotionError:
             pass
 
@@ -153,7 +149,7 @@ async def pivot(m: Mirror, deadline_s: float = 60.0) -> float:
     if m.report.state != "ready":
         raise ConflictError(f"the mirrors of {m.vm.spec.name} are {m.report.state}, not ready",
                             remedy="wait until every disk is in sync")
-    qmp = _qmp(m.vm)
+    qmp = qmp_of(m.vm)
     t0 = time.monotonic()
     for disk_id in m.targets:
         await qmp.execute("block-job-complete", {"device": m.job_id(disk_id)}, timeout=10)
@@ -163,8 +159,8 @@ async def pivot(m: Mirror, deadline_s: float = 60.0) -> float:
     await _dismiss(m, jobs)
     if errors:
         m.report.state, m.report.error = "failed", "; ".join(f"{k}: {v}" for k, v in errors.items())
-        raise MigrationFailed(f"the pivot of {m.vm.spec.name} failed: {m.report.error}",
-                              remedy="the VM keeps its original disks; check the target datastore")
+        raise MirrorFailed(f"the pivot of {m.vm.spec.name} failed: {m.report.error}",
+                           remedy="the VM keeps its original disks; check the target datastore")
     for disk_id, node in m.target_nodes.items():
         old = m.vm.nodes[disk_id]
         m.vm.nodes[disk_id] = node
@@ -178,7 +174,7 @@ async def pivot(m: Mirror, deadline_s: float = 60.0) -> float:
 
 async def complete_at_switchover(m: Mirror, deadline_s: float = 30.0) -> None:
     """Shared-nothing, at pre-switchover: the NBD targets are in sync; cancel (= complete without pivot)."""
-    qmp = _qmp(m.vm)
+    qmp = qmp_of(m.vm)
     for disk_id in m.targets:
         await qmp.execute("block-job-cancel", {"device": m.job_id(disk_id)}, timeout=10)
     jobs = await _wait_concluded(m, deadline_s)
@@ -188,8 +184,8 @@ async def complete_at_switchover(m: Mirror, deadline_s: float = 30.0) -> None:
         await qmp.execute("blockdev-del", {"node-name": node}, timeout=10)
     m.target_nodes.clear()
     if errors:
-        raise MigrationFailed(f"the disk streams of {m.vm.spec.name} failed at switchover: {errors}",
-                              remedy="the VM stays on the source; check the destination host")
+        raise MirrorFailed(f"the disk streams of {m.vm.spec.name} failed at switchover: {errors}",
+                           remedy="the VM stays on the source; check the destination host")
     m.report.state = "pivoted"
 
 

@@ -1,0 +1,1 @@
+"""QEMU/KVM as the agent's hypervisor."""

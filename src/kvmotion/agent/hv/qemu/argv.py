@@ -1,0 +1,166 @@
+"""The one translation from a VM definition to a QEMU command line (covered by tests/golden/argv)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kvmotion.agent.context import HostContext, safe_path, vm_folder
+from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
+from kvmotion.agent.procs import QEMU_BINARY
+from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
+from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec, nbd_problem, parse_nbd
+
+GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
+
+
+def cpu_arg(spec: VMSpec, ctx: HostContext) -> str:
+    model = ctx.host_model if spec.cpu_model == HOST_PASSTHROUGH else spec.cpu_model
+    arg = model + "".join(f",-{f}" for f in spec.cpu_mask)
+    return arg + (",enforce=on" if spec.cpu_enforce else "")
+
+
+def disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
+    node = _plain_disk_node(disk, ctx)
+    if disk.encrypted:
+        node["encrypt"] = {"format": "luks", "key-secret": disk_secret_id(disk.node)}
+    return node
+
+
+def _plain_disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
+    if disk.kind == "rdm":
+        path = ctx.luns.get(disk.identity or "")
+        if path is None:
+            raise ConflictError(f"raw LUN {disk.identity} of {disk.id} is not presented to {ctx.host_name}",
+                                remedy="present the LUN to this host, or run the VM elsewhere")
+        return {"node-name": disk.node, "driver": "raw", "file": {"driver": "host_device", "filename": str(path)}}
+    path = safe_path(ctx, disk.datastore, disk.path)
+    return {"node-name": disk.node, "driver": disk.format, "file": {"driver": "file", "filename": str(path)}}
+
+
+def has_media(cd: CdromSpec) -> bool:
+    """Whether a CD/DVD drive holds a medium (without opening it)."""
+    return (cd.media == "local" and bool(cd.path)) or (cd.media == "client" and bool(cd.nbd))
+
+
+def iso_file(ctx: HostContext, cd: CdromSpec, boot_datastore: str) -> Path:
+    """A drive's local ISO image: a regular file inside its datastore (default: the VM's boot datastore)."""
+    datastore = cd.datastore or boot_datastore
+    path = safe_path(ctx, datastore, cd.path or "", what="ISO image")
+    if not path.exists():
+        raise NotFoundError(f"ISO image {cd.path!r} does not exist on datastore {datastore} of host {ctx.host_name}",
+                            remedy="copy the image into the datastore first, or name another image")
+    if not path.is_file():
+        raise InvalidInputError(f"ISO image {cd.path!r} on datastore {datastore} is not a regular file",
+                                remedy="name an image file")
+    return path
+
+
+def cdrom_node(cd: CdromSpec, ctx: HostContext, boot_datastore: str) -> dict[str, Any] | None:
+    """The block node behind a CD/DVD drive's medium (None when the drive is empty)."""
+    if cd.media == "local" and cd.path:
+        file: dict[str, Any] = {"driver": "file", "filename": str(iso_file(ctx, cd, boot_datastore)), "read-only": True}
+    elif cd.media == "client" and cd.nbd:
+        problem = nbd_problem(cd.nbd)
+        if problem is not None:
+            raise InvalidInputError(f"client media address {cd.nbd!r} of {cd.id} {problem}",
+                                    remedy="write it like nbd://HOST:PORT/EXPORT")
+        host, port, export = parse_nbd(cd.nbd)
+        file = {"driver": "nbd", "server": {"type": "inet", "host": host, "port": str(port)}, "export": export}
+    else:
+        return None
+    return {"node-name": f"{cd.id}-media", "driver": "raw", "read-only": True, "file": file}
+
+
+def tap_name(uuid: str, index: int) -> str:
+    return f"kv{uuid.replace('-', '')[:9]}{index}"
+
+
+def secret_args(spec: VMSpec, disk_keys: dict[str, str], master_file: Path) -> list[str]:
+    """A per-process master secret (a 0600 file) and every disk passphrase encrypted under it."""
+    encrypted = [d for d in spec.disks if d.encrypted]
+    if not encrypted:
+        return []
+    missing = [d.id for d in encrypted if d.node not in disk_keys]
+    if missing:
+        raise ConflictError(f"no key was given for the encrypted disk(s) {', '.join(missing)} of {spec.name}",
+                            remedy="start the VM through the controller, which holds its keys")
+    master = write_master(master_file)
+    args = ["-object", master_object(master_file)]
+    for d in encrypted:
+        args += ["-object", encrypted_secret_args(disk_secret_id(d.node), disk_keys[d.node], master)]
+    return args
+
+
+# QEMU 7.2 under TCG loses guest writes during live migration: the fast path of its dirty-bitmap sync (taken for a
+# RAM block whose length is a multiple of 64 pages) clears dirty bits without resetting TCG's TLB, so stores through
+# the TLB after a sync are never marked dirty and never sent (fixed upstream in QEMU 9.0, 03bfc2188f "physmem: Fix
+# migration dirty bitmap coherency with TCG memory access"). 8 KiB more guest RAM takes the block off that path:
+# measured in docs/guest-survival.md (lost pages and broken guests with and without). KVM tracks dirty pages itself
+# and keeps the exact size.
+TCG_RAM_PAD_KIB = 8
+
+
+def guest_ram(spec: VMSpec, ctx: HostContext, backend: bool = False) -> str:
+    """The ``-m`` value (``backend``: a memory backend's size): the VM's MiB, under TCG with the pad that avoids
+    QEMU 7.2's lost-write bug."""
+    if ctx.accelerator == "kvm":
+        return f"{spec.memory_mb}M" if backend else str(spec.memory_mb)
+    return f"{spec.memory_mb * 1024 + TCG_RAM_PAD_KIB}" + ("K" if backend else "k")
+
+
+def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
+               disk_keys: dict[str, str] | None = None) -> list[str]:
+    folder = vm_folder(ctx, spec)
+    cmdline = f"{GUEST_CONSOLE} kvmotion.name={spec.name}"
+    if spec.guest_ip:
+        cmdline += f" kvmotion.ip={spec.guest_ip}"
+    if spec.dirty_mb_s:
+        cmdline += f" kvmotion.dirty={spec.dirty_mb_s:g}"
+    if spec.extra_cmdline:
+        cmdline += " " + spec.extra_cmdline
+    accel = "kvm" if ctx.accelerator == "kvm" else "tcg"
+    argv = [
+        QEMU_BINARY,
+        "-name", f"guest={spec.name},debug-threads=on",
+        "-uuid", spec.uuid,
+        "-machine", spec.machine,
+        "-accel", "kvm" if accel == "kvm" else "tcg,thread=single",
+        "-cpu", cpu_arg(spec, ctx),
+        "-m", guest_ram(spec, ctx),
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-smbios", f"type=1,manufacturer=kvmotion,product=kvmotion-vm,serial={spec.uuid},uuid={spec.uuid}",
+        "-kernel", str(folder / "vmlinuz"),
+        "-initrd", str(folder / "initrd.img"),
+        "-append", cmdline,
+        # append=off: QEMU truncates the log when it opens it, so every start (a shadow too) begins empty and a
+        # console line from an earlier run on this host never counts; re-adoption does not reopen it
+        "-chardev", f"file,id=serial0,path={run_dir / 'serial.log'},append=off",
+        "-serial", "chardev:serial0",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        "-pidfile", str(run_dir / "qemu.pid"),
+        "-msg", "timestamp=on",
+    ]
+    if ctx.swap_dir is not None:
+        argv[argv.index("-machine") + 1] += ",memory-backend=pc.ram"
+        argv += ["-object", f"memory-backend-file,id=pc.ram,size={guest_ram(spec, ctx, backend=True)},"
+                            f"mem-path={ctx.swap_dir / (spec.uuid + '.ram')},share=off"]
+    argv += secret_args(spec, disk_keys or {}, run_dir / "master.key")
+    for disk in spec.disks:
+        argv += ["-blockdev", json.dumps(disk_node(disk, ctx)),
+                 "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}"]
+    for i, cd in enumerate(spec.cdroms):
+        node = cdrom_node(cd, ctx, spec.boot_datastore)
+        if node is not None:
+            argv += ["-blockdev", json.dumps(node)]
+        argv += ["-device", f"ide-cd,id={cd.id},bus=ide.{i}" + (f",drive={node['node-name']}" if node else "")]
+    for i, nic in enumerate(spec.nics):
+        tap = tap_name(spec.uuid, i)
+        argv += ["-netdev", f"tap,id=net-{nic.id},ifname={tap},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net-{nic.id},mac={nic.mac},id={nic.id}"]
+    if incoming:
+        argv += ["-incoming", "defer", "-S"]
+    return argv
+
+

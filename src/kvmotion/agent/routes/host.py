@@ -1,0 +1,55 @@
+"""Host routes: liveness, facts, TLS material, CPU models."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from kvmotion.agent.routes.deps import AgentDep
+from kvmotion.models.agent import MAX_CPU_FEATURES, HostFacts, Name, TlsFact
+
+MAX_PEM = 16384
+
+router = APIRouter(prefix="/v1")
+
+
+class TlsInstall(BaseModel):
+    ca_cert: str = Field(max_length=MAX_PEM)
+    server_cert: str = Field(max_length=MAX_PEM)
+    client_cert: str = Field(max_length=MAX_PEM)
+
+
+class CpuExpandRequest(BaseModel):
+    model: Name
+    mask: list[Name] = Field(default_factory=list, max_length=MAX_CPU_FEATURES)
+
+
+@router.get("/health")
+async def health(agent: AgentDep) -> dict[str, Any]:
+    return {"ok": True, "name": agent.cfg.name, "accelerator": agent.accel.accelerator}
+
+
+@router.get("/facts")
+async def facts(agent: AgentDep) -> HostFacts:
+    return agent.facts()
+
+
+@router.post("/tls/csr")
+async def tls_csr(agent: AgentDep) -> dict[str, str]:
+    return agent.tls_csrs()
+
+
+@router.post("/tls/install")
+async def tls_install(req: TlsInstall, agent: AgentDep) -> TlsFact:
+    return agent.tls_install(req.ca_cert, req.server_cert, req.client_cert)
+
+
+@router.delete("/tls")
+async def tls_remove(agent: AgentDep) -> TlsFact:
+    return agent.tls_remove()
+
+
+@router.post("/cpu/expand")
+async def cpu_expand(req: CpuExpandRequest, agent: AgentDep) -> list[str]:
+    return agent.cpu_expand(req.model, req.mask)
