@@ -23,7 +23,7 @@ IMAGE_SUFFIXES = (".qcow2", ".raw")          # disk images (the folder also hold
 
 @pytest.fixture(scope="module")
 def lab(guest_image):
-    from conftest import running_lab
+    from labtools import running_lab
     with running_lab(guest_image, 2) as info:
         yield info
 

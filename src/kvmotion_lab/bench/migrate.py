@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +153,7 @@ def client_view(path: Path, probe: ProbeReport) -> dict[str, Any]:
     pause between two sends (a stall of the probe, not of the guest)."""
     sends: list[float] = []
     replies: list[float] = []
+    max_rtt = 0.0
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -167,15 +167,17 @@ def client_view(path: Path, probe: ProbeReport) -> dict[str, Any]:
             sends.append(float(rec["t"]))
             if rec.get("rtt_ms") is not None:
                 replies.append(float(rec["t"]) + float(rec["rtt_ms"]) / 1000)
+                max_rtt = max(max_rtt, float(rec["rtt_ms"]))
     sends.sort()
     replies.sort()
     marks = replies + ([sends[-1]] if sends and (not replies or sends[-1] > replies[-1]) else [])
     if not replies and sends:
         marks = [sends[0], sends[-1]]
-    silence = max((b - a for a, b in zip(marks, marks[1:])), default=0.0) * 1000
+    gaps = [(b - a, a) for a, b in zip(marks, marks[1:])]
+    silence, since = max(gaps, default=(0.0, None))
     stall = max((b - a for a, b in zip(sends, sends[1:])), default=0.0) * 1000
-    return {"gap_ms": round(silence, 1), "pings": probe.sent, "lost_pings": probe.lost,
-            "lost_run_ms": probe.max_gap_ms, "probe_stall_ms": round(stall, 1)}
+    return {"gap_ms": round(silence * 1000, 1), "gap_from": since, "pings": probe.sent, "lost_pings": probe.lost,
+            "lost_run_ms": probe.max_gap_ms, "probe_stall_ms": round(stall, 1), "max_rtt_ms": round(max_rtt, 1)}
 
 
 @dataclass
@@ -340,14 +342,15 @@ def run(sweep: Sweep, out_dir: Path, log: Log = print, root: Path = ROOT, prefix
     started = time.time()
     records: list[dict[str, Any]] = []
     meta: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="kvmotion-bench-probe-") as tmp:
-        for link in sweep.links:
-            info = lab.up(2, root, prefix=prefix, image_dir=image.kernel.parent.parent,
-                          link=None if link == "unshaped" else link, log=lambda m: None)
-            try:
-                records.extend(asyncio.run(_run_link(info, link, sweep, Path(tmp), log, meta)))
-            finally:
-                lab.down(root)
+    probes = out_dir / "probes"            # every run's client probe log, kept as the evidence of its figures
+    probes.mkdir(parents=True, exist_ok=True)
+    for link in sweep.links:
+        info = lab.up(2, root, prefix=prefix, image_dir=image.kernel.parent.parent,
+                      link=None if link == "unshaped" else link, log=lambda m: None)
+        try:
+            records.extend(asyncio.run(_run_link(info, link, sweep, probes, log, meta)))
+        finally:
+            lab.down(root)
     result = {"command": "kvmotion bench migrate", "schema": 2, "sweep": dataclasses.asdict(sweep),
               "started_at": started, "finished_at": time.time(), "machine": report.machine(),
               "baseline": {"recipe": meta.get("baseline_recipe"), "accelerator": meta.get("accelerator")},
