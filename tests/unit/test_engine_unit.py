@@ -254,3 +254,43 @@ def test_storage_vmotion_reconciles_to_the_files_qemu_has_open(pivoted: bool) ->
     gone = "h1-local" if pivoted else "shared"            # the other set, whichever it is
     assert ("remove_files", gone, ["disk0"], True) in host.calls
     assert view.owner_sets[-1][0] == host.spec
+
+
+class ColdView(FakeView):
+    def __init__(self, reloc: Any, registered: bool) -> None:
+        super().__init__(reloc)
+        self.registered = registered
+
+    def owner(self, uuid: str) -> tuple[str, Any]:
+        return ("h2", self.reloc.after) if self.registered else ("h1", self.reloc.before)
+
+
+class CopyHost(FakeHost):
+    async def copy_status(self, job: str) -> Any:
+        from kvmotion.models.agent import DiskCopyStatus
+        self._note("copy_status", job)
+        return DiskCopyStatus(job=job, state="copying", started_at=0.0)
+
+    async def copy_cancel(self, job: str) -> Any:
+        from kvmotion.models.agent import DiskCopyStatus
+        self._note("copy_cancel", job)
+        return DiskCopyStatus(job=job, state="cancelled", started_at=0.0)
+
+    async def disk_export_stop(self, export_id: str) -> bool:
+        self._note("disk_export_stop", export_id)
+        return True
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_cold_migration_reconciles_to_one_set(registered: bool) -> None:
+    reloc = plan(vm(), "poweredOff", "h1", "h2", "h2-local", {}, None, {"shared", "h2-local"})
+    src, dst, journal, view = CopyHost("h1"), CopyHost("h2"), FakeJournal(), ColdView(reloc, registered)
+    t = _task("cold", "cleanup" if registered else "copy", reloc).model_copy(
+        update={"destination": "h2", "live": {"job": "j1", "export": "e1"}})
+    out = asyncio.run(registry.reconcile(Recovery(task=t, journal=journal, inv=view, src=src, dst=dst)))  # type: ignore
+    assert journal.state == ("success" if registered else "error"), out
+    if registered:          # only the cleanup was left: the source set goes, the copies stay
+        assert [c[0] for c in dst.calls] == [] and src.calls[-1][:2] == ("remove_files", "h1-local")
+    else:                   # the running copy stops, its export too, and every copy goes
+        assert ("copy_cancel", "j1") in dst.calls and ("disk_export_stop", "e1") in src.calls
+        assert dst.calls[-1][:2] == ("remove_files", "h2-local") and not any(c[0] == "remove_files" for c in src.calls)
