@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kvmotion.common.errors import ConflictError, InvalidInputError
 from kvmotion.models.agent import VMSpec, relative_path_problem
+from kvmotion.models.boot import OVMF_DIR
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class HostContext:
     host_model: str = "max"               # what host-passthrough means here ("host" under KVM)
     luns: dict[str, Path] = field(default_factory=dict)   # raw LUN identity -> device path on this host
     swap_dir: Path | None = None          # memory-backing files live here when set
+    firmware_dir: Path = Path(OVMF_DIR)   # OVMF code and variable templates
 
 
 def resolve_datastore(ctx: HostContext, name: str) -> Path:
