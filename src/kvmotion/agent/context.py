@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kvmotion.common.errors import ConflictError, InvalidInputError
 from kvmotion.models.agent import VMSpec, relative_path_problem
-from kvmotion.models.boot import OVMF_DIR
+from kvmotion.models.boot import NVRAM_FILE, OVMF_DIR
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,8 @@ def vm_folder(ctx: HostContext, spec: VMSpec) -> Path:
     return safe_path(ctx, spec.boot_datastore, spec.folder, what="VM folder", directory=True)
 
 
+
+
+def nvram_file(ctx: HostContext, spec: VMSpec) -> Path:
+    """A UEFI VM's variable store: a regular file in its VM folder."""
+    return safe_path(ctx, spec.boot_datastore, f"{spec.folder}/{NVRAM_FILE}", what="NVRAM file")

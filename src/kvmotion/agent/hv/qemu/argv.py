@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvmotion.agent.context import HostContext, safe_path, vm_folder
+from kvmotion.agent.context import HostContext, nvram_file, safe_path, vm_folder
 from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
 from kvmotion.agent.procs import QEMU_BINARY
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec, nbd_problem, parse_nbd
-from kvmotion.models.boot import NVRAM_FILE, ovmf_code
+from kvmotion.models.boot import ovmf_code
 
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
 
@@ -130,11 +130,6 @@ def boot_args(spec: VMSpec, ctx: HostContext) -> list[str]:
     if spec.extra_cmdline:
         cmdline += " " + spec.extra_cmdline
     return ["-kernel", str(folder / "vmlinuz"), "-initrd", str(folder / "initrd.img"), "-append", cmdline]
-
-
-def nvram_file(ctx: HostContext, spec: VMSpec) -> Path:
-    """A UEFI VM's variable store: a regular file in its VM folder."""
-    return safe_path(ctx, spec.boot_datastore, f"{spec.folder}/{NVRAM_FILE}", what="NVRAM file")
 
 
 def firmware_args(spec: VMSpec, ctx: HostContext) -> tuple[str, list[str]]:
