@@ -141,3 +141,32 @@ def test_an_existing_target_is_never_overwritten(tmp_path: Path) -> None:
         diskimage.clone(ctx, ImageSource(datastore="ds1", path="images/base.qcow2"),
                         DiskSpec(datastore="ds1", path="vm1/vm1.qcow2"))
     assert (tmp_path / "ds1" / "vm1" / "vm1.qcow2").read_bytes() == b"mine"
+
+
+def _linked_vm(**kw: object) -> VMSpec:
+    return _spec(boot="disk", firmware="uefi", boot_datastore="ds1", disks=[DiskSpec(
+        datastore="ds1", path="vm1/vm1.qcow2", backing="images/debian.qcow2", backing_format="qcow2")], **kw)
+
+
+def test_the_vm_folder_moves_with_its_nvram_and_without_a_kernel_it_does_not_boot() -> None:
+    from kvmotion.agent.storage import HOME_FILES, home_names
+    assert home_names(_spec()) == ("vmlinuz", "initrd.img")
+    assert home_names(_linked_vm()) == ("nvram.fd",)
+    assert home_names(_spec(boot="disk")) == ()
+    assert "nvram.fd" in HOME_FILES
+
+
+@pytest.mark.parametrize("power, host, ds, flattened", [
+    ("poweredOn", None, "ds2", ["disk0"]),        # Storage vMotion: the full mirror copies the base in
+    ("poweredOn", "h2", "ds2", ["disk0"]),        # shared-nothing
+    ("poweredOff", "h2", "ds2", ["disk0"]),       # cold: qemu-img convert reads through the base
+    ("poweredOn", "h2", None, []),                # vMotion on shared storage: the overlay and its base stay
+])
+def test_a_linked_clone_that_gets_new_files_is_flattened(power: str, host: str | None, ds: str | None,
+                                                        flattened: list[str]) -> None:
+    from kvmotion.migration import relocate
+    reloc = relocate.plan(_linked_vm(), power, "h1", host, ds, {}, None, {"ds1", "ds2"})
+    assert reloc.flattened == flattened
+    moved = reloc.after.disks[0]
+    assert (moved.backing is None) == bool(flattened)
+    assert reloc.after.firmware == "uefi"

@@ -111,6 +111,7 @@ class Agent(AgentStorage):
         facts = host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, self.hv.uuids(),
                                   self.cpu_fact())
         facts.tls = tls.status(self.tls_dir)
+        facts.firmware = host_facts.firmware(self.context().firmware_dir)
         return facts
 
     # -- VM files -------------------------------------------------------------------------
