@@ -21,7 +21,7 @@ import pytest
 from kvmotion.cli.client import Client
 from kvmotion.common.errors import KvmotionError
 from kvmotion_lab import scenario
-from labtools import assert_guest_survived, http_beat
+from labtools import agent_vms, assert_guest_survived, http_beat
 
 IMAGE_ROOT = Path("/var/lib/kvmotion/image")
 DEBIAN_SUFFIXES = (".qcow2", ".raw", ".img")
@@ -44,6 +44,18 @@ def ds_path(lab, name: str) -> Path:
 
 def follow(client: Client, task: dict) -> dict:
     return scenario.follow_task(client, task["id"], timeout_s=600)
+
+
+def open_files(lab, host: str, uuid: str) -> set[str]:
+    """The files the VM's QEMU process has open (deleted ones end in " (deleted)")."""
+    fds = Path(f"/proc/{agent_vms(lab, host)[uuid]['pid']}/fd")
+    out = set()
+    for fd in fds.iterdir():
+        try:
+            out.add(os.readlink(fd))
+        except OSError:
+            continue
+    return out
 
 
 def image_info(path: Path) -> dict:
@@ -115,6 +127,8 @@ def test_full_and_linked_clones_boot_their_disk_and_move(lab, tmp_path) -> None:
     local = ds_path(lab, "h2-local") / "lu1"
     assert "backing-filename" not in image_info(local / "lu1.qcow2")
     assert (local / "nvram.fd").exists() and not (shared / "lu1").exists()
+    nvrams = {p for p in open_files(lab, "h2", linked["uuid"]) if "nvram.fd" in p}
+    assert nvrams == {str(local / "nvram.fd")}, f"QEMU writes the moved NVRAM, the old one is closed: {nvrams}"
     assert client.vm("lu1")["runtime"]["qemu_status"] == "running"
     assert (shared / "images" / "blank.qcow2").exists(), "the base image stays"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmotion.agent import images, lease as leases
-from kvmotion.agent.context import HostContext, safe_path, vm_folder
+from kvmotion.agent.context import HostContext, nvram_file, safe_path, vm_folder
 from kvmotion.agent.hv.base import Hypervisor
 from kvmotion.agent.ports import pick_port
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
@@ -151,7 +151,7 @@ class AgentStorage:
         if src == dst:
             return
         dst.mkdir(parents=True, exist_ok=True)
-        for name in home_names(old):     # the NVRAM as of the pivot (QEMU keeps writing the old one until restart)
+        for name in home_names(old):     # the NVRAM as of the pivot: the caller reopens QEMU's on the copy
             _write_new(dst / name, _read(src / name))
         (dst / "vm.json").write_text(new.model_dump_json(indent=1))
 
@@ -255,6 +255,8 @@ class AgentStorage:
             new = old.model_copy(update={"disks": disks, "boot_datastore": home})
             if home != old.boot_datastore:
                 await asyncio.to_thread(self._copy_home, old, new)
+                if new.firmware == "uefi":        # QEMU writes the new NVRAM from here on, the old one is closed
+                    await self.hv.move_nvram(uuid, nvram_file(ctx, new))
             else:
                 (vm_folder(ctx, new) / "vm.json").write_text(new.model_dump_json(indent=1))
             self.take_leases(new, expected_holder=None)
