@@ -73,6 +73,9 @@ def lab(guest_image):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(images / "blank.qcow2"), "64M"],
                        check=True, timeout=30)
         (images / "notes.txt").write_text("not a disk image\n")
+        local = ds_path(info, "h1-local") / "images"
+        local.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(images / "blank.qcow2", local / "blank.qcow2")
         debian = debian_image()
         if debian is not None:                 # the lab's shared datastore gets its own copy
             shutil.copyfile(debian, images / ("debian" + debian.suffix))
@@ -137,6 +140,32 @@ def test_full_and_linked_clones_boot_their_disk_and_move(lab, tmp_path) -> None:
     for name in ("fb1", "lu1"):
         client.stop_vm(name)
         client.delete_vm(name)
+
+
+def test_a_linked_uefi_clone_through_shared_nothing_and_cold_migration(lab) -> None:
+    client = Client(lab.controller_url, timeout=300)
+    vm = client.create_vm(name="lx1", host="h1", image="h1-local:images/blank.qcow2", clone="linked",
+                          firmware="uefi", secure_boot=True)
+    assert vm["spec"]["boot_datastore"] == "h1-local", "a linked clone lives on its image's datastore"
+    assert (ds_path(lab, "h1-local") / "lx1" / "nvram.fd").read_bytes() == \
+        Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd").read_bytes()
+    client.start_vm("lx1")
+    task = follow(client, client.migrate("lx1", "h2", datastore="h2-local"))
+    assert task["state"] == "success", task.get("error")
+    assert task["kind"] == "xvmotion" and task["result"]["flattened"] == ["disk0"]
+    there = ds_path(lab, "h2-local") / "lx1"
+    assert (there / "nvram.fd").exists() and "backing-filename" not in image_info(there / "lx1.qcow2")
+    assert not (ds_path(lab, "h1-local") / "lx1").exists()
+    assert client.vm("lx1")["runtime"]["qemu_status"] == "running"
+    client.stop_vm("lx1")
+    task = follow(client, client.migrate("lx1", "h1", datastore="h1-local"))
+    assert task["state"] == "success", task.get("error")
+    assert task["kind"] == "cold" and task["result"]["flattened"] == []
+    assert (ds_path(lab, "h1-local") / "lx1" / "nvram.fd").exists() and not there.exists()
+    client.start_vm("lx1")                       # it starts on the copied files, with its own NVRAM
+    assert client.vm("lx1")["runtime"]["qemu_status"] == "running"
+    client.stop_vm("lx1")
+    client.delete_vm("lx1")
 
 
 def test_debian_boots_from_its_disk_under_bios_and_uefi_and_keeps_its_boot_through_moves(lab) -> None:
