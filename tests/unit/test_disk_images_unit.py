@@ -111,8 +111,8 @@ def _ctx(tmp_path: Path) -> HostContext:
     return HostContext("h1", "tcg", stores, {})
 
 
-@pytest.mark.parametrize("path, error", [("images/missing.qcow2", NotFoundError), ("../ds2/images/x", InvalidInputError),
-                                         ("/etc/passwd", InvalidInputError), ("images/out.img", InvalidInputError),
+@pytest.mark.parametrize("path, error", [("images/missing.qcow2", NotFoundError),
+                                         ("../ds2/images/x", InvalidInputError), ("/etc/passwd", InvalidInputError), ("images/out.img", InvalidInputError),
                                          ("images/in.qcow2", InvalidInputError), ("images", InvalidInputError)])
 def test_image_paths_are_confined_to_their_datastore(tmp_path: Path, path: str, error: type[Exception]) -> None:
     ctx = _ctx(tmp_path)

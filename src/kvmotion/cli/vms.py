@@ -35,7 +35,8 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               image: Optional[str] = typer.Option(None, help="DATASTORE:path/to/file: make the boot disk from this "
                                                              "disk image (qcow2, raw, vmdk, vhdx, vdi)"),
               clone: str = typer.Option("full", help="full (a converted copy) | linked (an overlay, same datastore)"),
-              disk_size: Optional[int] = typer.Option(None, "--disk-size", help="boot disk size, GB (grown, never shrunk)"),
+              disk_size: Optional[int] = typer.Option(None, "--disk-size",
+                                                      help="boot disk size, GB (grown, never shrunk)"),
               boot: Optional[str] = typer.Option(None, help="kernel | disk (default: disk with --image)"),
               firmware: str = typer.Option("bios", help="bios | uefi"),
               secure_boot: bool = typer.Option(False, "--secure-boot", help="UEFI Secure Boot (Microsoft keys)"),
