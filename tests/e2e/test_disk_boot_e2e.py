@@ -21,7 +21,7 @@ import pytest
 from kvmotion.cli.client import Client
 from kvmotion.common.errors import KvmotionError
 from kvmotion_lab import scenario
-from labtools import agent_vms, assert_guest_survived, http_beat
+from labtools import agent_vms, assert_guest_survived, cli, http_beat
 
 IMAGE_ROOT = Path("/var/lib/kvmotion/image")
 DEBIAN_SUFFIXES = (".qcow2", ".raw", ".img")
@@ -94,6 +94,14 @@ def test_bad_images_are_refused_and_leave_nothing(lab) -> None:
         assert err.value.remedy
         assert not (ds_path(lab, "shared") / "bad1").exists() and not (ds_path(lab, "h1-local") / "bad1").exists()
     assert "bad1" not in {v["name"] for v in client.vms()}
+    res = cli(lab, "vm", "create", "bad2", "--host", "h1", "--image", "shared:images/notes.txt")
+    assert res.returncode != 0 and "no disk image" in res.stdout + res.stderr, res.stdout + res.stderr
+    res = cli(lab, "vm", "create", "cli1", "--host", "h1", "--image", "shared:images/blank.qcow2", "--firmware",
+              "uefi", "--secure-boot", "--disk-size", "1", "--disk-format", "raw")
+    assert res.returncode == 0 and "boot disk under uefi" in res.stdout, res.stdout + res.stderr
+    spec = client.vm("cli1")["spec"]
+    assert (spec["secure_boot"], spec["disks"][0]["format"], spec["disks"][0]["size_mb"]) == (True, "raw", 1024)
+    client.delete_vm("cli1")
 
 
 def test_full_and_linked_clones_boot_their_disk_and_move(lab, tmp_path) -> None:
