@@ -17,6 +17,7 @@ import pytest
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.hv.qemu.argv import build_argv
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, NicSpec, VMSpec
+from kvmotion.models.boot import OVMF_FILES
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "argv"
 UPDATE = os.environ.get("KVMOTION_UPDATE_GOLDEN") == "1"
@@ -69,6 +70,13 @@ CONFIGS: dict[str, tuple[VMSpec, str, bool]] = {
                          cdroms=[CdromSpec(media="local", path="iso/tools.iso"),
                                  CdromSpec(id="cd1", media="client", nbd="nbd://[2001:db8::1]:10809/x")],
                          nics=[_nic(0), _nic(1, "Storage")]), "kvm", True),
+    # a VM booting its own disk: no kernel, disk0 first, its address as SMBIOS OEM strings (type 11)
+    "disk-boot-bios": (_spec(boot="disk", guest_ip="198.18.1.100/24", gateway="198.18.1.1",
+                             disks=[_disk(0)], nics=[_nic(0)]), "tcg", False),
+    "disk-boot-uefi": (_spec(boot="disk", firmware="uefi", guest_ip="198.18.1.100/24", nics=[_nic(0)],
+                             disks=[_disk(0, backing="images/debian-12.qcow2", backing_format="qcow2")]), "kvm", False),
+    "uefi-secure-boot": (_spec(boot="disk", firmware="uefi", secure_boot=True, guest_ip="198.18.1.100/24",
+                               gateway="198.18.1.1", disks=[_disk(0)], nics=[_nic(0)]), "kvm", True),
 }
 
 
@@ -80,8 +88,12 @@ def _host(root: Path, name: str, accelerator: str, swap: bool) -> HostContext:
         (path / "iso" / "tools.iso").write_bytes(b"iso")
     lun = root / "dev-sdx"
     lun.touch()
+    ovmf = root / "ovmf"
+    ovmf.mkdir(exist_ok=True)
+    for name in OVMF_FILES:
+        (ovmf / name).write_bytes(b"fd")
     return HostContext(name, accelerator, stores, {"VM Network": "br0", "Storage": "br1", "Backup": "br2"},
-                       "host" if accelerator == "kvm" else "max", {LUN: lun}, root / "swap" if swap else None)
+                       "host" if accelerator == "kvm" else "max", {LUN: lun}, root / "swap" if swap else None, ovmf)
 
 
 def _argv(root: Path, host: str, config: str, incoming: bool) -> list[str]:
@@ -98,6 +110,7 @@ def normalise(argv: list[str], ctx: HostContext, run: Path) -> list[str]:
     swaps += [(str(p), f"<LUN:{i}>") for i, p in ctx.luns.items()]
     if ctx.swap_dir is not None:
         swaps.append((str(ctx.swap_dir), "<SWAP>"))
+    swaps.append((str(ctx.firmware_dir), "<OVMF>"))
     out = []
     for arg in argv:
         for old, new in swaps:

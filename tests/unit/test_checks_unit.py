@@ -4,6 +4,15 @@ from __future__ import annotations
 from kvmotion.checks import CODES, HostView, MigrationContext, run_all
 from kvmotion.models.agent import (BlockDeviceFact, CdromSpec, CpuFact, DatastoreFact, DiskSpec, HostFacts,
                                    MigrationInterface, NicSpec, PortGroupFact, TlsFact, VMSpec)
+from kvmotion.models.boot import FirmwareFact
+
+UEFI = dict(boot="disk", firmware="uefi")
+
+
+def with_firmware(f: HostFacts, digests: dict[str, str] | None = None) -> HostFacts:
+    """Host facts with OVMF files (file name -> sha256)."""
+    f.firmware = [FirmwareFact(name=n, sha256=d, size_bytes=4 << 20) for n, d in (digests or {}).items()]
+    return f
 
 
 def spec(**kw) -> VMSpec:
@@ -59,6 +68,10 @@ def test_each_code_on_its_own() -> None:
         "RDM_DEVICE_NOT_VISIBLE": ctx(vm=spec(disks=[DiskSpec(id="disk1", kind="rdm", identity="loop:1:2")]),
                                       src=facts("h1", luns=[("/h1/lun0", "loop:1:2")]),
                                       dst=facts("h2", luns=[("/h2/lun0", "loop:9:9")])),
+        "FIRMWARE_MISSING": ctx(vm=spec(**UEFI), src=with_firmware(facts("h1"), {"OVMF_CODE_4M.fd": "a"}),
+                                dst=with_firmware(facts("h2"))),
+        "FIRMWARE_MISMATCH": ctx(vm=spec(**UEFI), src=with_firmware(facts("h1"), {"OVMF_CODE_4M.fd": "a"}),
+                                 dst=with_firmware(facts("h2"), {"OVMF_CODE_4M.fd": "b"})),
         "LOCAL_MEDIA_CONNECTED": ctx(vm=spec(cdroms=[CdromSpec(media="local", path="/iso/x.iso")])),
         "CLIENT_MEDIA_CONNECTED": ctx(vm=spec(cdroms=[CdromSpec(media="client", nbd="nbd://198.18.0.1:10809/x")])),
         "SWAP_LOCATION_DIFFERS": ctx(dst=facts("h2", swap="/swap")),
@@ -130,3 +143,15 @@ def test_encryption_policy() -> None:
     enc = spec(disks=[DiskSpec(datastore="shared", path="vm1/vm1.qcow2", encrypted=True)], encrypted_vmotion="opportunistic")
     assert "ENCRYPTION_UNSUPPORTED" in codes(ctx(vm=enc, dst=facts("h2", tls=False)))   # encrypted VMs: always
     assert not {"ENCRYPTION_UNSUPPORTED", "ENCRYPTION_FALLBACK"} & codes(ctx(vm=spec(encrypted_vmotion="required")))
+
+
+def test_a_uefi_vm_moves_freely_between_hosts_with_the_same_firmware() -> None:
+    same = {"OVMF_CODE_4M.fd": "a", "OVMF_CODE_4M.secboot.fd": "s"}
+    c = ctx(vm=spec(**UEFI), src=with_firmware(facts("h1"), same), dst=with_firmware(facts("h2"), same))
+    assert codes(c) == {"SINGLE_MIGRATION_INTERFACE"}
+    secure = ctx(vm=spec(secure_boot=True, **UEFI), src=with_firmware(facts("h1"), same),
+                 dst=with_firmware(facts("h2"), {"OVMF_CODE_4M.fd": "a"}))
+    assert "FIRMWARE_MISSING" in codes(secure)           # Secure Boot needs the secboot build there
+    assert "FIRMWARE_MISSING" in codes(ctx(kind="cold", power_state="poweredOff", vm=spec(**UEFI),
+                                           dst=with_firmware(facts("h2"))))
+    assert codes(ctx(vm=spec())) == {"SINGLE_MIGRATION_INTERFACE"}     # BIOS VMs need no OVMF

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kvmotion.common.errors import ConflictError, InvalidInputError
 from kvmotion.models.agent import VMSpec, relative_path_problem
+from kvmotion.models.boot import NVRAM_FILE, OVMF_DIR
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class HostContext:
     host_model: str = "max"               # what host-passthrough means here ("host" under KVM)
     luns: dict[str, Path] = field(default_factory=dict)   # raw LUN identity -> device path on this host
     swap_dir: Path | None = None          # memory-backing files live here when set
+    firmware_dir: Path = Path(OVMF_DIR)   # OVMF code and variable templates
 
 
 def resolve_datastore(ctx: HostContext, name: str) -> Path:
@@ -70,3 +72,8 @@ def vm_folder(ctx: HostContext, spec: VMSpec) -> Path:
     return safe_path(ctx, spec.boot_datastore, spec.folder, what="VM folder", directory=True)
 
 
+
+
+def nvram_file(ctx: HostContext, spec: VMSpec) -> Path:
+    """A UEFI VM's variable store: a regular file in its VM folder."""
+    return safe_path(ctx, spec.boot_datastore, f"{spec.folder}/{NVRAM_FILE}", what="NVRAM file")

@@ -1,6 +1,7 @@
 """Host facts, read from the host itself: nothing here is taken on trust from configuration."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 from kvmotion import __version__
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
 from kvmotion.agent.blockdev import presented_devices
+from kvmotion.models.boot import OVMF_FILES, FirmwareFact
 from kvmotion.models.agent import (BlockDeviceFact, CpuFact, DatastoreFact, HostFacts, MigrationInterface,
                                    PortGroupFact)
 
@@ -131,3 +133,23 @@ def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]
         postcopy=cfg.swap_dir is None and userfaultfd_works(),   # a private file mapping cannot be faulted in
     )
 
+
+
+_FIRMWARE_CACHE: dict[tuple[str, int, int], FirmwareFact] = {}
+
+
+def firmware(directory: Path) -> list[FirmwareFact]:
+    """The OVMF files this host has (the ones VMs use), each with its sha256 (cached by path, size and mtime)."""
+    out = []
+    for name in OVMF_FILES:
+        path = directory / name
+        try:
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if key not in _FIRMWARE_CACHE:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                _FIRMWARE_CACHE[key] = FirmwareFact(name=name, sha256=digest, size_bytes=st.st_size)
+            out.append(_FIRMWARE_CACHE[key])
+        except OSError:
+            continue
+    return out

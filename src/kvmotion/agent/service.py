@@ -10,18 +10,20 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import images, tls
+from kvmotion.agent import diskimage, images, tls
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.config import AgentConfig
-from kvmotion.agent.context import HostContext, vm_folder
+from kvmotion.agent.context import HostContext, nvram_file, vm_folder
 from kvmotion.agent.cpu import CpuCatalog
 from kvmotion.agent.hv.base import Hypervisor, Result
 from kvmotion.agent.storage import AgentStorage, disk_file
-from kvmotion.common.errors import ConflictError, ImageMissing, KvmotionError
+from kvmotion.common.errors import ConflictError, ImageMissing, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth, HealthCheckRequest, HostFacts,
                                    IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, TlsFact, VMRuntime, VMSpec)
+from kvmotion.models.agent import DiskSpec, ImageSource
+from kvmotion.models.boot import ovmf_vars_template
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class Agent(AgentStorage):
         facts = host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, self.hv.uuids(),
                                   self.cpu_fact())
         facts.tls = tls.status(self.tls_dir)
+        facts.firmware = host_facts.firmware(self.context().firmware_dir)
         return facts
 
     # -- VM files -------------------------------------------------------------------------
@@ -126,28 +129,60 @@ class Agent(AgentStorage):
         except ImageMissing:
             return False
 
-    def provision(self, spec: VMSpec, disk_keys: dict[str, str] | None = None) -> Path:
-        """Create the VM's folder on its datastore: config, boot files, disks. Nothing is left on failure."""
+    def provision(self, spec: VMSpec, disk_keys: dict[str, str] | None = None,
+                  image: ImageSource | None = None) -> VMSpec:
+        """Create the VM's folder on its datastore: config, boot files or NVRAM, disks (disk0 from ``image``).
+
+        Nothing is left on failure. Returns the spec as made (a disk from an image: its size and base).
+        """
         ctx = self.context()
         folder = vm_folder(ctx, spec)
         if folder.exists() and any(folder.iterdir()):
             raise ConflictError(f"folder {folder} already exists on datastore {spec.boot_datastore}",
                                 remedy="choose another VM name, or delete the leftover folder")
-        kernel, initrd = self._image_files()
+        boot = self._image_files() if spec.boot == "kernel" else ()
+        made: list[Path] = []
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(kernel, folder / "vmlinuz")
-            shutil.copyfile(initrd, folder / "initrd.img")
-            for disk in (d for d in spec.disks if d.kind == "file"):   # raw LUNs exist already
-                if disk.encrypted and (not disk_keys or disk.node not in disk_keys):
-                    raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="create it via the controller")
-                images.create_image(disk_file(ctx, disk), disk.format, disk.size_mb,
-                                    passphrase=disk_keys[disk.node] if disk.encrypted and disk_keys else None)
+            for src, name in zip(boot, ("vmlinuz", "initrd.img")):
+                shutil.copyfile(src, folder / name)
+            if spec.firmware == "uefi":
+                self._new_nvram(ctx, spec)
+            disks = []
+            for disk in spec.disks:
+                if disk.kind == "file":      # raw LUNs exist already
+                    disk = self._new_disk(ctx, disk, disk_keys or {}, image if disk.id == spec.disks[0].id else None)
+                    made.append(disk_file(ctx, disk))
+                disks.append(disk)
+            spec = spec.model_copy(update={"disks": disks})
             (folder / "vm.json").write_text(spec.model_dump_json(indent=1))
         except (OSError, KvmotionError, subprocess.TimeoutExpired):
+            for path in made:                # disks outside the folder (another datastore)
+                path.unlink(missing_ok=True)
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return folder
+        return spec
+
+    @staticmethod
+    def _new_nvram(ctx: HostContext, spec: VMSpec) -> None:
+        template = ctx.firmware_dir / ovmf_vars_template(spec.secure_boot)
+        if not template.is_file():
+            raise NotFoundError(f"UEFI variable template {template} is missing on {ctx.host_name}",
+                                remedy="install Debian's ovmf package on this host (apt-get install ovmf)")
+        shutil.copyfile(template, nvram_file(ctx, spec))
+
+    @staticmethod
+    def _new_disk(ctx: HostContext, disk: DiskSpec, disk_keys: dict[str, str], image: ImageSource | None) -> DiskSpec:
+        if disk.encrypted and disk.node not in disk_keys:
+            raise ConflictError(f"no key for encrypted disk {disk.id}", remedy="create it via the controller")
+        if image is not None:
+            if disk.encrypted:
+                raise InvalidInputError("a disk made from an image is not encrypted here",
+                                        remedy="drop --encrypted-disk, or create an empty encrypted disk")
+            return diskimage.clone(ctx, image, disk)
+        images.create_image(disk_file(ctx, disk), disk.format, disk.size_mb,
+                            passphrase=disk_keys[disk.node] if disk.encrypted else None)
+        return disk
 
     def destroy_files(self, spec: VMSpec) -> None:
         if spec.uuid in self.hv.uuids():

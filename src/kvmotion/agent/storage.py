@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmotion.agent import images, lease as leases
-from kvmotion.agent.context import HostContext, safe_path, vm_folder
+from kvmotion.agent.context import HostContext, nvram_file, safe_path, vm_folder
 from kvmotion.agent.hv.base import Hypervisor
 from kvmotion.agent.ports import pick_port
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
+from kvmotion.models.boot import NVRAM_FILE
 from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, DiskTarget, LeaseInfo,
                                    MirrorReport, MirrorRequest, PivotReport, VMSpec)
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from kvmotion.agent.config import AgentConfig
 
 BOOT_FILES = ("vmlinuz", "initrd.img")
-HOME_FILES = (*BOOT_FILES, "vm.json")
+HOME_FILES = (*BOOT_FILES, NVRAM_FILE, "vm.json")
 MAX_HOME_BYTES = 256 << 20
 
 
@@ -56,6 +57,28 @@ def source_file(ctx: HostContext, source: str) -> Path:
     if not is_file:
         raise InvalidInputError(f"copy source {source!r} is not a regular file", remedy="name a disk image")
     return path
+
+
+def home_names(spec: VMSpec) -> tuple[str, ...]:
+    """The VM folder's files that move with it (vm.json is written anew): the test kernel, the UEFI NVRAM."""
+    return (BOOT_FILES if spec.boot == "kernel" else ()) + ((NVRAM_FILE,) if spec.firmware == "uefi" else ())
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a VM folder file without following a symbolic link planted in its place."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _read(path: Path) -> bytes:
+    """Read a VM folder file (a regular file, not through a symbolic link), at most MAX_HOME_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_HOME_BYTES + 1)
+    if len(data) > MAX_HOME_BYTES:
+        raise ConflictError(f"{path} is larger than {MAX_HOME_BYTES >> 20} MiB", remedy="shrink the VM folder")
+    return data
 
 
 def lease_files(ctx: HostContext, spec: VMSpec) -> list[Path]:
@@ -106,25 +129,20 @@ class AgentStorage:
     # -- VM folders ---------------------------------------------------------------------------------
     def home_files(self, spec: VMSpec) -> dict[str, str]:
         folder = vm_folder(self.context(), spec)
-        files = {}
-        for name in BOOT_FILES:
-            path = folder / name
-            if path.stat().st_size > MAX_HOME_BYTES:
-                raise ConflictError(f"{path} is larger than {MAX_HOME_BYTES >> 20} MiB", remedy="shrink the VM folder")
-            files[name] = base64.b64encode(path.read_bytes()).decode()
-        return files
+        return {name: base64.b64encode(_read(folder / name)).decode() for name in home_names(spec)}
 
     def put_home(self, spec: VMSpec, files: dict[str, str]) -> str:
         """Create the VM folder from another host's copy; refuses to overwrite an existing folder."""
         folder = vm_folder(self.context(), spec)
         if folder.exists() and any(p.name in HOME_FILES for p in folder.iterdir()):
             raise ConflictError(f"folder {folder} already holds a VM", remedy="remove the leftover folder first")
-        unknown = set(files) - set(BOOT_FILES)
-        if unknown:
-            raise InvalidInputError(f"unexpected VM folder files {sorted(unknown)}", remedy="send only " + ", ".join(BOOT_FILES))
+        expected = home_names(spec)
+        if set(files) != set(expected):
+            raise InvalidInputError(f"VM folder files {sorted(files)} are not the ones VM {spec.name} has",
+                                    remedy="send exactly: " + (", ".join(expected) or "nothing"))
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
-            (folder / name).write_bytes(base64.b64decode(data))
+            _write_new(folder / name, base64.b64decode(data))
         (folder / "vm.json").write_text(spec.model_dump_json(indent=1))
         return str(folder)
 
@@ -133,8 +151,8 @@ class AgentStorage:
         if src == dst:
             return
         dst.mkdir(parents=True, exist_ok=True)
-        for name in BOOT_FILES:
-            shutil.copyfile(src / name, dst / name)
+        for name in home_names(old):     # the NVRAM as of the pivot: the caller reopens QEMU's on the copy
+            _write_new(dst / name, _read(src / name))
         (dst / "vm.json").write_text(new.model_dump_json(indent=1))
 
     def remove_files(self, spec: VMSpec, disk_ids: list[str], home: bool) -> list[str]:
@@ -231,11 +249,14 @@ class AgentStorage:
             stall, targets, home_datastore = await self.hv.mirror_pivot(uuid)
             moved = {t.disk_id: t for t in targets}
             disks = [d.model_copy(update={"datastore": moved[d.id].datastore, "path": moved[d.id].path,
-                                          "format": moved[d.id].format}) if d.id in moved else d for d in old.disks]
+                                          "format": moved[d.id].format, "backing": None, "backing_format": None})
+                     if d.id in moved else d for d in old.disks]      # a full mirror flattens a linked clone
             home = home_datastore or old.boot_datastore
             new = old.model_copy(update={"disks": disks, "boot_datastore": home})
             if home != old.boot_datastore:
                 await asyncio.to_thread(self._copy_home, old, new)
+                if new.firmware == "uefi":        # QEMU writes the new NVRAM from here on, the old one is closed
+                    await self.hv.move_nvram(uuid, nvram_file(ctx, new))
             else:
                 (vm_folder(ctx, new) / "vm.json").write_text(new.model_dump_json(indent=1))
             self.take_leases(new, expected_holder=None)

@@ -9,6 +9,7 @@ from kvmotion.migration.kinds import kind
 from kvmotion.models.findings import Finding, finding
 from kvmotion.models.moves import MoveKind
 from kvmotion.models.agent import HOST_PASSTHROUGH, HostFacts
+from kvmotion.models.boot import ovmf_code
 
 Check = Callable[[MigrationContext], list[Finding]]
 
@@ -83,6 +84,29 @@ def raw_devices(ctx: MigrationContext) -> list[Finding]:
                            f"raw LUN {disk.identity} of {disk.id} is not presented to {dst.name}{why}",
                            f"present the same LUN to {dst.name} (zoning/masking), or pick a host that sees it"))
     return out
+
+
+def firmware(ctx: MigrationContext) -> list[Finding]:
+    """A UEFI VM needs its OVMF code file on the destination, the same build to boot the same way after a move."""
+    vm, src, dst = ctx.spec, ctx.source.facts, ctx.destination.facts
+    if vm.firmware != "uefi" or dst is None:
+        return []
+    code = ovmf_code(vm.secure_boot)
+    theirs = {f.name: f for f in dst.firmware}
+    ours = {f.name: f for f in (src.firmware if src else [])}
+    subject = f"host:{ctx.destination.name}"
+    if code not in theirs:
+        return [finding("FIRMWARE_MISSING", subject, f"{ctx.destination.name} has no {code} for the UEFI VM {vm.name}",
+                        f"install Debian's ovmf package on {ctx.destination.name} (apt-get install ovmf), "
+                        "or pick a host that has it")]
+    if code in ours and ours[code].sha256 != theirs[code].sha256:
+        return [finding("FIRMWARE_MISMATCH", subject,
+                        f"{code} on {ctx.destination.name} (sha256 {theirs[code].sha256[:12]}, "
+                        f"{theirs[code].size_bytes} bytes) differs from {ctx.source.name}'s "
+                        f"({ours[code].sha256[:12]}, {ours[code].size_bytes} bytes): {vm.name} keeps its firmware "
+                        "until it reboots, then boots the destination's build",
+                        f"install the same ovmf package version on both hosts, or pick a host that has it")]
+    return []
 
 
 def media(ctx: MigrationContext) -> list[Finding]:
@@ -255,13 +279,13 @@ def capacity(ctx: MigrationContext) -> list[Finding]:
     return out
 
 
-ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, media, memory_backing, network, cpu, encryption,
-                                 resources, capacity)
+ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, firmware, media, memory_backing, network, cpu,
+                                 encryption, resources, capacity)
 CHECKS_BY_KIND: dict[MoveKind, tuple[Check, ...]] = {
     MoveKind.VMOTION: ALL_CHECKS,
     MoveKind.XVMOTION: ALL_CHECKS,
     MoveKind.SVMOTION: (placement, storage, capacity),
-    MoveKind.COLD: (placement, storage, raw_devices, resources, capacity),
+    MoveKind.COLD: (placement, storage, raw_devices, firmware, resources, capacity),
 }
 
 

@@ -11,6 +11,7 @@ from kvmotion.cli.output import POLICY_HELP, URL, console, err_console, findings
 from kvmotion.cli.progress import follow, print_outcome
 from kvmotion.cli.tasks import task_force_complete
 
+IMAGE_CLONE_TIMEOUT_S = 3800.0    # longer than the controller's wait for the agent's clone
 vm_app = typer.Typer(help="virtual machines", no_args_is_help=True)
 cdrom_app = typer.Typer(help="CD/DVD media of a VM", no_args_is_help=True)
 vm_app.add_typer(cdrom_app, name="cdrom")
@@ -32,17 +33,30 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               disk_format: str = typer.Option("qcow2", help="qcow2 | raw"),
               records_rate: Optional[int] = typer.Option(None, help="guest writes checksummed records to the data "
                                                                     "disk at this rate (records/s, 0 = flat out)"),
+              image: Optional[str] = typer.Option(None, help="DATASTORE:path/to/file: make the boot disk from this "
+                                                             "disk image (qcow2, raw, vmdk, vhdx, vdi)"),
+              clone: str = typer.Option("full", help="full (a converted copy) | linked (an overlay, same datastore)"),
+              disk_size: Optional[int] = typer.Option(None, "--disk-size",
+                                                      help="boot disk size, GB (grown, never shrunk)"),
+              boot: Optional[str] = typer.Option(None, help="kernel | disk (default: disk with --image)"),
+              firmware: str = typer.Option("bios", help="bios | uefi"),
+              secure_boot: bool = typer.Option(False, "--secure-boot", help="UEFI Secure Boot (Microsoft keys)"),
+              gateway: Optional[str] = typer.Option(None, help="default gateway of a disk-booted guest"),
               url: Optional[str] = URL) -> None:
     mask = [f for f in (cpu_mask or "").split(",") if f]
-    vm = run(lambda: Client(url).create_vm(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore,
-                                           network=network, disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty,
-                                           dirty_region_mb=dirty_region_mb, cpu_model=cpu,
-                                           cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker,
-                                           encrypted_disk=encrypted_disk, data_disk_mb=data_disk_mb,
-                                           data_datastore=data_datastore, disk_format=disk_format,
-                                           records_rate=records_rate))
+    boot_opts = {"image": image, "clone": clone, "disk_size_gb": disk_size, "boot": boot, "firmware": firmware,
+                 "secure_boot": secure_boot, "gateway": gateway}
+    fields = dict(name=name, host=host, memory_mb=memory, vcpus=vcpus, datastore=datastore, network=network,
+                  disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, dirty_region_mb=dirty_region_mb, cpu_model=cpu,
+                  cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker, encrypted_disk=encrypted_disk,
+                  data_disk_mb=data_disk_mb, data_datastore=data_datastore, disk_format=disk_format,
+                  records_rate=records_rate, **boot_opts)
+    timeout = IMAGE_CLONE_TIMEOUT_S if image else 60.0     # a full clone converts the whole image first
+    vm = run(lambda: Client(url, timeout=timeout).create_vm(**fields))
+    spec = vm['spec']
     console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
-                  f"datastore {vm['spec']['boot_datastore']}, ip {vm['spec']['guest_ip']}")
+                  f"datastore {spec['boot_datastore']}, ip {spec['guest_ip']}, "
+                  f"boot {spec.get('boot', 'kernel')} under {spec.get('firmware', 'bios')}")
 
 
 @vm_app.command("set")

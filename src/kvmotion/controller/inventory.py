@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, ConflictError, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.common.hostauth import SECRET_FILE, check_secret
-from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, NicSpec, VMSpec
+from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, NicSpec, VMSpec
+from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller import policy
@@ -235,7 +236,10 @@ class Inventory:
             if s.scalars(select(VM).where(VM.name == req.name)).first() is not None:
                 raise ConflictError(f"a VM named {req.name!r} already exists", remedy="choose another name")
         readable = [d for d in facts.datastores if d.readable]
-        ds_name = req.datastore or next((d.name for d in readable if d.shared), readable[0].name if readable else None)
+        image = self._image_source(req, [d.name for d in readable])
+        linked_ds = image.datastore if image is not None and image.clone == "linked" else None
+        ds_name = req.datastore or linked_ds or next((d.name for d in readable if d.shared),
+                                                     readable[0].name if readable else None)
         if ds_name is None or ds_name not in {d.name for d in readable}:
             names = ", ".join(d.name for d in readable) or "none"
             raise InvalidInputError(f"datastore {ds_name!r} is not accessible on {req.host} (accessible: {names})",
@@ -249,6 +253,9 @@ class Inventory:
             except ValueError:
                 raise InvalidInputError(f"{req.ip!r} is not an address with prefix",
                                         remedy="write it like 198.18.1.120/24") from None
+        if linked_ds is not None and linked_ds != ds_name:
+            raise InvalidInputError(str(linked_clone_problem("linked", linked_ds, ds_name)),
+                                    remedy=f"drop --datastore (the VM then lives on {linked_ds}), or use --clone full")
         uuid = str(uuidlib.uuid4())
         disks = self._new_disks(req, uuid, ds_name, [d.name for d in readable], facts)
         mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
@@ -263,17 +270,31 @@ class Inventory:
                           f"kvmotion.dirty_region={req.dirty_region_mb}" if req.dirty_region_mb else "",
                           f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
                           if req.records_rate is not None else "") if x),
+                      boot=req.boot_mode, firmware=req.firmware, secure_boot=req.secure_boot, gateway=req.gateway,
                       **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
-        await self.agent(req.host).provision(spec, self.disk_keys(spec))
+        spec = await self.agent(req.host).provision(spec, self.disk_keys(spec), image)
         with self.sessions.begin() as s:
             s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
         return self.get_vm(uuid)
+
+    @staticmethod
+    def _image_source(req: VMCreate, readable: list[str]) -> ImageSource | None:
+        """The image the boot disk is made from, on a datastore the host reads (the agent confines its path)."""
+        image = req.image_source()
+        if image is not None and image.datastore not in readable:
+            raise InvalidInputError(f"image datastore {image.datastore!r} is not accessible on {req.host}",
+                                    remedy="copy the image to one of: " + (", ".join(readable) or "none"))
+        if image is not None and req.encrypted_disk:
+            raise InvalidInputError("a disk made from an image is not encrypted",
+                                    remedy="drop --encrypted-disk, or create the VM without --image")
+        return image
 
     def _new_disks(self, req: VMCreate, uuid: str, ds_name: str, readable: list[str],
                    facts: HostFacts) -> list[DiskSpec]:
         """A new VM's disks: boot, data (optional), raw LUN (optional); the boot disk encrypted on request."""
         fmt = req.disk_format
-        disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.{fmt}", format=fmt, size_mb=req.disk_mb)]
+        size_mb = req.disk_size_gb * 1024 if req.disk_size_gb is not None else (1 if req.image else req.disk_mb)
+        disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.{fmt}", format=fmt, size_mb=size_mb)]
         if req.data_disk_mb is not None:
             data_ds = req.data_datastore or ds_name
             if data_ds not in readable:

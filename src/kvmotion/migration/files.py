@@ -34,6 +34,7 @@ class FileMove(MoveEngine):
     async def precheck(self, first: Phase) -> Outcome:
         reloc, findings = await self.inv.precheck(self.spec.uuid, self.req, self.journal.id)
         self.reloc = reloc
+        self.result["flattened"] = reloc.flattened
         moves = {m.disk_id: f"{m.source.datastore}:{m.source.path} -> {m.target.datastore}:{m.target.path}"
                  for m in reloc.moves}
         return Outcome(next=first, result={"findings": [f.model_dump(mode="json") for f in findings],

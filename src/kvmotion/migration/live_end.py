@@ -90,6 +90,7 @@ class LiveEnd(_Base):
         pause = (resumed_at - r.pre_switchover_at) * 1000 if resumed_at and r.pre_switchover_at else None
         return {"guest_pause_ms": round(pause, 1) if pause is not None else None, "encryption": self.encryption,
                 "kind": str(self.kind.name), "disks": self.disk_summary, "total_time_s": self.elapsed(),
+                "flattened": self.reloc.flattened if self.reloc is not None else [],
                 "qemu_total_time_ms": r.total_time_ms, "downtime_ms": r.downtime_ms, "parked_ms": r.parked_ms,
                 "setup_time_ms": r.setup_time_ms, "bytes_sent": r.ram_transferred, "ram_bytes": total,
                 "sent_ratio": round(r.ram_transferred / total, 3) if total else None, "passes": len(r.passes),

@@ -41,6 +41,11 @@ class Relocation:
     def moved_ids(self) -> tuple[str, ...]:
         return tuple(m.disk_id for m in self.moves)
 
+    @property
+    def flattened(self) -> list[str]:
+        """Linked clones that get new files: the mirror or qemu-img convert copies their base in (no backing)."""
+        return [m.disk_id for m in self.moves if m.source.backing]
+
 
 def resolve_disk(spec: VMSpec, ref: str) -> DiskSpec:
     """A disk by id ("disk1") or index ("1")."""
@@ -76,7 +81,8 @@ def plan(spec: VMSpec, power_state: str, source_host: str, host: str | None, dat
         if ds == d.datastore and fmt == d.format:
             disks.append(d)
             continue
-        target = d.model_copy(update={"datastore": ds, "format": fmt, "path": new_path(d, fmt)})
+        target = d.model_copy(update={"datastore": ds, "format": fmt, "path": new_path(d, fmt),
+                                      "backing": None, "backing_format": None})
         if ds == d.datastore and target.path == d.path:
             raise InvalidInputError(f"{d.id} would be converted onto itself ({d.path})",
                                     remedy="move it to another datastore, or rename the image first")

@@ -6,7 +6,13 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any, Callable
 from urllib.parse import urlparse
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
+
+from kvmotion.models.boot import (BOOT_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_FORMAT_PATTERN, FirmwareFact,
+                                  ImageSource, boot_problem)
+from kvmotion.models.health import GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
+
+__all__ = ["FirmwareFact", "GuestHealth", "HealthCheckRequest", "ImageSource", "NicHealth", "VcpuHealth"]
 
 DEFAULT_MACHINE = "pc-q35-7.2"   # pinned: never the alias "q35"
 DEFAULT_CPU_MODEL = "qemu64"
@@ -125,6 +131,8 @@ class DiskSpec(BaseModel):
     identity: str | None = Field(default=None, max_length=1024)  # rdm disks: the LUN's identity (WWN, serial, ...)
     encrypted: bool = False           # LUKS-encrypted qcow2 (key from the controller's key provider)
     key_wrapped: str | None = Field(default=None, max_length=8192)   # its passphrase, wrapped with the master key
+    backing: DatastorePath | None = None   # linked clone: its base image, on the same datastore (flattened by moves)
+    backing_format: str | None = Field(default=None, pattern=IMAGE_FORMAT_PATTERN)
 
 
 class CdromSpec(BaseModel):
@@ -165,6 +173,17 @@ class VMSpec(BaseModel):
     dirty_mb_s: float = Field(default=0.0, ge=0, le=10000, allow_inf_nan=False)
     extra_cmdline: str = Field(default="", max_length=2048, pattern=NO_CONTROL_CHARS)
     encrypted_vmotion: str = Field(default="opportunistic", pattern=ENCRYPTED_VMOTION_PATTERN)   # SPEC §4
+    boot: str = Field(default="kernel", pattern=BOOT_PATTERN)     # the test kernel, or the VM's first disk
+    firmware: str = Field(default="bios", pattern=FIRMWARE_PATTERN)   # SeaBIOS, or OVMF with its own NVRAM
+    secure_boot: bool = False
+    gateway: str | None = Field(default=None, pattern=GATEWAY_PATTERN)   # disk-booted guests: SMBIOS OEM string
+
+    @model_validator(mode="after")
+    def _boot_rules(self) -> VMSpec:
+        problem = boot_problem(self.boot, self.firmware, self.secure_boot, self.machine)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
 
 # QEMU's migration states once post-copy started (either side): the guest's memory is split between the hosts.
@@ -252,6 +271,7 @@ class HostFacts(BaseModel):
     swap_location: str = "vm-folder"      # where VM memory-backing files live: with the VM, or a host path
     postcopy: bool = False                # userfaultfd works and guest RAM is anonymous: post-copy possible
     tls: TlsFact | None = None
+    firmware: list[FirmwareFact] = Field(default_factory=list)   # the OVMF files this host has
 
 
 class DirtySample(BaseModel):
@@ -308,6 +328,10 @@ class MigrationTuning(BaseModel):
 class StartRequest(BaseModel):
     spec: VMSpec
     disk_keys: dict[DeviceId, str] = Field(default_factory=dict, max_length=MAX_DISKS)   # disk node -> passphrase
+
+
+class ProvisionRequest(StartRequest):
+    image: ImageSource | None = None   # the boot disk (disk0) is made from this image
 
 
 class IncomingRequest(BaseModel):
@@ -458,42 +482,3 @@ class LeaseInfo(BaseModel):
     host: str
     epoch: int
     taken_at: float
-
-
-# -- is the guest alive after a move (kvmotion.agent.hv.qemu.health samples, its pure judge() decides) --------------------
-class HealthCheckRequest(BaseModel):
-    window_s: float = Field(default=1.5, ge=0.5, le=10.0, allow_inf_nan=False)   # how long counters are watched
-    since: float | None = Field(default=None, ge=0, allow_inf_nan=False)   # agent clock; None: since it arrived
-    probe: bool = True                    # ARP probes to the guest's IP on its first NIC (answered: it lives)
-
-
-class VcpuHealth(BaseModel):
-    thread_id: int
-    cpus: list[int]                       # the vCPUs this thread runs (TCG single-threaded: all of them)
-    busy_pct: float | None = None         # utime+stime over the window, % of one core
-
-
-class NicHealth(BaseModel):
-    nic: str
-    tap: str
-    tx_packets: int | None = None         # host -> guest: frames QEMU took from the tap during the window
-    tx_dropped: int | None = None         # host -> guest: frames the tap dropped (its queue was full)
-    guest_frames: int = 0                 # guest -> host frames the guest itself sent (QEMU's RARP not counted)
-    probes_sent: int = 0
-    probes_answered: int = 0
-    error: str | None = None
-
-
-class GuestHealth(BaseModel):
-    verdict: str = Field(default="unknown", pattern="^(healthy|unhealthy|unknown)$")
-    reasons: list[str] = Field(default_factory=list)      # why this verdict, with the numbers
-    evidence: list[str] = Field(default_factory=list)     # every signal as it was read
-    host: str = ""
-    run_state: str | None = None          # QEMU query-status, "exited" or "no-answer" (hung); None: not read
-    window_s: float = 0.0
-    vcpus: list[VcpuHealth] = Field(default_factory=list)
-    nics: list[NicHealth] = Field(default_factory=list)
-    events: list[dict[str, Any]] = Field(default_factory=list)   # QMP events that end a guest's life, since the move
-    console: list[str] = Field(default_factory=list)             # alarming console lines written since the move
-    errors: list[str] = Field(default_factory=list)              # what could not be sampled
-    checked_at: float = 0.0

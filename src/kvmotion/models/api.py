@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
 
 from kvmotion.models.findings import Finding, Severity
 
 __all__ = ["Finding", "Severity"]      # re-exported for the API; the models below are imported by name
 from kvmotion.models.agent import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTERN, GUEST_IP_PATTERN, MAX_CPU_FEATURES,
                                    MAX_DISKS, MAX_URL_CHARS, DatastorePath, DiskRef, Name, NbdUrl,
-                                   PortGroupName)
+                                   PortGroupName, relative_path_problem)
+from kvmotion.models.boot import (BOOT_PATTERN, CLONE_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_REF_PATTERN,
+                                  ImageSource, parse_image_ref)
 
 # Names (VMs, hosts, clusters, datastores, tokens, CPU models) are ``Name``: one rule everywhere (models.agent).
 # An agent URL: scheme, host (an IPv6 address in brackets) and port; no user, path, query or spaces.
@@ -71,6 +73,40 @@ class VMCreate(Request):
     records_rate: int | None = Field(default=None, ge=0, le=10000,
                                      description="the guest writes checksummed records to the data disk (records/s)")
     records_kb: int = Field(default=4, ge=4, le=1024, description="size of each guest record (KiB)")
+    image: str | None = Field(default=None, pattern=IMAGE_REF_PATTERN,
+                              description="DATASTORE:path/to/file: the boot disk is made from this disk image")
+    clone: str = Field(default="full", pattern=CLONE_PATTERN,
+                       description="full: a converted copy; linked: a qcow2 overlay on the image (same datastore)")
+    disk_size_gb: int | None = Field(default=None, ge=1, le=64 * 1024,
+                                     description="the boot disk's size; an image is grown to it, never shrunk")
+    boot: str | None = Field(default=None, pattern=BOOT_PATTERN,
+                             description="kernel (the test kernel) or disk; default: disk with --image, else kernel")
+    firmware: str = Field(default="bios", pattern=FIRMWARE_PATTERN)
+    secure_boot: StrictBool = Field(default=False, description="OVMF with Microsoft's keys enrolled (UEFI only)")
+    gateway: str | None = Field(default=None, pattern=GATEWAY_PATTERN,
+                                description="disk-booted guests: the default gateway, passed as an SMBIOS OEM string")
+
+    @model_validator(mode="after")
+    def _image_rules(self) -> VMCreate:
+        if self.secure_boot and self.firmware != "uefi":
+            raise ValueError("Secure Boot needs UEFI firmware: add --firmware uefi, or drop --secure-boot")
+        if self.clone == "linked" and self.image is None:
+            raise ValueError("a linked clone needs an image: add --image DATASTORE:PATH")
+        if self.image is not None:
+            problem = relative_path_problem(parse_image_ref(self.image)[1])
+            if problem is not None:
+                raise ValueError(f"image {self.image!r}: its path {problem} (write DATASTORE:path/inside/it)")
+        return self
+
+    def image_source(self) -> ImageSource | None:
+        if self.image is None:
+            return None
+        datastore, path = parse_image_ref(self.image)
+        return ImageSource(datastore=datastore, path=path, clone=self.clone)
+
+    @property
+    def boot_mode(self) -> str:
+        return self.boot or ("disk" if self.image else "kernel")
 
 
 class MigrationPolicy(Request):

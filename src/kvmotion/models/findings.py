@@ -30,6 +30,9 @@ CODES: dict[str, tuple[Severity, str]] = {
     "DATASTORE_NOT_ACCESSIBLE": (Severity.ERROR, "a datastore of the VM is not readable on the destination"),
     "DATASTORE_CONCURRENCY_LIMIT": (Severity.WARNING, "the datastore already has its maximum (128) of migrations; "
                                                       "this one queues"),
+    "FIRMWARE_MISSING": (Severity.ERROR, "a UEFI VM's OVMF code file is missing on the destination"),
+    "FIRMWARE_MISMATCH": (Severity.WARNING, "the destination's OVMF code file is another build (used from the next "
+                                            "boot on)"),
     "RDM_DEVICE_NOT_VISIBLE": (Severity.ERROR, "the destination does not see the VM's raw LUN (by identity)"),
     "LOCAL_MEDIA_CONNECTED": (Severity.ERROR, "a host-local CD/DVD image is connected"),
     "CLIENT_MEDIA_CONNECTED": (Severity.INFO, "client-connected media (NBD) moves with the VM"),

@@ -168,6 +168,11 @@ class Hypervisor(ABC):
         """Switch the VM to the mirrored disks (caller holds :meth:`lock`): the I/O stall in ms, the targets, and
         the datastore the VM folder moves to."""
 
+    @abstractmethod
+    async def move_nvram(self, uuid: str, path: Path) -> None:
+        """A running UEFI VM writes its variables to ``path`` from now on (a copy of its NVRAM, made by the caller,
+        who holds :meth:`lock`): Storage vMotion moves the VM folder."""
+
     # -- guest ----------------------------------------------------------------------------
     @abstractmethod
     async def dirty_sample(self, uuid: str, max_age_s: float, measure: bool) -> DirtySample:

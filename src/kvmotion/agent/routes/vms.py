@@ -1,12 +1,14 @@
 """VM routes: files, power, devices, status, guest checks, leases."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from kvmotion.agent.routes.deps import AgentDep
 from kvmotion.models.agent import (CdromSpec, DirtySample, GuestHealth, HealthCheckRequest, LeaseInfo, NameOrEmpty,
-                                   StartRequest, VMRuntime, VMSpec)
+                                   ProvisionRequest, StartRequest, VMRuntime, VMSpec)
 
 router = APIRouter(prefix="/v1/vms")
 
@@ -21,8 +23,9 @@ async def vms(agent: AgentDep) -> list[VMRuntime]:
 
 
 @router.post("/{uuid}/provision")
-async def provision(uuid: str, req: StartRequest, agent: AgentDep) -> dict[str, str]:
-    return {"folder": str(agent.provision(req.spec, req.disk_keys))}
+async def provision(uuid: str, req: ProvisionRequest, agent: AgentDep) -> VMSpec:
+    """The VM's folder and disks (disk0 from an image: converted or overlaid, off the event loop)."""
+    return await asyncio.to_thread(agent.provision, req.spec, req.disk_keys, req.image)
 
 
 @router.post("/{uuid}/destroy-files")

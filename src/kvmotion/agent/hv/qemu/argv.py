@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvmotion.agent.context import HostContext, safe_path, vm_folder
+from kvmotion.agent.context import HostContext, nvram_file, safe_path, vm_folder
 from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
 from kvmotion.agent.procs import QEMU_BINARY
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec, nbd_problem, parse_nbd
+from kvmotion.models.boot import ovmf_code
 
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
 
@@ -35,7 +36,12 @@ def _plain_disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
                                 remedy="present the LUN to this host, or run the VM elsewhere")
         return {"node-name": disk.node, "driver": "raw", "file": {"driver": "host_device", "filename": str(path)}}
     path = safe_path(ctx, disk.datastore, disk.path)
-    return {"node-name": disk.node, "driver": disk.format, "file": {"driver": "file", "filename": str(path)}}
+    node: dict[str, Any] = {"node-name": disk.node, "driver": disk.format,
+                            "file": {"driver": "file", "filename": str(path)}}
+    if disk.backing:       # a linked clone: its base named here, confined to the datastore (not the image header)
+        base = safe_path(ctx, disk.datastore, disk.backing, what="base image")
+        node["backing"] = {"driver": disk.backing_format or "qcow2", "file": {"driver": "file", "filename": str(base)}}
+    return node
 
 
 def has_media(cd: CdromSpec) -> bool:
@@ -109,8 +115,12 @@ def guest_ram(spec: VMSpec, ctx: HostContext, backend: bool = False) -> str:
     return f"{spec.memory_mb * 1024 + TCG_RAM_PAD_KIB}" + ("K" if backend else "k")
 
 
-def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
-               disk_keys: dict[str, str] | None = None) -> list[str]:
+def boot_args(spec: VMSpec, ctx: HostContext) -> list[str]:
+    """The test kernel and its command line, or (disk boot) the guest's address as SMBIOS OEM strings."""
+    if spec.boot == "disk":
+        values = ([f"value=kvmotion:ip={spec.guest_ip}"] if spec.guest_ip else []) + \
+                 ([f"value=kvmotion:gw={spec.gateway}"] if spec.gateway else [])
+        return ["-smbios", ",".join(["type=11", *values])] if values else []
     folder = vm_folder(ctx, spec)
     cmdline = f"{GUEST_CONSOLE} kvmotion.name={spec.name}"
     if spec.guest_ip:
@@ -119,21 +129,50 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         cmdline += f" kvmotion.dirty={spec.dirty_mb_s:g}"
     if spec.extra_cmdline:
         cmdline += " " + spec.extra_cmdline
+    return ["-kernel", str(folder / "vmlinuz"), "-initrd", str(folder / "initrd.img"), "-append", cmdline]
+
+
+def firmware_args(spec: VMSpec, ctx: HostContext) -> tuple[str, list[str]]:
+    """(the -machine suffix, the arguments) of OVMF: its code read-only, the VM's own variables read-write."""
+    if spec.firmware != "uefi":
+        return "", []
+    code = ctx.firmware_dir / ovmf_code(spec.secure_boot)
+    if not code.is_file():
+        raise NotFoundError(f"UEFI firmware {code} is missing on {ctx.host_name}",
+                            remedy="install Debian's ovmf package on this host (apt-get install ovmf)")
+    nvram = nvram_file(ctx, spec)
+    args = ["-blockdev", json.dumps({"node-name": "pflash0", "driver": "raw", "read-only": True,
+                                     "file": {"driver": "file", "filename": str(code), "read-only": True}}),
+            "-blockdev", json.dumps({"node-name": "pflash1", "driver": "raw",
+                                     "file": {"driver": "file", "filename": str(nvram)}})]
+    if spec.secure_boot:
+        args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    return ",pflash0=pflash0,pflash1=pflash1" + (",smm=on" if spec.secure_boot else ""), args
+
+
+def guest_agent_args(run_dir: Path) -> list[str]:
+    """A qemu-guest-agent channel: virtio-serial, its socket in the VM's run directory."""
+    return ["-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=qga0,path={run_dir / 'qga.sock'},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+
+
+def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
+               disk_keys: dict[str, str] | None = None) -> list[str]:
+    machine_opts, firmware = firmware_args(spec, ctx)
     accel = "kvm" if ctx.accelerator == "kvm" else "tcg"
     argv = [
         QEMU_BINARY,
         "-name", f"guest={spec.name},debug-threads=on",
         "-uuid", spec.uuid,
-        "-machine", spec.machine,
+        "-machine", spec.machine + machine_opts,
         "-accel", "kvm" if accel == "kvm" else "tcg,thread=single",
         "-cpu", cpu_arg(spec, ctx),
         "-m", guest_ram(spec, ctx),
         "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-smbios", f"type=1,manufacturer=kvmotion,product=kvmotion-vm,serial={spec.uuid},uuid={spec.uuid}",
-        "-kernel", str(folder / "vmlinuz"),
-        "-initrd", str(folder / "initrd.img"),
-        "-append", cmdline,
+        *boot_args(spec, ctx),
         # append=off: QEMU truncates the log when it opens it, so every start (a shadow too) begins empty and a
         # console line from an earlier run on this host never counts; re-adoption does not reopen it
         "-chardev", f"file,id=serial0,path={run_dir / 'serial.log'},append=off",
@@ -146,10 +185,11 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         argv[argv.index("-machine") + 1] += ",memory-backend=pc.ram"
         argv += ["-object", f"memory-backend-file,id=pc.ram,size={guest_ram(spec, ctx, backend=True)},"
                             f"mem-path={ctx.swap_dir / (spec.uuid + '.ram')},share=off"]
-    argv += secret_args(spec, disk_keys or {}, run_dir / "master.key")
-    for disk in spec.disks:
+    argv += firmware + secret_args(spec, disk_keys or {}, run_dir / "master.key")
+    for i, disk in enumerate(spec.disks):
+        boot = ",bootindex=0" if spec.boot == "disk" and i == 0 else ""
         argv += ["-blockdev", json.dumps(disk_node(disk, ctx)),
-                 "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}"]
+                 "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}{boot}"]
     for i, cd in enumerate(spec.cdroms):
         node = cdrom_node(cd, ctx, spec.boot_datastore)
         if node is not None:
@@ -159,6 +199,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         tap = tap_name(spec.uuid, i)
         argv += ["-netdev", f"tap,id=net-{nic.id},ifname={tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=net-{nic.id},mac={nic.mac},id={nic.id}"]
+    argv += guest_agent_args(run_dir)
     if incoming:
         argv += ["-incoming", "defer", "-S"]
     return argv

@@ -302,6 +302,18 @@ class QemuHypervisor(Hypervisor):
         stall = await mirror.pivot(m)
         return stall, list(m.targets.values()), m.home_datastore
 
+    async def move_nvram(self, uuid: str, path: Path) -> None:
+        """The pflash1 node reopened on the new file (``blockdev-reopen``); the old file is closed."""
+        qmp = migration.qmp_of(self._get(uuid))
+        node = f"pflash1-{os.urandom(3).hex()}"
+        await qmp.execute("blockdev-add", {"node-name": node, "driver": "file", "filename": str(path)}, timeout=10)
+        try:
+            await qmp.execute("blockdev-reopen", {"options": [{"node-name": "pflash1", "driver": "raw",
+                                                               "file": node}]}, timeout=10)
+        except KvmotionError:
+            await qmp.execute("blockdev-del", {"node-name": node}, timeout=10)
+            raise
+
     # -- guest ----------------------------------------------------------------------------
     async def dirty_sample(self, uuid: str, max_age_s: float, measure: bool) -> DirtySample:
         return await self.sampler.get(self._get(uuid), max_age_s, measure)
