@@ -111,7 +111,7 @@ def build_debian_image(cache_dir: Path | None = None, force: bool = False, log: 
             out = _build(work, log)
             target = cache / recipe.recipe_hash()[:16]
             _install(out, target)
-        except ImageBuildError as exc:
+        except (ImageBuildError, OSError) as exc:
             raise ImageBuildError(f"Debian image build failed, nothing was kept: {exc}") from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -139,8 +139,7 @@ def _build(work: Path, log: Log) -> Path:
     root, out = work / "root", work / "out"
     out.mkdir()
     log(f"debootstrap {recipe.SUITE} from {recipe.MIRROR} (a few minutes)")
-    run(["debootstrap", "--variant=minbase", f"--include={','.join(recipe.PACKAGES)}", recipe.SUITE, str(root),
-         recipe.MIRROR], "debootstrap", f"check access to {recipe.MIRROR}", timeout=3600)
+    _debootstrap(root)
     root_uuid = str(uuid.uuid4())
     kernel, initrd = _customize(root, root_uuid)
     log(f"root file system ready ({kernel}); making GRUB images")
@@ -164,6 +163,23 @@ def _build(work: Path, log: Log) -> Path:
     log(f"built {DISK_FILE} in {seconds:.0f} s: {manifest['disk_bytes'] >> 20} MiB "
         f"(virtual {plan.disk_mib} MiB)")
     return out
+
+
+def _debootstrap(root: Path) -> None:
+    """debootstrap; on failure the reason dpkg gave (from debootstrap.log, which goes away with the build folder)."""
+    try:
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(recipe.PACKAGES)}", recipe.SUITE, str(root),
+             recipe.MIRROR], "debootstrap", f"check access to {recipe.MIRROR}", timeout=3600)
+    except ImageBuildError as exc:
+        try:
+            lines = (root / "debootstrap/debootstrap.log").read_text(errors="replace").splitlines()
+        except OSError:
+            raise exc from None
+        why = [ln.strip() for ln in lines if "depends on" in ln or "error" in ln.lower()][-4:]
+        if not why:
+            raise exc from None
+        raise ImageBuildError(f"{exc}; debootstrap.log: {' | '.join(why)}; a dependency debootstrap cannot "
+                              f"resolve (a virtual package) goes into debian_recipe.PACKAGES") from None
 
 
 def _chroot(root: Path, *cmd: str, timeout: float = 300) -> str:
