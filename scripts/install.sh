@@ -2,7 +2,9 @@
 # Installs what kvmotion needs on a Debian 12 host, skipping what is already there. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 iputils-ping tcpdump)
+# debootstrap .. e2fsprogs: `kvmotion image build --debian` (GRUB comes from the guest's own packages); ovmf: UEFI guests
+PKGS=(qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 iputils-ping tcpdump
+      debootstrap fdisk dosfstools mtools e2fsprogs ovmf)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -73,15 +73,32 @@ def lab_status(root: Optional[Path] = None) -> None:
 
 
 @image_app.command("build")
-def image_build(force: bool = typer.Option(False, "--force")) -> None:
+def image_build(force: bool = typer.Option(False, "--force"),
+                debian: bool = typer.Option(False, "--debian", help="the Debian 12 disk image (BIOS and UEFI) "
+                                            "instead of the tiny kernel guest")) -> None:
     from kvmotion_lab.image.build import build_image
 
+    if debian:
+        _image_build_debian(force)
+        return
     try:
         img = build_image(force=force, log=lambda m: console.print(f"[dim]{m}[/]"))
     except Exception as exc:  # noqa: BLE001 - ImageBuildError names the fix
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)
     console.print(f"guest image: kernel {img.kernel} ({img.version}), initrd {img.initrd}")
+
+
+def _image_build_debian(force: bool) -> None:
+    from kvmotion_lab.image.debian import build_debian_image
+
+    try:
+        img = build_debian_image(force=force, log=lambda m: console.print(f"[dim]{m}[/]"))
+    except Exception as exc:  # noqa: BLE001 - ImageBuildError names the fix
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+    console.print(f"Debian 12 disk image: {img.disk} (kernel {img.kernel}, recipe {img.recipe_hash[:16]}, "
+                  f"built in {img.build_seconds:.0f} s)")
 
 
 @bench_app.command("evacuate")

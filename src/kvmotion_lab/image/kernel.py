@@ -48,11 +48,11 @@ class Module:
 
 
 def run(cmd: Sequence[str], what: str, fix: str, cwd: Path | None = None,
-        env: dict[str, str] | None = None, timeout: float = 900) -> str:
+        env: dict[str, str] | None = None, timeout: float = 900, stdin: str | None = None) -> str:
     """Run *cmd*; on failure raise ImageBuildError naming *what* failed and *fix*."""
     full_env = {**os.environ, **(env or {})}
     try:
-        proc = subprocess.run(list(cmd), cwd=cwd, env=full_env, capture_output=True,
+        proc = subprocess.run(list(cmd), cwd=cwd, env=full_env, capture_output=True, input=stdin,
                               text=True, timeout=timeout, check=False)
     except FileNotFoundError as exc:
         raise ImageBuildError(f"{what} failed: {cmd[0]} not found ({exc}); {fix}") from exc
