@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion_lab.image.debian import DebianImage, build_debian_image
+from kvmotion_lab.image.debian import DebianImage
 from labtools import CRASH_MARKERS, record_figure
 
 BOOT_TIMEOUT_S = 420.0       # TCG on a busy 2-core machine
@@ -27,16 +27,6 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 CONTRACT_KEYS = ("seq", "uptime", "boot_id", "hostname", "dirty_mb_s", "dirtied_mb", "ip", "records_acked",
                  "smbios_uuid", "smbios_serial", "macs")
-
-
-@pytest.fixture(scope="module")
-def debian_image() -> DebianImage:
-    t0 = time.monotonic()
-    img = build_debian_image(log=lambda m: None)
-    record_figure("debian_image_build_cold_s", img.build_seconds, "s")
-    record_figure("debian_image_build_or_cache_s", time.monotonic() - t0, "s")
-    record_figure("debian_image_qcow2_mib", img.disk.stat().st_size / (1 << 20), "MiB")
-    return img
 
 
 @pytest.fixture(scope="module")

@@ -23,21 +23,6 @@ from kvmotion.common.errors import KvmotionError
 from kvmotion_lab import scenario
 from labtools import agent_vms, assert_guest_survived, cli, http_beat
 
-IMAGE_ROOT = Path("/var/lib/kvmotion/image")
-DEBIAN_SUFFIXES = (".qcow2", ".raw", ".img")
-BUILD_HINT = "no Debian guest image on this machine: build it with `kvmotion image build --debian`"
-
-
-def debian_image() -> Path | None:
-    """The built Debian disk image: $KVMOTION_DEBIAN_IMAGE, else the newest debian* disk image under IMAGE_ROOT."""
-    named = os.environ.get("KVMOTION_DEBIAN_IMAGE")
-    if named:
-        return Path(named) if Path(named).is_file() else None
-    found = [p for p in IMAGE_ROOT.rglob("*") if p.is_file() and p.suffix in DEBIAN_SUFFIXES
-             and "debian" in str(p.relative_to(IMAGE_ROOT)).lower()] if IMAGE_ROOT.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
-
-
 def ds_path(lab, name: str) -> Path:
     return Path(lab.root) / "ds" / name
 
@@ -65,7 +50,7 @@ def image_info(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lab(guest_image):
+def lab(guest_image, debian_image):
     from labtools import running_lab
     with running_lab(guest_image, 2) as info:
         images = ds_path(info, "shared") / "images"
@@ -76,9 +61,7 @@ def lab(guest_image):
         local = ds_path(info, "h1-local") / "images"
         local.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(images / "blank.qcow2", local / "blank.qcow2")
-        debian = debian_image()
-        if debian is not None:                 # the lab's shared datastore gets its own copy
-            shutil.copyfile(debian, images / ("debian" + debian.suffix))
+        shutil.copyfile(debian_image.disk, images / "debian.qcow2")   # the shared datastore's own copy
         yield info
 
 
@@ -177,11 +160,7 @@ def test_a_linked_uefi_clone_through_shared_nothing_and_cold_migration(lab) -> N
 
 
 def test_debian_boots_from_its_disk_under_bios_and_uefi_and_keeps_its_boot_through_moves(lab) -> None:
-    images = ds_path(lab, "shared") / "images"
-    found = sorted(images.glob("debian.*"))
-    if not found:
-        pytest.skip(BUILD_HINT)
-    image = f"shared:images/{found[0].name}"
+    image = "shared:images/debian.qcow2"
     client = Client(lab.controller_url, timeout=900)
     client.create_vm(name="deb-bios", host="h1", memory_mb=512, image=image, clone="full", disk_size_gb=4,
                      firmware="bios", datastore="shared")
