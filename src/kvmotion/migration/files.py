@@ -66,6 +66,11 @@ class StorageVMotion(FileMove):
     def cancel_refusal(self) -> str | None:
         return "past its switch to the new files" if self.pivot is not None or self.phase == Phase.PIVOT else None
 
+    @property
+    def committed(self) -> bool:
+        """Once QEMU pivoted, the VM runs on the new files: they are never undone."""
+        return self.pivot is not None or super().committed
+
     async def on_precheck(self) -> Outcome:
         out = await self.precheck(Phase.MIRROR)
         assert self.reloc is not None
