@@ -7,7 +7,6 @@ a cold migration mid-copy (and after it re-registered), and a shared-nothing mov
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 

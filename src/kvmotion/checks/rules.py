@@ -105,7 +105,7 @@ def firmware(ctx: MigrationContext) -> list[Finding]:
                         f"{theirs[code].size_bytes} bytes) differs from {ctx.source.name}'s "
                         f"({ours[code].sha256[:12]}, {ours[code].size_bytes} bytes): {vm.name} keeps its firmware "
                         "until it reboots, then boots the destination's build",
-                        f"install the same ovmf package version on both hosts, or pick a host that has it")]
+                        "install the same ovmf package version on both hosts, or pick a host that has it")]
     return []
 
 

@@ -14,7 +14,6 @@ from kvmotion.migration.predict import Achieved, achieved_from
 from kvmotion.controller.db import Task
 from kvmotion.models.api import PhaseRecord, TaskOut
 from kvmotion.models.moves import LIVE_KINDS, MoveKind
-from kvmotion.models.moves import LIVE_KINDS, MoveKind
 
 TERMINAL_STATES = ("success", "error")
 

@@ -11,9 +11,7 @@ from pathlib import PurePosixPath
 
 from kvmotion.common.errors import InvalidInputError
 from kvmotion.migration.kinds import kind_for
-from kvmotion.migration.kinds import kind_for
 from kvmotion.models.agent import DiskSpec, VMSpec
-from kvmotion.models.moves import MoveKind
 from kvmotion.models.moves import MoveKind
 
 @dataclass(frozen=True)
