@@ -10,7 +10,6 @@ import ast
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -20,17 +19,12 @@ from kvmotion.agent.hv.qemu.argv import build_argv, cdrom_node, iso_file
 from kvmotion.agent.hv.qemu.driver import QemuHypervisor
 from kvmotion.agent.storage import AgentStorage, disk_file, lease_files, source_file
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
-from kvmotion.models.agent import CdromSpec, DiskCopyRequest, DiskSpec, DiskTarget, NicSpec, VMSpec
+from kvmotion.models.agent import CdromSpec, DiskCopyRequest, DiskSpec, DiskTarget
+
+from test_input_unit import spec      # one VM spec for both files
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kvmotion"
 
-
-def spec(**over: Any) -> VMSpec:
-    base: dict[str, Any] = dict(uuid="0b9d7a44-3f43-4bde-9a51-3c1f1a1fb0c2", name="vm1", boot_datastore="ds",
-                                folder="vm1", disks=[DiskSpec(datastore="ds", path="vm1/vm1.qcow2")],
-                                nics=[NicSpec(mac="52:54:00:0b:9d:7a")], cdroms=[CdromSpec()])
-    base.update(over)
-    return VMSpec(**base)
 
 # ---------------------------------------------------------------------------------------------------------------
 # datastore-relative paths on the agent: real datastores, real symbolic links

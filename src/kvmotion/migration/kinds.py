@@ -95,10 +95,6 @@ def kind(name: str | MoveKind) -> Kind:
                                 remedy="one of: " + ", ".join(k.value for k in KINDS)) from None
 
 
-def is_move(name: str) -> bool:
-    return name in {k.value for k in KINDS}
-
-
 def kind_for(powered_on: bool, host_changes: bool, files_move: bool) -> MoveKind:
     """The kind a request is, from the VM's power state and what it changes."""
     if not powered_on:

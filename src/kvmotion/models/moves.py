@@ -16,7 +16,6 @@ class TaskKind(StrEnum):
 
 
 LIVE_KINDS = frozenset({MoveKind.VMOTION, MoveKind.XVMOTION})      # memory crosses hosts
-LOCAL_KINDS = frozenset({MoveKind.SVMOTION})                       # nothing crosses hosts
 
 
 class Phase(StrEnum):

@@ -249,7 +249,7 @@ def _build(cache: Path, pkg: kernel.KernelPackage, log: Log) -> GuestImage:
         for f in (KERNEL_FILE, INITRD_FILE, MANIFEST_FILE):
             with (out / f).open("rb") as fh:
                 os.fsync(fh.fileno())
-        _install(out, cache / version)
+        install_atomically(out, cache / version)
         log(f"built guest image {version} in {time.monotonic() - t0:.1f}s: "
             f"kernel {manifest['files'][KERNEL_FILE]['size']} B, initrd {len(initrd)} B")
         return GuestImage(cache / version / KERNEL_FILE, cache / version / INITRD_FILE, version)
@@ -257,7 +257,7 @@ def _build(cache: Path, pkg: kernel.KernelPackage, log: Log) -> GuestImage:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _install(out: Path, target: Path) -> None:
+def install_atomically(out: Path, target: Path) -> None:
     """Atomically put *out* at *target* (replacing a stale image)."""
     old: Path | None = None
     if target.exists():

@@ -32,7 +32,7 @@ from typing import Any
 
 from kvmotion_lab.image import debian_disk as disk
 from kvmotion_lab.image import debian_recipe as recipe
-from kvmotion_lab.image.build import default_cache_dir
+from kvmotion_lab.image.build import default_cache_dir, install_atomically
 from kvmotion_lab.image.errors import ImageBuildError
 from kvmotion_lab.image.kernel import run
 
@@ -110,7 +110,7 @@ def build_debian_image(cache_dir: Path | None = None, force: bool = False, log: 
         try:
             out = _build(work, log)
             target = cache / recipe.recipe_hash()[:16]
-            _install(out, target)
+            install_atomically(out, target)
         except (ImageBuildError, OSError) as exc:
             raise ImageBuildError(f"Debian image build failed, nothing was kept: {exc}") from exc
         finally:
@@ -278,12 +278,3 @@ def _sparse_file(path: Path, size: int) -> None:
         fh.truncate(size)
 
 
-def _install(out: Path, target: Path) -> None:
-    """Atomically put *out* at *target* (replacing a stale image)."""
-    old: Path | None = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=".old-", dir=target.parent))
-        os.rename(target, old / "img")
-    os.rename(out, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
