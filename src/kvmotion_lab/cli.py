@@ -123,7 +123,7 @@ def bench_migrate(sizes: str = typer.Option("256,1024,2048", help="guest RAM, Mi
                   links: str = typer.Option("unshaped,1g,10g", help="migration links: unshaped, 1g, 10g"),
                   variants: str = typer.Option("kvmotion,qemu-defaults",
                                                help="qemu-defaults is a plain QEMU migration (no kvmotion); "
-                                               "also: one-stream, multifd-N, xbzrle, no-xbzrle"),
+                                               "also: one-stream, multifd-N, xbzrle, no-xbzrle, equal-cpu"),
                   repeat: int = typer.Option(3, min=3, max=50, help="runs per case; the order alternates"),
                   out: Path = typer.Option(Path("bench-results"), help="JSON, Markdown and PNG plots go here"),
                   root: Path = typer.Option(Path("/tmp/kvmotion-bench-migrate"), help="the bench lab's directory"),
@@ -145,6 +145,32 @@ def bench_migrate(sizes: str = typer.Option("256,1024,2048", help="guest RAM, Mi
     console.print(report.markdown(result), markup=False, highlight=False)
     console.print(f"results: {out / 'bench-migrate.json'}, {out / 'bench-migrate.md'}, "
                   f"{out / 'remaining.png'}, {out / 'downtime.png'}")
+
+
+@bench_app.command("service")
+def bench_service(memory: int = typer.Option(1024, help="guest MiB"),
+                  runs: int = typer.Option(3, min=3, max=50, help="moves per side; the order rotates"),
+                  clients: int = typer.Option(4, min=1, max=32, help="transaction clients in the client namespace"),
+                  firmware: str = typer.Option("bios", help="bios or uefi"),
+                  link: str = typer.Option("unshaped", help="unshaped, 1g or 10g"),
+                  variants: str = typer.Option("kvmotion,kvmotion-plain,qemu-defaults",
+                                               help="kvmotion (default encryption), kvmotion-plain (encryption "
+                                               "disabled), qemu-defaults (a plain QEMU migration)"),
+                  out: Path = typer.Option(Path("bench-results/service"), help="JSON, Markdown and run logs"),
+                  ) -> None:
+    """A database under load in the Debian guest, moved live: throughput, client gap, data intact."""
+    from kvmotion_lab.bench import service, service_report
+
+    try:
+        sweep = service.ServiceSweep(memory_mb=memory, runs=runs, clients=clients, firmware=firmware, link=link,
+                                     variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+        sweep.check()
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    result = service.run(sweep, out, log=lambda m: console.print(m, markup=False, highlight=False))
+    console.print(service_report.markdown(result), markup=False, highlight=False)
+    console.print(f"results: {out / 'bench-service.json'}, {out / 'bench-service.md'}")
 
 
 @bench_app.command("soak")

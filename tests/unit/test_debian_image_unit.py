@@ -143,3 +143,30 @@ def test_heartbeat_contract_fields() -> None:
                 "smbios_uuid", "smbios_serial", "macs"):
         assert key in beat
     assert beat["seq"] == 3 and beat["dirtied_mb"] == 1
+
+
+def test_bank_commits_each_transfer_once_and_keeps_the_total(tmp_path: Path) -> None:
+    bank = guest.Bank(str(tmp_path / "bank.db"))
+    first = bank.tx("c1", 1)
+    assert bank.tx("c1", 1) == first                   # a retried transaction is not applied twice
+    for seq in range(2, 40):
+        bank.tx("c1", seq)
+    bank.tx("c2", 1)
+    seen = bank.check("c1")
+    assert seen["seqs"] == list(range(1, 40))
+    assert seen["rows"] == 40
+    assert seen["total"] == seen["expected_total"] == guest.BANK_ACCOUNTS * guest.BANK_OPENING
+    assert seen["quick_check"] == "ok"
+    assert guest.Bank(str(tmp_path / "bank.db")).check("c2")["seqs"] == [1]     # reopening keeps the ledger
+
+
+def test_efivar_names_are_confined() -> None:
+    assert guest.efivar_path("KvmotionProbe").endswith("KvmotionProbe-" + guest.KVMOTION_VENDOR)
+    for bad in ("", "../x", "a/b", "x" * 65):
+        with pytest.raises(ValueError):
+            guest.efivar_path(bad)
+
+
+def test_query_strings_are_parsed() -> None:
+    assert guest._query("/bank/tx?client=a&seq=3") == ("/bank/tx", {"client": "a", "seq": "3"})
+    assert guest._query("/heartbeat") == ("/heartbeat", {})

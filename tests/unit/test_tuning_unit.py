@@ -154,3 +154,11 @@ def test_soak_tally_catches_reboots_and_heartbeats_going_back() -> None:
     assert not t4.ok
     t2 = Tally(migrations=1, failures=["#1 h1→h2: did not converge"])
     assert not t2.ok and t2.as_dict()["failures"] == 1
+
+
+def test_the_stream_yields_the_cpu_to_the_guest_unless_asked_not_to() -> None:
+    first = tuning.plan("auto", 10_000, 500, 1024, None, 0)
+    assert first.stream_nice == tuning.STREAM_NICE > 0 and any(w.startswith("guest first") for w in first.why)
+    equal = tuning.plan("auto", 10_000, 500, 1024, None, 0, guest_first=False)
+    assert equal.stream_nice == 0 and any("equally" in w for w in equal.why)
+    assert tuning.plan("qemu-defaults", 10_000, 500, 1024, None, 0).stream_nice == 0

@@ -160,6 +160,9 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
                                                              help="end the escalation in post-copy rather than "
                                                                   "cancel (default: policy, off)"),
                postcopy_mbps: Optional[int] = typer.Option(None, help="cap for the post-copy phase, Mbit/s"),
+               guest_first: Optional[bool] = typer.Option(None, "--guest-first/--no-guest-first",
+                                                          help="the stream yields the host CPU to the guest's "
+                                                               "vCPUs (default: on)"),
                wait: bool = typer.Option(True, help="follow the task and print its summary"),
                check: bool = typer.Option(False, "--check", help="only print the compatibility findings"),
                force_complete: bool = typer.Option(False, "--force-complete",
@@ -187,7 +190,7 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,
                                       priority=priority, auto_converge=auto_converge,
                                       progress_timeout_s=progress_timeout_s, allow_postcopy=allow_postcopy, xbzrle=xbzrle,
-                                      postcopy_bandwidth_mbps=postcopy_mbps, **opts))
+                                      postcopy_bandwidth_mbps=postcopy_mbps, guest_first=guest_first, **opts))
     shown = task["options"].get("findings", [])
     if shown:
         console.print(findings_table(shown, "compatibility (not blocking)"))

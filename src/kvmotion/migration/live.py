@@ -188,7 +188,7 @@ class LiveMove(LiveEnd, MoveEngine):
             uri=self.ready.uri, max_bandwidth_bytes=plan.max_bandwidth_bytes, downtime_limit_ms=plan.downtime_steps[0],
             tls_hostname=self.dst_address if self.use_tls else None, multifd_channels=plan.multifd_channels,
             xbzrle_cache_bytes=plan.xbzrle_cache_bytes, auto_converge=plan.auto_converge, postcopy=plan.postcopy,
-            postcopy_bandwidth_bytes=(self.req.postcopy_bandwidth_mbps or 0) * MBIT))
+            postcopy_bandwidth_bytes=(self.req.postcopy_bandwidth_mbps or 0) * MBIT, stream_nice=plan.stream_nice))
         self.follower = PrecopyFollower(self)
         return await self.follower.until_switchover()
 
@@ -226,7 +226,7 @@ class LiveMove(LiveEnd, MoveEngine):
         p = tuning.plan(self.req.tuning, self.ctx.bandwidth_mbps, self.req.downtime_ms, self.spec.memory_mb,
                         pred.converges if pred else None, pred.dirty_mb_s if pred else 0.0,
                         multifd=multifd, xbzrle=self.req.xbzrle, auto_converge=self.req.auto_converge,
-                        postcopy=self.postcopy_block)
+                        postcopy=self.postcopy_block, guest_first=self.req.guest_first is not False)
         if first is None or len(p.why) < 2:
             return p
         return dataclasses.replace(p, why=[p.why[0], first.why[1], *p.why[2:]])

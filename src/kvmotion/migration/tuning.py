@@ -27,6 +27,7 @@ MBPS_PER_CHANNEL = 10_000
 MAX_CHANNELS = 8
 XBZRLE_MIN_CACHE = 64 * 1024 * 1024
 XBZRLE_MAX_CACHE = 1024 * 1024 * 1024
+STREAM_NICE = 10          # the stream's threads against the vCPUs' 0: CFS gives the vCPUs ~90 % of a shared core
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class StreamPlan:
     auto_converge: bool = False
     why: list[str] = field(default_factory=list)
     postcopy: bool = False            # post-copy capable on both sides: the last step of the escalation ladder
+    stream_nice: int = 0              # >0: the stream's threads yield the host CPU to the guest's vCPUs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +65,7 @@ def xbzrle_cache_for(memory_mb: int, dirty_mb_s: float) -> int:
 
 def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, converges: bool | None,
          dirty_mb_s: float, multifd: int | None = None, xbzrle: bool | None = None,
-         auto_converge: bool = True, postcopy: str | None = None) -> StreamPlan:
+         auto_converge: bool = True, postcopy: str | None = None, guest_first: bool = True) -> StreamPlan:
     """``multifd``/``xbzrle`` override the automatic choice (None: automatic); ``auto_converge`` is the
     policy's permission to throttle the guest when pre-copy stops converging. ``postcopy`` is "" when the policy
     allows post-copy and both hosts can do it, the reason it cannot be used otherwise, None when not allowed."""
@@ -94,9 +96,12 @@ def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, conv
     cache = xbzrle_cache_for(memory_mb, dirty_mb_s) if use_x else 0
     why.append("auto-converge armed: QEMU throttles the vCPUs if two passes in a row dirty more than half of "
                "what they send" if auto_converge else "no auto-converge (policy)")
+    why.append(f"guest first: the stream's threads run at nice {STREAM_NICE}, so the vCPUs get the host CPU first "
+               "and the stream takes what is left" if guest_first else "stream and vCPUs share the host CPU equally "
+               "(requested)")
     use_postcopy = postcopy == "" and channels == 0
     if postcopy is not None:
         why.append("post-copy: the last escalation step, when pre-copy stalls at the downtime ceiling"
                    if use_postcopy else f"no post-copy: {postcopy or 'not with multifd streams'}")
     return StreamPlan(profile, bandwidth_mbps * MBIT, decisions.downtime_steps(budget_ms), channels, cache,
-                      auto_converge, why, use_postcopy)
+                      auto_converge, why, use_postcopy, STREAM_NICE if guest_first else 0)

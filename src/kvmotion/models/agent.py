@@ -318,6 +318,7 @@ class OutgoingRequest(BaseModel):
     auto_converge: bool = False          # QEMU throttles the vCPUs once pre-copy stops converging
     postcopy: bool = False               # post-copy capable (both sides); started only on request
     postcopy_bandwidth_bytes: int = Field(default=0, ge=0, le=10 ** 12)   # 0: as fast as the link goes
+    stream_nice: int = Field(default=0, ge=0, le=19)     # >0: the stream's threads yield the CPU to the vCPUs
 
 
 class MigrationTuning(BaseModel):

@@ -169,6 +169,9 @@ class MigrateRequest(Request):
                                               "converge at the downtime ceiling; default: policy, off")
     postcopy_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
                                                 description="cap for the post-copy phase; default: the link")
+    guest_first: StrictBool | None = Field(default=None, description="the stream's threads yield the host CPU to "
+                                           "the guest's vCPUs (nice 10), so a busy host slows the stream, not the "
+                                           "guest; default: on")
 
 
 class PhaseRecord(BaseModel):

@@ -9,7 +9,8 @@ by QEMU alone, with kvmotion's exact command line and no agent (``bench.rawqemu`
   destination; its time runs from ``migrate`` to ``cont`` (starting the destination QEMU and stopping the source are
   not counted: the baseline is favoured). Under TCG its guest gets the 8 KiB of extra RAM kvmotion's guests get
   (``agent.hv.qemu.argv.guest_ram``), so both sides move the same RAM size;
-- optional kvmotion variants that isolate one choice (``one-stream``, ``multifd-N``, ``xbzrle``, ``no-xbzrle``).
+- optional kvmotion variants that isolate one choice (``one-stream``, ``multifd-N``, ``xbzrle``, ``no-xbzrle``,
+  ``equal-cpu``: the stream's threads not yielding the CPU to the vCPUs).
 
 Every run moves each side's guest once to the other host; the order alternates (run 1 as given, run 2 reversed,
 ...), ``repeat`` runs per case (at least 3). A client pings the moving guest every 10 ms on a fixed timetable: the
@@ -59,8 +60,10 @@ def variant_options(name: str) -> dict[str, Any] | None:
         return {"multifd_channels": int(name[8:])}
     if name in ("xbzrle", "no-xbzrle"):
         return {"xbzrle": name == "xbzrle"}
+    if name == "equal-cpu":
+        return {"guest_first": False}
     raise ValueError(f"unknown variant {name!r}: use kvmotion, qemu-defaults, one-stream, multifd-N, "
-                     "xbzrle or no-xbzrle")
+                     "xbzrle, no-xbzrle or equal-cpu")
 
 
 def side_order(variants: list[str], run: int) -> list[str]:

@@ -13,15 +13,28 @@ Two commands, each run by a systemd unit of the image:
   and a memory dirtier (``kvmotion:dirty=R`` MB/s, ``kvmotion:dirty_region=M`` MB).  It also prints
   ``KVMOTION-CLOUDINIT status=S`` once cloud-init has finished and puts ``cloud_init`` in the JSON.
 
+  Two more services on the same port, for the benchmarks and tests:
+
+  - **a bank** (SQLite on the guest's disk, WAL, ``synchronous=FULL``): ``POST /bank/tx?client=C&seq=N`` moves an
+    amount between two of 100 accounts and records it in a ledger, in one transaction, committed before the reply;
+    a retried ``(client, seq)`` is not applied twice.  ``GET /bank/check?client=C`` returns the ledger's rows, the
+    total of all balances (constant when no transaction was torn), SQLite's ``quick_check`` and the client's
+    committed sequence numbers;
+  - **an EFI variable** (UEFI guests, through efivarfs): ``PUT /efivar/NAME`` with a text body sets
+    ``NAME-<KVMOTION_VENDOR>`` (non-volatile), ``GET /efivar/NAME`` reads it back (404 when unset).
+
 The record writer and the marker of the tiny guest are not implemented here.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import ipaddress
 import json
 import os
 import socket
+import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -33,6 +46,13 @@ OEM_PREFIX = "kvmotion:"
 STATIC_NETWORK = "/run/systemd/network/05-kvmotion-static.network"
 TICK_S = 0.1
 PRINT_EVERY = 10
+BANK_DB = "/var/lib/kvmotion-guest/bank.db"
+BANK_ACCOUNTS = 100
+BANK_OPENING = 1000
+EFIVARS = "/sys/firmware/efi/efivars"
+KVMOTION_VENDOR = "6b766d6f-7469-6f6e-8000-000000000001"
+EFI_NV_BS_RT = 0x7
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
 
 
 def parse_oem_raw(raw: bytes) -> list[str]:
@@ -204,22 +224,146 @@ class Guest:
         self.say(f"KVMOTION-CLOUDINIT status={status}")
 
 
-def _handler(guest: Guest) -> type[BaseHTTPRequestHandler]:
+class Bank:
+    """The transaction workload: a ledger and 100 accounts whose total never changes."""
+
+    def __init__(self, path: str = BANK_DB) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with self._db() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS account (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY, client TEXT NOT NULL, "
+                       "seq INTEGER NOT NULL, src INTEGER, dst INTEGER, amount INTEGER, at REAL, "
+                       "UNIQUE (client, seq))")
+            if db.execute("SELECT count(*) FROM account").fetchone()[0] == 0:
+                db.executemany("INSERT INTO account VALUES (?, ?)",
+                               [(i, BANK_OPENING) for i in range(BANK_ACCOUNTS)])
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def tx(self, client: str, seq: int) -> dict[str, object]:
+        src, dst = seq % BANK_ACCOUNTS, (seq * 7 + 3) % BANK_ACCOUNTS
+        amount = 1 + seq % 10
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT id FROM ledger WHERE client = ? AND seq = ?", (client, seq)).fetchone()
+            if row is None:
+                cur = db.execute("INSERT INTO ledger (client, seq, src, dst, amount, at) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (client, seq, src, dst, amount, time.time()))
+                db.execute("UPDATE account SET balance = balance - ? WHERE id = ?", (amount, src))
+                db.execute("UPDATE account SET balance = balance + ? WHERE id = ?", (amount, dst))
+                row = (cur.lastrowid,)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+        return {"id": row[0], "client": client, "seq": seq}
+
+    def check(self, client: str) -> dict[str, object]:
+        db = self._db()
+        try:
+            seqs = [r[0] for r in db.execute("SELECT seq FROM ledger WHERE client = ? ORDER BY seq", (client,))]
+            return {"rows": db.execute("SELECT count(*) FROM ledger").fetchone()[0],
+                    "total": db.execute("SELECT sum(balance) FROM account").fetchone()[0],
+                    "expected_total": BANK_ACCOUNTS * BANK_OPENING,
+                    "quick_check": db.execute("PRAGMA quick_check").fetchone()[0], "seqs": seqs}
+        finally:
+            db.close()
+
+
+def efivar_path(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "_-" for c in name) or len(name) > 64:
+        raise ValueError(f"bad EFI variable name {name!r}")
+    return f"{EFIVARS}/{name}-{KVMOTION_VENDOR}"
+
+
+def efivar_set(name: str, value: bytes) -> None:
+    """A non-volatile variable through efivarfs: 4 bytes of attributes, then the data."""
+    path = efivar_path(name)
+    if os.path.exists(path):                      # efivarfs makes files immutable; rewriting needs the flag off
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            flags = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("i", 0)))[0]
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags & ~FS_IMMUTABLE_FL))
+        finally:
+            os.close(fd)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<I", EFI_NV_BS_RT) + value)
+
+
+def efivar_get(name: str) -> bytes | None:
+    try:
+        with open(efivar_path(name), "rb") as fh:
+            return fh.read()[4:]
+    except FileNotFoundError:
+        return None
+
+
+def _query(path: str) -> tuple[str, dict[str, str]]:
+    route, _, qs = path.partition("?")
+    return route, dict(kv.partition("=")[::2] for kv in qs.split("&") if kv)
+
+
+def _handler(guest: Guest, bank: Bank) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.path in ("/cgi-bin/heartbeat", "/heartbeat"):
-                body, ctype = (json.dumps(guest.beat()) + "\n").encode(), "application/json"
-            elif self.path == "/":
-                body, ctype = (f"kvmotion debian guest {socket.gethostname()}\nboot_id {guest.boot_id}\n"
-                               f"endpoints: /cgi-bin/heartbeat (JSON), /heartbeat\n").encode(), "text/plain"
-            else:
-                self.send_error(404)
-                return
-            self.send_response(200)
+        def _reply(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _json(self, obj: object, code: int = 200) -> None:
+            self._reply(code, (json.dumps(obj) + "\n").encode())
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            route, q = _query(self.path)
+            if route in ("/cgi-bin/heartbeat", "/heartbeat"):
+                self._json(guest.beat())
+            elif route == "/":
+                self._reply(200, (f"kvmotion debian guest {socket.gethostname()}\nboot_id {guest.boot_id}\n"
+                                  "endpoints: /heartbeat, /bank/tx, /bank/check, /efivar/NAME\n").encode(),
+                            "text/plain")
+            elif route == "/bank/check":
+                self._json(bank.check(q.get("client", "")))
+            elif route.startswith("/efivar/"):
+                try:
+                    value = efivar_get(route[len("/efivar/"):])
+                except (ValueError, OSError) as exc:
+                    return self._json({"error": str(exc)}, 400)
+                if value is None:
+                    return self._json({"error": "not set"}, 404)
+                self._json({"value": value.decode("utf-8", "replace")})
+            else:
+                self.send_error(404)
+
+        def do_POST(self) -> None:  # noqa: N802
+            route, q = _query(self.path)
+            if route != "/bank/tx":
+                return self.send_error(404)
+            try:
+                self._json(bank.tx(q.get("client", "anon"), int(q.get("seq", "0"))))
+            except (ValueError, sqlite3.Error) as exc:
+                self._json({"error": f"{type(exc).__name__}: {exc}"}, 500)
+
+        def do_PUT(self) -> None:  # noqa: N802
+            route, _q = _query(self.path)
+            if not route.startswith("/efivar/"):
+                return self.send_error(404)
+            body = self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 1024))
+            try:
+                efivar_set(route[len("/efivar/"):], body)
+            except (ValueError, OSError) as exc:
+                return self._json({"error": f"{type(exc).__name__}: {exc}"}, 400)
+            self._json({"value": body.decode("utf-8", "replace")})
 
         def log_message(self, *args: object) -> None:
             pass
@@ -228,7 +372,7 @@ def _handler(guest: Guest) -> type[BaseHTTPRequestHandler]:
 
 def cmd_heartbeat() -> int:
     guest = Guest(oem_settings(read_oem_strings()))
-    server = ThreadingHTTPServer(("", 80), _handler(guest))
+    server = ThreadingHTTPServer(("", 80), _handler(guest, Bank()))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     guest.say(f"KVMOTION-IDENTITY uuid={guest.smbios_uuid or 'none'} serial={guest.smbios_serial or 'none'}")

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.qemu.qmp import QMPConnection, next_event
+from kvmotion.agent.hv.qemu.threads import lower_stream_threads
 from kvmotion.agent.hv.state import requires
 from kvmotion.agent.tls import ensure_dh_params
 from kvmotion.common.errors import ConflictError, KvmotionError, SourceStuck
@@ -209,18 +210,33 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
         vm.migration = None
         raise
     vm.transition(VMRunState.MIGRATING_OUT)
-    watch.task = asyncio.create_task(watch_outgoing(watch, listener, listener_cm, req.auto_continue, handoff),
-                                     name=f"outgoing-{vm.spec.name}")
+    watch.task = asyncio.create_task(watch_outgoing(watch, listener, listener_cm, req.auto_continue, handoff,
+                                                    req.stream_nice), name=f"outgoing-{vm.spec.name}")
+    watch.report.extra["stream_nice"] = req.stream_nice
     return watch
 
 
+async def _final_times(watch: MigrationWatch, tries: int = 50, pause_s: float = 0.02) -> None:
+    """QEMU 7.2 emits ``completed`` (and answers ``query-migrate`` with it) before its migration thread has
+    computed ``total-time`` and ``downtime`` (``migration_calculate_complete`` runs after the state change), so a
+    query right after the event can read 0 for both: ask again until they are set (at most ~1 s)."""
+    for _ in range(tries):
+        if watch.report.total_time_ms:
+            return
+        await asyncio.sleep(pause_s)
+        watch.absorb(await query_migrate(watch.vm))
+
+
 async def watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any,
-                          auto_continue: bool, handoff: Hook | None) -> None:
+                          auto_continue: bool, handoff: Hook | None, nice: int = 0) -> None:
     vm = watch.vm
     r = watch.report
+    reniced: set[int] = set()
     try:
         last_poll = 0.0
         while True:
+            if nice:          # the stream's threads appear once `migrate` runs (multifd ones a little later)
+                lower_stream_threads(vm.pid, nice, reniced)
             ev = await next_event(listener, timeout=POLL_S)
             status = ev["data"].get("status") if ev and ev.get("event") == "MIGRATION" else None
             if status is None and r.status == "pre-switchover" and r.pre_switchover_at is None:
@@ -244,6 +260,8 @@ async def watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any,
                 watch.absorb(await query_migrate(vm))
             if r.status in TERMINAL:
                 break
+        if r.status == "completed" and not r.total_time_ms:
+            await _final_times(watch)
     except KvmotionError as exc:
         r.status, r.error = "failed", exc.message
     finally:
