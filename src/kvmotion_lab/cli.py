@@ -175,11 +175,17 @@ def bench_service(memory: int = typer.Option(1024, help="guest MiB"),
 
 @bench_app.command("soak")
 def bench_soak(migrations: int = typer.Option(50, min=1, max=10000), dirty: float = typer.Option(20.0, help="MB/s"),
-               memory: int = typer.Option(256, help="guest MiB")) -> None:
+               memory: int = typer.Option(256, help="guest MiB (the Debian guest: at least 512)"),
+               guest: str = typer.Option("tiny", help="tiny, or debian: the Debian 12 disk guest under UEFI, "
+                                         "committing a database transaction after every move")) -> None:
     """Back-and-forth live migrations of one dirtying guest; exit 1 on any failure or heartbeat break."""
     from kvmotion_lab.bench import soak
 
-    tally = soak.run(migrations, dirty, memory, log=lambda m: console.print(m, markup=False, highlight=False))
+    if guest not in soak.GUEST_BOOT_S:
+        err_console.print(f"[red]error:[/] --guest {guest!r}: use tiny or debian")
+        raise typer.Exit(2)
+    tally = soak.run(migrations, dirty, memory, log=lambda m: console.print(m, markup=False, highlight=False),
+                     guest=guest)
     t = tally.as_dict()
     console.print(f"soak: {t['migrations']} migrations, {t['failures']} failures, "
                   f"{len(t['heartbeat_breaks'])} heartbeat breaks, {len(t['guests'])} guest(s) used; "
@@ -187,6 +193,9 @@ def bench_soak(migrations: int = typer.Option(50, min=1, max=10000), dirty: floa
                   f"ms; total p50 {t['total_s_p50']} s")
     for g in t["guests"]:
         console.print(f"  guest {g['guest']}: boot {g['boot_id']}, survived {g['moves_survived']} moves, {g['ended']}")
+    if t["ledger"]:
+        console.print(f"  database: {t['ledger']['committed']} transactions committed across the moves, "
+                      f"{'all in the ledger, balances add up' if t['ledger']['intact'] else 'NOT INTACT'}")
     for reason in t["failure_reasons"] + t["heartbeat_breaks"]:
         err_console.print(f"[red]{reason}[/]")
     raise typer.Exit(0 if tally.ok else 1)
@@ -242,11 +251,16 @@ def bench_report(results: Path = typer.Argument(..., help="a bench-migrate.json"
 
 
 def demo(memory: int = typer.Option(256, help="guest MiB"), dirty: float = typer.Option(0.0, help="MB/s"),
-         keep: bool = typer.Option(False, help="leave the lab up")) -> None:
+         keep: bool = typer.Option(False, help="leave the lab up"),
+         guest: str = typer.Option("auto", help="auto: the Debian 12 disk guest when built, else the tiny one; "
+                                   "debian; tiny")) -> None:
     """Lab up, a VM on h1 with a pinging client, live vMotion to h2, the figures, lab down."""
     from kvmotion_lab.demo import run_demo
 
-    sys.exit(run_demo(console, memory_mb=memory, dirty=dirty, keep=keep))
+    if guest not in ("auto", "debian", "tiny"):
+        err_console.print(f"[red]error:[/] --guest {guest!r}: use auto, debian or tiny")
+        raise typer.Exit(2)
+    sys.exit(run_demo(console, memory_mb=memory, dirty=dirty, keep=keep, guest=guest))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,33 @@ def guest_heartbeat(client_netns: str, ip: str) -> dict[str, Any] | None:
         return None
 
 
+_REQUEST = ("import json,sys,urllib.request as u,urllib.error as e\n"
+            "r=u.Request(sys.argv[1],data=sys.argv[3].encode() if sys.argv[3] else None,method=sys.argv[2])\n"
+            "try:\n c=u.build_opener(u.ProxyHandler({})).open(r,timeout=float(sys.argv[4]));print(c.status);"
+            "print(c.read().decode())\n"
+            "except e.HTTPError as x:\n print(x.code);print(x.read().decode())")
+
+
+def guest_http(client_netns: str, ip: str, path: str, method: str = "GET", body: str = "",
+               timeout_s: float = 10.0) -> tuple[int, Any]:
+    """One HTTP request to the guest from the client namespace: (status, JSON body or text); (0, error) when
+    nothing answered."""
+    url = f"http://{ip.split('/')[0]}{path}"
+    try:
+        res = subprocess.run(netns_exec_argv(client_netns, [sys.executable, "-c", _REQUEST, url, method, body,
+                                                            str(timeout_s)]),
+                             capture_output=True, text=True, timeout=timeout_s + 10, check=False)
+    except subprocess.TimeoutExpired:
+        return 0, "timed out"
+    if res.returncode != 0:
+        return 0, res.stderr.strip().splitlines()[-1:] or "no answer"
+    status, _, text = res.stdout.partition("\n")
+    try:
+        return int(status), json.loads(text)
+    except ValueError:
+        return int(status), text
+
+
 def wait_guest(client_netns: str, ip: str, deadline_s: float = GUEST_BOOT_DEADLINE_S) -> dict[str, Any]:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

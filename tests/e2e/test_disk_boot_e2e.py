@@ -184,3 +184,65 @@ def test_debian_boots_from_its_disk_under_bios_and_uefi_and_keeps_its_boot_throu
     for name in ("deb-bios", "deb-uefi"):
         client.stop_vm(name)
         client.delete_vm(name)
+
+
+def _identity(beat: dict) -> tuple:
+    return beat["smbios_uuid"], beat["smbios_serial"], tuple(beat["macs"])
+
+
+def _guest(lab, client: Client, name: str, path: str, method: str = "GET", body: str = "") -> dict:
+    status, got = scenario.guest_http(lab.net.client_netns, client.vm(name)["spec"]["guest_ip"], path, method, body,
+                                      timeout_s=30)
+    assert status == 200, f"{method} {path} on {name}: HTTP {status}: {got}"
+    return got
+
+
+def test_debian_uefi_guest_keeps_its_nvram_identity_and_data_through_every_kind_of_move(lab) -> None:
+    """One UEFI Debian VM (a linked clone, encrypted vMotion required) through encrypted vMotion, shared-nothing and
+    cold migration, a client talking to its service throughout: its SMBIOS UUID, serial and MAC never change, its
+    database keeps every committed transaction, and an EFI variable set before the moves is read back after a cold
+    boot on the last host, from the NVRAM file that moved with it."""
+    client = Client(lab.controller_url, timeout=900)
+    name = "deb-kinds"
+    client.create_vm(name=name, host="h1", memory_mb=512, image="shared:images/debian.qcow2", clone="linked",
+                     firmware="uefi", encrypted_vmotion="required")
+    client.start_vm(name)
+    beat = http_beat(lab, client, name, timeout=300)
+    identity = _identity(beat)
+    assert identity[0] == client.vm(name)["uuid"].lower() and identity[2]
+    marker = f"moved-{client.vm(name)['uuid'][:8]}"
+    assert _guest(lab, client, name, "/efivar/KvmotionProbe", "PUT", marker)["value"] == marker
+    for seq in range(1, 6):
+        _guest(lab, client, name, f"/bank/tx?client=e2e&seq={seq}", "POST")
+
+    task = follow(client, client.migrate(name, "h2"))                              # encrypted vMotion
+    assert task["state"] == "success", task.get("error")
+    assert task["result"]["encryption"]["mode"] == "tls"
+    beat = assert_guest_survived(lab, client, name, beat)
+    assert _identity(beat) == identity
+    _guest(lab, client, name, "/bank/tx?client=e2e&seq=6", "POST")
+
+    task = follow(client, client.migrate(name, "h1", datastore="h1-local"))        # shared-nothing, linked clone
+    assert task["state"] == "success", task.get("error")
+    assert task["kind"] == "xvmotion" and task["result"]["flattened"] == ["disk0"]
+    beat = assert_guest_survived(lab, client, name, beat)
+    assert _identity(beat) == identity
+    assert _guest(lab, client, name, "/efivar/KvmotionProbe")["value"] == marker
+    _guest(lab, client, name, "/bank/tx?client=e2e&seq=7", "POST")
+
+    client.stop_vm(name)                                                           # cold, then a cold boot
+    task = follow(client, client.migrate(name, "h2", datastore="h2-local"))
+    assert task["state"] == "success", task.get("error")
+    assert task["kind"] == "cold"
+    assert (ds_path(lab, "h2-local") / name / "nvram.fd").exists()
+    assert not (ds_path(lab, "h1-local") / name).exists()
+    client.start_vm(name)
+    after = http_beat(lab, client, name, timeout=300)
+    assert after["boot_id"] != beat["boot_id"]                                     # it did boot again
+    assert _identity(after) == identity
+    assert _guest(lab, client, name, "/efivar/KvmotionProbe")["value"] == marker    # read by OVMF from nvram.fd
+    bank = _guest(lab, client, name, "/bank/check?client=e2e")
+    assert bank["seqs"] == list(range(1, 8)) and bank["total"] == bank["expected_total"]
+    assert bank["quick_check"] == "ok"
+    client.stop_vm(name)
+    client.delete_vm(name)

@@ -50,8 +50,6 @@ VARIANTS = ("kvmotion", "kvmotion-plain", BASELINE)
 SETTLE_S = 5.0
 BOOT_DEADLINE_S = 300.0
 PROBE_MS = 5
-_FETCH = ("import sys,urllib.request as u;"
-          "print(u.build_opener(u.ProxyHandler({})).open(sys.argv[1],timeout=10).read().decode())")
 Log = Callable[[str], None]
 
 
@@ -165,14 +163,11 @@ class ServiceRunner:
             proc.wait(timeout=5)
 
     def _bank(self, g: Guest, clients: list[str]) -> dict[str, Any]:
-        base = f"http://{g.ip.split('/')[0]}/bank/check?client="
         out: dict[str, Any] = {"seqs": {}}
         for c in clients:
-            res = subprocess.run(netns_exec_argv(self.netns, [sys.executable, "-c", _FETCH, base + c]),
-                                 capture_output=True, text=True, timeout=30, check=False)
-            if res.returncode != 0:
-                return {"error": res.stderr.strip()[-200:] or "no answer"}
-            got = json.loads(res.stdout)
+            status, got = scenario.guest_http(self.netns, g.ip, f"/bank/check?client={c}", timeout_s=20)
+            if status != 200 or not isinstance(got, dict):
+                return {"error": f"HTTP {status}: {got}"}
             out["seqs"][c] = got.pop("seqs")
             out.update(got)
         return out

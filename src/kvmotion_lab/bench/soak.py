@@ -7,6 +7,7 @@ counts every move, and prints the tally of every guest it used.
 """
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ from typing import Any, Callable
 from kvmotion_lab.bench.report import percentile
 from kvmotion.cli.client import Client
 from kvmotion_lab.image.build import build_image
+from kvmotion_lab.image.debian import build_debian_image
 from kvmotion_lab import lab, scenario
 
 ROOT = Path("/tmp/kvmotion-soak")
+GUEST_BOOT_S = {"tiny": scenario.GUEST_BOOT_DEADLINE_S, "debian": 300.0}
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Tally:
     first_seq: int | None = None
     last_seq: int | None = None
     boot_id: str | None = None
+    ledger: dict[str, Any] = field(default_factory=dict)    # the Debian guest: transactions committed, intact
 
     @property
     def ok(self) -> bool:
@@ -45,7 +49,8 @@ class Tally:
                 "downtime_ms_p50": statistics.median(self.downtime_ms) if self.downtime_ms else None,
                 "downtime_ms_p99": percentile(list(self.downtime_ms), 99),
                 "downtime_ms_max": max(self.downtime_ms, default=None),
-                "total_s_p50": round(statistics.median(self.total_s), 3) if self.total_s else None, "ok": self.ok}
+                "total_s_p50": round(statistics.median(self.total_s), 3) if self.total_s else None, "ledger": self.ledger,
+                "ok": self.ok}
 
 
 def http_beat(client_netns: str, ip: str, newer_than: int = -1, wait_s: float = 15.0) -> dict[str, Any] | None:
@@ -86,49 +91,99 @@ def check_beat(tally: Tally, beat: dict[str, Any] | None, where: str) -> bool:
     return True
 
 
+class Soak:
+    """One lab, one guest moved back and forth; a broken guest is counted and replaced."""
+
+    def __init__(self, info: lab.LabInfo, guest: str, memory_mb: int, dirty_mb_s: float) -> None:
+        self.info, self.guest, self.memory_mb, self.dirty = info, guest, memory_mb, dirty_mb_s
+        self.client = Client(info.controller_url, token=info.admin_token(), timeout=120)
+        self.tally = Tally()
+        self.host, self.ip, self.tx = "h1", "", 0
+        if guest == "debian":
+            images = Path(info.root) / "ds" / "shared" / "images"
+            images.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(build_debian_image(log=lambda m: None).disk, images / "debian.qcow2")
+
+    def fresh_guest(self) -> None:
+        extra = {"image": "shared:images/debian.qcow2", "clone": "linked", "firmware": "uefi"} \
+            if self.guest == "debian" else {}
+        vm = self.client.create_vm(name="soak1", host="h1", memory_mb=self.memory_mb, dirty_mb_s=self.dirty, **extra)
+        self.client.start_vm("soak1")
+        self.host, self.ip, self.tx = "h1", vm["spec"]["guest_ip"], 0
+        scenario.wait_guest(self.info.net.client_netns, self.ip, GUEST_BOOT_S[self.guest])
+        t = self.tally
+        t.boot_id, t.last_seq = None, None
+        check_beat(t, http_beat(self.info.net.client_netns, self.ip), "start")
+        t.guests.append({"guest": len(t.guests) + 1, "boot_id": t.boot_id, "moves_survived": 0,
+                         "ended": "still running"})
+
+    def remove(self) -> None:
+        self.client.stop_vm("soak1")
+        self.client.delete_vm("soak1")
+
+    def commit_tx(self, where: str) -> None:
+        """The Debian guest: one committed transaction per move; at the end every one must be in its ledger."""
+        if self.guest != "debian":
+            return
+        status, got = scenario.guest_http(self.info.net.client_netns, self.ip,
+                                          f"/bank/tx?client=soak&seq={self.tx + 1}", "POST", timeout_s=20)
+        if status == 200:
+            self.tx += 1
+        else:
+            self.tally.failures.append(f"{where}: the guest's database did not commit: HTTP {status}: {got}")
+
+    def check_ledger(self) -> None:
+        if self.guest != "debian":
+            return
+        status, got = scenario.guest_http(self.info.net.client_netns, self.ip, "/bank/check?client=soak",
+                                          timeout_s=20)
+        ok = status == 200 and got.get("seqs") == list(range(1, self.tx + 1)) and got.get("quick_check") == "ok" \
+            and got.get("total") == got.get("expected_total")
+        self.tally.ledger = {"committed": self.tx, "intact": ok}
+        if not ok:
+            self.tally.failures.append(f"the guest's database lost data: HTTP {status}: {str(got)[:300]}")
+
+    def move(self, i: int, log: Callable[[str], None]) -> None:
+        t = self.tally
+        dest = "h2" if self.host == "h1" else "h1"
+        task = scenario.follow_task(self.client, self.client.migrate("soak1", dest)["id"], timeout_s=300)
+        t.migrations += 1
+        if task["state"] != "success":
+            t.failures.append(f"#{i + 1} {self.host}→{dest}: {(task.get('error') or {}).get('message')}")
+        else:
+            self.host = dest
+            r = task["result"]
+            t.downtime_ms.append(float(r.get("downtime_ms") or 0))
+            t.total_s.append(float(r.get("total_time_s") or 0))
+        replace = check_beat(t, http_beat(self.info.net.client_netns, self.ip, newer_than=t.last_seq or -1),
+                             f"after #{i + 1}")
+        if not replace and task["state"] == "success":
+            t.guests[-1]["moves_survived"] += 1
+            self.commit_tx(f"after #{i + 1}")
+        log(f"#{i + 1:>3} → {self.host}: {task['state']}, downtime "
+            f"{t.downtime_ms[-1] if task['state'] == 'success' else '–'} ms, heartbeat {t.last_seq}"
+            + ("  (guest broke: replaced)" if replace else ""))
+        if replace:
+            self.check_ledger()
+            self.remove()
+            self.fresh_guest()
+
+
 def run(migrations: int = 50, dirty_mb_s: float = 20.0, memory_mb: int = 256,
-        log: Callable[[str], None] = print) -> Tally:
+        log: Callable[[str], None] = print, guest: str = "tiny") -> Tally:
+    """``guest``: ``tiny`` (the kernel + initramfs guest) or ``debian`` (the Debian 12 disk image, a linked clone
+    booting under UEFI, committing one database transaction after every move)."""
+    if guest not in GUEST_BOOT_S:
+        raise ValueError(f"unknown guest {guest!r}: use tiny or debian")
     image = build_image(log=lambda m: None)
     info = lab.up(2, ROOT, prefix="kvsk", image_dir=image.kernel.parent.parent, log=lambda m: None)
-    tally = Tally()
     try:
-        client = Client(info.controller_url, token=info.admin_token(), timeout=60)
-        def fresh_guest() -> dict[str, Any]:
-            vm = client.create_vm(name="soak1", host="h1", memory_mb=memory_mb, dirty_mb_s=dirty_mb_s)
-            client.start_vm("soak1")
-            scenario.wait_guest(info.net.client_netns, vm["spec"]["guest_ip"])
-            tally.boot_id, tally.last_seq = None, None
-            check_beat(tally, http_beat(info.net.client_netns, vm["spec"]["guest_ip"]), "start")
-            tally.guests.append({"guest": len(tally.guests) + 1, "boot_id": tally.boot_id, "moves_survived": 0,
-                                 "ended": "still running"})
-            return vm
-
-        vm = fresh_guest()
-        host, ip = "h1", vm["spec"]["guest_ip"]
+        soak = Soak(info, guest, max(memory_mb, 512) if guest == "debian" else memory_mb, dirty_mb_s)
+        soak.fresh_guest()
         for i in range(migrations):
-            dest = "h2" if host == "h1" else "h1"
-            t = scenario.follow_task(client, client.migrate("soak1", dest)["id"], timeout_s=300)
-            tally.migrations += 1
-            if t["state"] != "success":
-                tally.failures.append(f"#{i + 1} {host}→{dest}: {(t.get('error') or {}).get('message')}")
-            else:
-                host = dest
-                r = t["result"]
-                tally.downtime_ms.append(float(r.get("downtime_ms") or 0))
-                tally.total_s.append(float(r.get("total_time_s") or 0))
-            beat = http_beat(info.net.client_netns, ip, newer_than=tally.last_seq or -1)
-            replace = check_beat(tally, beat, f"after #{i + 1}")
-            if not replace and t["state"] == "success":
-                tally.guests[-1]["moves_survived"] += 1
-            log(f"#{i + 1:>3} → {host}: {t['state']}, downtime {tally.downtime_ms[-1] if t['state'] == 'success' else '–'} ms, "
-                f"heartbeat {tally.last_seq}" + ("  (guest broke: replaced)" if replace else ""))
-            if replace:
-                client.stop_vm("soak1")
-                client.delete_vm("soak1")
-                vm = fresh_guest()
-                host, ip = "h1", vm["spec"]["guest_ip"]
-        client.stop_vm("soak1")
-        client.delete_vm("soak1")
+            soak.move(i, log)
+        soak.check_ledger()
+        soak.remove()
     finally:
         lab.down(ROOT)
-    return tally
+    return soak.tally
