@@ -193,3 +193,11 @@ def test_machine_types_unknown_or_offered_are_no_finding() -> None:
         facts("h2"), "pc-q35-7.2", "pc-i440fx-7.2")))
     assert "MACHINE_TYPE_UNSUPPORTED" in codes(ctx(kind="cold", power_state="poweredOff", vm=spec(
         machine="pc-i440fx-7.2"), dst=with_machines(facts("h2"), "pc-q35-7.2")))
+
+
+def test_a_vlan_port_group_the_destination_cannot_carry_is_a_finding() -> None:
+    dst = with_vlan(facts("h2"))
+    dst.portgroups[-1].problem = "the kernel has no bridge VLAN filtering"
+    f = next(f for f in run_all(ctx(vm=spec(**VLAN_VM), src=with_vlan(facts("h1")), dst=dst))
+             if f.code.startswith("PORTGROUP"))
+    assert f.code == "PORTGROUP_VLAN_MISSING" and "cannot be used on h2" in f.message and "VLAN filtering" in f.message

@@ -71,9 +71,17 @@ def portgroups(vlan_groups: list[VlanPortGroup] | None = None) -> list[PortGroup
     taken = {g.name for g in groups}
     for v in vlan_groups or []:
         if v.bridge in bridges and v.name not in taken:
-            groups.append(PortGroupFact(name=v.name, bridge=v.bridge, vlan=v.vlan))
+            groups.append(PortGroupFact(name=v.name, bridge=v.bridge, vlan=v.vlan, problem=vlan_problem(v.bridge)))
             taken.add(v.name)
     return groups
+
+
+def vlan_problem(bridge: str) -> str | None:
+    """Why ``bridge`` cannot carry VLANs here (None: it can): the kernel's bridge VLAN filtering is missing."""
+    if Path(f"/sys/class/net/{bridge}/bridge/vlan_filtering").exists():
+        return None
+    return (f"the kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING): bridge {bridge} cannot put "
+            "a tap on a VLAN")
 
 
 _MACHINE_CACHE: dict[str, list[str]] = {}

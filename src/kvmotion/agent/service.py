@@ -95,10 +95,11 @@ class Agent(AgentStorage):
         bridges = {p.name: p.bridge for p in groups}
         vlans = {p.name: p.vlan for p in groups if p.vlan is not None}
         uplinks = {v.name: list(v.uplinks) for v in self.cfg.vlan_portgroups}
+        problems = {p.name: p.problem for p in groups if p.problem}
         luns = {b.identity: Path(b.path) for b in presented_devices(self.cfg.block_devices) if b.identity}
         host_model = self.cpu.host_model if self.cpu else ("host" if self.accel.accelerator == "kvm" else "max")
         return HostContext(self.cfg.name, self.accel.accelerator, stores, bridges, host_model, luns, self.cfg.swap_dir,
-                           vlans=vlans, uplinks=uplinks)
+                           vlans=vlans, uplinks=uplinks, vlan_problems=problems)
 
     def cpu_fact(self) -> CpuFact | None:
         if self.cpu is None:

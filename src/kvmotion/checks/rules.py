@@ -263,6 +263,11 @@ def port_groups(ctx: MigrationContext) -> list[Finding]:
             out.append(finding("PORTGROUP_MISSING", f"network:{nic.portgroup}",
                                f"port group {nic.portgroup!r} of {nic.id} does not exist on {dst.name}",
                                f"create {nic.portgroup!r} on {dst.name} or pick another host"))
+        elif theirs.problem is not None and vlan is not None:
+            out.append(finding("PORTGROUP_VLAN_MISSING", f"network:{nic.portgroup}",
+                               f"VLAN port group {nic.portgroup!r} (VLAN {vlan}) of {nic.id} cannot be used on "
+                               f"{dst.name}: {theirs.problem}", f"pick a host whose kernel has bridge VLAN filtering, "
+                               f"or fix {dst.name}'s kernel"))
         elif mine is not None and theirs.vlan != vlan:
             out.append(finding("PORTGROUP_VLAN_MISMATCH", f"network:{nic.portgroup}",
                                f"port group {nic.portgroup!r} of {nic.id} is on VLAN {vlan or 'none'} on {src.name} "

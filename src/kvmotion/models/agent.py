@@ -226,6 +226,7 @@ class PortGroupFact(BaseModel):
     name: str
     bridge: str
     vlan: int | None = None           # VLAN port group: the tap joins ``bridge`` with this VLAN (untagged, PVID)
+    problem: str | None = None        # why this host cannot use it (a kernel without bridge VLAN filtering)
 
 
 class MigrationInterface(BaseModel):

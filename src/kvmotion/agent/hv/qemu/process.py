@@ -46,6 +46,13 @@ def create_taps(spec: VMSpec, ctx: HostContext) -> list[str]:
             _setup(tap, [["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
                          ["ip", "link", "set", tap, "master", bridge]])
             vlan = ctx.vlans.get(nic.portgroup)
+            if nic.portgroup in ctx.vlan_problems:
+                raise ConflictError(
+                    f"{nic.id} of {spec.name} is on VLAN port group {nic.portgroup!r}, which host {ctx.host_name} "
+                    f"cannot provide: {ctx.vlan_problems[nic.portgroup]}",
+                    remedy="run the VM on a host whose kernel has bridge VLAN filtering, or move the NIC to a port "
+                           "group without a VLAN (kvmotion vm nic remove/add while it is off)",
+                    details={"portgroup": nic.portgroup, "host": ctx.host_name})
             if vlan is not None:
                 _setup(tap, vlan_commands(bridge, tap, vlan, ctx.uplinks.get(nic.portgroup, [])))
             _setup(tap, [["ip", "link", "set", tap, "up"]])
