@@ -188,3 +188,98 @@ def test_a_vlan_tap_is_untagged_in_its_vlan_and_the_uplink_carries_it_tagged() -
         ["bridge", "vlan", "del", "dev", "kvx0", "vid", "1"],
         ["bridge", "vlan", "add", "dev", "kvx0", "vid", "100", "pvid", "untagged"],
         ["bridge", "vlan", "add", "dev", "uplink0", "vid", "100"]]
+
+
+# -- hot-plug over QMP (a fake QEMU monitor) -------------------------------------------------------------------------
+class FakeQMP:
+    def __init__(self, fail: str | None = None, events: list[dict] | None = None) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.fail = fail
+        self.events = events or []
+
+    async def execute(self, cmd: str, args: dict | None = None, timeout: float = 10.0) -> dict:
+        self.calls.append((cmd, args or {}))
+        if cmd == self.fail:
+            from kvmotion.common.errors import QMPCommandError
+            raise QMPCommandError(f"{cmd} failed", remedy="see QEMU")
+        return {}
+
+    def listener(self, names: tuple[str, ...]):
+        import contextlib
+
+        queue: asyncio.Queue = asyncio.Queue()
+        for e in self.events:
+            queue.put_nowait(e)
+
+        @contextlib.contextmanager
+        def cm():
+            yield queue
+        return cm()
+
+
+def _qemu_vm(tmp_path: Path, qmp: FakeQMP, disks: list[DiskSpec]):
+    from kvmotion.agent.context import HostContext
+    from kvmotion.agent.hv.qemu.process import QemuVM
+    from kvmotion.models.agent import VMRunState
+
+    (tmp_path / "ds" / "v").mkdir(parents=True)
+    ctx = HostContext("h1", "tcg", {"ds": tmp_path / "ds"}, {})
+    vm = QemuVM(VMSpec(uuid="u", name="v", boot_datastore="ds", folder="v", disks=disks, scsi_controller=True),
+                ctx, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    vm.qmp, vm.state = qmp, VMRunState.RUNNING
+    return vm
+
+
+SCSI = DiskSpec(id="disk1", node="d1", datastore="ds", path="v/v-disk1.qcow2", bus="virtio-scsi", unit=0)
+
+
+def test_plugging_adds_the_node_then_the_device_and_records_the_disk(tmp_path: Path) -> None:
+    qmp = FakeQMP()
+    vm = _qemu_vm(tmp_path, qmp, [DiskSpec(datastore="ds", path="v/v.qcow2")])
+    asyncio.run(vm.plug_disk(SCSI))
+    assert [c for c, _ in qmp.calls] == ["blockdev-add", "device_add"]
+    assert qmp.calls[1][1] == {"driver": "scsi-hd", "drive": "d1", "id": "disk1", "bus": "scsi0.0", "channel": 0,
+                               "scsi-id": 0, "lun": 0}
+    assert [d.id for d in vm.spec.disks] == ["disk0", "disk1"] and vm.nodes["disk1"] == "d1"
+
+
+def test_a_failed_device_add_takes_the_node_away_again(tmp_path: Path) -> None:
+    qmp = FakeQMP(fail="device_add")
+    vm = _qemu_vm(tmp_path, qmp, [DiskSpec(datastore="ds", path="v/v.qcow2")])
+    with pytest.raises(Exception, match="device_add failed"):
+        asyncio.run(vm.plug_disk(SCSI))
+    assert [c for c, _ in qmp.calls] == ["blockdev-add", "device_add", "blockdev-del"]
+    assert [d.id for d in vm.spec.disks] == ["disk0"]
+
+
+def test_unplugging_waits_for_the_guest_then_deletes_the_node(tmp_path: Path) -> None:
+    qmp = FakeQMP(events=[{"event": "DEVICE_DELETED", "data": {"device": "other"}},
+                          {"event": "DEVICE_DELETED", "data": {"device": "disk1"}}])
+    vm = _qemu_vm(tmp_path, qmp, [DiskSpec(datastore="ds", path="v/v.qcow2"), SCSI])
+    assert asyncio.run(vm.unplug_disk("disk1")).id == "disk1"
+    assert [c for c, _ in qmp.calls] == ["device_del", "blockdev-del"]
+    assert [d.id for d in vm.spec.disks] == ["disk0"] and "disk1" not in vm.nodes
+
+
+def test_an_unplug_the_guest_never_acknowledges_has_a_deadline(tmp_path: Path, monkeypatch) -> None:
+    from kvmotion.agent.hv.qemu import hotplug
+    from kvmotion.common.errors import DeadlineExceeded
+
+    monkeypatch.setattr(hotplug, "UNPLUG_DEADLINE_S", 0.2)
+    qmp = FakeQMP()
+    vm = _qemu_vm(tmp_path, qmp, [DiskSpec(datastore="ds", path="v/v.qcow2"), SCSI])
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(vm.unplug_disk("disk1"))
+    assert [c for c, _ in qmp.calls] == ["device_del"] and len(vm.spec.disks) == 2
+
+
+def test_a_stopped_vm_or_a_blk_disk_is_not_hot_plugged(tmp_path: Path) -> None:
+    from kvmotion.models.agent import VMRunState
+
+    vm = _qemu_vm(tmp_path, FakeQMP(), [DiskSpec(datastore="ds", path="v/v.qcow2")])
+    with pytest.raises(HotplugUnsupported):
+        asyncio.run(vm.unplug_disk("disk0"))
+    vm.state = VMRunState.MIGRATING_OUT
+    with pytest.raises(WrongState, match="migrating-out"):
+        asyncio.run(vm.plug_disk(SCSI))
