@@ -283,3 +283,10 @@ def test_a_stopped_vm_or_a_blk_disk_is_not_hot_plugged(tmp_path: Path) -> None:
     vm.state = VMRunState.MIGRATING_OUT
     with pytest.raises(WrongState, match="migrating-out"):
         asyncio.run(vm.plug_disk(SCSI))
+
+
+def test_a_generated_mac_never_takes_one_given_later_in_the_same_request() -> None:
+    uuid = "12345678-0000-0000-0000-000000000000"
+    reqs = [NicRequest(portgroup="VM Network"), NicRequest(portgroup="VLAN 100", mac=devices.uuid_mac(uuid))]
+    nics = devices.make_nics(reqs, uuid, _facts(), "h1", {})
+    assert nics[1].mac == "52:54:00:12:34:56" and nics[0].mac != nics[1].mac

@@ -65,7 +65,6 @@ def make_nics(reqs: list[NicRequest], uuid: str, facts: HostFacts, host: str, ta
               first: int = 0) -> list[NicSpec]:
     """NICs nic{first}.. on port groups of ``host``; MACs checked against ``taken`` (which gets them too)."""
     groups = {p.name for p in facts.portgroups}
-    nics = []
     for i, req in enumerate(reqs, start=first):
         if req.portgroup not in groups:
             raise InvalidInputError(f"port group {req.portgroup!r} does not exist on {host} "
@@ -73,6 +72,11 @@ def make_nics(reqs: list[NicRequest], uuid: str, facts: HostFacts, host: str, ta
                                     remedy="name an existing port group in --nic")
         if req.mac is not None:
             refuse_duplicate(req.mac, taken)
+    for i, req in enumerate(reqs, start=first):     # the given MACs first: a generated one never takes theirs
+        if req.mac is not None:
+            taken[req.mac] = f"(new)/nic{i}"
+    nics = []
+    for i, req in enumerate(reqs, start=first):
         mac = req.mac or new_mac(taken, uuid_mac(uuid) if i == 0 else None)
         taken[mac] = f"(new)/nic{i}"
         nics.append(NicSpec(id=f"nic{i}", mac=mac, portgroup=req.portgroup, model=req.model))
