@@ -70,6 +70,16 @@ CONFIGS: dict[str, tuple[VMSpec, str, bool]] = {
                          cdroms=[CdromSpec(media="local", path="iso/tools.iso"),
                                  CdromSpec(id="cd1", media="client", nbd="nbd://[2001:db8::1]:10809/x")],
                          nics=[_nic(0), _nic(1, "Storage")]), "kvm", True),
+    # more devices: disks on three buses at fixed units, two NICs (one on a VLAN port group), topology, machine
+    "devices-3disk-2nic-vlan": (_spec(vcpus=4, sockets=2, cores=2, threads=1, guest_ip="198.18.1.100/24",
+                                      disks=[_disk(0), _disk(1, bus="virtio-scsi", unit=0),
+                                             _disk(2, bus="sata", unit=0, format="raw", path="vm1/vm1_2.img")],
+                                      nics=[_nic(0), _nic(1, "VLAN 100")]), "tcg", False),
+    "devices-scsi-hotplugged": (_spec(scsi_controller=True, disks=[_disk(0), _disk(3, bus="virtio-scsi", unit=1)],
+                                      nics=[_nic(0)]), "tcg", False),
+    "devices-i440fx-e1000e": (_spec(machine="pc-i440fx-7.2", vcpus=2, sockets=1, cores=1, threads=2,
+                                    disks=[_disk(0, bus="sata", unit=0)],
+                                    nics=[NicSpec(id="nic0", mac="52:54:00:00:00:00", model="e1000e")]), "kvm", False),
     # a VM booting its own disk: no kernel, disk0 first, its address as SMBIOS OEM strings (type 11)
     "disk-boot-bios": (_spec(boot="disk", guest_ip="198.18.1.100/24", gateway="198.18.1.1",
                              disks=[_disk(0)], nics=[_nic(0)]), "tcg", False),
@@ -92,7 +102,7 @@ def _host(root: Path, name: str, accelerator: str, swap: bool) -> HostContext:
     ovmf.mkdir(exist_ok=True)
     for name in OVMF_FILES:
         (ovmf / name).write_bytes(b"fd")
-    return HostContext(name, accelerator, stores, {"VM Network": "br0", "Storage": "br1", "Backup": "br2"},
+    return HostContext(name, accelerator, stores, {"VM Network": "br0", "Storage": "br1", "Backup": "br2", "VLAN 100": "br0"},
                        "host" if accelerator == "kvm" else "max", {LUN: lun}, root / "swap" if swap else None, ovmf)
 
 

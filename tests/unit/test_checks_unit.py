@@ -38,6 +38,21 @@ def facts(name: str, datastores=("shared",), free_mb=4096, groups=("VM Network",
         tls=TlsFact(supported=tls))
 
 
+def with_machines(f: HostFacts, *types: str) -> HostFacts:
+    f.machine_types = list(types)
+    return f
+
+
+def with_vlan(f: HostFacts, name: str = "VLAN 100", vlan: int = 100) -> HostFacts:
+    """Host facts with a VLAN port group on the VM bridge."""
+    f.portgroups.append(PortGroupFact(name=name, bridge="vmnet", vlan=vlan))
+    return f
+
+
+VLAN_VM = dict(nics=[NicSpec(mac="52:54:00:00:00:01"), NicSpec(id="nic1", mac="52:54:00:00:00:02",
+                                                                portgroup="VLAN 100")])
+
+
 def ctx(vm: VMSpec | None = None, src: HostFacts | None = None, dst: HostFacts | None = None, **kw) -> MigrationContext:
     d = dict(power_state="poweredOn", vm_cpu_features=frozenset({"sse2"}))
     d.update(kw)
@@ -85,6 +100,10 @@ def test_each_code_on_its_own() -> None:
         "ENCRYPTION_UNSUPPORTED": ctx(vm=spec(encrypted_vmotion="required"), dst=facts("h2", tls=False)),
         "ENCRYPTION_FALLBACK": ctx(dst=facts("h2", tls=False)),
         "PORTGROUP_MISSING": ctx(dst=facts("h2", groups=("Other",))),
+        "PORTGROUP_VLAN_MISSING": ctx(vm=spec(**VLAN_VM), src=with_vlan(facts("h1"))),
+        "PORTGROUP_VLAN_MISMATCH": ctx(vm=spec(**VLAN_VM), src=with_vlan(facts("h1")),
+                                       dst=with_vlan(facts("h2"), vlan=200)),
+        "MACHINE_TYPE_UNSUPPORTED": ctx(vm=spec(machine="pc-q35-7.2"), dst=with_machines(facts("h2"), "pc-q35-6.2")),
         "INSUFFICIENT_MEMORY": ctx(dst=facts("h2", free_mb=100)),
         "VM_POWERED_ON": ctx(kind="cold"),
         "NOTHING_TO_MOVE": ctx(kind="svmotion", dst_name="h1"),
@@ -155,3 +174,30 @@ def test_a_uefi_vm_moves_freely_between_hosts_with_the_same_firmware() -> None:
     assert "FIRMWARE_MISSING" in codes(ctx(kind="cold", power_state="poweredOff", vm=spec(**UEFI),
                                            dst=with_firmware(facts("h2"))))
     assert codes(ctx(vm=spec())) == {"SINGLE_MIGRATION_INTERFACE"}     # BIOS VMs need no OVMF
+
+
+def test_a_vlan_port_group_on_both_hosts_alike_is_no_finding() -> None:
+    found = codes(ctx(vm=spec(**VLAN_VM), src=with_vlan(facts("h1")), dst=with_vlan(facts("h2"))))
+    assert not found & {"PORTGROUP_VLAN_MISSING", "PORTGROUP_VLAN_MISMATCH", "PORTGROUP_MISSING"}
+
+
+def test_a_missing_vlan_port_group_names_its_vlan_and_the_fix() -> None:
+    f = next(f for f in run_all(ctx(vm=spec(**VLAN_VM), src=with_vlan(facts("h1")))) if f.code.startswith("PORTGROUP"))
+    assert f.code == "PORTGROUP_VLAN_MISSING" and "VLAN 100" in f.message and "h2" in f.remedy
+    assert f.subject == "network:VLAN 100"
+
+
+def test_machine_types_unknown_or_offered_are_no_finding() -> None:
+    assert "MACHINE_TYPE_UNSUPPORTED" not in codes(ctx(vm=spec(machine="pc-i440fx-7.2")))
+    assert "MACHINE_TYPE_UNSUPPORTED" not in codes(ctx(vm=spec(machine="pc-i440fx-7.2"), dst=with_machines(
+        facts("h2"), "pc-q35-7.2", "pc-i440fx-7.2")))
+    assert "MACHINE_TYPE_UNSUPPORTED" in codes(ctx(kind="cold", power_state="poweredOff", vm=spec(
+        machine="pc-i440fx-7.2"), dst=with_machines(facts("h2"), "pc-q35-7.2")))
+
+
+def test_a_vlan_port_group_the_destination_cannot_carry_is_a_finding() -> None:
+    dst = with_vlan(facts("h2"))
+    dst.portgroups[-1].problem = "the kernel has no bridge VLAN filtering"
+    f = next(f for f in run_all(ctx(vm=spec(**VLAN_VM), src=with_vlan(facts("h1")), dst=dst))
+             if f.code.startswith("PORTGROUP"))
+    assert f.code == "PORTGROUP_VLAN_MISSING" and "cannot be used on h2" in f.message and "VLAN filtering" in f.message

@@ -6,7 +6,20 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from kvmotion.models.agent import PortGroupName
+from kvmotion.models.hardware import VLAN_MAX, VLAN_MIN
+
 DATASTORE_ID_FILE = ".kvmotion-datastore.json"
+
+
+class VlanPortGroup(BaseModel):
+    """A port group on a VLAN: its VMs' taps join ``bridge`` (VLAN filtering on) untagged in VLAN ``vlan``; the
+    ``uplinks`` (ports of the bridge towards the physical switch) carry it tagged."""
+
+    name: PortGroupName
+    bridge: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
+    vlan: int = Field(ge=VLAN_MIN, le=VLAN_MAX)
+    uplinks: list[str] = Field(default_factory=list, max_length=16)
 
 
 class AgentConfig(BaseModel):
@@ -26,6 +39,7 @@ class AgentConfig(BaseModel):
     block_devices: list[Path] = Field(default_factory=list)            # raw LUNs presented to this host
     declared_link_mbps: dict[str, int] = Field(default_factory=dict)   # interface -> declared speed (overrides the NIC)
     cpu_feature_mask: list[str] = Field(default_factory=list)          # LAB SETTING: act like an older CPU
+    vlan_portgroups: list[VlanPortGroup] = Field(default_factory=list)  # port groups on a VLAN of a bridge
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":

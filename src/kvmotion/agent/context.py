@@ -21,6 +21,9 @@ class HostContext:
     luns: dict[str, Path] = field(default_factory=dict)   # raw LUN identity -> device path on this host
     swap_dir: Path | None = None          # memory-backing files live here when set
     firmware_dir: Path = Path(OVMF_DIR)   # OVMF code and variable templates
+    vlans: dict[str, int] = field(default_factory=dict)     # VLAN port group name -> VLAN ID (on its bridge)
+    uplinks: dict[str, list[str]] = field(default_factory=dict)   # VLAN port group name -> tagged bridge ports
+    vlan_problems: dict[str, str] = field(default_factory=dict)   # VLAN port group name -> why it is unusable here
 
 
 def resolve_datastore(ctx: HostContext, name: str) -> Path:

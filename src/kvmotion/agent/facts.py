@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from kvmotion import __version__
-from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
+from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig, VlanPortGroup
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.models.boot import OVMF_FILES, FirmwareFact
 from kvmotion.models.agent import (BlockDeviceFact, CpuFact, DatastoreFact, HostFacts, MigrationInterface,
@@ -60,13 +60,42 @@ def read_datastore(path: Path) -> DatastoreFact:
                              error=f"{type(exc).__name__}: {exc}")
 
 
-def portgroups() -> list[PortGroupFact]:
+def portgroups(vlan_groups: list[VlanPortGroup] | None = None) -> list[PortGroupFact]:
+    """Every bridge (named by its alias), and every configured VLAN port group whose bridge exists."""
     out = _cmd(["ip", "-j", "-d", "link", "show", "type", "bridge"])
     groups = []
     for link in json.loads(out or "[]"):
         name = link.get("ifalias") or link["ifname"]
         groups.append(PortGroupFact(name=name, bridge=link["ifname"]))
+    bridges = {g.bridge for g in groups}
+    taken = {g.name for g in groups}
+    for v in vlan_groups or []:
+        if v.bridge in bridges and v.name not in taken:
+            groups.append(PortGroupFact(name=v.name, bridge=v.bridge, vlan=v.vlan, problem=vlan_problem(v.bridge)))
+            taken.add(v.name)
     return groups
+
+
+def vlan_problem(bridge: str) -> str | None:
+    """Why ``bridge`` cannot carry VLANs here (None: it can): the kernel's bridge VLAN filtering is missing."""
+    if Path(f"/sys/class/net/{bridge}/bridge/vlan_filtering").exists():
+        return None
+    return (f"the kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING): bridge {bridge} cannot put "
+            "a tap on a VLAN")
+
+
+_MACHINE_CACHE: dict[str, list[str]] = {}
+
+
+def machine_types(binary: str = "qemu-system-x86_64") -> list[str]:
+    """The machine types this host's QEMU offers (`-machine help`, asked once per agent run; [] if it fails)."""
+    if binary not in _MACHINE_CACHE:
+        lines = _cmd([binary, "-machine", "help"]).splitlines()
+        found = [ln.split()[0] for ln in lines[1:] if ln.strip() and not ln.startswith(" ")]
+        if not found:
+            return []                 # not cached: asked again next time
+        _MACHINE_CACHE[binary] = sorted(set(found))
+    return _MACHINE_CACHE[binary]
 
 
 def interface_info(ifname: str, declared_mbps: int | None = None) -> MigrationInterface:
@@ -123,7 +152,8 @@ def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]
         mgmt_address=cfg.mgmt_address,
         mgmt_family="ipv6" if ":" in cfg.mgmt_address else "ipv4",
         datastores=[read_datastore(p) for p in cfg.datastores],
-        portgroups=portgroups(),
+        portgroups=portgroups(cfg.vlan_portgroups),
+        machine_types=machine_types(),
         migration_interfaces=[interface_info(i, cfg.declared_link_mbps.get(i)) for i in cfg.migration_interfaces],
         vms=vms,
         cpu=cpu,

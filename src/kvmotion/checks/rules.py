@@ -234,19 +234,57 @@ def resources(ctx: MigrationContext) -> list[Finding]:
     dst, vm = ctx.destination, ctx.spec
     if dst.facts is None:
         return []
-    out = []
-    groups = {p.name for p in dst.facts.portgroups}
-    for nic in vm.nics:
-        if nic.portgroup not in groups:
-            out.append(finding("PORTGROUP_MISSING", f"network:{nic.portgroup}",
-                               f"port group {nic.portgroup!r} of {nic.id} does not exist on {dst.name}",
-                               f"create {nic.portgroup!r} on {dst.name} or pick another host"))
+    out = port_groups(ctx)
     need = vm.memory_mb + MEMORY_HEADROOM_MB
     if dst.facts.mem_free_mb < need and kind(ctx.kind).powered_on:
         out.append(finding("INSUFFICIENT_MEMORY", _host(dst),
                            f"{dst.name} has {dst.facts.mem_free_mb} MiB free; VM {vm.name} needs {need} MiB",
                            "free memory on the destination or pick another host"))
     return out
+
+
+def port_groups(ctx: MigrationContext) -> list[Finding]:
+    """Every NIC's port group on the destination, on the VLAN it has on the source."""
+    src, dst, vm = ctx.source, ctx.destination, ctx.spec
+    if dst.facts is None:
+        return []
+    there = {p.name: p for p in dst.facts.portgroups}
+    here = {p.name: p for p in (src.facts.portgroups if src.facts else [])}
+    out = []
+    for nic in vm.nics:
+        mine, theirs = here.get(nic.portgroup), there.get(nic.portgroup)
+        vlan = mine.vlan if mine is not None else None
+        if theirs is None and vlan is not None:
+            out.append(finding("PORTGROUP_VLAN_MISSING", f"network:{nic.portgroup}",
+                               f"VLAN port group {nic.portgroup!r} (VLAN {vlan}) of {nic.id} exists on {src.name} "
+                               f"but not on {dst.name}", f"add it to {dst.name}'s agent configuration "
+                               f"(vlan_portgroups: {nic.portgroup!r}, VLAN {vlan}) or pick another host"))
+        elif theirs is None:
+            out.append(finding("PORTGROUP_MISSING", f"network:{nic.portgroup}",
+                               f"port group {nic.portgroup!r} of {nic.id} does not exist on {dst.name}",
+                               f"create {nic.portgroup!r} on {dst.name} or pick another host"))
+        elif theirs.problem is not None and vlan is not None:
+            out.append(finding("PORTGROUP_VLAN_MISSING", f"network:{nic.portgroup}",
+                               f"VLAN port group {nic.portgroup!r} (VLAN {vlan}) of {nic.id} cannot be used on "
+                               f"{dst.name}: {theirs.problem}", f"pick a host whose kernel has bridge VLAN filtering, "
+                               f"or fix {dst.name}'s kernel"))
+        elif mine is not None and theirs.vlan != vlan:
+            out.append(finding("PORTGROUP_VLAN_MISMATCH", f"network:{nic.portgroup}",
+                               f"port group {nic.portgroup!r} of {nic.id} is on VLAN {vlan or 'none'} on {src.name} "
+                               f"but on VLAN {theirs.vlan or 'none'} on {dst.name}",
+                               f"give {nic.portgroup!r} the same VLAN on both hosts, or pick another host"))
+    return out
+
+
+def machine_type(ctx: MigrationContext) -> list[Finding]:
+    """The destination's QEMU offers the VM's machine type (an unknown list: no finding)."""
+    dst, vm = ctx.destination, ctx.spec
+    offered = dst.facts.machine_types if dst.facts else []
+    if not offered or vm.machine in offered:
+        return []
+    return [finding("MACHINE_TYPE_UNSUPPORTED", f"vm:{vm.name}",
+                    f"the QEMU of {dst.name} does not offer machine type {vm.machine} of VM {vm.name}",
+                    f"upgrade QEMU on {dst.name} to one that has {vm.machine}, or pick another host")]
 
 
 SPACE_MARGIN_MB = 16
@@ -280,12 +318,12 @@ def capacity(ctx: MigrationContext) -> list[Finding]:
 
 
 ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, firmware, media, memory_backing, network, cpu,
-                                 encryption, resources, capacity)
+                                 encryption, resources, capacity, machine_type)
 CHECKS_BY_KIND: dict[MoveKind, tuple[Check, ...]] = {
     MoveKind.VMOTION: ALL_CHECKS,
     MoveKind.XVMOTION: ALL_CHECKS,
     MoveKind.SVMOTION: (placement, storage, capacity),
-    MoveKind.COLD: (placement, storage, raw_devices, firmware, resources, capacity),
+    MoveKind.COLD: (placement, storage, raw_devices, firmware, resources, capacity, machine_type),
 }
 
 

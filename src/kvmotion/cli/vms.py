@@ -7,6 +7,7 @@ import typer
 from rich.table import Table
 
 from kvmotion.cli.client import Client
+from kvmotion.cli.devices import disk_app, nic_app, parse_disk, parse_nic
 from kvmotion.cli.output import POLICY_HELP, URL, console, err_console, findings_table, policy_of, print_json, run
 from kvmotion.cli.progress import follow, print_outcome
 from kvmotion.cli.tasks import task_force_complete
@@ -15,11 +16,13 @@ IMAGE_CLONE_TIMEOUT_S = 3800.0    # longer than the controller's wait for the ag
 vm_app = typer.Typer(help="virtual machines", no_args_is_help=True)
 cdrom_app = typer.Typer(help="CD/DVD media of a VM", no_args_is_help=True)
 vm_app.add_typer(cdrom_app, name="cdrom")
+vm_app.add_typer(disk_app, name="disk")
+vm_app.add_typer(nic_app, name="nic")
 
 
 @vm_app.command("create")
 def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = typer.Option(256, help="MiB"),
-              vcpus: int = 1, datastore: Optional[str] = None, network: str = "VM Network",
+              vcpus: int = typer.Option(1, "--vcpus", "--cpus"), datastore: Optional[str] = None, network: str = "VM Network",
               disk_mb: int = 64, ip: Optional[str] = typer.Option(None, help="e.g. 198.18.1.120/24"),
               dirty: float = typer.Option(0.0, help="guest memory dirtier rate, MB/s"),
               dirty_region_mb: Optional[int] = typer.Option(None, help="how much RAM the dirtier rewrites (MiB)"),
@@ -42,7 +45,18 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               firmware: str = typer.Option("bios", help="bios | uefi"),
               secure_boot: bool = typer.Option(False, "--secure-boot", help="UEFI Secure Boot (Microsoft keys)"),
               gateway: Optional[str] = typer.Option(None, help="default gateway of a disk-booted guest"),
+              disk: Optional[list[str]] = typer.Option(None, "--disk", help="another disk (repeatable): size=GB"
+                                                       "[,datastore=DS][,bus=virtio-blk|virtio-scsi|sata]"
+                                                       "[,format=qcow2|raw]"),
+              nic: Optional[list[str]] = typer.Option(None, "--nic", help="a NIC (repeatable; replaces --network): "
+                                                      "PORTGROUP[,mac=MAC][,model=virtio|e1000e]"),
+              machine: Optional[str] = typer.Option(None, help="machine type, e.g. pc-q35-7.2 | pc-i440fx-7.2"),
+              sockets: Optional[int] = typer.Option(None, help="vCPU topology (with --cores, --threads)"),
+              cores: Optional[int] = None, threads: Optional[int] = None,
               url: Optional[str] = URL) -> None:
+    """Create a VM; sockets x cores x threads must equal --vcpus (alias --cpus)."""
+    devices = run(lambda: {"disks": [parse_disk(d) for d in disk or []], "nics": [parse_nic(n) for n in nic or []],
+                           "machine": machine, "sockets": sockets, "cores": cores, "threads": threads})
     mask = [f for f in (cpu_mask or "").split(",") if f]
     boot_opts = {"image": image, "clone": clone, "disk_size_gb": disk_size, "boot": boot, "firmware": firmware,
                  "secure_boot": secure_boot, "gateway": gateway}
@@ -50,7 +64,7 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
                   disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, dirty_region_mb=dirty_region_mb, cpu_model=cpu,
                   cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker, encrypted_disk=encrypted_disk,
                   data_disk_mb=data_disk_mb, data_datastore=data_datastore, disk_format=disk_format,
-                  records_rate=records_rate, **boot_opts)
+                  records_rate=records_rate, **boot_opts, **devices)
     timeout = IMAGE_CLONE_TIMEOUT_S if image else 60.0     # a full clone converts the whole image first
     vm = run(lambda: Client(url, timeout=timeout).create_vm(**fields))
     spec = vm['spec']

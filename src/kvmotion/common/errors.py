@@ -108,6 +108,14 @@ class WrongState(ConflictError):
     """An operation the VM's run state does not allow; ``details`` name the state and the allowed ones."""
 
 
+class DuplicateMac(ConflictError):
+    """A MAC another NIC of the inventory already has; ``details``: mac, vm, nic."""
+
+
+class HotplugUnsupported(WrongState):
+    """A device change a running VM cannot take on that bus; ``details``: device, bus, state."""
+
+
 class UnauthorizedError(KvmotionError):
     """No credentials, or credentials that are unknown, revoked or expired (HTTP 401)."""
 

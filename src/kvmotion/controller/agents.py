@@ -9,6 +9,8 @@ from kvmotion.common.hostauth import HostAuth
 from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.models.agent import PostcopyRecover, PostcopyResume
+from kvmotion.models.agent import DiskSpec
+from kvmotion.models.devices import DiskChange, DiskRemoval
 
 IMAGE_CLONE_TIMEOUT_S = 3700.0     # a full clone converts the whole image (the agent's own deadline: 3600 s)
 from kvmotion.models.agent import DirtySample, GuestHealth, HealthCheckRequest, ImageSource, ProvisionRequest
@@ -101,6 +103,23 @@ class AgentClient:
 
     async def cdrom(self, uuid: str, cdrom: CdromSpec) -> dict[str, Any]:
         return await self._call("POST", f"/v1/vms/{uuid}/cdrom", cdrom.model_dump(), timeout=15)
+
+    async def disk_create(self, spec: VMSpec, disk: DiskSpec) -> DiskSpec:
+        body = DiskChange(spec=spec, disk=disk).model_dump()
+        return DiskSpec.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/disks/create", body,
+                                                        timeout=150))
+
+    async def disk_remove_file(self, spec: VMSpec, disk_id: str) -> list[str]:
+        body = DiskRemoval(spec=spec, disk_id=disk_id).model_dump()
+        return await self._call("POST", f"/v1/vms/{spec.uuid}/disks/remove-file", body, timeout=60)
+
+    async def disk_plug(self, spec: VMSpec, disk: DiskSpec) -> VMSpec:
+        body = DiskChange(spec=spec, disk=disk).model_dump()
+        return VMSpec.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/disks/plug", body, timeout=180))
+
+    async def disk_unplug(self, spec: VMSpec, disk_id: str, delete_file: bool) -> VMSpec:
+        body = DiskRemoval(spec=spec, disk_id=disk_id, delete_file=delete_file).model_dump()
+        return VMSpec.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/disks/unplug", body, timeout=90))
 
     async def stop(self, uuid: str) -> VMRuntime:
         return VMRuntime.model_validate(await self._call("POST", f"/v1/vms/{uuid}/stop", timeout=30))

@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, ConflictError, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.common.hostauth import SECRET_FILE, check_secret
-from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, NicSpec, VMSpec
+from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, VMSpec
 from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
-from kvmotion.controller import policy
+from kvmotion.controller import devices, policy
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
@@ -244,7 +244,7 @@ class Inventory:
             names = ", ".join(d.name for d in readable) or "none"
             raise InvalidInputError(f"datastore {ds_name!r} is not accessible on {req.host} (accessible: {names})",
                                     remedy="pass --datastore with one of the accessible datastores")
-        if req.network not in {p.name for p in facts.portgroups}:
+        if not req.nics and req.network not in {p.name for p in facts.portgroups}:
             raise InvalidInputError(f"port group {req.network!r} does not exist on {req.host}",
                                     remedy="pass --network with an existing port group")
         if req.ip is not None:
@@ -258,10 +258,12 @@ class Inventory:
                                     remedy=f"drop --datastore (the VM then lives on {linked_ds}), or use --clone full")
         uuid = str(uuidlib.uuid4())
         disks = self._new_disks(req, uuid, ds_name, [d.name for d in readable], facts)
-        mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
+        disks = devices.extra_disks(req, req.name, ds_name, [d.name for d in readable], disks)
+        nics = devices.make_nics(req.nics or [devices.NicRequest(portgroup=req.network)], uuid, facts, req.host,
+                                 devices.macs_in_use(self))
         spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
                       disks=disks,
-                      nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
+                      nics=nics, boot_datastore=ds_name, folder=req.name,
                       guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
                       cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
                       encrypted_vmotion="required" if req.encrypted_disk else req.encrypted_vmotion,
@@ -271,8 +273,9 @@ class Inventory:
                           f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
                           if req.records_rate is not None else "") if x),
                       boot=req.boot_mode, firmware=req.firmware, secure_boot=req.secure_boot, gateway=req.gateway,
-                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
+                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}), **devices.hardware(req, facts))
         spec = await self.agent(req.host).provision(spec, self.disk_keys(spec), image)
+        await devices.claim_macs(self, spec, req.host)     # a MAC taken meanwhile: the files made are removed again
         with self.sessions.begin() as s:
             s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
         return self.get_vm(uuid)

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_
 
 from kvmotion.models.boot import (BOOT_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_FORMAT_PATTERN, FirmwareFact,
                                   ImageSource, boot_problem)
+from kvmotion.models.hardware import DISK_BUS_PATTERN, NIC_MODEL_PATTERN, topology_problem
 from kvmotion.models.health import GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
 
 __all__ = ["FirmwareFact", "GuestHealth", "HealthCheckRequest", "ImageSource", "NicHealth", "VcpuHealth"]
@@ -133,6 +134,8 @@ class DiskSpec(BaseModel):
     key_wrapped: str | None = Field(default=None, max_length=8192)   # its passphrase, wrapped with the master key
     backing: DatastorePath | None = None   # linked clone: its base image, on the same datastore (flattened by moves)
     backing_format: str | None = Field(default=None, pattern=IMAGE_FORMAT_PATTERN)
+    bus: str = Field(default="virtio-blk", pattern=DISK_BUS_PATTERN)   # models/hardware.py
+    unit: int | None = Field(default=None, ge=0, le=255)   # virtio-scsi target / SATA port (fixed: same on every host)
 
 
 class CdromSpec(BaseModel):
@@ -151,6 +154,7 @@ class NicSpec(BaseModel):
     id: DeviceId = "nic0"
     mac: str = Field(pattern=MAC_PATTERN)
     portgroup: PortGroupName = "VM Network"
+    model: str = Field(default="virtio", pattern=NIC_MODEL_PATTERN)
 
 
 class VMSpec(BaseModel):
@@ -160,6 +164,10 @@ class VMSpec(BaseModel):
     name: Name
     memory_mb: int = Field(default=256, ge=16, le=16 << 20)
     vcpus: int = Field(default=1, ge=1, le=1024)
+    sockets: int | None = Field(default=None, ge=1, le=1024)   # topology: all three or none (models/hardware.py)
+    cores: int | None = Field(default=None, ge=1, le=1024)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    scsi_controller: bool = False     # a virtio-scsi controller even without SCSI disks (kept for hot-plug)
     machine: Name = DEFAULT_MACHINE
     cpu_model: Name = DEFAULT_CPU_MODEL
     cpu_mask: list[Name] = Field(default_factory=list, max_length=MAX_CPU_FEATURES)   # features hidden
@@ -180,7 +188,8 @@ class VMSpec(BaseModel):
 
     @model_validator(mode="after")
     def _boot_rules(self) -> VMSpec:
-        problem = boot_problem(self.boot, self.firmware, self.secure_boot, self.machine)
+        problem = boot_problem(self.boot, self.firmware, self.secure_boot, self.machine) or \
+            topology_problem(self.vcpus, self.sockets, self.cores, self.threads)
         if problem is not None:
             raise ValueError(problem)
         return self
@@ -216,6 +225,8 @@ class DatastoreFact(BaseModel):
 class PortGroupFact(BaseModel):
     name: str
     bridge: str
+    vlan: int | None = None           # VLAN port group: the tap joins ``bridge`` with this VLAN (untagged, PVID)
+    problem: str | None = None        # why this host cannot use it (a kernel without bridge VLAN filtering)
 
 
 class MigrationInterface(BaseModel):
@@ -272,6 +283,7 @@ class HostFacts(BaseModel):
     postcopy: bool = False                # userfaultfd works and guest RAM is anonymous: post-copy possible
     tls: TlsFact | None = None
     firmware: list[FirmwareFact] = Field(default_factory=list)   # the OVMF files this host has
+    machine_types: list[str] = Field(default_factory=list)      # `qemu-system-x86_64 -machine help` ([]: unknown)
 
 
 class DirtySample(BaseModel):

@@ -11,6 +11,8 @@ __all__ = ["Finding", "Severity"]      # re-exported for the API; the models bel
 from kvmotion.models.agent import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTERN, GUEST_IP_PATTERN, MAX_CPU_FEATURES,
                                    MAX_DISKS, MAX_URL_CHARS, DatastorePath, DiskRef, Name, NbdUrl,
                                    PortGroupName, relative_path_problem)
+from kvmotion.models.devices import DiskRequest, NicRequest
+from kvmotion.models.hardware import topology_problem
 from kvmotion.models.boot import (BOOT_PATTERN, CLONE_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_REF_PATTERN,
                                   ImageSource, parse_image_ref)
 
@@ -85,6 +87,27 @@ class VMCreate(Request):
     secure_boot: StrictBool = Field(default=False, description="OVMF with Microsoft's keys enrolled (UEFI only)")
     gateway: str | None = Field(default=None, pattern=GATEWAY_PATTERN,
                                 description="disk-booted guests: the default gateway, passed as an SMBIOS OEM string")
+    # devices (models/devices.py): more disks after the boot one, the NICs, machine type and vCPU topology
+    disks: list[DiskRequest] = Field(default_factory=list, max_length=MAX_DISKS - 4,
+                                     description="more disks (--disk size=GB,...), after the boot and data disks")
+    nics: list[NicRequest] = Field(default_factory=list, max_length=8,
+                                   description="the NICs (--nic PORTGROUP,...); default: one on --network")
+    machine: Name | None = Field(default=None, description="QEMU machine type, e.g. pc-q35-7.2 or pc-i440fx-7.2")
+    sockets: int | None = Field(default=None, ge=1, le=64, description="vCPU topology: sockets x cores x threads")
+    cores: int | None = Field(default=None, ge=1, le=64)
+    threads: int | None = Field(default=None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _device_rules(self) -> VMCreate:
+        problem = topology_problem(self.vcpus, self.sockets, self.cores, self.threads)
+        if problem is not None:
+            raise ValueError(f"vCPU topology {problem}")
+        if self.nics and self.network != "VM Network":
+            raise ValueError("--network and --nic both name port groups: give the NICs with --nic only")
+        macs = [n.mac for n in self.nics if n.mac]
+        if len(macs) != len(set(macs)):
+            raise ValueError("two --nic options give the same MAC: give each NIC its own, or leave mac= out")
+        return self
 
     @model_validator(mode="after")
     def _image_rules(self) -> VMCreate:

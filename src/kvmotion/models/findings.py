@@ -48,6 +48,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     "ENCRYPTION_UNSUPPORTED": (Severity.ERROR, "encrypted vMotion is required but a host has no valid certificate"),
     "ENCRYPTION_FALLBACK": (Severity.INFO, "opportunistic encryption: a host has no certificate, so the move is plain"),
     "PORTGROUP_MISSING": (Severity.ERROR, "a network (port group) of the VM does not exist on the destination"),
+    "PORTGROUP_VLAN_MISSING": (Severity.ERROR, "a VLAN port group of the VM (on the source) does not exist on the "
+                                               "destination"),
+    "PORTGROUP_VLAN_MISMATCH": (Severity.ERROR, "the destination's port group of that name is on another VLAN"),
+    "MACHINE_TYPE_UNSUPPORTED": (Severity.ERROR, "the destination's QEMU does not offer the VM's machine type"),
     "INSUFFICIENT_MEMORY": (Severity.ERROR, "the destination does not have the VM's memory free"),
     "VM_POWERED_ON": (Severity.ERROR, "cold migration needs a powered-off VM (use vMotion)"),
     "NOTHING_TO_MOVE": (Severity.ERROR, "the VM already is on that host and those datastores"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.cpu import CpuCatalog
-from kvmotion.models.agent import (CdromSpec, DirtySample, DiskTarget, GuestHealth, HealthCheckRequest, IncomingReady,
+from kvmotion.models.agent import (CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth, HealthCheckRequest, IncomingReady,
                                    IncomingRequest, MigrationReport, MigrationTuning, MirrorReport, OutgoingRequest,
                                    ReleaseReport, VMRuntime, VMSpec)
 
@@ -86,6 +86,14 @@ class Hypervisor(ABC):
     @abstractmethod
     async def change_cdrom(self, uuid: str, cdrom: CdromSpec) -> None:
         """Swap a CD/DVD drive's medium live."""
+
+    @abstractmethod
+    async def plug_disk(self, uuid: str, disk: DiskSpec) -> None:
+        """Hot-plug a disk whose image exists (virtio-scsi only); the VM's spec then has it."""
+
+    @abstractmethod
+    async def unplug_disk(self, uuid: str, disk_id: str) -> DiskSpec:
+        """Hot-unplug a disk once the guest released it (virtio-scsi only); returns it (its image stays)."""
 
     @abstractmethod
     def serial_tail(self, uuid: str, lines: int) -> list[str]:

@@ -11,6 +11,7 @@ from kvmotion.agent.procs import QEMU_BINARY
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec, nbd_problem, parse_nbd
 from kvmotion.models.boot import ovmf_code
+from kvmotion.models.hardware import NIC_DEVICE, SATA_CONTROLLER, SCSI_CONTROLLER
 
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
 
@@ -76,6 +77,44 @@ def cdrom_node(cd: CdromSpec, ctx: HostContext, boot_datastore: str) -> dict[str
     else:
         return None
     return {"node-name": f"{cd.id}-media", "driver": "raw", "read-only": True, "file": file}
+
+
+def disk_device(disk: DiskSpec, boot: bool = False) -> str:
+    """The guest device of a disk on its bus, at its fixed unit (the same on every host, hot-plugged or not)."""
+    index = ",bootindex=0" if boot else ""
+    if disk.bus == "virtio-scsi":
+        return (f"scsi-hd,drive={disk.node},id={disk.id},bus={SCSI_CONTROLLER}.0,channel=0,"
+                f"scsi-id={disk.unit or 0},lun=0{index}")
+    if disk.bus == "sata":
+        return f"ide-hd,drive={disk.node},id={disk.id},bus={SATA_CONTROLLER}.{disk.unit or 0}{index}"
+    return f"virtio-blk-pci,drive={disk.node},id={disk.id}{index}"
+
+
+def device_props(device: str) -> dict[str, Any]:
+    """A ``-device`` string as ``device_add`` arguments (hot-plug adds exactly what a restart would have)."""
+    driver, *props = device.split(",")
+    out: dict[str, Any] = {"driver": driver}
+    for prop in props:
+        key, _, value = prop.partition("=")
+        out[key] = int(value) if value.isdigit() and key in ("channel", "scsi-id", "lun", "bootindex") else value
+    return out
+
+
+def controller_args(spec: VMSpec) -> list[str]:
+    """The disk controllers the VM's buses need; the SCSI one also when kept for hot-plug."""
+    buses = {d.bus for d in spec.disks}
+    args: list[str] = []
+    if spec.scsi_controller or "virtio-scsi" in buses:
+        args += ["-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER}"]
+    if "sata" in buses:
+        args += ["-device", f"ich9-ahci,id={SATA_CONTROLLER}"]
+    return args
+
+
+def smp_arg(spec: VMSpec) -> str:
+    if spec.sockets is None:
+        return str(spec.vcpus)
+    return f"{spec.vcpus},sockets={spec.sockets},cores={spec.cores},threads={spec.threads}"
 
 
 def tap_name(uuid: str, index: int) -> str:
@@ -169,7 +208,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         "-accel", "kvm" if accel == "kvm" else "tcg,thread=single",
         "-cpu", cpu_arg(spec, ctx),
         "-m", guest_ram(spec, ctx),
-        "-smp", str(spec.vcpus),
+        "-smp", smp_arg(spec),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-smbios", f"type=1,manufacturer=kvmotion,product=kvmotion-vm,serial={spec.uuid},uuid={spec.uuid}",
         *boot_args(spec, ctx),
@@ -186,10 +225,10 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         argv += ["-object", f"memory-backend-file,id=pc.ram,size={guest_ram(spec, ctx, backend=True)},"
                             f"mem-path={ctx.swap_dir / (spec.uuid + '.ram')},share=off"]
     argv += firmware + secret_args(spec, disk_keys or {}, run_dir / "master.key")
+    argv += controller_args(spec)
     for i, disk in enumerate(spec.disks):
-        boot = ",bootindex=0" if spec.boot == "disk" and i == 0 else ""
         argv += ["-blockdev", json.dumps(disk_node(disk, ctx)),
-                 "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id}{boot}"]
+                 "-device", disk_device(disk, boot=spec.boot == "disk" and i == 0)]
     for i, cd in enumerate(spec.cdroms):
         node = cdrom_node(cd, ctx, spec.boot_datastore)
         if node is not None:
@@ -198,7 +237,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
     for i, nic in enumerate(spec.nics):
         tap = tap_name(spec.uuid, i)
         argv += ["-netdev", f"tap,id=net-{nic.id},ifname={tap},script=no,downscript=no",
-                 "-device", f"virtio-net-pci,netdev=net-{nic.id},mac={nic.mac},id={nic.id}"]
+                 "-device", f"{NIC_DEVICE[nic.model]},netdev=net-{nic.id},mac={nic.mac},id={nic.id}"]
     argv += guest_agent_args(run_dir)
     if incoming:
         argv += ["-incoming", "defer", "-S"]

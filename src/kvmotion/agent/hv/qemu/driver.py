@@ -16,7 +16,7 @@ from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.state import requires
 from kvmotion.agent.procs import image_locks, rss_mb
 from kvmotion.common.errors import ConflictError, KvmotionError, NotFoundError
-from kvmotion.models.agent import (POSTCOPY_STATES, CdromSpec, DirtySample, DiskTarget, GuestHealth,
+from kvmotion.models.agent import (POSTCOPY_STATES, CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth,
                                    HealthCheckRequest, IncomingReady, IncomingRequest, MigrationReport,
                                    MigrationTuning, MirrorReport, OutgoingRequest, ReleaseReport, VMRunState,
                                    VMRuntime, VMSpec)
@@ -172,6 +172,16 @@ class QemuHypervisor(Hypervisor):
         vm = self._get(uuid)
         async with vm.lock:
             await vm.change_cdrom(cdrom)
+
+    async def plug_disk(self, uuid: str, disk: DiskSpec) -> None:
+        vm = self._get(uuid)
+        async with vm.lock:
+            await vm.plug_disk(disk)
+
+    async def unplug_disk(self, uuid: str, disk_id: str) -> DiskSpec:
+        vm = self._get(uuid)
+        async with vm.lock:
+            return await vm.unplug_disk(disk_id)
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         try:

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmotion.agent.context import HostContext
+from kvmotion.agent.hv.qemu import hotplug
 from kvmotion.agent.hv.qemu.argv import build_argv, cdrom_node, has_media, tap_name
 from kvmotion.agent.hv.qemu.qmp import QMPConnection
 from kvmotion.agent.hv.state import check_transition, requires
 from kvmotion.agent.procs import QEMU_BINARY, pid_alive, pid_is_qemu_for
 from kvmotion.common.errors import ConflictError, KvmotionError, QemuStartFailed
-from kvmotion.models.agent import CdromSpec, VMRunState, VMRuntime, VMSpec
+from kvmotion.models.agent import CdromSpec, DiskSpec, VMRunState, VMRuntime, VMSpec
 
 if TYPE_CHECKING:
     from kvmotion.agent.hv.qemu.migration import MigrationWatch
@@ -41,17 +42,41 @@ def create_taps(spec: VMSpec, ctx: HostContext) -> list[str]:
                 )
             tap = tap_name(spec.uuid, i)
             _run(["ip", "link", "del", tap])  # a leftover from a crashed run of this same VM
-            for argv in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
-                         ["ip", "link", "set", tap, "master", bridge, "up"]):
-                res = _run(argv)
-                if res.returncode != 0:
-                    raise QemuStartFailed(f"could not set up tap {tap}: {res.stderr.strip()}",
-                                          remedy="check that the agent runs as root and the bridge exists")
             taps.append(tap)
+            _setup(tap, [["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+                         ["ip", "link", "set", tap, "master", bridge]])
+            vlan = ctx.vlans.get(nic.portgroup)
+            if nic.portgroup in ctx.vlan_problems:
+                raise ConflictError(
+                    f"{nic.id} of {spec.name} is on VLAN port group {nic.portgroup!r}, which host {ctx.host_name} "
+                    f"cannot provide: {ctx.vlan_problems[nic.portgroup]}",
+                    remedy="run the VM on a host whose kernel has bridge VLAN filtering, or move the NIC to a port "
+                           "group without a VLAN (kvmotion vm nic remove/add while it is off)",
+                    details={"portgroup": nic.portgroup, "host": ctx.host_name})
+            if vlan is not None:
+                _setup(tap, vlan_commands(bridge, tap, vlan, ctx.uplinks.get(nic.portgroup, [])))
+            _setup(tap, [["ip", "link", "set", tap, "up"]])
     except KvmotionError:
         delete_taps(taps)
         raise
     return taps
+
+
+def vlan_commands(bridge: str, tap: str, vlan: int, uplinks: list[str]) -> list[list[str]]:
+    """A tap in VLAN ``vlan`` of a VLAN-filtering bridge: untagged, its PVID, and out of the default VLAN 1; the
+    bridge's uplinks carry the VLAN tagged. Ports without a VLAN keep VLAN 1 untagged, as before filtering."""
+    cmds = [["ip", "link", "set", bridge, "type", "bridge", "vlan_filtering", "1"],
+            ["bridge", "vlan", "del", "dev", tap, "vid", "1"],
+            ["bridge", "vlan", "add", "dev", tap, "vid", str(vlan), "pvid", "untagged"]]
+    return cmds + [["bridge", "vlan", "add", "dev", up, "vid", str(vlan)] for up in uplinks]
+
+
+def _setup(tap: str, commands: list[list[str]]) -> None:
+    for argv in commands:
+        res = _run(argv)
+        if res.returncode != 0:
+            raise QemuStartFailed(f"could not set up tap {tap} ({' '.join(argv)}): {res.stderr.strip()}",
+                                  remedy="check that the agent runs as root and the bridge exists")
 
 
 def delete_taps(taps: list[str]) -> None:
@@ -240,6 +265,14 @@ class QemuVM:
         await self.qmp.execute("blockdev-close-tray", {"id": new.id})
         self.spec = self.spec.model_copy(update={"cdroms": [new if c.id == new.id else c for c in self.spec.cdroms]})
         self.save_record()
+
+    @requires(VMRunState.RUNNING, VMRunState.PAUSED, remedy="wait for its migration to end, or power it on first")
+    async def plug_disk(self, disk: DiskSpec) -> None:
+        await hotplug.plug_disk(self, disk)
+
+    @requires(VMRunState.RUNNING, VMRunState.PAUSED, remedy="wait for its migration to end, or power it on first")
+    async def unplug_disk(self, disk_id: str) -> DiskSpec:
+        return await hotplug.unplug_disk(self, disk_id)
 
     def runtime(self, qemu_status: str | None = None) -> VMRuntime:
         return VMRuntime(uuid=self.spec.uuid, name=self.spec.name, state=self.state, pid=self.pid,
