@@ -19,7 +19,7 @@ from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, N
 from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
-from kvmotion.controller import policy
+from kvmotion.controller import imagestore, policy
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
@@ -237,6 +237,7 @@ class Inventory:
                 raise ConflictError(f"a VM named {req.name!r} already exists", remedy="choose another name")
         readable = [d for d in facts.datastores if d.readable]
         image = self._image_source(req, [d.name for d in readable])
+        self._mac_free(req.mac)
         linked_ds = image.datastore if image is not None and image.clone == "linked" else None
         ds_name = req.datastore or linked_ds or next((d.name for d in readable if d.shared),
                                                      readable[0].name if readable else None)
@@ -258,7 +259,7 @@ class Inventory:
                                     remedy=f"drop --datastore (the VM then lives on {linked_ds}), or use --clone full")
         uuid = str(uuidlib.uuid4())
         disks = self._new_disks(req, uuid, ds_name, [d.name for d in readable], facts)
-        mac = "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
+        mac = (req.mac or "").lower() or "52:54:00:" + ":".join(uuid.replace("-", "")[i:i + 2] for i in (0, 2, 4))
         spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
                       disks=disks,
                       nics=[NicSpec(mac=mac, portgroup=req.network)], boot_datastore=ds_name, folder=req.name,
@@ -271,16 +272,18 @@ class Inventory:
                           f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
                           if req.records_rate is not None else "") if x),
                       boot=req.boot_mode, firmware=req.firmware, secure_boot=req.secure_boot, gateway=req.gateway,
-                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
+                      source_image=req.library_image, **({"cpu_model": req.cpu_model} if req.cpu_model else {}))
         spec = await self.agent(req.host).provision(spec, self.disk_keys(spec), image)
         with self.sessions.begin() as s:
             s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
         return self.get_vm(uuid)
 
-    @staticmethod
-    def _image_source(req: VMCreate, readable: list[str]) -> ImageSource | None:
+    def _image_source(self, req: VMCreate, readable: list[str]) -> ImageSource | None:
         """The image the boot disk is made from, on a datastore the host reads (the agent confines its path)."""
         image = req.image_source()
+        if req.library_image is not None:
+            image = imagestore.source_for(self.sessions, req.library_image, req.clone, req.host, readable,
+                                          req.datastore)
         if image is not None and image.datastore not in readable:
             raise InvalidInputError(f"image datastore {image.datastore!r} is not accessible on {req.host}",
                                     remedy="copy the image to one of: " + (", ".join(readable) or "none"))
@@ -288,6 +291,16 @@ class Inventory:
             raise InvalidInputError("a disk made from an image is not encrypted",
                                     remedy="drop --encrypted-disk, or create the VM without --image")
         return image
+
+    def _mac_free(self, mac: str | None) -> None:
+        """A MAC given for a new VM is unique in the inventory."""
+        if mac is None:
+            return
+        holder = next((v.name for v in self.list_vms() if any(n.get("mac", "").lower() == mac.lower()
+                                                               for n in v.spec.get("nics", []))), None)
+        if holder is not None:
+            raise ConflictError(f"MAC {mac} is already used by VM {holder}", remedy="give another MAC, or none",
+                                details={"mac": mac, "vm": holder})
 
     def _new_disks(self, req: VMCreate, uuid: str, ds_name: str, readable: list[str],
                    facts: HostFacts) -> list[DiskSpec]:

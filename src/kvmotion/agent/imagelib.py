@@ -1,0 +1,185 @@
+"""The image library on a host: read a file to import (confined, no links, no devices), store it as qcow2.
+
+A file to import must be an absolute path under an import folder the agent allows: the datastore's own
+``import/`` folder, or one of the agent configuration's ``import_dirs``. No component of the path may be a symbolic
+link, and the file must be a regular file (no device, FIFO or socket). The copy is written to a temporary name in
+the datastore's ``images/`` folder, checked, hashed, then linked to its final name (never over an existing file);
+on any failure the temporary file is removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import time
+from pathlib import Path
+
+from kvmotion.agent.context import HostContext, resolve_datastore, safe_path
+from kvmotion.agent.diskimage import CONVERT_TIMEOUT_S, INFO_TIMEOUT_S, MIB, _run, check, format_problem
+from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
+from kvmotion.models.boot import IMAGE_FORMATS
+from kvmotion.models.images import (IMAGES_DIR, IMPORT_DIR, AgentImageImport, AgentImageResult, image_file)
+
+FORMATS_TEXT = ", ".join(IMAGE_FORMATS)
+TEXT_PROBE_BYTES = 64 * 1024       # a raw "image" with no NUL byte in its first 64 KiB is a text file
+SPACE_MARGIN_MB = 16
+HASH_CHUNK = 4 * MIB
+
+
+def import_roots(ctx: HostContext, datastore: str, extra: list[Path]) -> list[Path]:
+    """Where files to import may be: the datastore's import/ folder, then the configured import folders."""
+    return [resolve_datastore(ctx, datastore).resolve() / IMPORT_DIR, *extra]
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def confined_file(file: str, roots: list[Path], what: str = "file to import") -> Path:
+    """``file`` as a regular file under one of ``roots``, reached without any symbolic link (refused otherwise)."""
+    remedy = f"copy the file into one of: {', '.join(str(r) for r in roots)} (a regular file, not a link)"
+    if not file.startswith("/") or os.path.normpath(file) != file or "/../" in f"{file}/":
+        raise InvalidInputError(f"{what} {file!r} is not a plain absolute path", remedy=remedy)
+    path = Path(file)
+    root = next((r for r in roots if r in path.parents), None)
+    if root is None:
+        raise InvalidInputError(f"{what} {file!r} is outside the folders this host imports from",
+                                remedy=remedy, details={"allowed": [str(r) for r in roots]})
+    current = root
+    st = _lstat(current)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        raise NotFoundError(f"import folder {root} does not exist (or is a link)", remedy=f"create it: mkdir {root}")
+    for part in path.relative_to(root).parts:
+        current = current / part
+        st = _lstat(current)
+        if st is None:
+            raise NotFoundError(f"{what} {file!r} does not exist", remedy=remedy)
+        if stat.S_ISLNK(st.st_mode):
+            raise InvalidInputError(f"{what} {file!r} is reached through a symbolic link ({current})", remedy=remedy)
+        if current != path and not stat.S_ISDIR(st.st_mode):
+            raise InvalidInputError(f"{what} {file!r}: {current} is not a folder", remedy=remedy)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"{what} {file!r} is not a regular file (a device, folder, FIFO or socket)",
+                                remedy=remedy)
+    return path
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+        return b"\x00" not in fh.read(TEXT_PROBE_BYTES)
+
+
+def _extent_problem(info: dict[str, object], src: Path) -> str | None:
+    """A vmdk's extents (and a qcow2's data file) must stay in the source's folder, as regular files."""
+    data = (info.get("format-specific") or {})
+    data = data.get("data", {}) if isinstance(data, dict) else {}
+    if isinstance(data, dict) and data.get("data-file"):
+        return "has an external data file: convert it to a self-contained image first"
+    extents = data.get("extents", []) if isinstance(data, dict) else []
+    for ext in extents if isinstance(extents, list) else []:
+        name = str(ext.get("filename", "")) if isinstance(ext, dict) else ""
+        target = Path(name) if name.startswith("/") else src.parent / name
+        st = _lstat(target)
+        if target.parent != src.parent or st is None or not stat.S_ISREG(st.st_mode):
+            return f"names an extent {name!r} outside its own folder (or not a regular file)"
+    return None
+
+
+def inspect(src: Path) -> dict[str, object]:
+    """``qemu-img info`` of a file to import; refused with the reason and the fix when it is no image we take."""
+    res = _run(["qemu-img", "info", "--output=json", str(src)], INFO_TIMEOUT_S)
+    if res.returncode != 0:
+        raise InvalidInputError(f"{src.name} is no disk image qemu-img can read (truncated or corrupt?): "
+                                f"{res.stderr.strip()[-300:]}",
+                                remedy=f"give a complete {FORMATS_TEXT} image (copy it again if it was cut short)",
+                                details={"file": str(src)})
+    info = json.loads(res.stdout)
+    fmt = info.get("format")
+    if fmt not in IMAGE_FORMATS:
+        raise InvalidInputError(f"{src.name} is in format {fmt!r}, which the library does not take",
+                                remedy=f"convert it to one of {FORMATS_TEXT} with qemu-img convert",
+                                details={"file": str(src), "format": fmt})
+    problem = format_problem(info, src.stat().st_size) or _extent_problem(info, src)
+    if problem is None and fmt == "raw" and _looks_like_text(src):
+        problem = "is no disk image: it reads as text (no NUL byte in its first 64 KiB)"
+    if problem is not None:
+        raise InvalidInputError(f"{src.name} {problem}", remedy=f"give a {FORMATS_TEXT} disk image",
+                                details={"file": str(src), "format": fmt})
+    return info
+
+
+def _need_space(src: Path, fmt: str, folder: Path, datastore: str) -> None:
+    res = _run(["qemu-img", "measure", "--output=json", "-f", fmt, "-O", "qcow2", str(src)], INFO_TIMEOUT_S)
+    if res.returncode != 0:
+        raise InvalidInputError(f"{src.name} cannot be measured (corrupt?): {res.stderr.strip()[-300:]}",
+                                remedy="check it with qemu-img check, or copy it again")
+    need_mb = (int(json.loads(res.stdout)["required"]) + MIB - 1) // MIB + SPACE_MARGIN_MB
+    free_mb = shutil.disk_usage(folder).free // MIB
+    if need_mb > free_mb:
+        raise ConflictError(f"datastore {datastore} has {free_mb} MiB free; the image needs {need_mb} MiB",
+                            remedy="free space on the datastore, or import to another --datastore",
+                            details={"datastore": datastore, "free_mb": free_mb, "need_mb": need_mb})
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_folder(ctx: HostContext, datastore: str) -> Path:
+    folder = safe_path(ctx, datastore, IMAGES_DIR, what="image folder", directory=True)
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def import_image(ctx: HostContext, req: AgentImageImport, extra_roots: list[Path]) -> AgentImageResult:
+    """Detect, convert to qcow2 under a temporary name, check, hash, then give it its name (never overwriting)."""
+    t0 = time.monotonic()
+    src = confined_file(req.file, import_roots(ctx, req.datastore, extra_roots))
+    info = inspect(src)
+    fmt = str(info["format"])
+    if fmt != "raw":
+        check(src, fmt, f"{src.name}")            # a corrupt or truncated source is refused before copying
+    folder = library_folder(ctx, req.datastore)
+    final = safe_path(ctx, req.datastore, image_file(req.name), what="image file")
+    if final.exists() or final.is_symlink():
+        raise ConflictError(f"datastore {req.datastore} already has {image_file(req.name)}",
+                            remedy="choose another image name, or delete the old image first",
+                            details={"datastore": req.datastore, "name": req.name})
+    _need_space(src, fmt, folder, req.datastore)
+    tmp = folder / f".{req.name}.importing-{secrets.token_hex(4)}"
+    try:
+        res = _run(["qemu-img", "convert", "-q", "-f", fmt, "-O", "qcow2", str(src), str(tmp)], CONVERT_TIMEOUT_S)
+        if res.returncode != 0:
+            raise InvalidInputError(f"converting {src.name} failed (truncated, corrupt, or the datastore is full): "
+                                    f"{res.stderr.strip()[-300:]}",
+                                    remedy="check the image with qemu-img check and the datastore's free space")
+        check(tmp, "qcow2", f"the stored copy of {src.name}")
+        digest = sha256_of(tmp)
+        os.link(tmp, final)                        # fails if the name appeared meanwhile: nothing is overwritten
+    except FileExistsError:
+        raise ConflictError(f"datastore {req.datastore} already has {image_file(req.name)}",
+                            remedy="choose another image name") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return AgentImageResult(datastore=req.datastore, path=image_file(req.name), source_format=fmt,
+                            virtual_bytes=int(info["virtual-size"]), file_bytes=final.stat().st_size,
+                            sha256=digest, seconds=round(time.monotonic() - t0, 3))
+
+
+def remove_image(ctx: HostContext, datastore: str, name: str) -> bool:
+    path = safe_path(ctx, datastore, image_file(name), what="image file")
+    if not (path.exists() or path.is_symlink()):
+        return False
+    path.unlink()
+    return True
+

@@ -1,0 +1,142 @@
+"""The image library: import a user's disk image (qcow2, raw, vmdk, vhdx, vdi) into a datastore, list, show and
+delete images, and bring in a VMware VM from an OVF package. Typed service functions shared by the API and tests.
+
+An import is one synchronous agent call with a deadline (``IMAGE_IMPORT_TIMEOUT_S``): detect, convert to qcow2,
+check, hash. The name is reserved first, so a second import of it is refused, and released on any failure.
+"""
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, NotFoundError
+from kvmotion.controller import imagestore, ovf
+from kvmotion.controller.agents import AgentClient
+from kvmotion.controller.inventory import Inventory
+from kvmotion.models.agent import NicSpec, VMSpec
+from kvmotion.models.api import VMCreate, VMOut
+from kvmotion.models.images import (AgentImageImport, ImageImport, ImageOut, OvfClose, OvfMachine, OvfOpen,
+                                    OvfPackage, OvfImport)
+
+log = logging.getLogger(__name__)
+
+
+class ImageLibrary:
+    def __init__(self, sessions: sessionmaker[Session], inventory: Inventory) -> None:
+        self.sessions = sessions
+        self.inventory = inventory
+
+    def list_images(self) -> list[ImageOut]:
+        return imagestore.list_images(self.sessions)
+
+    def get_image(self, name: str) -> ImageOut:
+        return imagestore.get_image(self.sessions, name)
+
+    def host_for(self, datastore: str, host: str | None = None) -> str:
+        """A connected host that mounts ``datastore`` (``host`` itself when given)."""
+        stores = {d["name"]: d for d in self.inventory.datastores()}
+        if datastore not in stores:
+            raise NotFoundError(f"datastore {datastore!r} is not in the inventory (known: "
+                                f"{', '.join(sorted(stores)) or 'none'})", remedy="pass --datastore with a known "
+                                "datastore (kvmotion host show HOST lists a host's)", details={"datastore": datastore})
+        candidates = [h for h in stores[datastore]["hosts"] if host is None or h == host]
+        connected = [h for h in candidates if self.inventory.get_host(h).state == "connected"]
+        if not connected:
+            who = f"host {host}" if host else "no connected host"
+            raise ConflictError(f"{who} does not mount datastore {datastore} (or is not connected)",
+                                remedy="reconnect a host that mounts it, or name one with --host",
+                                details={"datastore": datastore, "hosts": stores[datastore]["hosts"]})
+        return connected[0]
+
+    async def import_image(self, req: ImageImport) -> ImageOut:
+        host = self.host_for(req.datastore, req.host)
+        imagestore.reserve(self.sessions, req.name, req.datastore)
+        try:
+            result = await self.inventory.agent(host).image_import(
+                AgentImageImport(name=req.name, file=req.file, datastore=req.datastore))
+        except BaseException:
+            imagestore.forget(self.sessions, req.name)
+            raise
+        log.info("image %s imported on %s:%s (%s, %d bytes, %.1f s)", req.name, host, req.datastore,
+                 result.source_format, result.virtual_bytes, result.seconds)
+        return imagestore.complete(self.sessions, req.name, result)
+
+    async def delete_image(self, name: str) -> None:
+        """Remove every copy, then the record; refused while a VM was made from it."""
+        image = self.get_image(name)
+        if image.used_by:
+            raise ConflictError(f"image {name!r} is used by VM(s) {', '.join(image.used_by)}",
+                                remedy="delete those VMs first (a linked clone needs its base; a full clone records "
+                                "its source)", details={"image": name, "vms": image.used_by})
+        for copy in image.copies:
+            host = self.host_for(copy.datastore)
+            await self.inventory.agent(host).image_remove(copy.datastore, name)
+        imagestore.forget(self.sessions, name)
+
+    # -- OVF -----------------------------------------------------------------------------------------------
+    async def import_ovf(self, req: OvfImport) -> VMOut:
+        """An OVF/OVA package as a new VM (powered off): its disk through the library, then a full clone."""
+        if req.datastore not in {d["name"] for d in self.inventory.datastores() if req.host in d["hosts"]}:
+            raise InvalidInputError(f"datastore {req.datastore!r} is not accessible on {req.host}",
+                                    remedy="pass --datastore with a datastore the host mounts")
+        agent = self.inventory.agent(req.host)
+        pkg = await agent.ovf_open(OvfOpen(file=req.file, datastore=req.datastore))
+        try:
+            machine = ovf.parse(pkg.descriptor)
+            name = req.name or machine.name
+            _check_package(machine, pkg)
+            if any(v.name == name for v in self.inventory.list_vms()):
+                raise ConflictError(f"a VM named {name!r} already exists", remedy="pass --name with another name")
+            return await self._create_from(machine, pkg, name, req, agent)
+        finally:
+            if pkg.workdir:
+                await _close(agent, OvfClose(workdir=pkg.workdir, datastore=req.datastore))
+
+    async def _create_from(self, machine: OvfMachine, pkg: OvfPackage, name: str, req: OvfImport,
+                           agent: AgentClient) -> VMOut:
+        image = f"{name}-disk0"
+        await self.import_image(ImageImport(name=image, file=f"{pkg.folder}/{machine.disks[0].file}",
+                                            datastore=req.datastore, host=req.host))
+        try:
+            vm = await self.inventory.create_vm(VMCreate(
+                name=name, host=req.host, memory_mb=machine.memory_mb, vcpus=machine.vcpus, datastore=req.datastore,
+                network=req.network, image=image, clone="full", boot="disk", firmware=machine.firmware,
+                mac=machine.nics[0].mac if machine.nics else None))
+        except BaseException:
+            await self.delete_image(image)
+            raise
+        if len(machine.nics) > 1:
+            vm = self._extra_nics(vm, machine, req.network)
+        return vm
+
+    def _extra_nics(self, vm: VMOut, machine: OvfMachine, network: str) -> VMOut:
+        """The OVF's other NICs, on the same port group, with their MACs (or ones made from the VM's UUID)."""
+        spec = VMSpec.model_validate(vm.spec)
+        nics = list(spec.nics)
+        for i, nic in enumerate(machine.nics[1:], start=1):
+            mac = nic.mac or "52:54:%s:%02x" % (":".join(spec.uuid.replace("-", "")[j:j + 2] for j in (6, 8, 10)), i)
+            nics.append(NicSpec(id=f"nic{i}", mac=mac, portgroup=network))
+        self.inventory.set_vm(spec.uuid, spec_json=spec.model_copy(update={"nics": nics}).model_dump_json())
+        return self.inventory.get_vm(spec.uuid)
+
+
+def _check_package(machine: OvfMachine, pkg: OvfPackage) -> None:
+    if len(machine.disks) > 1:
+        raise InvalidInputError(f"the OVF VM has {len(machine.disks)} disks; kvmotion imports a VM with one disk",
+                                remedy="detach the data disks before exporting, and import them with "
+                                "`kvmotion image import`")
+    for d in machine.disks:
+        if d.file not in pkg.files:
+            raise InvalidInputError(f"the OVF names disk file {d.file!r}, which the package lacks",
+                                    remedy="give the complete package (the .ovf with its disk files)")
+        if pkg.manifest and d.file not in pkg.manifest:
+            raise InvalidInputError(f"the package's manifest does not cover disk file {d.file!r}",
+                                    remedy="give the package as exported (its manifest lists every file)")
+
+
+async def _close(agent: AgentClient, req: OvfClose) -> None:
+    try:
+        await agent.ovf_close(req)
+    except KvmotionError as exc:      # the import's own outcome matters more; the folder is named in the log
+        log.warning("could not remove the OVA folder %s: %s", req.workdir, exc)
