@@ -393,3 +393,13 @@ def test_the_product_image_group_and_the_labs_image_build_coexist() -> None:
             assert out.exit_code == 0, out.output
         listing = CliRunner().invoke(app, ["image", "--help"]).output
         assert all(c in listing for c in ("import", "list", "show", "delete", "build"))
+
+
+def test_a_vmdk_whose_extent_leaves_its_folder_is_refused_for_vm_create_too(ctx: HostContext, ds: Path) -> None:
+    from kvmotion.agent import diskimage
+    from kvmotion.models.boot import ImageSource
+
+    _bad("vmdk-extent-outside", ds / "import")
+    with pytest.raises(InvalidInputError) as err:
+        diskimage.source_image(ctx, ImageSource(datastore="ds1", path="import/bad-vmdk-extent-outside"))
+    assert "extent" in err.value.message

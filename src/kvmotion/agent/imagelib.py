@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from kvmotion.agent.context import HostContext, resolve_datastore, safe_path
-from kvmotion.agent.diskimage import CONVERT_TIMEOUT_S, INFO_TIMEOUT_S, MIB, _run, check, format_problem
+from kvmotion.agent.diskimage import (CONVERT_TIMEOUT_S, INFO_TIMEOUT_S, MIB, _run, check, extent_problem,
+                                      format_problem)
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.boot import IMAGE_FORMATS
 from kvmotion.models.images import (IMAGES_DIR, IMPORT_DIR, AgentImageImport, AgentImageResult, image_file)
@@ -75,22 +76,6 @@ def _looks_like_text(path: Path) -> bool:
         return b"\x00" not in fh.read(TEXT_PROBE_BYTES)
 
 
-def _extent_problem(info: dict[str, object], src: Path) -> str | None:
-    """A vmdk's extents (and a qcow2's data file) must stay in the source's folder, as regular files."""
-    data = (info.get("format-specific") or {})
-    data = data.get("data", {}) if isinstance(data, dict) else {}
-    if isinstance(data, dict) and data.get("data-file"):
-        return "has an external data file: convert it to a self-contained image first"
-    extents = data.get("extents", []) if isinstance(data, dict) else []
-    for ext in extents if isinstance(extents, list) else []:
-        name = str(ext.get("filename", "")) if isinstance(ext, dict) else ""
-        target = Path(name) if name.startswith("/") else src.parent / name
-        st = _lstat(target)
-        if target.parent != src.parent or st is None or not stat.S_ISREG(st.st_mode):
-            return f"names an extent {name!r} outside its own folder (or not a regular file)"
-    return None
-
-
 def inspect(src: Path) -> dict[str, object]:
     """``qemu-img info`` of a file to import; refused with the reason and the fix when it is no image we take."""
     res = _run(["qemu-img", "info", "--output=json", str(src)], INFO_TIMEOUT_S)
@@ -105,7 +90,7 @@ def inspect(src: Path) -> dict[str, object]:
         raise InvalidInputError(f"{src.name} is in format {fmt!r}, which the library does not take",
                                 remedy=f"convert it to one of {FORMATS_TEXT} with qemu-img convert",
                                 details={"file": str(src), "format": fmt})
-    problem = format_problem(info, src.stat().st_size) or _extent_problem(info, src)
+    problem = format_problem(info, src.stat().st_size) or extent_problem(info, src)
     if problem is None and fmt == "raw" and _looks_like_text(src):
         problem = "is no disk image: it reads as text (no NUL byte in its first 64 KiB)"
     if problem is not None:
