@@ -4,7 +4,7 @@ brought in from VMware's format.
 - `image import` of a raw and a vdi file (through the CLI), `image list` / `image show`, VMs made from library
   images (a linked and a full clone), `image delete` refused while a VM uses the image and done after; bad input
   (a text file, a truncated qcow2, a path outside the import folder, a taken name, an unknown datastore) refused
-  with the fix and nothing left behind;
+  with the fix and nothing left behind; each import is a task (phases convert, check, checksum, with percent);
 - the Debian 12 guest (``debian_image``) converted to a streamOptimized vmdk, packed into an OVA with an OVF
   descriptor (UEFI, 1 vCPU, 512 MiB, a VMware MAC) and a SHA256 manifest, imported with `vm import-ovf`, powered on:
   it boots from its disk and answers over HTTP from the client namespace.
@@ -24,6 +24,7 @@ import pytest
 
 from kvmotion.cli.client import Client
 from kvmotion.common.errors import KvmotionError
+from kvmotion_lab import scenario
 from labtools import http_beat, record_figure
 
 OVA_MAC = "00:50:56:3f:00:17"
@@ -67,6 +68,10 @@ def test_import_list_show_use_delete_and_bad_input(lab) -> None:
     for name, file in (("small-raw", "small.raw"), ("small-vdi", "small.vdi")):
         out = cli(lab, "image", "import", name, str(imp / file), "--datastore", "shared")
         assert out.returncode == 0, out.stdout + out.stderr
+    imports = [t for t in client.tasks() if t["kind"] == "image-import"]
+    assert [(t["vm_name"], t["state"], t["progress"]) for t in imports] == [
+        ("small-vdi", "success", 100.0), ("small-raw", "success", 100.0)]
+    assert imports[0]["result"]["source_format"] == "vdi"
     listing = cli(lab, "image", "list")
     assert "small-raw" in listing.stdout and "small-vdi" in listing.stdout, listing.stdout
     shown = json.loads(cli(lab, "image", "show", "small-vdi").stdout)
@@ -105,8 +110,9 @@ def bad_input_leaves_nothing(lab, client: Client, imp: Path) -> None:
     qemu_img("create", "-q", "-f", "raw", str(outside), "1M")
     refused(lambda: client.import_image("bad", str(outside), "shared"), "INVALID_INPUT")
     refused(lambda: client.import_image("bad", str(imp / "small.raw"), "nowhere"), "NOT_FOUND")
-    client.import_image("taken", str(imp / "small.raw"), "shared")
-    refused(lambda: client.import_image("taken", str(imp / "small.vdi"), "shared"), "CONFLICT")
+    task = client.import_image("taken", str(imp / "small.raw"), "shared")
+    refused(lambda: client.import_image("taken", str(imp / "small.vdi"), "shared"), "CONFLICT")   # even meanwhile
+    assert scenario.follow_task(client, task["id"], timeout_s=300)["state"] == "success"
     client.delete_image("taken")
     outside.unlink()
     assert library_files(lab) == before

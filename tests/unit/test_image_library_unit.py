@@ -4,6 +4,7 @@ where a file to import may be, OVF descriptors and OVA packages, the library's r
 `image` group."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -16,12 +17,13 @@ from typer.testing import CliRunner
 
 from kvmotion.agent import imagelib, ovfpkg
 from kvmotion.agent.context import HostContext
-from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
+from kvmotion.agent.importjob import ImportJobs
+from kvmotion.common.errors import ConflictError, DeadlineExceeded, InvalidInputError, NotFoundError
 from kvmotion.controller import imagestore, ovf
 from kvmotion.controller.db import VM, Host, make_engine, make_sessionmaker
 from kvmotion.models.agent import DiskSpec, VMSpec
 from kvmotion.models.api import VMCreate
-from kvmotion.models.images import AgentImageImport, AgentImageResult, OvfClose, OvfOpen
+from kvmotion.models.images import AgentImageImport, AgentImageResult, AgentImportStatus, OvfClose, OvfOpen
 
 MIB = 1 << 20
 
@@ -42,8 +44,8 @@ def ctx(ds: Path) -> HostContext:
     return HostContext("h1", "tcg", {"ds1": ds}, {})
 
 
-def _import(ctx: HostContext, file: Path | str, name: str = "img1") -> AgentImageResult:
-    return imagelib.import_image(ctx, AgentImageImport(name=name, file=str(file), datastore="ds1"), [])
+def _import(ctx: HostContext, file: Path | str, name: str = "img1", **kw: object) -> AgentImageResult:
+    return imagelib.import_image(ctx, AgentImageImport(name=name, file=str(file), datastore="ds1"), [], **kw)
 
 
 def _left(ds: Path) -> list[str]:
@@ -125,17 +127,49 @@ def test_no_space_on_the_datastore(ctx: HostContext, ds: Path, monkeypatch: pyte
 def test_a_failing_convert_removes_its_temporary_file(ctx: HostContext, ds: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     src = _data_image(ds / "import" / "d.raw", "raw")
-    real = imagelib._run
-
-    def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-        if argv[1] == "convert":
-            Path(argv[-1]).write_bytes(b"partial")         # as if the disk filled up half way
-            return subprocess.CompletedProcess(argv, 1, "", "No space left on device")
-        return real(argv, timeout)
-    monkeypatch.setattr(imagelib, "_run", run)
+    def run(argv: list[str], timeout: float, on_percent) -> subprocess.CompletedProcess[str]:
+        Path(argv[-1]).write_bytes(b"partial")             # as if the disk filled up half way
+        return subprocess.CompletedProcess(argv, 1, "", "No space left on device")
+    monkeypatch.setattr(imagelib, "run_with_progress", run)
     with pytest.raises(InvalidInputError):
         _import(ctx, src)
     assert _left(ds) == []
+
+
+def test_the_copy_reports_its_phases_and_the_converts_percent(ctx: HostContext, ds: Path) -> None:
+    seen: list[tuple[str, float]] = []
+    _import(ctx, _data_image(ds / "import" / "d.vdi", "vdi", mib=8), report=lambda p, pct: seen.append((p, pct)))
+    phases = [p for p, _ in seen]
+    assert phases[0] == "convert" and phases[-2:] == ["check", "checksum"]
+    assert max(pct for p, pct in seen if p == "convert") == 100.0
+
+
+def test_a_convert_past_its_deadline_is_stopped(tmp_path: Path) -> None:
+    with pytest.raises(DeadlineExceeded):
+        imagelib.run_with_progress(["sleep", "30"], 0.5, lambda pct: None)
+    out = imagelib.run_with_progress(["sh", "-c", "printf '(50.00/100%%)\\r(100.00/100%%)\\r'; echo oops >&2"],
+                                     10, lambda pct: None)
+    assert (out.returncode, out.stderr.strip()) == (0, "oops")
+
+
+def test_an_agent_import_job_checks_first_then_copies_in_the_background(ctx: HostContext, ds: Path) -> None:
+    jobs = ImportJobs()
+
+    async def flow() -> AgentImportStatus:
+        with pytest.raises(InvalidInputError):            # bad input fails the request itself, no job
+            await jobs.start(ctx, AgentImageImport(name="t", file=str(_bad("text", ds / "import")),
+                                                   datastore="ds1"), [])
+        assert jobs.jobs == {}
+        job = await jobs.start(ctx, AgentImageImport(name="ok", file=str(_data_image(ds / "import" / "d.raw", "raw")),
+                                                     datastore="ds1"), [])
+        while jobs.status(job.job).state == "running":
+            await asyncio.sleep(0.05)
+        return jobs.status(job.job)
+    done = asyncio.run(flow())
+    assert (done.state, done.percent, done.result.path if done.result else None) == (
+        "success", 100.0, "images/ok.qcow2")
+    with pytest.raises(NotFoundError):
+        jobs.status("nope")
 
 
 def test_an_existing_name_is_never_overwritten(ctx: HostContext, ds: Path) -> None:
@@ -226,6 +260,8 @@ def test_an_ovf_descriptor_maps_to_a_vm() -> None:
     bios = ovf.parse(descriptor(efi=False, macs=(), memory='<rasd:AllocationUnits>byte * 2^30</rasd:AllocationUnits>'
                                                           '<rasd:VirtualQuantity>2</rasd:VirtualQuantity>'))
     assert (bios.firmware, bios.memory_mb, bios.nics) == ("bios", 2048, [])
+    assert ovf.parse(descriptor().replace('byte * 2^30"', 'byte"')).disks[0].capacity_bytes == 1
+    assert [ovf.units_shift(u, 0) for u in ("byte", "byte * 2^20", "MegaBytes", None)] == [0, 20, 20, 0]
     assert ovf.parse(descriptor().replace('<vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>',
                                           '<vmw:BootOrderSection vmw:firmware="efi"/>')).firmware == "uefi"
 
@@ -403,3 +439,104 @@ def test_a_vmdk_whose_extent_leaves_its_folder_is_refused_for_vm_create_too(ctx:
     with pytest.raises(InvalidInputError) as err:
         diskimage.source_image(ctx, ImageSource(datastore="ds1", path="import/bad-vmdk-extent-outside"))
     assert "extent" in err.value.message
+
+
+# -- the controller's import task, with a fake agent --------------------------------------------------------------
+class FakeAgent:
+    """Answers like an agent: a job that runs for two polls, then succeeds or fails."""
+
+    def __init__(self, fail: dict | None = None) -> None:
+        self.fail, self.polls, self.removed = fail, 0, []
+
+    async def image_import(self, req: AgentImageImport) -> AgentImportStatus:
+        if req.file.endswith(".txt"):
+            raise InvalidInputError("notes.txt is no disk image", remedy="give a disk image")
+        return AgentImportStatus(job="j1", name=req.name, percent=10.0)
+
+    async def image_import_status(self, job: str) -> AgentImportStatus:
+        self.polls += 1
+        if self.polls < 2:
+            return AgentImportStatus(job=job, name="deb", phase="convert", percent=60.0)
+        if self.fail:
+            return AgentImportStatus(job=job, name="deb", state="error", error=self.fail)
+        return AgentImportStatus(job=job, name="deb", state="success", percent=100.0, result=_result())
+
+    async def image_remove(self, datastore: str, name: str) -> bool:
+        self.removed.append((datastore, name))
+        return True
+
+
+@pytest.fixture()
+def library(sessions, monkeypatch: pytest.MonkeyPatch):
+    from kvmotion.controller import images
+    from kvmotion.controller.db import Datastore, HostDatastore
+    from kvmotion.controller.inventory import Inventory
+
+    monkeypatch.setattr(images, "POLL_S", 0.01)
+    with sessions.begin() as db:
+        db.add(Host(name="h1", address="http://198.18.0.11:8770", state="connected"))
+        db.add(Datastore(uuid="ds-uuid", name="shared", shared=1))
+        db.add(HostDatastore(host="h1", datastore="ds-uuid", path="/srv/ds/shared"))
+    return images.ImageLibrary(sessions, Inventory(sessions))
+
+
+def _run_import(library, agent: FakeAgent, file: str = "/srv/ds/shared/import/deb.vmdk"):
+    from kvmotion.controller.tasks import get_task
+    from kvmotion.models.images import ImageImport
+
+    library.inventory.agent = lambda host: agent
+
+    async def flow():
+        task = await library.import_image(ImageImport(name="deb", file=file, datastore="shared"))
+        assert task.kind == "image-import" and task.vm_name == "deb"
+        try:
+            await library.wait(task.id)
+        except Exception:  # noqa: BLE001 - the task records it
+            pass
+        return get_task(library.sessions, task.id)
+    return asyncio.run(flow())
+
+
+def test_an_import_runs_as_a_task_with_phases_and_records_the_image(library) -> None:
+    task = _run_import(library, FakeAgent())
+    assert (task.state, task.progress, [p.name for p in task.phases]) == ("success", 100.0, ["convert"])
+    assert task.result["sha256"] == "a" * 64
+    assert library.get_image("deb").state == "ready"
+
+
+def test_a_failed_import_releases_its_name(library) -> None:
+    task = _run_import(library, FakeAgent(fail={"code": "INVALID_INPUT", "message": "corrupt", "remedy": "again"}))
+    assert (task.state, task.error["code"], task.error["remedy"]) == ("error", "INVALID_INPUT", "again")
+    with pytest.raises(NotFoundError):
+        library.get_image("deb")
+    library.inventory.agent = lambda host: FakeAgent()
+    from kvmotion.models.images import ImageImport
+    with pytest.raises(InvalidInputError):                 # refused by the request: no task, no record
+        asyncio.run(library.import_image(ImageImport(name="deb", file="/srv/ds/shared/import/n.txt",
+                                                     datastore="shared")))
+    assert library.list_images() == []
+    with pytest.raises(NotFoundError):
+        asyncio.run(library.import_image(ImageImport(name="deb", file="/x/y", datastore="nowhere")))
+
+
+def test_delete_is_refused_while_a_vm_uses_the_image_then_removes_every_copy(library) -> None:
+    agent = FakeAgent()
+    _run_import(library, agent)
+    _vm(library.sessions, "web1", source_image="deb")
+    with pytest.raises(ConflictError) as err:
+        asyncio.run(library.delete_image("deb"))
+    assert err.value.details["vms"] == ["web1"] and agent.removed == []
+    with library.sessions.begin() as db:
+        db.query(VM).delete()
+    asyncio.run(library.delete_image("deb"))
+    assert agent.removed == [("shared", "deb")] and library.list_images() == []
+
+
+def test_imports_left_running_by_a_restart_end_in_error(library) -> None:
+    from kvmotion.controller.tasks import TaskJournal, get_task
+
+    imagestore.reserve(library.sessions, "deb", "shared")
+    journal = TaskJournal.create(library.sessions, "image-import", "", "deb", "h1", "shared", {})
+    library.abandon_unfinished()
+    assert get_task(library.sessions, journal.id).state == "error"
+    assert library.list_images() == []

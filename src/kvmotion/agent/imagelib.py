@@ -11,16 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
+import select
 import shutil
 import stat
+import subprocess
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from kvmotion.agent.context import HostContext, resolve_datastore, safe_path
 from kvmotion.agent.diskimage import (CONVERT_TIMEOUT_S, INFO_TIMEOUT_S, MIB, _run, check, extent_problem,
                                       format_problem)
-from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
+from kvmotion.common.errors import ConflictError, DeadlineExceeded, InvalidInputError, NotFoundError
 from kvmotion.models.boot import IMAGE_FORMATS
 from kvmotion.models.images import (IMAGES_DIR, IMPORT_DIR, AgentImageImport, AgentImageResult, image_file)
 
@@ -28,6 +34,7 @@ FORMATS_TEXT = ", ".join(IMAGE_FORMATS)
 TEXT_PROBE_BYTES = 64 * 1024       # a raw "image" with no NUL byte in its first 64 KiB is a text file
 SPACE_MARGIN_MB = 16
 HASH_CHUNK = 4 * MIB
+Report = Callable[[str, float], None]     # (phase, percent of that phase)
 
 
 def import_roots(ctx: HostContext, datastore: str, extra: list[Path]) -> list[Path]:
@@ -126,9 +133,22 @@ def library_folder(ctx: HostContext, datastore: str) -> Path:
     return folder
 
 
-def import_image(ctx: HostContext, req: AgentImageImport, extra_roots: list[Path]) -> AgentImageResult:
-    """Detect, convert to qcow2 under a temporary name, check, hash, then give it its name (never overwriting)."""
-    t0 = time.monotonic()
+@dataclass(frozen=True)
+class ImportPlan:
+    """What :func:`prepare` found: the file, its format and size, where the copy goes."""
+
+    name: str
+    datastore: str
+    src: Path
+    format: str
+    virtual_bytes: int
+    folder: Path
+    final: Path
+
+
+def prepare(ctx: HostContext, req: AgentImageImport, extra_roots: list[Path]) -> ImportPlan:
+    """Everything that refuses bad input, fast and before anything is written: where the file is, what it is
+    (``qemu-img info``, ``qemu-img check``), a free name, enough space."""
     src = confined_file(req.file, import_roots(ctx, req.datastore, extra_roots))
     info = inspect(src)
     fmt = str(info["format"])
@@ -141,24 +161,78 @@ def import_image(ctx: HostContext, req: AgentImageImport, extra_roots: list[Path
                             remedy="choose another image name, or delete the old image first",
                             details={"datastore": req.datastore, "name": req.name})
     _need_space(src, fmt, folder, req.datastore)
-    tmp = folder / f".{req.name}.importing-{secrets.token_hex(4)}"
+    return ImportPlan(req.name, req.datastore, src, fmt, int(info["virtual-size"]), folder, final)
+
+
+def _no_report(phase: str, percent: float) -> None:
+    return None
+
+
+def store(plan: ImportPlan, report: Report = _no_report) -> AgentImageResult:
+    """Convert to qcow2 under a temporary name, check, hash, then give it its name (never overwriting)."""
+    t0 = time.monotonic()
+    tmp = plan.folder / f".{plan.name}.importing-{secrets.token_hex(4)}"
     try:
-        res = _run(["qemu-img", "convert", "-q", "-f", fmt, "-O", "qcow2", str(src), str(tmp)], CONVERT_TIMEOUT_S)
+        report("convert", 0.0)
+        res = run_with_progress(["qemu-img", "convert", "-p", "-f", plan.format, "-O", "qcow2", str(plan.src),
+                                 str(tmp)], CONVERT_TIMEOUT_S, lambda pct: report("convert", pct))
         if res.returncode != 0:
-            raise InvalidInputError(f"converting {src.name} failed (truncated, corrupt, or the datastore is full): "
-                                    f"{res.stderr.strip()[-300:]}",
+            raise InvalidInputError(f"converting {plan.src.name} failed (truncated, corrupt, or the datastore is "
+                                    f"full): {res.stderr.strip()[-300:]}",
                                     remedy="check the image with qemu-img check and the datastore's free space")
-        check(tmp, "qcow2", f"the stored copy of {src.name}")
+        report("check", 0.0)
+        check(tmp, "qcow2", f"the stored copy of {plan.src.name}")
+        report("checksum", 0.0)
         digest = sha256_of(tmp)
-        os.link(tmp, final)                        # fails if the name appeared meanwhile: nothing is overwritten
+        os.link(tmp, plan.final)                   # fails if the name appeared meanwhile: nothing is overwritten
     except FileExistsError:
-        raise ConflictError(f"datastore {req.datastore} already has {image_file(req.name)}",
+        raise ConflictError(f"datastore {plan.datastore} already has {image_file(plan.name)}",
                             remedy="choose another image name") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return AgentImageResult(datastore=req.datastore, path=image_file(req.name), source_format=fmt,
-                            virtual_bytes=int(info["virtual-size"]), file_bytes=final.stat().st_size,
+    return AgentImageResult(datastore=plan.datastore, path=image_file(plan.name), source_format=plan.format,
+                            virtual_bytes=plan.virtual_bytes, file_bytes=plan.final.stat().st_size,
                             sha256=digest, seconds=round(time.monotonic() - t0, 3))
+
+
+def import_image(ctx: HostContext, req: AgentImageImport, extra_roots: list[Path],
+                 report: Report = _no_report) -> AgentImageResult:
+    """:func:`prepare`, then :func:`store`: the whole import in one call."""
+    return store(prepare(ctx, req, extra_roots), report)
+
+
+PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def run_with_progress(argv: list[str], timeout: float, on_percent: Callable[[float], None]
+                      ) -> subprocess.CompletedProcess[str]:
+    """Run a tool that prints ``(12.34/100%)`` progress (``qemu-img convert -p``) within ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        try:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(f"{argv[0]} {argv[1]} did not finish within {timeout:g} s",
+                                           remedy="check the datastore's health and speed, then retry")
+                ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+                chunk = os.read(fd, 4096) if ready else b""
+                if ready and not chunk:
+                    break
+                found = PROGRESS.findall(chunk)
+                if found:
+                    on_percent(float(found[-1]))
+            proc.wait(timeout=max(1.0, end - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, proc.returncode, "", err.read().decode(errors="replace"))
 
 
 def remove_image(ctx: HostContext, datastore: str, name: str) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
 from kvmotion.agent import diskimage, images, tls
+from kvmotion.agent.importjob import ImportJobs
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.config import AgentConfig
@@ -45,6 +46,7 @@ class Agent(AgentStorage):
         self.nbd_exports: dict[str, images.NbdExport] = {}
         self.accel = AccelResult("tcg", "not probed yet")
         self.cpu: CpuCatalog | None = None
+        self.image_imports = ImportJobs()
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -86,6 +88,7 @@ class Agent(AgentStorage):
             exp.stop()
         for job in self.copies.values():
             job.stop()
+        self.image_imports.stop()
         await self.hv.close()
 
     # -- facts ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from kvmotion.models.images import OvfDisk, OvfMachine, OvfNic
 
 CPU, MEMORY, ETHERNET, DISK = "3", "4", "10", "17"
 UNIT = re.compile(r"^\s*byte\s*\*\s*2\s*\^\s*(\d+)\s*$", re.IGNORECASE)
-NAMED_UNITS = {"kilobytes": 10, "kb": 10, "megabytes": 20, "mb": 20, "gigabytes": 30, "gb": 30, "bytes": 0}
+NAMED_UNITS = {"kilobytes": 10, "kb": 10, "megabytes": 20, "mb": 20, "gigabytes": 30, "gb": 30, "bytes": 0, "byte": 0}
 REMEDY = "give the OVF descriptor as the exporter wrote it (DMTF OVF 1.x or 2.x)"
 
 

@@ -160,4 +160,5 @@ class Controller:
                 "code": "CONTROLLER_RESTARTED", "phase": t.phase, "remedy": "enter maintenance mode again",
                 "message": f"the controller restarted while evacuating {t.source}; the host stays in service"})
             self.inventory.set_maintenance(t.source, 0)
+        self.images.abandon_unfinished()
         return outcomes

@@ -1,7 +1,7 @@
 """The image library's wire models: import requests and results (controller ↔ agent, API ↔ CLI), OVF packages."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -121,3 +121,15 @@ class OvfMachine(BaseModel):
     firmware: str = "bios"
     disks: list[OvfDisk] = Field(default_factory=list)
     nics: list[OvfNic] = Field(default_factory=list)
+
+
+class AgentImportStatus(BaseModel):
+    """An import job on an agent: its phase (convert, check, checksum), the phase's percent, and its outcome."""
+
+    job: str
+    name: str
+    state: str = "running"              # running | success | error
+    phase: str = "convert"
+    percent: float = 0.0
+    result: AgentImageResult | None = None
+    error: dict[str, Any] | None = None

@@ -11,7 +11,8 @@ from fastapi import APIRouter
 
 from kvmotion.agent import imagelib, ovfpkg
 from kvmotion.agent.routes.deps import AgentDep
-from kvmotion.models.images import AgentImageImport, AgentImageRemove, AgentImageResult, OvfClose, OvfOpen, OvfPackage
+from kvmotion.models.images import (AgentImageImport, AgentImageRemove, AgentImportStatus, OvfClose, OvfOpen,
+                                    OvfPackage)
 
 router = APIRouter(prefix="/v1")
 
@@ -21,8 +22,14 @@ def _roots(agent: AgentDep) -> list[Path]:
 
 
 @router.post("/images/import")
-async def image_import(req: AgentImageImport, agent: AgentDep) -> AgentImageResult:
-    return await asyncio.to_thread(imagelib.import_image, agent.context(), req, _roots(agent))
+async def image_import(req: AgentImageImport, agent: AgentDep) -> AgentImportStatus:
+    """Checks the file at once (bad input: an error here), then copies it in the background (poll the job)."""
+    return await agent.image_imports.start(agent.context(), req, _roots(agent))
+
+
+@router.get("/images/import/{job}")
+async def image_import_status(job: str, agent: AgentDep) -> AgentImportStatus:
+    return agent.image_imports.status(job)
 
 
 @router.post("/images/remove")

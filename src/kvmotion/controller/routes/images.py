@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from kvmotion.controller.auth import Role
 from kvmotion.controller.routes.deps import Ctl, role
-from kvmotion.models.api import VMOut
+from kvmotion.models.api import TaskOut, VMOut
 from kvmotion.models.images import ImageImport, ImageOut, OvfImport
 
 router = APIRouter()
@@ -19,8 +19,10 @@ async def images(ctl: Ctl) -> list[ImageOut]:
     return ctl.images.list_images()
 
 
-@router.post("/images", status_code=201, dependencies=role(Role.ADMIN))
-async def image_import(req: ImageImport, ctl: Ctl) -> ImageOut:
+@router.post("/images", status_code=202, dependencies=role(Role.ADMIN))
+async def image_import(req: ImageImport, ctl: Ctl) -> TaskOut:
+    """The file is checked at once (bad input: an error, nothing written); the copy runs as a task
+    (GET /tasks/{id}: phases convert, check, checksum, with percent; its result is the image)."""
     return await ctl.images.import_image(req)
 
 
