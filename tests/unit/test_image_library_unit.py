@@ -407,6 +407,17 @@ def test_the_copy_a_new_vm_is_made_from(sessions) -> None:
     assert err.value.details["datastores"] == ["shared"]
 
 
+def test_an_import_request_needs_an_absolute_host_path() -> None:
+    from pydantic import ValidationError
+    from kvmotion.models.images import ImageImport
+
+    assert ImageImport(name="a", file="/srv/x.vmdk", datastore="shared").file == "/srv/x.vmdk"
+    for bad in ("x.vmdk", "/a\nb", "/" + "a" * 5000):
+        with pytest.raises(ValidationError) as err:
+            ImageImport(name="a", file=bad, datastore="shared")
+        assert "file" in str(err.value)
+
+
 def test_vm_create_takes_a_library_name_or_a_datastore_path() -> None:
     lib = VMCreate(name="v", host="h1", image="debian-12", clone="linked")
     assert (lib.library_image, lib.image_source(), lib.boot_mode) == ("debian-12", None, "disk")

@@ -134,6 +134,9 @@ class ImageLibrary:
     async def delete_image(self, name: str) -> None:
         """Remove every copy, then the record; refused while a VM was made from it."""
         image = self.get_image(name)
+        if image.state != "ready":
+            raise ConflictError(f"image {name!r} is being imported", remedy="wait for its import task to finish "
+                                "(kvmotion task list), then delete it", details={"image": name})
         if image.used_by:
             raise ConflictError(f"image {name!r} is used by VM(s) {', '.join(image.used_by)}",
                                 remedy="delete those VMs first (a linked clone needs its base; a full clone records "

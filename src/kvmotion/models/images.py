@@ -3,17 +3,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from kvmotion.models.agent import MAC_PATTERN, Name
+from kvmotion.models.agent import MAC_PATTERN, Name, PortGroupName
 from kvmotion.models.boot import IMAGE_FORMAT_PATTERN
 
 IMAGES_DIR = "images"          # a datastore's library folder: images/NAME.qcow2
 IMPORT_DIR = "import"          # where an agent reads files to import by default: <datastore>/import/…
 MAX_HOST_PATH = 4096
 MAX_OVF_BYTES = 4 << 20        # an OVF descriptor larger than this is refused
+
+
+def host_path_problem(path: str) -> str | None:
+    """What is wrong with an absolute path on a host, lexically (None: nothing); the agent checks it on disk."""
+    if not path.startswith("/"):
+        return "is not absolute: give the path on the datastore's host, like /srv/ds/shared/import/disk.vmdk"
+    if len(path) > MAX_HOST_PATH:
+        return f"is longer than {MAX_HOST_PATH} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "contains a control character"
+    return None
+
+
+def _host_path(value: str) -> str:
+    problem = host_path_problem(value)
+    if problem is not None:
+        raise ValueError(f"file {value[:200]!r} {problem}")
+    return value
+
+
 # an absolute path on a host: no control characters
-HostPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00-\x1f\x7f]{0,4095}$")]
+HostPath = Annotated[str, StringConstraints(max_length=MAX_HOST_PATH + 1), AfterValidator(_host_path)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -58,7 +78,7 @@ class OvfImport(_Request):
     host: Name
     datastore: Name
     name: Name | None = Field(default=None, description="the VM's name (default: the OVF's)")
-    network: str = Field(default="VM Network", max_length=63, description="the port group every NIC joins")
+    network: PortGroupName = Field(default="VM Network", description="the port group every NIC joins")
 
 
 # -- agent --------------------------------------------------------------------------------------------------
