@@ -551,3 +551,10 @@ def test_imports_left_running_by_a_restart_end_in_error(library) -> None:
     library.abandon_unfinished()
     assert get_task(library.sessions, journal.id).state == "error"
     assert library.list_images() == []
+
+
+def test_the_cli_shows_an_imports_phase_and_percent() -> None:
+    from kvmotion.cli.progress import describe
+
+    text = describe({"state": "running", "phase": "convert", "kind": "image-import", "live": {"percent": 42.4}})
+    assert "convert" in text and "42%" in text

@@ -120,7 +120,12 @@ def _need_space(src: Path, fmt: str, folder: Path, datastore: str) -> None:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """The hex digest of a file (not followed if it is a symbolic link)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
         while chunk := fh.read(HASH_CHUNK):
             h.update(chunk)

@@ -7,7 +7,6 @@ name: no folder, no absolute path, no '..', no link or device; anything else ref
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -17,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 from kvmotion.agent.context import HostContext, resolve_datastore
-from kvmotion.agent.imagelib import confined_file, import_roots
+from kvmotion.agent.imagelib import confined_file, file_digest, import_roots
 from kvmotion.common.errors import ConflictError, InvalidInputError
 from kvmotion.models.images import IMPORT_DIR, MAX_OVF_BYTES, OvfClose, OvfOpen, OvfPackage
 
@@ -66,14 +65,6 @@ def _extract(ova: Path, workdir: Path) -> list[str]:
                                 remedy="give an .ova made by an OVF exporter, or the .ovf with its files") from exc
 
 
-def _digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo.lower())
-    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_manifest(folder: Path, manifest: Path) -> dict[str, str]:
     """Each line ``SHA256(file)= hex`` checked against the file in ``folder``; returns file -> algorithm."""
     out: dict[str, str] = {}
@@ -90,7 +81,7 @@ def verify_manifest(folder: Path, manifest: Path) -> dict[str, str]:
         if st is None or not stat.S_ISREG(st.st_mode):
             raise InvalidInputError(f"manifest {manifest.name} lists {name!r}, which the package lacks",
                                     remedy="give the complete package (every file the manifest lists)")
-        if _digest(path, algo) != want:
+        if file_digest(path, algo.lower()) != want:
             raise InvalidInputError(f"{name} does not match its {algo} digest in {manifest.name}: the package is "
                                     "corrupt or was changed", remedy="download or export the package again",
                                     details={"file": name, "algorithm": algo})
