@@ -558,3 +558,16 @@ def test_the_cli_shows_an_imports_phase_and_percent() -> None:
 
     text = describe({"state": "running", "phase": "convert", "kind": "image-import", "live": {"percent": 42.4}})
     assert "convert" in text and "42%" in text
+
+
+def test_a_restarted_agent_removes_only_its_own_leftovers(ctx: HostContext, ds: Path) -> None:
+    images = ds / "images"
+    images.mkdir()
+    mine, theirs = images / ".deb.importing-h1-0a1b", images / ".deb.importing-h2-0a1b"
+    for p in (mine, theirs, images / "deb.qcow2"):
+        p.write_bytes(b"x")
+    (ds / "import" / ".ova-h1-00ff").mkdir()
+    (ds / "import" / ".ova-h2-00ff").mkdir()
+    assert sorted(p.name for p in imagelib.remove_leftovers(ctx)) == [".deb.importing-h1-0a1b", ".ova-h1-00ff"]
+    assert sorted(p.name for p in images.iterdir()) == [".deb.importing-h2-0a1b", "deb.qcow2"]
+    assert [p.name for p in (ds / "import").iterdir()] == [".ova-h2-00ff"]

@@ -35,6 +35,8 @@ TEXT_PROBE_BYTES = 64 * 1024       # a raw "image" with no NUL byte in its first
 SPACE_MARGIN_MB = 16
 HASH_CHUNK = 4 * MIB
 Report = Callable[[str, float], None]     # (phase, percent of that phase)
+TMP_MARK = ".importing-"                  # images/.NAME.importing-HOST-RANDOM while a copy is being written
+OVA_MARK = ".ova-"                        # import/.ova-HOST-RANDOM/ while an OVA is unpacked
 
 
 def import_roots(ctx: HostContext, datastore: str, extra: list[Path]) -> list[Path]:
@@ -144,6 +146,7 @@ class ImportPlan:
 
     name: str
     datastore: str
+    host: str
     src: Path
     format: str
     virtual_bytes: int
@@ -166,7 +169,7 @@ def prepare(ctx: HostContext, req: AgentImageImport, extra_roots: list[Path]) ->
                             remedy="choose another image name, or delete the old image first",
                             details={"datastore": req.datastore, "name": req.name})
     _need_space(src, fmt, folder, req.datastore)
-    return ImportPlan(req.name, req.datastore, src, fmt, int(info["virtual-size"]), folder, final)
+    return ImportPlan(req.name, req.datastore, ctx.host_name, src, fmt, int(info["virtual-size"]), folder, final)
 
 
 def _no_report(phase: str, percent: float) -> None:
@@ -176,7 +179,7 @@ def _no_report(phase: str, percent: float) -> None:
 def store(plan: ImportPlan, report: Report = _no_report) -> AgentImageResult:
     """Convert to qcow2 under a temporary name, check, hash, then give it its name (never overwriting)."""
     t0 = time.monotonic()
-    tmp = plan.folder / f".{plan.name}.importing-{secrets.token_hex(4)}"
+    tmp = plan.folder / f".{plan.name}{TMP_MARK}{plan.host}-{secrets.token_hex(4)}"
     try:
         report("convert", 0.0)
         res = run_with_progress(["qemu-img", "convert", "-p", "-f", plan.format, "-O", "qcow2", str(plan.src),
@@ -238,6 +241,22 @@ def run_with_progress(argv: list[str], timeout: float, on_percent: Callable[[flo
             proc.stdout.close()
         err.seek(0)
         return subprocess.CompletedProcess(argv, proc.returncode, "", err.read().decode(errors="replace"))
+
+
+def remove_leftovers(ctx: HostContext) -> list[Path]:
+    """What this host's imports left when the agent stopped mid-way (never another host's: datastores are shared)."""
+    removed = []
+    for root in ctx.datastore_paths.values():
+        for pattern in (f"{IMAGES_DIR}/.*{TMP_MARK}{ctx.host_name}-*", f"{IMPORT_DIR}/{OVA_MARK}{ctx.host_name}-*"):
+            for path in root.glob(pattern):
+                if path.is_symlink():
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+    return removed
 
 
 def remove_image(ctx: HostContext, datastore: str, name: str) -> bool:

@@ -16,12 +16,11 @@ import tarfile
 from pathlib import Path
 
 from kvmotion.agent.context import HostContext, resolve_datastore
-from kvmotion.agent.imagelib import confined_file, file_digest, import_roots
+from kvmotion.agent.imagelib import OVA_MARK, confined_file, file_digest, import_roots
 from kvmotion.common.errors import ConflictError, InvalidInputError
 from kvmotion.models.images import IMPORT_DIR, MAX_OVF_BYTES, OvfClose, OvfOpen, OvfPackage
 
 MAX_MEMBERS = 64
-WORKDIR_PREFIX = ".ova-"
 MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,254}$")
 MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\(([^()/\\]+)\)\s*=\s*([0-9a-fA-F]+)$")
 CHUNK = 4 << 20
@@ -103,7 +102,7 @@ def _descriptor(ovf: Path) -> str:
 def _open_ova(ctx: HostContext, src: Path, datastore: str) -> OvfPackage:
     base = resolve_datastore(ctx, datastore).resolve() / IMPORT_DIR
     base.mkdir(exist_ok=True)
-    workdir = base / f"{WORKDIR_PREFIX}{secrets.token_hex(6)}"
+    workdir = base / f"{OVA_MARK}{ctx.host_name}-{secrets.token_hex(6)}"
     workdir.mkdir(mode=0o700)
     try:
         names = _extract(src, workdir)
@@ -141,7 +140,7 @@ def close_package(ctx: HostContext, req: OvfClose) -> bool:
     """Remove an OVA's extraction folder (only such a folder, directly in the datastore's import/ folder)."""
     base = resolve_datastore(ctx, req.datastore).resolve() / IMPORT_DIR
     work = Path(req.workdir)
-    if work.parent != base or not work.name.startswith(WORKDIR_PREFIX) or work.is_symlink():
+    if work.parent != base or not work.name.startswith(OVA_MARK) or work.is_symlink():
         raise InvalidInputError(f"{req.workdir} is not an OVA extraction folder of datastore {req.datastore}",
                                 remedy="name the workdir that /v1/images/ovf/open returned")
     if not work.exists():
