@@ -64,6 +64,11 @@ EXPECTED_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/tokens"): "admin",
     ("DELETE", "/api/v1/tokens/{name}"): "admin",
     ("GET", "/api/v1/audit"): "admin",
+    ("GET", "/api/v1/images"): "viewer",
+    ("POST", "/api/v1/images"): "admin",
+    ("GET", "/api/v1/images/{name}"): "viewer",
+    ("DELETE", "/api/v1/images/{name}"): "admin",
+    ("POST", "/api/v1/vms/import-ovf"): "admin",
 }
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 

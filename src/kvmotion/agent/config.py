@@ -37,6 +37,7 @@ class AgentConfig(BaseModel):
     kvm_probe_deadline_s: float = 8.0
     swap_dir: Path | None = None            # where VM memory-backing/swap files live, if not with the VM
     block_devices: list[Path] = Field(default_factory=list)            # raw LUNs presented to this host
+    import_dirs: list[Path] = Field(default_factory=list)   # folders `image import` may read (besides DS/import/)
     declared_link_mbps: dict[str, int] = Field(default_factory=dict)   # interface -> declared speed (overrides the NIC)
     cpu_feature_mask: list[str] = Field(default_factory=list)          # LAB SETTING: act like an older CPU
     vlan_portgroups: list[VlanPortGroup] = Field(default_factory=list)  # port groups on a VLAN of a bridge

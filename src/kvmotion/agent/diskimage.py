@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,22 @@ def format_problem(info: dict[str, object], file_bytes: int) -> str | None:
     return None
 
 
+def extent_problem(info: dict[str, object], src: Path) -> str | None:
+    """A vmdk's extents (and a qcow2's data file) must stay in the source's folder, as regular files."""
+    data = (info.get("format-specific") or {})
+    data = data.get("data", {}) if isinstance(data, dict) else {}
+    if isinstance(data, dict) and data.get("data-file"):
+        return "has an external data file: convert it to a self-contained image first"
+    extents = data.get("extents", []) if isinstance(data, dict) else []
+    for ext in extents if isinstance(extents, list) else []:
+        name = str(ext.get("filename", "")) if isinstance(ext, dict) else ""
+        target = Path(name) if name.startswith("/") else src.parent / name
+        st = os.lstat(target) if os.path.lexists(target) else None
+        if target.parent != src.parent or st is None or not stat.S_ISREG(st.st_mode):
+            return f"names an extent {name!r} outside its own folder (or not a regular file)"
+    return None
+
+
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -84,7 +101,7 @@ def source_image(ctx: HostContext, src: ImageSource) -> SourceImage:
                                 f"{res.stderr.strip()[-300:]}",
                                 remedy="give a qcow2, raw, vmdk, vhdx or vdi image (a truncated one: copy it again)")
     info = json.loads(res.stdout)
-    problem = format_problem(info, path.stat().st_size)
+    problem = format_problem(info, path.stat().st_size) or extent_problem(info, path)
     if problem is not None:
         raise InvalidInputError(f"{src.datastore}:{src.path} {problem}",
                                 remedy="give a qcow2, raw, vmdk, vhdx or vdi image")

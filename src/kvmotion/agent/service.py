@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import diskimage, images, tls
+from kvmotion.agent import diskimage, imagelib, images, tls
+from kvmotion.agent.importjob import ImportJobs
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.config import AgentConfig
@@ -45,6 +46,7 @@ class Agent(AgentStorage):
         self.nbd_exports: dict[str, images.NbdExport] = {}
         self.accel = AccelResult("tcg", "not probed yet")
         self.cpu: CpuCatalog | None = None
+        self.image_imports = ImportJobs()
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -56,6 +58,8 @@ class Agent(AgentStorage):
         log.info("accelerator: %s (%s)", self.accel.accelerator, self.accel.reason)
         if self.cfg.swap_dir is not None:
             self.cfg.swap_dir.mkdir(parents=True, exist_ok=True)
+        for path in await asyncio.to_thread(imagelib.remove_leftovers, self.context()):
+            log.warning("removed %s, left by an image import this agent did not finish", path)
         try:
             self.cpu = await self.hv.probe_cpu_models(self.accel.accelerator, list(self.cfg.cpu_feature_mask))
         except KvmotionError as exc:
@@ -86,6 +90,7 @@ class Agent(AgentStorage):
             exp.stop()
         for job in self.copies.values():
             job.stop()
+        self.image_imports.stop()
         await self.hv.close()
 
     # -- facts ----------------------------------------------------------------------------

@@ -122,6 +122,24 @@ class Client:
     def set_evc(self, name: str, mode: str | None) -> dict[str, Any]:
         return self.call("PUT", f"/clusters/{name}/evc", {"name": name, "evc_mode": mode})
 
+    def images(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/images")
+
+    def image(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/images/{name}")
+
+    def import_image(self, name: str, file: str, datastore: str, host: str | None = None) -> dict[str, Any]:
+        body = {"name": name, "file": file, "datastore": datastore, "host": host}
+        return self.call("POST", "/images", {k: v for k, v in body.items() if v is not None})
+
+    def delete_image(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/images/{name}")
+
+    def import_ovf(self, file: str, host: str, datastore: str, name: str | None = None,
+                   network: str | None = None) -> dict[str, Any]:
+        body = {"file": file, "host": host, "datastore": datastore, "name": name, "network": network}
+        return self.call("POST", "/vms/import-ovf", {k: v for k, v in body.items() if v is not None})
+
     def cancel_task(self, task_id: str) -> dict[str, Any]:
         return self.call("POST", f"/tasks/{task_id}/cancel")
 

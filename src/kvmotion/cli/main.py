@@ -9,6 +9,7 @@ import typer
 
 from kvmotion.cli.clusters import cluster_app
 from kvmotion.cli.hosts import host_app
+from kvmotion.cli.images import image_app
 from kvmotion.cli.plugins import load_plugins
 from kvmotion.cli.tasks import task_app
 from kvmotion.cli.tokens import audit, token_app
@@ -19,7 +20,7 @@ def build_app() -> typer.Typer:
     """The `kvmotion` app: the product's command groups and the installed plugins'."""
     app = typer.Typer(help="kvmotion: vMotion for QEMU/KVM", no_args_is_help=True, add_completion=False)
     for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (cluster_app, "cluster"),
-                      (token_app, "token")):
+                      (token_app, "token"), (image_app, "image")):
         app.add_typer(sub, name=name)
     app.command("audit")(audit)
     load_plugins(app)

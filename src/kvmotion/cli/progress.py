@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from kvmotion.cli.client import Client
-from kvmotion.models.moves import MoveKind, Phase
+from kvmotion.models.moves import MoveKind, Phase, TaskKind
 
 MB = 1024 * 1024
 
@@ -20,6 +20,8 @@ def describe(task: dict[str, Any]) -> str:
     if task["state"] == "queued":
         return f"[bold]queued[/] #{live.get('queue_position', '?')}: {live.get('waiting_for', 'waiting for a slot')}"
     text = f"[bold]{task['phase'] or 'starting'}[/]"
+    if task["kind"] == TaskKind.IMAGE_IMPORT and live:
+        return text + f"  {live.get('percent', 0):.0f}% of this phase"
     if task["phase"] in (Phase.MIRROR, Phase.DISKS) and live:
         done, total = live.get("bytes_done", live.get("disk_bytes_done", 0)), live.get("bytes_total",
                                                                                       live.get("disk_bytes_total", 0))

@@ -36,8 +36,8 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               disk_format: str = typer.Option("qcow2", help="qcow2 | raw"),
               records_rate: Optional[int] = typer.Option(None, help="guest writes checksummed records to the data "
                                                                     "disk at this rate (records/s, 0 = flat out)"),
-              image: Optional[str] = typer.Option(None, help="DATASTORE:path/to/file: make the boot disk from this "
-                                                             "disk image (qcow2, raw, vmdk, vhdx, vdi)"),
+              image: Optional[str] = typer.Option(None, help="a library image (kvmotion image list), or DATASTORE:path/"
+                                                             "to/file: make the boot disk from this disk image"),
               clone: str = typer.Option("full", help="full (a converted copy) | linked (an overlay, same datastore)"),
               disk_size: Optional[int] = typer.Option(None, "--disk-size",
                                                       help="boot disk size, GB (grown, never shrunk)"),
@@ -71,6 +71,24 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
     console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
                   f"datastore {spec['boot_datastore']}, ip {spec['guest_ip']}, "
                   f"boot {spec.get('boot', 'kernel')} under {spec.get('firmware', 'bios')}")
+
+
+@vm_app.command("import-ovf")
+def vm_import_ovf(file: str = typer.Argument(..., help="FILE.ova or FILE.ovf: an absolute path on the host, in the "
+                                             "datastore's import/ folder"),
+                  host: str = typer.Option(..., "--host"), datastore: str = typer.Option(..., "--datastore"),
+                  name: Optional[str] = typer.Option(None, "--name", help="the VM's name (default: the OVF's)"),
+                  network: Optional[str] = typer.Option(None, help="the port group its NICs join (default: VM Network)"),
+                  url: Optional[str] = URL) -> None:
+    """A VM exported from VMware (OVF/OVA): vCPUs, memory, its disk (vmdk → library image → full clone), NICs and
+    firmware from the descriptor; created powered off."""
+    with console.status(f"importing {file} (manifest, disk convert, clone)…", spinner="dots"):
+        vm = run(lambda: Client(url, timeout=2 * IMAGE_CLONE_TIMEOUT_S).import_ovf(file, host, datastore, name,
+                                                                                   network))
+    spec = vm["spec"]
+    console.print(f"imported VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}: {spec['vcpus']} vCPU, "
+                  f"{spec['memory_mb']} MiB, {len(spec['nics'])} NIC(s), firmware {spec['firmware']}, "
+                  f"disk from image {spec.get('source_image')}; powered off")
 
 
 @vm_app.command("set")

@@ -19,7 +19,11 @@ from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, 
 from kvmotion.models.agent import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
+from kvmotion.models.images import AgentImageImport, AgentImageRemove, AgentImportStatus, OvfClose, OvfOpen, OvfPackage
+
 DEFAULT_TIMEOUT_S = 15.0
+IMAGE_IMPORT_TIMEOUT_S = 3700.0    # unpack an OVA, or convert an image (the agent's own deadline: 3600 s)
+IMAGE_CHECK_TIMEOUT_S = 700.0      # qemu-img info, check and measure of a file to import (the agent's: 60+600 s)
 
 
 class AgentClient:
@@ -254,3 +258,23 @@ class AgentClient:
 
     async def mirror_cancel(self, uuid: str) -> MirrorReport:
         return MirrorReport.model_validate(await self._call("POST", f"/v1/vms/{uuid}/mirror/cancel", timeout=60))
+
+    # -- image library ------------------------------------------------------------------------
+    async def image_import(self, req: AgentImageImport) -> AgentImportStatus:
+        """Checks the file (``qemu-img info`` and ``check``: bad input fails here), starts the copy as a job."""
+        return AgentImportStatus.model_validate(await self._call("POST", "/v1/images/import", req.model_dump(),
+                                                                 timeout=IMAGE_CHECK_TIMEOUT_S))
+
+    async def image_import_status(self, job: str) -> AgentImportStatus:
+        return AgentImportStatus.model_validate(await self._call("GET", f"/v1/images/import/{job}", timeout=10))
+
+    async def image_remove(self, datastore: str, name: str) -> bool:
+        return bool((await self._call("POST", "/v1/images/remove", AgentImageRemove(
+            datastore=datastore, name=name).model_dump(), timeout=30))["removed"])
+
+    async def ovf_open(self, req: OvfOpen) -> OvfPackage:
+        return OvfPackage.model_validate(await self._call("POST", "/v1/images/ovf/open", req.model_dump(),
+                                                          timeout=IMAGE_IMPORT_TIMEOUT_S))
+
+    async def ovf_close(self, req: OvfClose) -> bool:
+        return bool((await self._call("POST", "/v1/images/ovf/close", req.model_dump(), timeout=60))["removed"])

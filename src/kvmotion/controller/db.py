@@ -102,6 +102,21 @@ class Task(Base):
     finished_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class Image(Base):
+    """A library image: stored as qcow2 in the ``images/`` folder of each datastore that holds a copy."""
+
+    __tablename__ = "images"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="importing")   # importing | ready
+    source_format: Mapped[str] = mapped_column(String(16), default="")
+    format: Mapped[str] = mapped_column(String(16), default="qcow2")
+    virtual_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    file_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    copies_json: Mapped[str] = mapped_column(Text, default="[]")     # [{"datastore": DS, "path": images/NAME.qcow2}]
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class ApiToken(Base):
     """An API bearer token; only its SHA-256 is stored."""
 

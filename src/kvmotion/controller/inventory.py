@@ -19,7 +19,7 @@ from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, V
 from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
-from kvmotion.controller import devices, policy
+from kvmotion.controller import devices, imagestore, policy
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
@@ -259,7 +259,7 @@ class Inventory:
         uuid = str(uuidlib.uuid4())
         disks = self._new_disks(req, uuid, ds_name, [d.name for d in readable], facts)
         disks = devices.extra_disks(req, req.name, ds_name, [d.name for d in readable], disks)
-        nics = devices.make_nics(req.nics or [devices.NicRequest(portgroup=req.network)], uuid, facts, req.host,
+        nics = devices.make_nics(req.nics or [devices.NicRequest(portgroup=req.network, mac=req.mac)], uuid, facts, req.host,
                                  devices.macs_in_use(self))
         spec = VMSpec(uuid=uuid, name=req.name, memory_mb=req.memory_mb, vcpus=req.vcpus,
                       disks=disks,
@@ -273,17 +273,19 @@ class Inventory:
                           f"kvmotion.records=vdb kvmotion.records_rate={req.records_rate} kvmotion.records_size={req.records_kb}"
                           if req.records_rate is not None else "") if x),
                       boot=req.boot_mode, firmware=req.firmware, secure_boot=req.secure_boot, gateway=req.gateway,
-                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}), **devices.hardware(req, facts))
+                      **({"cpu_model": req.cpu_model} if req.cpu_model else {}), source_image=req.library_image, **devices.hardware(req, facts))
         spec = await self.agent(req.host).provision(spec, self.disk_keys(spec), image)
         await devices.claim_macs(self, spec, req.host)     # a MAC taken meanwhile: the files made are removed again
         with self.sessions.begin() as s:
             s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))
         return self.get_vm(uuid)
 
-    @staticmethod
-    def _image_source(req: VMCreate, readable: list[str]) -> ImageSource | None:
+    def _image_source(self, req: VMCreate, readable: list[str]) -> ImageSource | None:
         """The image the boot disk is made from, on a datastore the host reads (the agent confines its path)."""
         image = req.image_source()
+        if req.library_image is not None:
+            image = imagestore.source_for(self.sessions, req.library_image, req.clone, req.host, readable,
+                                          req.datastore)
         if image is not None and image.datastore not in readable:
             raise InvalidInputError(f"image datastore {image.datastore!r} is not accessible on {req.host}",
                                     remedy="copy the image to one of: " + (", ".join(readable) or "none"))

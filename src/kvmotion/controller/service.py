@@ -18,6 +18,7 @@ from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
+from kvmotion.controller.images import ImageLibrary
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.api import Finding, HostOut, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
@@ -39,6 +40,7 @@ class Controller:
         pki = pki_dir or Path("/var/lib/kvmotion/pki")
         self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki))
         self.clusters = Clusters(self.sessions, self.inventory)
+        self.images = ImageLibrary(self.sessions, self.inventory)
         self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled, self._policy_layers)
         self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
         self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
@@ -158,4 +160,5 @@ class Controller:
                 "code": "CONTROLLER_RESTARTED", "phase": t.phase, "remedy": "enter maintenance mode again",
                 "message": f"the controller restarted while evacuating {t.source}; the host stays in service"})
             self.inventory.set_maintenance(t.source, 0)
+        self.images.abandon_unfinished()
         return outcomes

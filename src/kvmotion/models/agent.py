@@ -185,6 +185,7 @@ class VMSpec(BaseModel):
     firmware: str = Field(default="bios", pattern=FIRMWARE_PATTERN)   # SeaBIOS, or OVMF with its own NVRAM
     secure_boot: bool = False
     gateway: str | None = Field(default=None, pattern=GATEWAY_PATTERN)   # disk-booted guests: SMBIOS OEM string
+    source_image: Name | None = None      # the library image its boot disk was made from (blocks image delete)
 
     @model_validator(mode="after")
     def _boot_rules(self) -> VMSpec:

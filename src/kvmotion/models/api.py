@@ -8,12 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from kvmotion.models.findings import Finding, Severity
 
 __all__ = ["Finding", "Severity"]      # re-exported for the API; the models below are imported by name
-from kvmotion.models.agent import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTERN, GUEST_IP_PATTERN, MAX_CPU_FEATURES,
+from kvmotion.models.agent import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTERN, GUEST_IP_PATTERN, MAC_PATTERN,
+                                   MAX_CPU_FEATURES,
                                    MAX_DISKS, MAX_URL_CHARS, DatastorePath, DiskRef, Name, NbdUrl,
                                    PortGroupName, relative_path_problem)
 from kvmotion.models.devices import DiskRequest, NicRequest
 from kvmotion.models.hardware import topology_problem
-from kvmotion.models.boot import (BOOT_PATTERN, CLONE_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_REF_PATTERN,
+from kvmotion.models.boot import (BOOT_PATTERN, CLONE_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_PATTERN,
                                   ImageSource, parse_image_ref)
 
 # Names (VMs, hosts, clusters, datastores, tokens, CPU models) are ``Name``: one rule everywhere (models.agent).
@@ -75,8 +76,9 @@ class VMCreate(Request):
     records_rate: int | None = Field(default=None, ge=0, le=10000,
                                      description="the guest writes checksummed records to the data disk (records/s)")
     records_kb: int = Field(default=4, ge=4, le=1024, description="size of each guest record (KiB)")
-    image: str | None = Field(default=None, pattern=IMAGE_REF_PATTERN,
-                              description="DATASTORE:path/to/file: the boot disk is made from this disk image")
+    image: str | None = Field(default=None, pattern=IMAGE_PATTERN,
+                              description="a library image's name (kvmotion image list), or DATASTORE:path/to/file: "
+                                          "the boot disk is made from this disk image")
     clone: str = Field(default="full", pattern=CLONE_PATTERN,
                        description="full: a converted copy; linked: a qcow2 overlay on the image (same datastore)")
     disk_size_gb: int | None = Field(default=None, ge=1, le=64 * 1024,
@@ -87,6 +89,7 @@ class VMCreate(Request):
     secure_boot: StrictBool = Field(default=False, description="OVMF with Microsoft's keys enrolled (UEFI only)")
     gateway: str | None = Field(default=None, pattern=GATEWAY_PATTERN,
                                 description="disk-booted guests: the default gateway, passed as an SMBIOS OEM string")
+    mac: str | None = Field(default=None, pattern=MAC_PATTERN, description="the NIC's MAC (default: from the UUID)")
     # devices (models/devices.py): more disks after the boot one, the NICs, machine type and vCPU topology
     disks: list[DiskRequest] = Field(default_factory=list, max_length=MAX_DISKS - 4,
                                      description="more disks (--disk size=GB,...), after the boot and data disks")
@@ -104,6 +107,8 @@ class VMCreate(Request):
             raise ValueError(f"vCPU topology {problem}")
         if self.nics and self.network != "VM Network":
             raise ValueError("--network and --nic both name port groups: give the NICs with --nic only")
+        if self.nics and self.mac:
+            raise ValueError("--mac and --nic both give MACs: give each NIC's MAC with --nic PORTGROUP,mac=...")
         macs = [n.mac for n in self.nics if n.mac]
         if len(macs) != len(set(macs)):
             raise ValueError("two --nic options give the same MAC: give each NIC its own, or leave mac= out")
@@ -115,14 +120,20 @@ class VMCreate(Request):
             raise ValueError("Secure Boot needs UEFI firmware: add --firmware uefi, or drop --secure-boot")
         if self.clone == "linked" and self.image is None:
             raise ValueError("a linked clone needs an image: add --image DATASTORE:PATH")
-        if self.image is not None:
+        if self.image is not None and ":" in self.image:
             problem = relative_path_problem(parse_image_ref(self.image)[1])
             if problem is not None:
                 raise ValueError(f"image {self.image!r}: its path {problem} (write DATASTORE:path/inside/it)")
         return self
 
+    @property
+    def library_image(self) -> str | None:
+        """The library image's name, when ``image`` names one (not DATASTORE:path)."""
+        return self.image if self.image is not None and ":" not in self.image else None
+
     def image_source(self) -> ImageSource | None:
-        if self.image is None:
+        """DATASTORE:path only; a library image is resolved by the controller."""
+        if self.image is None or ":" not in self.image:
             return None
         datastore, path = parse_image_ref(self.image)
         return ImageSource(datastore=datastore, path=path, clone=self.clone)

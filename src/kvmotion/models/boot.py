@@ -18,6 +18,8 @@ IMAGE_FORMAT_PATTERN = "^(" + "|".join(IMAGE_FORMATS) + ")$"
 GATEWAY_PATTERN = r"^[0-9A-Fa-f.:]{2,45}$"
 # "DATASTORE:path/to/file"
 IMAGE_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}:[^\x00-\x1f\x7f]{1,1024}$"
+# a library image's name, or "DATASTORE:path/to/file"
+IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(?::[^\x00-\x1f\x7f]{1,1024})?$"
 
 NVRAM_FILE = "nvram.fd"               # a UEFI VM's own variable store, in its VM folder
 OVMF_DIR = "/usr/share/OVMF"          # Debian's ``ovmf`` package
