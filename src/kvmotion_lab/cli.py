@@ -190,7 +190,7 @@ def bench_soak(migrations: int = typer.Option(50, min=1, max=10000), dirty: floa
     console.print(f"soak: {t['migrations']} migrations, {t['failures']} failures, "
                   f"{len(t['heartbeat_breaks'])} heartbeat breaks, {len(t['guests'])} guest(s) used; "
                   f"downtime p50 {t['downtime_ms_p50']} ms, p99 {t['downtime_ms_p99']} ms, max {t['downtime_ms_max']} "
-                  f"ms; total p50 {t['total_s_p50']} s")
+                  f"ms ({t['downtime_unknown']} not reported); total p50 {t['total_s_p50']} s")
     for g in t["guests"]:
         console.print(f"  guest {g['guest']}: boot {g['boot_id']}, survived {g['moves_survived']} moves, {g['ended']}")
     if t["ledger"]:

@@ -35,6 +35,7 @@ class Tally:
     first_seq: int | None = None
     last_seq: int | None = None
     boot_id: str | None = None
+    downtime_unknown: int = 0          # successful moves whose QEMU downtime was not reported
     ledger: dict[str, Any] = field(default_factory=dict)    # the Debian guest: transactions committed, intact
 
     @property
@@ -48,7 +49,7 @@ class Tally:
                 "heartbeat_seq": [self.first_seq, self.last_seq],
                 "downtime_ms_p50": statistics.median(self.downtime_ms) if self.downtime_ms else None,
                 "downtime_ms_p99": percentile(list(self.downtime_ms), 99),
-                "downtime_ms_max": max(self.downtime_ms, default=None),
+                "downtime_ms_max": max(self.downtime_ms, default=None), "downtime_unknown": self.downtime_unknown,
                 "total_s_p50": round(statistics.median(self.total_s), 3) if self.total_s else None, "ledger": self.ledger,
                 "ok": self.ok}
 
@@ -153,15 +154,19 @@ class Soak:
         else:
             self.host = dest
             r = task["result"]
-            t.downtime_ms.append(float(r.get("downtime_ms") or 0))
+            if r.get("downtime_ms") is None:        # not reported: counted as unknown, never as 0 ms
+                t.downtime_unknown += 1
+            else:
+                t.downtime_ms.append(float(r["downtime_ms"]))
             t.total_s.append(float(r.get("total_time_s") or 0))
         replace = check_beat(t, http_beat(self.info.net.client_netns, self.ip, newer_than=t.last_seq or -1),
                              f"after #{i + 1}")
         if not replace and task["state"] == "success":
             t.guests[-1]["moves_survived"] += 1
             self.commit_tx(f"after #{i + 1}")
-        log(f"#{i + 1:>3} → {self.host}: {task['state']}, downtime "
-            f"{t.downtime_ms[-1] if task['state'] == 'success' else '–'} ms, heartbeat {t.last_seq}"
+        dt = task["result"].get("downtime_ms") if task["state"] == "success" else None
+        log(f"#{i + 1:>3} → {self.host}: {task['state']}, downtime {'–' if dt is None else dt} ms, "
+            f"heartbeat {t.last_seq}"
             + ("  (guest broke: replaced)" if replace else ""))
         if replace:
             self.check_ledger()
