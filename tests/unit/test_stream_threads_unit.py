@@ -47,15 +47,21 @@ def test_lower_stream_threads_renices_each_thread_once() -> None:
         t.join()
 
 
-def test_final_times_are_read_again_until_qemu_has_computed_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_completion_is_read_again_until_qemu_has_computed_its_times(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = iter([{"status": "completed", "total-time": 0, "downtime": 0},
+                    {"status": "completed", "total-time": 0, "downtime": 0},
                     {"status": "completed", "total-time": 1830, "downtime": 41}])
 
     async def fake_query(vm: object) -> dict:
         return next(answers)
 
     monkeypatch.setattr(migration, "query_migrate", fake_query)
-    watch = migration.MigrationWatch(SimpleNamespace(spec=SimpleNamespace(name="vm")), "source")
-    watch.absorb({"status": "completed", "total-time": 0, "downtime": 0})
-    asyncio.run(migration._final_times(watch, pause_s=0))
-    assert watch.report.total_time_ms == 1830 and watch.report.downtime_ms == 41
+    info = asyncio.run(migration.settled_query(SimpleNamespace(), pause_s=0))
+    assert info["total-time"] == 1830 and info["downtime"] == 41
+    active = iter([{"status": "active", "total-time": 10}])
+    monkeypatch.setattr(migration, "query_migrate", lambda vm: _const(next(active)))
+    assert asyncio.run(migration.settled_query(SimpleNamespace(), pause_s=0))["status"] == "active"
+
+
+async def _const(v: dict) -> dict:
+    return v

@@ -216,15 +216,19 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
     return watch
 
 
-async def _final_times(watch: MigrationWatch, tries: int = 50, pause_s: float = 0.02) -> None:
-    """QEMU 7.2 emits ``completed`` (and answers ``query-migrate`` with it) before its migration thread has
-    computed ``total-time`` and ``downtime`` (``migration_calculate_complete`` runs after the state change), so a
-    query right after the event can read 0 for both: ask again until they are set (at most ~1 s)."""
+async def settled_query(vm: QemuVM, tries: int = 50, pause_s: float = 0.02) -> dict[str, Any]:
+    """``query-migrate``, once its figures are final.
+
+    QEMU 7.2 sets ``completed`` (event and ``query-migrate``) before its migration thread computes ``total-time`` and
+    ``downtime`` (``migration_calculate_complete`` runs after the state change), so a query right after the event
+    can read 0 for both. Such an answer is asked again (at most ~1 s) before anyone sees the completion."""
+    info = await query_migrate(vm)
     for _ in range(tries):
-        if watch.report.total_time_ms:
-            return
+        if info.get("status") != "completed" or info.get("total-time"):
+            break
         await asyncio.sleep(pause_s)
-        watch.absorb(await query_migrate(watch.vm))
+        info = await query_migrate(vm)
+    return info
 
 
 async def watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any,
@@ -257,11 +261,9 @@ async def watch_outgoing(watch: MigrationWatch, listener: Any, listener_cm: Any,
             now = time.monotonic()
             if status in TERMINAL or now - last_poll >= POLL_S:
                 last_poll = now
-                watch.absorb(await query_migrate(vm))
+                watch.absorb(await settled_query(vm))
             if r.status in TERMINAL:
                 break
-        if r.status == "completed" and not r.total_time_ms:
-            await _final_times(watch)
     except KvmotionError as exc:
         r.status, r.error = "failed", exc.message
     finally:
