@@ -180,6 +180,17 @@ async def _prepare(src: RawVM, dst: RawVM, r: Recipe, uri: str) -> None:
         await src.execute("migrate-set-parameters", params)
 
 
+async def _final_info(src: RawVM) -> dict[str, Any]:
+    """``query-migrate`` once QEMU 7.2 has computed total-time and downtime (0 right after "completed")."""
+    info = await src.execute("query-migrate")
+    for _ in range(50):
+        if info.get("total-time"):
+            break
+        await asyncio.sleep(0.02)
+        info = await src.execute("query-migrate")
+    return info
+
+
 async def _wait_status(vm: RawVM, wanted: set[str], deadline: float) -> str:
     while True:
         info = await vm.execute("query-migrate")
@@ -235,7 +246,6 @@ async def migrate(src: RawVM, ctx: HostContext, netns: str, mig_ip: str, run_dir
         status = await _wait_status(src, {"completed"}, deadline)
         if status != "completed":
             raise RuntimeError(f"source migration {status}")
-        info = await src.execute("query-migrate")
         while (await dst.execute("query-status"))["status"] == "inmigrate":
             if time.monotonic() > deadline:
                 raise TimeoutError("destination still inmigrate")
@@ -254,6 +264,7 @@ async def migrate(src: RawVM, ctx: HostContext, netns: str, mig_ip: str, run_dir
             pass
         raise
     total = time.monotonic() - t0
+    info = await _final_info(src)         # after the clock stopped: QEMU computes its figures after "completed"
     await stop(src)
     ram = info.get("ram", {})
     return dst, {"total_s": round(total, 3), "downtime_ms": info.get("downtime"),
