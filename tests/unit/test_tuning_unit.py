@@ -162,12 +162,3 @@ def test_the_stream_yields_the_cpu_to_the_guest_unless_asked_not_to() -> None:
     equal = tuning.plan("auto", 10_000, 500, 1024, None, 0, guest_first=False)
     assert equal.stream_nice == 0 and any("equally" in w for w in equal.why)
     assert tuning.plan("qemu-defaults", 10_000, 500, 1024, None, 0).stream_nice == 0
-
-
-def test_an_encrypted_stream_is_spread_over_two_channels_unless_asked_or_postcopy() -> None:
-    tls = tuning.plan("auto", 1000, 500, 1024, None, 0, tls=True)
-    assert tls.multifd_channels == tuning.TLS_CHANNELS and "TLS" in tls.why[1]
-    assert tuning.plan("auto", 1000, 500, 1024, None, 0).multifd_channels == 0            # plain: one stream
-    assert tuning.plan("auto", 1000, 500, 1024, None, 0, multifd=0, tls=True).multifd_channels == 0   # asked
-    assert tuning.plan("auto", 1000, 500, 1024, None, 0, postcopy="", tls=True).multifd_channels == 0
-    assert tuning.plan("auto", 40_000, 500, 1024, None, 0, tls=True).multifd_channels == 4      # the link's own

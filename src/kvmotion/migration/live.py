@@ -226,8 +226,7 @@ class LiveMove(LiveEnd, MoveEngine):
         p = tuning.plan(self.req.tuning, self.ctx.bandwidth_mbps, self.req.downtime_ms, self.spec.memory_mb,
                         pred.converges if pred else None, pred.dirty_mb_s if pred else 0.0,
                         multifd=multifd, xbzrle=self.req.xbzrle, auto_converge=self.req.auto_converge,
-                        postcopy=self.postcopy_block, guest_first=self.req.guest_first is not False,
-                        tls=self.use_tls)
+                        postcopy=self.postcopy_block, guest_first=self.req.guest_first is not False)
         if first is None or len(p.why) < 2:
             return p
         return dataclasses.replace(p, why=[p.why[0], first.why[1], *p.why[2:]])

@@ -27,7 +27,6 @@ MBPS_PER_CHANNEL = 10_000
 MAX_CHANNELS = 8
 XBZRLE_MIN_CACHE = 64 * 1024 * 1024
 XBZRLE_MAX_CACHE = 1024 * 1024 * 1024
-TLS_CHANNELS = 2          # a TLS stream is CPU-bound (QEMU encrypts record by record in one thread): spread it
 STREAM_NICE = 10          # the stream's threads against the vCPUs' 0: CFS gives the vCPUs ~90 % of a shared core
 
 
@@ -47,25 +46,11 @@ class StreamPlan:
         return asdict(self)
 
 
-def channels_for(link_mbps: float, tls: bool = False) -> int:
-    """Parallel streams for a link: none up to what one stream carries, then one per ``MBPS_PER_CHANNEL``; an
-    encrypted stream gets at least ``TLS_CHANNELS`` (one TLS stream carries ~550 Mbit/s on a 2-core host, two
-    ~840: ``docs/bench``)."""
+def channels_for(link_mbps: float) -> int:
+    """Parallel streams for a link: none up to what one stream carries, then one per ``MBPS_PER_CHANNEL``."""
     if link_mbps <= ONE_STREAM_MBPS:
-        return TLS_CHANNELS if tls else 0
+        return 0
     return min(MAX_CHANNELS, max(2, -(-int(link_mbps) // MBPS_PER_CHANNEL)))
-
-
-def _channels_why(channels: int, requested: bool, postcopy_note: bool, link_mbps: int, tls: bool) -> str:
-    if postcopy_note:
-        return "one stream (post-copy allowed: QEMU 7.2 cannot combine it with multifd)"
-    if requested:
-        return f"multifd: {channels} channels (requested)" if channels else "one stream (requested)"
-    if channels and link_mbps <= ONE_STREAM_MBPS:
-        return f"multifd: {channels} channels (TLS: one stream is bound by the CPU encrypting it)"
-    if channels:
-        return f"multifd: {channels} channels (link {link_mbps} Mbit/s; one stream carries {ONE_STREAM_MBPS})"
-    return f"one stream (link {link_mbps} Mbit/s ≤ {ONE_STREAM_MBPS})"
 
 
 def xbzrle_cache_for(memory_mb: int, dirty_mb_s: float) -> int:
@@ -80,8 +65,7 @@ def xbzrle_cache_for(memory_mb: int, dirty_mb_s: float) -> int:
 
 def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, converges: bool | None,
          dirty_mb_s: float, multifd: int | None = None, xbzrle: bool | None = None,
-         auto_converge: bool = True, postcopy: str | None = None, guest_first: bool = True,
-         tls: bool = False) -> StreamPlan:
+         auto_converge: bool = True, postcopy: str | None = None, guest_first: bool = True) -> StreamPlan:
     """``multifd``/``xbzrle`` override the automatic choice (None: automatic); ``auto_converge`` is the
     policy's permission to throttle the guest when pre-copy stops converging. ``postcopy`` is "" when the policy
     allows post-copy and both hosts can do it, the reason it cannot be used otherwise, None when not allowed."""
@@ -89,11 +73,16 @@ def plan(profile: str, bandwidth_mbps: int, budget_ms: int, memory_mb: int, conv
         return StreamPlan(profile, QEMU_DEFAULT_BANDWIDTH, [QEMU_DEFAULT_DOWNTIME_MS], 0, 0, False,
                           ["QEMU's defaults: 128 MiB/s, 300 ms downtime limit, one stream"])
     why = [f"bandwidth: this migration's share of the link, {bandwidth_mbps} Mbit/s"]
-    channels = channels_for(bandwidth_mbps, tls) if multifd is None else multifd
+    channels = channels_for(bandwidth_mbps) if multifd is None else multifd
     postcopy_note = postcopy == "" and multifd is None and channels > 0
     if postcopy_note:
         channels = 0
-    why.append(_channels_why(channels, multifd is not None, postcopy_note, bandwidth_mbps, tls))
+    why.append("one stream (post-copy allowed: QEMU 7.2 cannot combine it with multifd)" if postcopy_note else
+               f"multifd: {channels} channels" + (" (requested)" if multifd is not None else
+                                                  f" (link {bandwidth_mbps} Mbit/s; one stream carries "
+                                                  f"{ONE_STREAM_MBPS})") if channels else
+               "one stream" + (" (requested)" if multifd is not None else
+                               f" (link {bandwidth_mbps} Mbit/s ≤ {ONE_STREAM_MBPS})"))
     if xbzrle is None:
         use_x = converges is False and channels == 0
         reason = ("xbzrle: plain pre-copy predicted not to converge" if use_x else
