@@ -131,7 +131,7 @@ async def _pump(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.Str
             exc = t.exception()
             if exc is not None and not isinstance(exc, (WebSocketDisconnect, ConnectionError, asyncio.TimeoutError)):
                 raise exc
-    finally:
+    finally:       # asyncio.wait, not gather: a cancelled caller must see its own cancellation (anyio scopes)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks, timeout=2)

@@ -94,7 +94,7 @@ class ConsoleRelay:
             return end.code
         finally:
             up.cancel()
-            await asyncio.gather(up, return_exceptions=True)
+            await asyncio.wait([up], timeout=2)      # not gather: the caller's own cancellation stays its own
             if self.link is not None:
                 await self.link.close()
 
