@@ -101,7 +101,10 @@ async def read_console(conn: ClientConnection, until: Callable[[Received], bool]
     except ConnectionClosed as exc:
         got.close_code = exc.rcvd.code if exc.rcvd else None
         return got
-    got.events += await end_session(conn)
+    for event in await end_session(conn):
+        got.events.append(event)
+        if on_event:
+            on_event(event)
     got.close_code = conn.close_code
     return got
 
