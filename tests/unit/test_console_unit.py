@@ -236,6 +236,7 @@ def test_serial_session_follows_the_vm_and_reports_the_gap(lab: Lab) -> None:
         assert ws.receive_bytes() == b"seq=3\n"
         ws.send_text(json.dumps({"op": "end"}))
         end = ws.receive_json()
+        assert ws.receive()["code"] == 1000                   # the audit row is written before the close
     session = end["session"]
     assert session["hosts"] == ["h1", "h2"] and session["who"] == "t-operator" and session["ended_at"]
     assert session["moves"][0]["gap_ms"] == moved["gap_ms"]
