@@ -197,7 +197,7 @@ async def serve(ws: WebSocket, inv: Inventory, audit: Audit, connect: Connector,
     finally:
         session.ended_at = time.time()
         await relay._event({"event": "end", "session": session.model_dump(mode="json")})
-        await asyncio.to_thread(audit_session, audit, session, "end", code)    # recorded before the client sees the close
+        await asyncio.to_thread(audit_session, audit, session, "end", code)   # before the client sees the close
         if relay.ws.client_state is WebSocketState.CONNECTED:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
                 await ws.close(code=code, reason=session.end_reason[:120])
