@@ -100,11 +100,13 @@ def test_serial_console_follows_a_vmotion(lab) -> None:
     assert end and end[-1]["session"]["hosts"] == ["h1", "h2"], got.events
     gap_ms = moved[0]["gap_ms"]
     record_figure("console gap h1->h2 (last source byte to first destination byte)", gap_ms, "ms")
+    record_figure("console reconnect h1->h2 (source console closed to destination attached)",
+                  moved[0]["reconnect_ms"], "ms")
     record_figure("console heartbeat lines missing across the move", missing, "lines")
     record_figure("console replayed bytes from the destination's log", moved[0]["replayed_bytes"], "bytes")
     record_figure("longest interval between heartbeat lines seen by the console client", max(arrival_gaps) * 1000,
                   "ms")
-    print(f"console gap {gap_ms} ms, replayed {moved[0]['replayed_bytes']} bytes, missing lines {missing}, "
+    print(f"console gap {gap_ms} ms (reconnect {moved[0]['reconnect_ms']} ms), replayed {moved[0]['replayed_bytes']} bytes, missing lines {missing}, "
           f"longest heartbeat interval {max(arrival_gaps) * 1000:.0f} ms, seqs {seqs}")
     assert missing == 0, f"heartbeat lines were lost across the move: {seqs}"
     assert any(s > seqs[0] for s in seqs[-3:])

@@ -24,8 +24,9 @@ def describe(event: dict[str, Any]) -> str | None:
     if kind == "attached":
         return f"connected to {event.get('vm')} on {event.get('host')} (session {event.get('session')})"
     if kind == "moved":
-        return (f"the VM moved {event['from_host']} -> {event['to_host']}: console gap {event['gap_ms']:.0f} ms, "
-                f"{event.get('replayed_bytes', 0)} bytes replayed from the destination's log")
+        return (f"the VM moved {event['from_host']} -> {event['to_host']}: console gap {event['gap_ms']:.0f} ms "
+                f"(reconnect {event.get('reconnect_ms', 0):.0f} ms), {event.get('replayed_bytes', 0)} bytes replayed "
+                f"from the destination's log")
     if kind == "error":
         return f"error: {event.get('error', {}).get('message')}"
     if kind == "end":

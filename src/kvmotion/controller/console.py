@@ -57,7 +57,8 @@ def audit_session(audit: Audit, s: ConsoleSession, event: str, status: int) -> N
     """One audit row at the start and one at the end of each session (who, VM, kind, hosts, gaps)."""
     path = f"/api/v1/vms/{s.vm}/console/{s.kind} {event} session={s.id}"
     if event == "end":
-        gaps = ",".join(f"{m.from_host}->{m.to_host}:{m.gap_ms:.0f}ms" for m in s.moves)
+        gaps = ",".join(f"{m.from_host}->{m.to_host}:{m.gap_ms:.0f}ms(reconnect {m.reconnect_ms:.0f}ms)"
+                        for m in s.moves)
         path += (f" hosts={','.join(s.hosts)} moves={gaps or 'none'} out={s.bytes_to_client} "
                  f"in={s.bytes_from_client} reason={s.end_reason}")
     audit.record(s.who, s.role, "CONSOLE", path, status, s.client)
@@ -105,7 +106,7 @@ class ConsoleRelay:
             if self.stopping:
                 self.s.end_reason = "client ended the session" if self.end_requested else "client closed"
                 return CLOSE_NORMAL
-            old = self.link.host
+            old, closed_at = self.link.host, time.time()
             await self.link.close()
             host = await self._next_owner(old)
             if self.s.kind is ConsoleKind.VNC:
@@ -113,7 +114,8 @@ class ConsoleRelay:
             self.link = await self.connect(host, self.s.uuid, self.s.kind, host != old)
             if host != old:
                 self.s.hosts.append(host)
-                self.pending = ConsoleMove(from_host=old, to_host=host, at=time.time(), gap_ms=-1.0)
+                self.pending = ConsoleMove(from_host=old, to_host=host, at=time.time(), gap_ms=-1.0,
+                                           reconnect_ms=round((time.time() - closed_at) * 1000, 1))
                 self.s.moves.append(self.pending)
             log.info("console %s of %s follows to %s", self.s.id, self.s.vm, host)
 

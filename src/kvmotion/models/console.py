@@ -29,6 +29,8 @@ class ConsoleMove(BaseModel):
     to_host: str
     at: float
     gap_ms: float = Field(description="last byte from the source to the first byte from the destination")
+    reconnect_ms: float = Field(default=0.0, description="the source's console closed to the destination's attached: "
+                                                         "the relay's own part of the gap")
     replayed_bytes: int = Field(default=0, description="printed on the destination before the relay attached; "
                                                        "sent from its serial.log, so nothing is lost")
     uncertain_bytes: int = Field(default=0, description="printed while the relay attached: may show twice")
