@@ -64,6 +64,10 @@ async def interactive(vm: str, url: Optional[str]) -> None:
     loop.add_reader(fd, lambda: keys.put_nowait(os.read(fd, 1024)) if not keys.full() else None)
     sys.stderr.write(f"[kvmotion] console of {vm}; escape character is ^]\n")
     tty.setraw(fd)
+    if sys.stdout.isatty():       # keys go raw to the guest; its bare LF still starts a new line on screen
+        attrs = termios.tcgetattr(sys.stdout.fileno())
+        attrs[1] |= termios.OPOST | termios.ONLCR
+        termios.tcsetattr(sys.stdout.fileno(), termios.TCSANOW, attrs)
     try:
         async def typing() -> None:
             while True:
