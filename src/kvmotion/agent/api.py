@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 
 from kvmotion import __version__
 from kvmotion.agent.auth import SignedRequestsOnly
-from kvmotion.agent.routes import devices, host, images, migration, storage, vms
+from kvmotion.agent.console import ConsoleSessions
+from kvmotion.agent.routes import console, devices, host, images, migration, storage, vms
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
 
@@ -34,8 +35,10 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     app = FastAPI(title="kvmotion agent", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.agent = agent
+    app.state.consoles = ConsoleSessions()
     app.add_middleware(SignedRequestsOnly, secret=secret)
     app.add_exception_handler(KvmotionError, _kvm_error)
     for module in (host, vms, migration, storage, devices, images):
         app.include_router(module.router)
+    app.include_router(console.router)
     return app

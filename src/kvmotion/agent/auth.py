@@ -27,6 +27,9 @@ class SignedRequestsOnly:
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -41,15 +44,8 @@ class SignedRequestsOnly:
                 await _reply(send, 413, {"code": "INVALID_INPUT", "message": "request body too large",
                                          "remedy": f"send at most {MAX_BODY >> 20} MiB"})
                 return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        target = raw_path.decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
-                                              if scope.get("query_string") else "")
-        try:
-            verify(self._secret, headers.get(HEADER), scope["method"], target, body, self._nonces)
-        except UnauthorizedError as exc:
-            client = (scope.get("client") or ("?", 0))[0]
-            log.warning("refused %s %s from %s: %s", scope["method"], scope["path"], client, exc.message)
+        exc = self._refusal(scope, scope["method"], body)
+        if exc is not None:
             await _reply(send, 401, exc.to_dict())
             return
         delivered = False
@@ -64,8 +60,37 @@ class SignedRequestsOnly:
         await self.app(scope, replay, send)
 
 
-async def _reply(send: Callable[[Message], Awaitable[None]], status: int, error: dict[str, Any]) -> None:
+    def _refusal(self, scope: Scope, method: str, body: bytes) -> UnauthorizedError | None:
+        """Why the request's signature is refused (None: it is good)."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        target = raw_path.decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
+                                              if scope.get("query_string") else "")
+        try:
+            verify(self._secret, headers.get(HEADER), method, target, body, self._nonces)
+        except UnauthorizedError as exc:
+            client = (scope.get("client") or ("?", 0))[0]
+            log.warning("refused %s %s from %s: %s", method, scope["path"], client, exc.message)
+            return exc
+        return None
+
+    async def _websocket(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                         send: Callable[[Message], Awaitable[None]]) -> None:
+        """A websocket handshake is signed as a ``GET`` of its path with an empty body (same header, same nonce
+        cache); a refused one gets a 401 with the error (or a 4401 close where the server cannot answer HTTP)."""
+        exc = self._refusal(scope, "GET", b"")
+        if exc is None:
+            await self.app(scope, receive, send)
+            return
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await _reply(send, 401, exc.to_dict(), prefix="websocket.")
+        else:
+            await send({"type": "websocket.close", "code": 4401, "reason": exc.message[:120]})
+
+
+async def _reply(send: Callable[[Message], Awaitable[None]], status: int, error: dict[str, Any],
+                 prefix: str = "") -> None:
     payload = json.dumps({"error": error}).encode()
-    await send({"type": "http.response.start", "status": status,
+    await send({"type": f"{prefix}http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
+    await send({"type": f"{prefix}http.response.body", "body": payload})

@@ -25,6 +25,7 @@ from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth,
                                    OutgoingRequest, ReleaseReport, TlsFact, VMRuntime, VMSpec)
 from kvmotion.models.agent import DiskSpec, ImageSource
 from kvmotion.models.boot import ovmf_vars_template
+from kvmotion.models.console import ConsoleKind
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,9 @@ class Agent(AgentStorage):
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         return self.hv.serial_tail(uuid, lines)
+
+    def console_socket(self, uuid: str, kind: ConsoleKind) -> Path:
+        return self.hv.console_socket(uuid, kind)
 
     # -- migration primitives -------------------------------------------------------------
     @property

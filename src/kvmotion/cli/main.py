@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from kvmotion.cli.clusters import cluster_app
+from kvmotion.cli.console import console
 from kvmotion.cli.hosts import host_app
 from kvmotion.cli.images import image_app
 from kvmotion.cli.plugins import load_plugins
@@ -23,6 +24,7 @@ def build_app() -> typer.Typer:
                       (token_app, "token"), (image_app, "image")):
         app.add_typer(sub, name=name)
     app.command("audit")(audit)
+    vm_app.command("console")(console)
     load_plugins(app)
     return app
 

@@ -116,6 +116,14 @@ class HotplugUnsupported(WrongState):
     """A device change a running VM cannot take on that bus; ``details``: device, bus, state."""
 
 
+class ConsoleBusy(ConflictError):
+    """Another session holds the VM's serial console (one interactive client at a time); ``details``: vm, kind."""
+
+
+class ConsoleUnavailable(ConflictError):
+    """The VM runs without that console socket (started by an older kvmotion, or not running); ``details``: vm, kind."""
+
+
 class UnauthorizedError(KvmotionError):
     """No credentials, or credentials that are unknown, revoked or expired (HTTP 401)."""
 

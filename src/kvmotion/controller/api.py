@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvmotion import __version__
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Principal
-from kvmotion.controller.routes import clusters, devices, hosts, images, tasks, tokens, vms
+from kvmotion.controller.routes import clusters, console, devices, hosts, images, tasks, tokens, vms
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
 
@@ -75,6 +75,7 @@ def create_app(ctl: Controller) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router, prefix=PREFIX, responses=ERROR_RESPONSES,
                            dependencies=[Depends(no_unknown_query)])
+    app.include_router(console.router, prefix=PREFIX)      # websockets: their own auth (routes/console.py)
     return app
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.cpu import CpuCatalog
+from kvmotion.common.errors import ConsoleUnavailable
+from kvmotion.models.console import ConsoleKind
 from kvmotion.models.agent import (CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth, HealthCheckRequest, IncomingReady,
                                    IncomingRequest, MigrationReport, MigrationTuning, MirrorReport, OutgoingRequest,
                                    ReleaseReport, VMRuntime, VMSpec)
@@ -98,6 +100,11 @@ class Hypervisor(ABC):
     @abstractmethod
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         """The last lines of the VM's serial console."""
+
+    def console_socket(self, uuid: str, kind: ConsoleKind) -> Path:
+        """The unix socket of a running VM's console (the agent relays it); drivers without one refuse."""
+        raise ConsoleUnavailable(f"VM {uuid} has no {kind} console on this hypervisor",
+                                 remedy="use `kvmotion vm show` for the serial log", details={"vm": uuid, "kind": str(kind)})
 
     # -- migration ------------------------------------------------------------------------
     @abstractmethod

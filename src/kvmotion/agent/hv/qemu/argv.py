@@ -196,6 +196,30 @@ def guest_agent_args(run_dir: Path) -> list[str]:
             "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
 
 
+SERIAL_SOCKET = "serial.sock"
+VNC_SOCKET = "vnc.sock"
+SERIAL_LOG = "serial.log"
+
+
+def serial_args(run_dir: Path) -> list[str]:
+    """The serial console: a unix socket in the run directory (one interactive client, relayed by the agent), and
+    everything the guest prints also written to serial.log (the health checks and ``vm show`` read it).
+
+    logappend=off: QEMU truncates the log when it opens it, so every start (a shadow too) begins empty and a
+    console line from an earlier run on this host never counts; re-adoption does not reopen it. With no client
+    connected QEMU still logs what the guest prints and drops it from the socket (the guest never blocks)."""
+    return ["-chardev", f"socket,id=serial0,path={run_dir / SERIAL_SOCKET},server=on,wait=off,"
+                        f"logfile={run_dir / SERIAL_LOG},logappend=off",
+            "-serial", "chardev:serial0"]
+
+
+def vnc_args(run_dir: Path) -> list[str]:
+    """The graphical console: a standard VGA (last on the PCI bus, so no other device moves) and a VNC server on a
+    unix socket in the run directory, never TCP. No VNC password: the socket is reachable only by root on the
+    host, and remotely only through the agent's signed relay behind the controller's operator role and audit."""
+    return ["-device", "VGA,id=video0,vgamem_mb=4", "-vnc", f"unix:{run_dir / VNC_SOCKET}"]
+
+
 def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
                disk_keys: dict[str, str] | None = None) -> list[str]:
     machine_opts, firmware = firmware_args(spec, ctx)
@@ -212,10 +236,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         "-nodefaults", "-no-user-config", "-display", "none",
         "-smbios", f"type=1,manufacturer=kvmotion,product=kvmotion-vm,serial={spec.uuid},uuid={spec.uuid}",
         *boot_args(spec, ctx),
-        # append=off: QEMU truncates the log when it opens it, so every start (a shadow too) begins empty and a
-        # console line from an earlier run on this host never counts; re-adoption does not reopen it
-        "-chardev", f"file,id=serial0,path={run_dir / 'serial.log'},append=off",
-        "-serial", "chardev:serial0",
+        *serial_args(run_dir),
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
         "-pidfile", str(run_dir / "qemu.pid"),
         "-msg", "timestamp=on",
@@ -239,6 +260,7 @@ def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,
         argv += ["-netdev", f"tap,id=net-{nic.id},ifname={tap},script=no,downscript=no",
                  "-device", f"{NIC_DEVICE[nic.model]},netdev=net-{nic.id},mac={nic.mac},id={nic.id}"]
     argv += guest_agent_args(run_dir)
+    argv += vnc_args(run_dir)
     if incoming:
         argv += ["-incoming", "defer", "-S"]
     return argv

@@ -16,6 +16,7 @@ from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.state import requires
 from kvmotion.agent.procs import image_locks, rss_mb
 from kvmotion.common.errors import ConflictError, KvmotionError, NotFoundError
+from kvmotion.models.console import SOCKET_NAME, ConsoleKind
 from kvmotion.models.agent import (POSTCOPY_STATES, CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth,
                                    HealthCheckRequest, IncomingReady, IncomingRequest, MigrationReport,
                                    MigrationTuning, MirrorReport, OutgoingRequest, ReleaseReport, VMRunState,
@@ -182,6 +183,9 @@ class QemuHypervisor(Hypervisor):
         vm = self._get(uuid)
         async with vm.lock:
             return await vm.unplug_disk(disk_id)
+
+    def console_socket(self, uuid: str, kind: ConsoleKind) -> Path:
+        return self._get(uuid).run_dir / SOCKET_NAME[kind]
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         try:

@@ -128,7 +128,7 @@ class QemuVM:
     async def start(self, incoming: bool, qmp_deadline_s: float = 15.0,
                     disk_keys: dict[str, str] | None = None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("qmp.sock", "qemu.pid"):
+        for stale in ("qmp.sock", "qemu.pid", "serial.sock", "vnc.sock"):
             (self.run_dir / stale).unlink(missing_ok=True)
         argv = build_argv(self.spec, self.ctx, self.run_dir, incoming, disk_keys)
         self.taps = create_taps(self.spec, self.ctx)
@@ -241,7 +241,7 @@ class QemuVM:
         delete_taps(self.taps)
         self.taps = []
         self.state = VMRunState.STOPPED       # from any state: the process is gone
-        for name in ("run.json", "qmp.sock", "qemu.pid"):
+        for name in ("run.json", "qmp.sock", "qemu.pid", "serial.sock", "vnc.sock"):
             (self.run_dir / name).unlink(missing_ok=True)
         if self.ctx.swap_dir is not None:
             (self.ctx.swap_dir / (self.spec.uuid + ".ram")).unlink(missing_ok=True)
