@@ -64,6 +64,11 @@ def test_bad_user_data_names_the_file_and_line(text: str, line: int, words: str)
     assert "user-data.yaml" in err.message
 
 
+def test_yaml_that_parses_but_cannot_be_built_is_a_clear_error_not_a_500() -> None:
+    assert "cannot read (month must be in 1..12)" in refused(req("#cloud-config\nexpires: 2024-13-45\n")).message
+    assert "nests too deeply" in refused(req("#cloud-config\n" + "[" * 30000)).message
+
+
 def test_user_data_size_and_text_limits() -> None:
     assert "KiB" in refused(req("#cloud-config\n#" + "é" * (MAX_USER_DATA_BYTES // 2))).message   # bytes, not chars
     assert "NUL" in refused(req("#cloud-config\nhostname: a\x00b\n")).message

@@ -53,6 +53,10 @@ def _yaml(f: CloudInitFile, kind: str) -> Any:
             problem += f"; {context} on line {start.line + 1}"
         raise _bad(f, kind, f"is not valid YAML ({problem})",
                    "fix the YAML there (indent with spaces, quote values holding ': ' or '#')", line) from None
+    except (ValueError, TypeError) as exc:      # a scalar YAML resolves but cannot build, e.g. date 2024-13-45
+        raise _bad(f, kind, f"has a value YAML cannot read ({exc})", "quote the value") from None
+    except RecursionError:
+        raise _bad(f, kind, "nests too deeply", "flatten the YAML") from None
 
 
 def _key_line(f: CloudInitFile, kind: str, key: str) -> int | None:
