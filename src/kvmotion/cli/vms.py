@@ -249,7 +249,8 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
 
 @cdrom_app.command("connect")
 def cdrom_connect(vm: str, iso: Optional[str] = typer.Option(
-                      None, help="an ISO image, relative to a datastore (host-attached media: blocks vMotion)"),
+                      None, help="an ISO image, relative to a datastore (blocks a move only if the destination does not "
+                                  "see that datastore)"),
                   datastore: Optional[str] = typer.Option(None, help="the ISO's datastore (default: the VM's)"),
                   nbd: Optional[str] = typer.Option(None, help="client media: nbd://HOST:PORT/EXPORT"),
                   drive: str = "cd0", url: Optional[str] = URL) -> None:
