@@ -1,8 +1,8 @@
 """cloud-init (NoCloud) in the lab with the Debian 12 guest: `vm create --cloud-init` builds the seed ISO in the VM
 folder on the shared datastore and connects it on cd0; the guest takes its hostname and its users' SSH keys from
 it (read back through the QEMU guest agent: no SSH); the VM is vMotioned h1 -> h2 with the seed still connected
-(media on a datastore both hosts see do not block a move) and survives. Bad input is refused before anything is
-created, naming the file and the line.
+(media on a datastore both hosts see do not block a move) and survives; Storage vMotion and cold migration take
+the seed along with the VM folder. Bad input is refused before anything is created, naming the file and the line.
 
 The VM runs on the i440fx machine: the Debian cloud kernel (linux-image-cloud-amd64) has no AHCI driver, so on q35
 (whose CD-ROM sits on the ICH9 AHCI controller) it would not see the seed; PIIX IDE (ata_piix) it has.
@@ -183,6 +183,16 @@ def test_cloud_init_sets_hostname_and_keys_and_the_vm_moves_live_with_its_seed(l
     held = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()}
     assert str(local_seed.resolve()) in held and not any("cidata.iso (deleted)" in h for h in held), held
     assert client.vm("ci1")["spec"]["cdroms"][0]["datastore"] is None
+
+    # cold migration to h1-local (h1 does not see h2-local: the disk comes over NBD): the seed goes with the folder
+    client.stop_vm("ci1")
+    task = scenario.follow_task(client, client.migrate("ci1", "h1", datastore="h1-local")["id"], timeout_s=900)
+    assert task["state"] == "success", task.get("error")
+    h1_seed = Path(lab.root) / "ds" / "h1-local" / "ci1" / "cidata.iso"
+    assert h1_seed.read_bytes() == seed_bytes and not local_seed.exists()
+    client.start_vm("ci1")
+    http_beat(lab, client, "ci1", timeout=300)
+    assert guest_file(qga_sock(lab, client, "ci1"), "/home/alice/.ssh/authorized_keys") == alice
     client.stop_vm("ci1")
     client.delete_vm("ci1")
-    assert not local_seed.exists()
+    assert not h1_seed.exists()
