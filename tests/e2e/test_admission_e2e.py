@@ -161,9 +161,11 @@ def _evacuated(lab, client, res, names, before) -> None:
 
 def test_maintenance_names_a_vm_that_cannot_move(lab, client) -> None:
     before = boot(client, lab, ["iso1", "free1"])
-    # an ISO path is relative to a datastore (default: the VM's); this one sits in the VM's folder
-    (lab.root / "ds" / client.vm("iso1")["spec"]["boot_datastore"] / "iso1" / "local.iso").write_bytes(b"\0" * 65536)
-    client.cdrom("iso1", "cd0", "local", path="iso1/local.iso")
+    # an ISO path is relative to a datastore (default: the VM's); this one is on h1's local datastore: host-local
+    iso = lab.root / "ds" / "h1-local" / "iso1" / "local.iso"
+    iso.parent.mkdir(parents=True, exist_ok=True)
+    iso.write_bytes(b"\0" * 65536)
+    client.cdrom("iso1", "cd0", "local", path="iso1/local.iso", datastore="h1-local")
     start = time.monotonic()
     res = cli(lab, "host", "maintenance", "enter", "h1", "--wait")   # a hang would end in cli()'s own timeout
     record_figure("maintenance enter refused by one VM, time to the answer", time.monotonic() - start, "s")

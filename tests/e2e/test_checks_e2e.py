@@ -56,10 +56,12 @@ def test_clean_move_has_no_errors(client, vm1) -> None:
 
 
 def test_host_local_iso_blocks_and_client_media_does_not(lab, client, vm1, tmp_path) -> None:
-    # an ISO path is relative to a datastore (default: the VM's); this one sits in the VM's folder
-    iso = lab.root / "ds" / client.vm("chk1")["spec"]["boot_datastore"] / "chk1" / "tools.iso"
+    # an ISO path is relative to a datastore (default: the VM's); this one is on h1's local datastore, which h2
+    # does not see (an ISO on the shared datastore moves with the VM: test_cloud_init_e2e)
+    iso = lab.root / "ds" / "h1-local" / "iso" / "tools.iso"
+    iso.parent.mkdir(parents=True, exist_ok=True)
     iso.write_bytes(os.urandom(2 * 1024 * 1024))
-    res = cli(lab, "vm", "cdrom", "connect", "chk1", "--iso", "chk1/tools.iso")
+    res = cli(lab, "vm", "cdrom", "connect", "chk1", "--iso", "iso/tools.iso", "--datastore", "h1-local")
     assert res.returncode == 0, res.stderr
     assert_finding(validate(client, "chk1", "h2"), "LOCAL_MEDIA_CONNECTED", "error", "cdrom disconnect chk1")
     res = cli(lab, "vm", "migrate", "chk1", "--host", "h2")

@@ -18,6 +18,7 @@ from kvmotion.agent.context import HostContext
 from kvmotion.agent.hv.qemu.argv import build_argv
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, NicSpec, VMSpec
 from kvmotion.models.boot import OVMF_FILES
+from kvmotion.models.cloudinit import seed_cdrom
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "argv"
 UPDATE = os.environ.get("KVMOTION_UPDATE_GOLDEN") == "1"
@@ -85,6 +86,9 @@ CONFIGS: dict[str, tuple[VMSpec, str, bool]] = {
                              disks=[_disk(0)], nics=[_nic(0)]), "tcg", False),
     "disk-boot-uefi": (_spec(boot="disk", firmware="uefi", guest_ip="198.18.1.100/24", nics=[_nic(0)],
                              disks=[_disk(0, backing="images/debian-12.qcow2", backing_format="qcow2")]), "kvm", False),
+    # cloud-init: the seed ISO in the VM folder on cd0, naming no datastore (it follows the folder)
+    "cloud-init-seed": (_spec(boot="disk", guest_ip="198.18.1.100/24", disks=[_disk(0)], nics=[_nic(0)],
+                              cdroms=[seed_cdrom("vm1")]), "tcg", False),
     "uefi-secure-boot": (_spec(boot="disk", firmware="uefi", secure_boot=True, guest_ip="198.18.1.100/24",
                                gateway="198.18.1.1", disks=[_disk(0)], nics=[_nic(0)]), "kvm", True),
 }
@@ -96,6 +100,8 @@ def _host(root: Path, name: str, accelerator: str, swap: bool) -> HostContext:
     for path in stores.values():
         (path / "iso").mkdir(parents=True, exist_ok=True)
         (path / "iso" / "tools.iso").write_bytes(b"iso")
+        (path / "vm1").mkdir(exist_ok=True)
+        (path / "vm1" / "cidata.iso").write_bytes(b"seed")
     lun = root / "dev-sdx"
     lun.touch()
     ovmf = root / "ovmf"

@@ -87,7 +87,7 @@ def test_each_code_on_its_own() -> None:
                                 dst=with_firmware(facts("h2"))),
         "FIRMWARE_MISMATCH": ctx(vm=spec(**UEFI), src=with_firmware(facts("h1"), {"OVMF_CODE_4M.fd": "a"}),
                                  dst=with_firmware(facts("h2"), {"OVMF_CODE_4M.fd": "b"})),
-        "LOCAL_MEDIA_CONNECTED": ctx(vm=spec(cdroms=[CdromSpec(media="local", path="/iso/x.iso")])),
+        "LOCAL_MEDIA_CONNECTED": ctx(vm=spec(cdroms=[CdromSpec(media="local", path="iso/x.iso", datastore="h1-local")])),
         "CLIENT_MEDIA_CONNECTED": ctx(vm=spec(cdroms=[CdromSpec(media="client", nbd="nbd://198.18.0.1:10809/x")])),
         "SWAP_LOCATION_DIFFERS": ctx(dst=facts("h2", swap="/swap")),
         "NO_MIGRATION_INTERFACE": ctx(dst=facts("h2", ifaces=0)),

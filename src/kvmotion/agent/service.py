@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import diskimage, imagelib, images, tls
+from kvmotion.agent import diskimage, imagelib, images, seediso, tls
 from kvmotion.agent.importjob import ImportJobs
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
@@ -25,6 +25,7 @@ from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth,
                                    OutgoingRequest, ReleaseReport, TlsFact, VMRuntime, VMSpec)
 from kvmotion.models.agent import DiskSpec, ImageSource
 from kvmotion.models.boot import ovmf_vars_template
+from kvmotion.models.cloudinit import SeedFiles
 from kvmotion.models.console import ConsoleKind
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,9 @@ class Agent(AgentStorage):
             return False
 
     def provision(self, spec: VMSpec, disk_keys: dict[str, str] | None = None,
-                  image: ImageSource | None = None) -> VMSpec:
-        """Create the VM's folder on its datastore: config, boot files or NVRAM, disks (disk0 from ``image``).
+                  image: ImageSource | None = None, seed: SeedFiles | None = None) -> VMSpec:
+        """Create the VM's folder on its datastore: config, boot files or NVRAM, disks (disk0 from ``image``),
+        and the cloud-init seed ISO when given.
 
         Nothing is left on failure. Returns the spec as made (a disk from an image: its size and base).
         """
@@ -159,6 +161,8 @@ class Agent(AgentStorage):
                 shutil.copyfile(src, folder / name)
             if spec.firmware == "uefi":
                 self._new_nvram(ctx, spec)
+            if seed is not None:
+                seediso.write_seed(ctx, spec, seed)
             disks = []
             for disk in spec.disks:
                 if disk.kind == "file":      # raw LUNs exist already

@@ -18,6 +18,7 @@ from kvmotion.agent.hv.base import Hypervisor
 from kvmotion.agent.ports import pick_port
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.boot import NVRAM_FILE
+from kvmotion.models.cloudinit import SEED_ISO, moves_with_folder, seed_path
 from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, DiskTarget, LeaseInfo,
                                    MirrorReport, MirrorRequest, PivotReport, VMSpec)
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from kvmotion.agent.config import AgentConfig
 
 BOOT_FILES = ("vmlinuz", "initrd.img")
-HOME_FILES = (*BOOT_FILES, NVRAM_FILE, "vm.json")
+HOME_FILES = (*BOOT_FILES, NVRAM_FILE, SEED_ISO, "vm.json")
 MAX_HOME_BYTES = 256 << 20
 
 
@@ -62,6 +63,12 @@ def source_file(ctx: HostContext, source: str) -> Path:
 def home_names(spec: VMSpec) -> tuple[str, ...]:
     """The VM folder's files that move with it (vm.json is written anew): the test kernel, the UEFI NVRAM."""
     return (BOOT_FILES if spec.boot == "kernel" else ()) + ((NVRAM_FILE,) if spec.firmware == "uefi" else ())
+
+
+def present_home_names(folder: Path, spec: VMSpec) -> tuple[str, ...]:
+    """The files to move: ``home_names``, and the cloud-init seed ISO when the folder has one (a regular file)."""
+    seed = folder / SEED_ISO
+    return home_names(spec) + ((SEED_ISO,) if seed.is_file() and not seed.is_symlink() else ())
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -129,7 +136,7 @@ class AgentStorage:
     # -- VM folders ---------------------------------------------------------------------------------
     def home_files(self, spec: VMSpec) -> dict[str, str]:
         folder = vm_folder(self.context(), spec)
-        return {name: base64.b64encode(_read(folder / name)).decode() for name in home_names(spec)}
+        return {name: base64.b64encode(_read(folder / name)).decode() for name in present_home_names(folder, spec)}
 
     def put_home(self, spec: VMSpec, files: dict[str, str]) -> str:
         """Create the VM folder from another host's copy; refuses to overwrite an existing folder."""
@@ -137,9 +144,10 @@ class AgentStorage:
         if folder.exists() and any(p.name in HOME_FILES for p in folder.iterdir()):
             raise ConflictError(f"folder {folder} already holds a VM", remedy="remove the leftover folder first")
         expected = home_names(spec)
-        if set(files) != set(expected):
+        if not set(expected) <= set(files) <= {*expected, SEED_ISO}:
             raise InvalidInputError(f"VM folder files {sorted(files)} are not the ones VM {spec.name} has",
-                                    remedy="send exactly: " + (", ".join(expected) or "nothing"))
+                                    remedy="send exactly: " + (", ".join(expected) or "nothing")
+                                    + f" (and {SEED_ISO} when it has one)")
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             _write_new(folder / name, base64.b64decode(data))
@@ -151,7 +159,7 @@ class AgentStorage:
         if src == dst:
             return
         dst.mkdir(parents=True, exist_ok=True)
-        for name in home_names(old):     # the NVRAM as of the pivot: the caller reopens QEMU's on the copy
+        for name in present_home_names(src, old):  # the NVRAM as of the pivot: the caller reopens QEMU's on the copy
             _write_new(dst / name, _read(src / name))
         (dst / "vm.json").write_text(new.model_dump_json(indent=1))
 
@@ -257,6 +265,9 @@ class AgentStorage:
                 await asyncio.to_thread(self._copy_home, old, new)
                 if new.firmware == "uefi":        # QEMU writes the new NVRAM from here on, the old one is closed
                     await self.hv.move_nvram(uuid, nvram_file(ctx, new))
+                for cd in new.cdroms:             # the seed ISO: read from the new folder's copy
+                    if moves_with_folder(cd, new):
+                        await self.hv.move_media(uuid, cd.id, safe_path(ctx, new.boot_datastore, seed_path(new)))
             else:
                 (vm_folder(ctx, new) / "vm.json").write_text(new.model_dump_json(indent=1))
             self.take_leases(new, expected_holder=None)

@@ -8,7 +8,8 @@ from kvmotion.checks.context import MEMORY_HEADROOM_MB, MIN_LINK_MBPS, HostView,
 from kvmotion.migration.kinds import kind
 from kvmotion.models.findings import Finding, finding
 from kvmotion.models.moves import MoveKind
-from kvmotion.models.agent import HOST_PASSTHROUGH, HostFacts
+from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, HostFacts
+from kvmotion.models.cloudinit import in_folder, moves_with_folder
 from kvmotion.models.boot import ovmf_code
 
 Check = Callable[[MigrationContext], list[Finding]]
@@ -110,17 +111,37 @@ def firmware(ctx: MigrationContext) -> list[Finding]:
 
 
 def media(ctx: MigrationContext) -> list[Finding]:
+    """CD/DVD media: an ISO on a datastore the destination also sees moves with the VM (as in vSphere); an ISO
+    the destination cannot reach (another host's datastore, or left behind by a moving VM folder) blocks."""
     out = []
     for cd in ctx.spec.cdroms:
-        if cd.media == "local":
-            out.append(finding("LOCAL_MEDIA_CONNECTED", f"device:{cd.id}",
-                               f"{cd.id} has the host-local image {cd.path} connected",
-                               f"disconnect it: kvmotion vm cdrom disconnect {ctx.spec.name} --drive {cd.id}"))
+        if cd.media == "local" and cd.path:
+            problem = _local_media_problem(ctx, cd)
+            if problem is not None:
+                out.append(finding("LOCAL_MEDIA_CONNECTED", f"device:{cd.id}", f"{cd.id} has the image {cd.path} "
+                                   f"connected, {problem}", f"disconnect it: kvmotion vm cdrom disconnect "
+                                   f"{ctx.spec.name} --drive {cd.id}, or put the image on a datastore "
+                                   f"{ctx.destination.name} also mounts"))
         elif cd.media == "client":
             out.append(finding("CLIENT_MEDIA_CONNECTED", f"device:{cd.id}",
                                f"{cd.id} has client media {cd.nbd} connected; it stays connected after the move",
                                "nothing to do"))
     return out
+
+
+def _local_media_problem(ctx: MigrationContext, cd: CdromSpec) -> str | None:
+    """Why the destination could not open a local ISO after the move, or None when it can."""
+    before, after = ctx.spec, ctx.after
+    home_moves = before.boot_datastore != after.boot_datastore
+    if home_moves and in_folder(cd, before) and not moves_with_folder(cd, before):
+        return f"inside the VM folder on {before.boot_datastore}, which is removed when the folder moves"
+    if home_moves and cd.datastore is None and not moves_with_folder(cd, before):
+        return f"which would be looked for on {after.boot_datastore}, where it is not"
+    datastore = cd.datastore or after.boot_datastore
+    dst = ctx.destination.facts
+    if dst is not None and datastore not in {d.name for d in dst.datastores if d.readable}:
+        return f"on datastore {datastore}, which {ctx.destination.name} does not see (host-local media)"
+    return None
 
 
 def memory_backing(ctx: MigrationContext) -> list[Finding]:

@@ -1,12 +1,14 @@
 """`kvmotion vm …`: create, power, change and move virtual machines; their CD/DVD media."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from kvmotion.cli.client import Client
+from kvmotion.cli.cloudinit import cloud_init_request
 from kvmotion.cli.devices import disk_app, nic_app, parse_disk, parse_nic
 from kvmotion.cli.output import POLICY_HELP, URL, console, err_console, findings_table, policy_of, print_json, run
 from kvmotion.cli.progress import follow, print_outcome
@@ -53,8 +55,17 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               machine: Optional[str] = typer.Option(None, help="machine type, e.g. pc-q35-7.2 | pc-i440fx-7.2"),
               sockets: Optional[int] = typer.Option(None, help="vCPU topology (with --cores, --threads)"),
               cores: Optional[int] = None, threads: Optional[int] = None,
+              cloud_init: Optional[Path] = typer.Option(None, "--cloud-init", help="cloud-init user-data: "
+                                                        "#cloud-config YAML or a #! script (a NoCloud seed ISO)"),
+              ssh_key: Optional[Path] = typer.Option(None, "--ssh-key", help="public key file: added to the "
+                                                     "cloud-config's ssh_authorized_keys"),
+              network_config: Optional[Path] = typer.Option(None, "--network-config",
+                                                            help="cloud-init network config (YAML v1/v2)"),
+              meta_data: Optional[Path] = typer.Option(None, "--meta-data", help="cloud-init meta-data (YAML; "
+                                                       "default: instance-id = UUID, local-hostname = NAME)"),
               url: Optional[str] = URL) -> None:
     """Create a VM; sockets x cores x threads must equal --vcpus (alias --cpus)."""
+    seed = run(lambda: cloud_init_request(cloud_init, ssh_key, network_config, meta_data))
     devices = run(lambda: {"disks": [parse_disk(d) for d in disk or []], "nics": [parse_nic(n) for n in nic or []],
                            "machine": machine, "sockets": sockets, "cores": cores, "threads": threads})
     mask = [f for f in (cpu_mask or "").split(",") if f]
@@ -64,13 +75,14 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
                   disk_mb=disk_mb, ip=ip, dirty_mb_s=dirty, dirty_region_mb=dirty_region_mb, cpu_model=cpu,
                   cpu_mask=mask, encrypted_vmotion=encrypted_vmotion, marker=marker, encrypted_disk=encrypted_disk,
                   data_disk_mb=data_disk_mb, data_datastore=data_datastore, disk_format=disk_format,
-                  records_rate=records_rate, **boot_opts, **devices)
+                  records_rate=records_rate, cloud_init=seed, **boot_opts, **devices)
     timeout = IMAGE_CLONE_TIMEOUT_S if image else 60.0     # a full clone converts the whole image first
     vm = run(lambda: Client(url, timeout=timeout).create_vm(**fields))
     spec = vm['spec']
     console.print(f"created VM [bold]{vm['name']}[/] ({vm['uuid']}) on {vm['host']}, "
                   f"datastore {spec['boot_datastore']}, ip {spec['guest_ip']}, "
-                  f"boot {spec.get('boot', 'kernel')} under {spec.get('firmware', 'bios')}")
+                  f"boot {spec.get('boot', 'kernel')} under {spec.get('firmware', 'bios')}"
+                  + (f", cloud-init seed {spec['cdroms'][0]['path']} on cd0" if seed else ""))
 
 
 @vm_app.command("import-ovf")
@@ -237,7 +249,8 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
 
 @cdrom_app.command("connect")
 def cdrom_connect(vm: str, iso: Optional[str] = typer.Option(
-                      None, help="an ISO image, relative to a datastore (host-attached media: blocks vMotion)"),
+                      None, help="an ISO image, relative to a datastore (blocks a move only if the destination does not "
+                                  "see that datastore)"),
                   datastore: Optional[str] = typer.Option(None, help="the ISO's datastore (default: the VM's)"),
                   nbd: Optional[str] = typer.Option(None, help="client media: nbd://HOST:PORT/EXPORT"),
                   drive: str = "cd0", url: Optional[str] = URL) -> None:

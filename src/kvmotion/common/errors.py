@@ -100,6 +100,10 @@ class InvalidInputError(KvmotionError):
     code = ErrorCode.INVALID_INPUT
 
 
+class CloudInitInvalid(InvalidInputError):
+    """A cloud-init input file that cannot be used; ``details``: file (its name), kind, line (1-based, or None)."""
+
+
 class ConflictError(KvmotionError):
     code = ErrorCode.CONFLICT
 

@@ -11,9 +11,10 @@ from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.models.agent import PostcopyRecover, PostcopyResume
 from kvmotion.models.agent import DiskSpec
 from kvmotion.models.devices import DiskChange, DiskRemoval
+from kvmotion.models.cloudinit import ProvisionSeedRequest, SeedFiles
 
 IMAGE_CLONE_TIMEOUT_S = 3700.0     # a full clone converts the whole image (the agent's own deadline: 3600 s)
-from kvmotion.models.agent import DirtySample, GuestHealth, HealthCheckRequest, ImageSource, ProvisionRequest
+from kvmotion.models.agent import DirtySample, GuestHealth, HealthCheckRequest, ImageSource
 from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, MirrorReport, MirrorRequest,
                                    PivotReport)
 from kvmotion.models.agent import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
@@ -90,9 +91,9 @@ class AgentClient:
         return HostFacts.model_validate(await self._call("GET", "/v1/facts", timeout=10))
 
     async def provision(self, spec: VMSpec, disk_keys: dict[str, str] | None = None,
-                        image: ImageSource | None = None) -> VMSpec:
+                        image: ImageSource | None = None, seed: SeedFiles | None = None) -> VMSpec:
         """The VM's files on its host; returns the spec as made (a disk from an image: its size and base)."""
-        req = ProvisionRequest(spec=spec, disk_keys=disk_keys or {}, image=image)
+        req = ProvisionSeedRequest(spec=spec, disk_keys=disk_keys or {}, image=image, seed=seed)
         timeout = IMAGE_CLONE_TIMEOUT_S if image is not None else 90
         return VMSpec.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/provision", req.model_dump(),
                                                       timeout=timeout))

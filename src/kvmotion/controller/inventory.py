@@ -19,7 +19,8 @@ from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, V
 from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
-from kvmotion.controller import devices, imagestore, policy
+from kvmotion.controller import cloudinit, devices, imagestore, policy
+from kvmotion.models.cloudinit import seed_cdrom
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
 
@@ -226,6 +227,8 @@ class Inventory:
         raise ConflictError("the VM address pool is exhausted", remedy="delete unused VMs or pass --ip")
 
     async def create_vm(self, req: VMCreate) -> VMOut:
+        uuid = str(uuidlib.uuid4())
+        seed = cloudinit.seed_files(req.cloud_init, uuid, req.name) if req.cloud_init else None   # before anything
         host = self.get_host(req.host)
         facts = self.host_facts(req.host)
         if host.maintenance:
@@ -256,7 +259,6 @@ class Inventory:
         if linked_ds is not None and linked_ds != ds_name:
             raise InvalidInputError(str(linked_clone_problem("linked", linked_ds, ds_name)),
                                     remedy=f"drop --datastore (the VM then lives on {linked_ds}), or use --clone full")
-        uuid = str(uuidlib.uuid4())
         disks = self._new_disks(req, uuid, ds_name, [d.name for d in readable], facts)
         disks = devices.extra_disks(req, req.name, ds_name, [d.name for d in readable], disks)
         nics = devices.make_nics(req.nics or [devices.NicRequest(portgroup=req.network, mac=req.mac)], uuid, facts, req.host,
@@ -265,7 +267,7 @@ class Inventory:
                       disks=disks,
                       nics=nics, boot_datastore=ds_name, folder=req.name,
                       guest_ip=req.ip or self._allocate_ip(), dirty_mb_s=req.dirty_mb_s,
-                      cdroms=[CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
+                      cdroms=[seed_cdrom(req.name) if seed else CdromSpec(id="cd0")], cpu_mask=req.cpu_mask,
                       encrypted_vmotion="required" if req.encrypted_disk else req.encrypted_vmotion,
                       extra_cmdline=" ".join(x for x in (
                           f"kvmotion.marker={req.marker}" if req.marker else "",
@@ -274,7 +276,7 @@ class Inventory:
                           if req.records_rate is not None else "") if x),
                       boot=req.boot_mode, firmware=req.firmware, secure_boot=req.secure_boot, gateway=req.gateway,
                       **({"cpu_model": req.cpu_model} if req.cpu_model else {}), source_image=req.library_image, **devices.hardware(req, facts))
-        spec = await self.agent(req.host).provision(spec, self.disk_keys(spec), image)
+        spec = await self.agent(req.host).provision(spec, self.disk_keys(spec), image, seed)
         await devices.claim_macs(self, spec, req.host)     # a MAC taken meanwhile: the files made are removed again
         with self.sessions.begin() as s:
             s.add(VM(uuid=uuid, name=req.name, host=req.host, power_state="poweredOff", spec_json=spec.model_dump_json()))

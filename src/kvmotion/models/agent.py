@@ -139,7 +139,7 @@ class DiskSpec(BaseModel):
 
 
 class CdromSpec(BaseModel):
-    """A CD/DVD drive. Host-local media block vMotion; client media (an NBD export) does not."""
+    """A CD/DVD drive. Media the destination cannot open (host-local) block a move; shared or client do not."""
 
     id: DeviceId = "cd0"
     media: str = Field(default="none", pattern="^(none|local|client)$")

@@ -13,6 +13,7 @@ from kvmotion.models.agent import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTER
                                    MAX_DISKS, MAX_URL_CHARS, DatastorePath, DiskRef, Name, NbdUrl,
                                    PortGroupName, relative_path_problem)
 from kvmotion.models.devices import DiskRequest, NicRequest
+from kvmotion.models.cloudinit import CloudInitRequest
 from kvmotion.models.hardware import topology_problem
 from kvmotion.models.boot import (BOOT_PATTERN, CLONE_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_PATTERN,
                                   ImageSource, parse_image_ref)
@@ -99,6 +100,8 @@ class VMCreate(Request):
     sockets: int | None = Field(default=None, ge=1, le=64, description="vCPU topology: sockets x cores x threads")
     cores: int | None = Field(default=None, ge=1, le=64)
     threads: int | None = Field(default=None, ge=1, le=64)
+    cloud_init: CloudInitRequest | None = Field(
+        default=None, description="cloud-init NoCloud seed: checked first, built as VM/cidata.iso on drive cd0")
 
     @model_validator(mode="after")
     def _device_rules(self) -> VMCreate:

@@ -34,7 +34,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FIRMWARE_MISMATCH": (Severity.WARNING, "the destination's OVMF code file is another build (used from the next "
                                             "boot on)"),
     "RDM_DEVICE_NOT_VISIBLE": (Severity.ERROR, "the destination does not see the VM's raw LUN (by identity)"),
-    "LOCAL_MEDIA_CONNECTED": (Severity.ERROR, "a host-local CD/DVD image is connected"),
+    "LOCAL_MEDIA_CONNECTED": (Severity.ERROR, "a connected CD/DVD image the destination cannot open (host-local)"),
     "CLIENT_MEDIA_CONNECTED": (Severity.INFO, "client-connected media (NBD) moves with the VM"),
     "SWAP_LOCATION_DIFFERS": (Severity.WARNING, "the destination keeps VM memory-backing files elsewhere: slower"),
     "NO_MIGRATION_INTERFACE": (Severity.ERROR, "a host has no migration-enabled interface"),

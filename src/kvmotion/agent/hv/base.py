@@ -188,6 +188,11 @@ class Hypervisor(ABC):
         """A running UEFI VM writes its variables to ``path`` from now on (a copy of its NVRAM, made by the caller,
         who holds :meth:`lock`): Storage vMotion moves the VM folder."""
 
+    async def move_media(self, uuid: str, drive: str, path: Path) -> None:
+        """A running VM's CD/DVD medium is read from ``path`` from now on (a copy of the same image, made by the
+        caller, who holds :meth:`lock`): Storage vMotion moves the VM folder with its cloud-init seed ISO."""
+        raise NotImplementedError
+
     # -- guest ----------------------------------------------------------------------------
     @abstractmethod
     async def dirty_sample(self, uuid: str, max_age_s: float, measure: bool) -> DirtySample:

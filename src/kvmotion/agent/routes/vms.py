@@ -8,7 +8,8 @@ from pydantic import BaseModel
 
 from kvmotion.agent.routes.deps import AgentDep
 from kvmotion.models.agent import (CdromSpec, DirtySample, GuestHealth, HealthCheckRequest, LeaseInfo, NameOrEmpty,
-                                   ProvisionRequest, StartRequest, VMRuntime, VMSpec)
+                                   StartRequest, VMRuntime, VMSpec)
+from kvmotion.models.cloudinit import ProvisionSeedRequest
 
 router = APIRouter(prefix="/v1/vms")
 
@@ -23,9 +24,10 @@ async def vms(agent: AgentDep) -> list[VMRuntime]:
 
 
 @router.post("/{uuid}/provision")
-async def provision(uuid: str, req: ProvisionRequest, agent: AgentDep) -> VMSpec:
-    """The VM's folder and disks (disk0 from an image: converted or overlaid, off the event loop)."""
-    return await asyncio.to_thread(agent.provision, req.spec, req.disk_keys, req.image)
+async def provision(uuid: str, req: ProvisionSeedRequest, agent: AgentDep) -> VMSpec:
+    """The VM's folder and disks (disk0 from an image: converted or overlaid, off the event loop), and its
+    cloud-init seed ISO when the request has one."""
+    return await asyncio.to_thread(agent.provision, req.spec, req.disk_keys, req.image, req.seed)
 
 
 @router.post("/{uuid}/destroy-files")

@@ -328,6 +328,20 @@ class QemuHypervisor(Hypervisor):
             await qmp.execute("blockdev-del", {"node-name": node}, timeout=10)
             raise
 
+    async def move_media(self, uuid: str, drive: str, path: Path) -> None:
+        """The drive's medium node reopened on the new file (``blockdev-reopen``, read-only); the guest sees no
+        media change and the old file is closed."""
+        qmp = migration.qmp_of(self._get(uuid))
+        node = f"{drive}-file-{os.urandom(3).hex()}"
+        await qmp.execute("blockdev-add", {"node-name": node, "driver": "file", "filename": str(path),
+                                           "read-only": True}, timeout=10)
+        try:
+            await qmp.execute("blockdev-reopen", {"options": [{"node-name": f"{drive}-media", "driver": "raw",
+                                                               "read-only": True, "file": node}]}, timeout=10)
+        except KvmotionError:
+            await qmp.execute("blockdev-del", {"node-name": node}, timeout=10)
+            raise
+
     # -- guest ----------------------------------------------------------------------------
     async def dirty_sample(self, uuid: str, max_age_s: float, measure: bool) -> DirtySample:
         return await self.sampler.get(self._get(uuid), max_age_s, measure)
