@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from kvmotion import __version__
 from kvmotion.agent.auth import SignedRequestsOnly
-from kvmotion.agent.routes import devices, host, images, migration, storage, vms
+from kvmotion.agent.routes import devices, guest, host, images, migration, storage, vms
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
 
@@ -36,6 +36,6 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     app.state.agent = agent
     app.add_middleware(SignedRequestsOnly, secret=secret)
     app.add_exception_handler(KvmotionError, _kvm_error)
-    for module in (host, vms, migration, storage, devices, images):
+    for module in (host, vms, migration, storage, devices, images, guest):
         app.include_router(module.router)
     return app
