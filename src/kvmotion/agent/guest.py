@@ -75,8 +75,9 @@ class GuestOps:
     async def guest_ping(self, uuid: str, deadline_s: float) -> dict[str, float]:
         return {"rtt_ms": await self.hv.guest_ping(uuid, deadline_s)}
 
-    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str) -> GuestClock:
-        return await self.hv.guest_clock_sync(uuid, deadline_s, step_ms, host_name)
+    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str,
+                               set_allowance_s: float = 3.0) -> GuestClock:
+        return await self.hv.guest_clock_sync(uuid, deadline_s, step_ms, host_name, set_allowance_s)
 
     async def power_graceful(self, uuid: str, action: str, timeout_s: float, force: bool) -> PowerOpResult:
         result = await self.hv.power_graceful(uuid, action, timeout_s, force)

@@ -18,7 +18,8 @@ from kvmotion.models.guest import GuestClock
 
 log = logging.getLogger(__name__)
 
-DEADLINE_S = 3.0     # the agent's: sync, read, set (qemu-ga's hwclock -w waits for the RTC's next second), read
+DEADLINE_S = 2.0     # the agent's for the sync and the first read: a silent guest agent costs this much
+SET_S = 3.0          # more for a set and the read after it (qemu-ga's hwclock -w waits for the RTC's next second)
 SLACK_S = 6.0        # the HTTP round trip on top, before the controller gives up on the answer
 
 ClockTask = asyncio.Task[GuestClock]
@@ -27,7 +28,7 @@ ClockTask = asyncio.Task[GuestClock]
 async def sync(agent: HostClient, uuid: str) -> GuestClock:
     """The agent's answer; ``set: false`` with why when the call itself fails. Never raises."""
     try:
-        return await agent.guest_clock_sync(uuid, deadline_s=DEADLINE_S)
+        return await agent.guest_clock_sync(uuid, deadline_s=DEADLINE_S, set_allowance_s=SET_S)
     except KvmotionError as exc:
         why = f"the clock could not be checked: {exc.message}"
     except Exception as exc:  # noqa: BLE001 - the clock must never fail the move
@@ -45,7 +46,7 @@ async def outcome(task: ClockTask | None) -> dict[str, Any]:
     if task is None:
         return {}
     try:
-        clock = await asyncio.wait_for(task, timeout=DEADLINE_S + SLACK_S)
+        clock = await asyncio.wait_for(task, timeout=DEADLINE_S + SET_S + SLACK_S)
     except asyncio.TimeoutError:
         clock = GuestClock(why="the destination's agent did not answer the clock sync in time")
     return {"guest_clock": clock.model_dump(include={"offset_before_ms", "offset_after_ms", "set", "why", "host",

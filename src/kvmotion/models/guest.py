@@ -47,7 +47,8 @@ class GuestFacts(BaseModel):
 
 
 class ClockSyncRequest(BaseModel):
-    deadline_s: float = Field(default=3.0, ge=0.2, le=30)
+    deadline_s: float = Field(default=2.0, ge=0.2, le=30, description="for the sync and the first read")
+    set_allowance_s: float = Field(default=3.0, ge=0, le=30, description="more for a set and the read after it")
     step_ms: float = Field(default=CLOCK_STEP_MS, ge=0, le=86_400_000)
 
 

@@ -202,9 +202,10 @@ class Hypervisor(ABC):
         """The guest agent's round trip in ms; ``GuestAgentSilent`` when it does not answer in time."""
 
     @abstractmethod
-    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str) -> GuestClock:
+    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str,
+                               set_allowance_s: float) -> GuestClock:
         """Read the guest clock against the host's, set it when off by more than ``step_ms``, read it again.
-        Never raises and never takes longer than ``deadline_s``."""
+        Never raises; a silent agent costs ``deadline_s``, a set ``set_allowance_s`` more at most."""
 
     @abstractmethod
     async def power_graceful(self, uuid: str, action: str, timeout_s: float, force: bool) -> PowerOpResult:

@@ -25,7 +25,7 @@ async def guest_ping(uuid: str, agent: AgentDep,
 
 @router.post("/{uuid}/guest/clock-sync")
 async def guest_clock_sync(uuid: str, req: ClockSyncRequest, agent: AgentDep) -> GuestClock:
-    return await agent.guest_clock_sync(uuid, req.deadline_s, req.step_ms, agent.cfg.name)
+    return await agent.guest_clock_sync(uuid, req.deadline_s, req.step_ms, agent.cfg.name, req.set_allowance_s)
 
 
 @router.post("/{uuid}/shutdown")

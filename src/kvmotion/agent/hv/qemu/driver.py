@@ -350,11 +350,12 @@ class QemuHypervisor(Hypervisor):
         await vm.guest_agent.execute("guest-ping", deadline_s=deadline_s)
         return round((time.monotonic() - t0) * 1000, 3)
 
-    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str) -> GuestClock:
+    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str,
+                               set_allowance_s: float) -> GuestClock:
         vm = self.vms.get(uuid)
         if vm is None or vm.state != VMRunState.RUNNING:
             return GuestClock(host=host_name, why=f"the VM does not run on {host_name}")
-        return await guestinfo.sync_clock(vm.guest_agent, host_name, deadline_s, step_ms)
+        return await guestinfo.sync_clock(vm.guest_agent, host_name, deadline_s, step_ms, set_allowance_s)
 
     async def power_graceful(self, uuid: str, action: str, timeout_s: float, force: bool) -> PowerOpResult:
         vm = self._get(uuid)

@@ -102,11 +102,12 @@ class FactsCache:
     async def get(self, uuid: str, ga: GuestAgent, max_age_s: float, deadline_s: float) -> GuestFacts:
         now = time.time()
         last = self.facts.get(uuid)
-        if last is not None and last.collected_at is not None and now - last.collected_at <= max_age_s:
-            return last.model_copy(update={"cached": True})
-        silent = self.silent.get(uuid)
+        silent = self.silent.get(uuid)        # newer than ``last`` when set (an answer clears it)
         if silent is not None and now - silent[0] <= min(max_age_s, SILENT_TTL_S):
             return silent[1]
+        if silent is None and last is not None and last.collected_at is not None and \
+                now - last.collected_at <= max_age_s:
+            return last.model_copy(update={"cached": True})
         try:
             fresh = await read_facts(ga, deadline_s)
         except KvmotionError as exc:
@@ -130,6 +131,11 @@ def not_answering(exc: KvmotionError, last: GuestFacts | None) -> GuestFacts:
 
 
 # -- the clock -----------------------------------------------------------------------------------------------
+SET_ALLOWANCE_S = 3.0
+"""What a set may take on top of the read: qemu-ga runs ``hwclock -w`` after setting the time, which waits for the
+RTC's next second (about 1 s on KVM, measured up to 2.1 s on a loaded TCG host)."""
+
+
 def clock_decision(offset_ms: float | None, step_ms: float) -> tuple[bool, str]:
     """Whether to set the guest clock after a move, and why (pure). ``offset_ms``: guest − host, None: unread."""
     if offset_ms is None:
@@ -150,8 +156,12 @@ async def _offset(s: Session) -> tuple[float, float]:
     return (guest - (t0 + t1) / 2) / 1e6, (t1 - t0) / 1e6
 
 
-async def sync_clock(ga: GuestAgent, host: str, deadline_s: float, step_ms: float) -> GuestClock:
-    """Read, set when off by more than ``step_ms``, read again. Never raises: what failed is in ``why``."""
+async def sync_clock(ga: GuestAgent, host: str, deadline_s: float, step_ms: float,
+                     set_allowance_s: float = SET_ALLOWANCE_S) -> GuestClock:
+    """Read, set when off by more than ``step_ms``, read again. Never raises: what failed is in ``why``.
+
+    ``deadline_s`` bounds the sync and the first read (a silent agent costs no more); a set gets
+    ``set_allowance_s`` more for itself and the read after it (qemu-ga's ``hwclock -w``)."""
     t0 = time.monotonic()
     out = GuestClock(host=host)
     try:
@@ -162,6 +172,7 @@ async def sync_clock(ga: GuestAgent, host: str, deadline_s: float, step_ms: floa
             if not do_set:
                 out.offset_after_ms = out.offset_before_ms
             else:
+                s.end = max(s.end, time.monotonic() + set_allowance_s)
                 try:
                     # plus half the measured round trip: the time the request takes to reach the guest
                     await s.execute("guest-set-time", {"time": time.time_ns() + int(rtt * 1e6 / 2)})
