@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import time
@@ -141,6 +142,9 @@ def test_debian_reboot_is_a_new_boot_and_it_stays_powered_on(lab, client, deb) -
     res = cli(lab, "vm", "reboot", deb, "--timeout", "180")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "rebooted" in res.stdout and "through its guest agent" in res.stdout, res.stdout
+    took = re.search(r"after ([0-9.]+)s", res.stdout)
+    assert took, res.stdout
+    record_figure("guest_reboot_until_reset_s", float(took.group(1)), "s")     # request → the guest's RESET
     beat = wait_for(lambda: (b := scenario.guest_heartbeat(lab.net.client_netns, client.vm(deb)["spec"]["guest_ip"]))
                     and b["boot_id"] != before["boot_id"] and b, 300, "the guest back after its reboot")
     record_figure("guest_reboot_until_http_s", time.monotonic() - t0, "s")
@@ -190,6 +194,10 @@ def test_tiny_guest_without_an_agent(lab, client) -> None:
     record_figure("vm_show_silent_guest_agent_s", time.monotonic() - t0, "s")
     assert shown["guest_agent"] == "not answering" and "qemu-guest-agent" in shown["remedy"]
     assert time.monotonic() - t0 < 6
+    t0 = time.monotonic()
+    shown = client.vm(TINY, refresh_guest=True)["runtime"]["guest"]     # asked now: the short deadline, no more
+    record_figure("vm_show_refresh_silent_guest_agent_s", time.monotonic() - t0, "s")
+    assert shown["guest_agent"] == "not answering" and time.monotonic() - t0 < 6
 
     task = follow(client, client.migrate(TINY, "h2"))                    # the clock is not checked, the move is fine
     assert task["result"]["guest_clock"]["set"] is False
@@ -204,6 +212,7 @@ def test_tiny_guest_without_an_agent(lab, client) -> None:
 
     res = cli(lab, "vm", "shutdown", TINY, "--timeout", "5")          # ACPI, which this guest ignores
     out = res.stdout + res.stderr
+    record_figure("tiny_guest_honours_acpi", float(res.returncode == 0), "bool")
     if res.returncode == 0:                                           # (a guest that honours it powers off)
         assert "by the ACPI power button" in out and client.vm(TINY)["power_state"] == "poweredOff", out
         client.start_vm(TINY)

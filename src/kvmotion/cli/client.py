@@ -141,10 +141,15 @@ class Client:
         return self.call("POST", "/vms/import-ovf", {k: v for k, v in body.items() if v is not None})
 
     def shutdown_vm(self, ref: str, timeout_s: float = 120.0, force: bool = False) -> dict[str, Any]:
-        return self.call("POST", f"/vms/{ref}/shutdown", {"timeout_s": timeout_s, "force": force})
+        """Graceful: waits up to ``timeout_s`` for the guest (this call's own HTTP deadline is longer)."""
+        return self._power(ref, "shutdown", timeout_s, force)
 
     def reboot_vm(self, ref: str, timeout_s: float = 120.0, force: bool = False) -> dict[str, Any]:
-        return self.call("POST", f"/vms/{ref}/reboot", {"timeout_s": timeout_s, "force": force})
+        return self._power(ref, "reboot", timeout_s, force)
+
+    def _power(self, ref: str, action: str, timeout_s: float, force: bool) -> dict[str, Any]:
+        waiting = Client(self.url, timeout=max(self.timeout, timeout_s + 60), token=self._token)
+        return waiting.call("POST", f"/vms/{ref}/{action}", {"timeout_s": timeout_s, "force": force})
 
     def guest(self, ref: str, refresh: bool = True) -> dict[str, Any]:
         return self.call("GET", f"/vms/{ref}/guest", params={"refresh": refresh})

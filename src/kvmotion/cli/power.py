@@ -23,7 +23,9 @@ def _power(vm: str, action: str, timeout: float, force: bool, url: Optional[str]
     client = Client(url, timeout=timeout + HTTP_SLACK_S)
     verb = "shutting down" if action == "shutdown" else "rebooting"
     with console.status(f"{verb} {vm} (up to {timeout:g}s)…", spinner="dots"):
-        return run(lambda: client.call("POST", f"/vms/{vm}/{action}", {"timeout_s": timeout, "force": force}))
+        if action == "shutdown":
+            return run(lambda: client.shutdown_vm(vm, timeout, force))
+        return run(lambda: client.reboot_vm(vm, timeout, force))
 
 
 def describe_power(out: dict[str, Any]) -> list[str]:
@@ -85,7 +87,7 @@ def vm_guest(vm: str, json_out: bool = typer.Option(False, "--json", help="print
              url: Optional[str] = URL) -> None:
     """What the guest agent tells now: OS, hostname, IP addresses, file systems, agent version (an error naming
     the fix when no guest agent answers)."""
-    facts = run(lambda: Client(url, timeout=30).call("GET", f"/vms/{vm}/guest"))
+    facts = run(lambda: Client(url, timeout=30).guest(vm))
     if json_out:
         print_json(facts)
     else:
