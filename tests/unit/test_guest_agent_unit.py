@@ -181,6 +181,7 @@ def test_one_session_at_a_time(tmp_path: Path) -> None:
             assert busy.value.details.get("busy")
             assert await ga.execute("guest-ping", deadline_s=2.0) == {}     # waits its turn
             assert (await slow)[0]["mountpoint"] == "/"
+            assert not ga.lock.locked()                         # no waiter that gave up kept it
     run(main())
 
 

@@ -152,6 +152,27 @@ class Session:
             pass
 
 
+async def _acquire(lock: asyncio.Lock, timeout_s: float) -> bool:
+    """The lock within ``timeout_s``; never left held by a waiter that gave up (or was cancelled) just as it got
+    it."""
+    waiter = asyncio.ensure_future(lock.acquire())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=max(timeout_s, 0.001))
+    except asyncio.CancelledError:
+        waiter.cancel()
+        waiter.add_done_callback(lambda w: lock.release() if not w.cancelled() and w.exception() is None else None)
+        raise
+    if done:
+        return True
+    waiter.cancel()
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        return False
+    lock.release()          # it got the lock as it was being cancelled
+    return False
+
+
 class GuestAgent:
     """The guest agent of one VM: one session at a time, each with its deadline."""
 
@@ -165,12 +186,10 @@ class GuestAgent:
     async def session(self, deadline_s: float = DEFAULT_DEADLINE_S) -> AsyncIterator[Session]:
         """A synced session; the deadline covers waiting for the lock, connecting, the sync and every command."""
         end = time.monotonic() + deadline_s
-        try:
-            await asyncio.wait_for(self.lock.acquire(), timeout=max(deadline_s, 0.001))
-        except asyncio.TimeoutError as exc:
+        if not await _acquire(self.lock, deadline_s):
             raise GuestAgentSilent(f"the guest agent of VM {self.vm} is busy with another call for longer than "
                                    f"{deadline_s:.1f}s", remedy="retry shortly",
-                                   details={"vm": self.vm, "deadline_s": deadline_s, "busy": True}) from exc
+                                   details={"vm": self.vm, "deadline_s": deadline_s, "busy": True})
         try:
             try:
                 reader, writer = await asyncio.wait_for(
