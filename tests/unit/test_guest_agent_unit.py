@@ -465,3 +465,55 @@ def test_the_cli_says_what_happened() -> None:
                                              "why": "guest agent not answering"}})
     assert "not checked" in rows[0][1] and "not answering" in rows[0][1]
     assert guest_clock_rows({}) == []
+
+
+# -- the agent finds the VMs that ended by themselves ---------------------------------------------------------
+def test_the_hypervisor_reaps_only_running_vms_whose_qemu_ended(tmp_path: Path) -> None:
+    from kvmotion.agent.guest import GuestOps
+    from kvmotion.agent.hv.qemu.driver import QemuHypervisor
+    from kvmotion.models.agent import VMRunState, VMSpec
+
+    class Proc:
+        returncode = 0
+
+    class VM:
+        def __init__(self, name: str, state: VMRunState, alive: bool) -> None:
+            self.name, self.state, self._alive = name, state, alive
+            self.spec = VMSpec(uuid=f"u-{name}", name=name, memory_mb=64, boot_datastore="ds", folder=name)
+            self.lock = asyncio.Lock()
+            self.proc = Proc()
+            self.qmp = FakeQMP(self)      # type: ignore[arg-type]
+            self.qmp.history.append((1.0, {"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"}}))
+            self.killed = False
+
+        def alive(self) -> bool:
+            return self._alive
+
+        async def kill(self) -> None:
+            self.killed, self.state = True, VMRunState.STOPPED
+
+    async def main() -> None:
+        hv = QemuHypervisor("h1", tmp_path)
+        vms = {"off": VM("off", VMRunState.RUNNING, alive=False), "up": VM("up", VMRunState.RUNNING, alive=True),
+               "moving": VM("moving", VMRunState.MIGRATING_OUT, alive=False),
+               "stopping": VM("stopping", VMRunState.RUNNING, alive=False)}
+        await vms["stopping"].lock.acquire()        # `vm stop` / `vm shutdown` hold it: theirs to clean up
+        hv.vms = {f"u-{k}": v for k, v in vms.items()}   # type: ignore[misc]
+
+        class Agent(GuestOps):
+            def __init__(self) -> None:
+                self.hv, self.released = hv, []
+
+            def release_leases(self, spec: Any) -> int:
+                self.released.append(spec.name)
+                return 1
+
+        agent = Agent()
+        events = await agent.reap_once()
+        assert [e.name for e in events] == ["off"] and events[0].guest_initiated
+        assert events[0].reason == "the guest powered itself off (guest-shutdown)"
+        assert agent.released == ["off"] and vms["off"].killed and "u-off" not in hv.vms
+        assert set(hv.vms) == {"u-up", "u-moving", "u-stopping"}
+        assert [e["name"] for e in agent.power_events()] == ["off"]
+        assert await agent.reap_once() == []
+    run(main())

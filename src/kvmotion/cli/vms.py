@@ -144,7 +144,7 @@ def vm_show(vm: str, refresh_guest: bool = typer.Option(False, "--refresh-guest"
                                                         "facts now (else cached up to 30 s)"),
             url: Optional[str] = URL) -> None:
     """The VM, with its runtime; runtime.guest is what its guest agent tells (or "not answering")."""
-    print_json(run(lambda: Client(url).vm(vm, refresh_guest=refresh_guest) if refresh_guest else Client(url).vm(vm)))
+    print_json(run(lambda: Client(url).vm(vm, refresh_guest=refresh_guest)))
 
 
 def check_migration(client: Client, vm: str, host: str | None, **opts: Any) -> int:

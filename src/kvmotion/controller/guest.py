@@ -47,7 +47,16 @@ async def guest_view(inv: "Inventory", host: str, uuid: str, refresh: bool) -> d
 
 
 def follow_power_events(inv: "Inventory", host: str, facts: HostFacts, asked_at: float) -> list[str]:
-    """Mark powered off the VMs the host says ended by themselves (see the module's rules); their names."""
+    """Mark powered off the VMs the host says ended by themselves (see the module's rules); their names. Never
+    raises: a refresh of the host's facts goes on whatever happens here."""
+    try:
+        return _follow(inv, host, facts, asked_at)
+    except Exception:  # noqa: BLE001 - the next refresh tries again
+        log.exception("could not follow the power events of %s", host)
+        return []
+
+
+def _follow(inv: "Inventory", host: str, facts: HostFacts, asked_at: float) -> list[str]:
     events = {e.get("uuid"): e for e in facts.vm_power_events if isinstance(e, dict)}
     if not events:
         return []
