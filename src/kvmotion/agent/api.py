@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from kvmotion import __version__
 from kvmotion.agent.auth import SignedRequestsOnly
 from kvmotion.agent.console import ConsoleSessions
-from kvmotion.agent.routes import console, devices, host, images, migration, storage, vms
+from kvmotion.agent.routes import console, devices, guest, host, images, migration, storage, vms
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import KvmotionError
 
@@ -38,7 +38,7 @@ def create_app(agent: Agent, secret: str, after_start: Callable[[], Awaitable[No
     app.state.consoles = ConsoleSessions()
     app.add_middleware(SignedRequestsOnly, secret=secret)
     app.add_exception_handler(KvmotionError, _kvm_error)
-    for module in (host, vms, migration, storage, devices, images):
+    for module in (host, vms, migration, storage, devices, images, guest):
         app.include_router(module.router)
     app.include_router(console.router)
     return app

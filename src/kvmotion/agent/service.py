@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
 from kvmotion.agent import diskimage, imagelib, images, seediso, tls
+from kvmotion.agent.guest import GuestOps
 from kvmotion.agent.importjob import ImportJobs
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
@@ -38,7 +39,7 @@ def _boot_id() -> str:
         return ""
 
 
-class Agent(AgentStorage):
+class Agent(AgentStorage, GuestOps):
     """The host's operations; every one on a VM's process goes through ``hv``."""
 
     def __init__(self, cfg: AgentConfig, hv: Hypervisor) -> None:
@@ -67,6 +68,7 @@ class Agent(AgentStorage):
         except KvmotionError as exc:
             log.error("CPU model probe failed: %s", exc)
         await self.hv.open(self.context())
+        self.start_reaper()       # VMs that power off by themselves (kvmotion.agent.guest)
 
     ACCEL_CACHE_S = 3600.0
 
@@ -88,6 +90,7 @@ class Agent(AgentStorage):
         return result
 
     async def shutdown(self) -> None:
+        self.stop_reaper()
         for exp in list(self.nbd_exports.values()):
             exp.stop()
         for job in self.copies.values():
@@ -124,6 +127,7 @@ class Agent(AgentStorage):
                                   self.cpu_fact())
         facts.tls = tls.status(self.tls_dir)
         facts.firmware = host_facts.firmware(self.context().firmware_dir)
+        facts.vm_power_events = self.power_events()
         return facts
 
     # -- VM files -------------------------------------------------------------------------

@@ -67,8 +67,8 @@ class Client:
     def vms(self) -> list[dict[str, Any]]:
         return self.call("GET", "/vms")
 
-    def vm(self, ref: str) -> dict[str, Any]:
-        return self.call("GET", f"/vms/{ref}")
+    def vm(self, ref: str, refresh_guest: bool = False) -> dict[str, Any]:
+        return self.call("GET", f"/vms/{ref}", params={"refresh_guest": True} if refresh_guest else None)
 
     def create_vm(self, **fields: Any) -> dict[str, Any]:
         return self.call("POST", "/vms", {k: v for k, v in fields.items() if v is not None})
@@ -139,6 +139,20 @@ class Client:
                    network: str | None = None) -> dict[str, Any]:
         body = {"file": file, "host": host, "datastore": datastore, "name": name, "network": network}
         return self.call("POST", "/vms/import-ovf", {k: v for k, v in body.items() if v is not None})
+
+    def shutdown_vm(self, ref: str, timeout_s: float = 120.0, force: bool = False) -> dict[str, Any]:
+        """Graceful: waits up to ``timeout_s`` for the guest (this call's own HTTP deadline is longer)."""
+        return self._power(ref, "shutdown", timeout_s, force)
+
+    def reboot_vm(self, ref: str, timeout_s: float = 120.0, force: bool = False) -> dict[str, Any]:
+        return self._power(ref, "reboot", timeout_s, force)
+
+    def _power(self, ref: str, action: str, timeout_s: float, force: bool) -> dict[str, Any]:
+        waiting = Client(self.url, timeout=max(self.timeout, timeout_s + 60), token=self._token)
+        return waiting.call("POST", f"/vms/{ref}/{action}", {"timeout_s": timeout_s, "force": force})
+
+    def guest(self, ref: str, refresh: bool = True) -> dict[str, Any]:
+        return self.call("GET", f"/vms/{ref}/guest", params={"refresh": refresh})
 
     def cancel_task(self, task_id: str) -> dict[str, Any]:
         return self.call("POST", f"/tasks/{task_id}/cancel")

@@ -128,9 +128,23 @@ def figures(task: dict[str, Any]) -> Table:
                      f" → {_fmt(pva['downtime_ms'][1], 'ms')}; passes {pva['passes'][0]} → {pva['passes'][1]}"))
         rows.append(("prediction", (r.get("prediction") or {}).get("strategy", "-")))
     rows += guest_health_rows(r)
+    rows += guest_clock_rows(r)
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def guest_clock_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The guest's clock after a live move: its offset to the new host before and after, and whether it was set."""
+    c = r.get("guest_clock")
+    if not c:
+        return []
+    before, after = c.get("offset_before_ms"), c.get("offset_after_ms")
+    if before is None:
+        return [("guest clock", f"[yellow]not checked[/]: {escape(c.get('why') or '-')}")]
+    text = f"{before:+.1f} ms → {after:+.1f} ms" if after is not None else f"{before:+.1f} ms → ?"
+    state = "[green]set[/]" if c.get("set") else "left alone"
+    return [("guest clock (guest − host)", f"{text}, {state}: {escape(c.get('why') or '')}")]
 
 
 def guest_health_rows(r: dict[str, Any]) -> list[tuple[str, str]]:

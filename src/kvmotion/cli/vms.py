@@ -11,6 +11,7 @@ from kvmotion.cli.client import Client
 from kvmotion.cli.cloudinit import cloud_init_request
 from kvmotion.cli.devices import disk_app, nic_app, parse_disk, parse_nic
 from kvmotion.cli.output import POLICY_HELP, URL, console, err_console, findings_table, policy_of, print_json, run
+from kvmotion.cli.power import register as register_power
 from kvmotion.cli.progress import follow, print_outcome
 from kvmotion.cli.tasks import task_force_complete
 
@@ -129,6 +130,7 @@ def vm_start(vm: str, url: Optional[str] = URL) -> None:
 
 @vm_app.command("stop")
 def vm_stop(vm: str, url: Optional[str] = URL) -> None:
+    """Hard stop: QEMU quits at once, like pulling the power cord; the guest is not asked (see `vm shutdown`)."""
     out = run(lambda: Client(url).stop_vm(vm))
     console.print(f"VM [bold]{out['name']}[/] powered off")
 
@@ -150,8 +152,11 @@ def vm_list(url: Optional[str] = URL) -> None:
 
 
 @vm_app.command("show")
-def vm_show(vm: str, url: Optional[str] = URL) -> None:
-    print_json(run(lambda: Client(url).vm(vm)))
+def vm_show(vm: str, refresh_guest: bool = typer.Option(False, "--refresh-guest", help="read the guest agent's "
+                                                        "facts now (else cached up to 30 s)"),
+            url: Optional[str] = URL) -> None:
+    """The VM, with its runtime; runtime.guest is what its guest agent tells (or "not answering")."""
+    print_json(run(lambda: Client(url).vm(vm, refresh_guest=refresh_guest)))
 
 
 def check_migration(client: Client, vm: str, host: str | None, **opts: Any) -> int:
@@ -267,3 +272,6 @@ def cdrom_connect(vm: str, iso: Optional[str] = typer.Option(
 def cdrom_disconnect(vm: str, drive: str = "cd0", url: Optional[str] = URL) -> None:
     out = run(lambda: Client(url).cdrom(vm, drive, "none"))
     console.print(f"{out['name']}: {drive} is empty")
+
+
+register_power(vm_app)       # shutdown, reboot, guest (kvmotion.cli.power)

@@ -25,6 +25,8 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
     INTERNAL = "INTERNAL"
+    GUEST_AGENT_SILENT = "GUEST_AGENT_SILENT"
+    GUEST_AGENT_ERROR = "GUEST_AGENT_ERROR"
 
 
 _HTTP_STATUS: dict[ErrorCode, int] = {
@@ -43,6 +45,8 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.GUEST_AGENT_SILENT: 504,
+    ErrorCode.GUEST_AGENT_ERROR: 502,
 }
 
 
@@ -278,6 +282,19 @@ class PostcopyLost(MigrationFailed):
     default_remedy = "both QEMUs are kept; see the task's reconciliation"
 
 
+class GuestAgentSilent(KvmotionError):
+    """The VM's qemu-guest-agent did not answer in time (none installed, not started, or the guest is busy);
+    ``details``: vm, command, deadline_s."""
+
+    code = ErrorCode.GUEST_AGENT_SILENT
+
+
+class GuestAgentError(KvmotionError):
+    """The guest agent answered with an error (``details``: vm, command, error_class, desc)."""
+
+    code = ErrorCode.GUEST_AGENT_ERROR
+
+
 class PhaseTableViolation(KvmotionError):
     """The engine was asked for a transition its kind does not declare: a bug, stopped before acting."""
 
@@ -295,7 +312,7 @@ _BY_CODE: dict[ErrorCode, type[KvmotionError]] = {
     for cls in (
         NotFoundError, InvalidInputError, ConflictError, PrecheckFailed, AgentUnreachable, AgentError,
         QMPCommandError, QMPTimeout, QemuStartFailed, MigrationFailed, DeadlineExceeded, ImageMissing,
-        UnauthorizedError, ForbiddenError,
+        UnauthorizedError, ForbiddenError, GuestAgentSilent, GuestAgentError,
     )
 }
 _BY_FAILURE: dict[str | None, type[MigrationFailed]] = {

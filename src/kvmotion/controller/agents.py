@@ -20,6 +20,8 @@ from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, 
 from kvmotion.models.agent import (CdromSpec, HostFacts, TlsFact, IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, StartRequest, VMRuntime, VMSpec)
 
+from kvmotion.models.guest import (CLOCK_STEP_MS, ClockSyncRequest, GuestClock, GuestFacts, PowerOpResult,
+                                   PowerRequest)
 from kvmotion.models.images import AgentImageImport, AgentImageRemove, AgentImportStatus, OvfClose, OvfOpen, OvfPackage
 
 DEFAULT_TIMEOUT_S = 15.0
@@ -279,3 +281,24 @@ class AgentClient:
 
     async def ovf_close(self, req: OvfClose) -> bool:
         return bool((await self._call("POST", "/v1/images/ovf/close", req.model_dump(), timeout=60))["removed"])
+
+    # -- guest agent and graceful power (kvmotion.agent.guest) ------------------------------
+    async def guest_facts(self, uuid: str, max_age_s: float = 30.0, deadline_s: float = 1.5) -> GuestFacts:
+        return GuestFacts.model_validate(await self._call(
+            "GET", f"/v1/vms/{uuid}/guest", params={"max_age_s": max_age_s, "deadline_s": deadline_s},
+            timeout=deadline_s + 5))
+
+    async def guest_ping(self, uuid: str, deadline_s: float = 2.0) -> dict[str, float]:
+        return await self._call("POST", f"/v1/vms/{uuid}/guest/ping", params={"deadline_s": deadline_s},
+                                timeout=deadline_s + 5)
+
+    async def guest_clock_sync(self, uuid: str, deadline_s: float = 2.0, set_allowance_s: float = 3.0,
+                               step_ms: float = CLOCK_STEP_MS) -> GuestClock:
+        req = ClockSyncRequest(deadline_s=deadline_s, set_allowance_s=set_allowance_s, step_ms=step_ms)
+        return GuestClock.model_validate(await self._call("POST", f"/v1/vms/{uuid}/guest/clock-sync",
+                                                          req.model_dump(), timeout=deadline_s + set_allowance_s + 5))
+
+    async def power(self, uuid: str, action: str, req: PowerRequest) -> PowerOpResult:
+        """``action``: shutdown | reboot; the agent waits up to ``req.timeout_s`` for the guest."""
+        return PowerOpResult.model_validate(await self._call("POST", f"/v1/vms/{uuid}/{action}", req.model_dump(),
+                                                             timeout=req.timeout_s + 30))

@@ -18,12 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvmotion import __version__
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Principal
-from kvmotion.controller.routes import clusters, console, devices, hosts, images, tasks, tokens, vms
+from kvmotion.controller.routes import clusters, console, devices, guest, hosts, images, tasks, tokens, vms
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
 
 PREFIX = "/api/v1"
-ROUTERS = (hosts.router, clusters.router, images.router, vms.router, tasks.router, tokens.router, devices.router)
+ROUTERS = (hosts.router, clusters.router, images.router, vms.router, tasks.router, tokens.router, devices.router,
+           guest.router)
 
 
 class ErrorDetail(BaseModel):

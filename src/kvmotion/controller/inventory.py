@@ -19,7 +19,7 @@ from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, V
 from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
-from kvmotion.controller import cloudinit, devices, imagestore, policy
+from kvmotion.controller import cloudinit, devices, guest, imagestore, policy
 from kvmotion.models.cloudinit import seed_cdrom
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
@@ -165,7 +165,10 @@ class Inventory:
 
     async def refresh_host(self, name: str) -> HostOut:
         try:
-            self.store_facts(name, await self.agent(name).facts())
+            asked_at = time.time()
+            facts = await self.agent(name).facts()
+            self.store_facts(name, facts)
+            guest.follow_power_events(self, name, facts, asked_at)     # VMs that powered off by themselves
         except KvmotionError as exc:
             self.mark_disconnected(name, exc.message)
         return self.get_host(name)
@@ -406,7 +409,7 @@ class Inventory:
         with self.sessions.begin() as s:
             s.execute(delete(VM).where(VM.uuid == vm.uuid))
 
-    async def show_vm(self, ref: str) -> VMOut:
+    async def show_vm(self, ref: str, refresh_guest: bool = False) -> VMOut:
         vm = self.get_vm(ref)
         if vm.power_state != "poweredOn":
             return vm
@@ -416,6 +419,8 @@ class Inventory:
             runtime["serial_tail"] = await agent.serial(vm.uuid, 5)
         except KvmotionError as exc:
             runtime = {"error": exc.to_dict()}
+        else:
+            runtime["guest"] = await guest.guest_view(self, vm.host, vm.uuid, refresh_guest)
         return vm_out_live(vm, runtime)
 
 

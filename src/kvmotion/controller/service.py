@@ -16,6 +16,7 @@ from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
+from kvmotion.controller.guest import GuestControl
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
 from kvmotion.controller.images import ImageLibrary
@@ -46,6 +47,7 @@ class Controller:
         self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
         self.tokens = Tokens(self.sessions)
         self.audit = Audit(self.sessions)
+        self.guest = GuestControl(self.inventory)
         self.token_dir = token_dir or pki.parent
         self._monitor: asyncio.Task[None] | None = None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvmotion.checks.rules import encryption_plan
 from kvmotion.common.errors import ConflictError, KvmotionError, MirrorFailed
-from kvmotion.migration import decisions, guestcheck, predict, tuning
+from kvmotion.migration import decisions, guestcheck, guestclock, predict, tuning
 from kvmotion.migration.engine import MBIT, MoveContext, MoveEngine, Outcome, Step
 from kvmotion.migration.follow import POLL_S, PrecopyFollower, follow_postcopy, shadow_alive
 from kvmotion.migration.live_end import LiveEnd, remove_shadow
@@ -53,6 +53,7 @@ class LiveMove(LiveEnd, MoveEngine):
         self.stream: tuning.StreamPlan | None = None
         self.follower: PrecopyFollower | None = None
         self.guest_check: guestcheck.Check | None = None
+        self.guest_clock: guestclock.ClockTask | None = None
 
     def steps(self) -> dict[Phase, Step]:
         return {Phase.PRECHECK: Step(self.on_precheck), Phase.SHADOW: Step(self.on_shadow, self.undo_shadow),

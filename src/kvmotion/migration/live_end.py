@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kvmotion.common.errors import ConflictError, KvmotionError
-from kvmotion.migration import decisions, guestcheck, predict
+from kvmotion.migration import decisions, guestcheck, guestclock, predict
 from kvmotion.migration.engine import HaltRollback, Outcome
 from kvmotion.models.agent import MigrationReport
 from kvmotion.models.moves import Phase
@@ -52,6 +52,7 @@ class LiveEnd(_Base):
         """RARP/GARP: QEMU announced at completion already; this is the agent's series from the running VM."""
         ann = self.resume_info.get("announce") or {}
         self.guest_check = guestcheck.start(self.dst, self.spec.uuid, since=None)   # since it arrived there
+        self.guest_clock = guestclock.start(self.dst, self.spec.uuid)      # its clock against the new host's
         return Outcome(next=Phase.RELEASE, status="failed" if "error" in ann else "ok", result=ann)
 
     async def on_release(self) -> Outcome:
@@ -73,6 +74,7 @@ class LiveEnd(_Base):
         summary = self.summary(self.report)
         summary.update(await self._predicted_vs_actual(summary))
         summary.update(await guestcheck.outcome(self.guest_check, self.spec.name))   # after total_time_s: not in it
+        summary.update(await guestclock.outcome(self.guest_clock))
         return summary
 
     def live_view(self, r: MigrationReport, watch: decisions.ProgressWatch | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, 
                                    MirrorReport, MirrorRequest, OutgoingRequest, PivotReport, ReleaseReport,
                                    VMRuntime, VMSpec)
 from kvmotion.models.api import MigrateRequest, TaskOut
+from kvmotion.models.guest import GuestClock
 from kvmotion.models.findings import Finding
 
 
@@ -56,6 +57,8 @@ class HostClient(Protocol):
     async def mirror_status(self, uuid: str) -> MirrorReport: ...
     async def mirror_pivot(self, uuid: str) -> PivotReport: ...
     async def mirror_cancel(self, uuid: str) -> MirrorReport: ...
+    async def guest_clock_sync(self, uuid: str, deadline_s: float = 2.0, set_allowance_s: float = 3.0,
+                               step_ms: float = ...) -> GuestClock: ...
 
 
 class InventoryView(Protocol):

@@ -285,6 +285,8 @@ class HostFacts(BaseModel):
     tls: TlsFact | None = None
     firmware: list[FirmwareFact] = Field(default_factory=list)   # the OVMF files this host has
     machine_types: list[str] = Field(default_factory=list)      # `qemu-system-x86_64 -machine help` ([]: unknown)
+    vm_power_events: list[dict[str, Any]] = Field(default_factory=list)   # VMs that ended by themselves
+    # (models.guest.VMPowerEvent: the guest powered off, or QEMU died), the last hour's
 
 
 class DirtySample(BaseModel):

@@ -18,6 +18,7 @@ from kvmotion.models.console import ConsoleKind
 from kvmotion.models.agent import (CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth, HealthCheckRequest, IncomingReady,
                                    IncomingRequest, MigrationReport, MigrationTuning, MirrorReport, OutgoingRequest,
                                    ReleaseReport, VMRuntime, VMSpec)
+from kvmotion.models.guest import GuestClock, GuestFacts, PowerOpResult, VMPowerEvent
 
 Result = dict[str, object]
 
@@ -201,3 +202,29 @@ class Hypervisor(ABC):
     @abstractmethod
     async def health_check(self, uuid: str, req: HealthCheckRequest, host_name: str) -> GuestHealth:
         """Does the guest live here?"""
+
+    # -- guest agent and graceful power ------------------------------------------------------
+    @abstractmethod
+    async def guest_facts(self, uuid: str, max_age_s: float, deadline_s: float) -> GuestFacts:
+        """What the guest agent tells about the guest (cached up to ``max_age_s``); never waits past
+        ``deadline_s``: a silent agent gives ``guest_agent: "not answering"``."""
+
+    @abstractmethod
+    async def guest_ping(self, uuid: str, deadline_s: float) -> float:
+        """The guest agent's round trip in ms; ``GuestAgentSilent`` when it does not answer in time."""
+
+    @abstractmethod
+    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str,
+                               set_allowance_s: float) -> GuestClock:
+        """Read the guest clock against the host's, set it when off by more than ``step_ms``, read it again.
+        Never raises; a silent agent costs ``deadline_s``, a set ``set_allowance_s`` more at most."""
+
+    @abstractmethod
+    async def power_graceful(self, uuid: str, action: str, timeout_s: float, force: bool) -> PowerOpResult:
+        """Shut down or reboot (``action``) through the guest agent, else ACPI (shutdown) or a reset (reboot);
+        a VM that powered off is forgotten like a stopped one."""
+
+    @abstractmethod
+    async def reap(self) -> list[tuple[VMPowerEvent, VMSpec]]:
+        """The running VMs whose QEMU ended by itself since the last call (the guest powered off, or QEMU died):
+        cleaned up and forgotten, with their definitions."""

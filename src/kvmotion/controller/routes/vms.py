@@ -21,8 +21,10 @@ async def vm_create(req: VMCreate, ctl: Ctl) -> VMOut:
 
 
 @router.get("/vms/{ref}", dependencies=role(Role.VIEWER))
-async def vm_show(ref: str, ctl: Ctl) -> VMOut:
-    return await ctl.inventory.show_vm(ref)
+async def vm_show(ref: str, ctl: Ctl, refresh_guest: bool = False) -> VMOut:
+    """``runtime.guest``: what the guest agent tells (cached up to 30 s; ``refresh_guest`` reads it now), or
+    ``guest_agent: not answering``; it never holds the answer more than about 1.5 s."""
+    return await ctl.inventory.show_vm(ref, refresh_guest)
 
 
 @router.post("/vms/{ref}/start", dependencies=role(Role.OPERATOR))

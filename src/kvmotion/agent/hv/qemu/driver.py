@@ -5,13 +5,14 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.hv.base import Hypervisor, Result
-from kvmotion.agent.hv.qemu import health, incoming, migration, mirror, postcopy, sampling
+from kvmotion.agent.hv.qemu import guestinfo, health, incoming, migration, mirror, postcopy, power, sampling
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.state import requires
 from kvmotion.agent.procs import image_locks, rss_mb
@@ -21,6 +22,7 @@ from kvmotion.models.agent import (POSTCOPY_STATES, CdromSpec, DirtySample, Disk
                                    HealthCheckRequest, IncomingReady, IncomingRequest, MigrationReport,
                                    MigrationTuning, MirrorReport, OutgoingRequest, ReleaseReport, VMRunState,
                                    VMRuntime, VMSpec)
+from kvmotion.models.guest import GuestClock, GuestFacts, PowerOpResult, VMPowerEvent
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class QemuHypervisor(Hypervisor):
         self.vms: dict[str, QemuVM] = {}
         self.sampler = sampling.DirtySampler()
         self._sampling: asyncio.Task[None] | None = None
+        self.guest_cache = guestinfo.FactsCache()
 
     def _run_dir(self, uuid: str) -> Path:
         return self.state_dir / "vms" / uuid
@@ -151,6 +154,7 @@ class QemuHypervisor(Hypervisor):
         async with vm.lock:
             await vm.stop()
         self.vms.pop(uuid, None)
+        self.guest_cache.forget(uuid)
         return vm.runtime()
 
     async def status(self, uuid: str) -> VMRuntime:
@@ -348,3 +352,60 @@ class QemuHypervisor(Hypervisor):
 
     async def health_check(self, uuid: str, req: HealthCheckRequest, host_name: str) -> GuestHealth:
         return await health.check(self._get(uuid), req, host_name)
+
+    # -- guest agent and graceful power ------------------------------------------------------
+    async def guest_facts(self, uuid: str, max_age_s: float, deadline_s: float) -> GuestFacts:
+        vm = self._get(uuid)
+        if vm.state != VMRunState.RUNNING:
+            return guestinfo.not_answering(ConflictError(f"VM {vm.name} is {vm.state}: its guest does not run",
+                                                         remedy="ask again once it runs"),
+                                           self.guest_cache.facts.get(uuid))
+        return await self.guest_cache.get(uuid, vm.guest_agent, max_age_s, deadline_s)
+
+    async def guest_ping(self, uuid: str, deadline_s: float) -> float:
+        vm = self._get(uuid)
+        t0 = time.monotonic()
+        await vm.guest_agent.execute("guest-ping", deadline_s=deadline_s)
+        return round((time.monotonic() - t0) * 1000, 3)
+
+    async def guest_clock_sync(self, uuid: str, deadline_s: float, step_ms: float, host_name: str,
+                               set_allowance_s: float) -> GuestClock:
+        vm = self.vms.get(uuid)
+        if vm is None or vm.state != VMRunState.RUNNING:
+            return GuestClock(host=host_name, why=f"the VM does not run on {host_name}")
+        return await guestinfo.sync_clock(vm.guest_agent, host_name, deadline_s, step_ms, set_allowance_s)
+
+    async def power_graceful(self, uuid: str, action: str, timeout_s: float, force: bool) -> PowerOpResult:
+        vm = self._get(uuid)
+        async with vm.lock:
+            try:
+                result = await _graceful(vm, action, timeout_s, force)
+            finally:
+                self.guest_cache.forget(uuid)     # a new boot (or none): what the guest told may have changed
+        if not vm.alive() or vm.state == VMRunState.STOPPED:     # powered off (or forced off): forgotten
+            await vm.kill()
+            self.vms.pop(uuid, None)
+            self.guest_cache.forget(uuid)
+        result.runtime = vm.runtime("exited" if vm.state == VMRunState.STOPPED else None)
+        return result
+
+    async def reap(self) -> list[tuple[VMPowerEvent, VMSpec]]:
+        out = []
+        for uuid, vm in list(self.vms.items()):
+            if vm.state not in (VMRunState.RUNNING, VMRunState.PAUSED) or vm.lock.locked() or vm.alive():
+                continue
+            history = vm.qmp.history if vm.qmp is not None else []
+            reason, by_guest = power.exit_reason(history, vm.proc.returncode if vm.proc is not None else None)
+            await vm.kill()                       # taps, run record, QMP connection
+            self.vms.pop(uuid, None)
+            self.guest_cache.forget(uuid)
+            log.info("VM %s ended by itself: %s", vm.name, reason)
+            out.append((VMPowerEvent(uuid=uuid, name=vm.name, at=time.time(), reason=reason,
+                                     guest_initiated=by_guest), vm.spec))
+        return out
+
+
+@requires(VMRunState.RUNNING, remedy="a paused or migrating guest cannot shut down by itself: wait for the migration "
+                                     "to end, or use `kvmotion vm stop` (a hard stop)")
+async def _graceful(vm: QemuVM, action: str, timeout_s: float, force: bool) -> PowerOpResult:
+    return await power.graceful(vm, vm.guest_agent, action, timeout_s, force)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.hv.qemu import hotplug
 from kvmotion.agent.hv.qemu.argv import build_argv, cdrom_node, has_media, tap_name
+from kvmotion.agent.hv.qemu.guestagent import GuestAgent
 from kvmotion.agent.hv.qemu.qmp import QMPConnection
 from kvmotion.agent.hv.state import check_transition, requires
 from kvmotion.agent.procs import QEMU_BINARY, pid_alive, pid_is_qemu_for
@@ -106,6 +107,7 @@ class QemuVM:
         self.mirror: Mirror | None = None     # while disks are mirrored
         self.exports: list[str] = []  # NBD exports of a shared-nothing shadow
         self.created_files: list[Path] = []   # files made for this shadow (removed if it is discarded)
+        self.guest_agent = GuestAgent(spec.name, str(run_dir / "qga.sock"))   # qemu-guest-agent's channel
 
     @property
     def name(self) -> str:
