@@ -205,7 +205,18 @@ def test_a_debian_vm_from_an_ova_boots_from_its_vmdk_and_answers(lab, debian_ima
     beat = http_beat(lab, client, "deb-ova", timeout=300)
     record_figure("ova_debian_boot_to_http_s", time.monotonic() - t0, "s")
     assert beat.get("boot_id"), beat
+    assert (ds_path(lab, "shared") / "deb-ova" / "nvram.fd").is_file()
     client.stop_vm("deb-ova")
+
+    # the same imported image under BIOS: a linked clone of the library image, booting its disk with SeaBIOS
+    client.create_vm(name="deb-imp-bios", host="h1", memory_mb=512, image="deb-ova-disk0", clone="linked",
+                     firmware="bios")
+    client.start_vm("deb-imp-bios")
+    assert http_beat(lab, client, "deb-imp-bios", timeout=300).get("boot_id")
+    assert not (ds_path(lab, "shared") / "deb-imp-bios" / "nvram.fd").exists()
+    client.stop_vm("deb-imp-bios")
+    client.delete_vm("deb-imp-bios")
+
     refused(lambda: client.delete_image("deb-ova-disk0"), "CONFLICT")
     client.delete_vm("deb-ova")
     client.delete_image("deb-ova-disk0")

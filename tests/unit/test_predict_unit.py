@@ -79,3 +79,11 @@ def test_the_prediction_becomes_a_finding_with_its_catalog_severity() -> None:
     bad = predict.finding_for("vm1", predict.predict(1024, 300, 300.0, 1000))
     assert ok.code == "CONVERGENCE_PREDICTED" and ok.severity == CODES[ok.code][0] and "passes" in ok.message
     assert bad.code == "CONVERGENCE_UNLIKELY" and bad.severity == CODES[bad.code][0] and bad.remedy
+
+
+def test_the_scale_comes_from_the_vms_own_moves_first() -> None:
+    hosts = [predict.Achieved(2000.0, 0.2, 1.0, 0.5, vm="idle"), predict.Achieved(2000.0, 0.2, 1.0, 0.5, vm="idle"),
+             predict.Achieved(2000.0, 0.2, 1.2, 1.0, vm="busy")]
+    assert predict.learned(10000, hosts, vm="busy")[2] == 1.2          # its own move, not the hosts' median (2.0)
+    assert predict.learned(10000, hosts, vm="new")[2] == 2.0           # no move of its own: the hosts'
+    assert predict.learned(10000, hosts)[2] == 2.0

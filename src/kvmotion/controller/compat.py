@@ -132,6 +132,6 @@ async def predict_move(inv: Inventory, sessions: sessionmaker[Session], spec: VM
         tls = encryption_plan(spec.encrypted_vmotion, inv.host_facts(source), inv.host_facts(dst),
                               any(d.encrypted for d in spec.disks))[0]
     history = task_store.achieved(sessions, (source, dst), "tls" if tls else "plain")
-    rate, overhead, scale = predict.learned(budget, history)
+    rate, overhead, scale = predict.learned(budget, history, vm=spec.uuid)
     return predict.predict(sample.memory_mb, sample.ram_touched_mb, sample.dirty_mb_s, rate, budget_ms, overhead,
                            scale)

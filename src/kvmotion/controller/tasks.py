@@ -139,7 +139,7 @@ def achieved(sessions: sessionmaker[Session], hosts: tuple[str, str], encryption
             r = json.loads(t.result_json or "{}")
             if encryption is not None and (r.get("encryption") or {}).get("mode") != encryption:
                 continue
-            a = achieved_from(r)          # None: nothing to learn (no figures, or not kvmotion's own tuning)
+            a = achieved_from(r, t.vm_uuid)   # None: nothing to learn (no figures, or not kvmotion's own tuning)
             if a is not None:
                 out.append(a)
         return out

@@ -95,9 +95,10 @@ class Achieved:
     qemu_s: float | None = None        # QEMU's total time
     qemu_s_model: float | None = None  # what the model said QEMU would take (unscaled)
     profile: str = LEARNS_FROM         # the move's tuning (``tuning.StreamPlan.profile``)
+    vm: str | None = None              # the VM moved (its own moves teach its scale first)
 
 
-def achieved_from(result: dict[str, Any]) -> Achieved | None:
+def achieved_from(result: dict[str, Any], vm: str | None = None) -> Achieved | None:
     """What a successful live move's task result teaches the predictor; None when it has nothing to teach: no
     pass log or times, or not kvmotion's own tuning (``tuning=qemu-defaults``, a plain QEMU migration's 128 MiB/s
     cap and 300 ms limit, would teach a slower rate and a wrong scale)."""
@@ -107,7 +108,7 @@ def achieved_from(result: dict[str, Any]) -> Achieved | None:
         return None
     qemu_s = result["qemu_total_time_ms"] / 1000.0
     return Achieved(float(peak), max(0.0, result["total_time_s"] - qemu_s), qemu_s,
-                    (result.get("prediction") or {}).get("qemu_s_model"), profile)
+                    (result.get("prediction") or {}).get("qemu_s_model"), profile, vm)
 
 
 def _median(values: list[float]) -> float:
@@ -115,16 +116,20 @@ def _median(values: list[float]) -> float:
     return vals[len(vals) // 2]
 
 
-def learned(link_mbps: float, history: list[Achieved], recent: int = 5) -> tuple[float, float, float]:
+def learned(link_mbps: float, history: list[Achieved], recent: int = 5,
+            vm: str | None = None) -> tuple[float, float, float]:
     """What a migration will really get, from the most recent moves between the same hosts: the link budget or
     the lower median peak rate (a CPU-bound or TLS stream); kvmotion's median time around QEMU's; and the median
-    of QEMU's actual time ÷ the model's (the model's blind spots: touched pages that hold zeros, scan speed).
+    of QEMU's actual time ÷ the model's (the model's blind spots: touched pages that hold zeros, scan speed), from
+    the VM's own recent moves when it has any (the blind spots are the guest's), else from the hosts'.
     Only moves with kvmotion's own tuning count. Without such history: the link budget, ``ORCHESTRATION_S`` and 1."""
-    seen = [h for h in history if h.profile == LEARNS_FROM][:recent]
+    ours = [h for h in history if h.profile == LEARNS_FROM]
+    seen = ours[:recent]
     if not seen:
         return link_mbps, ORCHESTRATION_S, 1.0
     rate = min(link_mbps, _median([h.peak_mbps for h in seen]) / LINK_EFFICIENCY)
-    ratios = [h.qemu_s / h.qemu_s_model for h in seen if h.qemu_s and h.qemu_s_model]
+    own = [h for h in ours if vm is not None and h.vm == vm][:recent]
+    ratios = [h.qemu_s / h.qemu_s_model for h in (own or seen) if h.qemu_s and h.qemu_s_model]
     scale = min(MAX_SCALE, max(MIN_SCALE, _median(ratios))) if ratios else 1.0
     return rate, _median([h.overhead_s for h in seen]), scale
 
