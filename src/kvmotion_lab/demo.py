@@ -1,7 +1,6 @@
 """`kvmotion demo`: a real live migration in the lab, with the numbers a user would ask for."""
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,9 +16,6 @@ from kvmotion_lab import lab, scenario
 from kvmotion_lab.image.build import build_image
 from kvmotion_lab.image.debian import DebianImage, cached_debian_image
 from kvmotion_lab.netns import LabError
-
-
-DEBIAN_IMAGE = "images/debian.qcow2"
 
 
 def pick_guest(console: Console, guest: str) -> DebianImage | None:
@@ -41,11 +37,9 @@ def _create(client: Client, info: lab.LabInfo, debian: DebianImage | None, memor
             dirty: float) -> dict[str, Any]:
     if debian is None:
         return client.create_vm(name="demo-vm", host="h1", memory_mb=memory_mb, dirty_mb_s=dirty)
-    images = Path(info.root) / "ds" / "shared" / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(debian.disk, images / Path(DEBIAN_IMAGE).name)
+    image = lab.stage_image(Path(info.root), debian.disk)
     return client.create_vm(name="demo-vm", host="h1", memory_mb=max(memory_mb, 512), dirty_mb_s=dirty,
-                            image=f"shared:{DEBIAN_IMAGE}", clone="linked", firmware="bios")
+                            image=image, clone="linked", firmware="bios")
 
 
 def settled(netns: str, ip: str, beat: dict[str, Any], wait_s: float = 180.0) -> dict[str, Any]:

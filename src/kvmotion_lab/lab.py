@@ -105,6 +105,17 @@ def _make_datastore(path: Path, name: str, shared: bool) -> None:
          "kind": "directory", "shared": shared}))
 
 
+SHARED_IMAGE = "shared:images/debian.qcow2"
+
+
+def stage_image(root: Path, disk: Path, name: str = "debian.qcow2") -> str:
+    """Copy a guest disk image into the lab's shared datastore (``images/NAME``); its ``--image`` reference."""
+    images = root / "ds" / "shared" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(disk, images / name)
+    return f"shared:images/{name}"
+
+
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     with open(log, "ab") as fh:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True,

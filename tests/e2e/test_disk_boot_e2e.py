@@ -52,6 +52,7 @@ def image_info(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def lab(guest_image, debian_image):
     from labtools import running_lab
+    from kvmotion_lab.lab import stage_image
     with running_lab(guest_image, 2) as info:
         images = ds_path(info, "shared") / "images"
         images.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def lab(guest_image, debian_image):
         local = ds_path(info, "h1-local") / "images"
         local.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(images / "blank.qcow2", local / "blank.qcow2")
-        shutil.copyfile(debian_image.disk, images / "debian.qcow2")   # the shared datastore's own copy
+        stage_image(Path(info.root), debian_image.disk)               # the shared datastore's own copy
         yield info
 
 

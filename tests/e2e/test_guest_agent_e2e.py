@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -39,10 +38,9 @@ TINY = "ga-tiny"
 @pytest.fixture(scope="module")
 def lab(guest_image, debian_image):
     from labtools import running_lab
+    from kvmotion_lab.lab import stage_image
     with running_lab(guest_image, 2) as info:
-        images = Path(info.root) / "ds" / "shared" / "images"
-        images.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(debian_image.disk, images / "debian.qcow2")
+        stage_image(Path(info.root), debian_image.disk)
         yield info
 
 

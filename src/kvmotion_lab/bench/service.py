@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,13 +94,6 @@ def ledger_verdict(check: dict[str, Any], acked: dict[str, int]) -> dict[str, An
             and check.get("quick_check") == "ok"}
 
 
-@dataclass
-class _Side:
-    guest: Guest
-    loadgen: subprocess.Popen[bytes] | None = None
-    runs: list[dict[str, Any]] = field(default_factory=list)
-
-
 class ServiceRunner:
     def __init__(self, info: lab.LabInfo, sweep: ServiceSweep, work: Path, log: Log) -> None:
         self.info, self.sweep, self.work, self.log = info, sweep, work, log
@@ -113,13 +105,13 @@ class ServiceRunner:
         self.link_mbps = float(max((i.get("speed_mbps") or 0 for i in facts.get("migration_interfaces", [])),
                                    default=0))
         self.recipe = baseline_recipe(self.accel)
-        self.sides: dict[str, _Side] = {}
+        self.sides: dict[str, Guest] = {}
         self.starts = 0
 
     # -- guests ---------------------------------------------------------------------------------------
     def _create(self, name: str) -> Guest:
         vm = self.client.create_vm(name=name, host="h1", memory_mb=self.sweep.memory_mb,
-                                   image="shared:images/debian.qcow2", clone="full", firmware=self.sweep.firmware,
+                                   image=lab.SHARED_IMAGE, clone="full", firmware=self.sweep.firmware,
                                    datastore="shared")
         return Guest(name, vm["spec"]["guest_ip"], vm["uuid"])
 
@@ -190,7 +182,7 @@ class ServiceRunner:
 
     async def move(self, variant: str, run: int) -> dict[str, Any]:
         side = "raw" if variant == BASELINE else "kvmotion"
-        g = self.sides[side].guest
+        g = self.sides[side]
         dest = "h2" if g.host == "h1" else "h1"
         if side == "kvmotion":
             enc = "disabled" if variant == "kvmotion-plain" else "opportunistic"
@@ -230,8 +222,8 @@ class ServiceRunner:
                 if side == "kvmotion" and not set(self.sweep.variants) - {BASELINE} or \
                         side == "raw" and BASELINE not in self.sweep.variants:
                     continue
-                self.sides[side] = _Side(await self._boot(side))
-                self.log(f"  {side} guest {self.sides[side].guest.name} answers")
+                self.sides[side] = await self._boot(side)
+                self.log(f"  {side} guest {self.sides[side].name} answers")
             for run in range(self.sweep.runs):
                 for variant in rotate(self.sweep.variants, run):
                     rec = await self.move(variant, run + 1)
@@ -239,14 +231,14 @@ class ServiceRunner:
                     self.log(service_report.one_line(rec))
                     if not rec["guest_survived"]:
                         side = rec["side"]
-                        await self._remove(self.sides[side].guest)
-                        self.sides[side] = _Side(await self._boot(side))
+                        await self._remove(self.sides[side])
+                        self.sides[side] = await self._boot(side)
         finally:
             for s in self.sides.values():
                 try:
-                    await self._remove(s.guest)
+                    await self._remove(s)
                 except Exception as exc:      # noqa: BLE001 - the lab goes down next anyway
-                    self.log(f"  could not remove {s.guest.name}: {exc}")
+                    self.log(f"  could not remove {s.name}: {exc}")
         return out
 
 
@@ -261,9 +253,7 @@ def run(sweep: ServiceSweep, out_dir: Path, log: Log = print, root: Path = ROOT,
     info = lab.up(2, root, prefix=prefix, image_dir=image.kernel.parent.parent,
                   link=None if sweep.link == "unshaped" else sweep.link, log=lambda m: None)
     try:
-        images = root / "ds" / "shared" / "images"
-        images.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(debian.disk, images / "debian.qcow2")
+        lab.stage_image(root, debian.disk)
         runner = ServiceRunner(info, sweep, work, log)
         records = asyncio.run(runner.run())
         accel = runner.accel

@@ -7,7 +7,6 @@ counts every move, and prints the tally of every guest it used.
 """
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -101,12 +100,10 @@ class Soak:
         self.tally = Tally()
         self.host, self.ip, self.tx = "h1", "", 0
         if guest == "debian":
-            images = Path(info.root) / "ds" / "shared" / "images"
-            images.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(build_debian_image(log=lambda m: None).disk, images / "debian.qcow2")
+            lab.stage_image(Path(info.root), build_debian_image(log=lambda m: None).disk)
 
     def fresh_guest(self) -> None:
-        extra = {"image": "shared:images/debian.qcow2", "clone": "linked", "firmware": "uefi"} \
+        extra = {"image": lab.SHARED_IMAGE, "clone": "linked", "firmware": "uefi"} \
             if self.guest == "debian" else {}
         vm = self.client.create_vm(name="soak1", host="h1", memory_mb=self.memory_mb, dirty_mb_s=self.dirty, **extra)
         self.client.start_vm("soak1")
