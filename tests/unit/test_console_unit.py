@@ -1,13 +1,13 @@
 """Consoles without the lab: the agent's signed websocket to a fake console socket, and the controller's relay
-(roles, audit, following a VM that moves, VNC closing on a move) with fake agent links."""
+(roles, audit, following a VM that moves, VNC following it whole message by whole message) with fake agent links."""
 from __future__ import annotations
 
 import asyncio
 import json
 import os
 import socket
+import struct
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
 
 from kvmotion.agent.api import create_app as agent_app
-from kvmotion.common import hostauth
+from kvmotion.common import hostauth, rfb
 from kvmotion.controller import auth
 from kvmotion.controller.api import create_app
 from kvmotion.controller.db import VM, Host
@@ -259,24 +259,86 @@ def test_session_ends_when_the_vm_powers_off(lab: Lab) -> None:
         assert ws.receive()["code"] == CLOSE_ENDED
 
 
-def test_vnc_session_relays_rfb_and_closes_when_the_vm_moves(lab: Lab) -> None:
-    lab.links[("h1", False)] = FakeLink("h1", [{"event": "attached"}, b"RFB 003.008\n"], keep_open=False,
-                                        then=lab.move_to("h2"))
-    t0 = time.monotonic()
+PF32 = bytes([32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])
+
+
+def server_init_event(width: int = 8, height: int = 4) -> dict[str, Any]:
+    return {"event": "attached", "server_init": rfb.ServerInit(width, height, PF32, b"QEMU (web1)").encode().hex()}
+
+
+def raw_update(width: int, height: int, fill: int) -> bytes:
+    return struct.pack(">BxH", 0, 1) + struct.pack(">HHHHi", 0, 0, width, height, rfb.RAW) + \
+        bytes([fill]) * (width * height * 4)
+
+
+def rfb_client(ws: Any) -> rfb.ServerInit:
+    """The user's VNC client: RFB 3.8, security None."""
+    assert ws.receive_bytes() == rfb.VERSION                   # RFB only: no text events on a VNC session
+    ws.send_bytes(rfb.VERSION)
+    assert ws.receive_bytes() == bytes([1, rfb.SEC_NONE])
+    ws.send_bytes(bytes([rfb.SEC_NONE]))
+    assert ws.receive_bytes() == bytes(4)
+    ws.send_bytes(b"\x01")
+    return rfb.ServerInit.parse(ws.receive_bytes())
+
+
+def test_vnc_session_follows_the_vm_whole_messages_only(lab: Lab) -> None:
+    """The source leaves half a frame when it goes: the client never sees it; the destination is told the client's
+    pixel format and (stateless) encodings and asked for the whole screen; input in between is dropped."""
+    frame1 = raw_update(8, 4, 0x11)
+    lab.links[("h1", False)] = FakeLink("h1", [server_init_event(), frame1[:50], frame1[50:], frame1[:70]],
+                                        keep_open=False, then=lab.move_to("h2"))
+    lab.links[("h2", False)] = FakeLink("h2", [server_init_event(), raw_update(8, 4, 0x22)], keep_open=True)
+    pixel_format = b"\x00\x00\x00\x00" + PF32
+    encodings = rfb.set_encodings([16, 7, rfb.HEXTILE, rfb.RAW, rfb.DESKTOP_SIZE])     # ZRLE and tight: dropped
     with lab.client.websocket_connect("/api/v1/vms/web1/console/vnc", headers=lab.headers("operator"),
                                       subprotocols=["binary"]) as ws:
         assert ws.accepted_subprotocol == "binary"
-        assert ws.receive_bytes() == b"RFB 003.008\n"           # RFB only: no text events on a VNC session
-        ws.send_bytes(b"RFB 003.008\n")
+        init = rfb_client(ws)
+        assert (init.width, init.height, init.name) == (8, 4, b"QEMU (web1)")
+        ws.send_bytes(pixel_format + encodings[:5])              # split mid-message: the relay frames it
+        ws.send_bytes(encodings[5:] + rfb.update_request(False, 8, 4))
+        assert ws.receive_bytes() == frame1                      # whole, although it came in two pieces
+        ws.send_bytes(struct.pack(">BBxxI", rfb.KEY_EVENT, 1, 0x61))
+        assert ws.receive_bytes() == raw_update(8, 4, 0x22)      # from h2: never the 70 bytes h1 left half sent
+        ws.send_bytes(rfb.update_request(True, 8, 4))
+        ws.send_text(json.dumps({"op": "end"}))
+        assert ws.receive()["code"] == 1000                   # the audit row is written before the close
+    stateless = rfb.set_encodings([rfb.HEXTILE, rfb.RAW, rfb.DESKTOP_SIZE])
+    key = struct.pack(">BBxxI", rfb.KEY_EVENT, 1, 0x61)
+    sent1 = lab.links[("h1", False)].sent
+    assert sent1[:3] == [pixel_format, stateless, rfb.update_request(False, 8, 4)]
+    assert sent1[3:] in ([key], [])                              # the key: to h1 if it was still there
+    assert lab.links[("h2", False)].sent[:3] == [pixel_format, stateless, rfb.update_request(False, 8, 4)]
+    assert lab.opened == [("h1", "vnc", False), ("h2", "vnc", False)]
+    finish = [a for a in console_audit(lab) if " end " in a.path]
+    assert finish and "hosts=h1,h2" in finish[0].path and "h1->h2:" in finish[0].path, [a.path for a in console_audit(lab)]
+
+
+def test_vnc_session_closes_when_the_screen_size_changed_and_the_client_cannot_resize(lab: Lab) -> None:
+    lab.links[("h1", False)] = FakeLink("h1", [server_init_event(8, 4)], keep_open=False, then=lab.move_to("h2"))
+    lab.links[("h2", False)] = FakeLink("h2", [server_init_event(16, 4)], keep_open=True)
+    with lab.client.websocket_connect("/api/v1/vms/web1/console/vnc", headers=lab.headers("operator")) as ws:
+        rfb_client(ws)
+        ws.send_bytes(rfb.set_encodings([rfb.RAW]))
         msg = ws.receive()
-        assert msg["type"] == "websocket.close" and msg["code"] == CLOSE_MOVED and "h2" in msg["reason"]
-    assert time.monotonic() - t0 < 10
-    assert lab.links[("h1", False)].sent == [b"RFB 003.008\n"]
+        assert msg["type"] == "websocket.close" and msg["code"] == CLOSE_MOVED and "size" in msg["reason"]
+
+
+def test_vnc_resize_is_announced_to_a_client_that_takes_it(lab: Lab) -> None:
+    lab.links[("h1", False)] = FakeLink("h1", [server_init_event(8, 4)], keep_open=False,
+                                        then=lab.move_to("h2", delay_s=0.3))
+    lab.links[("h2", False)] = FakeLink("h2", [server_init_event(16, 4)], keep_open=True)
+    with lab.client.websocket_connect("/api/v1/vms/web1/console/vnc", headers=lab.headers("operator")) as ws:
+        rfb_client(ws)
+        ws.send_bytes(rfb.set_encodings([rfb.RAW, rfb.DESKTOP_SIZE]))
+        assert ws.receive_bytes() == rfb.desktop_size(16, 4)
+    assert lab.links[("h2", False)].sent[-1] == rfb.update_request(False, 16, 4)
 
 
 def test_token_as_a_subprotocol_for_browsers(lab: Lab) -> None:
-    lab.links[("h1", False)] = FakeLink("h1", [b"RFB 003.008\n"], keep_open=True)
+    lab.links[("h1", False)] = FakeLink("h1", [server_init_event()], keep_open=True)
     protocols = ["binary", "kvmotion.bearer." + lab.tokens["operator"]]
     with lab.client.websocket_connect("/api/v1/vms/web1/console/vnc", subprotocols=protocols) as ws:
         assert ws.accepted_subprotocol == "binary"
-        assert ws.receive_bytes() == b"RFB 003.008\n"
+        assert rfb_client(ws).width == 8

@@ -245,6 +245,12 @@ def test_clock_sync_sets_a_wrong_clock_and_reads_it_again(tmp_path: Path) -> Non
             c = await guestinfo.sync_clock(GuestAgent("vm1", str(fake.path)), "h2", deadline_s=0.4, step_ms=128,
                                            set_allowance_s=1.5)     # a slow hwclock -w fits its own allowance
             assert c.set and c.offset_after_ms is not None and abs(c.offset_after_ms) < 50
+        async with FakeQGA(tmp_path / "late.sock", clock_offset_ms=-30000, delays={"guest-set-time": 0.6}) as fake:
+            c = await guestinfo.sync_clock(GuestAgent("vm1", str(fake.path)), "h2", deadline_s=0.4, step_ms=128,
+                                           set_allowance_s=0.4)     # answers late: read again behind a new sync
+            assert c.set and "answered late" in c.why and "behind" in c.why, c
+            assert c.offset_after_ms is not None and abs(c.offset_after_ms) < 50
+            assert [r["execute"] for r in fake.seen][-2:] == ["guest-sync-delimited", "guest-get-time"]
         async with FakeQGA(tmp_path / "ok.sock", clock_offset_ms=3) as fake:
             c = await guestinfo.sync_clock(GuestAgent("vm1", str(fake.path)), "h2", deadline_s=2, step_ms=128)
             assert not c.set and "left alone" in c.why and c.offset_after_ms == c.offset_before_ms

@@ -43,8 +43,16 @@ def checked_socket(path: Path, vm: str, kind: ConsoleKind) -> Path:
 
 @dataclass
 class ConsoleSessions:
-    """Which VMs have a serial session open on this agent (QEMU serves one client per chardev)."""
+    """Which VMs have a serial session open on this agent (QEMU serves one client per chardev), and one lock per VM
+    for VNC tickets (one one-time password at a time)."""
     serial: set[str] = field(default_factory=set)
+    vnc_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def vnc_lock(self, uuid: str) -> asyncio.Lock:
+        if len(self.vnc_locks) >= 256:                     # bounded: drop the idle ones
+            for idle in [u for u, lk in self.vnc_locks.items() if not lk.locked()]:
+                del self.vnc_locks[idle]
+        return self.vnc_locks.setdefault(uuid, asyncio.Lock())
 
     @contextlib.contextmanager
     def hold(self, uuid: str, kind: ConsoleKind):  # type: ignore[no-untyped-def]
@@ -103,14 +111,14 @@ async def relay(ws: WebSocket, sock: Path, log: Path | None) -> None:
                                        "uncertain_bytes": max(0, after - before)}))
         if backlog:
             await asyncio.wait_for(ws.send_bytes(backlog), SEND_DEADLINE_S)
-        await _pump(ws, reader, writer)
+        await pump(ws, reader, writer)
     finally:
         writer.close()
         with contextlib.suppress(OSError, asyncio.TimeoutError):
             await asyncio.wait_for(writer.wait_closed(), 2)
 
 
-async def _pump(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pump(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     async def down() -> None:
         while data := await reader.read(CHUNK):
             await asyncio.wait_for(ws.send_bytes(data), SEND_DEADLINE_S)

@@ -16,6 +16,7 @@ from kvmotion.common.http import tls_context
 
 CONNECT_DEADLINE_S = 15.0
 ESCAPE = b"\x1d"             # Ctrl-], as virsh console
+MAX_FRAME = (1 << 20, 64 << 20)   # serial, VNC (one whole RFB message per frame: a raw 4K screen is 33 MiB)
 
 
 def console_url(base: str | None, vm: str, kind: str) -> str:
@@ -32,7 +33,7 @@ async def open_console(vm: str, kind: str = "serial", url: str | None = None,
     headers = {"Authorization": f"Bearer {tok}"} if tok else {}
     try:
         return await connect(target, additional_headers=headers, open_timeout=CONNECT_DEADLINE_S, close_timeout=2,
-                             max_size=1 << 20, max_queue=16, compression=None,
+                             max_size=MAX_FRAME[kind == "vnc"], max_queue=16, compression=None,
                              ssl=tls_context() if target.startswith("wss:") else None)
     except InvalidStatus as exc:
         try:

@@ -9,6 +9,7 @@ import typer
 
 from kvmotion.cli.clusters import cluster_app
 from kvmotion.cli.console import console
+from kvmotion.cli.vncproxy import vnc
 from kvmotion.cli.hosts import host_app
 from kvmotion.cli.images import image_app
 from kvmotion.cli.plugins import load_plugins
@@ -25,6 +26,7 @@ def build_app() -> typer.Typer:
         app.add_typer(sub, name=name)
     app.command("audit")(audit)
     vm_app.command("console")(console)
+    vm_app.command("vnc")(vnc)
     load_plugins(app)
     return app
 

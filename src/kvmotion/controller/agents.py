@@ -296,7 +296,7 @@ class AgentClient:
                                step_ms: float = CLOCK_STEP_MS) -> GuestClock:
         req = ClockSyncRequest(deadline_s=deadline_s, set_allowance_s=set_allowance_s, step_ms=step_ms)
         return GuestClock.model_validate(await self._call("POST", f"/v1/vms/{uuid}/guest/clock-sync",
-                                                          req.model_dump(), timeout=deadline_s + set_allowance_s + 5))
+                                                          req.model_dump(), timeout=deadline_s + 2 * set_allowance_s + 5))
 
     async def power(self, uuid: str, action: str, req: PowerRequest) -> PowerOpResult:
         """``action``: shutdown | reboot; the agent waits up to ``req.timeout_s`` for the guest."""

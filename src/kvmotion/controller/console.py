@@ -8,9 +8,8 @@ a ``moved`` event and kept in the session, whose summary ends the session and go
 
 Serial protocol to the client: binary frames are console bytes both ways; text frames from the controller are
 JSON events: ``attached``, ``moved``, ``error``, ``end`` (the session record); a text frame ``{"op": "end"}``
-from the client ends the session with that record. VNC sessions carry RFB bytes only: RFB
-cannot go on across hosts, so when the VM moves the session closes with ``CLOSE_MOVED`` and the client (noVNC)
-reconnects.
+from the client ends the session with that record. VNC sessions carry RFB bytes only and follow their VM too
+(:mod:`kvmotion.controller.console_vnc`).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from kvmotion.controller.auth import Audit, Principal
 from kvmotion.controller.console_link import Connector, Link
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.api import VMOut
-from kvmotion.models.console import (CLOSE_ENDED, CLOSE_MOVED, CLOSE_NORMAL, ConsoleKind, ConsoleMove,
+from kvmotion.models.console import (CLOSE_ENDED, CLOSE_NORMAL, ConsoleKind, ConsoleMove,
                                      ConsoleSession, close_code)
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def audit_session(audit: Audit, s: ConsoleSession, event: str, status: int) -> N
     audit.record(s.who, s.role, "CONSOLE", path, status, s.client)
 
 
-def _op(text: str) -> str:
+def op_of(text: str) -> str:
     try:
         msg = json.loads(text)
     except ValueError:
@@ -85,19 +84,24 @@ class ConsoleRelay:
 
     async def run(self) -> int:
         """Relay until the client leaves or the session cannot go on; returns the close code."""
-        self.link = await self.connect(self.s.hosts[0], self.s.uuid, self.s.kind, False)
-        up = asyncio.create_task(self._upstream())
+        up: asyncio.Task[None] | None = None
         try:
-            await self._event({"event": "attached", "session": self.s.id, "vm": self.s.vm, "host": self.link.host})
+            await self._open()
+            up = asyncio.create_task(self._upstream())
             return await self._follow()
         except SessionEnded as end:
             self.s.end_reason = end.reason
             return end.code
         finally:
-            up.cancel()
-            await asyncio.wait([up], timeout=2)      # not gather: the caller's own cancellation stays its own
+            if up is not None:
+                up.cancel()
+                await asyncio.wait([up], timeout=2)      # not gather: the caller's own cancellation stays its own
             if self.link is not None:
                 await self.link.close()
+
+    async def _open(self) -> None:
+        self.link = await self.connect(self.s.hosts[0], self.s.uuid, self.s.kind, False)
+        await self._event({"event": "attached", "session": self.s.id, "vm": self.s.vm, "host": self.link.host})
 
     async def _follow(self) -> int:
         while True:
@@ -109,8 +113,6 @@ class ConsoleRelay:
             old, closed_at = self.link.host, time.time()
             await self.link.close()
             host = await self._next_owner(old)
-            if self.s.kind is ConsoleKind.VNC:
-                raise SessionEnded(f"VM {self.s.vm} moved to {host}: reconnect", CLOSE_MOVED)
             self.link = await self.connect(host, self.s.uuid, self.s.kind, host != old)
             if host != old:
                 self.s.hosts.append(host)
@@ -147,7 +149,7 @@ class ConsoleRelay:
                 if msg["type"] == "websocket.disconnect":
                     break
                 if msg.get("text") is not None:          # control: {"op": "end"} ends with the session record
-                    if _op(msg["text"]) == "end":
+                    if op_of(msg["text"]) == "end":
                         self.end_requested = True
                         break
                     continue
@@ -184,11 +186,11 @@ class ConsoleRelay:
 
 
 async def serve(ws: WebSocket, inv: Inventory, audit: Audit, connect: Connector, session: ConsoleSession,
-                subprotocol: str | None) -> None:
+                subprotocol: str | None, relay_type: type[ConsoleRelay] = ConsoleRelay) -> None:
     """Accept, relay, then end the session with its record (an ``end`` event, the close code, the audit)."""
     await ws.accept(subprotocol=subprotocol)
     await asyncio.to_thread(audit_session, audit, session, "start", 101)
-    relay = ConsoleRelay(ws, inv, connect, session)
+    relay = relay_type(ws, inv, connect, session)
     code = CLOSE_NORMAL
     try:
         code = await relay.run()

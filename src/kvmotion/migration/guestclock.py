@@ -19,7 +19,8 @@ from kvmotion.models.guest import GuestClock
 log = logging.getLogger(__name__)
 
 DEADLINE_S = 2.0     # the agent's for the sync and the first read: a silent guest agent costs this much
-SET_S = 3.0          # more for a set and the read after it (qemu-ga's hwclock -w waits for the RTC's next second)
+SET_S = 3.0          # more for a set and the read after it (qemu-ga's hwclock -w waits for the RTC's next second),
+                     # and once more when the set answers late (measured 3 s+ on a loaded 2-core TCG host)
 SLACK_S = 6.0        # the HTTP round trip on top, before the controller gives up on the answer
 
 ClockTask = asyncio.Task[GuestClock]
@@ -46,7 +47,7 @@ async def outcome(task: ClockTask | None) -> dict[str, Any]:
     if task is None:
         return {}
     try:
-        clock = await asyncio.wait_for(task, timeout=DEADLINE_S + SET_S + SLACK_S)
+        clock = await asyncio.wait_for(task, timeout=DEADLINE_S + 2 * SET_S + SLACK_S)
     except asyncio.TimeoutError:
         clock = GuestClock(why="the destination's agent did not answer the clock sync in time")
     return {"guest_clock": clock.model_dump(include={"offset_before_ms", "offset_after_ms", "set", "why", "host",

@@ -15,7 +15,7 @@ SOCKET_NAME = {ConsoleKind.SERIAL: "serial.sock", ConsoleKind.VNC: "vnc.sock"}
 
 # websocket close codes: 4000 + the HTTP status of the error (4401, 4403, 4404, 4409, 4502, 4504)
 CLOSE_NORMAL = 1000
-CLOSE_MOVED = 4301         # VNC: the VM moved; RFB cannot carry on across hosts, the client reconnects
+CLOSE_MOVED = 4301         # VNC: the VM moved and its screen size changed, which the client cannot take
 CLOSE_ENDED = 4410         # the VM powered off or its console went away
 
 

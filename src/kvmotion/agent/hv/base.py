@@ -107,6 +107,12 @@ class Hypervisor(ABC):
         raise ConsoleUnavailable(f"VM {uuid} has no {kind} console on this hypervisor",
                                  remedy="use `kvmotion vm show` for the serial log", details={"vm": uuid, "kind": str(kind)})
 
+    async def vnc_ticket(self, uuid: str, password: str | None, valid_s: int) -> bool:
+        """Let one VNC client in: ``password`` valid for ``valid_s`` seconds (None: expire it now). False when the
+        VM's display takes no password (a QEMU started before VNC passwords); drivers without VNC refuse."""
+        raise ConsoleUnavailable(f"VM {uuid} has no VNC console on this hypervisor",
+                                 remedy="use the serial console", details={"vm": uuid, "kind": "vnc"})
+
     # -- migration ------------------------------------------------------------------------
     @abstractmethod
     async def prepare_incoming(self, req: IncomingRequest, ctx: HostContext, tls_dir: str | None,

@@ -6,6 +6,7 @@ import logging
 from fastapi import APIRouter, WebSocket
 from starlette.responses import JSONResponse
 
+from kvmotion.agent import vnc
 from kvmotion.agent.console import ConsoleSessions, checked_socket, relay
 from kvmotion.agent.service import Agent
 from kvmotion.common.errors import InvalidInputError, KvmotionError
@@ -33,9 +34,11 @@ async def console(ws: WebSocket, uuid: str, kind: str, replay: bool = False) -> 
         k = ConsoleKind(kind)
         sock = checked_socket(agent.console_socket(uuid, k), uuid, k)
         with sessions.hold(uuid, k):
-            log_file = sock.parent / "serial.log" if (replay and k is ConsoleKind.SERIAL) else None
             log.info("console %s of %s opened", k, uuid)
-            await relay(ws, sock, log_file)
+            if k is ConsoleKind.VNC:
+                await vnc.relay(ws, agent.hv, uuid, sock, sessions.vnc_lock(uuid))
+            else:
+                await relay(ws, sock, sock.parent / "serial.log" if replay else None)
             log.info("console %s of %s closed", k, uuid)
     except KvmotionError as exc:
         if ws.client_state.name == "CONNECTING":

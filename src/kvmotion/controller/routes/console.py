@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse
 
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Principal, Role, authenticate_bearer, require_role
-from kvmotion.controller.console import new_session, serve
+from kvmotion.controller.console import ConsoleRelay, new_session, serve
+from kvmotion.controller.console_vnc import VNCRelay
 from kvmotion.controller.console_link import Connector, agent_connector
 from kvmotion.controller.service import Controller
 from kvmotion.models.console import ConsoleKind
@@ -62,4 +63,5 @@ async def console(ws: WebSocket, ref: str, kind: str) -> None:
         await refuse(ws, ctl, exc, principal)
         return
     session = new_session(principal, vm, ConsoleKind(kind), ws.client.host if ws.client else "?")
-    await serve(ws, ctl.inventory, ctl.audit, connect, session, subprotocol)
+    await serve(ws, ctl.inventory, ctl.audit, connect, session, subprotocol,
+                VNCRelay if session.kind is ConsoleKind.VNC else ConsoleRelay)

@@ -215,9 +215,10 @@ def serial_args(run_dir: Path) -> list[str]:
 
 def vnc_args(run_dir: Path) -> list[str]:
     """The graphical console: a standard VGA (last on the PCI bus, so no other device moves) and a VNC server on a
-    unix socket in the run directory, never TCP. No VNC password: the socket is reachable only by root on the
-    host, and remotely only through the agent's signed relay behind the controller's operator role and audit."""
-    return ["-device", "VGA,id=video0,vgamem_mb=4", "-vnc", f"unix:{run_dir / VNC_SOCKET}"]
+    unix socket in the run directory, never TCP, with VNC authentication: QEMU refuses every client until the agent
+    sets a one-time password (a ticket, as Proxmox's vncproxy does) for its own relay's connection, then expires
+    it (:mod:`kvmotion.agent.vnc`)."""
+    return ["-device", "VGA,id=video0,vgamem_mb=4", "-vnc", f"unix:{run_dir / VNC_SOCKET},password=on"]
 
 
 def build_argv(spec: VMSpec, ctx: HostContext, run_dir: Path, incoming: bool,

@@ -16,7 +16,7 @@ from kvmotion.agent.hv.qemu import guestinfo, health, incoming, migration, mirro
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.state import requires
 from kvmotion.agent.procs import image_locks, rss_mb
-from kvmotion.common.errors import ConflictError, KvmotionError, NotFoundError
+from kvmotion.common.errors import ConflictError, KvmotionError, NotFoundError, QMPCommandError
 from kvmotion.models.console import SOCKET_NAME, ConsoleKind
 from kvmotion.models.agent import (POSTCOPY_STATES, CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth,
                                    HealthCheckRequest, IncomingReady, IncomingRequest, MigrationReport,
@@ -190,6 +190,17 @@ class QemuHypervisor(Hypervisor):
 
     def console_socket(self, uuid: str, kind: ConsoleKind) -> Path:
         return self._get(uuid).run_dir / SOCKET_NAME[kind]
+
+    async def vnc_ticket(self, uuid: str, password: str | None, valid_s: int) -> bool:
+        qmp = self._get(uuid).qmp
+        try:
+            if password is not None:      # QEMU keeps an expiry across a new password: set both, every time
+                await qmp.execute("set_password", {"protocol": "vnc", "password": password})
+            await qmp.execute("expire_password", {"protocol": "vnc",
+                                                  "time": "now" if password is None else f"+{valid_s}"})
+        except QMPCommandError:           # refused: the display was started without password=on
+            return False
+        return True
 
     def serial_tail(self, uuid: str, lines: int) -> list[str]:
         try:

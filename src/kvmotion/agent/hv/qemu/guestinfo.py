@@ -147,13 +147,40 @@ def clock_decision(offset_ms: float | None, step_ms: float) -> tuple[bool, str]:
 
 
 async def _offset(s: Session) -> tuple[float, float]:
-    """(guest − host, the round trip), in ms; the host's time is taken at the middle of the round trip."""
+    """(guest − host, the round trip), in ms; the host's time is taken at the middle of the round trip (after the
+    sync, which may wait behind a late answer)."""
+    if not s.synced:
+        await s.sync()
     t0 = time.time_ns()
     guest = await s.execute("guest-get-time")
     t1 = time.time_ns()
     if not isinstance(guest, int):
         raise GuestAgentError(f"guest-get-time answered {guest!r}, not a time", remedy="update qemu-guest-agent")
     return (guest - (t0 + t1) / 2) / 1e6, (t1 - t0) / 1e6
+
+
+async def _set_and_reread(s: Session, out: GuestClock, rtt_ms: float, allowance_s: float) -> None:
+    """Set the guest's clock to the host's and read the offset again. A set that answers late (qemu-ga's
+    ``hwclock -w`` on a loaded host) gets one more allowance: a new sync waits behind it, then the read tells."""
+    s.end = max(s.end, time.monotonic() + allowance_s)
+    decided, late = out.why, False
+    try:
+        # plus half the measured round trip: the time the request takes to reach the guest
+        await s.execute("guest-set-time", {"time": time.time_ns() + int(rtt_ms * 1e6 / 2)})
+        out.set = True
+    except GuestAgentError as exc:
+        out.why = f"guest-set-time refused: {exc.details.get('desc', exc.message)}"
+        out.offset_after_ms = out.offset_before_ms
+        return
+    except GuestAgentSilent:
+        out.why = ("guest-set-time did not answer in time (qemu-ga's hwclock -w may still run): the "
+                   "guest clock may have been set")
+        s.synced, late = False, True           # the late answer is skipped by the next sync
+        s.end = time.monotonic() + allowance_s
+    out.offset_after_ms, _ = await _offset(s)
+    if late:                                   # the read after it tells whether the set took
+        out.set = abs(out.offset_after_ms) < abs(out.offset_before_ms or 0.0)
+        out.why = f"{decided}; guest-set-time answered late (qemu-ga's hwclock -w), read again after it"
 
 
 async def sync_clock(ga: GuestAgent, host: str, deadline_s: float, step_ms: float,
@@ -172,19 +199,7 @@ async def sync_clock(ga: GuestAgent, host: str, deadline_s: float, step_ms: floa
             if not do_set:
                 out.offset_after_ms = out.offset_before_ms
             else:
-                s.end = max(s.end, time.monotonic() + set_allowance_s)
-                try:
-                    # plus half the measured round trip: the time the request takes to reach the guest
-                    await s.execute("guest-set-time", {"time": time.time_ns() + int(rtt * 1e6 / 2)})
-                    out.set = True
-                except GuestAgentError as exc:
-                    out.why = f"guest-set-time refused: {exc.details.get('desc', exc.message)}"
-                    out.offset_after_ms = out.offset_before_ms
-                except GuestAgentSilent:
-                    out.why = ("guest-set-time did not answer in time (qemu-ga's hwclock -w may still run): the "
-                               "guest clock may have been set")
-                if out.set:
-                    out.offset_after_ms, _ = await _offset(s)
+                await _set_and_reread(s, out, rtt, set_allowance_s)
     except GuestAgentSilent as exc:
         out.why = "guest agent not answering" if out.offset_before_ms is None else \
             f"{out.why}; then the guest agent stopped answering ({exc.message})"
