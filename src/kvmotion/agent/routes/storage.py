@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from kvmotion.agent.routes.deps import AgentDep
 from kvmotion.models.agent import (MAX_DISKS, DiskCopyRequest, DiskCopyStatus, DiskExport, DiskRef, MirrorReport,
                                    MirrorRequest, PivotReport, VMSpec)
+from kvmotion.models.nbd import NbdPsk
 
 MAX_HOME_B64 = 200 * 1024 * 1024        # kernel + initrd, base64
 
@@ -57,6 +58,9 @@ class ExportRequest(BaseModel):
     spec: VMSpec
     disk_id: DiskRef
     listen_address: str = Field(pattern=r"^[0-9A-Fa-f.:]{2,45}$", description="an IP address of this host")
+    # always TLS, one of: x509 admitting only this client identity (the destination host's), or the move's PSK
+    tls_authz_identity: str | None = Field(default=None, max_length=255)
+    psk: NbdPsk | None = None
 
 
 class SpeedRequest(BaseModel):
@@ -95,7 +99,8 @@ async def lease_holders(spec: VMSpec, agent: AgentDep) -> dict[str, str]:
 
 @router.post("/storage/export")
 async def export(req: ExportRequest, agent: AgentDep) -> DiskExport:
-    return await asyncio.to_thread(agent.disk_export, req.spec, req.disk_id, req.listen_address)
+    return await asyncio.to_thread(agent.disk_export, req.spec, req.disk_id, req.listen_address,
+                                   req.tls_authz_identity, req.psk)
 
 
 @router.delete("/storage/export/{export_id}")

@@ -9,7 +9,8 @@ from kvmotion.agent.context import HostContext, nvram_file, safe_path, vm_folder
 from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
 from kvmotion.agent.procs import QEMU_BINARY
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
-from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec, nbd_problem, parse_nbd
+from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec
+from kvmotion.models.nbd import nbd_problem, parse_nbd
 from kvmotion.models.boot import ovmf_code
 from kvmotion.models.hardware import NIC_DEVICE, SATA_CONTROLLER, SCSI_CONTROLLER
 
