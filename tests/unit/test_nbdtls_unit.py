@@ -67,7 +67,7 @@ def test_a_psk_lives_in_a_fresh_private_directory_until_it_is_released(tmp_path:
         assert_key_dir(creds.psk.path)
         assert (creds.psk.path / "dh-params.pem").exists()          # no DH generation when QEMU makes the object
     assert a.objects() == [{"qom-type": "tls-creds-psk", "id": nbdtls.CREDS_ID, "dir": str(a.psk.path),
-                            "endpoint": "server"}]
+                            "endpoint": "server", "priority": nbdtls.PSK_PRIORITY}]
     assert b.objects()[0]["username"] == PSK.username and b.objects()[0]["endpoint"] == "client"
     a.release()
     assert not a.psk.path.exists() and b.psk.path.exists()
