@@ -57,7 +57,7 @@ def test_host_enrolment_needs_the_agents_secret(lab, client) -> None:
         client.add_host(address, "0" * 64)
     assert exc.value.code == "INVALID_INPUT" and "refused the secret" in exc.value.message
     assert client.host("h1")["state"] == "connected"            # the enrolled secret is unchanged
-    enrol = (Path(lab.root) / "enrol.token").read_text().strip()
+    enrol = client.create_token("enrol-takeover", "enrol", 600)["token"]
     r = httpx.post(f"{lab.controller_url}/api/v1/hosts/register", timeout=30,
                    headers={"Authorization": f"Bearer {enrol}"},
                    json={"address": address, "secret": "0" * 64, "name": "h1"})

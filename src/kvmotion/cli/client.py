@@ -51,6 +51,18 @@ class Client:
     def add_host(self, address: str, secret: str, name: str | None = None) -> dict[str, Any]:
         return self.call("POST", "/hosts", {"address": address, "secret": secret, "name": name})
 
+    def pending_hosts(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/hosts/pending")
+
+    def approve_host(self, name: str, fingerprint: str) -> dict[str, Any]:
+        return self.call("POST", f"/hosts/{name}/approve", {"fingerprint": fingerprint})
+
+    def reject_host(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/hosts/pending/{name}")
+
+    def remove_host(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/hosts/{name}")
+
     def create_token(self, name: str, role: str, ttl_s: int | None = None) -> dict[str, Any]:
         return self.call("POST", "/tokens", {k: v for k, v in {"name": name, "role": role, "ttl_s": ttl_s}.items()
                                              if v is not None})

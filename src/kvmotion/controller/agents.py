@@ -63,8 +63,10 @@ class AgentClient:
                 exc2 = KvmotionError.from_dict(err)
                 exc2.details.setdefault("host", self.host)
                 raise exc2
-            raise AgentError(f"agent of host {self.host} answered {r.status_code} to {method} {path}: {r.text[:300]}",
-                             remedy="see the agent's log", details={"host": self.host, "not_an_agent": True})
+            ctype = r.headers.get("content-type", "?").split(";")[0][:60]     # never the far end's text (SSRF)
+            raise AgentError(f"agent of host {self.host} answered {r.status_code} ({ctype}) to {method} {path}, "
+                             "not a kvmotion error", remedy="see the agent's log",
+                             details={"host": self.host, "not_an_agent": True})
         try:
             return r.json()
         except ValueError as exc:     # something answered, but not a kvmotion agent (a web server, a proxy)
@@ -74,6 +76,9 @@ class AgentClient:
 
     async def tls_csr(self) -> dict[str, str]:
         return await self._call("POST", "/v1/tls/csr", timeout=15)
+
+    async def tls_crl(self, crl_pem: str) -> int:
+        return int((await self._call("POST", "/v1/tls/crl", {"crl": crl_pem}, timeout=15))["revoked"])
 
     async def tls_install(self, ca_cert: str, server_cert: str, client_cert: str) -> TlsFact:
         return TlsFact.model_validate(await self._call("POST", "/v1/tls/install", {

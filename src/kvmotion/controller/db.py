@@ -35,6 +35,42 @@ class Host(Base):
         return json.loads(self.facts_json or "{}")
 
 
+class PendingHost(Base):
+    """A host that registered itself with an enrolment token and waits for an admin's ``host approve``: not in
+    ``hosts``, so nothing places, evacuates to, certifies or trusts it; its facts are kept only to be shown."""
+
+    __tablename__ = "pending_hosts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(256))
+    secret_wrapped: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    facts_json: Mapped[str] = mapped_column(Text, default="{}")
+    token: Mapped[str] = mapped_column(String(64))          # the enrolment token's name (used up by this)
+    requested_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class HostIdentity(Base):
+    """What an admin approved for a host: its fingerprint and the addresses its certificates may name; the
+    serials of the certificates issued to it (revoked when it is removed)."""
+
+    __tablename__ = "host_identities"
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    addresses_json: Mapped[str] = mapped_column(Text, default="[]")
+    serials_json: Mapped[str] = mapped_column(Text, default="[]")
+    approved_by: Mapped[str] = mapped_column(String(64), default="")
+    approved_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class RevokedCert(Base):
+    """A certificate serial the CA revoked (a removed host's); every host's ca-crl.pem lists them."""
+
+    __tablename__ = "revoked_certs"
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)      # hex
+    host: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class Cluster(Base):
     """A group of hosts; with an EVC baseline every VM powered on in it gets that CPU model."""
 

@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-dir", type=Path, default=None,
                         help="where the first admin token is written (default: next to a SQLite database)")
     parser.add_argument("--vm-ip-pool", default=None, help="guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24")
+    parser.add_argument("--host-networks", default=os.environ.get("KVMOTION_HOST_NETWORKS", ""),
+                        help="comma-separated CIDRs host agents may be enrolled from (default: any address but "
+                             "loopback, link-local, multicast, unspecified and reserved ones)")
     parser.add_argument("--no-admission", action="store_true",
                         help="start every migration at once (benchmarks only: no slots, no bandwidth shares)")
     parser.add_argument("--log-level", default="info")
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.token_dir or (Path(args.db[len("sqlite:///"):]).parent if args.db.startswith("sqlite:///")
                                 else Path("/var/lib/kvmotion"))
     app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission, pki_dir=pki,
-                                token_dir=tokens))
+                                token_dir=tokens,
+                                host_networks=[n for n in args.host_networks.split(",") if n.strip()]))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
 
 

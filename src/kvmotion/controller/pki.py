@@ -94,6 +94,22 @@ class CertificateAuthority:
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
 
 
+    def crl_pem(self, serials: list[str]) -> str:
+        """A CRL of the revoked serials (hex), signed by the CA; every host installs it as ca-crl.pem, which QEMU's
+        tls-creds-x509 checks on every TLS handshake of a migration or NBD stream."""
+        now = dt.datetime.now(dt.timezone.utc)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CA_DAYS)))
+        for serial in sorted(set(serials)):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build())
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def serial_of(cert_pem: str) -> str:
+    return format(x509.load_pem_x509_certificate(cert_pem.encode()).serial_number, "x")
+
+
 def client_identity(host: str) -> str:
     """The distinguished name QEMU's tls-authz compares against (as GnuTLS prints it)."""
     return f"CN={client_cn(host)}"
