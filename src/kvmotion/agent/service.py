@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import shutil
@@ -20,6 +21,7 @@ from kvmotion.agent.context import HostContext, nvram_file, vm_folder
 from kvmotion.agent.cpu import CpuCatalog
 from kvmotion.agent.hv.base import Hypervisor, Result
 from kvmotion.agent.storage import AgentStorage, disk_file
+from kvmotion.common.keywrap import HostKey
 from kvmotion.common.errors import ConflictError, ImageMissing, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth, HealthCheckRequest, HostFacts,
                                    IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
@@ -50,6 +52,11 @@ class Agent(AgentStorage, GuestOps):
         self.accel = AccelResult("tcg", "not probed yet")
         self.cpu: CpuCatalog | None = None
         self.image_imports = ImportJobs()
+
+    @functools.cached_property
+    def keywrap(self) -> HostKey:
+        """This host's key-wrapping key: disk passphrases arrive wrapped to it (:mod:`kvmotion.common.keywrap`)."""
+        return HostKey.load_or_create(self.cfg.state_dir, self.cfg.name)
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -126,6 +133,7 @@ class Agent(AgentStorage, GuestOps):
         facts = host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, self.hv.uuids(),
                                   self.cpu_fact())
         facts.tls = tls.status(self.tls_dir)
+        facts.keywrap_public = self.keywrap.public_b64
         facts.firmware = host_facts.firmware(self.context().firmware_dir)
         facts.vm_power_events = self.power_events()
         return facts

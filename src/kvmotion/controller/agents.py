@@ -1,11 +1,12 @@
 """The controller's client for host agents: one call per driver primitive, each with a deadline."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
 from kvmotion.common.hostauth import HostAuth
+from kvmotion.common.keywrap import wrap_all
 from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.models.agent import PostcopyRecover, PostcopyResume
@@ -32,14 +33,18 @@ IMAGE_CHECK_TIMEOUT_S = 700.0      # qemu-img info, check and measure of a file 
 class AgentClient:
     """Calls one agent; every request is signed with the host's enrolment secret."""
 
-    def __init__(self, host: str, address: str, secret: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, host: str, address: str, secret: str, timeout: float = DEFAULT_TIMEOUT_S,
+                 wrap_key: Callable[[], str | None] | None = None) -> None:
         self.host = host
         self.address = address.rstrip("/")
         self.timeout = timeout
         self._auth = HostAuth(secret)
+        self._wrap_key = wrap_key or (lambda: None)      # the host's published key for disk passphrases
 
     async def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None,
                     params: dict[str, Any] | None = None) -> Any:
+        if isinstance(json, dict) and json.get("disk_keys"):     # never in clear on the wire (common.keywrap)
+            json = {**json, "disk_keys": wrap_all(self._wrap_key(), self.host, json["disk_keys"])}
         try:
             async with httpx.AsyncClient(timeout=timeout or self.timeout, auth=self._auth,
                                          verify=tls_context()) as client:

@@ -69,7 +69,13 @@ class Inventory:
 
     # -- hosts ----------------------------------------------------------------------------
     def agent(self, host: str) -> AgentClient:
-        return AgentClient(host, self.get_host(host).address, self.host_secret(host))
+        return AgentClient(host, self.get_host(host).address, self.host_secret(host),
+                           wrap_key=lambda: self.keywrap_public(host))
+
+    def keywrap_public(self, host: str) -> str | None:
+        """The key the host's agent publishes for wrapping disk passphrases (None: an agent without one)."""
+        facts = self.host_facts(host)
+        return facts.keywrap_public if facts is not None else None
 
     def host_secret(self, name: str) -> str:
         with self.sessions() as s:

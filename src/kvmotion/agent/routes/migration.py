@@ -14,6 +14,7 @@ router = APIRouter(prefix="/v1/vms")
 
 @router.post("/{uuid}/incoming")
 async def incoming(uuid: str, req: IncomingRequest, agent: AgentDep) -> IncomingReady:
+    req.disk_keys = agent.keywrap.unwrap_all(req.disk_keys)
     return await agent.prepare_incoming(req)
 
 

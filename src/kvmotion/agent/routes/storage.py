@@ -120,6 +120,7 @@ async def copy_cancel(job: str, agent: AgentDep) -> DiskCopyStatus:
 
 @router.post("/vms/{uuid}/mirror")
 async def mirror_start(uuid: str, req: MirrorRequest, agent: AgentDep) -> MirrorReport:
+    req.disk_keys = agent.keywrap.unwrap_all(req.disk_keys)
     return await agent.mirror_start(uuid, req)
 
 
