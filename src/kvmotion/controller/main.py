@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vm-ip-pool", default=None, help="guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24")
     parser.add_argument("--no-admission", action="store_true",
                         help="start every migration at once (benchmarks only: no slots, no bandwidth shares)")
+    parser.add_argument("--public-docs", action="store_true",
+                        help="serve /docs and /openapi.json without a token (default: a viewer's token is needed)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.token_dir or (Path(args.db[len("sqlite:///"):]).parent if args.db.startswith("sqlite:///")
                                 else Path("/var/lib/kvmotion"))
     app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission, pki_dir=pki,
-                                token_dir=tokens))
+                                token_dir=tokens), public_docs=args.public_docs)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
 
 
