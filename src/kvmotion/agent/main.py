@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         print(fingerprint(secret))
         return
     agent = Agent(cfg, QemuHypervisor(cfg.name, cfg.state_dir))
-    app = create_app(agent, secret, after_start=lambda: register(cfg, secret))
+    app = create_app(agent, secret, after_start=lambda: register(cfg, secret),
+                     state_dir=cfg.state_dir)
 
     uvicorn.run(app, host=cfg.listen_host, port=cfg.listen_port, log_level=args.log_level.lower(),
                 access_log=False)

@@ -26,6 +26,13 @@ from kvmotion.models.guest import (CLOCK_STEP_MS, ClockSyncRequest, GuestClock, 
 from kvmotion.models.images import AgentImageImport, AgentImageRemove, AgentImportStatus, OvfClose, OvfOpen, OvfPackage
 
 DEFAULT_TIMEOUT_S = 15.0
+UNSIGNED_REFUSALS = (401, 413)     # the agent's refusals of a request it could not authenticate
+RESPONSE_AUTH_REMEDY = {
+    "missing": "upgrade kvmotion-agent on {host} to the controller's version (it signs its answers); if it is "
+               "current, something else answers at the host's address: check the management network",
+    "forged": "something between the controller and {host} altered or forged the answer: check the management "
+              "network; if the host's secret was changed, enrol it again (`kvmotion host add`)",
+}
 IMAGE_IMPORT_TIMEOUT_S = 3700.0    # unpack an OVA, or convert an image (the agent's own deadline: 3600 s)
 IMAGE_CHECK_TIMEOUT_S = 700.0      # qemu-img info, check and measure of a file to import (the agent's: 60+600 s)
 
@@ -54,6 +61,7 @@ class AgentClient:
                 f"agent of host {self.host} at {self.address} did not answer {method} {path}: {type(exc).__name__}",
                 remedy=f"check that kvmotion-agent runs on {self.host} and the management network is up",
                 details={"host": self.host}, cause=exc) from exc
+        self._check_signed(r, method, path)
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -78,6 +86,21 @@ class AgentClient:
             raise AgentError(f"{self.host} answered {method} {path} with something that is not JSON",
                              remedy="check that the address is a kvmotion agent's",
                              details={"host": self.host, "not_an_agent": True}, cause=exc) from exc
+
+    def _check_signed(self, r: httpx.Response, method: str, path: str) -> None:
+        """Use only the agent's own answers: signed with the host's secret, for the request just sent
+        (``kvmotion.common.hostauth``). An unsigned 401 or 413 is the agent refusing a request it could not
+        authenticate: handled as a refusal below, and nothing of it is used. (Consoles are websockets, whose
+        answers are not signed: out of scope.)"""
+        state = self._auth.check_response(r)
+        if state is None or (state == "missing" and r.status_code in UNSIGNED_REFUSALS):
+            return
+        details: dict[str, Any] = {"host": self.host, "response_auth": state}
+        if state == "missing":             # an old agent, or not an agent at all (enrolment says so)
+            details["not_an_agent"] = True
+        what = "is not signed" if state == "missing" else "carries a signature that is not the host's, for this request"
+        raise AgentError(f"the answer of host {self.host} to {method} {path} {what}; it was not used",
+                         remedy=RESPONSE_AUTH_REMEDY[state].format(host=self.host), details=details)
 
     async def tls_csr(self) -> dict[str, str]:
         return await self._call("POST", "/v1/tls/csr", timeout=15)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.common.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError
+from kvmotion.common.private import keep_private
 from kvmotion.controller.db import ApiToken, AuditEntry
 
 ADMIN_TOKEN_FILE = "admin.token"
@@ -143,6 +144,7 @@ class Tokens:
     def bootstrap_admin(self, directory: Path) -> Path | None:
         """At first start (no tokens at all), make an admin token and write it once, mode 0600."""
         path = directory / ADMIN_TOKEN_FILE
+        keep_private(path)                     # written before, and loosened since: tightened again
         with self.sessions() as s:
             if s.scalar(select(func.count()).select_from(ApiToken)):
                 return None

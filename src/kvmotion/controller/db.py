@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from kvmotion.common.private import create_private, keep_private
+
 DB_TIMEOUT_S = 5.0
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 class Base(DeclarativeBase):
@@ -181,10 +185,22 @@ class AuditEntry(Base):
     client: Mapped[str] = mapped_column(String(64))
 
 
+def _private_sqlite(url: str) -> None:
+    """The SQLite file holds wrapped secrets and token hashes: created 0600 before SQLite opens it (SQLite gives
+    its -wal and -shm files the database's mode), and an existing one and its companions tightened."""
+    database = make_url(url).database
+    if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
+        return
+    create_private(Path(database))
+    for suffix in SQLITE_COMPANIONS:
+        keep_private(Path(database + suffix))
+
+
 def make_engine(url: str) -> Engine:
     connect_args: dict[str, Any] = {}
     if url.startswith("sqlite"):
         connect_args = {"timeout": DB_TIMEOUT_S, "check_same_thread": False}
+        _private_sqlite(url)
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")

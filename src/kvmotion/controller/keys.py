@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kvmotion.common.errors import ConflictError
+from kvmotion.common.private import keep_private
 
 MASTER_FILE = "master.key"
 
@@ -29,6 +30,7 @@ class KeyProvider:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(AESGCM.generate_key(bit_length=256))
+        keep_private(path)
         return cls(path.read_bytes())
 
     def new_key(self, context: str) -> tuple[str, str]:

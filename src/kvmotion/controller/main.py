@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
                              "loopback, link-local, multicast, unspecified and reserved ones)")
     parser.add_argument("--no-admission", action="store_true",
                         help="start every migration at once (benchmarks only: no slots, no bandwidth shares)")
+    parser.add_argument("--public-docs", action="store_true",
+                        help="serve /docs and /openapi.json without a token (default: a viewer's token is needed)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
                                 else Path("/var/lib/kvmotion"))
     app = create_app(Controller(args.db, args.vm_ip_pool, admission_enabled=not args.no_admission, pki_dir=pki,
                                 token_dir=tokens,
-                                host_networks=[n for n in args.host_networks.split(",") if n.strip()]))
+                                host_networks=[n for n in args.host_networks.split(",") if n.strip()]),
+                     public_docs=args.public_docs)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
 
 

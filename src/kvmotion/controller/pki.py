@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.common.errors import InvalidInputError
+from kvmotion.common.private import keep_private
 
 CA_DAYS = 3650
 HOST_DAYS = 365
@@ -38,6 +39,7 @@ class CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         key_file, cert_file = directory / "ca-key.pem", directory / "ca-cert.pem"
         if key_file.exists() and cert_file.exists():
+            keep_private(key_file)
             key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
             assert isinstance(key, ec.EllipticCurvePrivateKey)
             return cls(key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
