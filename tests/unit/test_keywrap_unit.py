@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvmotion.common import keywrap
+from kvmotion.common import hostauth, keywrap
 from kvmotion.common.errors import InvalidInputError
 from kvmotion.controller import agents as agents_mod
 from test_checks_unit import spec as make_spec
@@ -39,10 +39,14 @@ def test_the_controller_never_sends_a_passphrase_in_clear(tmp_path: Path, monkey
     key = keywrap.HostKey.load_or_create(tmp_path, "h1")
     bodies: list[bytes] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:       # the agent's answer, signed as the agent does
         bodies.append(request.content)
         spec = json.loads(request.content)["spec"]
-        return httpx.Response(200, json={"uuid": spec["uuid"], "name": spec["name"], "state": "running"})
+        body = json.dumps({"uuid": spec["uuid"], "name": spec["name"], "state": "running"}).encode()
+        nonce = request.headers[hostauth.HEADER].split("nonce=")[1].split()[0]
+        return httpx.Response(200, content=body, headers={
+            "content-type": "application/json",
+            hostauth.RESPONSE_HEADER: hostauth.sign_response("ab" * 32, nonce, 200, body)})
 
     real = httpx.AsyncClient
 
