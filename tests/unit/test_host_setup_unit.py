@@ -143,6 +143,7 @@ def test_init_refuses_to_replace_a_config_without_force(site, capsys):
 @pytest.mark.parametrize("extra,expect", [
     (["--datastore", "{site}/ds/absent"], "does not exist"),
     (["--mgmt-address", "https://10.0.0.1:8770"], "is a URL"),
+    (["--controller-url", "10.0.0.2:8760"], "is not an http(s) URL"),
     (["--datastore", "{site}/ds/local1", "--datastore", "{site}/ds/local1"], "given twice"),
     (["--name", "h 1"], "'name'"),
     (["--listen-port", "70000"], "'listen_port'"),

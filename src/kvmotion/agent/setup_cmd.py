@@ -97,11 +97,15 @@ def plan_config(args: argparse.Namespace) -> AgentConfig:
         raise InvalidInputError(f"--mgmt-address {args.mgmt_address!r} is a URL",
                                 remedy="give the host name or address only (e.g. 198.18.0.11); the port is "
                                        "--listen-port")
+    url = args.controller_url.rstrip("/") if args.controller_url else None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise InvalidInputError(f"--controller-url {args.controller_url!r} is not an http(s) URL",
+                                remedy="give the controller's URL, e.g. http://198.18.0.2:8760")
     data = {"name": args.name, "listen_host": args.listen_host, "listen_port": args.listen_port,
             "mgmt_address": args.mgmt_address, "state_dir": _absolute(args.state_dir),
             "datastores": [_absolute(p) for p in [*args.datastore, *args.shared_datastore]],
             "migration_interfaces": args.migration_interface or ["mig0"],
-            "controller_url": args.controller_url,
+            "controller_url": url,
             "enrol_token_file": _absolute(args.enrol_token_file) if args.enrol_token_file else None}
     return validate_config(AgentConfig, data, "the command line")
 
