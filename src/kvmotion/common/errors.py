@@ -108,6 +108,10 @@ class CloudInitInvalid(InvalidInputError):
     """A cloud-init input file that cannot be used; ``details``: file (its name), kind, line (1-based, or None)."""
 
 
+class ConfigInvalid(InvalidInputError):
+    """A configuration file that cannot be used; ``details``: file, keys (the dotted keys at fault, may be empty)."""
+
+
 class ConflictError(KvmotionError):
     code = ErrorCode.CONFLICT
 
