@@ -20,6 +20,7 @@ from kvmotion.cli.client import Client
 from kvmotion.common import hostid
 from kvmotion.common.errors import KvmotionError
 from kvmotion.common.hostauth import SECRET_FILE
+from kvmotion.common.http import tls_context
 from labtools import record_figure
 
 
@@ -109,7 +110,8 @@ def test_registration_approval_token_reuse_and_removal_with_a_crl(lab, tmp_path:
     used = (root / "hosts" / "h1" / "enrol.token").read_text().strip()
     secret = (root / "hosts" / "h1" / SECRET_FILE).read_text().strip()
     r = httpx.post(f"{lab.controller_url}/api/v1/hosts/register", headers={"Authorization": f"Bearer {used}"},
-                   json={"address": client.host("h1")["address"], "secret": secret, "name": "h1"}, timeout=30)
+                   json={"address": client.host("h1")["address"], "secret": secret, "name": "h1"}, timeout=30,
+                   verify=tls_context())
     assert r.status_code == 401, r.text
     log = (root / "logs" / "agent-h1.log").read_text()
     assert hostid.fingerprint(secret) in log and "kvmotion host approve h1 --fingerprint" in log

@@ -36,7 +36,8 @@ def controller(tmp_path_factory) -> Iterator[tuple[str, str]]:
     port = free_port()
     log = open(root / "controller.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "kvmotion.controller.main", "--host", "127.0.0.1", "--port",
-                             str(port), "--db", f"sqlite:///{root / 'c.db'}", "--log-level", "warning"],
+                             str(port), "--db", f"sqlite:///{root / 'c.db'}", "--log-level", "warning",
+                             "--tls", "off"],      # input handling under test here; HTTPS: test_https_unit
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:

@@ -49,6 +49,7 @@ class AgentConfig(BaseModel):
     image_dir: Path | None = None
     controller_url: str | None = None       # register here at start, when set
     enrol_token_file: Path | None = None    # the enrolment token for that registration (`kvmotion host enrol-token`)
+    controller_ca_file: Path | None = None  # the controller's CA (its pki/ca-cert.pem): the only CA trusted for it
     accelerator: Literal["auto", "kvm", "tcg"] = "auto"
     kvm_probe_deadline_s: float = 8.0
     swap_dir: Path | None = None            # where VM memory-backing/swap files live, if not with the VM

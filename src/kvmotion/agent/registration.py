@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -19,6 +20,7 @@ import httpx
 
 from kvmotion.agent.config import AgentConfig
 from kvmotion.common.hostid import fingerprint
+from kvmotion.common.http import tls_context
 
 log = logging.getLogger("kvmotion.agent")
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -55,6 +57,13 @@ def _error_of(r: httpx.Response) -> tuple[str, str]:
     return str(err.get("message") or f"HTTP {r.status_code}"), str(err.get("remedy") or "")
 
 
+def controller_tls(cfg: AgentConfig) -> ssl.SSLContext:
+    """Only the controller's own CA when the config names it (else the system's CAs)."""
+    if cfg.controller_ca_file is not None:
+        return ssl.create_default_context(cafile=str(cfg.controller_ca_file))
+    return tls_context()
+
+
 async def register(cfg: AgentConfig, secret: str, transport: httpx.AsyncBaseTransport | None = None,
                    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> str:
     """Register until the controller answers; returns pending | enrolled | refused | skipped."""
@@ -67,6 +76,10 @@ async def register(cfg: AgentConfig, secret: str, transport: httpx.AsyncBaseTran
         log.warning("not registering with %s: no enrolment token file configured (enrol_token_file); "
                     "an admin can add this host with `kvmotion host add`", cfg.controller_url)
         return "skipped"
+    if cfg.controller_ca_file is not None and not cfg.controller_ca_file.is_file():
+        log.error("not registering with %s: controller_ca_file %s does not exist; fix: copy the controller's "
+                  "pki/ca-cert.pem there", cfg.controller_url, cfg.controller_ca_file)
+        return "refused"
     token = token_file.read_text().strip()
     digest = hashlib.sha256(token.encode()).hexdigest()[:16]
     done = _state(cfg)
@@ -76,7 +89,8 @@ async def register(cfg: AgentConfig, secret: str, transport: httpx.AsyncBaseTran
     body = {"name": cfg.name, "address": cfg.url, "secret": secret}
     for attempt in range(10 ** 9):
         try:
-            async with httpx.AsyncClient(timeout=CALL_DEADLINE_S, transport=transport) as client:
+            async with httpx.AsyncClient(timeout=CALL_DEADLINE_S, transport=transport,
+                                         verify=controller_tls(cfg)) as client:
                 r = await client.post(f"{cfg.controller_url}/api/v1/hosts/register", json=body,
                                       headers={"Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvmotion.common.configfile import LogLevel, read_config_file, validate_config
 
@@ -29,6 +29,10 @@ class ControllerConfig(BaseModel):
     admission: bool = True                  # --admission / --no-admission: admission control (slots, bandwidth)
     host_networks: list[str] = Field(default_factory=list, max_length=64)   # --host-networks: agents only from these
     public_docs: bool = False               # --public-docs: /docs and /openapi.json without a token
+    tls: Literal["auto", "off"] = "auto"    # --tls: HTTPS with a certificate from the controller's CA, or plain HTTP
+    tls_cert_file: Path | None = None       # --tls-cert: bring your own certificate (with --tls-key): used as it is
+    tls_key_file: Path | None = None        # --tls-key
+    tls_names: list[str] = Field(default_factory=list, max_length=16)   # --tls-name: more names for the auto cert
     log_level: LogLevel = "info"            # --log-level
 
     @field_validator("vm_ip_pool")
@@ -70,6 +74,17 @@ class ControllerConfig(BaseModel):
         """Where the CA lives: ``pki_dir``, else ``pki/`` next to a SQLite database (None: the service's default)."""
         db = self.sqlite_file
         return self.pki_dir or (db.parent / "pki" if db is not None else None)
+
+    @model_validator(mode="after")
+    def _own_certificate_whole(self) -> "ControllerConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (a certificate and its key)")
+        return self
+
+    @property
+    def own_certificate(self) -> tuple[Path, Path] | None:
+        """The certificate and key the admin brought, if any."""
+        return (self.tls_cert_file, self.tls_key_file) if self.tls_cert_file and self.tls_key_file else None
 
     @property
     def tokens(self) -> Path:

@@ -10,11 +10,13 @@ import uvicorn
 
 from kvmotion.common.configfile import LogLevel, fail
 from kvmotion.common.errors import ConfigInvalid
+from kvmotion.controller import apicert
 from kvmotion.controller.api import create_app
 from kvmotion.controller.config import DB_ENV, DEFAULT_DB, ControllerConfig
 from kvmotion.controller.service import Controller
 
 PROG = "kvmotion-server"
+log = logging.getLogger("kvmotion.controller")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "loopback, link-local, multicast, unspecified and reserved ones)")
     parser.add_argument("--public-docs", action=argparse.BooleanOptionalAction, default=None,
                         help="serve /docs and /openapi.json without a token (default: a viewer's token is needed)")
+    parser.add_argument("--tls", choices=("auto", "off"), default=None,
+                        help="auto (default): HTTPS with a certificate from the controller's CA; off: plain HTTP")
+    parser.add_argument("--tls-cert", dest="tls_cert_file", type=Path, default=None, metavar="FILE",
+                        help="your own HTTPS certificate (PEM, with --tls-key)")
+    parser.add_argument("--tls-key", dest="tls_key_file", type=Path, default=None, metavar="FILE")
+    parser.add_argument("--tls-name", dest="tls_names", action="append", default=None, metavar="NAME",
+                        help="another name or address for the auto certificate (repeatable)")
     parser.add_argument("--admission", action=argparse.BooleanOptionalAction, default=None,
                         help="admission control: slots and bandwidth shares (default on; --no-admission starts "
                              "every migration at once: benchmarks only)")
@@ -56,11 +65,26 @@ def main(argv: list[str] | None = None) -> None:
     db = cfg.sqlite_file
     if db is not None and db.is_absolute():
         db.parent.mkdir(parents=True, exist_ok=True)
-    app = create_app(Controller(cfg.database_url, cfg.vm_ip_pool, admission_enabled=cfg.admission, pki_dir=cfg.pki,
-                                token_dir=cfg.tokens, host_networks=cfg.host_networks),
-                     public_docs=cfg.public_docs)
-    uvicorn.run(app, host=cfg.listen_host, port=cfg.listen_port, log_level=cfg.log_level, access_log=False)
+    ctl = Controller(cfg.database_url, cfg.vm_ip_pool, admission_enabled=cfg.admission, pki_dir=cfg.pki,
+                     token_dir=cfg.tokens, host_networks=cfg.host_networks)
+    cert = https_files(cfg, ctl)
+    app = create_app(ctl, public_docs=cfg.public_docs)
+    uvicorn.run(app, host=cfg.listen_host, port=cfg.listen_port, log_level=cfg.log_level, access_log=False,
+                ssl_certfile=str(cert[0]) if cert else None, ssl_keyfile=str(cert[1]) if cert else None)
 
+
+def https_files(cfg: ControllerConfig, ctl: Controller) -> tuple[Path, Path] | None:
+    """The HTTPS certificate and key the API serves with (None: plain HTTP, ``tls = "off"``)."""
+    if cfg.own_certificate is not None:
+        log.info("HTTPS with the certificate %s", cfg.own_certificate[0])
+        return cfg.own_certificate
+    if cfg.tls == "off":
+        log.warning("plain HTTP (tls = off): tokens and enrolment secrets cross the network in clear")
+        return None
+    files = apicert.ensure(ctl.certs.ca, ctl.pki_dir, apicert.names_for(cfg.listen_host, cfg.tls_names))
+    log.info("HTTPS with a certificate from this controller's CA; clients trust %s (CLI config ca_file, "
+             "an agent's controller_ca_file)", ctl.pki_dir / "ca-cert.pem")
+    return files
 
 if __name__ == "__main__":
     main()

@@ -41,6 +41,7 @@ class Controller:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
         pki = pki_dir or Path("/var/lib/kvmotion/pki")
+        self.pki_dir = pki
         self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki), host_networks)
         self.clusters = Clusters(self.sessions, self.inventory)
         self.images = ImageLibrary(self.sessions, self.inventory)
