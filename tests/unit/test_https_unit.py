@@ -112,3 +112,23 @@ def test_an_admins_own_certificate_is_served_and_half_a_pair_is_refused(tmp_path
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_client_trusting_two_controllers_tells_their_cas_apart(tmp_path: Path) -> None:
+    """Two controllers' CAs in one client (cross-controller moves, a test run with two labs): each CA has its own
+    name and key identifier, so the issuer of a certificate is never taken for the other."""
+    import http.server
+    import threading
+    first, second = (CertificateAuthority.load_or_create(tmp_path / n) for n in ("a", "b"))
+    assert first.cert.subject != second.cert.subject
+    cert, key = apicert.ensure(second, tmp_path / "b", ["127.0.0.1"])
+    srv = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    srv.socket = server_ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.handle_request, daemon=True).start()
+    client = ssl.create_default_context()
+    for ca in ("a", "b"):                       # the other controller's CA first: it must not shadow this one
+        client.load_verify_locations(tmp_path / ca / "ca-cert.pem")
+    assert httpx.get(f"https://127.0.0.1:{srv.server_address[1]}/", verify=client, timeout=10).status_code in (200, 404)
+    srv.server_close()

@@ -59,6 +59,7 @@ def ensure(ca: CertificateAuthority, directory: Path, names: list[str]) -> tuple
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=HOST_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(ca.key_id, critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName([_general(n) for n in names]), critical=False)
             .sign(ca.key, hashes.SHA256()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -45,12 +46,14 @@ class CertificateAuthority:
             return cls(key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmotion"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, "kvmotion controller CA")])
+                          # unique: a client that trusts two controllers' CAs tells them apart by name as well
+                          x509.NameAttribute(NameOID.COMMON_NAME, f"kvmotion controller CA {secrets.token_hex(4)}")])
         now = dt.datetime.now(dt.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
                 .not_valid_after(now + dt.timedelta(days=CA_DAYS))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                              content_commitment=False, key_encipherment=False,
                                              data_encipherment=False, key_agreement=False, encipher_only=False,
@@ -60,6 +63,11 @@ class CertificateAuthority:
                                                    serialization.NoEncryption()))
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(key, cert)
+
+    @property
+    def key_id(self) -> x509.AuthorityKeyIdentifier:
+        """Names this CA's key in what it signs (clients trusting several CAs find the issuer by it)."""
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
 
     @property
     def cert_pem(self) -> str:
@@ -84,6 +92,7 @@ class CertificateAuthority:
                    .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
                    .not_valid_after(now + dt.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(self.key_id, critical=False)
                    .add_extension(x509.ExtendedKeyUsage([eku]), critical=False))
         if usage == "server":
             names: list[x509.GeneralName] = []
@@ -101,7 +110,8 @@ class CertificateAuthority:
         tls-creds-x509 checks on every TLS handshake of a migration or NBD stream."""
         now = dt.datetime.now(dt.timezone.utc)
         builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
-                   .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CA_DAYS)))
+                   .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CA_DAYS))
+                   .add_extension(self.key_id, critical=False))
         for serial in sorted(set(serials)):
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build())
