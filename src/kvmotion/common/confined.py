@@ -246,57 +246,46 @@ def _in_parent(root: Path, rel: Rel) -> tuple[tuple[str, ...], int] | None:
         return None
 
 
-def unlink_in(root: Path, rel: Rel) -> bool:
-    """Remove the file ``root/rel`` (a link there is removed itself, never followed); False when absent."""
-    found = _in_parent(root, rel)
-    if found is None:
-        return False
-    parts, dir_fd = found
-    try:
-        os.unlink(parts[-1], dir_fd=dir_fd)
-        return True
-    except FileNotFoundError:
-        return False
-    except IsADirectoryError:
-        raise _refuse(root, parts, "not-regular") from None
-    finally:
-        os.close(dir_fd)
-
-
-def rmdir_in(root: Path, rel: Rel) -> bool:
-    """Remove the empty folder ``root/rel``; False when absent (OSError when not empty)."""
-    found = _in_parent(root, rel)
-    if found is None:
-        return False
-    parts, dir_fd = found
-    try:
-        if stat.S_ISLNK(os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False).st_mode):
-            raise _refuse(root, parts, "symlink")
-        os.rmdir(parts[-1], dir_fd=dir_fd)
-        return True
-    except FileNotFoundError:
-        return False
-    finally:
-        os.close(dir_fd)
-
-
-def rmtree_in(root: Path, rel: Rel) -> bool:
-    """Remove the folder ``root/rel`` and everything in it (links inside are removed, never followed); False when
-    absent. ``shutil.rmtree`` with a folder descriptor: a link swapped in meanwhile is not followed either."""
+def _remove(root: Path, rel: Rel, how: str) -> bool:
+    """Remove ``root/rel``: a file (``how="file"``; a link there is removed itself), an empty folder ("dir") or a
+    folder and everything in it ("tree"); False when absent."""
     found = _in_parent(root, rel)
     if found is None:
         return False
     parts, dir_fd = found
     try:
         st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode):
+        if how == "file":
+            if stat.S_ISDIR(st.st_mode):
+                raise _refuse(root, parts, "not-regular")
+            os.unlink(parts[-1], dir_fd=dir_fd)
+        elif not stat.S_ISDIR(st.st_mode):
             raise _refuse(root, parts, "symlink" if stat.S_ISLNK(st.st_mode) else "not-directory")
-        shutil.rmtree(parts[-1], dir_fd=dir_fd)
+        elif how == "tree":
+            shutil.rmtree(parts[-1], dir_fd=dir_fd)      # by descriptor: a link swapped in is not followed either
+        else:
+            os.rmdir(parts[-1], dir_fd=dir_fd)
         return True
     except FileNotFoundError:
         return False
     finally:
         os.close(dir_fd)
+
+
+def unlink_in(root: Path, rel: Rel) -> bool:
+    """Remove the file ``root/rel`` (a link there is removed itself, never followed); False when absent."""
+    return _remove(root, rel, "file")
+
+
+def rmdir_in(root: Path, rel: Rel) -> bool:
+    """Remove the empty folder ``root/rel``; False when absent (OSError when not empty)."""
+    return _remove(root, rel, "dir")
+
+
+def rmtree_in(root: Path, rel: Rel) -> bool:
+    """Remove the folder ``root/rel`` and everything in it (links inside are removed, never followed); False when
+    absent."""
+    return _remove(root, rel, "tree")
 
 
 def replace_in(root: Path, src: Rel, dst: Rel) -> None:
