@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kvmotion.agent import facts, ovfpkg, storage
+from kvmotion.agent import facts, imagelib, ovfpkg, storage
 from kvmotion.agent.config import DATASTORE_ID_FILE
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.hv.qemu.argv import build_argv
@@ -236,3 +236,14 @@ def test_only_regular_files_are_opened_and_a_fifo_never_blocks(box: SimpleNamesp
         confined.read_in(box.ds, "vm1/missing", 1024)
     assert confined.read_in(box.ds, "vm1/vmlinuz", 1024) == b"the VM's own vmlinuz"
     assert confined.stat_in(box.ds, "nope/x") is None and confined.listdir_in(box.ds, "nope") == []
+
+
+def test_import_leftovers_are_not_removed_through_a_linked_folder(box: SimpleNamespace) -> None:
+    """A restarted agent removes its own half-written imports; an images/ folder that is a link is not entered."""
+    decoy = box.outside / ".deb.importing-h1-0a1b"
+    decoy.write_bytes(SECRET)
+    (box.ds / "images").symlink_to(box.outside, target_is_directory=True)
+    (box.ds / "import").mkdir()
+    (box.ds / "import" / ".ova-h1-00ff").symlink_to(box.outside, target_is_directory=True)
+    assert imagelib.remove_leftovers(box.ctx) == []
+    assert decoy.read_bytes() == SECRET and box.secret.read_bytes() == SECRET

@@ -8,6 +8,7 @@ on any failure the temporary file is removed.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from kvmotion.agent.context import HostContext, resolve_datastore, safe_path
 from kvmotion.agent.diskimage import (CONVERT_TIMEOUT_S, INFO_TIMEOUT_S, MIB, _run, check, extent_problem,
                                       format_problem)
 from kvmotion.common import confined
+from kvmotion.common.confined import Place
 from kvmotion.common.errors import ConflictError, DeadlineExceeded, InvalidInputError, NotConfined, NotFoundError
 from kvmotion.models.boot import IMAGE_FORMATS
 from kvmotion.models.images import (IMAGES_DIR, IMPORT_DIR, AgentImageImport, AgentImageResult, image_file)
@@ -236,19 +238,27 @@ def run_with_progress(argv: list[str], timeout: float, on_percent: Callable[[flo
         return subprocess.CompletedProcess(argv, proc.returncode, "", err.read().decode(errors="replace"))
 
 
+def _remove_leftover(where: Place) -> bool:
+    try:
+        st = where.stat()
+        return st is not None and (where.rmtree() if stat.S_ISDIR(st.st_mode) else where.unlink())
+    except NotConfined:
+        return False                    # a link (or one on the way): left alone, it is no leftover of ours
+
+
 def remove_leftovers(ctx: HostContext) -> list[Path]:
-    """What this host's imports left when the agent stopped mid-way (never another host's: datastores are shared)."""
+    """What this host's imports left when the agent stopped mid-way (never another host's: datastores are shared;
+    nothing reached through a link)."""
     removed = []
     for root in ctx.datastore_paths.values():
-        for pattern in (f"{IMAGES_DIR}/.*{TMP_MARK}{ctx.host_name}-*", f"{IMPORT_DIR}/{OVA_MARK}{ctx.host_name}-*"):
-            for path in root.glob(pattern):
-                if path.is_symlink():
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed.append(path)
+        for folder, pattern in ((IMAGES_DIR, f".*{TMP_MARK}{ctx.host_name}-*"),
+                                (IMPORT_DIR, f"{OVA_MARK}{ctx.host_name}-*")):
+            try:
+                names = fnmatch.filter(confined.listdir_in(root, folder), pattern)
+            except NotConfined:
+                continue
+            places = [Place.of(root, f"{folder}/{name}") for name in names]
+            removed += [where.path for where in places if _remove_leftover(where)]
     return removed
 
 
