@@ -2,20 +2,20 @@
 
 A marker is created once (on one host, for a shared datastore) and never replaced: it is written to a temporary
 file and hard-linked into place, so two hosts initialising the same shared folder at once end with one marker,
-and a reader never sees half of one. The marker is opened relative to the datastore's directory, symlinks refused.
+and a reader never sees half of one. The marker is opened relative to the datastore's directory, symlinks refused
+(:mod:`kvmotion.common.confined`).
 """
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import uuid as uuidlib
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from kvmotion.agent.config import DATASTORE_ID_FILE, DatastoreMarker
-from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
+from kvmotion.common import confined
+from kvmotion.common.errors import ConflictError, InvalidInputError, NotConfined, NotFoundError
 
 MARKER_MAX_BYTES = 64 * 1024
 DOCS = "docs/storage.md, 'Datastore markers'"
@@ -51,23 +51,17 @@ def read_marker(path: Path) -> DatastoreMarker | None:
     file, or not a marker is an ``InvalidInputError``."""
     marker_file = path / DATASTORE_ID_FILE
     remedy = f"correct it ({DOCS}) or remove it and run `kvmotion-agent datastore init` again"
-    dir_fd = _open_dir(path)
+    os.close(_open_dir(path))       # a missing or unusable datastore folder has its own error
     try:
-        fd = os.open(DATASTORE_ID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        raw = confined.read_in(path, DATASTORE_ID_FILE, MARKER_MAX_BYTES)
     except FileNotFoundError:
         return None
+    except (NotConfined, ConflictError) as exc:         # a symbolic link, not a regular file, too large
+        raise InvalidInputError(exc.message, remedy=remedy, details={"path": str(path)}) from None
     except OSError as exc:
-        why = "a symbolic link" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror})"
-        raise InvalidInputError(f"{marker_file} is {why}", remedy=remedy, details={"path": str(path)}) from None
-    finally:
-        os.close(dir_fd)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise InvalidInputError(f"{marker_file} is not a regular file", remedy=remedy, details={"path": str(path)})
-        raw = fh.read(MARKER_MAX_BYTES + 1)
+        raise InvalidInputError(f"{marker_file} is unreadable ({exc.strerror})", remedy=remedy,
+                                details={"path": str(path)}) from None
     try:
-        if len(raw) > MARKER_MAX_BYTES:
-            raise ValueError("too large")
         return DatastoreMarker.model_validate_json(raw)
     except ValueError as exc:       # pydantic's ValidationError is a ValueError
         first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvmotion.controller.pki import HOST_DAYS, CertificateAuthority, write_private
+from kvmotion.common import confined
+from kvmotion.controller.pki import HOST_DAYS, CertificateAuthority
 
 CERT_FILE, KEY_FILE = "api-cert.pem", "api-key.pem"
 RENEW_BEFORE = dt.timedelta(days=30)
@@ -63,8 +64,9 @@ def ensure(ca: CertificateAuthority, directory: Path, names: list[str]) -> tuple
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName([_general(n) for n in names]), critical=False)
             .sign(ca.key, hashes.SHA256()))
-    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
+    confined.write_in(directory, KEY_FILE, key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
     tmp = cert_path.with_suffix(".tmp")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     tmp.replace(cert_path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import secrets
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kvmotion.common import confined
 from kvmotion.common.errors import InvalidInputError
 from kvmotion.common.private import keep_private
 
@@ -23,11 +23,7 @@ CA_DAYS = 3650
 HOST_DAYS = 365
 
 
-def write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
+MAX_PEM_BYTES = 64 << 10
 
 
 class CertificateAuthority:
@@ -41,7 +37,8 @@ class CertificateAuthority:
         key_file, cert_file = directory / "ca-key.pem", directory / "ca-cert.pem"
         if key_file.exists() and cert_file.exists():
             keep_private(key_file)
-            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+            key = serialization.load_pem_private_key(confined.read_in(directory, key_file.name, MAX_PEM_BYTES),
+                                                     password=None)
             assert isinstance(key, ec.EllipticCurvePrivateKey)
             return cls(key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
         key = ec.generate_private_key(ec.SECP256R1())
@@ -59,8 +56,8 @@ class CertificateAuthority:
                                              data_encipherment=False, key_agreement=False, encipher_only=False,
                                              decipher_only=False), critical=True)
                 .sign(key, hashes.SHA256()))
-        write_private(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
+        confined.write_in(directory, key_file.name, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(key, cert)
 
