@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -22,7 +24,8 @@ import httpx
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
 from kvmotion.cli.config import ENV_CONFIG, SYSTEM_CONFIG, load_config, write_config
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
-from kvmotion.common.http import tls_context
+from kvmotion.common.hostid import fingerprint
+from kvmotion.common.http import tls_context, trust
 from kvmotion.controller.auth import ADMIN_TOKEN_FILE
 from kvmotion_lab import net, netdown
 from kvmotion_lab.netns import LabError, netns_exec_argv
@@ -32,6 +35,7 @@ DEFAULT_PREFIX = os.environ.get("KVMOTION_LAB_PREFIX", "kvmo")
 CONTROLLER_PORT = 8760
 AGENT_PORT = 8770
 VM_IP_POOL = "198.18.1.100-198.18.1.199/24"
+HOST_NETWORKS = "198.18.0.0/15,2001:2::/48"       # the lab's management networks (net.py): agents only there
 LINK_RATES = {"1g": 1000, "10g": 10000}     # lab up --link: shape each host's migration link with tc
 START_DEADLINE_S = 60.0
 
@@ -95,7 +99,26 @@ def load(root: Path = DEFAULT_ROOT) -> LabInfo | None:
     lab_net = net.load_lab(root / "net.json")
     if lab_net is None:
         return None
+    trust_controller(root)
     return LabInfo(root=root, controller_url=data["controller_url"], net=lab_net, pids=data.get("pids", {}))
+
+
+def ca_path(root: Path) -> Path:
+    """The lab controller's CA certificate (it issued the controller's HTTPS certificate)."""
+    return root / "pki" / "ca-cert.pem"
+
+
+def trust_controller(root: Path) -> ssl.SSLContext:
+    """This process trusts the lab controller's CA (the shared TLS context of kvmotion's clients)."""
+    if ca_path(root).exists():
+        trust(ca_path(root))
+    return tls_context()
+
+
+def _controller(method: str, root: Path, url: str, timeout: float, **kw: Any) -> httpx.Response:
+    """A call to the lab's controller over HTTPS, as the admin (its token), trusting the lab's CA."""
+    return httpx.request(method, url, headers=_admin_headers(root), timeout=timeout, verify=trust_controller(root),
+                         **kw)
 
 
 def _make_datastore(path: Path, name: str, shared: bool) -> None:
@@ -170,11 +193,11 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
         + (f", migration links shaped to {link}" if link else ""))
     (root / "logs").mkdir(exist_ok=True)
     _make_datastore(root / "ds" / "shared", "shared", shared=True)
-    enrol_file = _start_controller(root, lab_net, state, admission)
+    _start_controller(root, lab_net, state, admission)
     log(f"controller: {state['controller_url']} (pid {state['pids']['controller']}), admin token "
         f"{admin_token_path(root)}; CLI config {state['cli_config']}")
     for h in lab_net.hosts:
-        _start_agent(root, h, state, image_dir, enrol_file, link)
+        _start_agent(root, h, state, image_dir, enrol_token(root, state["controller_url"], h.name), link)
     for h in lab_net.hosts:
         _connect_agent(root, h, state["controller_url"])
         log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid {state['pids'][f'agent-{h.name}']}")
@@ -191,30 +214,47 @@ def cli_config_path(root: Path) -> Path:
     return Path(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG) else SYSTEM_CONFIG
 
 
-def _start_controller(root: Path, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> Path:
-    """Start the controller, write the CLI's config, make an enrolment token; returns the token's file."""
-    controller_url = f"http://{lab_net.controller_ip}:{CONTROLLER_PORT}"
+def _start_controller(root: Path, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> None:
+    """Start the controller (agents only from the lab's management networks) and write the CLI's config."""
+    controller_url = f"https://{lab_net.controller_ip}:{CONTROLLER_PORT}"
     state["controller_url"] = controller_url
     state["argv"]["controller"] = [
         sys.executable, "-m", "kvmotion.controller.main", "--host", lab_net.controller_ip,
-        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL
+        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL,
+        "--host-networks", HOST_NETWORKS,
     ] + ([] if admission else ["--no-admission"])
     log_file = root / "logs" / "controller.log"
     state["pids"]["controller"] = _spawn(state["argv"]["controller"], log_file)
     _write_state(root, state)
-    _wait(lambda: httpx.get(f"{controller_url}/api/v1/health", headers=_admin_headers(root),
-                            timeout=2).status_code == 200, START_DEADLINE_S, "controller", log_file)
+    _wait(lambda: _controller("GET", root, f"{controller_url}/api/v1/health", 2).status_code == 200,
+          START_DEADLINE_S, "controller", log_file)
     state["cli_config"] = str(cli_config_path(root))
     _write_state(root, state)
-    write_config(cli_config_path(root), controller_url, admin_token_path(root))
-    enrol = httpx.post(f"{controller_url}/api/v1/tokens", headers=_admin_headers(root), timeout=10,
-                       json={"name": "lab-enrol", "role": "enrol", "ttl_s": 30 * 86400})
+    write_config(cli_config_path(root), controller_url, admin_token_path(root), ca_path(root))
+
+
+def enrol_token(root: Path, controller_url: str, host: str) -> Path:
+    """A single-use enrolment token for one host (as `kvmotion host enrol-token`), in a 0600 file."""
+    enrol = _controller("POST", root, f"{controller_url}/api/v1/tokens", 10, json={"name": f"lab-enrol-{host}-{secrets.token_hex(3)}", "role": "enrol", "ttl_s": 3600})
     enrol.raise_for_status()
-    enrol_file = root / "enrol.token"
+    (root / "hosts" / host).mkdir(parents=True, exist_ok=True)
+    enrol_file = root / "hosts" / host / "enrol.token"
     fd = os.open(enrol_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(enrol.json()["token"] + "\n")
     return enrol_file
+
+
+def approve_when_pending(root: Path, controller_url: str, host: str, state_dir: Path) -> bool:
+    """The admin's part of a registration: once ``host`` is pending, approve it with the fingerprint read on the
+    host itself (its agent's secret, as `kvmotion-agent --fingerprint` prints it). False: not pending (yet)."""
+    r = _controller("GET", root, f"{controller_url}/api/v1/hosts/pending", 5)
+    if r.status_code != 200 or host not in {p["name"] for p in r.json()}:
+        return False
+    fp = fingerprint((state_dir / SECRET_FILE).read_text().strip())
+    _controller("POST", root, f"{controller_url}/api/v1/hosts/{host}/approve", 60,
+                json={"fingerprint": fp}).raise_for_status()
+    return True
 
 
 def _start_agent(root: Path, h: net.HostNet, state: dict[str, Any], image_dir: Path | None, enrol_file: Path,
@@ -228,7 +268,7 @@ def _start_agent(root: Path, h: net.HostNet, state: dict[str, Any], image_dir: P
                       state_dir=root / "hosts" / h.name, datastores=[root / "ds" / "shared", local],
                       migration_interfaces=["mig0"], image_dir=image_dir,
                       controller_url=None if h.mgmt_ip6 else state["controller_url"],
-                      enrol_token_file=None if h.mgmt_ip6 else enrol_file,
+                      enrol_token_file=None if h.mgmt_ip6 else enrol_file, controller_ca_file=ca_path(root),
                       declared_link_mbps={"mig0": LINK_RATES[link]} if link else {},
                       accelerator=os.environ.get("KVMOTION_ACCEL", "auto"))
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -247,8 +287,11 @@ def _connect_agent(root: Path, h: net.HostNet, controller_url: str) -> None:
         url6 = f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
         _wait(lambda: _agent_healthy(root, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
         secret = (root / "hosts" / h.name / SECRET_FILE).read_text().strip()
-        httpx.post(f"{controller_url}/api/v1/hosts", json={"address": url6, "secret": secret},
-                   headers=_admin_headers(root), timeout=30).raise_for_status()
+        _controller("POST", root, f"{controller_url}/api/v1/hosts", 30,
+                    json={"address": url6, "secret": secret}).raise_for_status()
+    else:          # it registers itself and waits for the admin (the lab) to approve it
+        _wait(lambda: approve_when_pending(root, controller_url, h.name, root / "hosts" / h.name),
+              START_DEADLINE_S, f"agent {h.name} registration", agent_log)
     _wait(lambda: _host_connected(root, controller_url, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
 
 
@@ -275,8 +318,8 @@ def restart(root: Path, name: str, crash: bool = False, deadline_s: float = STAR
     info = load(root)
     assert info is not None
     if name == "controller":
-        _wait(lambda: httpx.get(f"{info.controller_url}/api/v1/health", headers=_admin_headers(root),
-                                timeout=2).status_code == 200, deadline_s, name, log)
+        _wait(lambda: _controller("GET", root, f"{info.controller_url}/api/v1/health", 2).status_code == 200,
+              deadline_s, name, log)
     else:
         _wait(lambda: _agent_healthy(root, name.removeprefix("agent-")), deadline_s, name, log)
     return int(state["pids"][name])
@@ -299,7 +342,7 @@ def configure_host(root: Path, host: str, **changes: Any) -> AgentConfig:
 
 
 def _host_connected(root: Path, url: str, name: str) -> bool:
-    r = httpx.get(f"{url}/api/v1/hosts/{name}", headers=_admin_headers(root), timeout=5)
+    r = _controller("GET", root, f"{url}/api/v1/hosts/{name}", 5)
     return r.status_code == 200 and r.json()["state"] == "connected"
 
 

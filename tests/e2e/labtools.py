@@ -231,15 +231,17 @@ def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset(), lin
     root = LAB_ROOT_BASE / prefix
     info = lab_mod.up(hosts, root, prefix=prefix, image_dir=image.kernel.parent.parent, ipv6_hosts=set(ipv6_hosts),
                       log=lambda m: None, link=link)
-    old_token = os.environ.get("KVMOTION_TOKEN_FILE")
+    saved = {k: os.environ.get(k) for k in ("KVMOTION_TOKEN_FILE", "KVMOTION_CA_FILE")}
     os.environ["KVMOTION_TOKEN_FILE"] = str(lab_mod.admin_token_path(root))   # the Client and the CLI use it
+    os.environ["KVMOTION_CA_FILE"] = str(lab_mod.ca_path(root))              # the CLI trusts the lab's CA
     try:
         yield info
     finally:
-        if old_token is None:
-            os.environ.pop("KVMOTION_TOKEN_FILE", None)
-        else:
-            os.environ["KVMOTION_TOKEN_FILE"] = old_token
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         lab_mod.down(root)
         left = leftovers(prefix, root)
         assert left == {"namespaces": [], "qemu_pids": []}, f"the lab left things behind: {left}"

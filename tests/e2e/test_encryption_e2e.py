@@ -223,3 +223,40 @@ def test_disk_streams_are_never_readable_even_when_encryption_is_disabled(lab, c
     assert_guest_survived(lab, client, "wire2", before)
     assert_disk_arrived(lab, client, "wire2")
     remove_vm(client, "wire2")
+
+
+def test_the_management_network_carries_no_token_secret_or_passphrase(lab, client, tmp_path) -> None:
+    """A capture of everything the controller sends and receives (the CLI's calls and every agent call, in the
+    controller's namespace) while an admin re-enrols a host with its secret and an encrypted-disk VM is created,
+    started and moved: no bearer token, no host secret, no disk passphrase in it. The agent calls themselves are
+    plain HTTP (signed, not encrypted), so the capture reads them: the control that it saw the wire."""
+    from kvmotion.common.hostauth import SECRET_FILE
+    from kvmotion.controller.keys import KeyProvider
+    root = Path(lab.root)
+    pcap, log = tmp_path / "mgmt.pcap", tmp_path / "mgmt.log"
+    proc = subprocess.Popen(["tcpdump", "-i", "any", "-s", "0", "-U", "-n", "-w", str(pcap),
+                             "tcp port 8760 or tcp port 8770"], stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    end = time.monotonic() + 10
+    while b"listening on" not in (log.read_bytes() if log.exists() else b""):
+        assert time.monotonic() < end and proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    try:
+        secret = (root / "hosts" / "h1" / SECRET_FILE).read_text().strip()
+        assert client.add_host(client.host("h1")["address"], secret)["name"] == "h1"   # the secret, to the API
+        vm = running_vm(client, lab, "wire1", encrypted_disk=True)
+        task = scenario.follow_task(client, client.migrate("wire1", "h2")["id"])
+        assert task["state"] == "success", task.get("error")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    wire = pcap.read_bytes()
+    disk = vm["spec"]["disks"][0]
+    passphrase = KeyProvider.load_or_create(root / "pki").unwrap(disk["key_wrapped"], f"{vm['uuid']}/{disk['node']}")
+    token = (root / "admin.token").read_text().strip()
+    host_secrets = [(root / "hosts" / h / SECRET_FILE).read_text().strip() for h in ("h1", "h2", "h3")]
+    assert len(wire) > 100_000 and b"x-kvmotion-auth: v1 ts=" in wire.lower(), "the capture saw no agent call"
+    assert b"/v1/vms/" in wire and b'"disk_keys"' in wire      # the start request: its keys are there, wrapped
+    for name, value in [("admin token", token), ("disk passphrase", passphrase)] + \
+            [(f"host secret {i}", s) for i, s in enumerate(host_secrets)]:
+        assert value.encode() not in wire, f"the {name} crossed the management network in clear"
+    remove_vm(client, "wire1")

@@ -12,6 +12,7 @@ import pytest
 
 from kvmotion.cli.client import Client
 from kvmotion.common import hostauth
+from kvmotion.common.http import tls_context
 from kvmotion.common.errors import KvmotionError
 from kvmotion_lab import scenario
 from kvmotion_lab.netns import netns_exec_argv
@@ -57,12 +58,13 @@ def test_host_enrolment_needs_the_agents_secret(lab, client) -> None:
         client.add_host(address, "0" * 64)
     assert exc.value.code == "INVALID_INPUT" and "refused the secret" in exc.value.message
     assert client.host("h1")["state"] == "connected"            # the enrolled secret is unchanged
-    enrol = (Path(lab.root) / "enrol.token").read_text().strip()
-    r = httpx.post(f"{lab.controller_url}/api/v1/hosts/register", timeout=30,
+    enrol = client.create_token("enrol-takeover", "enrol", 600)["token"]
+    r = httpx.post(f"{lab.controller_url}/api/v1/hosts/register", timeout=30, verify=tls_context(),
                    headers={"Authorization": f"Bearer {enrol}"},
                    json={"address": address, "secret": "0" * 64, "name": "h1"})
     assert r.status_code == 422                                 # self-registration cannot take over a host
-    r = httpx.get(f"{lab.controller_url}/api/v1/vms", headers={"Authorization": f"Bearer {enrol}"}, timeout=10)
+    r = httpx.get(f"{lab.controller_url}/api/v1/vms", headers={"Authorization": f"Bearer {enrol}"}, timeout=10,
+                  verify=tls_context())
     assert r.status_code == 403                                 # an enrolment token does nothing else
     secret = (Path(lab.root) / "hosts" / "h1" / hostauth.SECRET_FILE).read_text().strip()
     assert client.add_host(address, secret)["name"] == "h1"     # the admin re-enrols with the right secret

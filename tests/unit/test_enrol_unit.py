@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import http.server
 import threading
 from pathlib import Path
@@ -45,8 +46,14 @@ def impostor(request) -> Iterator[str]:
 
 
 def test_an_address_that_is_not_an_agent_is_bad_input(impostor: str, tmp_path: Path) -> None:
-    inv = Inventory(db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'c.db'}")))
+    sessions = db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+    with pytest.raises(InvalidInputError, match="loopback"):          # not even asked: not a host network
+        asyncio.run(Inventory(sessions).add_host(impostor, SECRET))
+    inv = Inventory(sessions, host_networks=["127.0.0.0/8"])          # an all-in-one install allows it
     with pytest.raises(InvalidInputError) as err:
         asyncio.run(inv.add_host(impostor, SECRET))
     assert err.value.code == ErrorCode.INVALID_INPUT and "no kvmotion agent answers at" in err.value.message
     assert err.value.remedy and inv.list_hosts() == []
+    said = json.dumps(err.value.to_dict())
+    for remote in ("Not Found", "hello", "world", "Forbidden"):      # nothing the far end said is relayed (SSRF)
+        assert remote not in said, said

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.agent import lease
+from kvmotion.common.confined import Place
 from kvmotion.common.errors import ConflictError, ErrorCode, KvmotionError, NotFoundError
 from kvmotion.models.agent import MigrationReport
 from kvmotion.migration import decisions
@@ -96,8 +97,8 @@ def test_task_journal_persists_phases_in_order(tmp_path: Path) -> None:
 
 
 def test_lease_hand_over_is_compare_and_swap(tmp_path: Path) -> None:
-    disks = [tmp_path / "ds" / "vm" / "a.qcow2", tmp_path / "ds" / "vm" / "b.raw"]
-    paths = lease.lease_paths(tmp_path / "ds" / "vm", disks)
+    disks = [Place.of(tmp_path, "ds/vm/a.qcow2"), Place.of(tmp_path, "ds/vm/b.raw")]
+    paths = lease.lease_paths(Place.of(tmp_path, "ds/vm"), disks)
     assert [p.name for p in paths] == [".kvmotion.lease", ".a.qcow2.lease", ".b.raw.lease"]
     first = lease.take_all(paths, "u1", "h1", None)
     assert first.epoch == 1
@@ -112,7 +113,7 @@ def test_lease_hand_over_is_compare_and_swap(tmp_path: Path) -> None:
 
 
 def test_a_conflict_on_one_disk_takes_no_lease(tmp_path: Path) -> None:
-    paths = lease.lease_paths(tmp_path, [tmp_path / "a.qcow2", tmp_path / "b.qcow2"])
+    paths = lease.lease_paths(Place.of(tmp_path), [Place.of(tmp_path, "a.qcow2"), Place.of(tmp_path, "b.qcow2")])
     lease.take_one(paths[2], "u1", "h9", None)                # another host holds the second disk
     with pytest.raises(ConflictError):
         lease.take_all(paths, "u1", "h1", None)

@@ -1,20 +1,34 @@
-"""Agent configuration (a JSON file written by the installer or the lab)."""
+"""Agent configuration: a TOML file (``kvmotion-agent init`` writes one; packaging/config/agent.toml describes
+every key) or a JSON file (the lab writes those). Unknown keys are errors."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from kvmotion.models.agent import PortGroupName
+from kvmotion.common.configfile import LogLevel, load_config
+from kvmotion.models.agent import Name, PortGroupName
 from kvmotion.models.hardware import VLAN_MAX, VLAN_MIN
 
 DATASTORE_ID_FILE = ".kvmotion-datastore.json"
+DEFAULT_CONFIG = Path("/etc/kvmotion/agent.toml")
+
+
+class DatastoreMarker(BaseModel):
+    """A datastore's identity: the file ``DATASTORE_ID_FILE`` at its top. Hosts that read the same UUID share it."""
+
+    uuid: str = Field(pattern=r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
+    name: Name
+    kind: Literal["directory"] = "directory"
+    shared: bool = False
 
 
 class VlanPortGroup(BaseModel):
     """A port group on a VLAN: its VMs' taps join ``bridge`` (VLAN filtering on) untagged in VLAN ``vlan``; the
     ``uplinks`` (ports of the bridge towards the physical switch) carry it tagged."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: PortGroupName
     bridge: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
@@ -23,9 +37,11 @@ class VlanPortGroup(BaseModel):
 
 
 class AgentConfig(BaseModel):
-    name: str
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
     listen_host: str = "0.0.0.0"
-    listen_port: int = 8770
+    listen_port: int = Field(default=8770, ge=1, le=65535)
     mgmt_address: str                       # the address the controller reaches this agent on
     state_dir: Path
     datastores: list[Path] = Field(default_factory=list)     # mount points; identity is read from each
@@ -33,7 +49,8 @@ class AgentConfig(BaseModel):
     image_dir: Path | None = None
     controller_url: str | None = None       # register here at start, when set
     enrol_token_file: Path | None = None    # the enrolment token for that registration (`kvmotion host enrol-token`)
-    accelerator: str = "auto"               # auto | kvm | tcg
+    controller_ca_file: Path | None = None  # the controller's CA (its pki/ca-cert.pem): the only CA trusted for it
+    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
     kvm_probe_deadline_s: float = 8.0
     swap_dir: Path | None = None            # where VM memory-backing/swap files live, if not with the VM
     block_devices: list[Path] = Field(default_factory=list)            # raw LUNs presented to this host
@@ -41,10 +58,12 @@ class AgentConfig(BaseModel):
     declared_link_mbps: dict[str, int] = Field(default_factory=dict)   # interface -> declared speed (overrides the NIC)
     cpu_feature_mask: list[str] = Field(default_factory=list)          # LAB SETTING: act like an older CPU
     vlan_portgroups: list[VlanPortGroup] = Field(default_factory=list)  # port groups on a VLAN of a bridge
+    log_level: LogLevel = "info"            # `kvmotion-agent --log-level` overrides it
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
-        return cls.model_validate(json.loads(path.read_text()))
+        """The file at ``path`` (TOML, or JSON by suffix or content); ``ConfigInvalid`` naming what is wrong."""
+        return load_config(cls, path, missing_remedy=f"write one: kvmotion-agent init --config {path} --name …")
 
     @property
     def url(self) -> str:

@@ -1,10 +1,13 @@
 """The host as a VM sees it (datastores, port groups, LUNs, accelerator), and datastore-relative paths."""
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from kvmotion.common.errors import ConflictError, InvalidInputError
+from kvmotion.common import confined
+from kvmotion.common.confined import Place
+from kvmotion.common.errors import ConflictError, InvalidInputError, NotConfined
 from kvmotion.models.agent import VMSpec, relative_path_problem
 from kvmotion.models.boot import NVRAM_FILE, OVMF_DIR
 
@@ -38,11 +41,12 @@ def resolve_datastore(ctx: HostContext, name: str) -> Path:
 
 
 def safe_path(ctx: HostContext, datastore: str, rel: str, *, what: str = "disk path", directory: bool = False) -> Path:
-    """A datastore-relative path, resolved; refuses anything that leaves the datastore.
+    """A datastore-relative path, checked; refuses anything that leaves the datastore or passes a link.
 
     Refused (InvalidInputError, HTTP 422): an empty or absolute path, '..', a NUL byte or control character, a
-    symbolic link that leads out of the datastore (or loops), the datastore root itself, and a directory where a
-    file is wanted (``directory=False``) or a file where a directory is wanted (``directory=True``).
+    symbolic link anywhere below the datastore's root (kvmotion never follows one: see
+    :mod:`kvmotion.common.confined`), the datastore root itself, and a directory where a file is wanted
+    (``directory=False``) or a file where a directory is wanted (``directory=True``). The path need not exist.
     """
     problem = relative_path_problem(rel)
     if problem is not None:
@@ -50,31 +54,34 @@ def safe_path(ctx: HostContext, datastore: str, rel: str, *, what: str = "disk p
                                 remedy="give a path inside the datastore, like VM/VM.qcow2")
     root = resolve_datastore(ctx, datastore).resolve()
     try:
-        path = (root / rel).resolve()
-        is_dir = path.is_dir()
-        exists = is_dir or path.exists()
-    except RuntimeError:           # Python 3.11: a symbolic link loop
-        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} runs into a symbolic link loop",
-                                remedy="remove the looping link") from None
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} cannot be resolved: {exc}",
-                                remedy="give a path inside the datastore, like VM/VM.qcow2") from None
-    if root not in path.parents:
-        raise InvalidInputError(f"{what} {rel!r} leaves datastore {datastore} (through a symbolic link or '..')",
-                                remedy="use a path inside the datastore, without links that lead out of it")
-    if directory and exists and not is_dir:
+        st = confined.stat_in(root, rel)
+    except NotConfined as exc:
+        raise confined.restated(exc, f"{what} {rel!r} on datastore {datastore}", datastore=datastore) from None
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} cannot be checked: {exc}",
+                                remedy="check that the datastore is mounted and readable") from None
+    is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+    if directory and st is not None and not is_dir:
         raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} is a file, not a directory",
                                 remedy="name a directory")
     if not directory and is_dir:
         raise InvalidInputError(f"{what} {rel!r} on datastore {datastore} is a directory, not a file",
                                 remedy="name a file, like VM/VM.qcow2")
-    return path
+    return root.joinpath(*PurePosixPath(rel).parts)
+
+
+def place(ctx: HostContext, datastore: str, rel: str, *, what: str = "disk path", directory: bool = False) -> Place:
+    """:func:`safe_path`'s checks, and the path as a :class:`Place` the agent opens from the datastore's root."""
+    safe_path(ctx, datastore, rel, what=what, directory=directory)
+    return Place.of(resolve_datastore(ctx, datastore).resolve(), rel)
+
+
+def vm_place(ctx: HostContext, spec: VMSpec) -> Place:
+    return place(ctx, spec.boot_datastore, spec.folder, what="VM folder", directory=True)
 
 
 def vm_folder(ctx: HostContext, spec: VMSpec) -> Path:
-    return safe_path(ctx, spec.boot_datastore, spec.folder, what="VM folder", directory=True)
-
-
+    return vm_place(ctx, spec).path
 
 
 def nvram_file(ctx: HostContext, spec: VMSpec) -> Path:

@@ -10,7 +10,7 @@ import subprocess
 
 from kvmotion.agent import images
 from kvmotion.agent.service import Agent
-from kvmotion.agent.storage import disk_file
+from kvmotion.agent.storage import disk_file, disk_place
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError
 from kvmotion.models.agent import DiskSpec, VMSpec
 from kvmotion.models.devices import DiskChange
@@ -43,7 +43,7 @@ async def plug_disk(agent: Agent, change: DiskChange) -> VMSpec:
     try:
         await agent.hv.plug_disk(uuid, change.disk)
     except (KvmotionError, OSError, subprocess.TimeoutExpired):
-        disk_file(agent.context(), change.disk).unlink(missing_ok=True)
+        disk_place(agent.context(), change.disk).unlink()
         raise
     spec = agent.hv.spec(uuid)
     agent.take_leases(spec, expected_holder=agent.cfg.name)     # the new image's lease (the others are held)

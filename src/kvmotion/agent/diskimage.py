@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.agent.context import HostContext, resolve_datastore, safe_path
+from kvmotion.agent.context import HostContext, safe_path
 from kvmotion.agent.images import measure_mb
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError, QemuStartFailed
 from kvmotion.models.agent import DiskSpec
@@ -87,11 +87,8 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 def source_image(ctx: HostContext, src: ImageSource) -> SourceImage:
-    """The image, confined to its datastore (symbolic links out of it refused), its format detected."""
+    """The image, confined to its datastore (no symbolic link on the way), its format detected."""
     path = safe_path(ctx, src.datastore, src.path, what="disk image")
-    if path != resolve_datastore(ctx, src.datastore).resolve() / os.path.normpath(src.path):
-        raise InvalidInputError(f"disk image {src.datastore}:{src.path} is reached through a symbolic link",
-                                remedy="name the image file itself, not a link to it")
     if not path.is_file():
         raise NotFoundError(f"disk image {src.path!r} does not exist on datastore {src.datastore} of {ctx.host_name}",
                             remedy="copy the image into the datastore first, or name another file")

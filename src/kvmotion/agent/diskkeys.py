@@ -17,8 +17,10 @@ MASTER_ID = "kvm-master"
 
 
 def write_master(path: Path) -> bytes:
+    """A new master secret in a new 0600 file (a leftover one is replaced; a link there is never followed)."""
     key = pyrandom.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(base64.b64encode(key).decode())
     return key

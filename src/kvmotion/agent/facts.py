@@ -10,9 +10,13 @@ from pathlib import Path
 from kvmotion import __version__
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig, VlanPortGroup
 from kvmotion.agent.blockdev import presented_devices
+from kvmotion.common import confined
+from kvmotion.common.errors import KvmotionError
 from kvmotion.models.boot import OVMF_FILES, FirmwareFact
 from kvmotion.models.agent import (BlockDeviceFact, CpuFact, DatastoreFact, HostFacts, MigrationInterface,
                                    PortGroupFact)
+
+MAX_ID_BYTES = 64 << 10       # a datastore's identity file is a few lines of JSON
 
 
 def _cmd(argv: list[str], timeout: float = 5.0) -> str:
@@ -47,15 +51,16 @@ def memory_mb() -> tuple[int, int]:
 
 
 def read_datastore(path: Path) -> DatastoreFact:
-    """Accessible means: the identity file can be read right now, and the folder listed."""
+    """Accessible means: the identity file can be read right now (a regular file, not a link), and the folder
+    listed."""
     try:
-        ident = json.loads((path / DATASTORE_ID_FILE).read_text())
+        ident = json.loads(confined.read_in(path, DATASTORE_ID_FILE, MAX_ID_BYTES))
         os.listdir(path)
         st = os.statvfs(path)
         return DatastoreFact(uuid=ident["uuid"], name=ident["name"], path=str(path), kind=ident.get("kind", "directory"),
                              shared=bool(ident.get("shared", False)), readable=True,
                              free_mb=st.f_bavail * st.f_frsize // (1024 * 1024))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, KvmotionError) as exc:
         return DatastoreFact(uuid="", name=path.name, path=str(path), readable=False,
                              error=f"{type(exc).__name__}: {exc}")
 

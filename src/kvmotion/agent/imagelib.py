@@ -8,6 +8,7 @@ on any failure the temporary file is removed.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -26,7 +27,9 @@ from typing import Callable
 from kvmotion.agent.context import HostContext, resolve_datastore, safe_path
 from kvmotion.agent.diskimage import (CONVERT_TIMEOUT_S, INFO_TIMEOUT_S, MIB, _run, check, extent_problem,
                                       format_problem)
-from kvmotion.common.errors import ConflictError, DeadlineExceeded, InvalidInputError, NotFoundError
+from kvmotion.common import confined
+from kvmotion.common.confined import Place
+from kvmotion.common.errors import ConflictError, DeadlineExceeded, InvalidInputError, NotConfined, NotFoundError
 from kvmotion.models.boot import IMAGE_FORMATS
 from kvmotion.models.images import (IMAGES_DIR, IMPORT_DIR, AgentImageImport, AgentImageResult, image_file)
 
@@ -44,44 +47,36 @@ def import_roots(ctx: HostContext, datastore: str, extra: list[Path]) -> list[Pa
     return [resolve_datastore(ctx, datastore).resolve() / IMPORT_DIR, *extra]
 
 
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
 def confined_file(file: str, roots: list[Path], what: str = "file to import") -> Path:
     """``file`` as a regular file under one of ``roots``, reached without any symbolic link (refused otherwise)."""
     remedy = f"copy the file into one of: {', '.join(str(r) for r in roots)} (a regular file, not a link)"
-    if not file.startswith("/") or os.path.normpath(file) != file or "/../" in f"{file}/":
+    if not file.startswith("/") or os.path.normpath(file) != file:
         raise InvalidInputError(f"{what} {file!r} is not a plain absolute path", remedy=remedy)
-    path = Path(file)
-    root = next((r for r in roots if r in path.parents), None)
-    if root is None:
+    where = confined.locate(file, roots)
+    if where is None:
         raise InvalidInputError(f"{what} {file!r} is outside the folders this host imports from",
                                 remedy=remedy, details={"allowed": [str(r) for r in roots]})
-    current = root
-    st = _lstat(current)
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        raise NotFoundError(f"import folder {root} does not exist (or is a link)", remedy=f"create it: mkdir {root}")
-    for part in path.relative_to(root).parts:
-        current = current / part
-        st = _lstat(current)
-        if st is None:
-            raise NotFoundError(f"{what} {file!r} does not exist", remedy=remedy)
-        if stat.S_ISLNK(st.st_mode):
-            raise InvalidInputError(f"{what} {file!r} is reached through a symbolic link ({current})", remedy=remedy)
-        if current != path and not stat.S_ISDIR(st.st_mode):
-            raise InvalidInputError(f"{what} {file!r}: {current} is not a folder", remedy=remedy)
+    try:
+        root = os.lstat(where.root)
+    except FileNotFoundError:
+        root = None
+    if root is None or not stat.S_ISDIR(root.st_mode):
+        raise NotFoundError(f"import folder {where.root} does not exist (or is a link)",
+                            remedy=f"create it: mkdir {where.root}")
+    try:
+        st = where.stat()
+    except NotConfined as exc:
+        raise confined.restated(exc, f"{what} {file!r}") from None
+    if st is None:
+        raise NotFoundError(f"{what} {file!r} does not exist", remedy=remedy)
     if not stat.S_ISREG(st.st_mode):
         raise InvalidInputError(f"{what} {file!r} is not a regular file (a device, folder, FIFO or socket)",
                                 remedy=remedy)
-    return path
+    return where.path
 
 
 def _looks_like_text(path: Path) -> bool:
-    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+    with confined.open_file(path.parent, path.name) as fh:
         return b"\x00" not in fh.read(TEXT_PROBE_BYTES)
 
 
@@ -126,9 +121,9 @@ def sha256_of(path: Path) -> str:
 
 
 def file_digest(path: Path, algorithm: str) -> str:
-    """The hex digest of a file (not followed if it is a symbolic link)."""
+    """The hex digest of a regular file (refused if it is a symbolic link)."""
     h = hashlib.new(algorithm)
-    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+    with confined.open_file(path.parent, path.name) as fh:
         while chunk := fh.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -243,19 +238,27 @@ def run_with_progress(argv: list[str], timeout: float, on_percent: Callable[[flo
         return subprocess.CompletedProcess(argv, proc.returncode, "", err.read().decode(errors="replace"))
 
 
+def _remove_leftover(where: Place) -> bool:
+    try:
+        st = where.stat()
+        return st is not None and (where.rmtree() if stat.S_ISDIR(st.st_mode) else where.unlink())
+    except NotConfined:
+        return False                    # a link (or one on the way): left alone, it is no leftover of ours
+
+
 def remove_leftovers(ctx: HostContext) -> list[Path]:
-    """What this host's imports left when the agent stopped mid-way (never another host's: datastores are shared)."""
+    """What this host's imports left when the agent stopped mid-way (never another host's: datastores are shared;
+    nothing reached through a link)."""
     removed = []
     for root in ctx.datastore_paths.values():
-        for pattern in (f"{IMAGES_DIR}/.*{TMP_MARK}{ctx.host_name}-*", f"{IMPORT_DIR}/{OVA_MARK}{ctx.host_name}-*"):
-            for path in root.glob(pattern):
-                if path.is_symlink():
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed.append(path)
+        for folder, pattern in ((IMAGES_DIR, f".*{TMP_MARK}{ctx.host_name}-*"),
+                                (IMPORT_DIR, f"{OVA_MARK}{ctx.host_name}-*")):
+            try:
+                names = fnmatch.filter(confined.listdir_in(root, folder), pattern)
+            except NotConfined:
+                continue
+            places = [Place.of(root, f"{folder}/{name}") for name in names]
+            removed += [where.path for where in places if _remove_leftover(where)]
     return removed
 
 

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -32,8 +33,9 @@ def _check_format(fmt: str) -> None:
 
 
 def create_image(path: Path, fmt: str, size_mb: int, *, preallocate: bool = False,
-                 passphrase: str | None = None, key_dir: Path | None = None) -> None:
-    """``qemu-img create``; an encrypted image gets LUKS inside qcow2, its passphrase passed encrypted."""
+                 passphrase: str | None = None) -> None:
+    """``qemu-img create``; an encrypted image gets LUKS inside qcow2, its passphrase passed encrypted (under a
+    master secret in a private folder off the datastore, removed afterwards)."""
     _check_format(fmt)
     if passphrase is not None and fmt != "qcow2":
         raise InvalidInputError("an encrypted disk must be qcow2 (LUKS inside qcow2)", remedy="use --disk-format qcow2")
@@ -41,9 +43,9 @@ def create_image(path: Path, fmt: str, size_mb: int, *, preallocate: bool = Fals
     argv = ["qemu-img", "create", "-q", "-f", fmt]
     if preallocate:
         argv += ["-o", "preallocation=falloc" if fmt == "raw" else "preallocation=metadata"]
-    master_file = (key_dir or path.parent) / f".{path.name}.master.key"
-    try:
+    with tempfile.TemporaryDirectory(prefix="kvmotion-key-") as key_dir:
         if passphrase is not None:
+            master_file = Path(key_dir) / "master.key"
             master = write_master(master_file)
             argv += ["--object", master_object(master_file),
                      "--object", encrypted_secret_args("sec0", passphrase, master),
@@ -54,11 +56,9 @@ def create_image(path: Path, fmt: str, size_mb: int, *, preallocate: bool = Fals
                                  timeout=120, check=False)
             if res.returncode == 0:
                 return
-        path.unlink(missing_ok=True)
-        raise QemuStartFailed(f"qemu-img create {path} failed: {res.stderr.strip()}",
-                              remedy="check free space and permissions on the datastore")
-    finally:
-        master_file.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    raise QemuStartFailed(f"qemu-img create {path} failed: {res.stderr.strip()}",
+                          remedy="check free space and permissions on the datastore")
 
 
 def measure_mb(path: Path, src_fmt: str, dst_fmt: str, preallocate: bool) -> int:

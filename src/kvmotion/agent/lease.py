@@ -5,25 +5,29 @@ keeps its own record on the datastore: a small lease file next to each disk (``.
 owner host and an epoch. It is read and written under an ``fcntl`` lock on the file itself; the epoch only
 grows, so every hand-over is visible. A take succeeds when the lease is free, already ours, or held by the
 host named as the expected previous holder (the compare-and-swap of a migration hand-over).
+
+Lease files live next to the disks, on the shared datastore: each is opened from the datastore's root without
+following a symbolic link (:mod:`kvmotion.common.confined`), so a planted ``.NAME.lease`` link is refused, never
+written through.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import time
-from pathlib import Path
 
+from kvmotion.common.confined import Place
 from kvmotion.common.errors import ConflictError
 from kvmotion.models.agent import LeaseInfo
 
 LEASE_FILE = ".kvmotion.lease"      # the VM folder's lease
 
 
-def disk_lease_path(disk_path: Path) -> Path:
+def disk_lease_path(disk_path: Place) -> Place:
     return disk_path.with_name(f".{disk_path.name}.lease")
 
 
-def lease_paths(folder: Path, disk_paths: list[Path]) -> list[Path]:
+def lease_paths(folder: Place, disk_paths: list[Place]) -> list[Place]:
     return [folder / LEASE_FILE] + [disk_lease_path(p) for p in disk_paths]
 
 
@@ -49,13 +53,13 @@ def _write(fd: int, lease: LeaseInfo) -> None:
 class _Locked:
     """The lease file, open and exclusively fcntl-locked."""
 
-    def __init__(self, path: Path, create: bool) -> None:
+    def __init__(self, path: Place, create: bool) -> None:
         self.path, self.create, self.fd = path, create, -1
 
     def __enter__(self) -> int | None:
         flags = os.O_RDWR | (os.O_CREAT if self.create else 0)
         try:
-            self.fd = os.open(self.path, flags, 0o600)
+            self.fd = self.path.open(flags, 0o600)
         except FileNotFoundError:
             return None
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
@@ -67,17 +71,16 @@ class _Locked:
             os.close(self.fd)
 
 
-def read_lease(path: Path) -> LeaseInfo | None:
-    """The lease in one lease file (None when free or absent). A folder path means the folder's lease."""
-    path = path / LEASE_FILE if path.is_dir() else path
+def read_lease(path: Place) -> LeaseInfo | None:
+    """The lease in one lease file (None when free or absent)."""
     with _Locked(path, create=False) as fd:
         lease = None if fd is None else _read(fd)
         return lease if lease is not None and lease.host else None
 
 
-def take_one(path: Path, vm_uuid: str, host: str, expected_holder: str | None) -> tuple[LeaseInfo, bool]:
+def take_one(path: Place, vm_uuid: str, host: str, expected_holder: str | None) -> tuple[LeaseInfo, bool]:
     """Take one lease; returns it and whether it was newly taken (False: this host held it already)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.make_dirs()
     with _Locked(path, create=True) as fd:
         assert fd is not None
         current = _read(fd)
@@ -95,7 +98,7 @@ def take_one(path: Path, vm_uuid: str, host: str, expected_holder: str | None) -
         return lease, True
 
 
-def release_one(path: Path, host: str) -> bool:
+def release_one(path: Place, host: str) -> bool:
     """Free a lease this host holds (the epoch is kept). True if this host held it."""
     with _Locked(path, create=False) as fd:
         if fd is None:
@@ -107,9 +110,9 @@ def release_one(path: Path, host: str) -> bool:
         return True
 
 
-def take_all(paths: list[Path], vm_uuid: str, host: str, expected_holder: str | None) -> LeaseInfo:
+def take_all(paths: list[Place], vm_uuid: str, host: str, expected_holder: str | None) -> LeaseInfo:
     """Take every lease of a VM or none: on a conflict the ones newly taken here are freed again."""
-    taken: list[Path] = []
+    taken: list[Place] = []
     first: LeaseInfo | None = None
     try:
         for p in paths:
@@ -125,15 +128,15 @@ def take_all(paths: list[Path], vm_uuid: str, host: str, expected_holder: str | 
     return first
 
 
-def release_all(paths: list[Path], host: str) -> int:
+def release_all(paths: list[Place], host: str) -> int:
     return sum(release_one(p, host) for p in paths)
 
 
-def held_by(paths: list[Path], host: str) -> list[str]:
+def held_by(paths: list[Place], host: str) -> list[str]:
     """The lease files among ``paths`` this host holds."""
     out = []
     for p in paths:
-        lease = read_lease(p) if p.exists() else None
+        lease = read_lease(p)
         if lease is not None and lease.host == host:
             out.append(str(p))
     return out

@@ -31,6 +31,7 @@ from typing import Any
 
 from kvmotion.agent.tls import DH_PARAMS_PEM
 from kvmotion.common.errors import ConflictError, InvalidInputError
+from kvmotion.common.keywrap import HostKey
 from kvmotion.models.nbd import TLS_PSK, TLS_X509, NbdPsk
 
 KEY_DIR = "nbd-keys"          # under the agent's state directory: one fresh directory per stream end
@@ -160,3 +161,10 @@ def qemu_img_source(creds: NbdCreds, host: str, port: int, export: str) -> tuple
         nbd["tls-hostname"] = creds.tls_hostname
     objects = [a for obj in creds.objects() for a in ("--object", json.dumps(obj))]
     return objects, "json:" + json.dumps({"driver": "raw", "file": nbd})
+
+
+def open_psk(key: HostKey, psk: NbdPsk | None) -> NbdPsk | None:
+    """The move's key as the controller sent it (wrapped to this host: common.keywrap), unwrapped for QEMU."""
+    if psk is None:
+        return None
+    return NbdPsk(username=psk.username, key=key.unwrap(psk.wrap_label, psk.key))

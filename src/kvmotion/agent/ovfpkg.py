@@ -7,7 +7,7 @@ name: no folder, no absolute path, no '..', no link or device; anything else ref
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import secrets
 import shutil
@@ -17,7 +17,9 @@ from pathlib import Path
 
 from kvmotion.agent.context import HostContext, resolve_datastore
 from kvmotion.agent.imagelib import OVA_MARK, confined_file, file_digest, import_roots
-from kvmotion.common.errors import ConflictError, InvalidInputError
+from kvmotion.common import confined
+from kvmotion.common.confined import Place
+from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError
 from kvmotion.models.images import IMPORT_DIR, MAX_OVF_BYTES, OvfClose, OvfOpen, OvfPackage
 
 MAX_MEMBERS = 64
@@ -34,8 +36,8 @@ def _member_problem(m: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _extract(ova: Path, workdir: Path) -> list[str]:
-    """Every member of the tar, checked first, then written with O_EXCL|O_NOFOLLOW into ``workdir``."""
+def _extract(ova: Path, workdir: Place) -> list[str]:
+    """Every member of the tar, checked first, then written as a new file into ``workdir`` (never through a link)."""
     try:
         with tarfile.open(ova, "r:") as tar:
             members = tar.getmembers()
@@ -48,15 +50,14 @@ def _extract(ova: Path, workdir: Path) -> list[str]:
                     raise InvalidInputError(f"{ova.name}: member {m.name[:100]!r} {problem}",
                                             remedy="give an OVA whose files are plain files at its top level")
             need = sum(m.size for m in members) >> 20
-            free = shutil.disk_usage(workdir).free >> 20
+            free = shutil.disk_usage(workdir.path).free >> 20
             if need + 16 > free:
                 raise ConflictError(f"the datastore has {free} MiB free; unpacking {ova.name} needs {need} MiB",
                                     remedy="free space on the datastore, or choose another --datastore")
             for m in members:
                 src = tar.extractfile(m)
                 assert src is not None
-                fd = os.open(workdir / m.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with src, os.fdopen(fd, "wb") as dst:
+                with src, (workdir / m.name).open_file("xb") as dst:
                     shutil.copyfileobj(src, dst, CHUNK)
             return [m.name for m in members]
     except (tarfile.TarError, EOFError) as exc:
@@ -67,7 +68,8 @@ def _extract(ova: Path, workdir: Path) -> list[str]:
 def verify_manifest(folder: Path, manifest: Path) -> dict[str, str]:
     """Each line ``SHA256(file)= hex`` checked against the file in ``folder``; returns file -> algorithm."""
     out: dict[str, str] = {}
-    for n, line in enumerate(manifest.read_text(errors="replace").splitlines(), 1):
+    text = confined.read_in(folder, manifest.name, MAX_OVF_BYTES).decode(errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         m = MANIFEST_LINE.match(line.strip())
@@ -76,7 +78,7 @@ def verify_manifest(folder: Path, manifest: Path) -> dict[str, str]:
                                     remedy="fix the manifest, or remove it to import without verification")
         algo, name, want = m.group(1), m.group(2).strip(), m.group(3).lower()
         path = folder / name
-        st = os.lstat(path) if os.path.lexists(path) else None
+        st = confined.stat_in(folder, name)
         if st is None or not stat.S_ISREG(st.st_mode):
             raise InvalidInputError(f"manifest {manifest.name} lists {name!r}, which the package lacks",
                                     remedy="give the complete package (every file the manifest lists)")
@@ -89,36 +91,39 @@ def verify_manifest(folder: Path, manifest: Path) -> dict[str, str]:
 
 
 def _descriptor(ovf: Path) -> str:
-    if ovf.stat().st_size > MAX_OVF_BYTES:
+    with confined.open_file(ovf.parent, ovf.name) as fh:
+        data = fh.read(MAX_OVF_BYTES + 1)
+    if len(data) > MAX_OVF_BYTES:
         raise InvalidInputError(f"OVF descriptor {ovf.name} is larger than {MAX_OVF_BYTES >> 20} MiB",
                                 remedy="give a real OVF descriptor")
     try:
-        return ovf.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"OVF descriptor {ovf.name} is not UTF-8 text", remedy="give a real OVF descriptor",
                                 ) from exc
 
 
 def _open_ova(ctx: HostContext, src: Path, datastore: str) -> OvfPackage:
-    base = resolve_datastore(ctx, datastore).resolve() / IMPORT_DIR
-    base.mkdir(exist_ok=True)
-    workdir = base / f"{OVA_MARK}{ctx.host_name}-{secrets.token_hex(6)}"
-    workdir.mkdir(mode=0o700)
+    root = resolve_datastore(ctx, datastore).resolve()
+    confined.make_dirs(root, IMPORT_DIR)
+    workdir = Place.of(root, f"{IMPORT_DIR}/{OVA_MARK}{ctx.host_name}-{secrets.token_hex(6)}")
+    workdir.make_dirs(mode=0o700)
     try:
         names = _extract(src, workdir)
         ovfs = [n for n in names if n.lower().endswith(".ovf")]
         if not ovfs:
             raise InvalidInputError(f"{src.name} holds no .ovf descriptor", remedy="give an OVA made by an OVF exporter")
-        pkg = _package(workdir / ovfs[0], names)
+        pkg = _package(workdir.path / ovfs[0], names)
         return pkg.model_copy(update={"workdir": str(workdir)})
     except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError, KvmotionError):
+            workdir.rmtree()
         raise
 
 
 def _package(ovf: Path, names: list[str]) -> OvfPackage:
     mf = ovf.with_suffix(".mf")
-    manifest = verify_manifest(ovf.parent, mf) if os.path.lexists(mf) else {}
+    manifest = verify_manifest(ovf.parent, mf) if confined.stat_in(ovf.parent, mf.name) is not None else {}
     if manifest and ovf.name not in manifest:
         raise InvalidInputError(f"manifest {mf.name} does not list the descriptor {ovf.name}",
                                 remedy="give the package as exported (its manifest covers the descriptor)")
@@ -138,12 +143,9 @@ def open_package(ctx: HostContext, req: OvfOpen, extra_roots: list[Path]) -> Ovf
 
 def close_package(ctx: HostContext, req: OvfClose) -> bool:
     """Remove an OVA's extraction folder (only such a folder, directly in the datastore's import/ folder)."""
-    base = resolve_datastore(ctx, req.datastore).resolve() / IMPORT_DIR
+    root = resolve_datastore(ctx, req.datastore).resolve()
     work = Path(req.workdir)
-    if work.parent != base or not work.name.startswith(OVA_MARK) or work.is_symlink():
+    if work.parent != root / IMPORT_DIR or not work.name.startswith(OVA_MARK):
         raise InvalidInputError(f"{req.workdir} is not an OVA extraction folder of datastore {req.datastore}",
                                 remedy="name the workdir that /v1/images/ovf/open returned")
-    if not work.exists():
-        return False
-    shutil.rmtree(work)
-    return True
+    return confined.rmtree_in(root, f"{IMPORT_DIR}/{work.name}")

@@ -4,10 +4,12 @@
 Built with ``genisoimage`` (Debian's package of that name; ``mkisofs`` is the same program), with Joliet and Rock
 Ridge names, as cloud-image-utils' ``cloud-localds`` does. The files are staged in a private temporary folder off
 the datastore; the image is written through a file descriptor opened on a new temporary name in the VM folder
-(``O_EXCL | O_NOFOLLOW``: never through a planted link), then renamed to ``cidata.iso``.
+(``O_EXCL``, every component opened from the datastore's root without following a link), then renamed to
+``cidata.iso`` through the folder's descriptor.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,8 +17,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from kvmotion.agent.context import HostContext, safe_path
-from kvmotion.common.errors import ConflictError, NotFoundError
+from kvmotion.agent.context import HostContext, place
+from kvmotion.common import confined
+from kvmotion.common.errors import ConflictError, KvmotionError, NotFoundError
 from kvmotion.models.agent import VMSpec
 from kvmotion.models.cloudinit import SEED_LABEL, SeedFiles, seed_path
 
@@ -62,19 +65,20 @@ def build_iso(out_fd: int, files: dict[str, str], label: str = SEED_LABEL) -> No
 
 def write_seed(ctx: HostContext, spec: VMSpec, seed: SeedFiles) -> Path:
     """``VM/cidata.iso`` on the VM's datastore (confined, no symbolic links), written whole or not at all."""
-    final = safe_path(ctx, spec.boot_datastore, seed_path(spec), what="seed ISO")
-    if final.is_symlink() or final.exists():
+    final = place(ctx, spec.boot_datastore, seed_path(spec), what="seed ISO")
+    if final.stat() is not None:
         raise ConflictError(f"{final} already exists", remedy="remove the leftover VM folder first")
-    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+    fd = tmp.open(os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
             build_iso(fd, seed_names(seed))
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
+        confined.replace_in(final.root, tmp.rel, final.rel)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, KvmotionError):
+            tmp.unlink()
         raise
-    return final
+    return final.path

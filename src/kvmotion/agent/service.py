@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,16 +17,18 @@ from kvmotion.agent.importjob import ImportJobs
 from kvmotion.agent.accel import AccelResult
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.agent.config import AgentConfig
-from kvmotion.agent.context import HostContext, nvram_file, vm_folder
+from kvmotion.agent.context import HostContext, place, vm_place
 from kvmotion.agent.cpu import CpuCatalog
 from kvmotion.agent.hv.base import Hypervisor, Result
-from kvmotion.agent.storage import AgentStorage, disk_file
+from kvmotion.agent.storage import AgentStorage, disk_file, write_vm_json
+from kvmotion.common import confined
+from kvmotion.common.keywrap import HostKey
 from kvmotion.common.errors import ConflictError, ImageMissing, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth, HealthCheckRequest, HostFacts,
                                    IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
                                    OutgoingRequest, ReleaseReport, TlsFact, VMRuntime, VMSpec)
 from kvmotion.models.agent import DiskSpec, ImageSource
-from kvmotion.models.boot import ovmf_vars_template
+from kvmotion.models.boot import BOOT_FILES, NVRAM_FILE, ovmf_vars_template
 from kvmotion.models.cloudinit import SeedFiles
 from kvmotion.models.console import ConsoleKind
 
@@ -50,6 +53,11 @@ class Agent(AgentStorage, GuestOps):
         self.accel = AccelResult("tcg", "not probed yet")
         self.cpu: CpuCatalog | None = None
         self.image_imports = ImportJobs()
+
+    @functools.cached_property
+    def keywrap(self) -> HostKey:
+        """This host's key-wrapping key: disk passphrases arrive wrapped to it (:mod:`kvmotion.common.keywrap`)."""
+        return HostKey.load_or_create(self.cfg.state_dir, self.cfg.name)
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -128,6 +136,7 @@ class Agent(AgentStorage, GuestOps):
         facts = host_facts.gather(self.cfg, self.accel.accelerator, self.accel.reason, self.hv.uuids(),
                                   self.cpu_fact())
         facts.tls = tls.status(self.tls_dir)
+        facts.keywrap_public = self.keywrap.public_b64
         facts.firmware = host_facts.firmware(self.context().firmware_dir)
         facts.vm_power_events = self.power_events()
         return facts
@@ -155,16 +164,16 @@ class Agent(AgentStorage, GuestOps):
         Nothing is left on failure. Returns the spec as made (a disk from an image: its size and base).
         """
         ctx = self.context()
-        folder = vm_folder(ctx, spec)
-        if folder.exists() and any(folder.iterdir()):
+        folder = vm_place(ctx, spec)
+        if folder.listdir():
             raise ConflictError(f"folder {folder} already exists on datastore {spec.boot_datastore}",
                                 remedy="choose another VM name, or delete the leftover folder")
         boot = self._image_files() if spec.boot == "kernel" else ()
         made: list[Path] = []
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for src, name in zip(boot, ("vmlinuz", "initrd.img")):
-                shutil.copyfile(src, folder / name)
+            folder.make_dirs()
+            for src, name in zip(boot, BOOT_FILES):
+                confined.copy_in(src, folder.root, folder.rel / name)
             if spec.firmware == "uefi":
                 self._new_nvram(ctx, spec)
             if seed is not None:
@@ -176,11 +185,12 @@ class Agent(AgentStorage, GuestOps):
                     made.append(disk_file(ctx, disk))
                 disks.append(disk)
             spec = spec.model_copy(update={"disks": disks})
-            (folder / "vm.json").write_text(spec.model_dump_json(indent=1))
+            write_vm_json(folder, spec)
         except (OSError, KvmotionError, subprocess.TimeoutExpired):
             for path in made:                # disks outside the folder (another datastore)
                 path.unlink(missing_ok=True)
-            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError, KvmotionError):
+                folder.rmtree()
             raise
         return spec
 
@@ -190,7 +200,8 @@ class Agent(AgentStorage, GuestOps):
         if not template.is_file():
             raise NotFoundError(f"UEFI variable template {template} is missing on {ctx.host_name}",
                                 remedy="install Debian's ovmf package on this host (apt-get install ovmf)")
-        shutil.copyfile(template, nvram_file(ctx, spec))
+        nvram = place(ctx, spec.boot_datastore, f"{spec.folder}/{NVRAM_FILE}", what="NVRAM file")
+        confined.copy_in(template, nvram.root, nvram.rel)
 
     @staticmethod
     def _new_disk(ctx: HostContext, disk: DiskSpec, disk_keys: dict[str, str], image: ImageSource | None) -> DiskSpec:

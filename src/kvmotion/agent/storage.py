@@ -7,17 +7,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import shutil
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmotion.agent import images, lease as leases, nbdtls
-from kvmotion.agent.context import HostContext, nvram_file, safe_path, vm_folder
+from kvmotion.agent.context import HostContext, nvram_file, place, safe_path, vm_folder, vm_place
 from kvmotion.agent.hv.base import Hypervisor
 from kvmotion.agent.ports import pick_port
+from kvmotion.common import confined
+from kvmotion.common.confined import Place
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
-from kvmotion.models.boot import NVRAM_FILE
+from kvmotion.models.boot import BOOT_FILES, NVRAM_FILE
 from kvmotion.models.cloudinit import SEED_ISO, moves_with_folder, seed_path
 from kvmotion.models.nbd import NbdPsk
 from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, DiskTarget, LeaseInfo,
@@ -26,7 +28,6 @@ from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, 
 if TYPE_CHECKING:
     from kvmotion.agent.config import AgentConfig
 
-BOOT_FILES = ("vmlinuz", "initrd.img")
 HOME_FILES = (*BOOT_FILES, NVRAM_FILE, SEED_ISO, "vm.json")
 MAX_HOME_BYTES = 256 << 20
 
@@ -40,25 +41,22 @@ def disk_file(ctx: HostContext, disk: DiskSpec) -> Path:
 
 
 def source_file(ctx: HostContext, source: str) -> Path:
-    """A cold copy's local source: an absolute path to a regular file inside one of this host's datastores."""
+    """A cold copy's local source: an absolute path to a regular file inside one of this host's datastores,
+    reached without a symbolic link."""
+    remedy = "give the image's path on this host, inside one of its datastores (the file itself, not a link)"
     if not source or "\x00" in source or not source.startswith("/"):
-        raise InvalidInputError(f"copy source {source!r} is not an absolute path without NUL bytes",
-                                remedy="give the image's path on this host, inside one of its datastores")
-    try:
-        path = Path(source).resolve()
-        roots = [r.resolve() for r in ctx.datastore_paths.values()]
-        exists, is_file = path.exists(), path.is_file()
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise InvalidInputError(f"copy source {source!r} cannot be resolved: {exc}",
-                                remedy="give the image's path on this host, inside one of its datastores") from None
-    if not any(r in path.parents for r in roots):
-        raise InvalidInputError(f"copy source {source!r} is not inside a datastore of host {ctx.host_name}",
-                                remedy="copy from a datastore this host mounts, or through an NBD export")
-    if not exists:
+        raise InvalidInputError(f"copy source {source!r} is not an absolute path without NUL bytes", remedy=remedy)
+    where = confined.locate(source, [r.resolve() for r in ctx.datastore_paths.values()])
+    if where is None:
+        raise InvalidInputError(f"copy source {source!r} is not a plain path inside a datastore of host "
+                                f"{ctx.host_name}", remedy="copy from a datastore this host mounts, or through an "
+                                "NBD export (write the path without '..', '//' or a trailing '/')")
+    st = where.stat()
+    if st is None:
         raise NotFoundError(f"{source} does not exist on {ctx.host_name}", remedy="check the VM's disks")
-    if not is_file:
+    if not stat.S_ISREG(st.st_mode):
         raise InvalidInputError(f"copy source {source!r} is not a regular file", remedy="name a disk image")
-    return path
+    return where.path
 
 
 def home_names(spec: VMSpec) -> tuple[str, ...]:
@@ -66,31 +64,22 @@ def home_names(spec: VMSpec) -> tuple[str, ...]:
     return (BOOT_FILES if spec.boot == "kernel" else ()) + ((NVRAM_FILE,) if spec.firmware == "uefi" else ())
 
 
-def present_home_names(folder: Path, spec: VMSpec) -> tuple[str, ...]:
-    """The files to move: ``home_names``, and the cloud-init seed ISO when the folder has one (a regular file)."""
-    seed = folder / SEED_ISO
-    return home_names(spec) + ((SEED_ISO,) if seed.is_file() and not seed.is_symlink() else ())
+def present_home_names(folder: Place, spec: VMSpec) -> tuple[str, ...]:
+    """The files to move: ``home_names``, and the cloud-init seed ISO when the folder has one."""
+    return home_names(spec) + ((SEED_ISO,) if (folder / SEED_ISO).stat() is not None else ())
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Write a VM folder file without following a symbolic link planted in its place."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+def disk_place(ctx: HostContext, disk: DiskSpec) -> Place:
+    """:func:`disk_file` as a :class:`Place`: what the agent itself opens, unlinks or locks next to it."""
+    return place(ctx, disk.datastore, disk.path)
 
 
-def _read(path: Path) -> bytes:
-    """Read a VM folder file (a regular file, not through a symbolic link), at most MAX_HOME_BYTES."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_HOME_BYTES + 1)
-    if len(data) > MAX_HOME_BYTES:
-        raise ConflictError(f"{path} is larger than {MAX_HOME_BYTES >> 20} MiB", remedy="shrink the VM folder")
-    return data
+def lease_files(ctx: HostContext, spec: VMSpec) -> list[Place]:
+    return leases.lease_paths(vm_place(ctx, spec), [disk_place(ctx, d) for d in spec.disks if d.kind == "file"])
 
 
-def lease_files(ctx: HostContext, spec: VMSpec) -> list[Path]:
-    return leases.lease_paths(vm_folder(ctx, spec), [disk_file(ctx, d) for d in spec.disks if d.kind == "file"])
+def write_vm_json(folder: Place, spec: VMSpec) -> None:
+    (folder / "vm.json").write(spec.model_dump_json(indent=1).encode())
 
 
 class AgentStorage:
@@ -120,7 +109,7 @@ class AgentStorage:
     def lease_holders(self, spec: VMSpec) -> dict[str, str]:
         out = {}
         for p in lease_files(self.context(), spec):
-            lease = leases.read_lease(p) if p.exists() else None
+            lease = leases.read_lease(p)
             out[str(p)] = lease.host if lease else ""
         return out
 
@@ -135,39 +124,41 @@ class AgentStorage:
                 fmt = "raw" if verbatim else formats[d.id]
                 out[d.id] = images.measure_mb(disk_file(ctx, d), "raw" if verbatim else d.format, fmt,
                                               preallocate and fmt == "raw" and not verbatim)
-        folder = vm_folder(ctx, spec)
-        out["home"] = sum((folder / f).stat().st_size for f in HOME_FILES if (folder / f).exists()) >> 20
+        folder = vm_place(ctx, spec)
+        out["home"] = sum(st.st_size for f in HOME_FILES if (st := (folder / f).stat()) is not None) >> 20
         return out
 
     # -- VM folders ---------------------------------------------------------------------------------
     def home_files(self, spec: VMSpec) -> dict[str, str]:
-        folder = vm_folder(self.context(), spec)
-        return {name: base64.b64encode(_read(folder / name)).decode() for name in present_home_names(folder, spec)}
+        """The VM folder's files to relay, each read from the datastore's root without following a link."""
+        folder = vm_place(self.context(), spec)
+        return {name: base64.b64encode((folder / name).read(MAX_HOME_BYTES)).decode()
+                for name in present_home_names(folder, spec)}
 
     def put_home(self, spec: VMSpec, files: dict[str, str]) -> str:
         """Create the VM folder from another host's copy; refuses to overwrite an existing folder."""
-        folder = vm_folder(self.context(), spec)
-        if folder.exists() and any(p.name in HOME_FILES for p in folder.iterdir()):
+        folder = vm_place(self.context(), spec)
+        if any(name in HOME_FILES for name in folder.listdir()):
             raise ConflictError(f"folder {folder} already holds a VM", remedy="remove the leftover folder first")
         expected = home_names(spec)
         if not set(expected) <= set(files) <= {*expected, SEED_ISO}:
             raise InvalidInputError(f"VM folder files {sorted(files)} are not the ones VM {spec.name} has",
                                     remedy="send exactly: " + (", ".join(expected) or "nothing")
                                     + f" (and {SEED_ISO} when it has one)")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.make_dirs()
         for name, data in files.items():
-            _write_new(folder / name, base64.b64decode(data))
-        (folder / "vm.json").write_text(spec.model_dump_json(indent=1))
+            (folder / name).write(base64.b64decode(data))
+        write_vm_json(folder, spec)
         return str(folder)
 
     def _copy_home(self, old: VMSpec, new: VMSpec) -> None:
-        src, dst = vm_folder(self.context(), old), vm_folder(self.context(), new)
+        src, dst = vm_place(self.context(), old), vm_place(self.context(), new)
         if src == dst:
             return
-        dst.mkdir(parents=True, exist_ok=True)
+        dst.make_dirs()
         for name in present_home_names(src, old):  # the NVRAM as of the pivot: the caller reopens QEMU's on the copy
-            _write_new(dst / name, _read(src / name))
-        (dst / "vm.json").write_text(new.model_dump_json(indent=1))
+            (dst / name).write((src / name).read(MAX_HOME_BYTES))
+        write_vm_json(dst, new)
 
     def remove_files(self, spec: VMSpec, disk_ids: list[str], home: bool) -> list[str]:
         """Delete a VM's files left behind by a move: the named disks and/or its folder.
@@ -175,31 +166,24 @@ class AgentStorage:
         Refuses any file a QEMU on this host still has open, and any disk leased by another host.
         """
         ctx = self.context()
-        doomed = [disk_file(ctx, d) for d in spec.disks if d.id in disk_ids and d.kind == "file"]
-        in_use = {str(p) for p in doomed if self.hv.holds_open(p)}
+        doomed = [disk_place(ctx, d) for d in spec.disks if d.id in disk_ids and d.kind == "file"]
+        in_use = {str(p) for p in doomed if self.hv.holds_open(p.path)}
         if in_use:
             raise ConflictError(f"{', '.join(sorted(in_use))} is still open by a VM on {self.cfg.name}",
                                 remedy="the move has not finished; nothing was deleted")
         for p in doomed:
-            lease = leases.read_lease(leases.disk_lease_path(p)) if leases.disk_lease_path(p).exists() else None
+            lease = leases.read_lease(leases.disk_lease_path(p))
             if lease is not None and lease.host and lease.host != self.cfg.name:
                 raise ConflictError(f"{p} is leased by {lease.host}", remedy="nothing was deleted")
-        removed = []
-        roots = {p.resolve() for p in ctx.datastore_paths.values()}
-        for p in doomed:
-            for f in (p, leases.disk_lease_path(p)):
-                if f.exists():
-                    f.unlink()
-                    removed.append(str(f))
-            parent = p.parent
-            if parent.resolve() not in roots and parent.exists() and not any(parent.iterdir()):
-                parent.rmdir()         # the disk's folder, now empty
+        removed = [str(f) for p in doomed for f in (p, leases.disk_lease_path(p)) if f.unlink()]
+        for parent in {p.parent for p in doomed}:
+            if parent.rel.parts and parent.stat() is not None and not parent.listdir():
+                confined.rmdir_in(parent.root, parent.rel)         # the disk's folder, now empty
         if home:
-            folder = vm_folder(ctx, spec)
-            if spec.uuid in self.hv.uuids() and vm_folder(ctx, self.hv.spec(spec.uuid)) == folder:
+            folder = vm_place(ctx, spec)
+            if spec.uuid in self.hv.uuids() and vm_folder(ctx, self.hv.spec(spec.uuid)) == folder.path:
                 raise ConflictError(f"the VM folder {folder} belongs to a VM running here", remedy="nothing to do")
-            if folder.exists():
-                shutil.rmtree(folder)
+            if folder.rmtree():
                 removed.append(str(folder))
         return removed
 
@@ -266,18 +250,18 @@ class AgentStorage:
                     if moves_with_folder(cd, new):
                         await self.hv.move_media(uuid, cd.id, safe_path(ctx, new.boot_datastore, seed_path(new)))
             else:
-                (vm_folder(ctx, new) / "vm.json").write_text(new.model_dump_json(indent=1))
+                write_vm_json(vm_place(ctx, new), new)
             self.take_leases(new, expected_holder=None)
             self.hv.set_spec(uuid, new)
-            old_files = [disk_file(ctx, d) for d in old.disks if d.id in moved]
-            new_files = [disk_file(ctx, d) for d in new.disks if d.id in moved]
-            closed = not any(self.hv.holds_open(p, uuid) for p in old_files)
+            old_files = [disk_place(ctx, d) for d in old.disks if d.id in moved]
+            new_files = [disk_place(ctx, d) for d in new.disks if d.id in moved]
+            closed = not any(self.hv.holds_open(p.path, uuid) for p in old_files)
             for d in new.disks:        # the mirror leaves zero areas as holes: allocate them again
                 if d.id in moved and moved[d.id].preallocate:
-                    await asyncio.to_thread(_fallocate, disk_file(ctx, d))
+                    await asyncio.to_thread(_fallocate, disk_place(ctx, d))
             leases.release_all([leases.disk_lease_path(p) for p in old_files], self.cfg.name)
             if home != old.boot_datastore:
-                leases.release_one(vm_folder(ctx, old) / leases.LEASE_FILE, self.cfg.name)
+                leases.release_one(vm_place(ctx, old) / leases.LEASE_FILE, self.cfg.name)
         return PivotReport(pivoted_at=time.time(), write_stall_ms=round(stall, 2), old_files=[str(p) for p in old_files],
                            new_files=[str(p) for p in new_files], old_files_closed=closed, spec=new)
 
@@ -382,9 +366,9 @@ class AgentStorage:
         return created
 
 
-def _fallocate(path: Path) -> None:
+def _fallocate(image: Place) -> None:
     """Allocate every block of a raw image (content unchanged; safe while QEMU uses it)."""
-    fd = os.open(path, os.O_RDWR)
+    fd = image.open(os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     finally:

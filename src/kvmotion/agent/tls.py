@@ -82,6 +82,27 @@ def ensure_dh_params(directory: Path) -> None:
         os.replace(tmp, path)
 
 
+CRL_FILE = "ca-crl.pem"
+
+
+def install_crl(directory: Path, crl_pem: str) -> int:
+    """The CA's revocation list, atomically; QEMU reads it with the certificates. Returns how many it revokes."""
+    crl = x509.load_pem_x509_crl(crl_pem.encode())
+    ca = directory / "ca-cert.pem"
+    if ca.exists():
+        issuer = x509.load_pem_x509_certificate(ca.read_bytes())
+        if not crl.is_signature_valid(issuer.public_key()):    # type: ignore[arg-type]
+            raise InvalidInputError("the revocation list is not signed by this host's CA",
+                                    remedy="renew the host's certificate from its controller")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = directory / f"{CRL_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(crl_pem)
+    os.replace(tmp, directory / CRL_FILE)
+    return len(list(crl))
+
+
 def remove(directory: Path) -> None:
     for name in FILES:
         (directory / name).unlink(missing_ok=True)

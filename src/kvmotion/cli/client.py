@@ -1,13 +1,26 @@
 """A small synchronous client for the controller API, used by the CLI, the demo and the tests."""
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
 
-from kvmotion.cli.config import default_token, default_url
+from kvmotion.cli.config import default_token, default_url, trust_configured_ca
 from kvmotion.common.errors import AgentUnreachable, KvmotionError
 from kvmotion.common.http import tls_context
+
+
+def untrusted(exc: BaseException) -> bool:
+    """Whether a connection failed on the server's certificate (the cause chain holds the TLS verification)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Client:
@@ -15,6 +28,7 @@ class Client:
         self.url = (url or default_url()).rstrip("/")
         self.timeout = timeout
         self._token = token if token is not None else default_token()
+        trust_configured_ca()
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
@@ -25,6 +39,10 @@ class Client:
             r = httpx.request(method, f"{self.url}/api/v1{path}", json=json, params=params, timeout=self.timeout,
                               headers=headers, verify=tls_context())
         except httpx.HTTPError as exc:
+            if untrusted(exc):
+                raise AgentUnreachable(f"the controller at {self.url} presented a certificate this client does not "
+                                       "trust", remedy="name the controller's CA (its pki/ca-cert.pem): ca_file in "
+                                       "the CLI config, or KVMOTION_CA_FILE") from exc
             raise AgentUnreachable(f"controller at {self.url} did not answer: {type(exc).__name__}",
                                    remedy="start it (`kvmotion lab up` in the lab) or pass --url") from exc
         if r.status_code >= 400:
@@ -50,6 +68,18 @@ class Client:
 
     def add_host(self, address: str, secret: str, name: str | None = None) -> dict[str, Any]:
         return self.call("POST", "/hosts", {"address": address, "secret": secret, "name": name})
+
+    def pending_hosts(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/hosts/pending")
+
+    def approve_host(self, name: str, fingerprint: str) -> dict[str, Any]:
+        return self.call("POST", f"/hosts/{name}/approve", {"fingerprint": fingerprint})
+
+    def reject_host(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/hosts/pending/{name}")
+
+    def remove_host(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/hosts/{name}")
 
     def create_token(self, name: str, role: str, ttl_s: int | None = None) -> dict[str, Any]:
         return self.call("POST", "/tokens", {k: v for k, v in {"name": name, "role": role, "ttl_s": ttl_s}.items()

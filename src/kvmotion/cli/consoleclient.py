@@ -10,7 +10,7 @@ from typing import Any, Callable
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from kvmotion.cli.config import default_token, default_url
+from kvmotion.cli.config import default_token, default_url, trust_configured_ca
 from kvmotion.common.errors import AgentUnreachable, KvmotionError
 from kvmotion.common.http import tls_context
 
@@ -29,6 +29,7 @@ async def open_console(vm: str, kind: str = "serial", url: str | None = None,
                        token: str | None = None) -> ClientConnection:
     """An open console websocket; a refusal raises the controller's error (403 for a viewer token, ...)."""
     target = console_url(url, vm, kind)
+    trust_configured_ca()
     tok = token if token is not None else default_token()
     headers = {"Authorization": f"Bearer {tok}"} if tok else {}
     try:

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from kvmotion.cli import onboarding
 from kvmotion.cli.client import Client
 from kvmotion.cli.output import URL, console, err_console, print_json, run
 from kvmotion.cli.progress import follow_evacuation, print_evacuation
@@ -16,6 +17,7 @@ maint_app = typer.Typer(help="maintenance mode", no_args_is_help=True)
 cert_app = typer.Typer(help="host certificates for encrypted vMotion", no_args_is_help=True)
 host_app.add_typer(maint_app, name="maintenance")
 host_app.add_typer(cert_app, name="cert")
+onboarding.register(host_app)
 
 
 @host_app.command("add")
@@ -36,7 +38,8 @@ def host_add(address: str,
 @host_app.command("enrol-token")
 def host_enrol_token(name: str = typer.Option("enrol", help="token name"),
                      ttl_hours: float = typer.Option(24.0, help="lifetime"), url: Optional[str] = URL) -> None:
-    """A token agents use to register themselves (their config's enrol_token_file); it expires."""
+    """A token one agent uses to register itself (its config's enrol_token_file): single-use, it expires; the
+    host then waits for `kvmotion host approve`."""
     t = run(lambda: Client(url).create_token(name, "enrol", int(ttl_hours * 3600)))
     console.print(t["token"])
 

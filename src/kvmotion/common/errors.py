@@ -104,8 +104,18 @@ class InvalidInputError(KvmotionError):
     code = ErrorCode.INVALID_INPUT
 
 
+class NotConfined(InvalidInputError):
+    """A path kvmotion will not open below a datastore (or its own state folder): a symbolic link anywhere in it,
+    '..', an absolute part, or not the kind of file wanted; ``details``: path, reason (symlink, parent, absolute,
+    not-directory, not-regular, hardlink)."""
+
+
 class CloudInitInvalid(InvalidInputError):
     """A cloud-init input file that cannot be used; ``details``: file (its name), kind, line (1-based, or None)."""
+
+
+class ConfigInvalid(InvalidInputError):
+    """A configuration file that cannot be used; ``details``: file, keys (the dotted keys at fault, may be empty)."""
 
 
 class ConflictError(KvmotionError):

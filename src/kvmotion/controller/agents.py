@@ -1,11 +1,12 @@
 """The controller's client for host agents: one call per driver primitive, each with a deadline."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
 from kvmotion.common.hostauth import HostAuth
+from kvmotion.common.keywrap import has_secrets, wrap_payload
 from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.models.agent import PostcopyRecover, PostcopyResume
@@ -26,6 +27,13 @@ from kvmotion.models.guest import (CLOCK_STEP_MS, ClockSyncRequest, GuestClock, 
 from kvmotion.models.images import AgentImageImport, AgentImageRemove, AgentImportStatus, OvfClose, OvfOpen, OvfPackage
 
 DEFAULT_TIMEOUT_S = 15.0
+UNSIGNED_REFUSALS = (401, 413)     # the agent's refusals of a request it could not authenticate
+RESPONSE_AUTH_REMEDY = {
+    "missing": "upgrade kvmotion-agent on {host} to the controller's version (it signs its answers); if it is "
+               "current, something else answers at the host's address: check the management network",
+    "forged": "something between the controller and {host} altered or forged the answer: check the management "
+              "network; if the host's secret was changed, enrol it again (`kvmotion host add`)",
+}
 IMAGE_IMPORT_TIMEOUT_S = 3700.0    # unpack an OVA, or convert an image (the agent's own deadline: 3600 s)
 IMAGE_CHECK_TIMEOUT_S = 700.0      # qemu-img info, check and measure of a file to import (the agent's: 60+600 s)
 
@@ -33,14 +41,18 @@ IMAGE_CHECK_TIMEOUT_S = 700.0      # qemu-img info, check and measure of a file 
 class AgentClient:
     """Calls one agent; every request is signed with the host's enrolment secret."""
 
-    def __init__(self, host: str, address: str, secret: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, host: str, address: str, secret: str, timeout: float = DEFAULT_TIMEOUT_S,
+                 wrap_key: Callable[[], str | None] | None = None) -> None:
         self.host = host
         self.address = address.rstrip("/")
         self.timeout = timeout
         self._auth = HostAuth(secret)
+        self._wrap_key = wrap_key or (lambda: None)      # the host's published key for disk passphrases
 
     async def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None,
                     params: dict[str, Any] | None = None) -> Any:
+        if has_secrets(json):                       # never in clear on the wire (common.keywrap)
+            json = wrap_payload(self._wrap_key(), self.host, json)
         try:
             async with httpx.AsyncClient(timeout=timeout or self.timeout, auth=self._auth,
                                          verify=tls_context()) as client:
@@ -50,6 +62,7 @@ class AgentClient:
                 f"agent of host {self.host} at {self.address} did not answer {method} {path}: {type(exc).__name__}",
                 remedy=f"check that kvmotion-agent runs on {self.host} and the management network is up",
                 details={"host": self.host}, cause=exc) from exc
+        self._check_signed(r, method, path)
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -64,8 +77,10 @@ class AgentClient:
                 exc2 = KvmotionError.from_dict(err)
                 exc2.details.setdefault("host", self.host)
                 raise exc2
-            raise AgentError(f"agent of host {self.host} answered {r.status_code} to {method} {path}: {r.text[:300]}",
-                             remedy="see the agent's log", details={"host": self.host, "not_an_agent": True})
+            ctype = r.headers.get("content-type", "?").split(";")[0][:60]     # never the far end's text (SSRF)
+            raise AgentError(f"agent of host {self.host} answered {r.status_code} ({ctype}) to {method} {path}, "
+                             "not a kvmotion error", remedy="see the agent's log",
+                             details={"host": self.host, "not_an_agent": True})
         try:
             return r.json()
         except ValueError as exc:     # something answered, but not a kvmotion agent (a web server, a proxy)
@@ -73,8 +88,26 @@ class AgentClient:
                              remedy="check that the address is a kvmotion agent's",
                              details={"host": self.host, "not_an_agent": True}, cause=exc) from exc
 
+    def _check_signed(self, r: httpx.Response, method: str, path: str) -> None:
+        """Use only the agent's own answers: signed with the host's secret, for the request just sent
+        (``kvmotion.common.hostauth``). An unsigned 401 or 413 is the agent refusing a request it could not
+        authenticate: handled as a refusal below, and nothing of it is used. (Consoles are websockets, whose
+        answers are not signed: out of scope.)"""
+        state = self._auth.check_response(r)
+        if state is None or (state == "missing" and r.status_code in UNSIGNED_REFUSALS):
+            return
+        details: dict[str, Any] = {"host": self.host, "response_auth": state}
+        if state == "missing":             # an old agent, or not an agent at all (enrolment says so)
+            details["not_an_agent"] = True
+        what = "is not signed" if state == "missing" else "carries a signature that is not the host's, for this request"
+        raise AgentError(f"the answer of host {self.host} to {method} {path} {what}; it was not used",
+                         remedy=RESPONSE_AUTH_REMEDY[state].format(host=self.host), details=details)
+
     async def tls_csr(self) -> dict[str, str]:
         return await self._call("POST", "/v1/tls/csr", timeout=15)
+
+    async def tls_crl(self, crl_pem: str) -> int:
+        return int((await self._call("POST", "/v1/tls/crl", {"crl": crl_pem}, timeout=15))["revoked"])
 
     async def tls_install(self, ca_cert: str, server_cert: str, client_cert: str) -> TlsFact:
         return TlsFact.model_validate(await self._call("POST", "/v1/tls/install", {

@@ -1,4 +1,5 @@
-"""The controller's REST API (OpenAPI at /docs and /openapi.json): the app that wires the routers.
+"""The controller's REST API (OpenAPI at /docs and /openapi.json, for a viewer's token unless the docs are public):
+the app that wires the routers.
 
 Each domain has its router in :mod:`kvmotion.controller.routes`; every endpoint declares its role there.
 """
@@ -16,8 +17,10 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmotion import __version__
-from kvmotion.common.errors import InvalidInputError, KvmotionError
+from kvmotion.common.apierrors import invalid_input, kvmotion_error
+from kvmotion.common.errors import KvmotionError
 from kvmotion.controller.auth import Principal
+from kvmotion.controller.gate import ApiGate
 from kvmotion.controller.routes import clusters, console, devices, guest, hosts, images, tasks, tokens, vms
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
@@ -61,8 +64,10 @@ class _MethodIndex:
         return min(matches)[1] if matches else []        # the most specific path (fewest parameters)
 
 
-def create_app(ctl: Controller) -> FastAPI:
-    """The API of one controller: its routers, the error shape, the audit of every state-changing call."""
+def create_app(ctl: Controller, public_docs: bool = False) -> FastAPI:
+    """The API of one controller: its routers, the error shape, the audit of every state-changing call. Every
+    call under /api/v1 needs a token before its body is read (``gate.ApiGate``); so do the docs (/docs,
+    /openapi.json; a viewer's token) unless ``public_docs``."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ctl.startup()
@@ -72,6 +77,9 @@ def create_app(ctl: Controller) -> FastAPI:
     app = FastAPI(title="kvmotion controller", version=__version__, lifespan=lifespan)
     app.state.controller = ctl
     _error_handlers(app)
+    docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+                     if p and not public_docs)
+    app.add_middleware(ApiGate, tokens=ctl.tokens, docs_paths=docs)      # inside the audit: refusals are audited
     _audit(app, ctl)
     for router in ROUTERS:
         app.include_router(router, prefix=PREFIX, responses=ERROR_RESPONSES,
@@ -84,19 +92,8 @@ def _error_handlers(app: FastAPI) -> None:
     """Every error in one shape: ``{"error": {code, message, remedy, …}}``."""
     allowed = _MethodIndex(app)
 
-    @app.exception_handler(KvmotionError)
-    async def _kvm_error(_: Request, exc: KvmotionError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        """Bad input is a 422 in the same error shape, naming each field; the input itself is not echoed."""
-        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type"))}
-                  for e in exc.errors()][:20]
-        text = "; ".join(f"{'.'.join(x for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in errors)
-        err = InvalidInputError(f"invalid request: {text}", remedy="fix the fields named above (schema: /docs)",
-                                details={"errors": errors})
-        return JSONResponse(status_code=422, content={"error": err.to_dict()})
+    app.add_exception_handler(KvmotionError, kvmotion_error)
+    app.add_exception_handler(RequestValidationError, invalid_input("fix the fields named above (schema: /docs)"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import time
@@ -21,7 +20,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kvmotion.common import confined
 from kvmotion.common.errors import ConflictError, ForbiddenError, NotFoundError, UnauthorizedError
+from kvmotion.common.private import keep_private
 from kvmotion.controller.db import ApiToken, AuditEntry
 
 ADMIN_TOKEN_FILE = "admin.token"
@@ -143,15 +144,13 @@ class Tokens:
     def bootstrap_admin(self, directory: Path) -> Path | None:
         """At first start (no tokens at all), make an admin token and write it once, mode 0600."""
         path = directory / ADMIN_TOKEN_FILE
+        keep_private(path)                     # written before, and loosened since: tightened again
         with self.sessions() as s:
             if s.scalar(select(func.count()).select_from(ApiToken)):
                 return None
         directory.mkdir(parents=True, exist_ok=True)
         created = self.create(TokenCreate(name="admin", role=Role.ADMIN))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(created.token + "\n")
-        os.chmod(path, 0o600)
+        confined.write_in(directory, path.name, (created.token + "\n").encode())     # 0600, never through a link
         return path
 
 

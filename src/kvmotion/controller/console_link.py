@@ -1,4 +1,7 @@
-"""The controller's leg of a console session: a websocket to a host agent, its handshake signed like any call."""
+"""The controller's leg of a console session: a websocket to a host agent, its handshake signed like any call.
+
+What the agent sends over a websocket is not signed (its HTTP answers are, and ``AgentClient`` checks them):
+console streams are out of the scope of response signing."""
 from __future__ import annotations
 
 import asyncio

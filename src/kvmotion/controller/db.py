@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from kvmotion.common.private import create_private, keep_private
+
 DB_TIMEOUT_S = 5.0
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 class Base(DeclarativeBase):
@@ -33,6 +37,42 @@ class Host(Base):
     @property
     def facts(self) -> dict[str, Any]:
         return json.loads(self.facts_json or "{}")
+
+
+class PendingHost(Base):
+    """A host that registered itself with an enrolment token and waits for an admin's ``host approve``: not in
+    ``hosts``, so nothing places, evacuates to, certifies or trusts it; its facts are kept only to be shown."""
+
+    __tablename__ = "pending_hosts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(256))
+    secret_wrapped: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    facts_json: Mapped[str] = mapped_column(Text, default="{}")
+    token: Mapped[str] = mapped_column(String(64))          # the enrolment token's name (used up by this)
+    requested_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class HostIdentity(Base):
+    """What an admin approved for a host: its fingerprint and the addresses its certificates may name; the
+    serials of the certificates issued to it (revoked when it is removed)."""
+
+    __tablename__ = "host_identities"
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    addresses_json: Mapped[str] = mapped_column(Text, default="[]")
+    serials_json: Mapped[str] = mapped_column(Text, default="[]")
+    approved_by: Mapped[str] = mapped_column(String(64), default="")
+    approved_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class RevokedCert(Base):
+    """A certificate serial the CA revoked (a removed host's); every host's ca-crl.pem lists them."""
+
+    __tablename__ = "revoked_certs"
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)      # hex
+    host: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class Cluster(Base):
@@ -145,10 +185,22 @@ class AuditEntry(Base):
     client: Mapped[str] = mapped_column(String(64))
 
 
+def _private_sqlite(url: str) -> None:
+    """The SQLite file holds wrapped secrets and token hashes: created 0600 before SQLite opens it (SQLite gives
+    its -wal and -shm files the database's mode), and an existing one and its companions tightened."""
+    database = make_url(url).database
+    if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
+        return
+    create_private(Path(database))
+    for suffix in SQLITE_COMPANIONS:
+        keep_private(Path(database + suffix))
+
+
 def make_engine(url: str) -> Engine:
     connect_args: dict[str, Any] = {}
     if url.startswith("sqlite"):
         connect_args = {"timeout": DB_TIMEOUT_S, "check_same_thread": False}
+        _private_sqlite(url)
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")

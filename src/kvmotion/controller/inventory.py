@@ -1,6 +1,7 @@
 """Hosts, datastores, networks and VMs: typed service functions shared by the API, CLI and tests."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import urllib.parse
@@ -13,13 +14,13 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from kvmotion.common.errors import AgentError, AgentUnreachable, ConflictError, InvalidInputError, KvmotionError, NotFoundError
+from kvmotion.common.errors import AgentUnreachable, ConflictError, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.common.hostauth import SECRET_FILE, check_secret
 from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, VMSpec
 from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.keys import KeyProvider
-from kvmotion.controller import cloudinit, devices, guest, imagestore, policy
+from kvmotion.controller import cloudinit, devices, guest, hostnet, imagestore, policy
 from kvmotion.models.cloudinit import seed_cdrom
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
@@ -53,8 +54,9 @@ def agent_url(address: str) -> str:
 
 class Inventory:
     def __init__(self, sessions: sessionmaker[Session], vm_ip_pool: str | None = None,
-                 keys: KeyProvider | None = None) -> None:
+                 keys: KeyProvider | None = None, host_networks: list[str] | None = None) -> None:
         self.sessions = sessions
+        self.host_networks = hostnet.networks(host_networks or [])
         self.vm_ip_pool = vm_ip_pool      # e.g. "198.18.1.100-198.18.1.199/24"
         self.keys = keys
 
@@ -67,7 +69,13 @@ class Inventory:
 
     # -- hosts ----------------------------------------------------------------------------
     def agent(self, host: str) -> AgentClient:
-        return AgentClient(host, self.get_host(host).address, self.host_secret(host))
+        return AgentClient(host, self.get_host(host).address, self.host_secret(host),
+                           wrap_key=lambda: self.keywrap_public(host))
+
+    def keywrap_public(self, host: str) -> str | None:
+        """The key the host's agent publishes for wrapping disk passphrases (None: an agent without one)."""
+        facts = self.host_facts(host)
+        return facts.keywrap_public if facts is not None else None
 
     def host_secret(self, name: str) -> str:
         with self.sessions() as s:
@@ -98,25 +106,33 @@ class Inventory:
     async def add_host(self, address: str, secret: str, name: str | None = None, replace: bool = True) -> HostOut:
         """Enrol (or re-enrol) a host by its agent address and secret; the agent's own facts name it.
 
-        The first call is signed with the given secret, so a wrong secret is refused by the agent itself.
-        ``replace=False`` (self-registration) may not change the secret of a host that is already enrolled.
+        ``replace=False`` may not change the secret of a host that is already enrolled.
         """
+        address, facts = await self.probe_agent(address, secret, name)
+        return self.enrol(address, secret, facts, replace)
+
+    async def probe_agent(self, address: str, secret: str, name: str | None) -> tuple[str, HostFacts]:
+        """The agent at ``address`` (allowed by the host networks), asked for its facts with a call signed with
+        ``secret``: a wrong secret is refused by the agent itself. Nothing the far end says is relayed."""
         address = agent_url(address)
         check_secret(secret)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(hostnet.check_address, address, self.host_networks), 10)
+        except asyncio.TimeoutError as exc:
+            raise InvalidInputError(f"host address {address} did not resolve within 10 s",
+                                    remedy="give the agent's IP address") from exc
         try:
             facts = await AgentClient(name or address, address, secret).facts()
         except AgentUnreachable as exc:
             raise InvalidInputError(f"no kvmotion agent answers at {address}",
                                     remedy="check the address and that kvmotion-agent runs there") from exc
-        except AgentError as exc:
-            if exc.details.get("not_an_agent"):
-                raise InvalidInputError(f"no kvmotion agent answers at {address}: {exc.message}",
-                                        remedy="check the address and port (the agent listens on 8770 by default)"
-                                        ) from exc
-            if not exc.details.get("auth_refused"):
-                raise
-            raise InvalidInputError(f"the agent at {address} refused the secret: {exc.message}",
-                                    remedy=f"give the secret from that host's {SECRET_FILE}") from exc
+        except KvmotionError as exc:       # whatever the far end said, it is not relayed (it may not be an agent)
+            if exc.details.get("auth_refused"):
+                raise InvalidInputError(f"the agent at {address} refused the secret",
+                                        remedy=f"give the secret from that host's {SECRET_FILE}") from exc
+            raise InvalidInputError(f"no kvmotion agent answers at {address}",
+                                    remedy="check the address and port (the agent listens on 8770 by default)"
+                                    ) from exc
         except ValidationError as exc:     # it answered JSON, but not a host's facts
             raise InvalidInputError(f"no kvmotion agent answers at {address}: its facts do not parse",
                                     remedy="check the address and port, and that both run the same kvmotion"
@@ -124,6 +140,9 @@ class Inventory:
         if name and name != facts.name:
             raise InvalidInputError(f"the agent at {address} is host {facts.name!r}, not {name!r}",
                                     remedy=f"use the name {facts.name!r} or omit it")
+        return address, facts
+
+    def enrol(self, address: str, secret: str, facts: HostFacts, replace: bool) -> HostOut:
         assert self.keys is not None
         with self.sessions.begin() as s:
             h = s.get(Host, facts.name)
@@ -138,7 +157,22 @@ class Inventory:
         self.store_facts(facts.name, facts)
         return self.get_host(facts.name)
 
+    def secret_matches(self, name: str, secret: str) -> bool | None:
+        """Whether host ``name`` is enrolled with ``secret`` (None: not enrolled)."""
+        with self.sessions() as s:
+            h = s.get(Host, name)
+            wrapped = h.secret_wrapped if h is not None else ""
+        if not wrapped or self.keys is None:
+            return None
+        return self.keys.unwrap(wrapped, f"host/{name}") == secret
+
     def store_facts(self, name: str, facts: HostFacts) -> None:
+        """A host's facts, validated: they describe this host only, and never rewrite a datastore that other hosts
+        see (its name, kind and sharing are what its first host reported; a host that disagrees is not linked to
+        it, and its error says why)."""
+        if facts.name != name:
+            self.mark_disconnected(name, f"the agent at this host's address now says it is {facts.name!r}")
+            return
         with self.sessions.begin() as s:
             h = s.get(Host, name)
             if h is None:
@@ -146,14 +180,22 @@ class Inventory:
             h.facts_json, h.state, h.last_seen, h.last_error = facts.model_dump_json(), "connected", time.time(), ""
             s.execute(delete(HostDatastore).where(HostDatastore.host == name))
             s.execute(delete(Network).where(Network.host == name))
+            conflicts = []
             for d in facts.datastores:
                 if not d.uuid:
                     continue
-                ds = s.get(Datastore, d.uuid) or Datastore(uuid=d.uuid, name=d.name)
+                ds = s.get(Datastore, d.uuid)
+                others = s.scalars(select(HostDatastore.host).where(HostDatastore.datastore == d.uuid)).all()
+                if ds is not None and others and (ds.name, ds.kind, ds.shared) != (d.name, d.kind, int(d.shared)):
+                    conflicts.append(f"datastore {d.uuid} is {ds.name!r} ({'shared' if ds.shared else 'local'}) "
+                                     f"on {', '.join(sorted(others))}, not {d.name!r}")
+                    continue
+                ds = ds or Datastore(uuid=d.uuid, name=d.name)
                 ds.name, ds.kind, ds.shared = d.name, d.kind, int(d.shared)
                 s.add(ds)
                 s.add(HostDatastore(host=name, datastore=d.uuid, path=d.path, accessible=int(d.readable),
                                     free_mb=d.free_mb))
+            h.last_error = "; ".join(conflicts)[:1000]
             for p in facts.portgroups:
                 s.add(Network(host=name, name=p.name, bridge=p.bridge))
 

@@ -2,19 +2,22 @@
 
 The master key lives with the controller's CA (mode 0600) and never leaves the controller. A disk key is
 unwrapped only to be handed to the agent that starts the VM's QEMU, which passes it on encrypted (cookbook §6).
+The key file is created exclusively and read without following a symbolic link (:mod:`kvmotion.common.confined`).
 """
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kvmotion.common import confined
 from kvmotion.common.errors import ConflictError
+from kvmotion.common.private import keep_private
 
 MASTER_FILE = "master.key"
+MASTER_BYTES = 32
 
 
 class KeyProvider:
@@ -24,12 +27,16 @@ class KeyProvider:
     @classmethod
     def load_or_create(cls, directory: Path) -> "KeyProvider":
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / MASTER_FILE
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(AESGCM.generate_key(bit_length=256))
-        return cls(path.read_bytes())
+        try:
+            confined.write_in(directory, MASTER_FILE, AESGCM.generate_key(bit_length=8 * MASTER_BYTES), exclusive=True)
+        except FileExistsError:
+            pass                               # the key made at first start (a link there is refused when read)
+        keep_private(directory / MASTER_FILE)
+        master = confined.read_in(directory, MASTER_FILE, MASTER_BYTES)
+        if len(master) != MASTER_BYTES:
+            raise ConflictError(f"{directory / MASTER_FILE} holds {len(master)} bytes, not a {MASTER_BYTES}-byte key",
+                                remedy="restore the controller's master key (pki/master.key) from backup")
+        return cls(master)
 
     def new_key(self, context: str) -> tuple[str, str]:
         """A fresh disk passphrase and its wrapped form (bound to ``context``, e.g. the VM and disk)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -15,17 +15,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kvmotion.common import confined
 from kvmotion.common.errors import InvalidInputError
+from kvmotion.common.private import keep_private
 
 CA_DAYS = 3650
 HOST_DAYS = 365
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
+MAX_PEM_BYTES = 64 << 10
 
 
 class CertificateAuthority:
@@ -38,26 +36,35 @@ class CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         key_file, cert_file = directory / "ca-key.pem", directory / "ca-cert.pem"
         if key_file.exists() and cert_file.exists():
-            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+            keep_private(key_file)
+            key = serialization.load_pem_private_key(confined.read_in(directory, key_file.name, MAX_PEM_BYTES),
+                                                     password=None)
             assert isinstance(key, ec.EllipticCurvePrivateKey)
             return cls(key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmotion"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, "kvmotion controller CA")])
+                          # unique: a client that trusts two controllers' CAs tells them apart by name as well
+                          x509.NameAttribute(NameOID.COMMON_NAME, f"kvmotion controller CA {secrets.token_hex(4)}")])
         now = dt.datetime.now(dt.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
                 .not_valid_after(now + dt.timedelta(days=CA_DAYS))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                              content_commitment=False, key_encipherment=False,
                                              data_encipherment=False, key_agreement=False, encipher_only=False,
                                              decipher_only=False), critical=True)
                 .sign(key, hashes.SHA256()))
-        _write_private(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
+        confined.write_in(directory, key_file.name, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(key, cert)
+
+    @property
+    def key_id(self) -> x509.AuthorityKeyIdentifier:
+        """Names this CA's key in what it signs (clients trusting several CAs find the issuer by it)."""
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
 
     @property
     def cert_pem(self) -> str:
@@ -82,6 +89,7 @@ class CertificateAuthority:
                    .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
                    .not_valid_after(now + dt.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(self.key_id, critical=False)
                    .add_extension(x509.ExtendedKeyUsage([eku]), critical=False))
         if usage == "server":
             names: list[x509.GeneralName] = []
@@ -92,6 +100,23 @@ class CertificateAuthority:
                     names.append(x509.DNSName(entry))
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+    def crl_pem(self, serials: list[str]) -> str:
+        """A CRL of the revoked serials (hex), signed by the CA; every host installs it as ca-crl.pem, which QEMU's
+        tls-creds-x509 checks on every TLS handshake of a migration or NBD stream."""
+        now = dt.datetime.now(dt.timezone.utc)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CA_DAYS))
+                   .add_extension(self.key_id, critical=False))
+        for serial in sorted(set(serials)):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build())
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def serial_of(cert_pem: str) -> str:
+    return format(x509.load_pem_x509_certificate(cert_pem.encode()).serial_number, "x")
 
 
 def client_identity(host: str) -> str:

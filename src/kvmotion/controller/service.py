@@ -25,6 +25,7 @@ from kvmotion.models.api import Finding, HostOut, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.models.moves import TaskKind
 from kvmotion.controller.maintenance import Maintenance
+from kvmotion.controller.onboarding import Onboarding
 from kvmotion.controller.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,20 @@ RECONCILE_S = 10.0        # unknown migrations are re-checked this often
 
 class Controller:
     def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True,
-                 pki_dir: Path | None = None, token_dir: Path | None = None) -> None:
+                 pki_dir: Path | None = None, token_dir: Path | None = None,
+                 host_networks: list[str] | None = None) -> None:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
         pki = pki_dir or Path("/var/lib/kvmotion/pki")
-        self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki))
+        self.pki_dir = pki
+        self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki), host_networks)
         self.clusters = Clusters(self.sessions, self.inventory)
         self.images = ImageLibrary(self.sessions, self.inventory)
         self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled, self._policy_layers)
         self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
         self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
         self.tokens = Tokens(self.sessions)
+        self.onboarding = Onboarding(self.sessions, self.inventory, self.certs)
         self.audit = Audit(self.sessions)
         self.guest = GuestControl(self.inventory)
         self.token_dir = token_dir or pki.parent

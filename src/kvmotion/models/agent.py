@@ -12,8 +12,9 @@ from kvmotion.models.boot import (BOOT_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTER
 from kvmotion.models.hardware import DISK_BUS_PATTERN, NIC_MODEL_PATTERN, topology_problem
 from kvmotion.models.health import GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
 from kvmotion.models.nbd import MAX_URL_CHARS, NbdPsk, NbdUrl
+from kvmotion.models.sampling import DirtySample
 
-__all__ = ["FirmwareFact", "GuestHealth", "HealthCheckRequest", "ImageSource", "NicHealth", "VcpuHealth"]
+__all__ = ["DirtySample", "FirmwareFact", "GuestHealth", "HealthCheckRequest", "ImageSource", "NicHealth", "VcpuHealth"]
 
 DEFAULT_MACHINE = "pc-q35-7.2"   # pinned: never the alias "q35"
 DEFAULT_CPU_MODEL = "qemu64"
@@ -250,19 +251,11 @@ class HostFacts(BaseModel):
     swap_location: str = "vm-folder"      # where VM memory-backing files live: with the VM, or a host path
     postcopy: bool = False                # userfaultfd works and guest RAM is anonymous: post-copy possible
     tls: TlsFact | None = None
+    keywrap_public: str | None = None     # X25519: the controller wraps disk keys to it (common.keywrap)
     firmware: list[FirmwareFact] = Field(default_factory=list)   # the OVMF files this host has
     machine_types: list[str] = Field(default_factory=list)      # `qemu-system-x86_64 -machine help` ([]: unknown)
     vm_power_events: list[dict[str, Any]] = Field(default_factory=list)   # VMs that ended by themselves
     # (models.guest.VMPowerEvent: the guest powered off, or QEMU died), the last hour's
-
-
-class DirtySample(BaseModel):
-    """A VM's dirty rate and touched RAM, as measured on its host (see ``kvmotion.agent.hv.qemu.sampling``)."""
-
-    dirty_mb_s: float
-    sampled_at: float
-    memory_mb: int
-    ram_touched_mb: int | None = None       # resident guest RAM: the non-zero pages a migration must send
 
 
 class VMRuntime(BaseModel):

@@ -22,6 +22,7 @@ IMAGE_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}:[^\x00-\x1f\x7f]{1,1024}$
 IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(?::[^\x00-\x1f\x7f]{1,1024})?$"
 
 NVRAM_FILE = "nvram.fd"               # a UEFI VM's own variable store, in its VM folder
+BOOT_FILES = ("vmlinuz", "initrd.img")   # a kernel-boot VM's kernel and initramfs, in its VM folder
 OVMF_DIR = "/usr/share/OVMF"          # Debian's ``ovmf`` package
 OVMF_CODE = "OVMF_CODE_4M.fd"
 OVMF_CODE_SECBOOT = "OVMF_CODE_4M.secboot.fd"

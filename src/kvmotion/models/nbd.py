@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 MAX_URL_CHARS = 2048
 PSK_USERNAME_PATTERN = r"^kvmotion-move-[0-9a-f]{16}$"
 PSK_KEY_PATTERN = r"^[0-9a-f]{64}$"     # 256 bits, hex: the form QEMU's keys.psk holds
+PSK_WIRE_PATTERN = r"^([0-9a-f]{64}|kvw1\.[A-Za-z0-9_.-]{20,400})$"   # on the wire: wrapped to the host (keywrap)
 TLS_X509, TLS_PSK = "tls-x509", "tls-psk"     # how an NBD stream is secured (there is no third way)
 
 
@@ -66,7 +67,12 @@ class NbdPsk(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     username: str = Field(pattern=PSK_USERNAME_PATTERN)
-    key: str = Field(pattern=PSK_KEY_PATTERN, repr=False)
+    key: str = Field(pattern=PSK_WIRE_PATTERN, repr=False)
+
+    @property
+    def wrap_label(self) -> str:
+        """What the key is wrapped for (common.keywrap's associated data, with the host)."""
+        return f"nbd-psk:{self.username}"
 
     @classmethod
     def new(cls) -> NbdPsk:

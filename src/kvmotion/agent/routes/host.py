@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from kvmotion.agent import tls
 from kvmotion.agent.routes.deps import AgentDep
 from kvmotion.models.agent import MAX_CPU_FEATURES, HostFacts, Name, TlsFact
 
@@ -18,6 +19,10 @@ class TlsInstall(BaseModel):
     ca_cert: str = Field(max_length=MAX_PEM)
     server_cert: str = Field(max_length=MAX_PEM)
     client_cert: str = Field(max_length=MAX_PEM)
+
+
+class CrlInstall(BaseModel):
+    crl: str = Field(max_length=4 * 1024 * 1024)
 
 
 class CpuExpandRequest(BaseModel):
@@ -43,6 +48,12 @@ async def tls_csr(agent: AgentDep) -> dict[str, str]:
 @router.post("/tls/install")
 async def tls_install(req: TlsInstall, agent: AgentDep) -> TlsFact:
     return agent.tls_install(req.ca_cert, req.server_cert, req.client_cert)
+
+
+@router.post("/tls/crl")
+async def tls_crl(req: CrlInstall, agent: AgentDep) -> dict[str, int]:
+    """The controller's revocation list (a removed host's certificates): checked on every TLS handshake."""
+    return {"revoked": tls.install_crl(agent.tls_dir, req.crl)}
 
 
 @router.delete("/tls")

@@ -27,7 +27,8 @@ async def vms(agent: AgentDep) -> list[VMRuntime]:
 async def provision(uuid: str, req: ProvisionSeedRequest, agent: AgentDep) -> VMSpec:
     """The VM's folder and disks (disk0 from an image: converted or overlaid, off the event loop), and its
     cloud-init seed ISO when the request has one."""
-    return await asyncio.to_thread(agent.provision, req.spec, req.disk_keys, req.image, req.seed)
+    keys = agent.keywrap.unwrap_all(req.disk_keys)
+    return await asyncio.to_thread(agent.provision, req.spec, keys, req.image, req.seed)
 
 
 @router.post("/{uuid}/destroy-files")
@@ -38,7 +39,7 @@ async def destroy_files(uuid: str, spec: VMSpec, agent: AgentDep) -> dict[str, b
 
 @router.post("/{uuid}/start")
 async def start(uuid: str, req: StartRequest, agent: AgentDep) -> VMRuntime:
-    return await agent.start(req.spec, req.disk_keys)
+    return await agent.start(req.spec, agent.keywrap.unwrap_all(req.disk_keys))
 
 
 @router.post("/{uuid}/cdrom")

@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kvmotion.common.errors import InvalidInputError
 from kvmotion.controller.auth import Principal, Role, authenticate_bearer, require_role
+from kvmotion.controller.gate import principal_of
 from kvmotion.controller.service import Controller
 
 bearer = HTTPBearer(auto_error=False, description="an API token (`kvmotion token create`)")
@@ -28,7 +29,8 @@ def role(needed: Role) -> list[Any]:
     async def check(request: Request, ctl: Ctl,
                     cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         what = f"{request.method} {request.url.path}"
-        principal = await asyncio.to_thread(authenticate_bearer, ctl.tokens, cred.credentials if cred else None, what)
+        principal = principal_of(request.scope) or await asyncio.to_thread(   # the gate found it already
+            authenticate_bearer, ctl.tokens, cred.credentials if cred else None, what)
         request.state.principal = principal          # the audit names the caller even when refused
         require_role(principal, needed, what)
         return principal

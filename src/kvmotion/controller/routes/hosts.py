@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from kvmotion import __version__
 from kvmotion.controller.auth import Role
 from kvmotion.controller.routes.deps import Ctl, role
 from kvmotion.models.agent import TlsFact
 from kvmotion.models.api import HostAdd, HostOut, MaintenanceRequest, TaskOut
+from kvmotion.models.onboarding import HostApprove, HostRemoved, PendingHostOut, RegistrationOut
 
 router = APIRouter()
 
@@ -30,10 +31,33 @@ async def host_add(req: HostAdd, ctl: Ctl) -> HostOut:
     return await ctl.add_host(req.address, req.secret, req.name, replace=True)
 
 
-@router.post("/hosts/register", status_code=201, dependencies=role(Role.ENROL))
-async def host_register(req: HostAdd, ctl: Ctl) -> HostOut:
-    """Self-registration by an agent with an enrolment token; it cannot change an enrolled host's secret."""
-    return await ctl.add_host(req.address, req.secret, req.name, replace=False)
+@router.post("/hosts/register", status_code=202, dependencies=role(Role.ENROL))
+async def host_register(req: HostAdd, request: Request, ctl: Ctl) -> RegistrationOut:
+    """Self-registration by an agent with an enrolment token (used up): the host waits for an admin's approval;
+    it cannot change an enrolled host's secret."""
+    return await ctl.onboarding.register(req, request.state.principal.name)
+
+
+@router.get("/hosts/pending", dependencies=role(Role.ADMIN))
+async def hosts_pending(ctl: Ctl) -> list[PendingHostOut]:
+    return ctl.onboarding.pending()
+
+
+@router.post("/hosts/{name}/approve", dependencies=role(Role.ADMIN))
+async def host_approve(name: str, req: HostApprove, request: Request, ctl: Ctl) -> HostOut:
+    """Admit a pending host whose fingerprint the admin checked on the host."""
+    return await ctl.onboarding.approve(name, req.fingerprint, request.state.principal.name)
+
+
+@router.delete("/hosts/pending/{name}", dependencies=role(Role.ADMIN))
+async def host_reject(name: str, ctl: Ctl) -> PendingHostOut:
+    return ctl.onboarding.reject(name)
+
+
+@router.delete("/hosts/{name}", dependencies=role(Role.ADMIN))
+async def host_remove(name: str, ctl: Ctl) -> HostRemoved:
+    """Remove a host without VMs: its certificates are revoked (every other host gets the CRL)."""
+    return await ctl.onboarding.remove(name)
 
 
 @router.post("/hosts/{name}/cert/renew", dependencies=role(Role.ADMIN))

@@ -10,8 +10,8 @@ from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, maste
 from kvmotion.agent.procs import QEMU_BINARY
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec
+from kvmotion.models.boot import BOOT_FILES, ovmf_code
 from kvmotion.models.nbd import nbd_problem, parse_nbd
-from kvmotion.models.boot import ovmf_code
 from kvmotion.models.hardware import NIC_DEVICE, SATA_CONTROLLER, SCSI_CONTROLLER
 
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
@@ -161,7 +161,9 @@ def boot_args(spec: VMSpec, ctx: HostContext) -> list[str]:
         values = ([f"value=kvmotion:ip={spec.guest_ip}"] if spec.guest_ip else []) + \
                  ([f"value=kvmotion:gw={spec.gateway}"] if spec.gateway else [])
         return ["-smbios", ",".join(["type=11", *values])] if values else []
-    folder = vm_folder(ctx, spec)
+    vm_folder(ctx, spec)
+    kernel, initrd = (safe_path(ctx, spec.boot_datastore, f"{spec.folder}/{name}", what="boot file")
+                      for name in BOOT_FILES)       # QEMU opens them by name: no link on the way
     cmdline = f"{GUEST_CONSOLE} kvmotion.name={spec.name}"
     if spec.guest_ip:
         cmdline += f" kvmotion.ip={spec.guest_ip}"
@@ -169,7 +171,7 @@ def boot_args(spec: VMSpec, ctx: HostContext) -> list[str]:
         cmdline += f" kvmotion.dirty={spec.dirty_mb_s:g}"
     if spec.extra_cmdline:
         cmdline += " " + spec.extra_cmdline
-    return ["-kernel", str(folder / "vmlinuz"), "-initrd", str(folder / "initrd.img"), "-append", cmdline]
+    return ["-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
 
 def firmware_args(spec: VMSpec, ctx: HostContext) -> tuple[str, list[str]]:

@@ -163,8 +163,8 @@ async def tls_object(vm: QemuVM, endpoint: str, tls_dir: str) -> str:
     QEMU reads the files when the object is made, so the id carries a digest of them: renewed certificates
     get a new object (object-add blocks QMP for ~0.7 s, so an unchanged one is reused).
     """
-    digest = hashlib.sha256(b"".join(
-        (Path(tls_dir) / f).read_bytes() for f in ("ca-cert.pem", f"{endpoint}-cert.pem", f"{endpoint}-key.pem")))
+    files = [Path(tls_dir) / f for f in ("ca-cert.pem", f"{endpoint}-cert.pem", f"{endpoint}-key.pem", "ca-crl.pem")]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.exists()))     # a new CRL: a new object
     oid = f"kvm-tls-{endpoint}-{digest.hexdigest()[:12]}"
     if oid not in vm.qemu_objects:
         if endpoint == "server":

@@ -1,0 +1,93 @@
+"""Controller configuration: a TOML file (``kvmotion-server --config FILE``; packaging/config/controller.toml
+describes every key). Precedence: command-line option, then ``$KVMOTION_DB`` (database only), then the file, then
+the defaults below. Unknown keys are errors."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvmotion.common.configfile import LogLevel, read_config_file, validate_config
+
+DEFAULT_DB = "sqlite:////var/lib/kvmotion/controller.db"
+DB_ENV = "KVMOTION_DB"
+_SQLITE = "sqlite:///"
+
+
+class ControllerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen_host: str = "127.0.0.1"          # --host
+    listen_port: int = Field(default=8760, ge=1, le=65535)    # --port
+    database_url: str = Field(default=DEFAULT_DB, min_length=1)   # --db: an SQLAlchemy URL
+    pki_dir: Path | None = None             # --pki-dir: the CA; default: next to a SQLite database
+    token_dir: Path | None = None           # --token-dir: the first admin token; default: next to a SQLite database
+    vm_ip_pool: str | None = None           # --vm-ip-pool: guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24
+    admission: bool = True                  # --admission / --no-admission: admission control (slots, bandwidth)
+    host_networks: list[str] = Field(default_factory=list, max_length=64)   # --host-networks: agents only from these
+    public_docs: bool = False               # --public-docs: /docs and /openapi.json without a token
+    tls: Literal["auto", "off"] = "auto"    # --tls: HTTPS with a certificate from the controller's CA, or plain HTTP
+    tls_cert_file: Path | None = None       # --tls-cert: bring your own certificate (with --tls-key): used as it is
+    tls_key_file: Path | None = None        # --tls-key
+    tls_names: list[str] = Field(default_factory=list, max_length=16)   # --tls-name: more names for the auto cert
+    log_level: LogLevel = "info"            # --log-level
+
+    @field_validator("vm_ip_pool")
+    @classmethod
+    def _pool_shape(cls, pool: str | None) -> str | None:
+        """FIRST-LAST/PREFIX of one address family, FIRST not after LAST (the inventory hands them out in order)."""
+        if pool is None:
+            return None
+        rng, slash, prefix = pool.partition("/")
+        first, dash, last = rng.partition("-")
+        try:
+            lo, hi = ipaddress.ip_address(first), ipaddress.ip_address(last)
+            ipaddress.ip_network(f"{lo}/{prefix}", strict=False)
+            ok = bool(slash and dash) and lo.version == hi.version and lo <= hi
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("expected FIRST-LAST/PREFIX, e.g. 198.18.1.100-198.18.1.199/24")
+        return pool
+
+    @classmethod
+    def resolve(cls, path: Path | None, options: dict[str, Any]) -> "ControllerConfig":
+        """The configuration in force: ``options`` (command line; None = not given) over ``$KVMOTION_DB`` over
+        the file at ``path`` (when given) over the defaults."""
+        data = read_config_file(path, missing_remedy="create it (every key is optional; see the packaged "
+                                                      "controller.toml) or leave out --config") if path else {}
+        if os.environ.get(DB_ENV):
+            data["database_url"] = os.environ[DB_ENV]
+        data.update({k: v for k, v in options.items() if v is not None})
+        return validate_config(cls, data, str(path) if path else "the command line")
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The database file of a SQLite URL, else None."""
+        return Path(self.database_url[len(_SQLITE):]) if self.database_url.startswith(_SQLITE) else None
+
+    @property
+    def pki(self) -> Path | None:
+        """Where the CA lives: ``pki_dir``, else ``pki/`` next to a SQLite database (None: the service's default)."""
+        db = self.sqlite_file
+        return self.pki_dir or (db.parent / "pki" if db is not None else None)
+
+    @model_validator(mode="after")
+    def _own_certificate_whole(self) -> "ControllerConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (a certificate and its key)")
+        return self
+
+    @property
+    def own_certificate(self) -> tuple[Path, Path] | None:
+        """The certificate and key the admin brought, if any."""
+        return (self.tls_cert_file, self.tls_key_file) if self.tls_cert_file and self.tls_key_file else None
+
+    @property
+    def tokens(self) -> Path:
+        """Where the first admin token is written: ``token_dir``, else next to a SQLite database."""
+        db = self.sqlite_file
+        return self.token_dir or (db.parent if db is not None else Path("/var/lib/kvmotion"))

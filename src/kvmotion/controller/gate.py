@@ -1,0 +1,74 @@
+"""The controller's front door (raw ASGI, before FastAPI reads anything): a bearer token, then a bounded body.
+
+Every HTTP request under ``/api/v1`` (and the API's docs, unless they are public) must carry a valid token
+BEFORE a byte of its body is read or parsed: a caller without one gets a 401 in the usual error shape and costs
+a token lookup, nothing more. Roles stay checked by each endpoint (``routes.deps.role``, which reuses the
+principal found here). Bodies are bounded: ``MAX_BODY`` by default, more only where a request legitimately
+carries more (``BODY_LIMITS``); a larger one is a 413 at once when its Content-Length says so, else as soon as
+the limit is passed. Websockets (the consoles) pass through: they authenticate in ``routes/console.py``.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from kvmotion.common.asgi import (ASGIApp, BodyTooLarge, Receive, Scope, Send, declared_length, header, read_body,
+                                  replay, reply_json, too_large)
+from kvmotion.common.errors import KvmotionError
+from kvmotion.controller.auth import Principal, Role, Tokens, authenticate_bearer, require_role
+
+API_PREFIX = "/api/v1/"
+MAX_BODY = 1 << 20
+# VM creation may carry cloud-init files: four of at most 64 Ki characters each, up to 12 bytes a character
+# once JSON-escaped (a surrogate pair as two \uXXXX), with their names: under 4 MiB.
+BODY_LIMITS: dict[tuple[str, str], int] = {("POST", "/api/v1/vms"): 4 << 20}
+
+
+class ApiGate:
+    """ASGI middleware: authenticate, bound the body, then hand the request on unchanged (see the module)."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens, docs_paths: frozenset[str] = frozenset(),
+                 max_body: int = MAX_BODY, limits: dict[tuple[str, str], int] | None = None) -> None:
+        self.app = app
+        self.tokens = tokens
+        self.docs_paths = docs_paths            # guarded too (viewer role); empty: the docs are public
+        self.max_body = max_body
+        self.limits = BODY_LIMITS if limits is None else limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        docs = path in self.docs_paths
+        if scope["type"] != "http" or not (path.startswith(API_PREFIX) or docs):
+            await self.app(scope, receive, send)
+            return
+        what = f"{scope['method']} {path}"
+        try:
+            principal = await asyncio.to_thread(authenticate_bearer, self.tokens, _bearer(scope), what)
+            scope.setdefault("state", {})["principal"] = principal    # the audit names the caller, even if refused
+            if docs:
+                require_role(principal, Role.VIEWER, what)
+        except KvmotionError as exc:
+            await reply_json(send, exc.http_status, exc.to_dict())
+            return
+        limit = self.limits.get((scope["method"], path.rstrip("/")), self.max_body)
+        declared = declared_length(scope)
+        try:
+            if declared is not None and declared > limit:
+                raise BodyTooLarge(declared)
+            body = await read_body(receive, limit)
+        except BodyTooLarge:
+            await reply_json(send, 413, too_large(limit))
+            return
+        if body is not None:
+            await self.app(scope, replay(body, receive), send)
+
+
+def _bearer(scope: Scope) -> str | None:
+    value = header(scope, "authorization") or ""
+    scheme, _, token = value.partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def principal_of(scope: Scope) -> Principal | None:
+    """The caller ``ApiGate`` authenticated for this request (None: the gate did not run)."""
+    found = scope.get("state", {}).get("principal")
+    return found if isinstance(found, Principal) else None
