@@ -172,31 +172,56 @@ def plant_disk_marker(lab, vm: dict) -> None:
         f.write(DISK_MARKER * 1024)                     # 64 KiB of markers at 4 MiB
 
 
-def test_disk_stream_of_shared_nothing_is_readable_only_when_disabled(lab, client, tmp_path) -> None:
+def assert_disk_arrived(lab, client: Client, name: str) -> None:
+    data = next(d for d in client.vm(name)["spec"]["disks"] if d["id"] == "disk1")
+    with open(Path(lab.root) / "ds" / data["datastore"] / data["path"], "rb") as f:
+        f.seek(4 << 20)
+        assert f.read(64) == DISK_MARKER
+
+
+def assert_disk_stream_sealed(task: dict, wire: bytes, kind: str) -> None:
+    """The marker crossed the wire (it arrives: assert_disk_arrived; a mirror also sends the zeros of the 16 MiB
+    disk, a copy skips them), but never readable."""
+    assert task["state"] == "success", task.get("error")
+    assert task["kind"] == kind and len(wire) > (16 << 20 if kind == "xvmotion" else len(DISK_MARKER) * 1024)
+    assert DISK_MARKER not in wire
+    assert any(rec in wire for rec in TLS_RECORDS)
+
+
+def test_disk_streams_are_never_readable_even_when_encryption_is_disabled(lab, client, tmp_path) -> None:
+    """Shared-nothing and cold moves, policy disabled (a PSK made for the move) and required (x509)."""
     vm = client.create_vm(name="wire2", host="h1", datastore="h1-local", data_disk_mb=16, disk_format="raw",
                           encrypted_vmotion="disabled")
     plant_disk_marker(lab, vm)
     client.start_vm("wire2")
     before = scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
-    plain_task, plain = capture_move(lab, client, "wire2", "h2", tmp_path, datastore="h2-local")
-    assert plain_task["state"] == "success", plain_task.get("error")
+    task, wire = capture_move(lab, client, "wire2", "h2", tmp_path, datastore="h2-local")
+    assert_disk_stream_sealed(task, wire, "xvmotion")
+    assert task["result"]["encryption"]["mode"] == "plain"            # the memory stream, as the policy says
+    assert task["result"]["encryption"]["disk_streams"] == "tls-psk"  # the disks: TLS with the move's own key
     before = assert_guest_survived(lab, client, "wire2", before)
-    assert plain_task["kind"] == "xvmotion" and plain_task["result"]["encryption"]["mode"] == "plain"
-    assert DISK_MARKER in plain, "the disk marker should be visible in an unencrypted NBD stream"
+    assert_disk_arrived(lab, client, "wire2")
+    client.stop_vm("wire2")
+    task, wire = capture_move(lab, client, "wire2", "h1", tmp_path, datastore="h1-local")
+    assert_disk_stream_sealed(task, wire, "cold")
+    assert task["result"]["encryption"]["mode"] == "tls-psk"
+    assert_disk_arrived(lab, client, "wire2")
+    for h in ("h1", "h2"):          # every key directory went with its stream
+        assert not list((Path(lab.root) / "hosts" / h).glob("nbd-keys/psk-*"))
     assert cli(lab, "vm", "set", "wire2", "--encrypted-vmotion", "required").returncode == 0
-    tls_task, wire = capture_move(lab, client, "wire2", "h1", tmp_path, datastore="h1-local")
-    assert tls_task["state"] == "success", tls_task.get("error")
-    assert tls_task["result"]["encryption"]["mode"] == "tls"
-    disks = next(p for p in tls_task["phases"] if p["name"] == "disks")["detail"]
-    assert disks["bytes"] >= 16 << 20 and len(wire) > 16 << 20    # the whole data disk crossed the wire ...
-    assert DISK_MARKER not in wire                                  # ... but never readable
-    assert any(rec in wire for rec in TLS_RECORDS)
+    task, wire = capture_move(lab, client, "wire2", "h2", tmp_path, datastore="h2-local")
+    assert_disk_stream_sealed(task, wire, "cold")
+    assert task["result"]["encryption"]["mode"] == "tls-x509"
+    client.start_vm("wire2")
+    before = scenario.wait_guest(lab.net.client_netns, vm["spec"]["guest_ip"])
+    task, wire = capture_move(lab, client, "wire2", "h1", tmp_path, datastore="h1-local")
+    assert_disk_stream_sealed(task, wire, "xvmotion")
+    assert task["result"]["encryption"] | {"reason": ""} == {"mode": "tls", "disk_streams": "tls-x509",
+                                                               "policy": "required", "reason": ""}
+    disks = next(p for p in task["phases"] if p["name"] == "disks")["detail"]
+    assert disks["bytes"] >= 16 << 20 and disks["encryption"] == "tls-x509"
     assert_guest_survived(lab, client, "wire2", before)
-    moved = client.vm("wire2")
-    data = next(d for d in moved["spec"]["disks"] if d["id"] == "disk1")
-    with open(Path(lab.root) / "ds" / data["datastore"] / data["path"], "rb") as f:
-        f.seek(4 << 20)
-        assert f.read(64) == DISK_MARKER                            # and it arrived intact on h1-local
+    assert_disk_arrived(lab, client, "wire2")
     remove_vm(client, "wire2")
 
 

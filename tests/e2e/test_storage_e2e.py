@@ -144,7 +144,7 @@ def test_shared_nothing_under_write_load(lab) -> None:
     names = [p["name"] for p in task["phases"]]
     assert names[:3] == ["precheck", "shadow", "disks"] and names[-1] == "release"
     disks = next(p for p in task["phases"] if p["name"] == "disks")["detail"]
-    assert disks["bytes"] > 0
+    assert disks["bytes"] > 0 and disks["encryption"] == "tls-x509"      # the NBD streams: TLS, never plain
     release = task["phases"][-1]["detail"]
     assert release["lease_holder"] == "h2" and release["lock_released"] is True
     assert release["source_files_removed"], "the source disks are released and removed"
@@ -176,6 +176,7 @@ def test_cold_migration_across_hosts_and_datastores(lab, tmp_path) -> None:
     assert not (ds_path(lab, "h1-local") / "cold1").exists() and not (ds_path(lab, "shared") / "cold1").exists()
     task = client.tasks()[0]
     assert task["kind"] == "cold" and task["result"]["copy"]["verified"].startswith("qemu-img compare")
+    assert task["result"]["encryption"]["mode"] == "tls-x509"           # the NBD export admitted h2 only
     client.start_vm("cold1")                      # it boots on the new host from the copied files
     http_beat(lab, client, "cold1")
     client.stop_vm("cold1")

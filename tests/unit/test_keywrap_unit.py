@@ -60,3 +60,23 @@ def test_the_controller_never_sends_a_passphrase_in_clear(tmp_path: Path, monkey
     assert asyncio.run(agent.start(spec, {"disk0": "luks passphrase 123"})).state == "running"
     sent = json.loads(bodies[0])["disk_keys"]["disk0"]
     assert b"luks passphrase 123" not in bodies[0] and key.unwrap("disk0", sent) == "luks passphrase 123"
+
+
+def test_nbd_keys_are_wrapped_wherever_a_request_carries_them(tmp_path: Path) -> None:
+    from kvmotion.agent.nbdtls import open_psk
+    from kvmotion.models.nbd import NbdPsk
+    key = keywrap.HostKey.load_or_create(tmp_path, "h2")
+    psk = NbdPsk.new()
+    body = {"targets": [{"disk_id": "disk0", "psk": psk.model_dump()}], "nbd_psk": psk.model_dump(),
+            "disk_keys": {"disk0": "pass"}, "other": {"username": "x"}}
+    assert keywrap.has_secrets(body) and not keywrap.has_secrets({"spec": {"name": "vm1"}, "disk_keys": {}})
+    wire = keywrap.wrap_payload(key.public_b64, "h2", body)
+    text = json.dumps(wire)
+    assert psk.key not in text and "pass" not in text.replace("passphrase", "")
+    assert wire["other"] == {"username": "x"}
+    for sent in (wire["nbd_psk"], wire["targets"][0]["psk"]):
+        opened = open_psk(key, NbdPsk.model_validate(sent))
+        assert opened == psk                                    # the agent's copy for QEMU's keys.psk
+    other = NbdPsk.model_validate({"username": "kvmotion-move-0123456789abcdef", "key": wire["nbd_psk"]["key"]})
+    with pytest.raises(InvalidInputError, match="not wrapped for host"):
+        open_psk(key, other)                                    # a wrapped key only opens for its own move

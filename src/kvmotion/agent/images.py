@@ -1,4 +1,4 @@
-"""Disk image files: create, measure, copy (with progress), compare, export read-only over NBD.
+"""Disk image files: create, measure, copy (with progress), compare, export read-only over NBD (always TLS).
 
 Every tool runs as an argument list with a deadline; nothing goes through a shell.
 """
@@ -18,8 +18,10 @@ import uuid as uuidlib
 from pathlib import Path
 
 from kvmotion.agent.diskkeys import encrypted_secret_args, master_object, write_master
+from kvmotion.agent.nbdtls import NbdCreds, qemu_img_source, qemu_nbd_tls_argv
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError, QemuStartFailed
 from kvmotion.models.agent import DiskCopyRequest, DiskCopyStatus, DiskExport
+from kvmotion.models.nbd import parse_nbd
 
 FORMATS = ("qcow2", "raw")
 MAX_COPY_JOBS_KEPT = 64
@@ -94,33 +96,43 @@ _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 class CopyJob:
     """One ``qemu-img convert -p`` run followed by ``qemu-img compare``; both can be followed and stopped."""
 
-    def __init__(self, req: DiskCopyRequest, target: Path) -> None:
+    def __init__(self, req: DiskCopyRequest, target: Path, creds: NbdCreds | None = None) -> None:
         self.req, self.target = req, target
+        self.creds = creds            # an NBD source's TLS credentials (a PSK's key file goes when the job ends)
         self.status = DiskCopyStatus(job=uuidlib.uuid4().hex[:12], state="copying", started_at=time.time(),
                                      target=str(target))
         self.proc: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task[None] | None = None
 
-    def _source(self) -> tuple[str, str]:
+    def source(self) -> tuple[list[str], str, str]:
+        """(``--object`` arguments, source filename, its format). An NBD source is read over TLS only."""
         if self.req.source_uri:
-            return self.req.source_uri, "raw"
+            if self.creds is None:
+                raise InvalidInputError("an NBD source needs its TLS credentials", remedy="NBD never runs plain")
+            objects, src = qemu_img_source(self.creds, *parse_nbd(self.req.source_uri))
+            return objects, src, "raw"
         assert self.req.source_path
-        return self.req.source_path, "raw" if self.req.verbatim else self.req.source_format
+        return [], self.req.source_path, "raw" if self.req.verbatim else self.req.source_format
+
+    def argvs(self) -> tuple[list[str], list[str]]:
+        """The ``qemu-img convert`` and ``qemu-img compare`` command lines."""
+        objects, src, src_fmt = self.source()
+        dst_fmt = "raw" if self.req.verbatim else self.req.format
+        convert = ["qemu-img", "convert", "-p", "-U", *objects, "-f", src_fmt, "-O", dst_fmt]
+        if self.req.preallocate and not self.req.verbatim:
+            convert += ["-o", "preallocation=falloc" if dst_fmt == "raw" else "preallocation=metadata"]
+        compare = ["qemu-img", "compare", "-U", *objects, "-f", src_fmt, "-F", dst_fmt, src, str(self.target)]
+        return convert + [src, str(self.target)], compare
 
     async def run(self) -> None:
-        src, src_fmt = self._source()
-        dst_fmt = "raw" if self.req.verbatim else self.req.format
-        argv = ["qemu-img", "convert", "-p", "-U", "-f", src_fmt, "-O", dst_fmt]
-        if self.req.preallocate and not self.req.verbatim:
-            argv += ["-o", "preallocation=falloc" if dst_fmt == "raw" else "preallocation=metadata"]
         try:
+            convert, compare = self.argvs()
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            rc, err = await self._run(argv + [src, str(self.target)], progress=True)
+            rc, err = await self._run(convert, progress=True)
             if rc != 0:
                 raise RuntimeError(f"qemu-img convert failed: {err}")
             self.status.state, self.status.percent = "verifying", 100.0
-            rc, err = await self._run(["qemu-img", "compare", "-U", "-f", src_fmt, "-F", dst_fmt, src,
-                                       str(self.target)], progress=False)
+            rc, err = await self._run(compare, progress=False)
             self.status.identical = rc == 0
             if rc != 0:
                 raise RuntimeError(f"the copy differs from the source: {err or f'qemu-img compare exit {rc}'}")
@@ -131,6 +143,8 @@ class CopyJob:
             self.target.unlink(missing_ok=True)
         finally:
             self.status.ended_at = time.time()
+            if self.creds is not None:
+                self.creds.release()
 
     async def _run(self, argv: list[str], progress: bool) -> tuple[int, str]:
         self.proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -155,24 +169,30 @@ class CopyJob:
 
 
 class NbdExport:
-    """A read-only ``qemu-nbd`` export of one image, for a cold migration's copy to another host."""
+    """A read-only ``qemu-nbd`` export of one image, for a cold migration's copy to another host.
 
-    def __init__(self, path: Path, fmt: str, address: str, port: int, verbatim: bool) -> None:
+    Always over TLS with its credentials (:mod:`kvmotion.agent.nbdtls`); ``stop`` removes a PSK's key file.
+    """
+
+    def __init__(self, path: Path, fmt: str, address: str, port: int, verbatim: bool, creds: NbdCreds) -> None:
         self.export_id = uuidlib.uuid4().hex[:12]
         self.path, self.fmt, self.address, self.port = path, fmt, address, port
-        self.verbatim = verbatim
+        self.verbatim, self.creds = verbatim, creds
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        return ["qemu-nbd", "--read-only", "--persistent", "--shared=4", "-f", "raw" if self.verbatim else self.fmt,
+                "--bind", self.address, "--port", str(self.port), "--export-name", self.export_id,
+                *qemu_nbd_tls_argv(self.creds), str(self.path)]
 
     def start(self) -> DiskExport:
         if not self.path.exists():
             raise NotFoundError(f"disk image {self.path} does not exist", remedy="check the VM's disk paths")
-        argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=4", "-f", "raw" if self.verbatim else self.fmt,
-                "--bind", self.address, "--port", str(self.port), "--export-name", self.export_id, str(self.path)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True)
         host = f"[{self.address}]" if ":" in self.address else self.address
         return DiskExport(uri=f"nbd://{host}:{self.port}/{self.export_id}", export_id=self.export_id,
-                          pid=self.proc.pid)
+                          pid=self.proc.pid, tls=self.creds.mode)
 
     def wait_listening(self, deadline_s: float = 10.0) -> None:
         end = time.monotonic() + deadline_s
@@ -189,10 +209,13 @@ class NbdExport:
                             remedy="check the migration interface")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(5)
+        finally:
+            self.creds.release()

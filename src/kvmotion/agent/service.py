@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from kvmotion.agent import facts as host_facts
-from kvmotion.agent import diskimage, imagelib, images, seediso, tls
+from kvmotion.agent import diskimage, imagelib, images, nbdtls, seediso, tls
 from kvmotion.agent.guest import GuestOps
 from kvmotion.agent.importjob import ImportJobs
 from kvmotion.agent.accel import AccelResult
@@ -71,6 +71,8 @@ class Agent(AgentStorage, GuestOps):
             self.cfg.swap_dir.mkdir(parents=True, exist_ok=True)
         for path in await asyncio.to_thread(imagelib.remove_leftovers, self.context()):
             log.warning("removed %s, left by an image import this agent did not finish", path)
+        for path in nbdtls.sweep(self.nbd_key_root):
+            log.warning("removed NBD key directory %s, left by a previous agent run", path)
         try:
             self.cpu = await self.hv.probe_cpu_models(self.accel.accelerator, list(self.cfg.cpu_feature_mask))
         except KvmotionError as exc:
@@ -275,6 +277,9 @@ class Agent(AgentStorage, GuestOps):
         if req.spec.uuid in self.hv.uuids():
             raise ConflictError(f"VM {req.spec.name} already exists on {self.cfg.name}",
                                 remedy="a VM never runs twice; pick another destination")
+        if req.new_disks and not (req.tls_authz_identity or req.nbd_psk):
+            raise InvalidInputError(f"the disks of shadow {req.spec.name} would be served over NBD without TLS",
+                                    remedy="send tls_authz_identity (x509) or nbd_psk with new_disks")
         created = await asyncio.to_thread(self.create_disks, req.spec, req.new_disks, req.disk_keys)
         try:
             return await self.hv.prepare_incoming(req, self.context(), self._tls_dir_if_valid(), created)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmotion.agent import images, lease as leases
+from kvmotion.agent import images, lease as leases, nbdtls
 from kvmotion.agent.context import HostContext, nvram_file, place, safe_path, vm_folder, vm_place
 from kvmotion.agent.hv.base import Hypervisor
 from kvmotion.agent.ports import pick_port
@@ -21,6 +21,7 @@ from kvmotion.common.confined import Place
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
 from kvmotion.models.boot import BOOT_FILES, NVRAM_FILE
 from kvmotion.models.cloudinit import SEED_ISO, moves_with_folder, seed_path
+from kvmotion.models.nbd import NbdPsk
 from kvmotion.models.agent import (DiskCopyRequest, DiskCopyStatus, DiskExport, DiskSpec, DiskTarget, LeaseInfo,
                                    MirrorReport, MirrorRequest, PivotReport, VMSpec)
 
@@ -92,6 +93,11 @@ class AgentStorage:
 
     def _tls_dir_if_valid(self) -> str | None:
         raise NotImplementedError
+
+    @property
+    def nbd_key_root(self) -> Path:
+        """Where the PSK key directories of this host's NBD stream ends live while they run."""
+        return nbdtls.key_root(self.cfg.state_dir)
 
     # -- leases -----------------------------------------------------------------------------------
     def take_leases(self, spec: VMSpec, expected_holder: str | None) -> LeaseInfo:
@@ -185,7 +191,6 @@ class AgentStorage:
     async def mirror_start(self, uuid: str, req: MirrorRequest) -> MirrorReport:
         spec = self.hv.spec(uuid)
         disks = {d.id: d for d in spec.disks}
-        tls_dir = None
         created: list[Path] = []
         try:
             for t in req.targets:
@@ -193,24 +198,16 @@ class AgentStorage:
                 if disk is None or disk.kind != "file":
                     raise InvalidInputError(f"VM {spec.name} has no image disk {t.disk_id!r}",
                                             remedy="name one of: " + ", ".join(d.id for d in spec.disks))
-                if t.kind == "nbd":
-                    tls_dir = self._stream_tls_dir() if t.tls_hostname else tls_dir
+                if t.kind == "nbd":         # its TLS credentials: hv.mirror_start (mirror.nbd_client_creds)
                     continue
                 path = await self._new_target(disk, t, req.disk_keys)
                 created.append(path)
             return await self.hv.mirror_start(uuid, req.targets, created, req.home_datastore, req.speed_bytes,
-                                              req.copy_mode, tls_dir)
+                                              req.copy_mode, self._tls_dir_if_valid())
         except BaseException:
             for p in created:
                 p.unlink(missing_ok=True)
             raise
-
-    def _stream_tls_dir(self) -> str:
-        tls_dir = self._tls_dir_if_valid()
-        if tls_dir is None:
-            raise ConflictError("this host has no TLS certificate for encrypted disk streams",
-                                remedy="renew the host's certificate: kvmotion host cert renew HOST")
-        return tls_dir
 
     async def _new_target(self, disk: DiskSpec, t: DiskTarget, disk_keys: dict[str, str]) -> Path:
         """A mirror's target image on a datastore of this host, created empty."""
@@ -278,21 +275,25 @@ class AgentStorage:
         return out
 
     # -- cold copies ----------------------------------------------------------------------------------
-    def disk_export(self, spec: VMSpec, disk_id: str, listen_address: str) -> DiskExport:
+    def disk_export(self, spec: VMSpec, disk_id: str, listen_address: str, tls_authz_identity: str | None,
+                    psk: NbdPsk | None) -> DiskExport:
+        """A read-only TLS export of a powered-off VM's disk: x509 admitting only ``tls_authz_identity`` (the
+        destination host's client certificate), or the move's ``psk``."""
         disk = next((d for d in spec.disks if d.id == disk_id and d.kind == "file"), None)
         if disk is None:
             raise NotFoundError(f"VM {spec.name} has no image disk {disk_id}", remedy="check the disk id")
         if spec.uuid in self.hv.uuids():
             raise ConflictError(f"VM {spec.name} runs on {self.cfg.name}", remedy="power it off for a cold migration")
-        exp = images.NbdExport(disk_file(self.context(), disk), disk.format, listen_address,
-                               pick_port(listen_address), verbatim=disk.encrypted)
-        out = exp.start()
-        self.nbd_exports[out.export_id] = exp
+        path = disk_file(self.context(), disk)
+        creds = nbdtls.server_creds(self.nbd_key_root, self._tls_dir_if_valid(), tls_authz_identity, psk)
+        exp = images.NbdExport(path, disk.format, listen_address, pick_port(listen_address), disk.encrypted, creds)
         try:
+            out = exp.start()
+            self.nbd_exports[out.export_id] = exp
             exp.wait_listening()
         except Exception:
             exp.stop()
-            self.nbd_exports.pop(out.export_id, None)
+            self.nbd_exports.pop(exp.export_id, None)
             raise
         return out
 
@@ -315,7 +316,15 @@ class AgentStorage:
         if len(self.copies) >= images.MAX_COPY_JOBS_KEPT:
             for jid in [j for j, c in self.copies.items() if c.status.ended_at][:16]:
                 self.copies.pop(jid)
-        job = images.CopyJob(req, target)
+        creds = nbdtls.client_creds(self.nbd_key_root, self._tls_dir_if_valid(), req.source_tls_hostname,
+                                    req.source_psk) if req.source_uri else None
+        job = images.CopyJob(req, target, creds)
+        try:
+            job.argvs()             # a source it cannot read (no credentials) is refused now, not in the job
+        except Exception:
+            if creds is not None:
+                creds.release()
+            raise
         job.task = asyncio.create_task(job.run(), name=f"copy-{job.status.job}")
         self.copies[job.status.job] = job
         return job.status

@@ -13,6 +13,7 @@ import base64
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -97,6 +98,34 @@ class HostKey:
 
     def unwrap_all(self, keys: dict[str, str]) -> dict[str, str]:
         return {node: self.unwrap(node, value) for node, value in keys.items()}
+
+
+def _is_psk(d: dict[str, Any]) -> bool:
+    return set(d) == {"username", "key"} and isinstance(d["key"], str) and not is_wrapped(d["key"])
+
+
+def has_secrets(payload: Any) -> bool:
+    """Whether a request body carries a secret to wrap (a ``disk_keys`` value or an NBD pre-shared key)."""
+    if isinstance(payload, list):
+        return any(has_secrets(v) for v in payload)
+    if not isinstance(payload, dict):
+        return False
+    return bool(payload.get("disk_keys")) or _is_psk(payload) or any(has_secrets(v) for v in payload.values())
+
+
+def wrap_payload(public_b64: str | None, host: str, payload: Any) -> Any:
+    """A request body with every secret in it wrapped for ``host``: ``disk_keys`` values, and the ``key`` of each
+    NBD pre-shared key (``{"username": …, "key": …}``, wrapped for ``nbd-psk:USERNAME``), wherever they are."""
+    if isinstance(payload, list):
+        return [wrap_payload(public_b64, host, v) for v in payload]
+    if not isinstance(payload, dict):
+        return payload
+    out = {k: wrap_payload(public_b64, host, v) for k, v in payload.items()}
+    if isinstance(out.get("disk_keys"), dict):
+        out["disk_keys"] = wrap_all(public_b64, host, out["disk_keys"])
+    if public_b64 and _is_psk(out):
+        out["key"] = wrap(public_b64, host, f"nbd-psk:{out['username']}", out["key"])
+    return out
 
 
 def wrap_all(public_b64: str | None, host: str, keys: dict[str, str]) -> dict[str, str]:

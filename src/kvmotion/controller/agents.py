@@ -6,12 +6,13 @@ from typing import Any, Callable
 import httpx
 
 from kvmotion.common.hostauth import HostAuth
-from kvmotion.common.keywrap import wrap_all
+from kvmotion.common.keywrap import has_secrets, wrap_payload
 from kvmotion.common.http import tls_context
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.models.agent import PostcopyRecover, PostcopyResume
 from kvmotion.models.agent import DiskSpec
 from kvmotion.models.devices import DiskChange, DiskRemoval
+from kvmotion.models.nbd import NbdPsk
 from kvmotion.models.cloudinit import ProvisionSeedRequest, SeedFiles
 
 IMAGE_CLONE_TIMEOUT_S = 3700.0     # a full clone converts the whole image (the agent's own deadline: 3600 s)
@@ -50,8 +51,8 @@ class AgentClient:
 
     async def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None,
                     params: dict[str, Any] | None = None) -> Any:
-        if isinstance(json, dict) and json.get("disk_keys"):     # never in clear on the wire (common.keywrap)
-            json = {**json, "disk_keys": wrap_all(self._wrap_key(), self.host, json["disk_keys"])}
+        if has_secrets(json):                       # never in clear on the wire (common.keywrap)
+            json = wrap_payload(self._wrap_key(), self.host, json)
         try:
             async with httpx.AsyncClient(timeout=timeout or self.timeout, auth=self._auth,
                                          verify=tls_context()) as client:
@@ -181,10 +182,10 @@ class AgentClient:
     async def prepare_incoming(self, spec: VMSpec, listen_address: str, tls_authz_identity: str | None = None,
                                disk_keys: dict[str, str] | None = None,
                                new_disks: list[str] | None = None, multifd_channels: int = 0,
-                               postcopy: bool = False) -> IncomingReady:
+                               postcopy: bool = False, nbd_psk: NbdPsk | None = None) -> IncomingReady:
         req = IncomingRequest(spec=spec, listen_address=listen_address, tls_authz_identity=tls_authz_identity,
                               disk_keys=disk_keys or {}, new_disks=new_disks or [], multifd_channels=multifd_channels,
-                              postcopy=postcopy)
+                              postcopy=postcopy, nbd_psk=nbd_psk)
         return IncomingReady.model_validate(await self._call("POST", f"/v1/vms/{spec.uuid}/incoming",
                                                              req.model_dump(), timeout=40))
 
@@ -263,9 +264,11 @@ class AgentClient:
     async def lease_holders(self, spec: VMSpec) -> dict[str, str]:
         return await self._call("POST", "/v1/storage/leases", spec.model_dump(), timeout=10)
 
-    async def disk_export(self, spec: VMSpec, disk_id: str, listen_address: str) -> DiskExport:
+    async def disk_export(self, spec: VMSpec, disk_id: str, listen_address: str, tls_authz_identity: str | None,
+                          psk: NbdPsk | None) -> DiskExport:
         return DiskExport.model_validate(await self._call("POST", "/v1/storage/export", {
-            "spec": spec.model_dump(), "disk_id": disk_id, "listen_address": listen_address}, timeout=20))
+            "spec": spec.model_dump(), "disk_id": disk_id, "listen_address": listen_address,
+            "tls_authz_identity": tls_authz_identity, "psk": psk.model_dump() if psk else None}, timeout=20))
 
     async def disk_export_stop(self, export_id: str) -> bool:
         return bool((await self._call("DELETE", f"/v1/storage/export/{export_id}", timeout=20))["stopped"])

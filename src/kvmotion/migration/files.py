@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Any
 
+from kvmotion.checks.rules import encryption_plan
 from kvmotion.common.errors import CopyFailed, KvmotionError, MirrorFailed
 from kvmotion.migration import decisions, guestcheck
 from kvmotion.migration.engine import MBIT, MoveContext, MoveEngine, Outcome, Step
@@ -18,6 +19,7 @@ from kvmotion.migration.live import relocation_record
 from kvmotion.migration.relocate import DiskMove, Relocation
 from kvmotion.models.agent import DiskCopyRequest, DiskSpec, DiskTarget, MirrorReport, MirrorRequest, PivotReport
 from kvmotion.models.moves import Phase
+from kvmotion.models.nbd import TLS_PSK, TLS_X509, NbdPsk
 
 POLL_S = 0.25
 
@@ -164,6 +166,8 @@ class ColdMigration(FileMove):
         self.copied: list[str] = []          # disk ids whose copy was started on the destination
         self.home_made = False
         self.registered = False
+        self.nbd_psk: NbdPsk | None = None   # NBD copies without x509: this move's key (never in the journal)
+        self.nbd_tls: dict[str, Any] = {}    # how the NBD copies are secured (the result's "encryption")
 
     def steps(self) -> dict[Phase, Step]:
         return {Phase.PRECHECK: Step(self.on_precheck), Phase.COPY: Step(self.on_copy, self.undo_copy),
@@ -179,8 +183,19 @@ class ColdMigration(FileMove):
     async def on_precheck(self) -> Outcome:
         out = await self.precheck(Phase.COPY)
         assert self.reloc is not None
+        self._plan_nbd_tls()
         out.next_detail = {"disks": list(self.reloc.moved_ids)}
         return out
+
+    def _plan_nbd_tls(self) -> None:
+        """An NBD copy runs over TLS: x509 when the move would encrypt a live migration between these hosts
+        (the source admits only the destination's client certificate), else a PSK made for this move."""
+        x509, why, _ = encryption_plan(self.spec.encrypted_vmotion, self.inv.host_facts(self.source),
+                                       self.inv.host_facts(self.destination), any(d.encrypted for d in self.spec.disks))
+        self.nbd_psk = None if x509 else NbdPsk.new()
+        self.nbd_tls = {"mode": TLS_X509 if x509 else TLS_PSK, "policy": self.spec.encrypted_vmotion,
+                        "reason": why if x509 else f"{why}: TLS with a key made for this move"}
+        self.result["encryption"] = {"mode": "not applicable", "reason": "no disk crossed the network"}
 
     async def on_copy(self) -> Outcome:
         assert self.reloc is not None
@@ -202,9 +217,14 @@ class ColdMigration(FileMove):
         src_store = dst_ds.get(m.source.datastore)
         if src_store is not None and src_store.readable:      # the destination reads the source directly
             req.source_path = f"{src_store.path}/{m.source.path}"
-        else:                                                 # read-only NBD export from the source host
-            export = await self.src.disk_export(self.spec, m.disk_id, self.inv.migration_address(self.source))
-            req.source_uri = export.uri
+        else:                                                 # read-only NBD export from the source host, TLS
+            address = self.inv.migration_address(self.source)
+            export = await self.src.disk_export(self.spec, m.disk_id, address,
+                                                None if self.nbd_psk else self.inv.tls_identity(self.destination),
+                                                self.nbd_psk)
+            req.source_uri, req.source_psk = export.uri, self.nbd_psk
+            req.source_tls_hostname = None if self.nbd_psk else address
+            self.result["encryption"] = self.nbd_tls
         held = {"export": export.export_id if export else None}       # reconciliation stops what was left running
         try:
             await self.live({"disk": m.disk_id, "disk_index": i + 1, "disks": n, "percent": 0, **held}, None)

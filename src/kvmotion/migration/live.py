@@ -23,6 +23,7 @@ from kvmotion.migration.relocate import Relocation
 from kvmotion.models.agent import (DiskTarget, IncomingReady, MigrationReport, MigrationTuning, MirrorRequest,
                                    OutgoingRequest, VMSpec)
 from kvmotion.models.moves import MoveKind, Phase
+from kvmotion.models.nbd import TLS_PSK, TLS_X509, NbdPsk
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class LiveMove(LiveEnd, MoveEngine):
         self.postcopy_summary: dict[str, Any] = {}
         self.encryption: dict[str, Any] = {}
         self.use_tls = False
+        self.nbd_psk: NbdPsk | None = None       # shared-nothing without x509: the disk streams' key, this move only
         self.bandwidth_log: list[dict[str, Any]] = [{"t": time.time(), "mbps": ctx.bandwidth_mbps}]
         self.downtime_steps: list[dict[str, Any]] = []
         self.resume_info: dict[str, Any] = {}
@@ -103,6 +105,9 @@ class LiveMove(LiveEnd, MoveEngine):
                                                any(d.encrypted for d in self.spec.disks))
         self.encryption = {"mode": "tls" if self.use_tls else "plain", "reason": why,
                            "policy": self.spec.encrypted_vmotion}
+        if self.xv:         # the disk streams: never plain (docs/security.md, "Disk streams")
+            self.nbd_psk = None if self.use_tls else NbdPsk.new()
+            self.encryption["disk_streams"] = TLS_PSK if self.nbd_psk else TLS_X509
         self.postcopy_block = self._postcopy_blocker()
         self.stream = self._plan(None)     # channels depend on the link only (the shadow needs them)
         self.prediction = asyncio.create_task(self.inv.predict(
@@ -124,12 +129,12 @@ class LiveMove(LiveEnd, MoveEngine):
         self.ready = await self.dst.prepare_incoming(
             self.target, self.dst_address, self.inv.tls_identity(self.source) if self.use_tls else None,
             self.inv.disk_keys(self.spec), list(self.reloc.moved_ids) if self.xv else None,
-            self.stream.multifd_channels, postcopy=self.stream.postcopy)
+            self.stream.multifd_channels, postcopy=self.stream.postcopy, nbd_psk=self.nbd_psk)
         self.check_cancel()
         result = {"uri": self.ready.uri, "shadow_pid": self.ready.pid, "nbd_port": self.ready.nbd_port}
         if self.xv:
             return Outcome(next=Phase.DISKS, result=result, next_detail={
-                "disks": list(self.reloc.moved_ids), "encryption": self.encryption["mode"]})
+                "disks": list(self.reloc.moved_ids), "encryption": self.encryption["disk_streams"]})
         return Outcome(next=Phase.PRECOPY, result=result, next_detail=await self._precopy_opening())
 
     async def undo_shadow(self, out: dict[str, Any]) -> None:
@@ -142,7 +147,7 @@ class LiveMove(LiveEnd, MoveEngine):
         assert self.reloc is not None and self.ready is not None
         ready, addr = self.ready, self.dst_address
         targets = [DiskTarget(disk_id=d, kind="nbd", nbd_host=addr, nbd_port=ready.nbd_port or 0,
-                              export=ready.exports[d], tls_hostname=addr if self.use_tls else None)
+                              export=ready.exports[d], tls_hostname=addr if self.use_tls else None, psk=self.nbd_psk)
                    for d in self.reloc.moved_ids]
         t0 = time.time()
         self.mirror_started = True
@@ -164,7 +169,7 @@ class LiveMove(LiveEnd, MoveEngine):
         secs = time.time() - t0
         self.disk_summary = {"bytes": r.done, "seconds": round(secs, 3),
                              "throughput_mbps": round(r.done * 8 / 1e6 / max(secs, 1e-3), 1),
-                             "encryption": self.encryption["mode"]}
+                             "encryption": self.encryption["disk_streams"]}
         self.check_cancel()
         return Outcome(next=Phase.PRECOPY, result=dict(self.disk_summary), next_detail=await self._precopy_opening())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Callable
-from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 
@@ -12,6 +11,7 @@ from kvmotion.models.boot import (BOOT_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTER
                                   ImageSource, boot_problem)
 from kvmotion.models.hardware import DISK_BUS_PATTERN, NIC_MODEL_PATTERN, topology_problem
 from kvmotion.models.health import GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
+from kvmotion.models.nbd import MAX_URL_CHARS, NbdPsk, NbdUrl
 from kvmotion.models.sampling import DirtySample
 
 __all__ = ["DirtySample", "FirmwareFact", "GuestHealth", "HealthCheckRequest", "ImageSource", "NicHealth", "VcpuHealth"]
@@ -47,7 +47,6 @@ NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
 
 MAX_PATH_CHARS = 1024          # a datastore-relative path
 MAX_NAME_BYTES = 255           # one path component (NAME_MAX)
-MAX_URL_CHARS = 2048
 MAX_DISKS = 16
 MAX_CDROMS = 4
 MAX_NICS = 8
@@ -88,38 +87,6 @@ def _checker(problem_of: Callable[[str], str | None], what: str, hint: str) -> C
 
 DatastorePath = Annotated[str, StringConstraints(max_length=MAX_PATH_CHARS), AfterValidator(
     _checker(relative_path_problem, "path", "write it relative to the datastore, like VM/VM.iso"))]
-
-
-def nbd_problem(url: object) -> str | None:
-    """What is wrong with an NBD address nbd://HOST[:PORT]/EXPORT (None: nothing)."""
-    if not isinstance(url, str) or not url:
-        return "is empty"
-    if len(url) > MAX_URL_CHARS:
-        return f"is longer than {MAX_URL_CHARS} characters"
-    if any(ord(c) <= 32 or ord(c) == 127 for c in url):
-        return "contains a space or a control character"
-    if not url.startswith("nbd://"):
-        return "is not an nbd:// address"
-    try:
-        parsed = urlparse(url)
-        parsed.port             # raises on a port that is not a number in 0..65535
-    except ValueError as exc:
-        return f"is not a valid address ({exc})"
-    if not parsed.hostname:
-        return "names no host"
-    if parsed.query or parsed.fragment or parsed.username or parsed.password:
-        return "may not carry a user, a query or a fragment"
-    return None
-
-
-def parse_nbd(url: str) -> tuple[str, int, str]:
-    """(host, port, export) of a valid NBD address (see :func:`nbd_problem`)."""
-    parsed = urlparse(url)
-    return parsed.hostname or "", parsed.port or 10809, parsed.path.lstrip("/")
-
-
-NbdUrl = Annotated[str, StringConstraints(max_length=MAX_URL_CHARS), AfterValidator(
-    _checker(nbd_problem, "NBD address", "write it like nbd://HOST:PORT/EXPORT"))]
 
 
 class DiskSpec(BaseModel):
@@ -350,6 +317,7 @@ class IncomingRequest(BaseModel):
     auto_resume: bool = True          # run the shadow as soon as its state is complete
     tls_authz_identity: str | None = None   # set: accept only a TLS client with exactly this identity
     new_disks: list[DeviceId] = Field(default_factory=list, max_length=MAX_DISKS)   # shared-nothing: created empty
+    nbd_psk: NbdPsk | None = None     # shared-nothing without x509 (no tls_authz_identity): the disk streams' key
     multifd_channels: int = Field(default=0, ge=0, le=MAX_MULTIFD_CHANNELS)  # must match the source's
     postcopy: bool = False            # must match the source's
 
@@ -382,7 +350,8 @@ class DiskTarget(BaseModel):
     nbd_host: str = Field(default="", max_length=255)
     nbd_port: int = Field(default=0, ge=0, le=65535)
     export: str = Field(default="", max_length=255)
-    tls_hostname: str | None = None   # nbd: the stream is TLS and the server must present this name
+    tls_hostname: str | None = None   # nbd, x509: the server's certificate must name this
+    psk: NbdPsk | None = None         # nbd, without x509: the move's key (an NBD target has one of the two)
 
 
 class MirrorRequest(BaseModel):
@@ -428,7 +397,9 @@ class DiskCopyRequest(BaseModel):
     """Cold migration: copy one disk image to this host, from a path it can read or an NBD export."""
 
     source_path: str | None = Field(default=None, max_length=4096)   # local: absolute path inside a datastore here
-    source_uri: NbdUrl | None = None  # remote: nbd://HOST:PORT/EXPORT (guest-visible data)
+    source_uri: NbdUrl | None = None  # remote: nbd://HOST:PORT/EXPORT (guest-visible data), always over TLS:
+    source_tls_hostname: str | None = Field(default=None, max_length=255)  # x509: the name the server's cert carries
+    source_psk: NbdPsk | None = None  # or the move's pre-shared key
     source_format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)   # of source_path (NBD: raw data)
     datastore: Name
     path: str = Field(max_length=MAX_PATH_CHARS)    # relative to the datastore (the agent checks)
@@ -453,6 +424,7 @@ class DiskExport(BaseModel):
     uri: str
     export_id: str
     pid: int
+    tls: str = Field(pattern="^tls-(x509|psk)$")   # how the export is secured (never plain)
 
 
 class MigrationReport(BaseModel):

@@ -5,6 +5,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
+from kvmotion.agent import nbdtls
 from kvmotion.agent.routes.deps import AgentDep
 from kvmotion.models.agent import (IncomingReady, IncomingRequest, MigrationReport, MigrationTuning, OutgoingRequest,
                                    PostcopyRecover, PostcopyResume, ReleaseReport)
@@ -15,6 +16,7 @@ router = APIRouter(prefix="/v1/vms")
 @router.post("/{uuid}/incoming")
 async def incoming(uuid: str, req: IncomingRequest, agent: AgentDep) -> IncomingReady:
     req.disk_keys = agent.keywrap.unwrap_all(req.disk_keys)
+    req.nbd_psk = nbdtls.open_psk(agent.keywrap, req.nbd_psk)
     return await agent.prepare_incoming(req)
 
 

@@ -7,9 +7,11 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
 
+from kvmotion.agent import nbdtls
 from kvmotion.agent.routes.deps import AgentDep
 from kvmotion.models.agent import (MAX_DISKS, DiskCopyRequest, DiskCopyStatus, DiskExport, DiskRef, MirrorReport,
                                    MirrorRequest, PivotReport, VMSpec)
+from kvmotion.models.nbd import NbdPsk
 
 MAX_HOME_B64 = 200 * 1024 * 1024        # kernel + initrd, base64
 
@@ -57,6 +59,9 @@ class ExportRequest(BaseModel):
     spec: VMSpec
     disk_id: DiskRef
     listen_address: str = Field(pattern=r"^[0-9A-Fa-f.:]{2,45}$", description="an IP address of this host")
+    # always TLS, one of: x509 admitting only this client identity (the destination host's), or the move's PSK
+    tls_authz_identity: str | None = Field(default=None, max_length=255)
+    psk: NbdPsk | None = None
 
 
 class SpeedRequest(BaseModel):
@@ -95,7 +100,8 @@ async def lease_holders(spec: VMSpec, agent: AgentDep) -> dict[str, str]:
 
 @router.post("/storage/export")
 async def export(req: ExportRequest, agent: AgentDep) -> DiskExport:
-    return await asyncio.to_thread(agent.disk_export, req.spec, req.disk_id, req.listen_address)
+    return await asyncio.to_thread(agent.disk_export, req.spec, req.disk_id, req.listen_address,
+                                   req.tls_authz_identity, nbdtls.open_psk(agent.keywrap, req.psk))
 
 
 @router.delete("/storage/export/{export_id}")
@@ -105,6 +111,7 @@ async def export_stop(export_id: str, agent: AgentDep) -> dict[str, bool]:
 
 @router.post("/storage/copy")
 async def copy(req: DiskCopyRequest, agent: AgentDep) -> DiskCopyStatus:
+    req.source_psk = nbdtls.open_psk(agent.keywrap, req.source_psk)
     return agent.disk_copy(req)
 
 
@@ -121,6 +128,7 @@ async def copy_cancel(job: str, agent: AgentDep) -> DiskCopyStatus:
 @router.post("/vms/{uuid}/mirror")
 async def mirror_start(uuid: str, req: MirrorRequest, agent: AgentDep) -> MirrorReport:
     req.disk_keys = agent.keywrap.unwrap_all(req.disk_keys)
+    req.targets = [t.model_copy(update={"psk": nbdtls.open_psk(agent.keywrap, t.psk)}) for t in req.targets]
     return await agent.mirror_start(uuid, req)
 
 

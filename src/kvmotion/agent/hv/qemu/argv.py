@@ -9,8 +9,9 @@ from kvmotion.agent.context import HostContext, nvram_file, safe_path, vm_folder
 from kvmotion.agent.diskkeys import disk_secret_id, encrypted_secret_args, master_object, write_master
 from kvmotion.agent.procs import QEMU_BINARY
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundError
-from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec, nbd_problem, parse_nbd
+from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec
 from kvmotion.models.boot import BOOT_FILES, ovmf_code
+from kvmotion.models.nbd import nbd_problem, parse_nbd
 from kvmotion.models.hardware import NIC_DEVICE, SATA_CONTROLLER, SCSI_CONTROLLER
 
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"

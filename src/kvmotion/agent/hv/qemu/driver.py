@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from kvmotion.agent import nbdtls
 from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
@@ -221,7 +222,8 @@ class QemuHypervisor(Hypervisor):
         try:
             await vm.start(incoming=True, disk_keys=req.disk_keys)
             return await incoming.prepare_incoming(vm, req.listen_address, req.auto_resume, req.tls_authz_identity,
-                                                   tls_dir, req.new_disks, req.multifd_channels, req.postcopy)
+                                                   tls_dir, req.new_disks, req.multifd_channels, req.postcopy,
+                                                   req.nbd_psk, nbdtls.key_root(self.state_dir))
         except KvmotionError:
             await vm.kill()
             self.vms.pop(spec.uuid, None)
@@ -301,9 +303,8 @@ class QemuHypervisor(Hypervisor):
         vm = self._get(uuid)
         if vm.mirror is not None and vm.mirror.report.state in ("mirroring", "ready"):
             raise ConflictError(f"the disks of {vm.name} are already being mirrored", remedy="wait or cancel it")
-        if tls_dir is not None:
-            vm.tls_client_creds = await migration.tls_object(vm, "client", tls_dir)
         m = mirror.Mirror(vm, targets, created, home_datastore)
+        m.nbd_creds = await mirror.nbd_client_creds(vm, targets, tls_dir, nbdtls.key_root(self.state_dir))
         vm.mirror = m
         await mirror.start(m, speed_bytes, copy_mode)
         return await mirror.poll(m)

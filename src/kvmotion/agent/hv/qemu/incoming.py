@@ -5,24 +5,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from kvmotion.agent.hv.qemu.migration import (ANNOUNCE, POLL_S, TERMINAL, MigrationWatch, qmp_of, query_migrate,
                                              set_caps, stream_caps, stream_params, tls_object, uri_for, watch_outgoing)
+from kvmotion.agent import nbdtls
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.qemu.qmp import next_event
 from kvmotion.agent.ports import pick_port
-from kvmotion.common.errors import ConflictError, KvmotionError, LinkStalled, ShadowFailed
+from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, LinkStalled, ShadowFailed
 from kvmotion.models.agent import POSTCOPY_STATES, IncomingReady, MigrationReport, VMRunState
+from kvmotion.models.nbd import NbdPsk
 
 log = logging.getLogger(__name__)
+
+PSK_SERVER_ID = "kvm-nbd-psk-server"
 
 
 async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = True,
                            tls_authz_identity: str | None = None, tls_dir: str | None = None,
                            export_disks: list[str] | None = None, multifd_channels: int = 0,
-                           postcopy: bool = False) -> IncomingReady:
+                           postcopy: bool = False, nbd_psk: NbdPsk | None = None,
+                           key_root: Path | None = None) -> IncomingReady:
     """Shadow VM: QEMU is already started with ``-incoming defer -S``; open the listener.
+
+    A shared-nothing shadow (``export_disks``) serves its disks over NBD with TLS: the memory stream's x509
+    credentials and client check, or without them the move's ``nbd_psk`` (its key directory in ``key_root``).
 
     With ``auto_resume`` the shadow runs (``cont``) the moment its incoming migration completes: the
     source is parked in postmigrate by then, so the guest's pause is QEMU's downtime plus one event,
@@ -42,7 +51,10 @@ async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = 
         await qmp_of(vm).execute("migrate-set-parameters", {"tls-creds": creds, "tls-authz": "kvm-authz"})
     else:
         await qmp_of(vm).execute("migrate-set-parameters", {"tls-creds": ""})
-    nbd_port, exports = (await _export_disks(vm, listen_address, export_disks, creds)) if export_disks else (None, {})
+    nbd_port, exports = None, {}
+    if export_disks:
+        tls = await nbd_server_tls(vm, creds, nbd_psk, key_root)
+        nbd_port, exports = await _export_disks(vm, listen_address, export_disks, tls)
     port = pick_port(listen_address)
     uri = uri_for(listen_address, port)
     watch = MigrationWatch(vm, "destination")
@@ -61,16 +73,34 @@ async def prepare_incoming(vm: QemuVM, listen_address: str, auto_resume: bool = 
     return IncomingReady(uri=uri, pid=vm.pid, nbd_port=nbd_port, exports=exports)
 
 
-async def _export_disks(vm: QemuVM, address: str, disk_ids: list[str],
-                        creds: str | None) -> tuple[int, dict[str, str]]:
-    """Shared-nothing shadow: serve its (empty) disks over NBD, writable, for the source's mirrors (§4).
+async def nbd_server_tls(vm: QemuVM, x509_creds: str | None, psk: NbdPsk | None,
+                         key_root: Path | None) -> dict[str, str]:
+    """The TLS arguments of the shadow's NBD server; it never runs without them.
 
-    With TLS the NBD stream uses the same credentials and client identity check as the memory stream.
+    x509: the memory stream's server credentials and its ``kvm-authz`` (the source host's client identity).
+    Else the move's PSK: a credentials object whose key file stays until the server stops (GnuTLS reads a
+    server's key file at each handshake); no authz, QEMU does not apply it to PSK (see :mod:`..nbdtls`).
     """
+    if x509_creds:
+        return {"tls-creds": x509_creds, "tls-authz": "kvm-authz"}
+    if psk is None or key_root is None:
+        raise InvalidInputError(f"the NBD server of shadow {vm.spec.name} would run without TLS",
+                                remedy="send tls_authz_identity (x509) or nbd_psk with new_disks")
+    vm.nbd_keys = nbdtls.server_creds(key_root, None, None, psk)
+    for obj in vm.nbd_keys.objects(PSK_SERVER_ID):
+        await qmp_of(vm).execute("object-add", obj, timeout=20)
+    vm.qemu_objects.add(PSK_SERVER_ID)
+    return {"tls-creds": PSK_SERVER_ID}
+
+
+async def _export_disks(vm: QemuVM, address: str, disk_ids: list[str],
+                        tls: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """Shared-nothing shadow: serve its (empty) disks over NBD, writable, for the source's mirrors (§4), over
+    TLS (``tls``: :func:`nbd_server_tls`)."""
+    if not tls.get("tls-creds"):
+        raise InvalidInputError("an NBD server without TLS credentials", remedy="see nbd_server_tls")
     port = pick_port(address)
-    server: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": address, "port": str(port)}}}
-    if creds:
-        server |= {"tls-creds": creds, "tls-authz": "kvm-authz"}
+    server: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": address, "port": str(port)}}} | tls
     qmp = qmp_of(vm)
     await qmp.execute("nbd-server-start", server, timeout=10)
     exports = {}
@@ -97,6 +127,11 @@ async def stop_exports(vm: QemuVM) -> None:
                 await asyncio.sleep(0.02)
         vm.exports.remove(exp)
     await qmp.execute("nbd-server-stop", timeout=5)
+    if vm.nbd_keys is not None:          # the move's PSK: out of QEMU and off the disk
+        await qmp.execute("object-del", {"id": PSK_SERVER_ID}, timeout=5)
+        vm.qemu_objects.discard(PSK_SERVER_ID)
+        vm.nbd_keys.release()
+        vm.nbd_keys = None
 
 
 async def watch_incoming(watch: MigrationWatch, listener: Any, listener_cm: Any, auto_resume: bool) -> None:

@@ -195,7 +195,7 @@ async def start_outgoing(vm: QemuVM, req: OutgoingRequest, handoff: Hook | None 
         if tls_dir is None:
             raise ConflictError("this host has no TLS certificate for encrypted migration",
                                 remedy="renew the host's certificate: kvmotion host cert renew HOST")
-        params["tls-creds"] = vm.tls_client_creds = await tls_object(vm, "client", tls_dir)
+        params["tls-creds"] = await tls_object(vm, "client", tls_dir)
         params["tls-hostname"] = req.tls_hostname
     await qmp.execute("migrate-set-parameters", params)
     watch = MigrationWatch(vm, "source")

@@ -15,14 +15,16 @@ from typing import Any
 
 from kvmotion.agent.diskkeys import disk_secret_id
 from kvmotion.agent.context import safe_path
-from kvmotion.agent.hv.qemu.migration import qmp_of
+from kvmotion.agent import nbdtls
+from kvmotion.agent.hv.qemu.migration import qmp_of, tls_object
 from kvmotion.agent.hv.qemu.process import QemuVM
-from kvmotion.common.errors import ConflictError, KvmotionError, MirrorFailed
+from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, MirrorFailed
 from kvmotion.models.agent import DiskSpec, DiskTarget, MirrorJob, MirrorReport
 
 log = logging.getLogger(__name__)
 
 JOB_PREFIX = "kvm-mv-"
+PSK_CLIENT_ID = "kvm-nbd-psk-client"
 
 
 class Mirror:
@@ -35,6 +37,7 @@ class Mirror:
         self.targets = {t.disk_id: t for t in targets}
         self.created = created                   # target image files this agent created (removed on cancel)
         self.target_nodes: dict[str, str] = {}   # disk id -> target node name
+        self.nbd_creds: str | None = None        # the TLS client object the NBD targets use (nbd_client_creds)
         self.report = MirrorReport(started_at=time.time(), state="mirroring")
         self._last: tuple[float, int] | None = None
 
@@ -51,12 +54,58 @@ async def target_node_name(vm: QemuVM, disk: DiskSpec) -> str:
     return f"{disk.node}-m{n}"
 
 
-def target_blockdev(vm: QemuVM, disk: DiskSpec, t: DiskTarget, node: str) -> dict[str, Any]:
+async def nbd_client_creds(vm: QemuVM, targets: list[DiskTarget], tls_dir: str | None,
+                           key_root: Path) -> str | None:
+    """The TLS client credentials (QOM id) of the NBD targets, made now; None when there is no NBD target.
+
+    x509: the host's client certificate (one object per certificate, shared with the memory stream). PSK: the
+    move's key in its own object; QEMU's PSK client reads the key when the object is made, so its key directory
+    goes at once; the object goes when the mirror ends (:func:`_drop_psk`).
+    """
+    nbd = [t for t in targets if t.kind == "nbd"]
+    if not nbd:
+        return None
+    if len({(t.tls_hostname, t.psk) for t in nbd}) > 1:
+        raise InvalidInputError("the NBD targets of one mirror name different TLS credentials",
+                                remedy="send one tls_hostname or one psk for every NBD target of the move")
+    creds = nbdtls.client_creds(key_root, tls_dir, nbd[0].tls_hostname, nbd[0].psk)
+    if creds.psk is None:
+        assert tls_dir is not None
+        return await tls_object(vm, "client", tls_dir)
+    try:
+        if PSK_CLIENT_ID in vm.qemu_objects:        # a mirror of an earlier move that ended uncleanly
+            await qmp_of(vm).execute("object-del", {"id": PSK_CLIENT_ID}, timeout=5)
+            vm.qemu_objects.discard(PSK_CLIENT_ID)
+        for obj in creds.objects(PSK_CLIENT_ID):
+            await qmp_of(vm).execute("object-add", obj, timeout=20)
+        vm.qemu_objects.add(PSK_CLIENT_ID)
+    finally:
+        creds.release()
+    return PSK_CLIENT_ID
+
+
+async def _drop_psk(m: Mirror) -> None:
+    """The move's PSK client object, once no NBD target uses it."""
+    if m.nbd_creds == PSK_CLIENT_ID and PSK_CLIENT_ID in m.vm.qemu_objects:
+        try:
+            await qmp_of(m.vm).execute("object-del", {"id": PSK_CLIENT_ID}, timeout=5)
+            m.vm.qemu_objects.discard(PSK_CLIENT_ID)
+        except KvmotionError as exc:
+            log.warning("could not remove the NBD key object of %s: %s", m.vm.spec.name, exc)
+
+
+def target_blockdev(vm: QemuVM, disk: DiskSpec, t: DiskTarget, node: str,
+                    nbd_creds: str | None = None) -> dict[str, Any]:
+    """The target node: a new image file, or an NBD export on another host, which is only ever reached over TLS
+    (``nbd_creds``; x509 also checks the server's certificate against ``t.tls_hostname``)."""
     if t.kind == "nbd":
+        if not nbd_creds:
+            raise InvalidInputError(f"the NBD target of {disk.id} has no TLS credentials",
+                                    remedy="send tls_hostname (x509) or psk; NBD never runs without TLS")
         server = {"type": "inet", "host": t.nbd_host, "port": str(t.nbd_port)}
-        dev: dict[str, Any] = {"driver": "nbd", "node-name": node, "server": server, "export": t.export}
+        dev: dict[str, Any] = {"driver": "nbd", "node-name": node, "server": server, "export": t.export,
+                               "tls-creds": nbd_creds}
         if t.tls_hostname:
-            dev["tls-creds"] = vm.tls_client_creds or ""
             dev["tls-hostname"] = t.tls_hostname
         return dev
     path = safe_path(vm.ctx, t.datastore, t.path)
@@ -74,7 +123,7 @@ async def start(m: Mirror, speed_bytes: int, copy_mode: str) -> None:
         for disk_id, t in m.targets.items():
             disk = disks[disk_id]
             node = await target_node_name(vm, disk)
-            await qmp.execute("blockdev-add", target_blockdev(vm, disk, t, node), timeout=30)
+            await qmp.execute("blockdev-add", target_blockdev(vm, disk, t, node, m.nbd_creds), timeout=30)
             m.target_nodes[disk_id] = node
             args: dict[str, Any] = {"job-id": m.job_id(disk_id), "device": vm.nodes[disk_id], "target": node,
                                     "sync": "full", "copy-mode": copy_mode, "auto-dismiss": False}
@@ -183,6 +232,7 @@ async def complete_at_switchover(m: Mirror, deadline_s: float = 30.0) -> None:
     for node in m.target_nodes.values():
         await qmp.execute("blockdev-del", {"node-name": node}, timeout=10)
     m.target_nodes.clear()
+    await _drop_psk(m)
     if errors:
         raise MirrorFailed(f"the disk streams of {m.vm.spec.name} failed at switchover: {errors}",
                            remedy="the VM stays on the source; check the destination host")
@@ -215,6 +265,7 @@ async def cancel(m: Mirror) -> None:
             except KvmotionError as exc:
                 log.warning("could not detach %s from %s: %s", node, vm.spec.name, exc)
         m.target_nodes.clear()
+        await _drop_psk(m)
     for path in m.created:
         path.unlink(missing_ok=True)
     if m.report.state not in ("failed",):

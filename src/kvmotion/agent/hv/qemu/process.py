@@ -23,6 +23,7 @@ from kvmotion.models.agent import CdromSpec, DiskSpec, VMRunState, VMRuntime, VM
 if TYPE_CHECKING:
     from kvmotion.agent.hv.qemu.migration import MigrationWatch
     from kvmotion.agent.hv.qemu.mirror import Mirror
+    from kvmotion.agent.nbdtls import NbdCreds
 
 LIVE = (VMRunState.RUNNING, VMRunState.PAUSED, VMRunState.INCOMING, VMRunState.MIGRATING_OUT, VMRunState.MIGRATED)
 
@@ -103,7 +104,7 @@ class QemuVM:
         self.migration: MigrationWatch | None = None   # when one runs
         self.qemu_objects: set[str] = set()   # QOM objects this agent added to the process (TLS creds)
         self.nodes: dict[str, str] = {d.id: d.node for d in spec.disks}   # disk id -> its block node now
-        self.tls_client_creds: str | None = None   # the TLS client object, for NBD disk streams
+        self.nbd_keys: NbdCreds | None = None   # a shadow's NBD server PSK (its key file goes with the server)
         self.mirror: Mirror | None = None     # while disks are mirrored
         self.exports: list[str] = []  # NBD exports of a shared-nothing shadow
         self.created_files: list[Path] = []   # files made for this shadow (removed if it is discarded)
@@ -247,6 +248,9 @@ class QemuVM:
             (self.run_dir / name).unlink(missing_ok=True)
         if self.ctx.swap_dir is not None:
             (self.ctx.swap_dir / (self.spec.uuid + ".ram")).unlink(missing_ok=True)
+        if self.nbd_keys is not None:         # a shadow that went before its NBD server stopped
+            self.nbd_keys.release()
+            self.nbd_keys = None
 
     @requires(*LIVE, remedy="power it on first")
     async def change_cdrom(self, new: CdromSpec) -> None:
