@@ -152,3 +152,21 @@ def test_secret_files_found_readable_by_others_are_made_private(tmp_path: Path) 
     with Api(tmp_path).client:                                 # the next start
         pass
     assert {f.name: f.stat().st_mode & 0o777 for f in secrets} == {f.name: 0o600 for f in secrets}
+
+
+def test_the_key_directories_are_private(tmp_path: Path) -> None:
+    """The controller's PKI directory (CA key, master key) is 0700, created so or tightened at start; a symlink in
+    its place is refused."""
+    import os
+    from kvmotion.common.private import private_dir
+    from kvmotion.controller.service import Controller
+    pki = tmp_path / "pki"
+    Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=pki, token_dir=tmp_path)
+    assert pki.stat().st_mode & 0o777 == 0o700
+    os.chmod(pki, 0o755)
+    Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=pki, token_dir=tmp_path)
+    assert pki.stat().st_mode & 0o777 == 0o700
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "state")
+    with pytest.raises(NotADirectoryError):
+        private_dir(tmp_path / "state")

@@ -23,6 +23,7 @@ from kvmotion.agent.hv.base import Hypervisor, Result
 from kvmotion.agent.storage import AgentStorage, disk_file, write_vm_json
 from kvmotion.common import confined
 from kvmotion.common.keywrap import HostKey
+from kvmotion.common.private import private_dir
 from kvmotion.common.errors import ConflictError, ImageMissing, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth, HealthCheckRequest, HostFacts,
                                    IncomingReady, IncomingRequest, LeaseInfo, MigrationReport, MigrationTuning,
@@ -61,7 +62,7 @@ class Agent(AgentStorage, GuestOps):
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.cfg.state_dir)       # its secret, keys and the VMs' run directories: 0700
         if self.cfg.accelerator in ("kvm", "tcg"):
             self.accel = AccelResult(self.cfg.accelerator, "set in the agent configuration")
         else:

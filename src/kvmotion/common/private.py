@@ -28,3 +28,17 @@ def create_private(path: Path) -> None:
     except FileExistsError:
         pass
     keep_private(path)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner may enter (0700): created so, or tightened when found looser. A
+    symlink in its place is refused, never followed."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{path} is not a directory (a link?): kvmotion keeps its secrets only in a "
+                                 "directory of its own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+        log.warning("%s was mode %o; it holds keys and secrets: now 0700", path, stat.S_IMODE(st.st_mode))
+    return path

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmotion.common.errors import InvalidInputError, KvmotionError
+from kvmotion.common.private import private_dir
 from kvmotion.controller import compat, policy
 from kvmotion.controller.moveview import recovery
 from kvmotion.migration import kinds, predict, registry
@@ -40,7 +41,7 @@ class Controller:
                  host_networks: list[str] | None = None) -> None:
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
-        pki = pki_dir or Path("/var/lib/kvmotion/pki")
+        pki = private_dir(pki_dir or Path("/var/lib/kvmotion/pki"))      # the CA key and the master key: 0700
         self.pki_dir = pki
         self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki), host_networks)
         self.clusters = Clusters(self.sessions, self.inventory)
