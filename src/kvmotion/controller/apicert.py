@@ -8,17 +8,15 @@ configured ``tls_names``; it is issued again at start when those change or when 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import socket
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.common import confined
-from kvmotion.controller.pki import HOST_DAYS, CertificateAuthority
+from kvmotion.controller.pki import CertificateAuthority, general_name
 
 CERT_FILE, KEY_FILE = "api-cert.pem", "api-key.pem"
 RENEW_BEFORE = dt.timedelta(days=30)
@@ -30,20 +28,13 @@ def names_for(listen_host: str, extra: list[str]) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def _general(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
-
-
 def _current(cert_path: Path, ca: CertificateAuthority, names: list[str]) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
-    return (cert.issuer == ca.cert.subject and set(san) == {_general(n) for n in names}
+    return (cert.issuer == ca.cert.subject and set(san) == {general_name(n) for n in names}
             and cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) > RENEW_BEFORE)
 
 
@@ -53,21 +44,11 @@ def ensure(ca: CertificateAuthority, directory: Path, names: list[str]) -> tuple
     if key_path.exists() and _current(cert_path, ca, names):
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvmotion controller")]))
-            .issuer_name(ca.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=HOST_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(ca.key_id, critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([_general(n) for n in names]), critical=False)
-            .sign(ca.key, hashes.SHA256()))
+    cert = ca.issue(key.public_key(), "server", "kvmotion controller", names)
     confined.write_in(directory, KEY_FILE, key.private_bytes(serialization.Encoding.PEM,
                                                              serialization.PrivateFormat.PKCS8,
                                                              serialization.NoEncryption()))
     tmp = cert_path.with_suffix(".tmp")
-    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tmp.write_text(cert)
     tmp.replace(cert_path)
     return cert_path, key_path

@@ -17,20 +17,21 @@ import asyncio
 import struct
 import time
 
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from kvmotion.common import rfb
 from kvmotion.common.errors import ConsoleUnavailable
 from kvmotion.controller.console import SEND_DEADLINE_S, ConsoleRelay, SessionEnded, op_of
-from kvmotion.controller.console_link import Link
-from kvmotion.models.console import CLOSE_MOVED, CLOSE_NORMAL, ConsoleKind, ConsoleMove
+from kvmotion.controller.console_link import Connector, Link
+from kvmotion.controller.inventory import Inventory
+from kvmotion.models.console import CLOSE_MOVED, CLOSE_NORMAL, ConsoleKind, ConsoleMove, ConsoleSession
 
 HANDSHAKE_DEADLINE_S = 30.0
 
 
 class VNCRelay(ConsoleRelay):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, ws: WebSocket, inv: Inventory, connect: Connector, session: ConsoleSession) -> None:
+        super().__init__(ws, inv, connect, session)
         self.pixels = rfb.PixelState()
         self.down = rfb.Framer(lambda: rfb.server_grammar(self.pixels))
         self.up = rfb.Framer(rfb.client_grammar)

@@ -81,26 +81,25 @@ class CertificateAuthority:
             raise InvalidInputError(f"the agent sent an unreadable CSR: {exc}", remedy="renew the host's certificate") from exc
         if not csr.is_signature_valid:
             raise InvalidInputError("the CSR signature is invalid", remedy="renew the host's certificate")
+        return self.issue(csr.public_key(), usage, subject_cn, san if usage == "server" else [], days)  # type: ignore[arg-type]
+
+    def issue(self, public_key: ec.EllipticCurvePublicKey, usage: str, subject_cn: str, san: list[str],
+              days: int = HOST_DAYS) -> str:
+        """A certificate (PEM) for ``public_key``: serverAuth (naming ``san``) or clientAuth, signed by this CA."""
         now = dt.datetime.now(dt.timezone.utc)
         eku = ExtendedKeyUsageOID.SERVER_AUTH if usage == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
-                   .issuer_name(self.cert.subject).public_key(csr.public_key())
+                   .issuer_name(self.cert.subject).public_key(public_key)
                    .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
                    .not_valid_after(now + dt.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(self.key_id, critical=False)
                    .add_extension(x509.ExtendedKeyUsage([eku]), critical=False))
-        if usage == "server":
-            names: list[x509.GeneralName] = []
-            for entry in san:
-                try:
-                    names.append(x509.IPAddress(ipaddress.ip_address(entry)))
-                except ValueError:
-                    names.append(x509.DNSName(entry))
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([general_name(n) for n in san]),
+                                            critical=False)
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
-
 
     def crl_pem(self, serials: list[str]) -> str:
         """A CRL of the revoked serials (hex), signed by the CA; every host installs it as ca-crl.pem, which QEMU's
@@ -113,6 +112,14 @@ class CertificateAuthority:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build())
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def general_name(name: str) -> x509.GeneralName:
+    """A subject alternative name: an IP address when it parses as one, else a DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def serial_of(cert_pem: str) -> str:
