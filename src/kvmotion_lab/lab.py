@@ -25,6 +25,9 @@ from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
 from kvmotion.cli.config import ENV_CONFIG, SYSTEM_CONFIG, load_config, write_config
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
 from kvmotion.common.hostid import fingerprint
+from kvmotion.common.pinning import ClientTls, client_context
+from kvmotion.agent.apitls import API_DIR, CERT as API_CERT
+from kvmotion.controller.agenttls import CERT_FILE as CLIENT_CERT, KEY_FILE as CLIENT_KEY
 from kvmotion.common.http import tls_context, trust
 from kvmotion.controller.auth import ADMIN_TOKEN_FILE
 from kvmotion_lab import net, netdown
@@ -64,18 +67,26 @@ def _admin_headers(root: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
 
 
+def agent_tls(root: Path, host: str) -> ClientTls:
+    """Connect to a lab agent as its controller does: the controller's client certificate, and only the
+    certificate the agent serves now (from its own state directory)."""
+    pem = (root / "hosts" / host / API_DIR / API_CERT).read_text()
+    return ClientTls(root / "pki" / CLIENT_CERT, root / "pki" / CLIENT_KEY, (pem,))
+
+
 def agent_http(root: Path, host: str, timeout: float = 10.0) -> httpx.Client:
-    """An HTTP client for one lab agent, signing like the controller does (lab tooling and tests; root only)."""
+    """An HTTPS client for one lab agent, signing like the controller does (lab tooling and tests; root only)."""
     info = load(root)
     assert info is not None, f"no lab at {root}"
     h = info.net.host(host)
-    base = f"http://{h.mgmt_ip}:{AGENT_PORT}" if h.mgmt_ip else f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
+    base = f"https://{h.mgmt_ip}:{AGENT_PORT}" if h.mgmt_ip else f"https://[{h.mgmt_ip6}]:{AGENT_PORT}"
     secret = (root / "hosts" / host / SECRET_FILE).read_text().strip()
-    return httpx.Client(base_url=base, auth=HostAuth(secret), timeout=timeout, verify=tls_context())
+    return httpx.Client(base_url=base, auth=HostAuth(secret), timeout=timeout,
+                        verify=client_context(agent_tls(root, host)))
 
 
 def _agent_healthy(root: Path, host: str) -> bool:
-    if not (root / "hosts" / host / SECRET_FILE).exists():
+    if not (root / "hosts" / host / SECRET_FILE).exists() or not (root / "hosts" / host / API_DIR / API_CERT).exists():
         return False
     with agent_http(root, host, timeout=2) as c:
         return c.get("/v1/health").status_code == 200
@@ -284,7 +295,7 @@ def _connect_agent(root: Path, h: net.HostNet, controller_url: str) -> None:
     """Wait until the controller has the host connected (an IPv6-managed host is added by address)."""
     agent_log = root / "logs" / f"agent-{h.name}.log"
     if h.mgmt_ip6:   # an IPv6-managed host cannot reach the IPv4 controller: add it by address instead
-        url6 = f"http://[{h.mgmt_ip6}]:{AGENT_PORT}"
+        url6 = f"https://[{h.mgmt_ip6}]:{AGENT_PORT}"
         _wait(lambda: _agent_healthy(root, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
         secret = (root / "hosts" / h.name / SECRET_FILE).read_text().strip()
         _controller("POST", root, f"{controller_url}/api/v1/hosts", 30,

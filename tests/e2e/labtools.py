@@ -21,7 +21,14 @@ from kvmotion_lab import scenario
 
 def agent_url(lab: Any, host: str) -> str:
     h = lab.net.host(host)
-    return f"http://{h.mgmt_ip}:8770" if h.mgmt_ip else f"http://[{h.mgmt_ip6}]:8770"
+    return f"https://{h.mgmt_ip}:8770" if h.mgmt_ip else f"https://[{h.mgmt_ip6}]:8770"
+
+
+def unsigned_agent_call(lab: Any, host: str, method: str, path: str, **kw: Any) -> httpx.Response:
+    """A call over the controller's own mutual-TLS session to a lab agent, but not signed: what a holder of
+    the controller's client certificate without the host's secret could send."""
+    verify = lab_mod.client_context(lab_mod.agent_tls(Path(lab.root), host))
+    return httpx.request(method, f"{agent_url(lab, host)}{path}", verify=verify, timeout=kw.pop("timeout", 10), **kw)
 
 
 def agent_call(lab: Any, host: str, method: str, path: str, **kw: Any) -> httpx.Response:

@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import httpx
 
 from kvmotion.agent.hv.qemu.argv import tap_name
 from kvmotion.cli.client import Client
 from kvmotion_lab import scenario
 from kvmotion_lab.netns import netns_exec_argv
-from labtools import agent_call, agent_url, agent_vms, cli, guest_diagnosis, record_figure, running_vm, wait_for
+from labtools import agent_call, agent_vms, unsigned_agent_call, cli, guest_diagnosis, record_figure, running_vm, wait_for
 
 # Run in the destination host's namespace, armed while the shadow waits for its state: a few frames go into the
 # shadow's tap at once (QEMU reads a tap only while the VM runs). The moment QEMU takes them, the VM runs: its vCPU
@@ -243,7 +242,7 @@ def test_run_state_and_a_hung_qemu_on_the_agent_endpoint(lab) -> None:
         assert gh["verdict"] == "unhealthy" and gh["run_state"] == "no-answer", gh
         assert "did not answer within 2 s" in gh["reasons"][0]
         # the endpoint is signed like every other: no signature, no answer
-        unsigned = httpx.post(f"{agent_url(lab, 'h2')}/v1/vms/{uuid}/health-check", json={}, timeout=10)
+        unsigned = unsigned_agent_call(lab, "h2", "POST", f"/v1/vms/{uuid}/health-check", json={})
         assert unsigned.status_code == 401
         bad = agent_call(lab, "h2", "POST", f"/v1/vms/{uuid}/health-check", json={"window_s": 60})
         assert bad.status_code == 422

@@ -24,9 +24,12 @@ def client(lab) -> Client:
     return Client(lab.controller_url)
 
 
-def raw_call(lab, from_host: str, url: str, *headers: str) -> tuple[int, str]:
-    """curl from another host's namespace: what any other machine on the management network could send."""
-    argv = ["curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", url]
+def raw_call(lab, from_host: str, url: str, *headers: str, cert: tuple[Path, Path] | None = None) -> tuple[int, str]:
+    """curl from another host's namespace: what any other machine on the management network could send (0: no
+    TLS session). ``cert``: a client certificate and key to present."""
+    argv = ["curl", "-s", "-k", "-m", "5", "-o", "-", "-w", "\n%{http_code}", url]
+    if cert is not None:
+        argv += ["--cert", str(cert[0]), "--key", str(cert[1])]
     for h in headers:
         argv += ["-H", h]
     out = subprocess.run(netns_exec_argv(lab.host_netns(from_host), argv), capture_output=True, text=True,
@@ -36,18 +39,27 @@ def raw_call(lab, from_host: str, url: str, *headers: str) -> tuple[int, str]:
 
 
 def test_agent_answers_only_its_controller(lab) -> None:
+    """Mutual TLS first: no client certificate, or another one from the same CA (h2's own), and there is no TLS
+    session at all. Then request signing, for whoever holds the controller's client certificate: the host's
+    own secret, once per request."""
+    root = Path(lab.root)
     url = f"{agent_url(lab, 'h1')}/v1/vms"
-    code, body = raw_call(lab, "h2", url)                       # unsigned, from another host
+    assert raw_call(lab, "h2", url)[0] == 0                     # no client certificate: no TLS session
+    h2_cert = (root / "hosts" / "h2" / "tls" / "client-cert.pem", root / "hosts" / "h2" / "tls" / "client-key.pem")
+    assert raw_call(lab, "h2", url, cert=h2_cert)[0] == 0        # a certificate of the same CA, not the pinned one
+    ctl = (root / "pki" / "agent-client-cert.pem", root / "pki" / "agent-client-key.pem")
+    code, body = raw_call(lab, "h2", url, cert=ctl)             # the controller's certificate, unsigned
     assert code == 401 and "not signed" in body
     h2_secret = (Path(lab.root) / "hosts" / "h2" / hostauth.SECRET_FILE).read_text().strip()
-    code, body = raw_call(lab, "h2", url, f"{hostauth.HEADER}: {hostauth.sign(h2_secret, 'GET', '/v1/vms', b'')}")
+    code, body = raw_call(lab, "h2", url, f"{hostauth.HEADER}: {hostauth.sign(h2_secret, 'GET', '/v1/vms', b'')}",
+                          cert=ctl)
     assert code == 401 and "does not match" in body             # an agent cannot call another agent
     h1_secret = (Path(lab.root) / "hosts" / "h1" / hostauth.SECRET_FILE).read_text().strip()
     header = f"{hostauth.HEADER}: {hostauth.sign(h1_secret, 'GET', '/v1/vms', b'')}"
-    assert raw_call(lab, "h2", url, header)[0] == 200           # signed with h1's secret: accepted once ...
-    code, body = raw_call(lab, "h2", url, header)
+    assert raw_call(lab, "h2", url, header, cert=ctl)[0] == 200  # signed with h1's secret: accepted once ...
+    code, body = raw_call(lab, "h2", url, header, cert=ctl)
     assert code == 401 and "replay" in body                     # ... and a captured request cannot be replayed
-    code, _ = raw_call(lab, "h2", f"{agent_url(lab, 'h1')}/v1/health")
+    code, _ = raw_call(lab, "h2", f"{agent_url(lab, 'h1')}/v1/health", cert=ctl)
     assert code == 401                                          # no endpoint is open, not even health
     assert "refused GET /v1/vms" in (Path(lab.root) / "logs" / "agent-h1.log").read_text()
 

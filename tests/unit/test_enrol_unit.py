@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import http.server
+import ssl
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kvmotion.common import pinning
 
 from kvmotion.common.errors import ErrorCode, InvalidInputError
 from kvmotion.controller import db
@@ -29,7 +35,15 @@ def _server(status: int, body: bytes, ctype: str) -> http.server.ThreadingHTTPSe
 
         def log_message(self, *a: object) -> None:
             pass
-    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    key = ec.generate_private_key(ec.SECP256R1())         # agents serve HTTPS only: so does the impostor
+    (tmp := Path(tempfile.mkdtemp())).joinpath("c.pem").write_text(pinning.self_signed(key, "impostor", ["127.0.0.1"]))
+    tmp.joinpath("k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(tmp / "c.pem"), str(tmp / "k.pem"))
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    return srv
 
 
 @pytest.fixture(params=[(404, b"Not Found", "text/plain"), (200, b"<html>hello</html>", "text/html"),
@@ -40,7 +54,7 @@ def impostor(request) -> Iterator[str]:
     srv = _server(*request.param)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
+        yield f"https://127.0.0.1:{srv.server_address[1]}"
     finally:
         srv.shutdown()
 

@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 
 from kvmotion.agent import tls
+from kvmotion.agent.apitls import ApiIdentity
 from kvmotion.agent.config import AgentConfig
 from kvmotion.agent.registration import STATE_FILE, register
 from kvmotion.common import hostid
@@ -34,6 +35,7 @@ class FakeAgent:
 
     def __init__(self, name: str, tls_dir: Path, mig: str) -> None:
         self.name, self.tls_dir = name, tls_dir
+        self.api = ApiIdentity(tls_dir.parent / f"state-{name}", name, [name])
         self.facts_ = make_facts(name, tls=False)
         self.facts_.migration_interfaces[0].address = mig
         self.crls = 0
@@ -46,6 +48,7 @@ class FakeAgent:
 class FakeClient:
     def __init__(self, agent: FakeAgent, secret: str) -> None:
         self.a, self.secret = agent, secret
+        self.peer_pem = agent.api.cert_pem       # what its HTTPS API presents
 
     async def facts(self) -> HostFacts:
         if self.secret != SECRETS[self.a.name]:
@@ -53,7 +56,17 @@ class FakeClient:
             raise AgentError("refused", details={"auth_refused": True})
         f = self.a.facts_.model_copy(deep=True)
         f.tls = tls.status(self.a.tls_dir)
+        f.api_cert_sha256 = self.a.api.cert_sha256
         return f
+
+    async def pin_controller(self, cert: str) -> bool:
+        return self.a.api.pin_controller(cert)
+
+    async def api_tls_csr(self) -> str:
+        return self.a.api.csr()
+
+    async def api_tls_install(self, cert: str, ca: str) -> str:
+        return self.a.api.install(cert, ca)
 
     async def tls_csr(self) -> dict[str, str]:
         return tls.make_csrs(self.a.tls_dir, self.a.name)
@@ -73,7 +86,7 @@ class FakeClient:
 @pytest.fixture()
 def ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Controller]:
     monkeypatch.setattr(inventory_mod, "AgentClient", FakeAgent.client)
-    FakeAgent.registry = {f"http://198.18.0.1{i}:8770": FakeAgent(f"h{i}", tmp_path / f"tls-h{i}", f"198.19.0.1{i}")
+    FakeAgent.registry = {f"https://198.18.0.1{i}:8770": FakeAgent(f"h{i}", tmp_path / f"tls-h{i}", f"198.19.0.1{i}")
                           for i in (1, 2, 3)}
     yield Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=tmp_path / "pki", token_dir=tmp_path,
                      host_networks=["198.18.0.0/15"])
@@ -85,7 +98,7 @@ def token(ctl: Controller, name: str) -> str:
 
 
 def reg(ctl: Controller, host: str, tok: str, secret: str | None = None) -> Any:
-    req = HostAdd(address=f"http://198.18.0.1{host[-1]}:8770", secret=secret or SECRETS[host], name=host)
+    req = HostAdd(address=f"https://198.18.0.1{host[-1]}:8770", secret=secret or SECRETS[host], name=host)
     return asyncio.run(ctl.onboarding.register(req, tok))
 
 
@@ -108,10 +121,10 @@ def test_approval_needs_the_fingerprint_and_certificates_name_only_approved_addr
     with pytest.raises(ConflictError, match="is not host h1's") as exc:
         asyncio.run(ctl.onboarding.approve("h1", hostid.fingerprint(SECRETS["h2"]), "admin"))
     assert "host reject h1" in exc.value.remedy
-    FakeAgent.registry["http://198.18.0.11:8770"].facts_.migration_interfaces[0].address = "198.19.0.99"
+    FakeAgent.registry["https://198.18.0.11:8770"].facts_.migration_interfaces[0].address = "198.19.0.99"
     host = asyncio.run(ctl.onboarding.approve("h1", fp.lower().replace(":", ""), "admin"))
     assert host.name == "h1" and host.state == "connected" and ctl.onboarding.pending() == []
-    cert = x509.load_pem_x509_certificate((FakeAgent.registry["http://198.18.0.11:8770"].tls_dir /
+    cert = x509.load_pem_x509_certificate((FakeAgent.registry["https://198.18.0.11:8770"].tls_dir /
                                            "server-cert.pem").read_bytes())
     san = [str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
     assert san == ["h1"]          # 198.19.0.99 appeared after the registration: no admin approved it
@@ -121,7 +134,7 @@ def test_approval_needs_the_fingerprint_and_certificates_name_only_approved_addr
 
 def test_an_address_of_another_host_is_refused_at_approval(ctl: Controller) -> None:
     asyncio.run(ctl.onboarding.approve("h1", reg(ctl, "h1", token(ctl, "t1")).fingerprint, "admin"))
-    FakeAgent.registry["http://198.18.0.12:8770"].facts_.migration_interfaces[0].address = "198.19.0.11"
+    FakeAgent.registry["https://198.18.0.12:8770"].facts_.migration_interfaces[0].address = "198.19.0.11"
     fp = reg(ctl, "h2", token(ctl, "t2")).fingerprint
     with pytest.raises(ConflictError, match="belong to host h1"):
         asyncio.run(ctl.onboarding.approve("h2", fp, "admin"))
@@ -153,9 +166,11 @@ def test_facts_never_rewrite_a_datastore_other_hosts_see(ctl: Controller) -> Non
 def test_removal_revokes_the_certificates_and_every_other_host_gets_the_crl(ctl: Controller) -> None:
     for h in ("h1", "h2"):
         asyncio.run(ctl.onboarding.approve(h, reg(ctl, h, token(ctl, f"t{h}")).fingerprint, "admin"))
-    h2_dir = FakeAgent.registry["http://198.18.0.12:8770"].tls_dir
+    h2_dir = FakeAgent.registry["https://198.18.0.12:8770"].tls_dir
     serials = {format(x509.load_pem_x509_certificate((h2_dir / f"{u}-cert.pem").read_bytes()).serial_number, "x")
                for u in ("server", "client")}
+    api_pem = FakeAgent.registry["https://198.18.0.12:8770"].api.cert_pem      # its API's, issued at approval
+    serials.add(format(x509.load_pem_x509_certificate(api_pem.encode()).serial_number, "x"))
     with ctl.sessions.begin() as s:
         s.add(VM(uuid="u1", name="vm1", host="h2", spec_json="{}"))
     with pytest.raises(ConflictError, match="still has VM"):
@@ -165,12 +180,12 @@ def test_removal_revokes_the_certificates_and_every_other_host_gets_the_crl(ctl:
     out = asyncio.run(ctl.onboarding.remove("h2"))
     assert set(out.revoked_serials) == serials and out.crl_installed_on == ["h1"] and not out.crl_failed
     assert [h.name for h in ctl.inventory.list_hosts()] == ["h1"]
-    crl = x509.load_pem_x509_crl((FakeAgent.registry["http://198.18.0.11:8770"].tls_dir / tls.CRL_FILE).read_bytes())
+    crl = x509.load_pem_x509_crl((FakeAgent.registry["https://198.18.0.11:8770"].tls_dir / tls.CRL_FILE).read_bytes())
     assert {format(r.serial_number, "x") for r in crl} == serials
     assert not (h2_dir / "client-cert.pem").exists()            # best effort: it dropped its own certificates
     # a host approved later gets the CRL with its certificates
     asyncio.run(ctl.onboarding.approve("h3", reg(ctl, "h3", token(ctl, "t3")).fingerprint, "admin"))
-    assert FakeAgent.registry["http://198.18.0.13:8770"].crls == 1
+    assert FakeAgent.registry["https://198.18.0.13:8770"].crls == 1
 
 
 def test_a_crl_from_another_ca_is_refused(tmp_path: Path, ctl: Controller) -> None:
@@ -178,7 +193,7 @@ def test_a_crl_from_another_ca_is_refused(tmp_path: Path, ctl: Controller) -> No
     asyncio.run(ctl.onboarding.approve("h1", reg(ctl, "h1", token(ctl, "t1")).fingerprint, "admin"))
     other = CertificateAuthority.load_or_create(tmp_path / "other-ca")
     with pytest.raises(InvalidInputError, match="not signed by this host's CA"):
-        tls.install_crl(FakeAgent.registry["http://198.18.0.11:8770"].tls_dir, other.crl_pem(["1f"]))
+        tls.install_crl(FakeAgent.registry["https://198.18.0.11:8770"].tls_dir, other.crl_pem(["1f"]))
 
 
 @pytest.mark.parametrize("url,nets,why", [

@@ -68,4 +68,4 @@ class AgentConfig(BaseModel):
     @property
     def url(self) -> str:
         host = f"[{self.mgmt_address}]" if ":" in self.mgmt_address else self.mgmt_address
-        return f"http://{host}:{self.listen_port}"
+        return f"https://{host}:{self.listen_port}"

@@ -55,8 +55,19 @@ def main(argv: list[str] | None = None) -> None:
     agent = Agent(cfg, QemuHypervisor(cfg.name, cfg.state_dir))
     app = create_app(agent, secret, after_start=lambda: register(cfg, secret),
                      state_dir=cfg.state_dir)
+    serve(app, agent, level)
 
-    uvicorn.run(app, host=cfg.listen_host, port=cfg.listen_port, log_level=level, access_log=False)
+
+def serve(app: object, agent: Agent, level: str) -> None:
+    """HTTPS with the agent's own TLS context (``kvmotion.agent.apitls``): mutual once a controller is pinned."""
+    cfg = agent.cfg
+    config = uvicorn.Config(app, host=cfg.listen_host, port=cfg.listen_port, log_level=level,  # type: ignore[arg-type]
+                            access_log=False)
+    config.load()
+    config.ssl = agent.api.server_context()       # kept by the server: certificate and pin change in place
+    log.info("API at %s (certificate SHA-256 %s; %s)", cfg.url, agent.api.cert_sha256,
+             "mutual TLS with the pinned controller" if agent.api.controller_pem else "no controller pinned yet")
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

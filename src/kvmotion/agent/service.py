@@ -23,6 +23,7 @@ from kvmotion.agent.hv.base import Hypervisor, Result
 from kvmotion.agent.storage import AgentStorage, disk_file, write_vm_json
 from kvmotion.common import confined
 from kvmotion.common.keywrap import HostKey
+from kvmotion.agent.apitls import ApiIdentity
 from kvmotion.common.private import private_dir
 from kvmotion.common.errors import ConflictError, ImageMissing, InvalidInputError, KvmotionError, NotFoundError
 from kvmotion.models.agent import (CdromSpec, CpuFact, DirtySample, GuestHealth, HealthCheckRequest, HostFacts,
@@ -59,6 +60,11 @@ class Agent(AgentStorage, GuestOps):
     def keywrap(self) -> HostKey:
         """This host's key-wrapping key: disk passphrases arrive wrapped to it (:mod:`kvmotion.common.keywrap`)."""
         return HostKey.load_or_create(self.cfg.state_dir, self.cfg.name)
+
+    @functools.cached_property
+    def api(self) -> ApiIdentity:
+        """The TLS identity of this agent's API (:mod:`kvmotion.agent.apitls`)."""
+        return ApiIdentity(self.cfg.state_dir, self.cfg.name, [self.cfg.mgmt_address, self.cfg.name])
 
     # -- start-up -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -138,6 +144,7 @@ class Agent(AgentStorage, GuestOps):
                                   self.cpu_fact())
         facts.tls = tls.status(self.tls_dir)
         facts.keywrap_public = self.keywrap.public_b64
+        facts.api_cert_sha256 = self.api.cert_sha256
         facts.firmware = host_facts.firmware(self.context().firmware_dir)
         facts.vm_power_events = self.power_events()
         return facts

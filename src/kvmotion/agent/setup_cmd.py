@@ -100,7 +100,7 @@ def plan_config(args: argparse.Namespace) -> AgentConfig:
     url = args.controller_url.rstrip("/") if args.controller_url else None
     if url is not None and not url.startswith(("http://", "https://")):
         raise InvalidInputError(f"--controller-url {args.controller_url!r} is not an http(s) URL",
-                                remedy="give the controller's URL, e.g. http://198.18.0.2:8760")
+                                remedy="give the controller's URL, e.g. https://198.18.0.2:8760")
     data = {"name": args.name, "listen_host": args.listen_host, "listen_port": args.listen_port,
             "mgmt_address": args.mgmt_address, "state_dir": _absolute(args.state_dir),
             "datastores": [_absolute(p) for p in [*args.datastore, *args.shared_datastore]],

@@ -24,7 +24,7 @@ onboarding.register(host_app)
 def host_add(address: str,
              secret_file: Path = typer.Option(..., "--secret-file", help="the agent's agent.secret (from its host)"),
              name: Optional[str] = typer.Option(None), url: Optional[str] = URL) -> None:
-    """Enrol a host by its agent's address, e.g. http://198.18.0.11:8770, and the agent's secret."""
+    """Enrol a host by its agent's address, e.g. https://198.18.0.11:8770, and the agent's secret."""
     try:
         secret = secret_file.read_text().strip()
     except OSError as exc:

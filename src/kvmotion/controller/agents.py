@@ -7,7 +7,7 @@ import httpx
 
 from kvmotion.common.hostauth import HostAuth
 from kvmotion.common.keywrap import has_secrets, wrap_payload
-from kvmotion.common.http import tls_context
+from kvmotion.common.pinning import ClientTls, client_context, peer_certificate
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.models.agent import PostcopyRecover, PostcopyResume
 from kvmotion.models.agent import DiskSpec
@@ -42,8 +42,10 @@ class AgentClient:
     """Calls one agent; every request is signed with the host's enrolment secret."""
 
     def __init__(self, host: str, address: str, secret: str, timeout: float = DEFAULT_TIMEOUT_S,
-                 wrap_key: Callable[[], str | None] | None = None) -> None:
+                 wrap_key: Callable[[], str | None] | None = None, tls: ClientTls | None = None) -> None:
         self.host = host
+        self.tls = tls or ClientTls()     # mutual TLS: our client certificate, the host's pinned ones
+        self.peer_pem: str | None = None  # a first contact's: the certificate the far end presented
         self.address = address.rstrip("/")
         self.timeout = timeout
         self._auth = HostAuth(secret)
@@ -55,8 +57,10 @@ class AgentClient:
             json = wrap_payload(self._wrap_key(), self.host, json)
         try:
             async with httpx.AsyncClient(timeout=timeout or self.timeout, auth=self._auth,
-                                         verify=tls_context()) as client:
+                                         verify=client_context(self.tls)) as client:
                 r = await client.request(method, f"{self.address}{path}", json=json, params=params)
+                if not self.tls.pins:
+                    self.peer_pem = peer_certificate(r.extensions)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise AgentUnreachable(
                 f"agent of host {self.host} at {self.address} did not answer {method} {path}: {type(exc).__name__}",
@@ -105,6 +109,16 @@ class AgentClient:
 
     async def tls_csr(self) -> dict[str, str]:
         return await self._call("POST", "/v1/tls/csr", timeout=15)
+
+    async def api_tls_csr(self) -> str:
+        return str((await self._call("POST", "/v1/api-tls/csr", timeout=15))["csr"])
+
+    async def api_tls_install(self, cert: str, ca_cert: str) -> str:
+        return str((await self._call("POST", "/v1/api-tls/install", {"cert": cert, "ca_cert": ca_cert},
+                                     timeout=15))["sha256"])
+
+    async def pin_controller(self, cert: str) -> bool:
+        return bool((await self._call("PUT", "/v1/api-tls/controller", {"cert": cert}, timeout=15))["pinned"])
 
     async def tls_crl(self, crl_pem: str) -> int:
         return int((await self._call("POST", "/v1/tls/crl", {"crl": crl_pem}, timeout=15))["revoked"])

@@ -73,7 +73,21 @@ class HostCertificates:
         with self.inv.sessions() as s:
             return list(s.scalars(select(RevokedCert.serial)).all())
 
+    async def secure_api(self, host: str) -> str:
+        """Mutual TLS with the host's agent: it pins our client certificate, our CA issues the certificate its API
+        serves (pinned here before the agent serves it, so the old and the new one both pass meanwhile)."""
+        tls = self.inv.agent_tls
+        assert tls is not None
+        agent = self.inv.agent(host)
+        await agent.pin_controller(tls.cert_pem)
+        cert = tls.issue_api_cert(host, self.inv.get_host(host).address, await agent.api_tls_csr())
+        self._record(host, [serial_of(cert)])
+        tls.pin(host, cert)
+        return await agent.api_tls_install(cert, self.ca.cert_pem)
+
     async def ensure(self, host: str) -> None:
+        if self.inv.agent_tls is not None:
+            await self.secure_api(host)
         facts = self.inv.host_facts(host)
         if facts is not None and (facts.tls is None or not facts.tls.supported):
             await self.issue(host)

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from kvmotion.common.errors import AgentError, AgentUnreachable, KvmotionError
 from kvmotion.common.hostauth import HEADER, sign
-from kvmotion.common.http import tls_context
+from kvmotion.common.pinning import ClientTls, client_context
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.console import ConsoleKind
 
@@ -91,14 +91,15 @@ def _refusal(host: str, exc: InvalidStatus) -> KvmotionError:
                       details={"host": host})
 
 
-async def connect_agent(host: str, address: str, secret: str, uuid: str, kind: ConsoleKind, replay: bool) -> AgentLink:
+async def connect_agent(host: str, address: str, secret: str, uuid: str, kind: ConsoleKind, replay: bool,
+                        tls: ClientTls) -> AgentLink:
     path = f"/v1/vms/{uuid}/console/{kind}" + ("?replay=true" if replay else "")
     url = ws_url(address, path)
     try:
         conn = await connect(url, additional_headers={HEADER: sign(secret, "GET", path, b"")},
                              open_timeout=CONNECT_DEADLINE_S, close_timeout=2, max_size=MAX_FRAME,
                              max_queue=MAX_QUEUE, compression=None,
-                             ssl=tls_context() if url.startswith("wss:") else None)
+                             ssl=client_context(tls) if url.startswith("wss:") else None)
     except InvalidStatus as exc:
         raise _refusal(host, exc) from exc
     except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
@@ -113,5 +114,6 @@ def agent_connector(inv: Inventory) -> Connector:
     async def open_link(host: str, uuid: str, kind: ConsoleKind, replay: bool) -> Link:
         address = (await asyncio.to_thread(inv.get_host, host)).address
         secret = await asyncio.to_thread(inv.host_secret, host)
-        return await connect_agent(host, address, secret, uuid, kind, replay)
+        tls = await asyncio.to_thread(inv.agent_tls_for, host)
+        return await connect_agent(host, address, secret, uuid, kind, replay, tls)
     return open_link

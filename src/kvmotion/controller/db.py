@@ -66,6 +66,15 @@ class HostIdentity(Base):
     approved_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class AgentPin(Base):
+    """The certificates a host's agent API may present (PEM, newest last; ``kvmotion.common.pinning``)."""
+
+    __tablename__ = "agent_pins"
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pems_json: Mapped[str] = mapped_column(Text, default="[]")
+    pinned_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class RevokedCert(Base):
     """A certificate serial the CA revoked (a removed host's); every host's ca-crl.pem lists them."""
 

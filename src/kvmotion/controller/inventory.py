@@ -19,6 +19,8 @@ from kvmotion.common.hostauth import SECRET_FILE, check_secret
 from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, VMSpec
 from kvmotion.models.boot import linked_clone_problem
 from kvmotion.controller.agents import AgentClient
+from kvmotion.controller.agenttls import AgentTls, check_presented
+from kvmotion.common.pinning import ClientTls
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller import cloudinit, devices, guest, hostnet, imagestore, policy
 from kvmotion.models.cloudinit import seed_cdrom
@@ -38,7 +40,7 @@ def vm_out(v: VM, runtime: dict[str, Any] | None = None) -> VMOut:
 
 def agent_url(address: str) -> str:
     """An agent's base URL: http(s)://HOST[:PORT], nothing else."""
-    remedy = "give the agent URL, e.g. http://198.18.0.11:8770"
+    remedy = "give the agent URL, e.g. https://198.18.0.11:8770"
     try:
         url = urllib.parse.urlsplit(address)
         port = url.port
@@ -48,6 +50,9 @@ def agent_url(address: str) -> str:
     if url.scheme not in ("http", "https") or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}", host) \
             or url.path not in ("", "/") or url.query or url.fragment or url.username or url.password:
         raise InvalidInputError(f"host address {address[:100]!r} is not an agent URL", remedy=remedy)
+    if url.scheme != "https":
+        raise InvalidInputError(f"host address {address[:100]!r} is not HTTPS: agents serve only HTTPS",
+                                remedy=f"use https://{url.netloc}")
     netloc = f"[{host}]" if ":" in host else host
     return f"{url.scheme}://{netloc}" + (f":{port}" if port else "")
 
@@ -56,6 +61,7 @@ class Inventory:
     def __init__(self, sessions: sessionmaker[Session], vm_ip_pool: str | None = None,
                  keys: KeyProvider | None = None, host_networks: list[str] | None = None) -> None:
         self.sessions = sessions
+        self.agent_tls: AgentTls | None = None      # mutual TLS with the agents (set by the controller)
         self.host_networks = hostnet.networks(host_networks or [])
         self.vm_ip_pool = vm_ip_pool      # e.g. "198.18.1.100-198.18.1.199/24"
         self.keys = keys
@@ -70,7 +76,11 @@ class Inventory:
     # -- hosts ----------------------------------------------------------------------------
     def agent(self, host: str) -> AgentClient:
         return AgentClient(host, self.get_host(host).address, self.host_secret(host),
-                           wrap_key=lambda: self.keywrap_public(host))
+                           wrap_key=lambda: self.keywrap_public(host), tls=self.agent_tls_for(host))
+
+    def agent_tls_for(self, host: str) -> ClientTls:
+        """Our client certificate and the host's pinned certificates (none: a first contact)."""
+        return self.agent_tls.client(host) if self.agent_tls is not None else ClientTls()
 
     def keywrap_public(self, host: str) -> str | None:
         """The key the host's agent publishes for wrapping disk passphrases (None: an agent without one)."""
@@ -108,10 +118,10 @@ class Inventory:
 
         ``replace=False`` may not change the secret of a host that is already enrolled.
         """
-        address, facts = await self.probe_agent(address, secret, name)
-        return self.enrol(address, secret, facts, replace)
+        address, facts, cert = await self.probe_agent(address, secret, name)
+        return self.enrol(address, secret, facts, replace, cert)
 
-    async def probe_agent(self, address: str, secret: str, name: str | None) -> tuple[str, HostFacts]:
+    async def probe_agent(self, address: str, secret: str, name: str | None) -> tuple[str, HostFacts, str | None]:
         """The agent at ``address`` (allowed by the host networks), asked for its facts with a call signed with
         ``secret``: a wrong secret is refused by the agent itself. Nothing the far end says is relayed."""
         address = agent_url(address)
@@ -122,7 +132,9 @@ class Inventory:
             raise InvalidInputError(f"host address {address} did not resolve within 10 s",
                                     remedy="give the agent's IP address") from exc
         try:
-            facts = await AgentClient(name or address, address, secret).facts()
+            client = AgentClient(name or address, address, secret,
+                                 tls=self.agent_tls.first_contact() if self.agent_tls else None)
+            facts = await client.facts()
         except AgentUnreachable as exc:
             raise InvalidInputError(f"no kvmotion agent answers at {address}",
                                     remedy="check the address and that kvmotion-agent runs there") from exc
@@ -137,12 +149,13 @@ class Inventory:
             raise InvalidInputError(f"no kvmotion agent answers at {address}: its facts do not parse",
                                     remedy="check the address and port, and that both run the same kvmotion"
                                     ) from exc
+        check_presented(address, facts, client.peer_pem)
         if name and name != facts.name:
             raise InvalidInputError(f"the agent at {address} is host {facts.name!r}, not {name!r}",
                                     remedy=f"use the name {facts.name!r} or omit it")
-        return address, facts
+        return address, facts, client.peer_pem
 
-    def enrol(self, address: str, secret: str, facts: HostFacts, replace: bool) -> HostOut:
+    def enrol(self, address: str, secret: str, facts: HostFacts, replace: bool, cert_pem: str | None) -> HostOut:
         assert self.keys is not None
         with self.sessions.begin() as s:
             h = s.get(Host, facts.name)
@@ -154,6 +167,8 @@ class Inventory:
             h.address = address
             h.secret_wrapped = self.keys.wrap(secret, f"host/{facts.name}")
             s.add(h)
+        if self.agent_tls is not None and cert_pem is not None:
+            self.agent_tls.pin(facts.name, cert_pem, replace=True)
         self.store_facts(facts.name, facts)
         return self.get_host(facts.name)
 

@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvmotion.common import hostid
 from kvmotion.common.errors import ConflictError, KvmotionError, NotFoundError, UnauthorizedError
 from kvmotion.controller.certs import HostCertificates, migration_addresses
-from kvmotion.controller.db import (ApiToken, Host, HostDatastore, HostIdentity, Network, PendingHost, RevokedCert,
-                                    Task)
+from kvmotion.controller.db import (AgentPin, ApiToken, Host, HostDatastore, HostIdentity, Network, PendingHost,
+                                    RevokedCert, Task)
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.agent import HostFacts
 from kvmotion.models.api import HostAdd, HostOut
@@ -47,7 +47,7 @@ class Onboarding:
         self.sessions, self.inv, self.certs = sessions, inv, certs
 
     async def register(self, req: HostAdd, token: str) -> RegistrationOut:
-        address, facts = await self.inv.probe_agent(req.address, req.secret, req.name)
+        address, facts, _ = await self.inv.probe_agent(req.address, req.secret, req.name)
         fp = hostid.fingerprint(req.secret)
         known = self.inv.secret_matches(facts.name, req.secret)
         if known is True:
@@ -99,10 +99,10 @@ class Onboarding:
                                        f"has {fp}. A different one means another machine registered as {name}: "
                                        f"reject it with `kvmotion host reject {name}`")
         secret = self.inv.keys.unwrap(wrapped, f"pending/{name}")
-        address, facts = await self.inv.probe_agent(address, secret, name)
+        address, facts, cert = await self.inv.probe_agent(address, secret, name)
         addresses = [a for a in migration_addresses(facts) if a in shown]
         self._check_addresses_free(name, addresses)
-        self.inv.enrol(address, secret, facts, replace=False)
+        self.inv.enrol(address, secret, facts, replace=False, cert_pem=cert)
         with self.sessions.begin() as s:
             s.merge(HostIdentity(host=name, fingerprint=fp, addresses_json=json.dumps(addresses),
                                  approved_by=who, approved_at=time.time()))
@@ -167,7 +167,7 @@ class Onboarding:
             serials = list(json.loads(ident.serials_json)) if ident is not None else []
             for serial in serials:
                 s.merge(RevokedCert(serial=serial, host=name, revoked_at=time.time()))
-            for table, col in ((HostDatastore, HostDatastore.host), (Network, Network.host),
+            for table, col in ((HostDatastore, HostDatastore.host), (Network, Network.host), (AgentPin, AgentPin.host),
                                (HostIdentity, HostIdentity.host), (Host, Host.name)):
                 s.execute(delete(table).where(col == name))
         return serials

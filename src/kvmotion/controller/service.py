@@ -10,6 +10,7 @@ from typing import Any
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.common.private import private_dir
 from kvmotion.controller import compat, policy
+from kvmotion.controller.agenttls import AgentTls
 from kvmotion.controller.moveview import recovery
 from kvmotion.migration import kinds, predict, registry
 from kvmotion.controller import tasks as task_store
@@ -49,6 +50,7 @@ class Controller:
         self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled, self._policy_layers)
         self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
         self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
+        self.inventory.agent_tls = AgentTls(self.sessions, self.certs.ca, pki)
         self.tokens = Tokens(self.sessions)
         self.onboarding = Onboarding(self.sessions, self.inventory, self.certs)
         self.audit = Audit(self.sessions)

@@ -252,6 +252,7 @@ class HostFacts(BaseModel):
     postcopy: bool = False                # userfaultfd works and guest RAM is anonymous: post-copy possible
     tls: TlsFact | None = None
     keywrap_public: str | None = None     # X25519: the controller wraps disk keys to it (common.keywrap)
+    api_cert_sha256: str | None = None    # the certificate the agent's HTTPS API serves (common.pinning)
     firmware: list[FirmwareFact] = Field(default_factory=list)   # the OVMF files this host has
     machine_types: list[str] = Field(default_factory=list)      # `qemu-system-x86_64 -machine help` ([]: unknown)
     vm_power_events: list[dict[str, Any]] = Field(default_factory=list)   # VMs that ended by themselves

@@ -34,7 +34,7 @@ class Request(BaseModel):
 
 class HostAdd(Request):
     address: str = Field(pattern=AGENT_URL_PATTERN, max_length=MAX_URL_CHARS,
-                         description="agent URL, e.g. http://198.18.0.11:8770")
+                         description="agent URL, e.g. https://198.18.0.11:8770")
     name: Name | None = None
     secret: str = Field(pattern=r"^[0-9a-f]{64}$", description="the agent's enrolment secret (its agent.secret file)")
 

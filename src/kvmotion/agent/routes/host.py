@@ -21,6 +21,15 @@ class TlsInstall(BaseModel):
     client_cert: str = Field(max_length=MAX_PEM)
 
 
+class ApiCertInstall(BaseModel):
+    cert: str = Field(max_length=MAX_PEM)
+    ca_cert: str = Field(max_length=MAX_PEM)
+
+
+class ControllerPin(BaseModel):
+    cert: str = Field(max_length=MAX_PEM)
+
+
 class CrlInstall(BaseModel):
     crl: str = Field(max_length=4 * 1024 * 1024)
 
@@ -48,6 +57,23 @@ async def tls_csr(agent: AgentDep) -> dict[str, str]:
 @router.post("/tls/install")
 async def tls_install(req: TlsInstall, agent: AgentDep) -> TlsFact:
     return agent.tls_install(req.ca_cert, req.server_cert, req.client_cert)
+
+
+@router.post("/api-tls/csr")
+async def api_tls_csr(agent: AgentDep) -> dict[str, str]:
+    """A CSR for this API's own key (the controller's CA issues the certificate the API then serves)."""
+    return {"csr": agent.api.csr()}
+
+
+@router.post("/api-tls/install")
+async def api_tls_install(req: ApiCertInstall, agent: AgentDep) -> dict[str, str]:
+    return {"sha256": agent.api.install(req.cert, req.ca_cert)}
+
+
+@router.put("/api-tls/controller")
+async def api_tls_controller(req: ControllerPin, agent: AgentDep) -> dict[str, bool]:
+    """Pin the controller's client certificate: from now on no other client completes a TLS handshake."""
+    return {"pinned": agent.api.pin_controller(req.cert)}
 
 
 @router.post("/tls/crl")
