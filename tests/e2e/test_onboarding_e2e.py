@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -25,8 +26,9 @@ from labtools import record_figure
 
 
 def serials(tls_dir: Path) -> set[str]:
-    return {format(x509.load_pem_x509_certificate((tls_dir / f"{u}-cert.pem").read_bytes()).serial_number, "x")
-            for u in ("server", "client")}
+    """The serials of a host's certificates: migration server and client (``tls/``), and its API's (``api/``)."""
+    files = [tls_dir / "server-cert.pem", tls_dir / "client-cert.pem", tls_dir.parent / "api" / "api-cert.pem"]
+    return {format(x509.load_pem_x509_certificate(f.read_bytes()).serial_number, "x") for f in files}
 
 
 def free_port() -> int:
@@ -105,6 +107,15 @@ def test_registration_approval_token_reuse_and_removal_with_a_crl(lab, tmp_path:
     san = x509.load_pem_x509_certificate((h1_tls / "server-cert.pem").read_bytes()).extensions \
         .get_extension_for_class(x509.SubjectAlternativeName).value
     assert sorted(str(n.value) for n in san) == sorted([lab.net.host("h1").mig_ip, "h1"])
+    # mutual TLS after approval: h1's API serves the certificate the CA issued for its key, naming its management
+    # address, and h1 pinned the controller's client certificate
+    ca = x509.load_pem_x509_certificate((root / "pki" / "ca-cert.pem").read_bytes())
+    served = x509.load_pem_x509_certificate(ssl.get_server_certificate((lab.net.host("h1").mgmt_ip, 8770)).encode())
+    served.verify_directly_issued_by(ca)
+    api_san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(str(n.value) for n in api_san) == sorted([lab.net.host("h1").mgmt_ip, "h1"])
+    assert (root / "hosts" / "h1" / "api" / "controller-cert.pem").read_text() == \
+        (root / "pki" / "agent-client-cert.pem").read_text()
 
     # the token h1 registered with is used up; the agent's fingerprint is the one that was approved
     used = (root / "hosts" / "h1" / "enrol.token").read_text().strip()

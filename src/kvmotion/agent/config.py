@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvmotion.common.configfile import LogLevel, load_config
 from kvmotion.models.agent import Name, PortGroupName
@@ -20,8 +20,14 @@ class DatastoreMarker(BaseModel):
 
     uuid: str = Field(pattern=r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
     name: Name
-    kind: Literal["directory"] = "directory"
+    kind: Literal["directory", "nfs"] = "directory"    # nfs: the folder must be an NFS mount (agent.mounts)
     shared: bool = False
+
+    @model_validator(mode="after")
+    def _nfs_is_shared(self) -> "DatastoreMarker":
+        if self.kind == "nfs" and not self.shared:
+            raise ValueError("a datastore of kind nfs is shared: set shared to true")
+        return self
 
 
 class VlanPortGroup(BaseModel):

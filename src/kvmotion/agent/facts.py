@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvmotion import __version__
 from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig, VlanPortGroup
+from kvmotion.agent import mounts
 from kvmotion.agent.blockdev import presented_devices
 from kvmotion.common import confined
 from kvmotion.common.errors import KvmotionError
@@ -55,10 +56,16 @@ def read_datastore(path: Path) -> DatastoreFact:
     listed."""
     try:
         ident = json.loads(confined.read_in(path, DATASTORE_ID_FILE, MAX_ID_BYTES))
+        kind = ident.get("kind", "directory")
+        export, problem = mounts.nfs_problem(path) if kind == "nfs" else (None, None)
+        if problem is not None:        # an unmounted export's empty mount point must not take VMs' files
+            return DatastoreFact(uuid=ident["uuid"], name=ident["name"], path=str(path), kind=kind,
+                                 shared=bool(ident.get("shared", False)), readable=False,
+                                 error=f"{problem}; mount it there (see /etc/fstab) and the agent finds it")
         os.listdir(path)
         st = os.statvfs(path)
-        return DatastoreFact(uuid=ident["uuid"], name=ident["name"], path=str(path), kind=ident.get("kind", "directory"),
-                             shared=bool(ident.get("shared", False)), readable=True,
+        return DatastoreFact(uuid=ident["uuid"], name=ident["name"], path=str(path), kind=kind,
+                             shared=bool(ident.get("shared", False)), readable=True, export=export,
                              free_mb=st.f_bavail * st.f_frsize // (1024 * 1024))
     except (OSError, ValueError, KeyError, KvmotionError) as exc:
         return DatastoreFact(uuid="", name=path.name, path=str(path), readable=False,

@@ -189,6 +189,7 @@ class DatastoreFact(BaseModel):
     readable: bool
     free_mb: int = 0
     error: str | None = None
+    export: str | None = None        # kind nfs: the export mounted there (server:/path)
 
 
 class PortGroupFact(BaseModel):
