@@ -16,6 +16,7 @@ from cryptography import x509
 from qemu.qmp import QMPClient
 from qemu.qmp.protocol import ConnectError
 
+from kvmotion.agent.apitls import API_DIR, CERT as API_CERT
 from kvmotion.cli.client import Client
 from kvmotion.common import hostid
 from kvmotion.common.errors import KvmotionError
@@ -24,9 +25,10 @@ from kvmotion.common.http import tls_context
 from labtools import record_figure
 
 
-def serials(tls_dir: Path) -> set[str]:
-    return {format(x509.load_pem_x509_certificate((tls_dir / f"{u}-cert.pem").read_bytes()).serial_number, "x")
-            for u in ("server", "client")}
+def serials(host_dir: Path) -> set[str]:
+    """The serials of what the CA issued to a host: its migration certificates (server, client) and its API's."""
+    files = [host_dir / "tls" / f"{u}-cert.pem" for u in ("server", "client")] + [host_dir / API_DIR / API_CERT]
+    return {format(x509.load_pem_x509_certificate(f.read_bytes()).serial_number, "x") for f in files}
 
 
 def free_port() -> int:
@@ -128,7 +130,7 @@ def test_registration_approval_token_reuse_and_removal_with_a_crl(lab, tmp_path:
     keep.mkdir()
     for name, path in revoked_files.items():          # what a removed host (or a thief of its keys) still holds
         shutil.copy(path, keep / name)
-    h2_serials = serials(h2_tls)
+    h2_serials = serials(root / "hosts" / "h2")
     out = client.remove_host("h2")
     assert set(out["revoked_serials"]) == h2_serials and out["crl_installed_on"] == ["h1"], out
     assert {h["name"] for h in client.hosts()} == {"h1"}
