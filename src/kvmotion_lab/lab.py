@@ -1,7 +1,8 @@
 """The lab: hosts as network namespaces, shared and local datastores, a controller and one agent per host.
 
-``up`` records everything it starts (processes by PID, the network via ``net``); ``down`` removes exactly
-that and is safe to run twice.
+The lab is a deployment: the controller and the agents start as their systemd units start them, from the files
+an admin writes (``services``). ``up`` records everything it starts (processes by PID, the network via ``net``);
+``down`` removes exactly that and is safe to run twice.
 """
 from __future__ import annotations
 
@@ -12,16 +13,14 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import time
-import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import httpx
 
-from kvmotion.agent.config import DATASTORE_ID_FILE, AgentConfig
+from kvmotion.agent.config import AgentConfig
 from kvmotion.cli.config import ENV_CONFIG, SYSTEM_CONFIG, load_config, write_config
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
 from kvmotion.common.hostid import fingerprint
@@ -30,7 +29,7 @@ from kvmotion.agent.apitls import API_DIR, CERT as API_CERT
 from kvmotion.controller.agenttls import CERT_FILE as CLIENT_CERT, KEY_FILE as CLIENT_KEY
 from kvmotion.common.http import tls_context, trust
 from kvmotion.controller.auth import ADMIN_TOKEN_FILE
-from kvmotion_lab import net, netdown
+from kvmotion_lab import net, netdown, services
 from kvmotion_lab.netns import LabError, netns_exec_argv
 
 DEFAULT_ROOT = Path(os.environ.get("KVMOTION_LAB_DIR", "/var/lib/kvmotion/lab"))
@@ -38,7 +37,7 @@ DEFAULT_PREFIX = os.environ.get("KVMOTION_LAB_PREFIX", "kvmo")
 CONTROLLER_PORT = 8760
 AGENT_PORT = 8770
 VM_IP_POOL = "198.18.1.100-198.18.1.199/24"
-HOST_NETWORKS = "198.18.0.0/15,2001:2::/48"       # the lab's management networks (net.py): agents only there
+HOST_NETWORKS = ("198.18.0.0/15", "2001:2::/48")   # the lab's management networks (net.py): agents only there
 LINK_RATES = {"1g": 1000, "10g": 10000}     # lab up --link: shape each host's migration link with tc
 START_DEADLINE_S = 60.0
 
@@ -132,13 +131,6 @@ def _controller(method: str, root: Path, url: str, timeout: float, **kw: Any) ->
                          **kw)
 
 
-def _make_datastore(path: Path, name: str, shared: bool) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / DATASTORE_ID_FILE).write_text(json.dumps(
-        {"uuid": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"kvmotion-lab:{path}")), "name": name,
-         "kind": "directory", "shared": shared}))
-
-
 SHARED_IMAGE = "shared:images/debian.qcow2"
 
 
@@ -153,7 +145,7 @@ def stage_image(root: Path, disk: Path, name: str = "debian.qcow2") -> str:
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     with open(log, "ab") as fh:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True,
-                                env={**os.environ, **env} if env else None)
+                                env=services.service_env(env))
     return proc.pid
 
 
@@ -203,7 +195,7 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     log(f"network: {len(lab_net.hosts)} host namespaces, switch {lab_net.switch_netns}, client {lab_net.client_netns}"
         + (f", migration links shaped to {link}" if link else ""))
     (root / "logs").mkdir(exist_ok=True)
-    _make_datastore(root / "ds" / "shared", "shared", shared=True)
+    services.make_datastore(root / "ds" / "shared", "shared", shared=True)
     _start_controller(root, lab_net, state, admission)
     log(f"controller: {state['controller_url']} (pid {state['pids']['controller']}), admin token "
         f"{admin_token_path(root)}; CLI config {state['cli_config']}")
@@ -225,15 +217,21 @@ def cli_config_path(root: Path) -> Path:
     return Path(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG) else SYSTEM_CONFIG
 
 
+def controller_settings(root: Path, listen_host: str, admission: bool) -> dict[str, Any]:
+    """The lab's controller.toml: its database, CA (pki/) and admin token in the lab's folder; agents only from
+    the lab's management networks."""
+    return {"listen_host": listen_host, "listen_port": CONTROLLER_PORT,
+            "database_url": f"sqlite:///{root / 'controller.db'}", "vm_ip_pool": VM_IP_POOL,
+            "host_networks": list(HOST_NETWORKS), "admission": admission}
+
+
 def _start_controller(root: Path, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> None:
     """Start the controller (agents only from the lab's management networks) and write the CLI's config."""
     controller_url = f"https://{lab_net.controller_ip}:{CONTROLLER_PORT}"
     state["controller_url"] = controller_url
-    state["argv"]["controller"] = [
-        sys.executable, "-m", "kvmotion.controller.main", "--host", lab_net.controller_ip,
-        "--port", str(CONTROLLER_PORT), "--db", f"sqlite:///{root / 'controller.db'}", "--vm-ip-pool", VM_IP_POOL,
-        "--host-networks", HOST_NETWORKS,
-    ] + ([] if admission else ["--no-admission"])
+    config = services.controller_config_path(root)
+    services.write_controller_config(config, controller_settings(root, lab_net.controller_ip, admission))
+    state["argv"]["controller"] = services.service_argv(services.CONTROLLER_SCRIPT, config)
     log_file = root / "logs" / "controller.log"
     state["pids"]["controller"] = _spawn(state["argv"]["controller"], log_file)
     _write_state(root, state)
@@ -268,24 +266,36 @@ def approve_when_pending(root: Path, controller_url: str, host: str, state_dir: 
     return True
 
 
+def agent_init_args(root: Path, h: net.HostNet, controller_url: str, image_dir: Path | None, enrol_file: Path,
+                    link: str | None) -> list[str]:
+    """The `kvmotion-agent init` options that set a lab host up (its datastores are marked already).
+
+    An IPv6-managed host cannot reach the IPv4 controller: it does not register (the lab adds it by address)."""
+    mgmt = h.mgmt_ip or h.mgmt_ip6 or ""
+    args = ["init", "--config", str(services.agent_config_path(root, h.name)), "--name", h.name,
+            "--mgmt-address", mgmt, "--listen-host", mgmt, "--listen-port", str(AGENT_PORT),
+            "--state-dir", str(root / "hosts" / h.name), "--datastore", str(root / "ds" / "shared"),
+            "--datastore", str(root / "ds" / f"{h.name}-local"), "--migration-interface", "mig0",
+            "--controller-ca-file", str(ca_path(root)), "--accelerator", os.environ.get("KVMOTION_ACCEL", "auto")]
+    if not h.mgmt_ip6:
+        args += ["--controller-url", controller_url, "--enrol-token-file", str(enrol_file)]
+    if image_dir is not None:
+        args += ["--image-dir", str(image_dir)]
+    if link is not None:
+        args += ["--declared-link-mbps", f"mig0={LINK_RATES[link]}"]
+    return args
+
+
 def _start_agent(root: Path, h: net.HostNet, state: dict[str, Any], image_dir: Path | None, enrol_file: Path,
                  link: str | None) -> None:
+    """Set the host up as an admin does (`kvmotion-agent datastore init`, `kvmotion-agent init`), then start its
+    agent inside the host's namespace as kvmotion-agent.service does."""
     if link is not None:
         shape_link(h.netns, "mig0", LINK_RATES[link])
-    local = root / "ds" / f"{h.name}-local"
-    _make_datastore(local, f"{h.name}-local", shared=False)
-    mgmt = h.mgmt_ip or h.mgmt_ip6 or ""
-    cfg = AgentConfig(name=h.name, listen_host=mgmt, listen_port=AGENT_PORT, mgmt_address=mgmt,
-                      state_dir=root / "hosts" / h.name, datastores=[root / "ds" / "shared", local],
-                      migration_interfaces=["mig0"], image_dir=image_dir,
-                      controller_url=None if h.mgmt_ip6 else state["controller_url"],
-                      enrol_token_file=None if h.mgmt_ip6 else enrol_file, controller_ca_file=ca_path(root),
-                      declared_link_mbps={"mig0": LINK_RATES[link]} if link else {},
-                      accelerator=os.environ.get("KVMOTION_ACCEL", "auto"))
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = cfg.state_dir / "agent.json"
-    cfg_file.write_text(cfg.model_dump_json(indent=1))
-    argv = netns_exec_argv(h.netns, [sys.executable, "-m", "kvmotion.agent.main", "--config", str(cfg_file)])
+    services.make_datastore(root / "ds" / f"{h.name}-local", f"{h.name}-local", shared=False)
+    services.agent_setup(*agent_init_args(root, h, state["controller_url"], image_dir, enrol_file, link))
+    config = services.agent_config_path(root, h.name)
+    argv = netns_exec_argv(h.netns, services.service_argv(services.AGENT_SCRIPT, config))
     state["argv"][f"agent-{h.name}"] = argv
     state["pids"][f"agent-{h.name}"] = _spawn(argv, root / "logs" / f"agent-{h.name}.log")
     _write_state(root, state)
@@ -341,10 +351,7 @@ def configure_host(root: Path, host: str, **changes: Any) -> AgentConfig:
 
     Used for lab settings: hide a datastore, declare a link speed, present a LUN, mask CPU features.
     """
-    cfg_file = root / "hosts" / host / "agent.json"
-    cfg = AgentConfig.load(cfg_file).model_copy(update=changes)
-    cfg = AgentConfig.model_validate(cfg.model_dump())
-    cfg_file.write_text(cfg.model_dump_json(indent=1))
+    cfg = services.reconfigure_agent(services.agent_config_path(root, host), changes)
     restart(root, f"agent-{host}")
     info = load(root)
     assert info is not None

@@ -16,7 +16,7 @@ import httpx
 from kvmotion.agent.config import AgentConfig
 from kvmotion.cli.client import Client
 from kvmotion_lab import lab as lab_mod
-from kvmotion_lab import scenario
+from kvmotion_lab import scenario, services
 
 
 def agent_url(lab: Any, host: str) -> str:
@@ -67,8 +67,7 @@ def codes(findings: list[dict]) -> dict[str, dict]:
 @contextlib.contextmanager
 def host_settings(lab: Any, host: str, **changes: Any) -> Iterator[AgentConfig]:
     """Change a host's agent configuration (a lab setting) for the duration of a block, then restore it."""
-    cfg_file = Path(lab.root) / "hosts" / host / "agent.json"
-    original = AgentConfig.load(cfg_file)
+    original = AgentConfig.load(services.agent_config_path(Path(lab.root), host))
     try:
         yield lab_mod.configure_host(lab.root, host, **changes)
     finally:

@@ -16,8 +16,7 @@ import pytest
 from kvmotion.agent.config import AgentConfig
 from kvmotion.cli.client import Client
 from kvmotion.common.errors import KvmotionError
-from kvmotion_lab import lab as lab_mod
-from kvmotion_lab import records, scenario
+from kvmotion_lab import records, scenario, services
 from labtools import (agent_call, agent_vms, assert_guest_survived, cli, guest_diagnosis, host_settings,
                       http_beat, wait_for)
 
@@ -213,8 +212,8 @@ def test_full_datastore_is_refused_or_rolled_back(lab) -> None:
     tiny.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "kvmotion-test-tiny", str(tiny)], check=True, timeout=10)
     try:
-        lab_mod._make_datastore(tiny, "tiny", shared=False)
-        cfg = AgentConfig.load(Path(lab.root) / "hosts" / "h1" / "agent.json")
+        services.make_datastore(tiny, "tiny", shared=False)
+        cfg = AgentConfig.load(services.agent_config_path(Path(lab.root), "h1"))
         with host_settings(lab, "h1", datastores=[*cfg.datastores, tiny]):
             client.create_vm(name="full1", host="h1", datastore="shared", data_disk_mb=128, records_rate=0,
                              records_kb=1024)

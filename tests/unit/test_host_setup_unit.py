@@ -119,6 +119,16 @@ def test_init_writes_a_config_the_agent_loads_and_marks_missing_datastores(site,
     assert f"{token} does not exist yet" in out            # a note, not an error: the token may come later
 
 
+def test_init_sets_the_controllers_ca_link_speeds_accelerator_and_image_dir(site, capsys):
+    ca = site / "ca-cert.pem"
+    assert init(site, "h1", "--controller-ca-file", ca, "--declared-link-mbps", "mig0=10000",
+                "--declared-link-mbps", "eno2=1000", "--accelerator", "tcg", "--image-dir", site / "image") == 0
+    cfg = AgentConfig.load(site / "h1" / "agent.toml")
+    assert (cfg.controller_ca_file, cfg.declared_link_mbps, cfg.accelerator, cfg.image_dir) == (
+        ca, {"mig0": 10000, "eno2": 1000}, "tcg", site / "image")
+    assert f"{ca} does not exist yet" in capsys.readouterr().out     # a note: the admin copies it there next
+
+
 def test_two_hosts_read_one_uuid_for_the_shared_datastore(site):
     shared = site / "ds" / "shared"
     assert init(site, "h1", "--datastore", site / "ds" / "local1", "--shared-datastore", shared) == 0
@@ -147,6 +157,10 @@ def test_init_refuses_to_replace_a_config_without_force(site, capsys):
     (["--datastore", "{site}/ds/local1", "--datastore", "{site}/ds/local1"], "given twice"),
     (["--name", "h 1"], "'name'"),
     (["--listen-port", "70000"], "'listen_port'"),
+    (["--declared-link-mbps", "mig0"], "is not IFACE=MBPS"),
+    (["--declared-link-mbps", "mig0=0"], "is not IFACE=MBPS"),
+    (["--declared-link-mbps", "mig0=fast"], "is not IFACE=MBPS"),
+    (["--declared-link-mbps", "mig0=10", "--declared-link-mbps", "mig0=20"], "once per interface"),
 ])
 def test_init_writes_nothing_when_a_check_fails(site, capsys, extra, expect):
     args = [a.format(site=site) for a in extra]

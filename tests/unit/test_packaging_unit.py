@@ -2,6 +2,7 @@
 units start real console scripts with options their parsers take; the wheel ships what docs/deploy.md installs."""
 from __future__ import annotations
 
+import argparse
 import configparser
 import json
 import re
@@ -89,6 +90,21 @@ def test_every_key_is_documented_in_its_sample(model: type[BaseModel], sample: P
     assert set(described) <= set(model.model_fields) | set(AgentConfig.model_fields), "a described key is gone"
 
 
+def test_every_init_option_is_named_where_its_key_is_described():
+    """Each `kvmotion-agent init` option that sets a key is named in that key's paragraph of the sample."""
+    init = next(a for a in agent_main.setup_cmd.build_parser()._actions
+                if isinstance(a, argparse._SubParsersAction)).choices["init"]
+    described = paragraphs(AGENT_SAMPLE)
+    options = [a for a in init._actions if a.option_strings and a.dest not in ("help", "config", "force")]
+    assert len(options) >= 14
+    for action in options:
+        key = next((k for k in (action.dest, f"{action.dest}s") if k in AgentConfig.model_fields),
+                   {"shared_datastore": "datastores"}.get(action.dest, action.dest))
+        opt = action.option_strings[0]
+        assert re.search(rf"{re.escape(opt)}(?![a-z-])", " ".join(described[key].split())), \
+            f"agent.toml: the paragraph of {key} does not name {opt}"
+
+
 @pytest.mark.parametrize("model,sample,typo,meant", [(AgentConfig, AGENT_SAMPLE, "listen_prot", "listen_port"),
                                                      (ControllerConfig, CONTROLLER_SAMPLE, "databse_url",
                                                       "database_url")])
@@ -120,8 +136,8 @@ def test_missing_or_broken_files_say_how_to_fix_them(tmp_path):
     assert "not valid TOML" in exc.value.message and "line 2" in exc.value.message
 
 
-def test_the_labs_json_configs_still_load(tmp_path):
-    """The lab writes agent.json from the model (model_dump_json); a JSON file without the suffix works too."""
+def test_json_agent_configs_still_load(tmp_path):
+    """An agent configuration in JSON (the model's own dump) loads too, with or without the suffix."""
     cfg = AgentConfig(name="h1", mgmt_address="198.18.0.11", state_dir=tmp_path / "h1", datastores=[tmp_path],
                       declared_link_mbps={"mig0": 1000}, vlan_portgroups=[VlanPortGroup(name="VLAN 7", bridge="vmnet",
                                                                                         vlan=7)])

@@ -1,5 +1,5 @@
-"""Agent configuration: a TOML file (``kvmotion-agent init`` writes one; packaging/config/agent.toml describes
-every key) or a JSON file (the lab writes those). Unknown keys are errors."""
+"""Agent configuration: a TOML file (``kvmotion-agent init`` writes one, the lab too; packaging/config/agent.toml
+describes every key) or a JSON file. Unknown keys are errors."""
 from __future__ import annotations
 
 from pathlib import Path

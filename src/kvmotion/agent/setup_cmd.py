@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--controller-url", default=None, help="register with this controller at start")
     init.add_argument("--enrol-token-file", type=Path, default=None,
                       help="file holding an enrolment token (`kvmotion host enrol-token`)")
+    init.add_argument("--controller-ca-file", type=Path, default=None, metavar="FILE",
+                      help="the controller's CA certificate (its pki/ca-cert.pem): the only CA trusted for it")
+    init.add_argument("--declared-link-mbps", action="append", default=[], metavar="IFACE=MBPS",
+                      help="an interface's link speed in Mbit/s, overriding what the NIC reports (repeat)")
+    init.add_argument("--accelerator", choices=("auto", "kvm", "tcg"), default="auto",
+                      help="auto (default: KVM when /dev/kvm works, else TCG), kvm or tcg")
+    init.add_argument("--image-dir", type=Path, default=None, metavar="PATH",
+                      help="the lab's test-guest kernel and initrd (`kvmotion image build`)")
     init.add_argument("--force", action="store_true", help="replace an existing configuration file")
     ds = sub.add_parser("datastore", help="datastore markers").add_subparsers(dest="ds_command", required=True)
     ds_init = ds.add_parser("init", help="write a datastore's marker (its identity)",
@@ -106,8 +114,23 @@ def plan_config(args: argparse.Namespace) -> AgentConfig:
             "datastores": [_absolute(p) for p in [*args.datastore, *args.shared_datastore]],
             "migration_interfaces": args.migration_interface or ["mig0"],
             "controller_url": url,
-            "enrol_token_file": _absolute(args.enrol_token_file) if args.enrol_token_file else None}
+            "enrol_token_file": _absolute(args.enrol_token_file) if args.enrol_token_file else None,
+            "controller_ca_file": _absolute(args.controller_ca_file) if args.controller_ca_file else None,
+            "declared_link_mbps": _link_speeds(args.declared_link_mbps), "accelerator": args.accelerator,
+            "image_dir": _absolute(args.image_dir) if args.image_dir else None}
     return validate_config(AgentConfig, data, "the command line")
+
+
+def _link_speeds(values: list[str]) -> dict[str, int]:
+    """``--declared-link-mbps IFACE=MBPS`` (repeated) as interface -> Mbit/s."""
+    speeds: dict[str, int] = {}
+    for value in values:
+        iface, _, mbps = value.partition("=")
+        if not iface or not mbps.isdigit() or int(mbps) == 0 or iface in speeds:
+            raise InvalidInputError(f"--declared-link-mbps {value!r} is not IFACE=MBPS (once per interface)",
+                                    remedy="give the interface and its speed in Mbit/s, e.g. mig0=10000")
+        speeds[iface] = int(mbps)
+    return speeds
 
 
 def plan_datastores(cfg: AgentConfig, shared_paths: list[Path]) -> list[DatastorePlan]:
@@ -153,17 +176,20 @@ def precheck(cfg: AgentConfig, config_file: Path, force: bool) -> list[str]:
     elif cfg.enrol_token_file is not None and not cfg.enrol_token_file.exists():
         notes.append(f"{cfg.enrol_token_file} does not exist yet: write the token there (mode 0600) before the "
                      "agent starts")
+    if cfg.controller_ca_file is not None and not cfg.controller_ca_file.exists():
+        notes.append(f"{cfg.controller_ca_file} does not exist yet: copy the controller's pki/ca-cert.pem there "
+                     "before the agent starts")
     return notes
 
 
-def render_config(cfg: AgentConfig) -> str:
+def render_config(cfg: AgentConfig, written_by: str = "`kvmotion-agent init`") -> str:
     """The TOML ``init`` writes: the keys it was given (and the required ones); proven to load back as ``cfg``."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
     data.update({k: v for k, v in cfg.model_dump(mode="json").items()
                  if k in ("name", "mgmt_address", "listen_port", "state_dir", "datastores", "migration_interfaces")})
     data = {k: data[k] for k in AgentConfig.model_fields if k in data}
     sample = Path(sysconfig.get_path("data")) / "share" / "kvmotion" / "config" / "agent.toml"
-    text = dump_toml(data, header=f"kvmotion agent configuration, written by `kvmotion-agent init` on "
+    text = dump_toml(data, header=f"kvmotion agent configuration, written by {written_by} on "
                                   f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}.\n"
                                   f"Every key is described in {sample}.")
     if validate_config(AgentConfig, tomllib.loads(text), "the rendered configuration") != cfg:
@@ -186,6 +212,11 @@ def _write_private(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_config(path: Path, cfg: AgentConfig, written_by: str = "`kvmotion-agent init`") -> None:
+    """Replace the configuration file at ``path`` with ``cfg`` as ``init`` renders it (atomically, mode 0600)."""
+    _write_private(path, render_config(cfg, written_by))
 
 
 def init_host(args: argparse.Namespace) -> None:
