@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from kvmotion.agent import mounts
+from kvmotion.agent import markers, mounts, setup_cmd
 from kvmotion.agent.config import DATASTORE_ID_FILE, DatastoreMarker
 from kvmotion.agent.facts import read_datastore
+from kvmotion.common.errors import ConflictError
 
 UUID = "0f1e2d3c-4b5a-4697-8877-665544332211"
 MOUNTINFO = """\
@@ -54,3 +55,17 @@ def test_an_nfs_datastore_is_shared() -> None:
     with pytest.raises(ValidationError, match="shared"):
         DatastoreMarker(uuid=UUID, name="nfs1", kind="nfs", shared=False)
     assert DatastoreMarker(uuid=UUID, name="nfs1", kind="nfs", shared=True).kind == "nfs"
+
+
+def test_datastore_init_nfs_refuses_a_folder_that_is_no_nfs_mount(tmp_path: Path, capsys) -> None:
+    ds = tmp_path / "shared"
+    ds.mkdir()
+    with pytest.raises(SystemExit):
+        setup_cmd.main(["datastore", "init", str(ds), "--name", "shared", "--nfs"])
+    err = capsys.readouterr().err
+    assert "of kind nfs" in err and "not a mount point" in err and "mount the export" in err
+    assert not (ds / DATASTORE_ID_FILE).exists()                 # nothing written
+    setup_cmd.main(["datastore", "init", str(ds), "--name", "shared", "--shared"])
+    with pytest.raises(ConflictError, match="kind directory") as exc:
+        markers._check_same(ds, markers.read_marker(ds), "shared", True, "nfs")    # type: ignore[arg-type]
+    assert "--nfs" in exc.value.remedy

@@ -15,12 +15,15 @@ DATASTORE_ID_FILE = ".kvmotion-datastore.json"
 DEFAULT_CONFIG = Path("/etc/kvmotion/agent.toml")
 
 
+DatastoreKind = Literal["directory", "nfs"]
+
+
 class DatastoreMarker(BaseModel):
     """A datastore's identity: the file ``DATASTORE_ID_FILE`` at its top. Hosts that read the same UUID share it."""
 
     uuid: str = Field(pattern=r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
     name: Name
-    kind: Literal["directory", "nfs"] = "directory"    # nfs: the folder must be an NFS mount (agent.mounts)
+    kind: DatastoreKind = "directory"       # nfs: the folder must be an NFS mount (agent.mounts)
     shared: bool = False
 
     @model_validator(mode="after")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from kvmotion.agent.config import DATASTORE_ID_FILE, DatastoreMarker
+from kvmotion.agent import mounts
+from kvmotion.agent.config import DATASTORE_ID_FILE, DatastoreKind, DatastoreMarker
 from kvmotion.common import confined
 from kvmotion.common.errors import ConflictError, InvalidInputError, NotConfined, NotFoundError
 
@@ -21,10 +22,10 @@ MARKER_MAX_BYTES = 64 * 1024
 DOCS = "docs/storage.md, 'Datastore markers'"
 
 
-def new_marker(name: str, shared: bool) -> DatastoreMarker:
+def new_marker(name: str, shared: bool, kind: DatastoreKind = "directory") -> DatastoreMarker:
     """A fresh identity (a random UUID); an invalid name is an ``InvalidInputError`` with the rule."""
     try:
-        return DatastoreMarker(uuid=str(uuidlib.uuid4()), name=name, shared=shared)
+        return DatastoreMarker(uuid=str(uuidlib.uuid4()), name=name, shared=shared, kind=kind)
     except ValidationError:
         raise InvalidInputError(f"datastore name {name!r} is not valid",
                                 remedy="use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
@@ -94,7 +95,7 @@ def _link_in(path: Path, marker: DatastoreMarker) -> bool:
         os.close(dir_fd)
 
 
-def _check_same(path: Path, found: DatastoreMarker, name: str, shared: bool) -> None:
+def _check_same(path: Path, found: DatastoreMarker, name: str, shared: bool, kind: DatastoreKind) -> None:
     """Refuse a marker of another name or sharing, explaining how to keep or rename it."""
     marker_file = path / DATASTORE_ID_FILE
     details = {"path": str(path), "name": found.name, "uuid": found.uuid, "shared": found.shared}
@@ -110,11 +111,25 @@ def _check_same(path: Path, found: DatastoreMarker, name: str, shared: bool) -> 
             f"{path} is datastore {found.name!r}, marked shared={str(found.shared).lower()}", details=details,
             remedy=f"run it {flag}; to change the flag, edit \"shared\" in {marker_file} on one host (keep the uuid) "
                    f"and restart the agents that mount it")
+    if found.kind != kind:
+        flag = "with --nfs" if found.kind == "nfs" else "without --nfs"
+        raise ConflictError(
+            f"{path} is datastore {found.name!r} of kind {found.kind}", details=details,
+            remedy=f"run it {flag}; to change the kind, edit \"kind\" in {marker_file} on one host (keep the uuid) "
+                   f"and restart the agents that mount it")
 
 
-def ensure_marker(path: Path, name: str, shared: bool) -> tuple[DatastoreMarker, bool]:
-    """The datastore's marker, written when it has none (True) or found with this name and sharing (False)."""
-    marker = new_marker(name, shared)
+def ensure_marker(path: Path, name: str, shared: bool,
+                  kind: DatastoreKind = "directory") -> tuple[DatastoreMarker, bool]:
+    """The datastore's marker, written when it has none (True) or found with this name and sharing (False).
+    Kind nfs: only on an NFS mount (else the marker would land on the empty mount point below it)."""
+    marker = new_marker(name, shared, kind)
+    if kind == "nfs":
+        _, problem = mounts.nfs_problem(path)
+        if problem is not None:
+            raise InvalidInputError(f"datastore {name!r} of kind nfs: {problem}",
+                                    remedy=f"mount the export on {path} first (and in /etc/fstab), then run this again",
+                                    details={"path": str(path)})
     found = read_marker(path)
     if found is None:
         if _link_in(path, marker):
@@ -123,5 +138,5 @@ def ensure_marker(path: Path, name: str, shared: bool) -> tuple[DatastoreMarker,
         if found is None:
             raise ConflictError(f"the marker of {path} appeared and vanished while it was written",
                                 remedy="run the command again", details={"path": str(path)})
-    _check_same(path, found, name, shared)
+    _check_same(path, found, name, shared, kind)
     return found, False

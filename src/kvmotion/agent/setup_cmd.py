@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds_init.add_argument("path", type=Path, metavar="PATH", help="the datastore's mount point")
     ds_init.add_argument("--name", required=True, help="the datastore's name, e.g. shared or h1-local")
     ds_init.add_argument("--shared", action="store_true", help="mounted by several hosts (NFS, cluster FS)")
+    ds_init.add_argument("--nfs", action="store_true",
+                         help="kind nfs (implies --shared): PATH must be an NFS mount, now and whenever the agent "
+                              "reads it, so an export that did not mount never takes VMs' files")
     return parser
 
 
@@ -82,7 +85,8 @@ def main(argv: list[str]) -> int:
         if args.command == "init":
             init_host(args)
         else:
-            marker, created = ensure_marker(_absolute(args.path), args.name, args.shared)
+            marker, created = ensure_marker(_absolute(args.path), args.name, args.shared or args.nfs,
+                                            "nfs" if args.nfs else "directory")
             print(_describe(_absolute(args.path), marker, created))
     except KvmotionError as exc:
         fail(PROG, exc)
@@ -94,7 +98,8 @@ def _absolute(path: Path) -> Path:
 
 
 def _describe(path: Path, marker: DatastoreMarker, created: bool) -> str:
-    return (f"datastore {path}: {marker.name} (uuid {marker.uuid}, {'shared' if marker.shared else 'local'}) - "
+    return (f"datastore {path}: {marker.name} (uuid {marker.uuid}, {'shared' if marker.shared else 'local'}"
+            f"{', nfs' if marker.kind == 'nfs' else ''}) - "
             f"{'marker written' if created else 'marker found'}")
 
 
