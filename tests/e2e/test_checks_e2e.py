@@ -13,8 +13,8 @@ from kvmotion.cli.client import Client
 from kvmotion_lab import lab as lab_mod
 from kvmotion_lab import scenario
 from kvmotion_lab.netns import netns_exec_argv
-from labtools import (assert_guest_survived, cli, codes, host_settings, http_beat, remove_vm, running_lab,
-                     running_vm, wait_for)
+from labtools import (agent_vms, assert_guest_survived, cli, codes, host_settings, http_beat, remove_vm,
+                     running_lab, running_vm, wait_for)
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,53 @@ def test_cpu_features_and_evc(lab, client) -> None:
         assert_guest_survived(lab, client, "pt1", before)          # the EVC baseline's CPU runs on the older host
         for name in ("cpu1", "pt1"):
             remove_vm(client, name)
+
+
+O_DIRECT = 0o40000          # x86-64 (asm-generic/fcntl.h)
+
+
+def disk_fd_flags(lab, host: str, uuid: str, image: Path) -> list[int]:
+    """The open flags (/proc/PID/fdinfo) of every descriptor the VM's QEMU on ``host`` holds on ``image``."""
+    pid = agent_vms(lab, host)[uuid]["pid"]
+    flags = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == str(image.resolve()):
+                flags.append(int(Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split("flags:")[1].split()[0], 8))
+        except (OSError, IndexError):
+            continue
+    return flags
+
+
+def test_disk_cache_none_on_shared_storage_and_the_unsafe_mode_blocks(lab, client) -> None:
+    # a disk on the shared datastore with cache=writeback: the host page cache, refused for a live move
+    vm = running_vm(client, lab, "cache1", datastore="shared", disk_cache="writeback")
+    disk = vm["spec"]["disks"][0]
+    image = Path(lab.root) / "ds" / "shared" / disk["path"]
+    assert disk["cache"] == "writeback"
+    flags = disk_fd_flags(lab, "h1", vm["uuid"], image)
+    assert flags and not any(f & O_DIRECT for f in flags), [oct(f) for f in flags]
+    found = validate(client, "cache1", "h2")
+    assert_finding(found, "DISK_CACHE_UNSAFE", "error", "kvmotion vm disk cache cache1 disk0 none")
+    message = found["DISK_CACHE_UNSAFE"]["message"]
+    assert "disk0" in message and "cache=writeback" in message
+    res = cli(lab, "vm", "migrate", "cache1", "--host", "h2")
+    assert res.returncode == 3 and "DISK_CACHE_UNSAFE" in res.stderr, res.stdout + res.stderr
+    # the remedy: power-cycle with the automatic mode (none on a shared datastore), then it moves
+    client.stop_vm("cache1")
+    res = cli(lab, "vm", "disk", "cache", "cache1", "disk0", "auto")
+    assert res.returncode == 0 and "cache auto" in res.stdout, res.stdout + res.stderr
+    client.start_vm("cache1")
+    before = http_beat(lab, client, "cache1")
+    flags = disk_fd_flags(lab, "h1", vm["uuid"], image)
+    assert flags and all(f & O_DIRECT for f in flags), [oct(f) for f in flags]
+    assert "DISK_CACHE_UNSAFE" not in validate(client, "cache1", "h2")
+    t = scenario.follow_task(client, client.migrate("cache1", "h2")["id"])
+    assert t["state"] == "success", t.get("error")
+    assert_guest_survived(lab, client, "cache1", before)
+    flags = disk_fd_flags(lab, "h2", vm["uuid"], image)                  # the destination opened it the same way
+    assert flags and all(f & O_DIRECT for f in flags), [oct(f) for f in flags]
+    remove_vm(client, "cache1")
 
 
 def test_every_problem_in_one_request(lab, client) -> None:

@@ -55,6 +55,7 @@ EXPECTED_ROLES: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/vms/{ref}/cdrom"): "operator",
     ("POST", "/api/v1/vms/{ref}/disks"): "admin",
     ("POST", "/api/v1/vms/{ref}/disks/{disk}/remove"): "admin",
+    ("POST", "/api/v1/vms/{ref}/disks/{disk}/cache"): "admin",
     ("POST", "/api/v1/vms/{ref}/nics"): "admin",
     ("DELETE", "/api/v1/vms/{ref}/nics/{nic}"): "admin",
     ("POST", "/api/v1/vms/{ref}/migrate/validate"): "operator",

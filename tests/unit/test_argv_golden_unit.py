@@ -91,11 +91,20 @@ CONFIGS: dict[str, tuple[VMSpec, str, bool]] = {
                               cdroms=[seed_cdrom("vm1")]), "tcg", False),
     "uefi-secure-boot": (_spec(boot="disk", firmware="uefi", secure_boot=True, guest_ip="198.18.1.100/24",
                                gateway="198.18.1.1", disks=[_disk(0)], nics=[_nic(0)]), "kvm", True),
+    # host cache modes: automatic (disk0 on local ds1: writeback; disk1 on shared ds2: none; the LUN: none), and
+    # each mode set on a disk, a linked clone's base included
+    "disk-cache-modes": (_spec(scsi_controller=True, disks=[
+        _disk(0), _disk(1, datastore="ds2"), _disk(2, kind="rdm", datastore="", path="", identity=LUN),
+        _disk(3, cache="none", backing="images/debian-12.qcow2", backing_format="qcow2"),
+        _disk(4, cache="directsync", datastore="ds2", bus="virtio-scsi", unit=0),
+        _disk(5, cache="writethrough", bus="sata", unit=0), _disk(6, cache="writeback", datastore="ds2"),
+        _disk(7, cache="unsafe", format="raw", path="vm1/vm1_7.img")]), "tcg", False),
 }
 
 
 def _host(root: Path, name: str, accelerator: str, swap: bool) -> HostContext:
-    """A host whose datastores ds1 and ds2 are mounted under ``root`` (another place on every host)."""
+    """A host whose datastores ds1 (local) and ds2 (shared) are mounted under ``root`` (another place on every
+    host)."""
     stores = {ds: root / f"mnt-{ds}" for ds in ("ds1", "ds2")}
     for path in stores.values():
         (path / "iso").mkdir(parents=True, exist_ok=True)
@@ -109,7 +118,8 @@ def _host(root: Path, name: str, accelerator: str, swap: bool) -> HostContext:
     for name in OVMF_FILES:
         (ovmf / name).write_bytes(b"fd")
     return HostContext(name, accelerator, stores, {"VM Network": "br0", "Storage": "br1", "Backup": "br2", "VLAN 100": "br0"},
-                       "host" if accelerator == "kvm" else "max", {LUN: lun}, root / "swap" if swap else None, ovmf)
+                       "host" if accelerator == "kvm" else "max", {LUN: lun}, root / "swap" if swap else None, ovmf,
+                       shared_datastores=frozenset({"ds2"}))
 
 
 def _argv(root: Path, host: str, config: str, incoming: bool) -> list[str]:

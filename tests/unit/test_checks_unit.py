@@ -24,12 +24,14 @@ def spec(**kw) -> VMSpec:
 
 
 def facts(name: str, datastores=("shared",), free_mb=4096, groups=("VM Network",), speed=10000, family="ipv4",
-          ifaces=1, features=("sse2", "sse4.2", "avx2"), luns=(), swap="vm-folder", tls=True) -> HostFacts:
+          ifaces=1, features=("sse2", "sse4.2", "avx2"), luns=(), swap="vm-folder", tls=True,
+          shared=("shared",)) -> HostFacts:
     return HostFacts(
         name=name, agent_version="0", qemu_version="7.2", accelerator="tcg", cpu_model="x", cpu_features=[],
         cpu_count=2, mem_total_mb=8192, mem_free_mb=free_mb, mgmt_address="198.18.0.12" if family == "ipv4"
         else "2001:2::12", mgmt_family=family,
-        datastores=[DatastoreFact(uuid=f"id-{d}", name=d, path=f"/ds/{d}", readable=True) for d in datastores],
+        datastores=[DatastoreFact(uuid=f"id-{d}", name=d, path=f"/ds/{d}", readable=True, shared=d in shared)
+                    for d in datastores],
         portgroups=[PortGroupFact(name=g, bridge="vmnet") for g in groups],
         migration_interfaces=[MigrationInterface(ifname=f"mig{i}", address=f"198.19.{i}.12", family="ipv4",
                                                  speed_mbps=speed) for i in range(ifaces)],
@@ -83,6 +85,8 @@ def test_each_code_on_its_own() -> None:
         "RDM_DEVICE_NOT_VISIBLE": ctx(vm=spec(disks=[DiskSpec(id="disk1", kind="rdm", identity="loop:1:2")]),
                                       src=facts("h1", luns=[("/h1/lun0", "loop:1:2")]),
                                       dst=facts("h2", luns=[("/h2/lun0", "loop:9:9")])),
+        "DISK_CACHE_UNSAFE": ctx(vm=spec(disks=[DiskSpec(datastore="shared", path="vm1/vm1.qcow2",
+                                                         cache="writeback")])),
         "FIRMWARE_MISSING": ctx(vm=spec(**UEFI), src=with_firmware(facts("h1"), {"OVMF_CODE_4M.fd": "a"}),
                                 dst=with_firmware(facts("h2"))),
         "FIRMWARE_MISMATCH": ctx(vm=spec(**UEFI), src=with_firmware(facts("h1"), {"OVMF_CODE_4M.fd": "a"}),
@@ -201,3 +205,58 @@ def test_a_vlan_port_group_the_destination_cannot_carry_is_a_finding() -> None:
     f = next(f for f in run_all(ctx(vm=spec(**VLAN_VM), src=with_vlan(facts("h1")), dst=dst))
              if f.code.startswith("PORTGROUP"))
     assert f.code == "PORTGROUP_VLAN_MISSING" and "cannot be used on h2" in f.message and "VLAN filtering" in f.message
+
+
+# -- disk cache modes (libvirt's qemuMigrationSrcIsSafe) -------------------------------------------------------------
+def cached(mode: str | None, datastore: str = "shared", **kw) -> VMSpec:
+    """A VM whose disk0 has ``mode`` (None: automatic) on ``datastore``; a shared-datastore disk1 with cache=none."""
+    return spec(disks=[DiskSpec(datastore=datastore, path="vm1/vm1.qcow2", cache=mode, **kw),
+                       DiskSpec(id="disk1", node="d1", datastore="shared", path="vm1/vm1-1.qcow2", cache="none")])
+
+
+def cache_findings(c: MigrationContext) -> list:
+    return [f for f in run_all(c) if f.code == "DISK_CACHE_UNSAFE"]
+
+
+def test_a_disk_that_stays_with_the_host_page_cache_blocks_a_live_move() -> None:
+    for mode in ("writeback", "writethrough", "unsafe"):
+        found = cache_findings(ctx(vm=cached(mode)))
+        assert len(found) == 1, (mode, found)
+        f = found[0]
+        assert f.severity == "error" and f.subject == "device:disk0"
+        assert f"cache={mode}" in f.message and "disk0" in f.message and "stays on datastore shared" in f.message
+        assert "kvmotion vm disk cache vm1 disk0 none" in f.remedy and "power vm1 off" in f.remedy
+        assert "--disk disk0=DATASTORE" in f.remedy
+
+
+def test_no_host_page_cache_or_a_disk_moved_with_the_storage_is_safe() -> None:
+    for mode in ("none", "directsync", None):          # None: automatic, none on a datastore marked shared
+        assert cache_findings(ctx(vm=cached(mode))) == [], mode
+    moved = cached("writeback")                         # shared-nothing: disk0 gets a new file on h2-local
+    after = moved.model_copy(update={"disks": [moved.disks[0].model_copy(update={"datastore": "h2-local"}),
+                                               moved.disks[1]]})
+    assert cache_findings(ctx(vm=moved, kind="xvmotion", target_spec=after, moved_disks=("disk0",),
+                              dst=facts("h2", datastores=("shared", "h2-local")))) == []
+
+
+def test_cold_and_same_host_moves_do_not_check_the_cache() -> None:
+    writeback = cached("writeback")
+    assert cache_findings(ctx(vm=writeback, kind="cold", power_state="poweredOff")) == []
+    assert cache_findings(ctx(vm=writeback, kind="svmotion", dst_name="h1", moved_disks=("disk1",))) == []
+
+
+def test_automatic_on_a_datastore_not_marked_shared_is_writeback_and_blocks() -> None:
+    both = ("shared", "nfs")                            # both hosts mount "nfs", but its marker says not shared
+    found = cache_findings(ctx(vm=cached(None, datastore="nfs"), src=facts("h1", datastores=both),
+                               dst=facts("h2", datastores=both)))
+    assert len(found) == 1 and "cache=writeback (automatic" in found[0].message
+    assert "not marked shared on h1" in found[0].message
+
+
+def test_a_raw_lun_is_shared_storage_too() -> None:
+    luns = [("/dev/sdx", "naa.1")]
+    def lun(mode: str | None) -> VMSpec:
+        return spec(disks=[DiskSpec(id="disk1", node="d1", kind="rdm", identity="naa.1", cache=mode)])
+    assert cache_findings(ctx(vm=lun(None), src=facts("h1", luns=luns), dst=facts("h2", luns=luns))) == []
+    found = cache_findings(ctx(vm=lun("writeback"), src=facts("h1", luns=luns), dst=facts("h2", luns=luns)))
+    assert [f.subject for f in found] == ["device:disk1"] and "raw LUN naa.1" in found[0].message

@@ -120,7 +120,7 @@ def test_new_disks_get_the_next_ids_and_fixed_units_per_bus() -> None:
 def test_hot_plug_adds_exactly_the_device_a_restart_would_have() -> None:
     disk = DiskSpec(id="disk3", node="d3", datastore="ds", path="v/x.qcow2", bus="virtio-scsi", unit=2)
     assert device_props(disk_device(disk)) == {"driver": "scsi-hd", "drive": "d3", "id": "disk3", "bus": "scsi0.0",
-                                               "channel": 0, "scsi-id": 2, "lun": 0}
+                                               "channel": 0, "scsi-id": 2, "lun": 0, "write-cache": "on"}
     check_hotplug_bus(disk, "v", "running")
     with pytest.raises(HotplugUnsupported) as exc:
         check_hotplug_bus(disk.model_copy(update={"bus": "sata"}), "v", "running")
@@ -240,7 +240,7 @@ def test_plugging_adds_the_node_then_the_device_and_records_the_disk(tmp_path: P
     asyncio.run(vm.plug_disk(SCSI))
     assert [c for c, _ in qmp.calls] == ["blockdev-add", "device_add"]
     assert qmp.calls[1][1] == {"driver": "scsi-hd", "drive": "d1", "id": "disk1", "bus": "scsi0.0", "channel": 0,
-                               "scsi-id": 0, "lun": 0}
+                               "scsi-id": 0, "lun": 0, "write-cache": "on"}
     assert [d.id for d in vm.spec.disks] == ["disk0", "disk1"] and vm.nodes["disk1"] == "d1"
 
 

@@ -24,7 +24,13 @@ from kvmotion.controller.db import VM
 from kvmotion.controller.service import Controller
 from kvmotion.models.agent import HostFacts, TlsFact
 from kvmotion.models.api import HostAdd
-from test_checks_unit import facts as make_facts
+from test_checks_unit import facts as checks_facts
+
+
+def make_facts(name: str, **kw: Any) -> HostFacts:
+    """A host's facts with datastore "shared" not marked shared: what these tests take h1's to be."""
+    return checks_facts(name, shared=(), **kw)
+
 
 SECRETS = {"h1": "a1" * 32, "h2": "b2" * 32, "h3": "c3" * 32}
 

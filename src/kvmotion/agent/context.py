@@ -27,6 +27,7 @@ class HostContext:
     vlans: dict[str, int] = field(default_factory=dict)     # VLAN port group name -> VLAN ID (on its bridge)
     uplinks: dict[str, list[str]] = field(default_factory=dict)   # VLAN port group name -> tagged bridge ports
     vlan_problems: dict[str, str] = field(default_factory=dict)   # VLAN port group name -> why it is unusable here
+    shared_datastores: frozenset[str] = frozenset()   # datastores whose marker says shared (disks: cache=none)
 
 
 def resolve_datastore(ctx: HostContext, name: str) -> Path:

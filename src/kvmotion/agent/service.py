@@ -117,7 +117,8 @@ class Agent(AgentStorage, GuestOps):
 
     # -- facts ----------------------------------------------------------------------------
     def context(self) -> HostContext:
-        stores = {d.name: Path(d.path) for d in map(host_facts.read_datastore, self.cfg.datastores) if d.readable}
+        readable = [d for d in map(host_facts.read_datastore, self.cfg.datastores) if d.readable]
+        stores = {d.name: Path(d.path) for d in readable}
         groups = host_facts.portgroups(self.cfg.vlan_portgroups)
         bridges = {p.name: p.bridge for p in groups}
         vlans = {p.name: p.vlan for p in groups if p.vlan is not None}
@@ -126,7 +127,8 @@ class Agent(AgentStorage, GuestOps):
         luns = {b.identity: Path(b.path) for b in presented_devices(self.cfg.block_devices) if b.identity}
         host_model = self.cpu.host_model if self.cpu else ("host" if self.accel.accelerator == "kvm" else "max")
         return HostContext(self.cfg.name, self.accel.accelerator, stores, bridges, host_model, luns, self.cfg.swap_dir,
-                           vlans=vlans, uplinks=uplinks, vlan_problems=problems)
+                           vlans=vlans, uplinks=uplinks, vlan_problems=problems,
+                           shared_datastores=frozenset(d.name for d in readable if d.shared))
 
     def cpu_fact(self) -> CpuFact | None:
         if self.cpu is None:

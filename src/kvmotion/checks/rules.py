@@ -9,6 +9,7 @@ from kvmotion.migration.kinds import kind
 from kvmotion.models.findings import Finding, finding
 from kvmotion.models.moves import MoveKind
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, HostFacts
+from kvmotion.models.hardware import MIGRATION_SAFE_CACHE, effective_cache
 from kvmotion.models.cloudinit import in_folder, moves_with_folder
 from kvmotion.models.boot import ovmf_code
 
@@ -84,6 +85,39 @@ def raw_devices(ctx: MigrationContext) -> list[Finding]:
         out.append(finding("RDM_DEVICE_NOT_VISIBLE", f"device:{disk.id}",
                            f"raw LUN {disk.identity} of {disk.id} is not presented to {dst.name}{why}",
                            f"present the same LUN to {dst.name} (zoning/masking), or pick a host that sees it"))
+    return out
+
+
+def disk_cache(ctx: MigrationContext) -> list[Finding]:
+    """A disk both hosts open during a live move must bypass the host page cache (cache none or directsync).
+
+    Followed: libvirt's qemuMigrationSrcIsSafe (src/qemu/qemu_migration.c). A disk the migration copies (storage
+    migration) is safe, and so is a disk opened with cache=none or directsync; a disk that stays where it is with
+    any other mode is refused (VIR_ERR_MIGRATE_UNSAFE), because the destination may read stale pages from its
+    host's page cache, or miss writes still in the source host's. Not followed: libvirt lets other modes pass when
+    QEMU's file driver has ``drop-cache`` (QEMU 4.0+: the destination fdatasyncs and drops the file's pages with
+    POSIX_FADV_DONTNEED when it activates the image). kvmotion does not rely on that: the drop is advisory (Linux
+    keeps pages that are dirty, locked or mapped, e.g. by another process reading the image) and covers only the
+    destination's cache, where O_DIRECT needs no page cache on either host. Cold moves (not checked) and disks
+    moved with the storage are safe; a raw LUN stays and is checked like a file."""
+    src, dst, vm = ctx.source, ctx.destination, ctx.spec
+    if not kind(ctx.kind).moves_memory or src.name == dst.name:
+        return []
+    shared = {d.name for d in (src.facts.datastores if src.facts else []) if d.shared}
+    out = []
+    for disk in vm.disks:
+        mode = effective_cache(disk.cache, disk.kind == "rdm" or disk.datastore in shared)
+        if disk.id in ctx.moved_disks or mode in MIGRATION_SAFE_CACHE:
+            continue
+        where = f"raw LUN {disk.identity}" if disk.kind == "rdm" else f"datastore {disk.datastore}"
+        how = "set" if disk.cache else ("automatic: writeback, as the datastore is not marked shared on "
+                                        f"{src.name}")
+        out.append(finding("DISK_CACHE_UNSAFE", f"device:{disk.id}",
+                           f"{disk.id} of VM {vm.name} stays on {where}, which {src.name} and {dst.name} open at "
+                           f"once, with cache={mode} ({how}): the destination may read stale data from the host "
+                           "page cache", f"power {vm.name} off, set cache=none (kvmotion vm disk cache {vm.name} "
+                           f"{disk.id} none), power it on and migrate; or move the disk's storage too "
+                           f"(--disk {disk.id}=DATASTORE)"))
     return out
 
 
@@ -338,8 +372,8 @@ def capacity(ctx: MigrationContext) -> list[Finding]:
     return out
 
 
-ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, firmware, media, memory_backing, network, cpu,
-                                 encryption, resources, capacity, machine_type)
+ALL_CHECKS: tuple[Check, ...] = (placement, storage, raw_devices, disk_cache, firmware, media, memory_backing,
+                                 network, cpu, encryption, resources, capacity, machine_type)
 CHECKS_BY_KIND: dict[MoveKind, tuple[Check, ...]] = {
     MoveKind.VMOTION: ALL_CHECKS,
     MoveKind.XVMOTION: ALL_CHECKS,

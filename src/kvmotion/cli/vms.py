@@ -9,7 +9,7 @@ from rich.table import Table
 
 from kvmotion.cli.client import Client
 from kvmotion.cli.cloudinit import cloud_init_request
-from kvmotion.cli.devices import disk_app, nic_app, parse_disk, parse_nic
+from kvmotion.cli.devices import CACHE_HELP, DISK_SYNTAX, disk_app, nic_app, parse_cache, parse_disk, parse_nic
 from kvmotion.cli.output import POLICY_HELP, URL, console, err_console, findings_table, policy_of, print_json, run
 from kvmotion.cli.power import register as register_power
 from kvmotion.cli.progress import follow, print_outcome
@@ -48,9 +48,8 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
               firmware: str = typer.Option("bios", help="bios | uefi"),
               secure_boot: bool = typer.Option(False, "--secure-boot", help="UEFI Secure Boot (Microsoft keys)"),
               gateway: Optional[str] = typer.Option(None, help="default gateway of a disk-booted guest"),
-              disk: Optional[list[str]] = typer.Option(None, "--disk", help="another disk (repeatable): size=GB"
-                                                       "[,datastore=DS][,bus=virtio-blk|virtio-scsi|sata]"
-                                                       "[,format=qcow2|raw]"),
+              disk: Optional[list[str]] = typer.Option(None, "--disk", help="more disks (repeatable): " + DISK_SYNTAX),
+              disk_cache: str = typer.Option("auto", "--disk-cache", help="the boot and data disks' " + CACHE_HELP),
               nic: Optional[list[str]] = typer.Option(None, "--nic", help="a NIC (repeatable; replaces --network): "
                                                       "PORTGROUP[,mac=MAC][,model=virtio|e1000e]"),
               machine: Optional[str] = typer.Option(None, help="machine type, e.g. pc-q35-7.2 | pc-i440fx-7.2"),
@@ -68,6 +67,7 @@ def vm_create(name: str, host: str = typer.Option(..., "--host"), memory: int = 
     """Create a VM; sockets x cores x threads must equal --vcpus (alias --cpus)."""
     seed = run(lambda: cloud_init_request(cloud_init, ssh_key, network_config, meta_data))
     devices = run(lambda: {"disks": [parse_disk(d) for d in disk or []], "nics": [parse_nic(n) for n in nic or []],
+                           "disk_cache": parse_cache(disk_cache, "--disk-cache"),
                            "machine": machine, "sockets": sockets, "cores": cores, "threads": threads})
     mask = [f for f in (cpu_mask or "").split(",") if f]
     boot_opts = {"image": image, "clone": clone, "disk_size_gb": disk_size, "boot": boot, "firmware": firmware,

@@ -15,8 +15,8 @@ from kvmotion.common.errors import (ConflictError, DuplicateMac, HotplugUnsuppor
 from kvmotion.controller import tasks as task_store
 from kvmotion.models.agent import DiskSpec, HostFacts, NicSpec, VMSpec
 from kvmotion.models.api import VMCreate, VMOut
-from kvmotion.models.devices import DiskRemoveRequest, DiskRequest, NicRequest
-from kvmotion.models.hardware import HOTPLUG_BUSES, MAC_PREFIX, free_unit, normal_mac
+from kvmotion.models.devices import DiskCacheRequest, DiskRemoveRequest, DiskRequest, NicRequest
+from kvmotion.models.hardware import HOTPLUG_BUSES, MAC_PREFIX, cache_choice, free_unit, normal_mac
 
 if TYPE_CHECKING:
     from kvmotion.controller.inventory import Inventory
@@ -104,7 +104,8 @@ def make_disk(req: DiskRequest, name: str, home_ds: str, readable: list[str], ho
             raise ConflictError(f"the VM's {req.bus} bus has no free unit left",
                                 remedy="put the disk on another bus, or remove one from this bus")
     return DiskSpec(id=f"disk{n}", node=f"d{n}", datastore=ds, path=f"{name}/{name}-disk{n}.{req.format}",
-                    format=req.format, size_mb=req.size_gb * 1024, bus=req.bus, unit=unit)
+                    format=req.format, size_mb=req.size_gb * 1024, bus=req.bus, unit=unit,
+                    cache=cache_choice(req.cache))
 
 
 def extra_disks(req: VMCreate, name: str, home_ds: str, readable: list[str],
@@ -175,13 +176,18 @@ class Devices:
         self.inv.set_vm(vm.uuid, spec_json=spec.model_dump_json())
         return self.inv.get_vm(vm.uuid)
 
-    def _disk(self, vm: VMOut, spec: VMSpec, disk_ref: str) -> DiskSpec:
+    @staticmethod
+    def _find_disk(vm: VMOut, spec: VMSpec, disk_ref: str) -> DiskSpec:
         by_index = {str(i): d for i, d in enumerate(spec.disks)}
         disk = next((d for d in spec.disks if d.id == disk_ref), None) or by_index.get(disk_ref)
         if disk is None:
             raise NotFoundError(f"VM {vm.name} has no disk {disk_ref!r} (disks: "
                                 f"{', '.join(f'{i}={d.id}' for i, d in enumerate(spec.disks)) or 'none'})",
                                 remedy="name a disk by its id or index")
+        return disk
+
+    def _disk(self, vm: VMOut, spec: VMSpec, disk_ref: str) -> DiskSpec:
+        disk = self._find_disk(vm, spec, disk_ref)
         if spec.boot == "disk" and disk.id == spec.disks[0].id:
             raise ConflictError(f"{disk.id} is the boot disk of VM {vm.name}", remedy="remove another disk")
         return disk
@@ -206,6 +212,18 @@ class Devices:
         spec = spec.model_copy(update={"disks": [d for d in spec.disks if d.id != disk.id]})
         self.inv.set_vm(vm.uuid, spec_json=spec.model_dump_json())
         return self.inv.get_vm(vm.uuid)
+
+    async def set_disk_cache(self, ref: str, disk_ref: str, req: DiskCacheRequest) -> VMOut:
+        """A disk's cache mode, recorded for the VM's next power-on: only while it is off, so the running QEMU, a
+        migration's destination and the prechecks all see the mode the disk is really open with."""
+        async with CHANGES:
+            vm, spec = self._vm(ref)
+            disk = self._find_disk(vm, spec, disk_ref)
+            self._powered_off(vm, "changing a disk's cache mode")
+            new = disk.model_copy(update={"cache": cache_choice(req.cache)})
+            spec = spec.model_copy(update={"disks": [new if d.id == disk.id else d for d in spec.disks]})
+            self.inv.set_vm(vm.uuid, spec_json=spec.model_dump_json())
+            return self.inv.get_vm(vm.uuid)
 
     def _powered_off(self, vm: VMOut, doing: str) -> None:
         if vm.power_state == "poweredOn":

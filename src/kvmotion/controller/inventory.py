@@ -18,6 +18,7 @@ from kvmotion.common.errors import AgentUnreachable, ConflictError, InvalidInput
 from kvmotion.common.hostauth import SECRET_FILE, check_secret
 from kvmotion.models.agent import CdromSpec, DiskSpec, HostFacts, ImageSource, VMSpec
 from kvmotion.models.boot import linked_clone_problem
+from kvmotion.models.hardware import cache_choice
 from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.agenttls import AgentTls, check_presented
 from kvmotion.common.pinning import ClientTls
@@ -361,14 +362,16 @@ class Inventory:
         """A new VM's disks: boot, data (optional), raw LUN (optional); the boot disk encrypted on request."""
         fmt = req.disk_format
         size_mb = req.disk_size_gb * 1024 if req.disk_size_gb is not None else (1 if req.image else req.disk_mb)
-        disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.{fmt}", format=fmt, size_mb=size_mb)]
+        cache = cache_choice(req.disk_cache)
+        disks = [DiskSpec(datastore=ds_name, path=f"{req.name}/{req.name}.{fmt}", format=fmt, size_mb=size_mb,
+                          cache=cache)]
         if req.data_disk_mb is not None:
             data_ds = req.data_datastore or ds_name
             if data_ds not in readable:
                 raise InvalidInputError(f"datastore {data_ds!r} is not accessible on {req.host}",
                                         remedy="pass --data-datastore with one of: " + ", ".join(readable))
             disks.append(DiskSpec(id="disk1", node="d1", datastore=data_ds, path=f"{req.name}/{req.name}-data.{fmt}",
-                                  format=fmt, size_mb=req.data_disk_mb))
+                                  format=fmt, size_mb=req.data_disk_mb, cache=cache))
         elif req.records_rate is not None:
             raise InvalidInputError("the record writer needs a data disk", remedy="add --data-disk-mb SIZE")
         if req.encrypted_disk and fmt != "qcow2":

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_
 
 from kvmotion.models.boot import (BOOT_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_FORMAT_PATTERN, FirmwareFact,
                                   ImageSource, boot_problem)
-from kvmotion.models.hardware import DISK_BUS_PATTERN, NIC_MODEL_PATTERN, topology_problem
+from kvmotion.models.hardware import CACHE_MODE_PATTERN, DISK_BUS_PATTERN, NIC_MODEL_PATTERN, topology_problem
 from kvmotion.models.health import GuestHealth, HealthCheckRequest, NicHealth, VcpuHealth
 from kvmotion.models.nbd import MAX_URL_CHARS, NbdPsk, NbdUrl
 from kvmotion.models.sampling import DirtySample
@@ -104,6 +104,7 @@ class DiskSpec(BaseModel):
     backing_format: str | None = Field(default=None, pattern=IMAGE_FORMAT_PATTERN)
     bus: str = Field(default="virtio-blk", pattern=DISK_BUS_PATTERN)   # models/hardware.py
     unit: int | None = Field(default=None, ge=0, le=255)   # virtio-scsi target / SATA port (fixed: same on every host)
+    cache: str | None = Field(default=None, pattern=CACHE_MODE_PATTERN)   # None: automatic (models/hardware.py)
 
 
 class CdromSpec(BaseModel):

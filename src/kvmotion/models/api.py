@@ -12,9 +12,9 @@ from kvmotion.models.agent import (DISK_FORMAT_PATTERN, ENCRYPTED_VMOTION_PATTER
                                    MAX_CPU_FEATURES,
                                    MAX_DISKS, MAX_URL_CHARS, DatastorePath, DiskRef, Name, NbdUrl,
                                    PortGroupName, relative_path_problem)
-from kvmotion.models.devices import DiskRequest, NicRequest
+from kvmotion.models.devices import CACHE_HELP, DiskRequest, NicRequest
 from kvmotion.models.cloudinit import CloudInitRequest
-from kvmotion.models.hardware import topology_problem
+from kvmotion.models.hardware import CACHE_CHOICE_PATTERN, topology_problem
 from kvmotion.models.boot import (BOOT_PATTERN, CLONE_PATTERN, FIRMWARE_PATTERN, GATEWAY_PATTERN, IMAGE_PATTERN,
                                   ImageSource, parse_image_ref)
 
@@ -74,6 +74,8 @@ class VMCreate(Request):
     disk_format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)
     data_disk_mb: int | None = Field(default=None, ge=1, le=1024 * 1024, description="a second (data) disk, vdb")
     data_datastore: Name | None = Field(default=None, description="datastore of the data disk (default: the VM's)")
+    disk_cache: str = Field(default="auto", pattern=CACHE_CHOICE_PATTERN,
+                            description="the boot and data disks' " + CACHE_HELP)
     records_rate: int | None = Field(default=None, ge=0, le=10000,
                                      description="the guest writes checksummed records to the data disk (records/s)")
     records_kb: int = Field(default=4, ge=4, le=1024, description="size of each guest record (KiB)")

@@ -5,20 +5,31 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from typing import Annotated
 
 from kvmotion.models.agent import DISK_FORMAT_PATTERN, DiskSpec, DeviceId, Name, PortGroupName, VMSpec
-from kvmotion.models.hardware import DISK_BUS_PATTERN, NIC_MODEL_PATTERN, mac_problem, normal_mac
+from kvmotion.models.hardware import CACHE_CHOICE_PATTERN, DISK_BUS_PATTERN, NIC_MODEL_PATTERN, mac_problem, normal_mac
 
 MAX_DISK_GB = 64 * 1024
+CACHE_HELP = ("host cache: auto (none on a shared datastore, writeback on a local one) | none | directsync | "
+              "writethrough | writeback | unsafe")
 Mac = Annotated[str, StringConstraints(max_length=17)]
 
 
 class DiskRequest(BaseModel):
-    """One disk of ``vm create --disk size=GB[,datastore=DS][,bus=...][,format=...]`` or ``vm disk add``."""
+    """One disk of ``vm create --disk size=GB[,datastore=DS][,bus=...][,format=...][,cache=...]`` or
+    ``vm disk add``."""
 
     model_config = ConfigDict(extra="forbid")
     size_gb: int = Field(ge=1, le=MAX_DISK_GB, description="size in GiB")
     datastore: Name | None = Field(default=None, description="default: the VM's datastore")
     bus: str = Field(default="virtio-blk", pattern=DISK_BUS_PATTERN, description="virtio-blk | virtio-scsi | sata")
     format: str = Field(default="qcow2", pattern=DISK_FORMAT_PATTERN)
+    cache: str = Field(default="auto", pattern=CACHE_CHOICE_PATTERN, description=CACHE_HELP)
+
+
+class DiskCacheRequest(BaseModel):
+    """A disk's host cache mode, used from the VM's next power-on (``vm disk cache VM DISK MODE``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cache: str = Field(pattern=CACHE_CHOICE_PATTERN, description=CACHE_HELP)
 
 
 class NicRequest(BaseModel):

@@ -34,6 +34,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FIRMWARE_MISMATCH": (Severity.WARNING, "the destination's OVMF code file is another build (used from the next "
                                             "boot on)"),
     "RDM_DEVICE_NOT_VISIBLE": (Severity.ERROR, "the destination does not see the VM's raw LUN (by identity)"),
+    "DISK_CACHE_UNSAFE": (Severity.ERROR, "a disk both hosts open during a live move uses the host page cache "
+                                          "(cache other than none or directsync)"),
     "LOCAL_MEDIA_CONNECTED": (Severity.ERROR, "a connected CD/DVD image the destination cannot open (host-local)"),
     "CLIENT_MEDIA_CONNECTED": (Severity.INFO, "client-connected media (NBD) moves with the VM"),
     "SWAP_LOCATION_DIFFERS": (Severity.WARNING, "the destination keeps VM memory-backing files elsewhere: slower"),

@@ -19,6 +19,13 @@ BUS_UNITS = {"virtio-scsi": 256, "sata": 6}
 MAC_PREFIX = "52:54:00"
 MACHINE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 VLAN_MIN, VLAN_MAX = 1, 4094
+# Host cache modes of a disk, as QEMU's ``-drive cache=`` names them (argv.py maps each to blockdev options). A
+# disk's spec holds one of them, or nothing: automatic, which is ``none`` (O_DIRECT) on a shared datastore and on
+# a raw LUN, ``writeback`` (the host page cache) on a host-local datastore.
+CACHE_MODES = ("none", "directsync", "writethrough", "writeback", "unsafe")
+CACHE_MODE_PATTERN = "^(none|directsync|writethrough|writeback|unsafe)$"
+CACHE_CHOICE_PATTERN = "^(auto|none|directsync|writethrough|writeback|unsafe)$"   # requests: "auto" clears it
+MIGRATION_SAFE_CACHE = ("none", "directsync")   # no host page cache: both hosts may open the image at once
 
 
 def normal_mac(mac: str) -> str:
@@ -57,3 +64,14 @@ def free_unit(bus: str, used: set[int]) -> int | None:
     if limit is None:
         return None
     return next((u for u in range(limit) if u not in used), None)
+
+
+def effective_cache(mode: str | None, shared: bool) -> str:
+    """A disk's cache mode as QEMU opens it: its own, or (automatic) ``none`` on shared storage, else
+    ``writeback``. ``shared``: a datastore marked shared, or a raw LUN."""
+    return mode or ("none" if shared else "writeback")
+
+
+def cache_choice(choice: str | None) -> str | None:
+    """A request's cache choice as a disk spec holds it ("auto" and nothing: automatic, None)."""
+    return None if choice in (None, "auto") else choice

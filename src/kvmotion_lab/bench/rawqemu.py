@@ -62,9 +62,10 @@ KVMOTION_RECIPE = Recipe(return_path=True, pause_before_switchover=True, late_bl
 
 
 def lab_context(root: Path, host: str, accelerator: str) -> HostContext:
-    """What ``build_argv`` needs about a lab host: its datastores and its VM Network bridge."""
+    """What ``build_argv`` needs about a lab host: its datastores (which is shared) and its VM Network bridge."""
     stores = {"shared": root / "ds" / "shared", f"{host}-local": root / "ds" / f"{host}-local"}
-    return HostContext(host, accelerator, stores, {"VM Network": net.VM_BRIDGE})
+    return HostContext(host, accelerator, stores, {"VM Network": net.VM_BRIDGE},
+                       shared_datastores=frozenset({"shared"}))     # its marker says so: disks open cache=none
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:

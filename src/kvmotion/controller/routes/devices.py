@@ -1,4 +1,5 @@
-"""A VM's disks and NICs: added and removed (admin). A running VM takes virtio-scsi disks only (hot-plug)."""
+"""A VM's disks and NICs: added and removed, a disk's cache mode set (admin). A running VM takes virtio-scsi disks
+only (hot-plug), and no cache change."""
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -8,7 +9,7 @@ from kvmotion.controller.devices import Devices
 from kvmotion.controller.routes.deps import Ctl, role
 from kvmotion.models.agent import DeviceId, DiskRef
 from kvmotion.models.api import VMOut
-from kvmotion.models.devices import DiskRemoveRequest, DiskRequest, NicRequest
+from kvmotion.models.devices import DiskCacheRequest, DiskRemoveRequest, DiskRequest, NicRequest
 
 router = APIRouter()
 
@@ -21,6 +22,11 @@ async def vm_disk_add(ref: str, req: DiskRequest, ctl: Ctl) -> VMOut:
 @router.post("/vms/{ref}/disks/{disk}/remove", dependencies=role(Role.ADMIN))
 async def vm_disk_remove(ref: str, disk: DiskRef, req: DiskRemoveRequest, ctl: Ctl) -> VMOut:
     return await Devices(ctl.inventory).remove_disk(ref, disk, req)
+
+
+@router.post("/vms/{ref}/disks/{disk}/cache", dependencies=role(Role.ADMIN))
+async def vm_disk_cache(ref: str, disk: DiskRef, req: DiskCacheRequest, ctl: Ctl) -> VMOut:
+    return await Devices(ctl.inventory).set_disk_cache(ref, disk, req)
 
 
 @router.post("/vms/{ref}/nics", status_code=201, dependencies=role(Role.ADMIN))

@@ -12,7 +12,7 @@ from kvmotion.common.errors import ConflictError, InvalidInputError, NotFoundErr
 from kvmotion.models.agent import HOST_PASSTHROUGH, CdromSpec, DiskSpec, VMSpec
 from kvmotion.models.boot import BOOT_FILES, ovmf_code
 from kvmotion.models.nbd import nbd_problem, parse_nbd
-from kvmotion.models.hardware import NIC_DEVICE, SATA_CONTROLLER, SCSI_CONTROLLER
+from kvmotion.models.hardware import NIC_DEVICE, SATA_CONTROLLER, SCSI_CONTROLLER, effective_cache
 
 GUEST_CONSOLE = "console=ttyS0 quiet panic=-1"
 
@@ -23,26 +23,64 @@ def cpu_arg(spec: VMSpec, ctx: HostContext) -> str:
     return arg + (",enforce=on" if spec.cpu_enforce else "")
 
 
+# QEMU's -drive cache=MODE (bdrv_parse_cache_mode in QEMU 7.2's block.c) as -blockdev options: BDRV_O_NOCACHE is
+# the node option cache.direct (O_DIRECT), BDRV_O_NO_FLUSH cache.no-flush (QAPI BlockdevCacheOptions), and
+# "writethrough" is the guest-visible write cache of the device turned off (its write-cache property; QEMU flushes
+# after every write). mode -> (cache.direct, cache.no-flush, write-cache).
+CACHE_OPTIONS: dict[str, tuple[bool, bool, bool]] = {
+    "none": (True, False, True),
+    "directsync": (True, False, False),
+    "writethrough": (False, False, False),
+    "writeback": (False, False, True),
+    "unsafe": (False, True, True),
+}
+
+
+def disk_cache(disk: DiskSpec, ctx: HostContext, datastore: str | None = None) -> str:
+    """The cache mode ``disk`` is opened with on this host (on ``datastore``, default its own): its own, or
+    automatic (none on a datastore marked shared and on a raw LUN, writeback on a host-local one)."""
+    shared = disk.kind == "rdm" or (datastore or disk.datastore) in ctx.shared_datastores
+    return effective_cache(disk.cache, shared)
+
+
+def cache_node_options(mode: str) -> dict[str, bool]:
+    """A block node's ``cache`` options for a cache mode (every node of the disk gets them)."""
+    direct, no_flush, _ = CACHE_OPTIONS[mode]
+    return {"direct": direct, "no-flush": no_flush}
+
+
+def write_cache(mode: str) -> str:
+    """The device's guest-visible write cache for a cache mode: off for writethrough and directsync."""
+    return "on" if CACHE_OPTIONS[mode][2] else "off"
+
+
+def file_node(filename: str, cache: dict[str, bool], driver: str = "file") -> dict[str, Any]:
+    return {"driver": driver, "filename": filename, "cache": dict(cache)}
+
+
 def disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
-    node = _plain_disk_node(disk, ctx)
+    node = _plain_disk_node(disk, ctx, cache_node_options(disk_cache(disk, ctx)))
     if disk.encrypted:
         node["encrypt"] = {"format": "luks", "key-secret": disk_secret_id(disk.node)}
     return node
 
 
-def _plain_disk_node(disk: DiskSpec, ctx: HostContext) -> dict[str, Any]:
+def _plain_disk_node(disk: DiskSpec, ctx: HostContext, cache: dict[str, bool]) -> dict[str, Any]:
+    """The disk's format node, its file node and (a linked clone) its base image's nodes, all with ``cache``."""
     if disk.kind == "rdm":
         path = ctx.luns.get(disk.identity or "")
         if path is None:
             raise ConflictError(f"raw LUN {disk.identity} of {disk.id} is not presented to {ctx.host_name}",
                                 remedy="present the LUN to this host, or run the VM elsewhere")
-        return {"node-name": disk.node, "driver": "raw", "file": {"driver": "host_device", "filename": str(path)}}
+        return {"node-name": disk.node, "driver": "raw", "cache": dict(cache),
+                "file": file_node(str(path), cache, "host_device")}
     path = safe_path(ctx, disk.datastore, disk.path)
-    node: dict[str, Any] = {"node-name": disk.node, "driver": disk.format,
-                            "file": {"driver": "file", "filename": str(path)}}
+    node: dict[str, Any] = {"node-name": disk.node, "driver": disk.format, "cache": dict(cache),
+                            "file": file_node(str(path), cache)}
     if disk.backing:       # a linked clone: its base named here, confined to the datastore (not the image header)
         base = safe_path(ctx, disk.datastore, disk.backing, what="base image")
-        node["backing"] = {"driver": disk.backing_format or "qcow2", "file": {"driver": "file", "filename": str(base)}}
+        node["backing"] = {"driver": disk.backing_format or "qcow2", "cache": dict(cache),
+                           "file": file_node(str(base), cache)}
     return node
 
 
@@ -81,14 +119,15 @@ def cdrom_node(cd: CdromSpec, ctx: HostContext, boot_datastore: str) -> dict[str
 
 
 def disk_device(disk: DiskSpec, boot: bool = False) -> str:
-    """The guest device of a disk on its bus, at its fixed unit (the same on every host, hot-plugged or not)."""
-    index = ",bootindex=0" if boot else ""
+    """The guest device of a disk on its bus, at its fixed unit (the same on every host, hot-plugged or not), with
+    the write cache of its cache mode (automatic is on everywhere: the guest sees the same device on every host)."""
+    tail = f",write-cache={write_cache(disk.cache or 'none')}" + (",bootindex=0" if boot else "")
     if disk.bus == "virtio-scsi":
         return (f"scsi-hd,drive={disk.node},id={disk.id},bus={SCSI_CONTROLLER}.0,channel=0,"
-                f"scsi-id={disk.unit or 0},lun=0{index}")
+                f"scsi-id={disk.unit or 0},lun=0{tail}")
     if disk.bus == "sata":
-        return f"ide-hd,drive={disk.node},id={disk.id},bus={SATA_CONTROLLER}.{disk.unit or 0}{index}"
-    return f"virtio-blk-pci,drive={disk.node},id={disk.id}{index}"
+        return f"ide-hd,drive={disk.node},id={disk.id},bus={SATA_CONTROLLER}.{disk.unit or 0}{tail}"
+    return f"virtio-blk-pci,drive={disk.node},id={disk.id}{tail}"
 
 
 def device_props(device: str) -> dict[str, Any]:

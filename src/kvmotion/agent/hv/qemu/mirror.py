@@ -16,6 +16,7 @@ from typing import Any
 from kvmotion.agent.diskkeys import disk_secret_id
 from kvmotion.agent.context import safe_path
 from kvmotion.agent import nbdtls
+from kvmotion.agent.hv.qemu.argv import cache_node_options, disk_cache, file_node
 from kvmotion.agent.hv.qemu.migration import qmp_of, tls_object
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.common.errors import ConflictError, InvalidInputError, KvmotionError, MirrorFailed
@@ -109,7 +110,8 @@ def target_blockdev(vm: QemuVM, disk: DiskSpec, t: DiskTarget, node: str,
             dev["tls-hostname"] = t.tls_hostname
         return dev
     path = safe_path(vm.ctx, t.datastore, t.path)
-    dev = {"node-name": node, "driver": t.format, "file": {"driver": "file", "filename": str(path)}}
+    cache = cache_node_options(disk_cache(disk, vm.ctx, t.datastore))    # as a restart on the target would open it
+    dev = {"node-name": node, "driver": t.format, "cache": cache, "file": file_node(str(path), cache)}
     if disk.encrypted:
         dev["encrypt"] = {"format": "luks", "key-secret": disk_secret_id(disk.node)}
     return dev
