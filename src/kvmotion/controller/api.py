@@ -20,8 +20,7 @@ from kvmotion import __version__
 from kvmotion.common.apierrors import invalid_input, kvmotion_error
 from kvmotion.common.errors import KvmotionError
 from kvmotion.controller.auth import Peer, Principal
-from kvmotion.controller.gate import ApiGate
-from kvmotion.controller.gate import PEER_PREFIX
+from kvmotion.controller.gate import PEER_PREFIX, ApiGate
 from kvmotion.controller.routes import (clusters, console, devices, domain, guest, hosts, images, tasks, tokens,
                                         vms)
 from kvmotion.controller.routes.deps import no_unknown_query

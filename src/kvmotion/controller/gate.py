@@ -69,7 +69,6 @@ class ApiGate:
         if body is not None:
             await self.app(scope, replay(body, receive), send)
 
-
     def _caller(self, scope: Scope, what: str) -> Principal | Peer:
         path = scope["path"]
         if not path.startswith(PEER_PREFIX):
