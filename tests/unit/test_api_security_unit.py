@@ -77,6 +77,24 @@ EXPECTED_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/images/{name}"): "viewer",
     ("DELETE", "/api/v1/images/{name}"): "admin",
     ("POST", "/api/v1/vms/import-ovf"): "admin",
+    ("GET", "/api/v1/domain"): "admin",
+    ("POST", "/api/v1/domain"): "admin",
+    ("POST", "/api/v1/domain/join"): "admin",
+    ("POST", "/api/v1/domain/leave"): "admin",
+    ("GET", "/api/v1/domain/members"): "admin",
+    ("POST", "/api/v1/domain/members/{name}/approve"): "admin",
+    ("POST", "/api/v1/domain/members/{name}/ping"): "admin",
+    ("DELETE", "/api/v1/domain/members/{name}"): "admin",
+    ("DELETE", "/api/v1/domain/pending/{name}"): "admin",
+}
+# Calls between the controllers of a trust domain: a pinned client certificate, never a token (test_domain_unit),
+# or open (the CA certificate, checked by the caller against a fingerprint; a join request, kept pending).
+PEER_ENDPOINTS: dict[tuple[str, str], str] = {
+    ("GET", "/api/v1/peer/ca"): "open",
+    ("POST", "/api/v1/peer/join"): "open",
+    ("POST", "/api/v1/peer/welcome"): "certificate",
+    ("GET", "/api/v1/peer/hello"): "certificate",
+    ("POST", "/api/v1/peer/leave"): "certificate",
 }
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 
@@ -118,7 +136,17 @@ def concrete(path: str) -> str:
 
 
 def test_every_endpoint_is_classified(api: Api) -> None:
-    assert routes(api.app) == set(EXPECTED_ROLES)
+    assert routes(api.app) == set(EXPECTED_ROLES) | set(PEER_ENDPOINTS)
+
+
+def test_peer_endpoints_take_no_token_only_a_certificate(api: Api) -> None:
+    for (method, path), needs in PEER_ENDPOINTS.items():
+        for role in (None, "viewer", "operator", "admin", "enrol"):
+            status = api.call(method, path, role, json={})
+            if needs == "certificate":
+                assert status == 401, (method, path, role, status)
+            else:
+                assert status not in (401, 403), (method, path, role, status)
 
 
 def test_every_endpoint_refuses_a_missing_or_bad_token(api: Api) -> None:

@@ -1,26 +1,13 @@
 """A small synchronous client for the controller API, used by the CLI, the demo and the tests."""
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 import httpx
 
 from kvmotion.cli.config import default_token, default_url, trust_configured_ca
 from kvmotion.common.errors import AgentUnreachable, KvmotionError
-from kvmotion.common.http import tls_context
-
-
-def untrusted(exc: BaseException) -> bool:
-    """Whether a connection failed on the server's certificate (the cause chain holds the TLS verification)."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+from kvmotion.common.http import tls_context, untrusted
 
 
 class Client:
@@ -93,6 +80,35 @@ class Client:
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         return self.call("GET", "/audit", params={"limit": limit})
+
+    def domain(self) -> dict[str, Any]:
+        return self.call("GET", "/domain")
+
+    def create_domain(self, name: str, controller_name: str | None, public_url: str | None) -> dict[str, Any]:
+        return self.call("POST", "/domain", _given(name=name, controller_name=controller_name, public_url=public_url))
+
+    def join_domain(self, url: str, fingerprint: str, controller_name: str | None,
+                    public_url: str | None) -> dict[str, Any]:
+        return self.call("POST", "/domain/join", _given(url=url, fingerprint=fingerprint,
+                                                        controller_name=controller_name, public_url=public_url))
+
+    def domain_members(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/domain/members")
+
+    def approve_member(self, name: str, fingerprint: str) -> dict[str, Any]:
+        return self.call("POST", f"/domain/members/{name}/approve", {"fingerprint": fingerprint})
+
+    def reject_member(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/domain/pending/{name}")
+
+    def ping_member(self, name: str) -> dict[str, Any]:
+        return self.call("POST", f"/domain/members/{name}/ping")
+
+    def remove_member(self, name: str, force: bool = False) -> dict[str, Any]:
+        return self.call("DELETE", f"/domain/members/{name}", params={"force": force} if force else None)
+
+    def leave_domain(self, force: bool = False) -> dict[str, Any]:
+        return self.call("POST", "/domain/leave", {"force": force})
 
     def vms(self) -> list[dict[str, Any]]:
         return self.call("GET", "/vms")
@@ -195,6 +211,11 @@ class Client:
 
     def tasks(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.call("GET", "/tasks", params={"limit": limit})
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields of a request body that were given (None: left to the controller)."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _validation_text(detail: Any) -> str:

@@ -9,6 +9,7 @@ import typer
 
 from kvmotion.cli.clusters import cluster_app
 from kvmotion.cli.console import console
+from kvmotion.cli.domain import domain_app
 from kvmotion.cli.vncproxy import vnc
 from kvmotion.cli.hosts import host_app
 from kvmotion.cli.images import image_app
@@ -22,7 +23,7 @@ def build_app() -> typer.Typer:
     """The `kvmotion` app: the product's command groups and the installed plugins'."""
     app = typer.Typer(help="kvmotion: vMotion for QEMU/KVM", no_args_is_help=True, add_completion=False)
     for sub, name in ((host_app, "host"), (vm_app, "vm"), (task_app, "task"), (cluster_app, "cluster"),
-                      (token_app, "token"), (image_app, "image")):
+                      (token_app, "token"), (image_app, "image"), (domain_app, "domain")):
         app.add_typer(sub, name=name)
     app.command("audit")(audit)
     vm_app.command("console")(console)

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from kvmotion.common.errors import KvmotionError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)                   # fingerprints are colon hex: ":CD:" must not become an emoji
+err_console = Console(stderr=True, emoji=False)
 URL = typer.Option(None, "--url", envvar="KVMOTION_URL", help="controller URL")
 T = TypeVar("T")
 

@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
     PRECHECK_FAILED = "PRECHECK_FAILED"
     AGENT_UNREACHABLE = "AGENT_UNREACHABLE"
     AGENT_ERROR = "AGENT_ERROR"
+    PEER_UNREACHABLE = "PEER_UNREACHABLE"
     QMP_ERROR = "QMP_ERROR"
     QMP_TIMEOUT = "QMP_TIMEOUT"
     QEMU_START_FAILED = "QEMU_START_FAILED"
@@ -36,6 +37,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.PRECHECK_FAILED: 409,
     ErrorCode.AGENT_UNREACHABLE: 502,
     ErrorCode.AGENT_ERROR: 502,
+    ErrorCode.PEER_UNREACHABLE: 502,
     ErrorCode.QMP_ERROR: 500,
     ErrorCode.QMP_TIMEOUT: 504,
     ErrorCode.QEMU_START_FAILED: 500,
@@ -166,6 +168,12 @@ class AgentUnreachable(KvmotionError):
 
 class AgentError(KvmotionError):
     code = ErrorCode.AGENT_ERROR
+
+
+class PeerUnreachable(KvmotionError):
+    """Another controller of the trust domain did not answer, or not with its pinned identity; ``details``: url."""
+
+    code = ErrorCode.PEER_UNREACHABLE
 
 
 class QMPCommandError(KvmotionError):
@@ -321,7 +329,7 @@ _BY_CODE: dict[ErrorCode, type[KvmotionError]] = {
     cls.code: cls
     for cls in (
         NotFoundError, InvalidInputError, ConflictError, PrecheckFailed, AgentUnreachable, AgentError,
-        QMPCommandError, QMPTimeout, QemuStartFailed, MigrationFailed, DeadlineExceeded, ImageMissing,
+        PeerUnreachable, QMPCommandError, QMPTimeout, QemuStartFailed, MigrationFailed, DeadlineExceeded, ImageMissing,
         UnauthorizedError, ForbiddenError, GuestAgentSilent, GuestAgentError,
     )
 }

@@ -19,8 +19,9 @@ def fingerprint(secret: str) -> str:
     return ":".join(f"{b:02X}" for b in digest)
 
 
-def same(a: str, b: str) -> bool:
-    """Fingerprints equal, ignoring case, colons and spaces."""
+def same(a: str, b: str, size: int = 16) -> bool:
+    """Fingerprints of ``size`` bytes equal, ignoring case, colons and spaces (a controller's is 32 bytes long:
+    ``kvmotion.common.pinning.fingerprint``)."""
     def norm(x: str) -> str:
         return "".join(c for c in x.upper() if c in "0123456789ABCDEF")
-    return hmac.compare_digest(norm(a), norm(b)) and len(norm(a)) == 32
+    return hmac.compare_digest(norm(a), norm(b)) and len(norm(a)) == 2 * size

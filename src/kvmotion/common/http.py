@@ -41,3 +41,15 @@ def trust(ca_file: Path, ctx: ssl.SSLContext | None = None) -> None:
         raise InvalidInputError(f"cannot read the CA certificate {ca_file}: {exc}",
                                 remedy="copy the controller's pki/ca-cert.pem and name it (ca_file)") from exc
     _trusted.add(key)
+
+
+def untrusted(exc: BaseException) -> bool:
+    """Whether a connection failed on the server's certificate (the cause chain holds the TLS verification)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

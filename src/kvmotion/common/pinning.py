@@ -71,6 +71,12 @@ def sha256_of(pem: str) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def fingerprint(pem: str) -> str:
+    """The certificate's SHA-256 (of its DER) as colon-separated hex pairs, what admins compare by eye."""
+    digest = sha256_of(pem).upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
 def der_to_pem(der: bytes) -> str:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
 

@@ -12,40 +12,23 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from kvmotion.common import confined, pinning
+from kvmotion.common import pinning
 from kvmotion.common.errors import InvalidInputError
-from kvmotion.common.private import private_dir
 from kvmotion.controller.db import AgentPin
-from kvmotion.controller.pki import CA_DAYS, CertificateAuthority
+from kvmotion.controller.pki import CertificateAuthority, ensure_client_cert
 from kvmotion.models.agent import HostFacts
 
 CERT_FILE, KEY_FILE = "agent-client-cert.pem", "agent-client-key.pem"
 CLIENT_CN = "kvmotion controller (agent client)"
 
 
-def ensure_client_cert(ca: CertificateAuthority, directory: Path) -> tuple[Path, Path]:
-    cert_path, key_path = private_dir(directory) / CERT_FILE, directory / KEY_FILE
-    if cert_path.exists() and key_path.exists():
-        return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(key.public_key(), "client", CLIENT_CN, [], days=CA_DAYS)
-    confined.write_in(directory, KEY_FILE, key.private_bytes(serialization.Encoding.PEM,
-                                                             serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
-    confined.write_in(directory, CERT_FILE + ".tmp", cert.encode(), 0o644)
-    confined.replace_in(directory, CERT_FILE + ".tmp", CERT_FILE)
-    return cert_path, key_path
-
-
 class AgentTls:
     def __init__(self, sessions: sessionmaker[Session], ca: CertificateAuthority, directory: Path) -> None:
         self.sessions, self.ca = sessions, ca
-        self.cert_file, self.key_file = ensure_client_cert(ca, directory)
+        self.cert_file, self.key_file = ensure_client_cert(ca, directory, CERT_FILE, KEY_FILE, CLIENT_CN)
         self.cert_pem = self.cert_file.read_text()
 
     def first_contact(self) -> pinning.ClientTls:

@@ -19,15 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvmotion import __version__
 from kvmotion.common.apierrors import invalid_input, kvmotion_error
 from kvmotion.common.errors import KvmotionError
-from kvmotion.controller.auth import Principal
-from kvmotion.controller.gate import ApiGate
-from kvmotion.controller.routes import clusters, console, devices, guest, hosts, images, tasks, tokens, vms
+from kvmotion.controller.auth import Peer, Principal
+from kvmotion.controller.gate import PEER_PREFIX, ApiGate
+from kvmotion.controller.routes import (clusters, console, devices, domain, guest, hosts, images, tasks, tokens,
+                                        vms)
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
 
 PREFIX = "/api/v1"
 ROUTERS = (hosts.router, clusters.router, images.router, vms.router, tasks.router, tokens.router, devices.router,
-           guest.router)
+           guest.router, domain.router, domain.peer_router)
 
 
 class ErrorDetail(BaseModel):
@@ -79,7 +80,8 @@ def create_app(ctl: Controller, public_docs: bool = False) -> FastAPI:
     _error_handlers(app)
     docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
                      if p and not public_docs)
-    app.add_middleware(ApiGate, tokens=ctl.tokens, docs_paths=docs)      # inside the audit: refusals are audited
+    app.add_middleware(ApiGate, tokens=ctl.tokens, docs_paths=docs,      # inside the audit: refusals are audited
+                       peers=ctl.domain.authenticate)
     _audit(app, ctl)
     for router in ROUTERS:
         app.include_router(router, prefix=PREFIX, responses=ERROR_RESPONSES,
@@ -107,12 +109,13 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def _audit(app: FastAPI, ctl: Controller) -> None:
-    """Every state-changing call, also a refused one, is recorded with the caller the role check found."""
+    """Every state-changing call, also a refused one, is recorded with the caller the role check found; so is
+    every call of another controller (``/api/v1/peer/``), with that controller's name."""
     @app.middleware("http")
     async def audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            who: Principal | None = getattr(request.state, "principal", None)
+        if request.method not in ("GET", "HEAD", "OPTIONS") or request.url.path.startswith(PEER_PREFIX):
+            who: Principal | Peer | None = getattr(request.state, "principal", None)
             client = request.client.host if request.client else "?"
             await asyncio.to_thread(ctl.audit.record, who.name if who else "-", str(who.role) if who else "-",
                                     request.method, request.url.path, response.status_code, client)

@@ -20,6 +20,7 @@ from kvmotion.controller.pki import CertificateAuthority, general_name
 
 CERT_FILE, KEY_FILE = "api-cert.pem", "api-key.pem"
 RENEW_BEFORE = dt.timedelta(days=30)
+SERVER_CN = "kvmotion controller"       # no host is named so (names have no spaces): peers check it
 
 
 def names_for(listen_host: str, extra: list[str]) -> list[str]:
@@ -44,7 +45,7 @@ def ensure(ca: CertificateAuthority, directory: Path, names: list[str]) -> tuple
     if key_path.exists() and _current(cert_path, ca, names):
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(key.public_key(), "server", "kvmotion controller", names)
+    cert = ca.issue(key.public_key(), "server", SERVER_CN, names)
     confined.write_in(directory, KEY_FILE, key.private_bytes(serialization.Encoding.PEM,
                                                              serialization.PrivateFormat.PKCS8,
                                                              serialization.NoEncryption()))

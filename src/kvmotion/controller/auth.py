@@ -52,6 +52,15 @@ class Principal:
         return self.role is not Role.ENROL and _RANK[self.role] >= _RANK[needed]
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Another controller of the trust domain, known by its pinned client certificate (never by a token;
+    ``controller.domain``), or one asking to join (``role`` join-request), or nobody yet (``role`` anonymous)."""
+    name: str
+    state: str = ""          # pending | joining | member (models.domain.MemberState)
+    role: str = "peer"
+
+
 class TokenCreate(BaseModel):
     model_config = {"extra": "forbid"}
     name: str = Field(pattern=NAME_PATTERN)

@@ -194,6 +194,36 @@ class AuditEntry(Base):
     client: Mapped[str] = mapped_column(String(64))
 
 
+class DomainSelf(Base):
+    """This controller in its trust domain (``controller.domain``): one row, id 1, while it is in a domain."""
+
+    __tablename__ = "domain_self"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain_id: Mapped[str] = mapped_column(String(64))
+    domain_name: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))          # this controller's name in the domain
+    url: Mapped[str] = mapped_column(String(264))          # where the others reach it
+    since: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class DomainMember(Base):
+    """Another controller of the domain, or one asking to join (state pending | joining | member): its pinned CA
+    certificate and peer client certificate (PEM)."""
+
+    __tablename__ = "domain_members"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(String(264))
+    state: Mapped[str] = mapped_column(String(16))
+    ca_pem: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(100))
+    client_pem: Mapped[str] = mapped_column(Text)
+    client_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    since: Mapped[float] = mapped_column(Float, default=time.time)
+    approved_by: Mapped[str] = mapped_column(String(64), default="")
+    last_contact: Mapped[float] = mapped_column(Float, default=0.0)
+    version: Mapped[str] = mapped_column(String(64), default="")
+
+
 def _private_sqlite(url: str) -> None:
     """The SQLite file holds wrapped secrets and token hashes: created 0600 before SQLite opens it (SQLite gives
     its -wal and -shm files the database's mode), and an existing one and its companions tightened."""

@@ -6,17 +6,23 @@ a token lookup, nothing more. Roles stay checked by each endpoint (``routes.deps
 principal found here). Bodies are bounded: ``MAX_BODY`` by default, more only where a request legitimately
 carries more (``BODY_LIMITS``); a larger one is a 413 at once when its Content-Length says so, else as soon as
 the limit is passed. Websockets (the consoles) pass through: they authenticate in ``routes/console.py``.
+Calls under ``/api/v1/peer/`` come from the other controllers of the trust domain: ``peers`` authenticates them
+by the connection's client certificate alone (``peertls.PEER_CERT``); a bearer token counts for nothing there.
 """
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from kvmotion.common.asgi import (ASGIApp, BodyTooLarge, Receive, Scope, Send, declared_length, header, read_body,
                                   replay, reply_json, too_large)
-from kvmotion.common.errors import KvmotionError
-from kvmotion.controller.auth import Principal, Role, Tokens, authenticate_bearer, require_role
+from kvmotion.common.errors import KvmotionError, UnauthorizedError
+from kvmotion.controller.auth import Peer, Principal, Role, Tokens, authenticate_bearer, require_role
+from kvmotion.controller.peertls import PEER_CERT
 
 API_PREFIX = "/api/v1/"
+PEER_PREFIX = "/api/v1/peer/"
+PeerCheck = Callable[[bytes | None, str, str], Peer]    # (client certificate DER, method, path) -> the caller
 MAX_BODY = 1 << 20
 # VM creation may carry cloud-init files: four of at most 64 Ki characters each, up to 12 bytes a character
 # once JSON-escaped (a surrogate pair as two \uXXXX), with their names: under 4 MiB.
@@ -27,9 +33,11 @@ class ApiGate:
     """ASGI middleware: authenticate, bound the body, then hand the request on unchanged (see the module)."""
 
     def __init__(self, app: ASGIApp, tokens: Tokens, docs_paths: frozenset[str] = frozenset(),
-                 max_body: int = MAX_BODY, limits: dict[tuple[str, str], int] | None = None) -> None:
+                 max_body: int = MAX_BODY, limits: dict[tuple[str, str], int] | None = None,
+                 peers: PeerCheck | None = None) -> None:
         self.app = app
         self.tokens = tokens
+        self.peers = peers
         self.docs_paths = docs_paths            # guarded too (viewer role); empty: the docs are public
         self.max_body = max_body
         self.limits = BODY_LIMITS if limits is None else limits
@@ -42,7 +50,7 @@ class ApiGate:
             return
         what = f"{scope['method']} {path}"
         try:
-            principal = await asyncio.to_thread(authenticate_bearer, self.tokens, _bearer(scope), what)
+            principal = await asyncio.to_thread(self._caller, scope, what)
             scope.setdefault("state", {})["principal"] = principal    # the audit names the caller, even if refused
             if docs:
                 require_role(principal, Role.VIEWER, what)
@@ -60,6 +68,15 @@ class ApiGate:
             return
         if body is not None:
             await self.app(scope, replay(body, receive), send)
+
+    def _caller(self, scope: Scope, what: str) -> Principal | Peer:
+        path = scope["path"]
+        if not path.startswith(PEER_PREFIX):
+            return authenticate_bearer(self.tokens, _bearer(scope), what)
+        if self.peers is None:
+            raise UnauthorizedError(f"{what}: this controller takes no calls from other controllers",
+                                    remedy="call the /api/v1 endpoints of its admin API with a token")
+        return self.peers(scope.get("state", {}).get(PEER_CERT), scope["method"], path)
 
 
 def _bearer(scope: Scope) -> str | None:

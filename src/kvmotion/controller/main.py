@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     cert = https_files(cfg, ctl)
     app = create_app(ctl, public_docs=cfg.public_docs)
     uvicorn.run(app, host=cfg.listen_host, port=cfg.listen_port, log_level=cfg.log_level, access_log=False,
-                ssl_certfile=str(cert[0]) if cert else None, ssl_keyfile=str(cert[1]) if cert else None)
+                **(ctl.domain.serving(cert) if cert else {}))      # HTTPS; the domain's controllers may show theirs
 
 
 def https_files(cfg: ControllerConfig, ctl: Controller) -> tuple[Path, Path] | None:

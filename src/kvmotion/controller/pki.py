@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.common import confined
 from kvmotion.common.errors import InvalidInputError
-from kvmotion.common.private import keep_private
+from kvmotion.common.private import keep_private, private_dir
 
 CA_DAYS = 3650
 HOST_DAYS = 365
@@ -112,6 +112,23 @@ class CertificateAuthority:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build())
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def ensure_client_cert(ca: CertificateAuthority, directory: Path, cert_name: str, key_name: str,
+                       cn: str) -> tuple[Path, Path]:
+    """(certificate, key) files of a client certificate (clientAuth) the CA issues once for the controller itself
+    and keeps (valid 10 years): the far ends pin it, so it is not renewed behind their backs. Key 0600."""
+    cert_path, key_path = private_dir(directory) / cert_name, directory / key_name
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue(key.public_key(), "client", cn, [], days=CA_DAYS)
+    confined.write_in(directory, key_name, key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    confined.write_in(directory, cert_name + ".tmp", cert.encode(), 0o644)
+    confined.replace_in(directory, cert_name + ".tmp", cert_name)
+    return cert_path, key_path
 
 
 def general_name(name: str) -> x509.GeneralName:

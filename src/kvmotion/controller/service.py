@@ -18,6 +18,7 @@ from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
+from kvmotion.controller.domain import Domain
 from kvmotion.controller.guest import GuestControl
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
@@ -55,6 +56,7 @@ class Controller:
         self.onboarding = Onboarding(self.sessions, self.inventory, self.certs)
         self.audit = Audit(self.sessions)
         self.guest = GuestControl(self.inventory)
+        self.domain = Domain(self.sessions, self.certs.ca, pki)
         self.token_dir = token_dir or pki.parent
         self._monitor: asyncio.Task[None] | None = None
 
