@@ -188,6 +188,20 @@ def vm_validate(vm: str, host: Optional[str] = typer.Option(None, "--host"),
     raise typer.Exit(check_migration(Client(url), vm, host, datastore=datastore))
 
 
+def _force_complete(client: Client, vm: str, wait: bool, url: Optional[str]) -> None:
+    """Switch the VM's running live migration over now (``vm migrate --force-complete``)."""
+    running = [t for t in run(lambda: client.tasks(200)) if t["state"] == "running"
+               and vm in (t["vm_name"], t["vm_uuid"])]
+    if not running:
+        err_console.print(f"[red]error:[/] VM {vm} has no running migration; remedy: start one first")
+        raise typer.Exit(3)
+    if wait:
+        task_force_complete(running[0]["id"], url)
+    else:
+        t = run(lambda: client.force_complete(running[0]["id"]))
+        console.print(f"task {t['id']}: switching over now")
+
+
 @vm_app.command("migrate")
 def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help="destination host"),
                datastore: Optional[str] = typer.Option(None, "--datastore", help="move the VM's files to this datastore"),
@@ -221,16 +235,7 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
     """Move a VM: vMotion (--host), Storage vMotion (--datastore/--disk), both (shared-nothing), or cold."""
     client = Client(url)
     if force_complete:
-        running = [t for t in run(lambda: client.tasks(200)) if t["state"] == "running"
-                   and vm in (t["vm_name"], t["vm_uuid"])]
-        if not running:
-            err_console.print(f"[red]error:[/] VM {vm} has no running migration; remedy: start one first")
-            raise typer.Exit(3)
-        if wait:
-            task_force_complete(running[0]["id"], url)
-        else:
-            t = run(lambda: client.force_complete(running[0]["id"]))
-            console.print(f"task {t['id']}: switching over now")
+        _force_complete(client, vm, wait, url)
         return
     opts: dict[str, Any] = {"datastore": datastore, "disks": parse_disk_map(disk), "disk_format": disk_format,
                             "disk_mbps": disk_mbps}
