@@ -5,6 +5,7 @@ idempotent, and a database of a newer release is refused untouched."""
 from __future__ import annotations
 
 import json
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from dbtools import query
 from kvmotion.common.errors import DatabaseUnusable
 from kvmotion.controller import dbengine, schema
 from kvmotion.controller.db import Base, make_engine
+from kvmotion.controller.migrations import __main__ as migrations_main
 
 GiB = 1 << 30
 
@@ -127,3 +129,20 @@ def test_the_alembic_environment_ships_with_the_package() -> None:
     assert revisions[-1] == schema.BASELINE and revisions[0] == schema.head() and len(set(revisions)) == len(revisions)
     for rev in revisions:
         assert Path(schema.scripts().get_revision(rev).path).name.startswith(f"{rev}_")
+
+
+def test_the_next_revision_is_written_from_the_models(tmp_path: Path, monkeypatch) -> None:
+    """``python -m kvmotion.controller.migrations MSG`` (on a copy of the migrations): the file is named by the next
+    id, follows the head, and, the models being the head's schema, holds no operation."""
+    copy = tmp_path / "migrations"
+    shutil.copytree(schema.MIGRATIONS, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    head = schema.head()
+    monkeypatch.setattr(schema, "MIGRATIONS", copy)
+    schema.scripts.cache_clear()
+    try:
+        assert migrations_main.main(["a new column"]) == 0
+        assert migrations_main.main([]) == 2
+    finally:
+        schema.scripts.cache_clear()
+    body = (copy / "versions" / f"{int(head) + 1:04d}_a_new_column.py").read_text()
+    assert f"down_revision: Union[str, Sequence[str], None] = {head!r}" in body and "op." not in body

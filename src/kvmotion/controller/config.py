@@ -110,4 +110,4 @@ def require_pki_dir(database_url: str, pki_dir: Path | None, source: str = "") -
             "pki_dir is required when database_url is not SQLite (the controller's CA and master key are kept "
             "there, not in the database)", details={"file": source, "keys": ["pki_dir"]},
             remedy='set pki_dir in the controller\'s configuration (e.g. pki_dir = "/var/lib/kvmotion/controller/pki") '
-                   "or give --pki-dir; a controller moved from SQLite keeps its old pki/ folder: name that one")
+                   "or give --pki-dir (docs/deploy.md, The database)")
