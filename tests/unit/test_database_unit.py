@@ -16,6 +16,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from dbtools import query
 from kvmotion.common.errors import ConfigInvalid, DatabaseUnusable
 from kvmotion.controller import dbengine, schema, tasks
+from kvmotion.controller import main as controller_main
 from kvmotion.controller.api import create_app
 from kvmotion.controller.config import ControllerConfig
 from kvmotion.controller.db import Host, make_engine, make_sessionmaker
@@ -83,14 +84,18 @@ def test_a_statement_past_its_deadline_fails_instead_of_hanging(db_url: str, mon
         holder.exec_driver_sql("ROLLBACK")
 
 
-def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path: Path) -> None:
+def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path: Path, capsys) -> None:
     with socket.socket() as s:                            # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        url = f"postgresql+psycopg://kv:s3cret-pw@127.0.0.1:{s.getsockname()[1]}/kvmotion"
     with pytest.raises(DatabaseUnusable) as exc:
-        make_engine(f"postgresql+psycopg://kv:s3cret-pw@127.0.0.1:{port}/kvmotion")
+        make_engine(url)
     assert "s3cret-pw" not in str(exc.value) + str(exc.value.details) and "kv:***@127.0.0.1" in exc.value.message
     assert "database_url" in exc.value.remedy
+    with pytest.raises(SystemExit) as stop:               # kvmotion-server stops with the error and its fix
+        controller_main.main(["--db", url, "--pki-dir", str(tmp_path / "pki")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "kvmotion-server: fix:" in err and "s3cret-pw" not in err
 
 
 # -- what PostgreSQL refuses, handled alike on both ---------------------------------------------------------------

@@ -26,7 +26,11 @@ def store_facts(sessions: sessionmaker[Session], name: str, facts: HostFacts) ->
         h.facts_json, h.state, h.last_seen = facts.model_dump_json(), "connected", time.time()
         s.execute(delete(HostDatastore).where(HostDatastore.host == name))
         s.execute(delete(Network).where(Network.host == name))
-        notes = [note for d in facts.datastores if d.uuid and (note := _link_datastore(s, name, d))]
+        notes = []
+        for d in facts.datastores:
+            note = _link_datastore(s, name, d) if d.uuid else None
+            if note:
+                notes.append(note)
         for p in facts.portgroups:
             row = Network(host=name, name=p.name, bridge=p.bridge)
             if (long := too_long(row)):

@@ -3,10 +3,6 @@
 Frozen here, never edited: later changes are revisions after this one. A database made by ``create_all`` (its
 tables, no ``alembic_version``) is adopted at this revision: ``METADATA`` creates what an older release had not
 made yet (checkfirst), and the database is stamped ``0001`` (``kvmotion.controller.schema``).
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-30
 """
 from __future__ import annotations
 
@@ -15,8 +11,6 @@ from alembic import op
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 METADATA = sa.MetaData()
 

@@ -1,10 +1,6 @@
 """Image sizes as 64-bit integers (BIGINT): PostgreSQL's INTEGER stops at 2 GiB.
 
 SQLite's INTEGER holds 64 bits already; batch mode copies the table there, for the declared type.
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-30
 """
 from __future__ import annotations
 
@@ -13,8 +9,6 @@ from alembic import op
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 COLUMNS = ("virtual_bytes", "file_bytes")
 
 
