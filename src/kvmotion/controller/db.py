@@ -1,5 +1,6 @@
-"""Inventory and task storage (SQLAlchemy; SQLite by default, or PostgreSQL): the tables as they are now. Every
-change to them is an Alembic revision too (``controller/migrations/versions``; docs/development.md)."""
+"""Inventory and task storage (SQLAlchemy; SQLite by default, or PostgreSQL): the tables as they are now.
+Every change to them is an Alembic revision too (``controller/migrations/versions``; docs/deploy.md, "Schema
+changes")."""
 from __future__ import annotations
 
 import json
