@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,18 @@ def test_host_facts_that_do_not_fit_are_left_out_with_a_note_not_cut_or_crashing
     host = Inventory(sessions).get_host("h1")
     assert host.state == "connected" and "port group 'docker bridge" in host.last_error
     assert "datastore at '/ds/odd' left out: its name is too long" in host.last_error
+
+
+def test_timestamps_keep_their_microseconds_and_sizes_their_64_bits(db_url: str) -> None:
+    """Float columns are double precision on PostgreSQL (a 4-byte REAL would round a timestamp to minutes)."""
+    engine = make_engine(db_url)
+    now = time.time()
+    query(engine, "INSERT INTO revoked_certs (serial, host, revoked_at) VALUES ('ab', 'h1', :t)", t=now)
+    query(engine, "INSERT INTO images (name, state, source_format, format, virtual_bytes, file_bytes, sha256, "
+                  "copies_json, created_at) VALUES ('big', 'ready', 'raw', 'qcow2', :v, :v, '', '[]', :t)",
+          v=(1 << 40) + 1, t=now)
+    assert query(engine, "SELECT revoked_at FROM revoked_certs") == [(now,)]
+    assert query(engine, "SELECT virtual_bytes, created_at FROM images") == [((1 << 40) + 1, now)]
 
 
 def test_a_task_is_found_by_a_prefix_of_its_id_in_any_case_with_no_wildcards(db_url: str) -> None:
