@@ -1,6 +1,7 @@
 """Schemathesis against the controller's own OpenAPI: no 5xx, and every response matches the schema.
 
-A real controller process (uvicorn, SQLite) on the loopback interface, called with its first admin token.
+A real controller process (uvicorn; SQLite, or PostgreSQL with $KVMOTION_TEST_PG_URL: tests/unit/dbtools.py) on
+the loopback interface, called with its first admin token.
 No agent answers (hosts cannot be enrolled), so the fuzzer exercises validation, lookups, tokens, clusters
 and the audit log. Bounded: a fixed number of examples per operation.
 """
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
 
@@ -19,9 +21,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from dbtools import pg_base, pg_schema
 from kvmotion.controller import auth
 
 MAX_EXAMPLES = 30
+pytestmark = pytest.mark.db         # what the fuzzer sends ends in the database: run on PostgreSQL too
 
 
 def free_port() -> int:
@@ -33,10 +37,17 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory) -> Iterator[tuple[str, str]]:
     root: Path = tmp_path_factory.mktemp("fuzz")
+    with ExitStack() as stack:
+        base = pg_base()
+        db = stack.enter_context(pg_schema(base)) if base else f"sqlite:///{root / 'c.db'}"
+        yield from _serve(root, db)
+
+
+def _serve(root: Path, db: str) -> Iterator[tuple[str, str]]:
     port = free_port()
     log = open(root / "controller.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "kvmotion.controller.main", "--host", "127.0.0.1", "--port",
-                             str(port), "--db", f"sqlite:///{root / 'c.db'}", "--log-level", "warning",
+                             str(port), "--db", db, "--pki-dir", str(root / "pki"), "--log-level", "warning",
                              "--tls", "off"],      # input handling under test here; HTTPS: test_https_unit
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"

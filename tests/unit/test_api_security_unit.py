@@ -1,12 +1,11 @@
 """Control-plane security without the lab: tokens and roles on every endpoint, the audit log, request signing.
 
-The controller runs in-process (real FastAPI app, real SQLite); no agent is reachable, which these tests
-do not need.
+The controller runs in-process (real FastAPI app, real SQLite or PostgreSQL: the db_url fixture); no agent is
+reachable, which these tests do not need.
 """
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Iterator
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
+from dbtools import all_text, query
 
 from kvmotion.common import hostauth
 from kvmotion.common.errors import UnauthorizedError
@@ -113,8 +114,8 @@ class Api:
 
 
 @pytest.fixture()
-def api(tmp_path: Path) -> Iterator[Api]:
-    ctl = Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=tmp_path / "pki", token_dir=tmp_path)
+def api(tmp_path: Path, db_url: str) -> Iterator[Api]:
+    ctl = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path)
     app = create_app(ctl)
     with TestClient(app) as client:
         admin = (tmp_path / auth.ADMIN_TOKEN_FILE).read_text().strip()
@@ -184,8 +185,7 @@ def test_revoked_and_expired_tokens_are_refused(api: Api) -> None:
     assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
     created = api.client.post("/api/v1/tokens", json={"name": "short", "role": "viewer", "ttl_s": 60},
                               headers={"Authorization": f"Bearer {api.tokens['admin']}"}).json()
-    with sqlite3.connect(api.root / "c.db") as db:
-        db.execute("UPDATE api_tokens SET expires_at = ? WHERE name = 'short'", (time.time() - 1,))
+    query(api.ctl.engine, "UPDATE api_tokens SET expires_at = :t WHERE name = 'short'", t=time.time() - 1)
     r = api.client.get("/api/v1/vms", headers={"Authorization": f"Bearer {created['token']}"})
     assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
 
@@ -193,11 +193,11 @@ def test_revoked_and_expired_tokens_are_refused(api: Api) -> None:
 def test_tokens_are_stored_hashed_and_the_admin_token_is_private(api: Api) -> None:
     path = api.root / auth.ADMIN_TOKEN_FILE
     assert path.stat().st_mode & 0o777 == 0o600
-    raw = b"".join(f.read_bytes() for f in api.root.glob("c.db*"))          # the database and its WAL
-    with sqlite3.connect(api.root / "c.db") as db:
-        hashes = {h for (h,) in db.execute("SELECT hash FROM api_tokens")}
+    raw = b"".join(f.read_bytes() for f in api.root.glob("c.db*"))          # a SQLite database and its WAL
+    stored = all_text(api.ctl.engine)
+    hashes = {h for (h,) in query(api.ctl.engine, "SELECT hash FROM api_tokens")}
     for token in api.tokens.values():
-        assert token.encode() not in raw
+        assert token.encode() not in raw and token not in stored
         assert auth.hash_token(token) in hashes
     listed = api.client.get("/api/v1/tokens", headers={"Authorization": f"Bearer {api.tokens['admin']}"}).json()
     assert {t["name"] for t in listed} >= {"admin", "t-viewer"} and all("token" not in t for t in listed)
@@ -225,18 +225,16 @@ def test_audit_names_who_did_what(api: Api) -> None:
     assert got[:3] == [("-", "POST", "/api/v1/vms/x/start", 401), ("admin", "POST", "/api/v1/clusters", 201),
                        ("t-operator", "POST", "/api/v1/clusters", 403)]
     assert all(a["method"] != "GET" for a in rows)
-    with sqlite3.connect(api.root / "c.db") as db:
-        text = "\n".join(str(r) for r in db.execute("SELECT * FROM audit"))
-    assert not any(t in text for t in api.tokens.values())
+    text = "\n".join(str(r) for r in query(api.ctl.engine, "SELECT * FROM audit"))
+    assert text and not any(t in text for t in api.tokens.values())
 
 
 def test_audit_is_bounded(api: Api, monkeypatch) -> None:
     monkeypatch.setattr(auth, "AUDIT_KEEP", 50)
     for _ in range(230):
         api.ctl.audit.record("x", "admin", "POST", "/api/v1/vms", 201, "198.18.0.1")
-    with sqlite3.connect(api.root / "c.db") as db:
-        (n,) = db.execute("SELECT COUNT(*) FROM audit").fetchone()
-    assert n <= 50 + 100
+    [(n,)] = query(api.ctl.engine, "SELECT COUNT(*) FROM audit")
+    assert 50 <= n <= 50 + 100
 
 
 def test_host_enrolment_refuses_a_bad_secret_or_address(api: Api) -> None:

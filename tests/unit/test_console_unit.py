@@ -177,8 +177,8 @@ class Lab:
 
 
 @pytest.fixture()
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    ctl = Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=tmp_path / "pki", token_dir=tmp_path)
+def lab(tmp_path: Path, db_url: str) -> Iterator[Lab]:
+    ctl = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path)
     with ctl.sessions.begin() as s:
         for h in ("h1", "h2"):
             s.add(Host(name=h, address="http://127.0.0.1:9"))

@@ -41,8 +41,8 @@ def _spec(uuid: str, name: str, macs: list[str], **kw: Any) -> VMSpec:
 
 
 @pytest.fixture()
-def ctl(tmp_path: Path) -> Controller:
-    c = Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=tmp_path / "pki", token_dir=tmp_path)
+def ctl(tmp_path: Path, db_url: str) -> Controller:
+    c = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path)
     with c.sessions.begin() as s:
         s.add(Host(name="h1", address="http://127.0.0.1:9", facts_json=_facts().model_dump_json()))
         s.add(VM(uuid="u-1", name="vm1", host="h1", power_state="poweredOff",

@@ -140,8 +140,8 @@ def _facts() -> HostFacts:
 
 
 @pytest.fixture()
-def ctl(tmp_path: Path) -> Controller:
-    c = Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=tmp_path / "pki", token_dir=tmp_path)
+def ctl(tmp_path: Path, db_url: str) -> Controller:
+    c = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path)
     disks = [DiskSpec(datastore="shared", path="v/v.qcow2"), DiskSpec(id="disk1", node="d1", datastore="shared",
                                                                        path="v/v-1.qcow2", cache="writeback")]
     with c.sessions.begin() as s:

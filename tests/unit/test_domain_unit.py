@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -77,9 +77,9 @@ class Served:
 
 
 @contextmanager
-def serve(root: Path, port: int | None = None) -> Iterator[Served]:
+def serve(root: Path, db_url: str, port: int | None = None) -> Iterator[Served]:
     root.mkdir(exist_ok=True)
-    ctl = Controller(f"sqlite:///{root / 'c.db'}", pki_dir=root / "pki", token_dir=root)
+    ctl = Controller(db_url, pki_dir=root / "pki", token_dir=root)
     port = port or free_port()
     cert = apicert.ensure(ctl.certs.ca, ctl.pki_dir, ["127.0.0.1"])
     server = uvicorn.Server(uvicorn.Config(create_app(ctl), host="127.0.0.1", port=port, log_level="error",
@@ -99,8 +99,8 @@ def serve(root: Path, port: int | None = None) -> Iterator[Served]:
 
 
 @pytest.fixture()
-def pair(tmp_path: Path) -> Iterator[tuple[Served, Served]]:
-    with serve(tmp_path / "a") as a, serve(tmp_path / "b") as b:
+def pair(tmp_path: Path, new_db: Callable[[str], str]) -> Iterator[tuple[Served, Served]]:
+    with serve(tmp_path / "a", new_db("a")) as a, serve(tmp_path / "b", new_db("b")) as b:
         yield a, b
 
 
@@ -159,12 +159,13 @@ def test_join_approve_then_hello_both_ways_over_mutual_tls(pair: tuple[Served, S
             ("admin", "admin", "POST", "/api/v1/domain/members/a/ping", 200)} <= b.audited()
 
 
-def test_the_pins_survive_a_restart(tmp_path: Path) -> None:
-    with serve(tmp_path / "a") as a:
-        with serve(tmp_path / "b") as b:
+def test_the_pins_survive_a_restart(tmp_path: Path, new_db: Callable[[str], str]) -> None:
+    db_a, db_b = new_db("a"), new_db("b")
+    with serve(tmp_path / "a", db_a) as a:
+        with serve(tmp_path / "b", db_b) as b:
             join(a, b)
         assert a.peer_get(peer_cert(b)).status_code == 200
-        with serve(tmp_path / "b", int(b.url.rsplit(":", 1)[1])) as b:   # B again: its listener from what it pinned
+        with serve(tmp_path / "b", db_b, int(b.url.rsplit(":", 1)[1])) as b:   # B again: its listener from what it pinned
             assert a.client().ping_member("b")["name"] == "b" and b.client().ping_member("a")["name"] == "a"
             assert b.peer_get(peer_cert(a)).status_code == 200
 
@@ -278,8 +279,8 @@ def test_join_requests_are_bounded_and_checked(pair: tuple[Served, Served], tmp_
         a.ctl.domain.receive_join(_joiner(tmp_path, "a"))
 
 
-def test_only_a_controller_serving_its_own_cas_certificate_can_be_in_a_domain(tmp_path: Path) -> None:
-    ctl = Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=tmp_path / "pki", token_dir=tmp_path)
+def test_only_a_controller_serving_its_own_cas_certificate_can_be_in_a_domain(tmp_path: Path, db_url: str) -> None:
+    ctl = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path)
     req = DomainCreate(name="lab", controller_name="a", public_url="https://a.example:8760")
     with pytest.raises(ConflictError, match="does not serve HTTPS"):
         ctl.domain.create(req, "admin")

@@ -59,8 +59,8 @@ def impostor(request) -> Iterator[str]:
         srv.shutdown()
 
 
-def test_an_address_that_is_not_an_agent_is_bad_input(impostor: str, tmp_path: Path) -> None:
-    sessions = db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+def test_an_address_that_is_not_an_agent_is_bad_input(impostor: str, db_url: str) -> None:
+    sessions = db.make_sessionmaker(db.make_engine(db_url))
     with pytest.raises(InvalidInputError, match="loopback"):          # not even asked: not a host network
         asyncio.run(Inventory(sessions).add_host(impostor, SECRET))
     inv = Inventory(sessions, host_networks=["127.0.0.0/8"])          # an all-in-one install allows it

@@ -419,12 +419,12 @@ def test_why_a_qemu_ended_by_itself() -> None:
 
 
 # -- the inventory follows a guest's own power-off ------------------------------------------------------------
-def test_the_inventory_follows_power_offs_the_host_reports(tmp_path: Path) -> None:
+def test_the_inventory_follows_power_offs_the_host_reports(db_url: str) -> None:
     from kvmotion.controller import guest as guest_ctl
     from kvmotion.controller.db import VM, Host, Task, make_engine, make_sessionmaker
     from kvmotion.models.agent import HostFacts
 
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    sessions = make_sessionmaker(make_engine(db_url))
     with sessions.begin() as s:
         s.add(Host(name="h1", address="http://h1:8770"))
         s.add(Host(name="h2", address="http://h2:8770"))

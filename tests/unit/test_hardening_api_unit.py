@@ -22,9 +22,9 @@ MiB = 1 << 20
 
 
 class Api:
-    def __init__(self, root: Path, public_docs: bool = False) -> None:
+    def __init__(self, root: Path, db_url: str | None = None, public_docs: bool = False) -> None:
         self.root = root
-        self.ctl = Controller(f"sqlite:///{root / 'c.db'}", pki_dir=root / "pki", token_dir=root)
+        self.ctl = Controller(db_url or f"sqlite:///{root / 'c.db'}", pki_dir=root / "pki", token_dir=root)
         self.client = TestClient(create_app(self.ctl, public_docs=public_docs))
         self.tokens: dict[str, str] = {}
 
@@ -45,8 +45,8 @@ class Api:
 
 
 @pytest.fixture()
-def api(tmp_path: Path) -> Iterator[Api]:
-    a = Api(tmp_path).start()
+def api(tmp_path: Path, db_url: str) -> Iterator[Api]:
+    a = Api(tmp_path, db_url).start()
     yield a
     a.client.__exit__(None, None, None)
 
@@ -117,11 +117,11 @@ def test_the_api_docs_need_a_viewer_token(api: Api, path: str) -> None:
     assert api.client.get(path, headers=api.auth("viewer")).status_code == 200
 
 
-def test_public_docs_is_a_switch_of_the_server(tmp_path: Path, monkeypatch) -> None:
+def test_public_docs_is_a_switch_of_the_server(tmp_path: Path, db_url: str, monkeypatch) -> None:
     served: list[Any] = []
     monkeypatch.setattr(controller_main.uvicorn, "run", lambda app, **_: served.append(app))
-    controller_main.main(["--db", f"sqlite:///{tmp_path / 'c.db'}", "--public-docs"])
-    controller_main.main(["--db", f"sqlite:///{tmp_path / 'c.db'}"])
+    controller_main.main(["--db", db_url, "--pki-dir", str(tmp_path / "pki"), "--public-docs"])
+    controller_main.main(["--db", db_url, "--pki-dir", str(tmp_path / "pki")])
     public, private = (TestClient(app) for app in served)
     assert public.get("/openapi.json").status_code == 200 and private.get("/openapi.json").status_code == 401
     assert public.get("/api/v1/vms").status_code == 401          # only the docs are public
@@ -154,17 +154,17 @@ def test_secret_files_found_readable_by_others_are_made_private(tmp_path: Path) 
     assert {f.name: f.stat().st_mode & 0o777 for f in secrets} == {f.name: 0o600 for f in secrets}
 
 
-def test_the_key_directories_are_private(tmp_path: Path) -> None:
+def test_the_key_directories_are_private(tmp_path: Path, db_url: str) -> None:
     """The controller's PKI directory (CA key, master key) is 0700, created so or tightened at start; a symlink in
     its place is refused."""
     import os
     from kvmotion.common.private import private_dir
     from kvmotion.controller.service import Controller
     pki = tmp_path / "pki"
-    Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=pki, token_dir=tmp_path)
+    Controller(db_url, pki_dir=pki, token_dir=tmp_path)
     assert pki.stat().st_mode & 0o777 == 0o700
     os.chmod(pki, 0o755)
-    Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=pki, token_dir=tmp_path)
+    Controller(db_url, pki_dir=pki, token_dir=tmp_path)
     assert pki.stat().st_mode & 0o777 == 0o700
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "state")

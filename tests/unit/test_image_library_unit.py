@@ -352,8 +352,8 @@ def test_a_plain_ovf_is_read_in_place(ctx: HostContext, ds: Path) -> None:
 
 # -- the controller's records ---------------------------------------------------------------------------------
 @pytest.fixture()
-def sessions(tmp_path: Path):
-    return make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+def sessions(db_url: str):
+    return make_sessionmaker(make_engine(db_url))
 
 
 def _result(ds: str = "shared") -> AgentImageResult:

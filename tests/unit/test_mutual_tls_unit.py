@@ -62,9 +62,9 @@ def served(tmp_path: Path) -> Iterator[tuple[FakeAgent, str]]:
 
 
 @pytest.fixture()
-def controller(tmp_path: Path) -> tuple[AgentTls, CertificateAuthority]:
+def controller(tmp_path: Path, db_url: str) -> tuple[AgentTls, CertificateAuthority]:
     ca = CertificateAuthority.load_or_create(tmp_path / "pki")
-    sessions = db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+    sessions = db.make_sessionmaker(db.make_engine(db_url))
     return AgentTls(sessions, ca, tmp_path / "pki"), ca
 
 
@@ -96,7 +96,7 @@ def test_the_controller_talks_only_to_the_pinned_certificate(served, controller,
     assert isinstance(err.value.__cause__, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(err.value.__cause__)
 
 
-def test_after_pinning_the_agent_refuses_every_other_client(served, controller, tmp_path: Path) -> None:
+def test_after_pinning_the_agent_refuses_every_other_client(served, controller, tmp_path: Path, new_db) -> None:
     agent, url = served
     tls, ca = controller
     tls.pin("h1", agent.api.cert_pem, replace=True)
@@ -106,7 +106,7 @@ def test_after_pinning_the_agent_refuses_every_other_client(served, controller, 
     assert asyncio.run(client.pin_controller(tls.cert_pem)) is False            # idempotent
     assert health(url, pinned)["ok"] is True
     no_cert = pinning.ClientTls(None, None, pinned.pins)
-    other_ctl = AgentTls(db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'o.db'}")), ca, tmp_path / "o")
+    other_ctl = AgentTls(db.make_sessionmaker(db.make_engine(new_db("o"))), ca, tmp_path / "o")
     same_ca = pinning.ClientTls(other_ctl.cert_file, other_ctl.key_file, pinned.pins)   # issued by the same CA
     for who in (no_cert, same_ca):
         with pytest.raises(AgentUnreachable):

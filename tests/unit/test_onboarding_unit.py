@@ -90,11 +90,11 @@ class FakeClient:
 
 
 @pytest.fixture()
-def ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Controller]:
+def ctl(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Controller]:
     monkeypatch.setattr(inventory_mod, "AgentClient", FakeAgent.client)
     FakeAgent.registry = {f"https://198.18.0.1{i}:8770": FakeAgent(f"h{i}", tmp_path / f"tls-h{i}", f"198.19.0.1{i}")
                           for i in (1, 2, 3)}
-    yield Controller(f"sqlite:///{tmp_path / 'c.db'}", pki_dir=tmp_path / "pki", token_dir=tmp_path,
+    yield Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path,
                      host_networks=["198.18.0.0/15"])
 
 

@@ -165,8 +165,12 @@ def test_controller_options_override_the_file_and_the_environment(tmp_path, monk
     cfg = controller_cfg(f, "--port", "9100", "--admission")
     assert (cfg.listen_port, cfg.admission) == (9100, True)
     monkeypatch.setenv(DB_ENV, "postgresql://db/kvmotion")
-    assert controller_cfg(f).database_url == "postgresql://db/kvmotion"
-    assert controller_cfg(f).pki is None and controller_cfg(f).tokens == Path("/var/lib/kvmotion")
+    with pytest.raises(ConfigInvalid) as exc:             # no SQLite file to keep the keys next to
+        controller_cfg(f)
+    assert exc.value.details["keys"] == ["pki_dir"]
+    cfg = controller_cfg(f, "--pki-dir", "/srv/keys/pki")
+    assert cfg.database_url == "postgresql://db/kvmotion" and (cfg.pki, cfg.tokens) == (Path("/srv/keys/pki"),
+                                                                                        Path("/srv/keys"))
     cfg = controller_cfg(f, "--db", "sqlite:///rel.db", "--no-admission")
     assert (cfg.database_url, cfg.admission, cfg.tokens) == ("sqlite:///rel.db", False, Path("."))
 

@@ -4,7 +4,6 @@ The bench's own tests: tests/unit/test_bench_unit.py."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -100,9 +99,9 @@ def test_the_predictor_learns_only_from_kvmotions_own_tuning() -> None:
     assert predict.learned(10_000, [theirs]) == (10_000, predict.ORCHESTRATION_S, 1.0)
 
 
-def test_the_task_history_leaves_out_qemu_defaults_moves(tmp_path: Path) -> None:
+def test_the_task_history_leaves_out_qemu_defaults_moves(db_url: str) -> None:
     from kvmotion.controller import db, tasks
-    sessions = db.make_sessionmaker(db.make_engine(f"sqlite:///{tmp_path / 'c.db'}"))
+    sessions = db.make_sessionmaker(db.make_engine(db_url))
     with sessions() as s:
         for i, profile in enumerate(("auto", "qemu-defaults")):
             s.add(db.Task(id=f"t{i}", kind="vmotion", vm_uuid="u", vm_name="vm", source="h1", destination="h2",

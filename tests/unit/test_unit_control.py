@@ -76,14 +76,14 @@ def test_eta_is_smoothed_counts_down_and_never_rises() -> None:
         last = w.eta_s
 
 
-def test_task_journal_persists_phases_in_order(tmp_path: Path) -> None:
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+def test_task_journal_persists_phases_in_order(db_url: str) -> None:
+    sessions = make_sessionmaker(make_engine(db_url))
     j = TaskJournal.create(sessions, "vmotion", "u1", "vm1", "h1", "h2", {"host": "h2"})
     j.begin_phase("precheck", 0)
     j.end_phase("ok")
     j.begin_phase("shadow", 5)
     # A controller restarting now finds the task unfinished, in phase "shadow".
-    again = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    again = make_sessionmaker(make_engine(db_url))
     pending = unfinished(again)
     assert [t.phase for t in pending] == ["shadow"]
     j.end_phase("failed", {"error": "boom"})
@@ -199,9 +199,9 @@ def test_forced_downtime_covers_the_working_set() -> None:
     assert decisions.forced_downtime_ms(report(mbps=0.0), 500) == decisions.MAX_FORCED_DOWNTIME_MS
 
 
-def test_force_complete_is_refused_clearly_for_anything_but_a_running_live_migration(tmp_path: Path) -> None:
+def test_force_complete_is_refused_clearly_for_anything_but_a_running_live_migration(db_url: str) -> None:
     from kvmotion.controller.scheduler import Scheduler
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    sessions = make_sessionmaker(make_engine(db_url))
     sched = Scheduler(sessions, None)  # type: ignore[arg-type]   # refusals never reach the inventory
     done = TaskJournal.create(sessions, "vmotion", "u1", "vm1", "h1", "h2", {"host": "h2"})
     done.finish("success", {})

@@ -120,6 +120,12 @@ class ConfigInvalid(InvalidInputError):
     """A configuration file that cannot be used; ``details``: file, keys (the dotted keys at fault, may be empty)."""
 
 
+class DatabaseUnusable(KvmotionError):
+    """The controller's database cannot be used as it is: unreachable, a schema revision this release does not
+    know (a newer release upgraded it), or no driver; ``details``: database (its URL without the password),
+    revision (when one is at fault)."""
+
+
 class ConflictError(KvmotionError):
     code = ErrorCode.CONFLICT
 

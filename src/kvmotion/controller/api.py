@@ -6,6 +6,7 @@ Each domain has its router in :mod:`kvmotion.controller.routes`; every endpoint 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -14,11 +15,12 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmotion import __version__
 from kvmotion.common.apierrors import invalid_input, kvmotion_error
-from kvmotion.common.errors import KvmotionError
+from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Peer, Principal
 from kvmotion.controller.gate import PEER_PREFIX, ApiGate
 from kvmotion.controller.routes import (clusters, console, devices, domain, guest, hosts, images, tasks, tokens,
@@ -26,6 +28,7 @@ from kvmotion.controller.routes import (clusters, console, devices, domain, gues
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
 
+log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
 ROUTERS = (hosts.router, clusters.router, images.router, vms.router, tasks.router, tokens.router, devices.router,
            guest.router, domain.router, domain.peer_router)
@@ -96,6 +99,16 @@ def _error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(KvmotionError, kvmotion_error)
     app.add_exception_handler(RequestValidationError, invalid_input("fix the fields named above (schema: /docs)"))
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        """A value the database refused (PostgreSQL is strict where SQLite is lax): bad input, not a crash."""
+        log.warning("%s %s: the database refused a value: %s", request.method, request.url.path, exc.orig)
+        err = InvalidInputError("a value of this request does not fit the database: a text longer than its field "
+                                "allows, a NUL character, or a number out of range",
+                                remedy="shorten the value or leave the character out (the controller's log names "
+                                       "the database's reason)")
+        return JSONResponse(status_code=err.http_status, content={"error": err.to_dict()})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -163,6 +163,12 @@ class Tokens:
         return path
 
 
+def _fit(text: str, length: int) -> str:
+    """``text`` as an audit column takes it: at most ``length`` characters, a NUL shown as ``\\0`` (a refused
+    request's path may hold one; PostgreSQL stores none)."""
+    return text.replace("\x00", "\\0")[:length]
+
+
 def authenticate_bearer(tokens: Tokens, token: str | None, what: str) -> Principal:
     if not token:
         raise UnauthorizedError(f"{what} needs a bearer token", remedy="set KVMOTION_TOKEN or KVMOTION_TOKEN_FILE "
@@ -183,8 +189,8 @@ class Audit:
 
     def record(self, who: str, role: str, method: str, path: str, status: int, client: str) -> None:
         with self.sessions.begin() as s:
-            s.add(AuditEntry(at=time.time(), who=who[:64], role=role[:16], method=method[:8], path=path[:512],
-                             status=status, client=client[:64]))
+            s.add(AuditEntry(at=time.time(), who=_fit(who, 64), role=_fit(role, 16), method=_fit(method, 8),
+                             path=_fit(path, 512), status=status, client=_fit(client, 64)))
             self._writes += 1
             if self._writes % 100 == 0:      # bounded: keep the newest AUDIT_KEEP rows
                 cutoff = s.scalar(select(AuditEntry.id).order_by(AuditEntry.id.desc()).offset(AUDIT_KEEP).limit(1))

@@ -11,9 +11,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvmotion.common.configfile import LogLevel, read_config_file, validate_config
+from kvmotion.common.errors import ConfigInvalid
+from kvmotion.controller import dbengine
 
 DEFAULT_DB = "sqlite:////var/lib/kvmotion/controller.db"
 DB_ENV = "KVMOTION_DB"
+DEFAULT_PKI = Path("/var/lib/kvmotion/pki")      # a controller made without a pki_dir or a SQLite file (tests, tools)
 _SQLITE = "sqlite:///"
 
 
@@ -22,8 +25,8 @@ class ControllerConfig(BaseModel):
 
     listen_host: str = "127.0.0.1"          # --host
     listen_port: int = Field(default=8760, ge=1, le=65535)    # --port
-    database_url: str = Field(default=DEFAULT_DB, min_length=1)   # --db: an SQLAlchemy URL
-    pki_dir: Path | None = None             # --pki-dir: the CA; default: next to a SQLite database
+    database_url: str = Field(default=DEFAULT_DB, min_length=1)   # --db: sqlite:///FILE or postgresql+psycopg://…
+    pki_dir: Path | None = None             # --pki-dir: the CA; default: next to a SQLite database (else required)
     token_dir: Path | None = None           # --token-dir: the first admin token; default: next to a SQLite database
     vm_ip_pool: str | None = None           # --vm-ip-pool: guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24
     admission: bool = True                  # --admission / --no-admission: admission control (slots, bandwidth)
@@ -62,7 +65,11 @@ class ControllerConfig(BaseModel):
         if os.environ.get(DB_ENV):
             data["database_url"] = os.environ[DB_ENV]
         data.update({k: v for k, v in options.items() if v is not None})
-        return validate_config(cls, data, str(path) if path else "the command line")
+        source = str(path) if path else "the command line"
+        cfg = validate_config(cls, data, source)
+        dbengine.parse(cfg.database_url, source)
+        require_pki_dir(cfg.database_url, cfg.pki_dir, source)
+        return cfg
 
     @property
     def sqlite_file(self) -> Path | None:
@@ -88,6 +95,19 @@ class ControllerConfig(BaseModel):
 
     @property
     def tokens(self) -> Path:
-        """Where the first admin token is written: ``token_dir``, else next to a SQLite database."""
+        """Where the first admin token is written: ``token_dir``, else next to a SQLite database, else next to
+        ``pki_dir`` (required then)."""
         db = self.sqlite_file
-        return self.token_dir or (db.parent if db is not None else Path("/var/lib/kvmotion"))
+        beside = db.parent if db is not None else self.pki_dir.parent if self.pki_dir else Path("/var/lib/kvmotion")
+        return self.token_dir or beside
+
+
+def require_pki_dir(database_url: str, pki_dir: Path | None, source: str = "") -> None:
+    """A database that is not a local SQLite file has no folder to keep the CA and master key next to: ``pki_dir``
+    must be given (every controller of one database needs the same keys, so they are never made up)."""
+    if pki_dir is None and not dbengine.is_sqlite(dbengine.parse(database_url, source)):
+        raise ConfigInvalid(
+            "pki_dir is required when database_url is not SQLite (the controller's CA and master key are kept "
+            "there, not in the database)", details={"file": source, "keys": ["pki_dir"]},
+            remedy='set pki_dir in the controller\'s configuration (e.g. pki_dir = "/var/lib/kvmotion/controller/pki") '
+                   "or give --pki-dir (docs/deploy.md, The database)")

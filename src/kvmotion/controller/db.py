@@ -1,19 +1,19 @@
-"""Inventory and task storage (SQLAlchemy; SQLite by default)."""
+"""Inventory and task storage (SQLAlchemy; SQLite by default, or PostgreSQL): the tables as they are now.
+Every change to them is an Alembic revision too (``controller/migrations/versions``; docs/deploy.md, "Schema
+changes")."""
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from kvmotion.common.private import create_private, keep_private
-
-DB_TIMEOUT_S = 5.0
-SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+from kvmotion.common.errors import DatabaseUnusable
+from kvmotion.controller import dbengine, schema
 
 
 class Base(DeclarativeBase):
@@ -137,7 +137,7 @@ class Task(Base):
     vm_name: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(64), default="")
     destination: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[str] = mapped_column(String(16), default="running")   # queued | running | success | error
+    state: Mapped[str] = mapped_column(String(16), default="running", index=True)   # queued | running | success | error
     phase: Mapped[str] = mapped_column(String(32), default="")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     phases_json: Mapped[str] = mapped_column(Text, default="[]")
@@ -159,8 +159,8 @@ class Image(Base):
     state: Mapped[str] = mapped_column(String(16), default="importing")   # importing | ready
     source_format: Mapped[str] = mapped_column(String(16), default="")
     format: Mapped[str] = mapped_column(String(16), default="qcow2")
-    virtual_bytes: Mapped[int] = mapped_column(Integer, default=0)
-    file_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    virtual_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    file_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     sha256: Mapped[str] = mapped_column(String(64), default="")
     copies_json: Mapped[str] = mapped_column(Text, default="[]")     # [{"datastore": DS, "path": images/NAME.qcow2}]
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
@@ -224,32 +224,28 @@ class DomainMember(Base):
     version: Mapped[str] = mapped_column(String(64), default="")
 
 
-def _private_sqlite(url: str) -> None:
-    """The SQLite file holds wrapped secrets and token hashes: created 0600 before SQLite opens it (SQLite gives
-    its -wal and -shm files the database's mode), and an existing one and its companions tightened."""
-    database = make_url(url).database
-    if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
-        return
-    create_private(Path(database))
-    for suffix in SQLITE_COMPANIONS:
-        keep_private(Path(database + suffix))
+def too_long(row: Base) -> list[str]:
+    """The columns of ``row`` whose text is longer than the column allows: PostgreSQL refuses such a row (SQLite
+    would keep it), so what an agent reports is checked with this before it is stored."""
+    return [c.key for c in row.__table__.columns if isinstance(getattr(c.type, "length", None), int)
+            and isinstance(value := getattr(row, c.key, None), str) and len(value) > c.type.length]
 
 
 def make_engine(url: str) -> Engine:
-    connect_args: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        connect_args = {"timeout": DB_TIMEOUT_S, "check_same_thread": False}
-        _private_sqlite(url)
-    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
-    if url.startswith("sqlite"):
-        @event.listens_for(engine, "connect")
-        def _pragmas(conn: Any, _: Any) -> None:
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-    Base.metadata.create_all(engine)
+    """An engine on the controller's database (SQLite or PostgreSQL, ``dbengine``), its schema brought to the
+    newest revision first (``schema.upgrade``: Alembic; a database made before the migrations is adopted)."""
+    engine = dbengine.create(url)
+    try:
+        schema.upgrade(engine)
+    except OperationalError as exc:
+        engine.dispose()
+        raise DatabaseUnusable(f"cannot use the database {dbengine.shown(url)}: {exc.orig}",
+                               remedy="check that its server runs and that database_url's host, port, user, "
+                                      "password and database are right (docs/deploy.md, The database)",
+                               details={"database": dbengine.shown(url)}) from exc
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 

@@ -5,7 +5,8 @@ BEFORE a byte of its body is read or parsed: a caller without one gets a 401 in 
 a token lookup, nothing more. Roles stay checked by each endpoint (``routes.deps.role``, which reuses the
 principal found here). Bodies are bounded: ``MAX_BODY`` by default, more only where a request legitimately
 carries more (``BODY_LIMITS``); a larger one is a 413 at once when its Content-Length says so, else as soon as
-the limit is passed. Websockets (the consoles) pass through: they authenticate in ``routes/console.py``.
+the limit is passed. A path or query holding a NUL character is refused (422): no database stores one.
+Websockets (the consoles) pass through: they authenticate in ``routes/console.py``.
 Calls under ``/api/v1/peer/`` come from the other controllers of the trust domain: ``peers`` authenticates them
 by the connection's client certificate alone (``peertls.PEER_CERT``); a bearer token counts for nothing there.
 """
@@ -16,7 +17,7 @@ from typing import Callable
 
 from kvmotion.common.asgi import (ASGIApp, BodyTooLarge, Receive, Scope, Send, declared_length, header, read_body,
                                   replay, reply_json, too_large)
-from kvmotion.common.errors import KvmotionError, UnauthorizedError
+from kvmotion.common.errors import InvalidInputError, KvmotionError, UnauthorizedError
 from kvmotion.controller.auth import Peer, Principal, Role, Tokens, authenticate_bearer, require_role
 from kvmotion.controller.peertls import PEER_CERT
 
@@ -56,6 +57,11 @@ class ApiGate:
                 require_role(principal, Role.VIEWER, what)
         except KvmotionError as exc:
             await reply_json(send, exc.http_status, exc.to_dict())
+            return
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            await reply_json(send, 422, InvalidInputError(
+                f"{scope['method']}: the request's path or query holds a NUL character",
+                remedy="leave it out: no name or value kvmotion keeps may hold one").to_dict())
             return
         limit = self.limits.get((scope["method"], path.rstrip("/")), self.max_body)
         declared = declared_length(scope)

@@ -23,7 +23,7 @@ from kvmotion.controller.agents import AgentClient
 from kvmotion.controller.agenttls import AgentTls, check_presented
 from kvmotion.common.pinning import ClientTls
 from kvmotion.controller.keys import KeyProvider
-from kvmotion.controller import cloudinit, devices, guest, hostnet, imagestore, policy
+from kvmotion.controller import cloudinit, devices, guest, hostfacts, hostnet, imagestore, policy
 from kvmotion.models.cloudinit import seed_cdrom
 from kvmotion.controller.db import VM, Datastore, Host, HostDatastore, Network
 from kvmotion.models.api import CdromChange, HostOut, VMCreate, VMOut, VMUpdate
@@ -183,37 +183,12 @@ class Inventory:
         return self.keys.unwrap(wrapped, f"host/{name}") == secret
 
     def store_facts(self, name: str, facts: HostFacts) -> None:
-        """A host's facts, validated: they describe this host only, and never rewrite a datastore that other hosts
-        see (its name, kind and sharing are what its first host reported; a host that disagrees is not linked to
-        it, and its error says why)."""
+        """A host's facts, validated: they describe this host only (``hostfacts``: never rewriting a datastore
+        that other hosts see, nor storing what does not fit)."""
         if facts.name != name:
             self.mark_disconnected(name, f"the agent at this host's address now says it is {facts.name!r}")
             return
-        with self.sessions.begin() as s:
-            h = s.get(Host, name)
-            if h is None:
-                return
-            h.facts_json, h.state, h.last_seen, h.last_error = facts.model_dump_json(), "connected", time.time(), ""
-            s.execute(delete(HostDatastore).where(HostDatastore.host == name))
-            s.execute(delete(Network).where(Network.host == name))
-            conflicts = []
-            for d in facts.datastores:
-                if not d.uuid:
-                    continue
-                ds = s.get(Datastore, d.uuid)
-                others = s.scalars(select(HostDatastore.host).where(HostDatastore.datastore == d.uuid)).all()
-                if ds is not None and others and (ds.name, ds.kind, ds.shared) != (d.name, d.kind, int(d.shared)):
-                    conflicts.append(f"datastore {d.uuid} is {ds.name!r} ({'shared' if ds.shared else 'local'}) "
-                                     f"on {', '.join(sorted(others))}, not {d.name!r}")
-                    continue
-                ds = ds or Datastore(uuid=d.uuid, name=d.name)
-                ds.name, ds.kind, ds.shared = d.name, d.kind, int(d.shared)
-                s.add(ds)
-                s.add(HostDatastore(host=name, datastore=d.uuid, path=d.path, accessible=int(d.readable),
-                                    free_mb=d.free_mb))
-            h.last_error = "; ".join(conflicts)[:1000]
-            for p in facts.portgroups:
-                s.add(Network(host=name, name=p.name, bridge=p.bridge))
+        hostfacts.store_facts(self.sessions, name, facts)
 
     def mark_disconnected(self, name: str, error: str) -> None:
         with self.sessions.begin() as s:

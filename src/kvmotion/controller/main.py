@@ -9,7 +9,7 @@ from typing import get_args
 import uvicorn
 
 from kvmotion.common.configfile import LogLevel, fail
-from kvmotion.common.errors import ConfigInvalid
+from kvmotion.common.errors import ConfigInvalid, DatabaseUnusable
 from kvmotion.controller import apicert
 from kvmotion.controller.api import create_app
 from kvmotion.controller.config import DB_ENV, DEFAULT_DB, ControllerConfig
@@ -30,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", dest="listen_host", default=None, metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", dest="listen_port", type=int, default=None, metavar="PORT", help="port (default 8760)")
     parser.add_argument("--pki-dir", type=Path, default=None,
-                        help="where the CA lives (default: next to a SQLite database, else /var/lib/kvmotion/pki)")
+                        help="where the CA and master key live (default: pki/ next to a SQLite database; required "
+                             "with PostgreSQL)")
     parser.add_argument("--token-dir", type=Path, default=None,
-                        help="where the first admin token is written (default: next to a SQLite database)")
+                        help="where the first admin token is written (default: next to a SQLite database, else "
+                             "next to --pki-dir)")
     parser.add_argument("--vm-ip-pool", default=None, help="guest addresses to hand out, e.g. 198.18.1.100-198.18.1.199/24")
     parser.add_argument("--host-networks", default=None, metavar="CIDRS",
                         type=lambda v: [n.strip() for n in v.split(",") if n.strip()],
@@ -62,11 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigInvalid as exc:
         fail(PROG, exc)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))   # schema says what ran
     db = cfg.sqlite_file
     if db is not None and db.is_absolute():
         db.parent.mkdir(parents=True, exist_ok=True)
-    ctl = Controller(cfg.database_url, cfg.vm_ip_pool, admission_enabled=cfg.admission, pki_dir=cfg.pki,
-                     token_dir=cfg.tokens, host_networks=cfg.host_networks)
+    try:
+        ctl = Controller(cfg.database_url, cfg.vm_ip_pool, admission_enabled=cfg.admission, pki_dir=cfg.pki,
+                         token_dir=cfg.tokens, host_networks=cfg.host_networks)
+    except DatabaseUnusable as exc:
+        fail(PROG, exc)
     cert = https_files(cfg, ctl)
     app = create_app(ctl, public_docs=cfg.public_docs)
     uvicorn.run(app, host=cfg.listen_host, port=cfg.listen_port, log_level=cfg.log_level, access_log=False,

@@ -18,6 +18,7 @@ from kvmotion.controller.auth import Audit, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
+from kvmotion.controller.config import DEFAULT_PKI, require_pki_dir
 from kvmotion.controller.domain import Domain
 from kvmotion.controller.guest import GuestControl
 from kvmotion.controller.keys import KeyProvider
@@ -41,9 +42,10 @@ class Controller:
     def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True,
                  pki_dir: Path | None = None, token_dir: Path | None = None,
                  host_networks: list[str] | None = None) -> None:
+        require_pki_dir(db_url, pki_dir)
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
-        pki = private_dir(pki_dir or Path("/var/lib/kvmotion/pki"))      # the CA key and the master key: 0700
+        pki = private_dir(pki_dir or DEFAULT_PKI)      # the CA key and the master key: 0700
         self.pki_dir = pki
         self.inventory = Inventory(self.sessions, vm_ip_pool, KeyProvider.load_or_create(pki), host_networks)
         self.clusters = Clusters(self.sessions, self.inventory)

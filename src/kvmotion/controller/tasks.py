@@ -161,7 +161,8 @@ def get_task(sessions: sessionmaker[Session], task_id: str) -> TaskOut:
     with sessions() as s:
         task = s.get(Task, task_id)
         if task is None:
-            candidates = s.scalars(select(Task).where(Task.id.startswith(task_id))).all()
+            # ids are lowercase UUIDs; LIKE ignores case on SQLite only, and '_' or '%' typed are no wildcards
+            candidates = s.scalars(select(Task).where(Task.id.startswith(task_id.lower(), autoescape=True))).all()
             if len(candidates) == 1:
                 return to_out(candidates[0])
             raise NotFoundError(f"task {task_id!r} not found", remedy="check `kvmotion task list` for task ids")
