@@ -65,7 +65,10 @@ def _argv(tmp: Path, img: DebianImage, accel: str, firmware: str, port: int, gue
             "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=qga0,path={tmp / 'qga.sock'},server=on,wait=off",
-            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            # an entropy source: without one the guest kernel's getrandom() may spin in try_to_generate_entropy
+            # under TCG (a soft lockup seen in CI: cloud-init blocked, no heartbeat within 420 s)
+            "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
     if guest_ip:
         argv += ["-smbios", f"type=11,value=kvmotion:ip={guest_ip},value=kvmotion:gw=10.0.2.2"]
     if firmware == "uefi":
