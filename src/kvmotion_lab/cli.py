@@ -37,8 +37,12 @@ def main() -> None:
 
 
 @lab_app.command("up")
-def lab_up(hosts: int = typer.Option(2, "--hosts"), link: Optional[str] = typer.Option(
-               None, "--link", help="shape each host's migration link with tc: 1g or 10g"),
+def lab_up(hosts: int = typer.Option(2, "--hosts", help="hosts per controller"),
+           controllers: int = typer.Option(1, "--controllers", min=1, max=2,
+                                           help="2: a second controller, in one trust domain with the first "
+                                                "(docs/domains.md); it manages hosts h(N+1)..h(2N)"),
+           link: Optional[str] = typer.Option(None, "--link",
+                                              help="shape each host's migration link with tc: 1g or 10g"),
            root: Optional[Path] = None) -> None:
     from kvmotion_lab import lab
     from kvmotion_lab.netns import LabError
@@ -47,7 +51,7 @@ def lab_up(hosts: int = typer.Option(2, "--hosts"), link: Optional[str] = typer.
     try:
         image = build_image(log=lambda m: console.print(f"[dim]{m}[/]"))
         info = lab.up(hosts, root or lab.DEFAULT_ROOT, image_dir=image.kernel.parent.parent,
-                      log=lambda m: console.print(m), link=link)
+                      log=lambda m: console.print(m), link=link, controllers=controllers)
     except (LabError, KvmotionError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1)
@@ -55,6 +59,10 @@ def lab_up(hosts: int = typer.Option(2, "--hosts"), link: Optional[str] = typer.
                   f"{lab.admin_token_path(info.root)}")
     if root is not None and root != lab.DEFAULT_ROOT:
         console.print(f"export KVMOTION_CONFIG={lab.cli_config_path(info.root)}")
+    for name, site in info.controllers.items():
+        if site.root != info.root:
+            console.print(f"controller {site.member}: {site.url}, hosts {', '.join(info.hosts_of(name))}; its CLI: "
+                          f"KVMOTION_CONFIG={lab.site_cli_config(info.root, site)} kvmotion …")
 
 
 @lab_app.command("down")

@@ -1,53 +1,49 @@
-"""The lab: hosts as network namespaces, shared and local datastores, a controller and one agent per host.
+"""The lab: hosts as network namespaces, shared and local datastores, a controller (or two: ``sites``) and one
+agent per host.
 
-The lab is a deployment: the controller and the agents start as their systemd units start them, from the files
+The lab is a deployment: the controllers and the agents start as their systemd units start them, from the files
 an admin writes (``services``). ``up`` records everything it starts (processes by PID, the network via ``net``);
 ``down`` removes exactly that and is safe to run twice.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import signal
-import ssl
 import subprocess
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import httpx
 
 from kvmotion.agent.config import AgentConfig
-from kvmotion.cli.config import ENV_CONFIG, SYSTEM_CONFIG, load_config, write_config
+from kvmotion.cli.config import ENV_CONFIG, SYSTEM_CONFIG, load_config
 from kvmotion.common.hostauth import SECRET_FILE, HostAuth
 from kvmotion.common.hostid import fingerprint
 from kvmotion.common.pinning import ClientTls, client_context
 from kvmotion.agent.apitls import API_DIR, CERT as API_CERT
 from kvmotion.controller.agenttls import CERT_FILE as CLIENT_CERT, KEY_FILE as CLIENT_KEY
-from kvmotion.common.http import tls_context, trust
-from kvmotion.controller.auth import ADMIN_TOKEN_FILE
-from kvmotion_lab import net, netdown, services
+from kvmotion_lab import net, netdown, services, sites
 from kvmotion_lab.netns import LabError, netns_exec_argv
+from kvmotion_lab.procs import kill, pid_is_ours, read_state, spawn, state_path, wait_until, write_state
+from kvmotion_lab.sites import START_DEADLINE_S, Site, admin_token_path, trust_controller
 
 DEFAULT_ROOT = Path(os.environ.get("KVMOTION_LAB_DIR", "/var/lib/kvmotion/lab"))
 DEFAULT_PREFIX = os.environ.get("KVMOTION_LAB_PREFIX", "kvmo")
-CONTROLLER_PORT = 8760
 AGENT_PORT = 8770
-VM_IP_POOL = "198.18.1.100-198.18.1.199/24"
-HOST_NETWORKS = ("198.18.0.0/15", "2001:2::/48")   # the lab's management networks (net.py): agents only there
 LINK_RATES = {"1g": 1000, "10g": 10000}     # lab up --link: shape each host's migration link with tc
-START_DEADLINE_S = 60.0
 
 
 @dataclass(frozen=True)
 class LabInfo:
     root: Path
-    controller_url: str
+    controller_url: str                     # controller A's
     net: net.LabNet
     pids: dict[str, int]
+    controllers: dict[str, Site] = field(default_factory=dict)    # "a" (and "b"): URL, folder, token, CA
+    host_controllers: dict[str, str] = field(default_factory=dict)   # host -> "a" or "b"
 
     def host_netns(self, host: str) -> str:
         return self.net.host(host).netns
@@ -55,22 +51,27 @@ class LabInfo:
     def admin_token(self) -> str:
         return admin_token_path(self.root).read_text().strip()
 
+    def controller_of(self, host: str) -> Site:
+        """The controller that manages ``host``."""
+        return self.controllers[self.host_controllers.get(host, sites.NAMES[0])]
 
-def admin_token_path(root: Path) -> Path:
-    """The lab controller's first admin token (written by the controller, mode 0600)."""
-    return root / ADMIN_TOKEN_FILE
+    def hosts_of(self, controller: str) -> list[str]:
+        """The hosts controller ``controller`` ("a", "b") manages, in order."""
+        return [h.name for h in self.net.hosts if self.host_controllers.get(h.name, sites.NAMES[0]) == controller]
 
 
-def _admin_headers(root: Path) -> dict[str, str]:
-    path = admin_token_path(root)
-    return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
+def host_site(root: Path, host: str) -> Site:
+    """The controller a lab host belongs to, from what ``up`` recorded."""
+    state = read_state(root) or {}
+    return sites.from_state(root, state)[state.get("hosts", {}).get(host, sites.NAMES[0])]
 
 
 def agent_tls(root: Path, host: str) -> ClientTls:
-    """Connect to a lab agent as its controller does: the controller's client certificate, and only the
+    """Connect to a lab agent as its controller does: that controller's client certificate, and only the
     certificate the agent serves now (from its own state directory)."""
     pem = (root / "hosts" / host / API_DIR / API_CERT).read_text()
-    return ClientTls(root / "pki" / CLIENT_CERT, root / "pki" / CLIENT_KEY, (pem,))
+    pki = host_site(root, host).root / "pki"
+    return ClientTls(pki / CLIENT_CERT, pki / CLIENT_KEY, (pem,))
 
 
 def agent_http(root: Path, host: str, timeout: float = 10.0) -> httpx.Client:
@@ -91,44 +92,18 @@ def _agent_healthy(root: Path, host: str) -> bool:
         return c.get("/v1/health").status_code == 200
 
 
-def state_path(root: Path) -> Path:
-    return root / "lab.json"
-
-
-def _write_state(root: Path, data: dict[str, Any]) -> None:
-    tmp = root / "lab.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, state_path(root))
-
-
 def load(root: Path = DEFAULT_ROOT) -> LabInfo | None:
-    try:
-        data = json.loads(state_path(root).read_text())
-    except (OSError, ValueError):
+    data = read_state(root)
+    if data is None:
         return None
     lab_net = net.load_lab(root / "net.json")
     if lab_net is None:
         return None
-    trust_controller(root)
-    return LabInfo(root=root, controller_url=data["controller_url"], net=lab_net, pids=data.get("pids", {}))
-
-
-def ca_path(root: Path) -> Path:
-    """The lab controller's CA certificate (it issued the controller's HTTPS certificate)."""
-    return root / "pki" / "ca-cert.pem"
-
-
-def trust_controller(root: Path) -> ssl.SSLContext:
-    """This process trusts the lab controller's CA (the shared TLS context of kvmotion's clients)."""
-    if ca_path(root).exists():
-        trust(ca_path(root))
-    return tls_context()
-
-
-def _controller(method: str, root: Path, url: str, timeout: float, **kw: Any) -> httpx.Response:
-    """A call to the lab's controller over HTTPS, as the admin (its token), trusting the lab's CA."""
-    return httpx.request(method, url, headers=_admin_headers(root), timeout=timeout, verify=trust_controller(root),
-                         **kw)
+    controllers = sites.from_state(root, data)
+    for site in controllers.values():
+        trust_controller(site.root)
+    return LabInfo(root=root, controller_url=data["controller_url"], net=lab_net, pids=data.get("pids", {}),
+                   controllers=controllers, host_controllers=data.get("hosts", {}))
 
 
 SHARED_IMAGE = "shared:images/debian.qcow2"
@@ -142,28 +117,6 @@ def stage_image(root: Path, disk: Path, name: str = "debian.qcow2") -> str:
     return f"shared:images/{name}"
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True,
-                                env=services.service_env(env))
-    return proc.pid
-
-
-def _wait(check: Callable[[], bool], deadline_s: float, what: str, log: Path | None = None) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    tail = ""
-    if log is not None and log.exists():
-        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
-    raise LabError(f"{what} did not come up within {deadline_s:.0f}s: {tail}")
-
-
 def shape_link(netns: str, ifname: str, mbps: int) -> None:
     """A token bucket on the interface's egress: the link really carries at most ``mbps``."""
     burst = max(64_000, mbps * 125_000 // 100)          # 10 ms worth of bytes
@@ -174,36 +127,47 @@ def shape_link(netns: str, ifname: str, mbps: int) -> None:
 
 def up(n_hosts: int = 2, root: Path = DEFAULT_ROOT, prefix: str = DEFAULT_PREFIX, image_dir: Path | None = None,
        ipv6_hosts: set[str] = frozenset(), log: Callable[[str], None] = print, link: str | None = None,
-       admission: bool = True) -> LabInfo:
+       admission: bool = True, controllers: int = 1) -> LabInfo:
+    """The lab: ``n_hosts`` hosts per controller; with ``controllers=2`` two controllers in one trust domain."""
     if link is not None and link not in LINK_RATES:
         raise LabError(f"unknown link {link!r}; use one of {', '.join(LINK_RATES)}")
+    sites.check_count(controllers)
     if state_path(root).exists():
         raise LabError(f"a lab is already up (state {state_path(root)}); run `kvmotion lab down` first")
     root.mkdir(parents=True, exist_ok=True)
-    _write_state(root, {"controller_url": "", "pids": {}, "prefix": prefix})
+    write_state(root, {"controller_url": "", "pids": {}, "prefix": prefix})
     try:
-        return _up(n_hosts, root, prefix, image_dir, ipv6_hosts, log, link, admission)
+        return _up(n_hosts, root, prefix, image_dir, ipv6_hosts, log, link, admission, controllers)
     except BaseException:
         down(root)
         raise
 
 
 def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_hosts: set[str],
-        log: Callable[[str], None], link: str | None, admission: bool) -> LabInfo:
-    state: dict[str, Any] = {"controller_url": "", "pids": {}, "prefix": prefix, "argv": {}}
-    lab_net = net.lab_up(prefix, n_hosts, root / "net.json", ipv6_hosts=set(ipv6_hosts))
+        log: Callable[[str], None], link: str | None, admission: bool, controllers: int) -> LabInfo:
+    state: dict[str, Any] = {"controller_url": "", "pids": {}, "prefix": prefix, "argv": {}, "controllers": {}}
+    lab_net = net.lab_up(prefix, n_hosts * controllers, root / "net.json", ipv6_hosts=set(ipv6_hosts))
     log(f"network: {len(lab_net.hosts)} host namespaces, switch {lab_net.switch_netns}, client {lab_net.client_netns}"
         + (f", migration links shaped to {link}" if link else ""))
     (root / "logs").mkdir(exist_ok=True)
     services.make_datastore(root / "ds" / "shared", "shared", shared=True)
-    _start_controller(root, lab_net, state, admission)
-    log(f"controller: {state['controller_url']} (pid {state['pids']['controller']}), admin token "
-        f"{admin_token_path(root)}; CLI config {state['cli_config']}")
+    state["hosts"] = sites.split_hosts([h.name for h in lab_net.hosts], controllers)
+    planned = {s.name: s for s in sites.plan(root, lab_net.controller_ip, controllers)}
+    for site in planned.values():
+        _start_controller(root, site, lab_net, state, admission)
+        log(f"controller {site.member}: {site.url} (pid {state['pids'][site.process]}), admin token "
+            f"{site.admin_token_path}; CLI config {site_cli_config(root, site)}")
     for h in lab_net.hosts:
-        _start_agent(root, h, state, image_dir, enrol_token(root, state["controller_url"], h.name), link)
+        site = planned[state["hosts"][h.name]]
+        _start_agent(root, h, site, state, image_dir, enrol_token(site, root / "hosts" / h.name), link)
     for h in lab_net.hosts:
-        _connect_agent(root, h, state["controller_url"])
-        log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid {state['pids'][f'agent-{h.name}']}")
+        site = planned[state["hosts"][h.name]]
+        _connect_agent(root, h, site)
+        log(f"host {h.name}: mgmt {h.mgmt_ip or h.mgmt_ip6}, migration {h.mig_ip}, agent pid "
+            f"{state['pids'][f'agent-{h.name}']}" + (f", controller {site.member}" if controllers > 1 else ""))
+    if controllers > 1:
+        sites.form_domain(planned["a"], planned["b"])
+        log(f"domain {sites.DOMAIN_NAME}: {', '.join(s.member for s in planned.values())} are members")
     info = load(root)
     assert info is not None
     return info
@@ -217,58 +181,50 @@ def cli_config_path(root: Path) -> Path:
     return Path(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG) else SYSTEM_CONFIG
 
 
-def controller_settings(root: Path, listen_host: str, admission: bool) -> dict[str, Any]:
-    """The lab's controller.toml: its database, CA (pki/) and admin token in the lab's folder; agents only from
-    the lab's management networks."""
-    return {"listen_host": listen_host, "listen_port": CONTROLLER_PORT,
-            "database_url": f"sqlite:///{root / 'controller.db'}", "vm_ip_pool": VM_IP_POOL,
-            "host_networks": list(HOST_NETWORKS), "admission": admission}
+def site_cli_config(root: Path, site: Site) -> Path:
+    """A's CLI config where the CLI looks (``cli_config_path``); B's always in its own folder."""
+    return cli_config_path(root) if site.root == root else site.root / "cli.json"
 
 
-def _start_controller(root: Path, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> None:
-    """Start the controller (agents only from the lab's management networks) and write the CLI's config."""
-    controller_url = f"https://{lab_net.controller_ip}:{CONTROLLER_PORT}"
-    state["controller_url"] = controller_url
-    config = services.controller_config_path(root)
-    services.write_controller_config(config, controller_settings(root, lab_net.controller_ip, admission))
-    state["argv"]["controller"] = services.service_argv(services.CONTROLLER_SCRIPT, config)
-    log_file = root / "logs" / "controller.log"
-    state["pids"]["controller"] = _spawn(state["argv"]["controller"], log_file)
-    _write_state(root, state)
-    _wait(lambda: _controller("GET", root, f"{controller_url}/api/v1/health", 2).status_code == 200,
-          START_DEADLINE_S, "controller", log_file)
-    state["cli_config"] = str(cli_config_path(root))
-    _write_state(root, state)
-    write_config(cli_config_path(root), controller_url, admin_token_path(root), ca_path(root))
+def _start_controller(root: Path, site: Site, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> None:
+    """Start a controller (agents only from the lab's management networks) and write the CLI's config for it."""
+    if site.root == root:
+        state["controller_url"] = site.url
+        state["cli_config"] = str(cli_config_path(root))       # recorded before it is written: `down` removes it
+    sites.start_controller(site, root, lab_net.controller_ip, admission, state, site_cli_config(root, site))
+    write_state(root, state)
 
 
-def enrol_token(root: Path, controller_url: str, host: str) -> Path:
-    """A single-use enrolment token for one host (as `kvmotion host enrol-token`), in a 0600 file."""
-    enrol = _controller("POST", root, f"{controller_url}/api/v1/tokens", 10, json={"name": f"lab-enrol-{host}-{secrets.token_hex(3)}", "role": "enrol", "ttl_s": 3600})
+def enrol_token(site: Site, host_dir: Path) -> Path:
+    """A single-use enrolment token of ``site`` for one host (as `kvmotion host enrol-token`), in a 0600 file in
+    the host's state folder."""
+    enrol = site.call("POST", "/api/v1/tokens", 10, json={"name": f"lab-enrol-{host_dir.name}-{secrets.token_hex(3)}",
+                                                          "role": "enrol", "ttl_s": 3600})
     enrol.raise_for_status()
-    (root / "hosts" / host).mkdir(parents=True, exist_ok=True)
-    enrol_file = root / "hosts" / host / "enrol.token"
+    host_dir.mkdir(parents=True, exist_ok=True)
+    enrol_file = host_dir / "enrol.token"
     fd = os.open(enrol_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(enrol.json()["token"] + "\n")
     return enrol_file
 
 
-def approve_when_pending(root: Path, controller_url: str, host: str, state_dir: Path) -> bool:
-    """The admin's part of a registration: once ``host`` is pending, approve it with the fingerprint read on the
-    host itself (its agent's secret, as `kvmotion-agent --fingerprint` prints it). False: not pending (yet)."""
-    r = _controller("GET", root, f"{controller_url}/api/v1/hosts/pending", 5)
+def approve_when_pending(site: Site, host: str, state_dir: Path) -> bool:
+    """The admin's part of a registration: once ``host`` is pending at ``site``, approve it with the fingerprint
+    read on the host itself (its agent's secret, as `kvmotion-agent --fingerprint` prints it). False: not pending
+    (yet)."""
+    r = site.call("GET", "/api/v1/hosts/pending", 5)
     if r.status_code != 200 or host not in {p["name"] for p in r.json()}:
         return False
     fp = fingerprint((state_dir / SECRET_FILE).read_text().strip())
-    _controller("POST", root, f"{controller_url}/api/v1/hosts/{host}/approve", 60,
-                json={"fingerprint": fp}).raise_for_status()
+    site.call("POST", f"/api/v1/hosts/{host}/approve", 60, json={"fingerprint": fp}).raise_for_status()
     return True
 
 
-def agent_init_args(root: Path, h: net.HostNet, controller_url: str, image_dir: Path | None, enrol_file: Path,
+def agent_init_args(root: Path, h: net.HostNet, site: Site, image_dir: Path | None, enrol_file: Path,
                     link: str | None) -> list[str]:
-    """The `kvmotion-agent init` options that set a lab host up (its datastores are marked already).
+    """The `kvmotion-agent init` options that set a lab host up for its controller ``site`` (its datastores are
+    marked already: the lab's shared one and its own local one).
 
     An IPv6-managed host cannot reach the IPv4 controller: it does not register (the lab adds it by address)."""
     mgmt = h.mgmt_ip or h.mgmt_ip6 or ""
@@ -276,9 +232,9 @@ def agent_init_args(root: Path, h: net.HostNet, controller_url: str, image_dir: 
             "--mgmt-address", mgmt, "--listen-host", mgmt, "--listen-port", str(AGENT_PORT),
             "--state-dir", str(root / "hosts" / h.name), "--datastore", str(root / "ds" / "shared"),
             "--datastore", str(root / "ds" / f"{h.name}-local"), "--migration-interface", "mig0",
-            "--controller-ca-file", str(ca_path(root)), "--accelerator", os.environ.get("KVMOTION_ACCEL", "auto")]
+            "--controller-ca-file", str(site.ca_path), "--accelerator", os.environ.get("KVMOTION_ACCEL", "auto")]
     if not h.mgmt_ip6:
-        args += ["--controller-url", controller_url, "--enrol-token-file", str(enrol_file)]
+        args += ["--controller-url", site.url, "--enrol-token-file", str(enrol_file)]
     if image_dir is not None:
         args += ["--image-dir", str(image_dir)]
     if link is not None:
@@ -286,63 +242,59 @@ def agent_init_args(root: Path, h: net.HostNet, controller_url: str, image_dir: 
     return args
 
 
-def _start_agent(root: Path, h: net.HostNet, state: dict[str, Any], image_dir: Path | None, enrol_file: Path,
-                 link: str | None) -> None:
+def _start_agent(root: Path, h: net.HostNet, site: Site, state: dict[str, Any], image_dir: Path | None,
+                 enrol_file: Path, link: str | None) -> None:
     """Set the host up as an admin does (`kvmotion-agent datastore init`, `kvmotion-agent init`), then start its
     agent inside the host's namespace as kvmotion-agent.service does."""
     if link is not None:
         shape_link(h.netns, "mig0", LINK_RATES[link])
     services.make_datastore(root / "ds" / f"{h.name}-local", f"{h.name}-local", shared=False)
-    services.agent_setup(*agent_init_args(root, h, state["controller_url"], image_dir, enrol_file, link))
+    services.agent_setup(*agent_init_args(root, h, site, image_dir, enrol_file, link))
     config = services.agent_config_path(root, h.name)
     argv = netns_exec_argv(h.netns, services.service_argv(services.AGENT_SCRIPT, config))
     state["argv"][f"agent-{h.name}"] = argv
-    state["pids"][f"agent-{h.name}"] = _spawn(argv, root / "logs" / f"agent-{h.name}.log")
-    _write_state(root, state)
+    state["pids"][f"agent-{h.name}"] = spawn(argv, root / "logs" / f"agent-{h.name}.log")
+    write_state(root, state)
 
 
-def _connect_agent(root: Path, h: net.HostNet, controller_url: str) -> None:
-    """Wait until the controller has the host connected (an IPv6-managed host is added by address)."""
+def _connect_agent(root: Path, h: net.HostNet, site: Site) -> None:
+    """Wait until its controller has the host connected (an IPv6-managed host is added by address)."""
     agent_log = root / "logs" / f"agent-{h.name}.log"
     if h.mgmt_ip6:   # an IPv6-managed host cannot reach the IPv4 controller: add it by address instead
         url6 = f"https://[{h.mgmt_ip6}]:{AGENT_PORT}"
-        _wait(lambda: _agent_healthy(root, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
+        wait_until(lambda: _agent_healthy(root, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
         secret = (root / "hosts" / h.name / SECRET_FILE).read_text().strip()
-        _controller("POST", root, f"{controller_url}/api/v1/hosts", 30,
-                    json={"address": url6, "secret": secret}).raise_for_status()
+        site.call("POST", "/api/v1/hosts", 30, json={"address": url6, "secret": secret}).raise_for_status()
     else:          # it registers itself and waits for the admin (the lab) to approve it
-        _wait(lambda: approve_when_pending(root, controller_url, h.name, root / "hosts" / h.name),
-              START_DEADLINE_S, f"agent {h.name} registration", agent_log)
-    _wait(lambda: _host_connected(root, controller_url, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
+        wait_until(lambda: approve_when_pending(site, h.name, root / "hosts" / h.name),
+                   START_DEADLINE_S, f"agent {h.name} registration", agent_log)
+    wait_until(lambda: _host_connected(site, h.name), START_DEADLINE_S, f"agent {h.name}", agent_log)
 
 
 def restart(root: Path, name: str, crash: bool = False, deadline_s: float = START_DEADLINE_S,
             env: dict[str, str] | None = None) -> int:
-    """Stop a lab process ("controller" or "agent-h1") by PID and start it again; returns the new PID.
+    """Stop a lab process ("controller", "controller-b" or "agent-h1") by PID and start it again; returns the
+    new PID.
 
     ``crash`` kills it with SIGKILL (no clean shutdown). A host's VMs keep running meanwhile. ``env`` adds
     environment variables for the new process only (fault injection in tests).
     """
-    state = json.loads(state_path(root).read_text())
+    state = read_state(root) or {}
     if name not in state.get("argv", {}):
         raise LabError(f"no lab process named {name!r}; known: {', '.join(state.get('argv', {}))}")
     old = state["pids"].get(name)
-    if old and _pid_is_ours(old):
+    if old and pid_is_ours(old):
         if crash:
             os.kill(old, signal.SIGKILL)
-            _kill(old, grace_s=5.0)
-        else:
-            _kill(old)
-    log = root / "logs" / f"{name}.log"
-    state["pids"][name] = _spawn(state["argv"][name], log, env)
-    _write_state(root, state)
-    info = load(root)
-    assert info is not None
-    if name == "controller":
-        _wait(lambda: _controller("GET", root, f"{info.controller_url}/api/v1/health", 2).status_code == 200,
-              deadline_s, name, log)
+        kill(old, grace_s=5.0)
+    site = next((s for s in sites.from_state(root, state).values() if s.process == name), None)
+    log = site.log if site is not None else root / "logs" / f"{name}.log"
+    state["pids"][name] = spawn(state["argv"][name], log, env)
+    write_state(root, state)
+    if site is not None:
+        wait_until(lambda: sites.healthy(site), deadline_s, name, log)
     else:
-        _wait(lambda: _agent_healthy(root, name.removeprefix("agent-")), deadline_s, name, log)
+        wait_until(lambda: _agent_healthy(root, name.removeprefix("agent-")), deadline_s, name, log)
     return int(state["pids"][name])
 
 
@@ -353,53 +305,26 @@ def configure_host(root: Path, host: str, **changes: Any) -> AgentConfig:
     """
     cfg = services.reconfigure_agent(services.agent_config_path(root, host), changes)
     restart(root, f"agent-{host}")
-    info = load(root)
-    assert info is not None
-    _wait(lambda: _host_connected(root, info.controller_url, host), START_DEADLINE_S, f"agent {host}")
+    wait_until(lambda: _host_connected(host_site(root, host), host), START_DEADLINE_S, f"agent {host}")
     return cfg
 
 
-def _host_connected(root: Path, url: str, name: str) -> bool:
-    r = _controller("GET", root, f"{url}/api/v1/hosts/{name}", 5)
+def _host_connected(site: Site, name: str) -> bool:
+    r = site.call("GET", f"/api/v1/hosts/{name}", 5)
     return r.status_code == 200 and r.json()["state"] == "connected"
 
 
-def _kill(pid: int, grace_s: float = 5.0) -> bool:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    end = time.monotonic() + grace_s
-    while time.monotonic() < end:
-        try:
-            os.kill(pid, 0)
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                break
-        except (ProcessLookupError, OSError):
-            break
-        time.sleep(0.05)
-    else:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return True
-
-
 def down(root: Path = DEFAULT_ROOT) -> list[str]:
-    """Stop what `up` recorded: agents and their VMs die with their namespaces, then the controller."""
+    """Stop what `up` recorded: agents and their VMs die with their namespaces, then the controllers."""
     removed: list[str] = []
-    try:
-        state = json.loads(state_path(root).read_text())
-    except (OSError, ValueError):
-        state = None
+    state = read_state(root)
     if (root / "net.json").exists():
         removed += netdown.lab_down(root / "net.json")
     if state is not None and state.get("cli_config"):
         _remove_cli_config(Path(state["cli_config"]), root, removed)
     if state is not None:
         for name, pid in state.get("pids", {}).items():
-            if _pid_is_ours(pid) and _kill(pid):
+            if pid_is_ours(pid) and kill(pid):
                 removed.append(f"process {name} (pid {pid})")
     if root.exists() and state is not None:
         shutil.rmtree(root, ignore_errors=True)
@@ -414,20 +339,13 @@ def _remove_cli_config(path: Path, root: Path, removed: list[str]) -> None:
         removed.append(f"CLI config {path}")
 
 
-def _pid_is_ours(pid: int) -> bool:
-    """Only a kvmotion process we started (the PID may have been reused since)."""
-    try:
-        return b"kvmotion" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def status(root: Path = DEFAULT_ROOT) -> dict[str, Any]:
     info = load(root)
     if info is None:
         return {"up": False, "root": str(root)}
-    procs = {name: {"pid": pid, "alive": _pid_is_ours(pid)} for name, pid in info.pids.items()}
+    procs = {name: {"pid": pid, "alive": pid_is_ours(pid)} for name, pid in info.pids.items()}
     return {"up": True, "root": str(root), "controller_url": info.controller_url, "processes": procs,
+            "controllers": {n: {**s.record(), "hosts": info.hosts_of(n)} for n, s in info.controllers.items()},
             "namespaces": [h.netns for h in info.net.hosts] + [info.net.switch_netns, info.net.client_netns],
-            "hosts": [{"name": h.name, "netns": h.netns, "mgmt": h.mgmt_ip or h.mgmt_ip6, "migration": h.mig_ip}
-                      for h in info.net.hosts]}
+            "hosts": [{"name": h.name, "netns": h.netns, "mgmt": h.mgmt_ip or h.mgmt_ip6, "migration": h.mig_ip,
+                       "controller": info.controller_of(h.name).member} for h in info.net.hosts]}

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import time
@@ -54,10 +55,29 @@ def remove_vm(client: Client, name: str) -> None:
     client.delete_vm(name)
 
 
-def cli(lab: Any, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(lab: Any, *args: str, controller: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`kvmotion ARGS` against the lab's controller A, or as the admin of ``controller`` ("a", "b")."""
     env = dict(os.environ, KVMOTION_URL=lab.controller_url, COLUMNS="250")
+    if controller is not None:
+        site = lab.controllers[controller]
+        env.update(KVMOTION_URL=site.url, KVMOTION_TOKEN_FILE=str(site.admin_token_path),
+                   KVMOTION_CA_FILE=str(site.ca_path))
     return subprocess.run([sys.executable, "-m", "kvmotion.cli.main", *args], capture_output=True, text=True,
                           timeout=120, env=env)
+
+
+def controller_client(lab: Any, controller: str) -> Client:
+    """The product's client as the admin of one lab controller ("a", "b"); ``load`` made its CA trusted."""
+    site = lab.controllers[controller]
+    return Client(site.url, token=site.admin_token())
+
+
+def controller_http(lab: Any, controller: str, token: str | None = None) -> httpx.Client:
+    """A raw HTTPS client for one lab controller ("a", "b") that trusts only its CA, as its admin (or with
+    ``token``): ``controller_http(lab, "a", token=lab.controllers["b"].admin_token())`` is B's admin calling A."""
+    site = lab.controllers[controller]
+    return httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {token or site.admin_token()}"},
+                        verify=ssl.create_default_context(cafile=str(site.ca_path)), timeout=30)
 
 
 def codes(findings: list[dict]) -> dict[str, dict]:
@@ -231,15 +251,17 @@ def leftovers(prefix: str, root: Path) -> dict[str, list[str]]:
 
 
 @contextlib.contextmanager
-def running_lab(image, hosts: int, ipv6_hosts: frozenset[str] = frozenset(), link: str | None = None) -> Iterator:
-    """A lab for one test module. Torn down at the end, also when a test fails; nothing may be left."""
+def running_lab(image, hosts: int, controllers: int = 1, ipv6_hosts: frozenset[str] = frozenset(),
+                link: str | None = None) -> Iterator:
+    """A lab for one test module (``hosts`` per controller). Torn down at the end, also when a test fails; nothing
+    may be left. The environment's token and CA (the Client's and the CLI's) are controller A's."""
     prefix = "kt" + secrets.token_hex(2)
     root = LAB_ROOT_BASE / prefix
     info = lab_mod.up(hosts, root, prefix=prefix, image_dir=image.kernel.parent.parent, ipv6_hosts=set(ipv6_hosts),
-                      log=lambda m: None, link=link)
+                      log=lambda m: None, link=link, controllers=controllers)
     saved = {k: os.environ.get(k) for k in ("KVMOTION_TOKEN_FILE", "KVMOTION_CA_FILE")}
     os.environ["KVMOTION_TOKEN_FILE"] = str(lab_mod.admin_token_path(root))   # the Client and the CLI use it
-    os.environ["KVMOTION_CA_FILE"] = str(lab_mod.ca_path(root))              # the CLI trusts the lab's CA
+    os.environ["KVMOTION_CA_FILE"] = str(lab_mod.sites.ca_path(root))              # the CLI trusts the lab's CA
     try:
         yield info
     finally:

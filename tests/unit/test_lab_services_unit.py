@@ -21,7 +21,7 @@ from kvmotion.agent.config import AgentConfig, VlanPortGroup
 from kvmotion.agent.facts import read_datastore
 from kvmotion.controller import main as controller_main
 from kvmotion.controller.config import DB_ENV, ControllerConfig
-from kvmotion_lab import lab, net, services
+from kvmotion_lab import lab, net, services, sites
 from kvmotion_lab.netns import LabError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,14 +68,14 @@ def test_the_controller_toml_is_what_kvmotion_server_runs_with(tmp_path, monkeyp
     developer's $KVMOTION_DB is kept out of the lab's services (it would win over database_url)."""
     monkeypatch.delenv(DB_ENV, raising=False)
     path = services.controller_config_path(tmp_path)
-    services.write_controller_config(path, lab.controller_settings(tmp_path, "198.18.0.2", admission=False))
+    services.write_controller_config(path, sites.controller_settings(tmp_path, "198.18.0.2", admission=False))
     argv = services.service_argv(services.CONTROLLER_SCRIPT, path)[3:]
     args = vars(controller_main.build_parser().parse_args(argv))
     cfg = ControllerConfig.resolve(args.pop("config"), args)
-    assert (cfg.listen_host, cfg.listen_port, cfg.admission) == ("198.18.0.2", lab.CONTROLLER_PORT, False)
+    assert (cfg.listen_host, cfg.listen_port, cfg.admission) == ("198.18.0.2", sites.CONTROLLER_PORT, False)
     assert cfg.sqlite_file == tmp_path / "controller.db" and cfg.pki == tmp_path / "pki"
     assert cfg.tokens == tmp_path and lab.admin_token_path(tmp_path).parent == tmp_path
-    assert (cfg.vm_ip_pool, cfg.host_networks) == (lab.VM_IP_POOL, list(lab.HOST_NETWORKS))
+    assert (cfg.vm_ip_pool, cfg.host_networks) == (sites.VM_IP_POOL, list(sites.HOST_NETWORKS))
     monkeypatch.setenv(DB_ENV, "sqlite:////elsewhere.db")
     assert DB_ENV not in services.service_env() and services.service_env({"X": "1"})["X"] == "1"
 
@@ -83,7 +83,7 @@ def test_the_controller_toml_is_what_kvmotion_server_runs_with(tmp_path, monkeyp
 def test_bad_controller_settings_are_refused_before_a_file_is_written(tmp_path):
     path = services.controller_config_path(tmp_path)
     with pytest.raises(LabError, match="vm_ip_pool"):
-        services.write_controller_config(path, {**lab.controller_settings(tmp_path, "198.18.0.2", True),
+        services.write_controller_config(path, {**sites.controller_settings(tmp_path, "198.18.0.2", True),
                                                 "vm_ip_pool": "198.18.1.100/24"})
     assert not path.exists()
 
@@ -98,7 +98,7 @@ def _set_up(root: Path, h: net.HostNet, image_dir: Path | None, link: str | None
     """What lab up does on disk for one host, through the real commands (subprocesses)."""
     services.make_datastore(root / "ds" / "shared", "shared", shared=True)
     services.make_datastore(root / "ds" / f"{h.name}-local", f"{h.name}-local", shared=False)
-    services.agent_setup(*lab.agent_init_args(root, h, "https://198.18.0.2:8760", image_dir,
+    services.agent_setup(*lab.agent_init_args(root, h, sites.Site("a", "https://198.18.0.2:8760", root), image_dir,
                                               root / "hosts" / h.name / "enrol.token", link))
     return AgentConfig.load(services.agent_config_path(root, h.name))
 
@@ -110,7 +110,7 @@ def test_kvmotion_agent_init_writes_the_labs_agent_configuration(tmp_path, monke
         name="h1", listen_host="198.18.0.11", listen_port=lab.AGENT_PORT, mgmt_address="198.18.0.11",
         state_dir=tmp_path / "hosts" / "h1", datastores=[tmp_path / "ds" / "shared", tmp_path / "ds" / "h1-local"],
         migration_interfaces=["mig0"], image_dir=tmp_path / "image", controller_url="https://198.18.0.2:8760",
-        enrol_token_file=tmp_path / "hosts" / "h1" / "enrol.token", controller_ca_file=lab.ca_path(tmp_path),
+        enrol_token_file=tmp_path / "hosts" / "h1" / "enrol.token", controller_ca_file=sites.ca_path(tmp_path),
         declared_link_mbps={"mig0": lab.LINK_RATES["10g"]}, accelerator="tcg").model_dump()
     assert stat.S_IMODE(h1.state_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(services.agent_config_path(tmp_path, "h1").stat().st_mode) == 0o600
