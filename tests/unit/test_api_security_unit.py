@@ -96,6 +96,12 @@ PEER_ENDPOINTS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/peer/welcome"): "certificate",
     ("GET", "/api/v1/peer/hello"): "certificate",
     ("POST", "/api/v1/peer/leave"): "certificate",
+    ("POST", "/api/v1/peer/moves/validate"): "certificate",        # cross-controller moves (controller.incoming)
+    ("POST", "/api/v1/peer/moves"): "certificate",
+    ("GET", "/api/v1/peer/moves/{move_id}/state"): "certificate",
+    ("POST", "/api/v1/peer/moves/{move_id}/host"): "certificate",
+    ("POST", "/api/v1/peer/moves/{move_id}/commit"): "certificate",
+    ("POST", "/api/v1/peer/moves/{move_id}/abort"): "certificate",
 }
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 
@@ -142,6 +148,7 @@ def test_every_endpoint_is_classified(api: Api) -> None:
 
 def test_peer_endpoints_take_no_token_only_a_certificate(api: Api) -> None:
     for (method, path), needs in PEER_ENDPOINTS.items():
+        path = path.replace("{move_id}", "0b5f7f9e-2c4a-4d7e-9a51-3f0c6c1d2e8a")
         for role in (None, "viewer", "operator", "admin", "enrol"):
             status = api.call(method, path, role, json={})
             if needs == "certificate":

@@ -52,13 +52,75 @@ def install(directory: Path, ca_cert: str, server_cert: str, client_cert: str) -
                 key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
             raise InvalidInputError(f"the {usage} certificate does not match this host's pending key",
                                     remedy="renew the host's certificate")
-    (pending / "ca-cert.pem").write_text(ca_cert)
+    (pending / OWN_CA).write_text(ca_cert)
+    (pending / "ca-cert.pem").write_text(ca_cert + _peer_pems(directory))
     (pending / "server-cert.pem").write_text(server_cert)
     (pending / "client-cert.pem").write_text(client_cert)
+    os.replace(pending / OWN_CA, directory / OWN_CA)
     for name in FILES:
         os.replace(pending / name, directory / name)
     ensure_dh_params(directory)
     return status(directory)
+
+
+# Cross-controller moves (docs/cross-controller.md): the peer hosts' certificates come from the CAs of the other
+# controllers of the domain. QEMU's tls-creds-x509 reads every certificate of ``ca-cert.pem``, so that file is
+# this host's own CA (first: the CRL is checked against it) followed by the domain's CAs its controller sent.
+# Which peer host may connect is still decided per move: ``tls-authz`` admits exactly that host's identity.
+OWN_CA = "ca-own.pem"
+PEER_CAS = "ca-peers.pem"
+MAX_PEER_CAS = 64
+
+
+def _peer_pems(directory: Path) -> str:
+    try:
+        return (directory / PEER_CAS).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def set_peer_cas(directory: Path, cas: dict[str, str]) -> list[str]:
+    """Trust exactly these controllers' CAs (name -> PEM) for migration streams, beside this host's own CA.
+    Returns the names trusted. Refused (nothing changed) when a PEM is not one CA certificate."""
+    if len(cas) > MAX_PEER_CAS:
+        raise InvalidInputError(f"{len(cas)} peer CAs; at most {MAX_PEER_CAS}", remedy="leave unused domains")
+    own = directory / OWN_CA
+    if not own.exists():
+        if not (directory / "ca-cert.pem").exists():
+            raise InvalidInputError("this host has no TLS certificate yet",
+                                    remedy="renew the host's certificate: kvmotion host cert renew HOST")
+        own_pem = (directory / "ca-cert.pem").read_text()      # installed before peer CAs existed: all its own
+        first = own_pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+        _write(directory, OWN_CA, first)
+    bundle = []
+    for name, pem in sorted(cas.items()):
+        try:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+        except ValueError as exc:
+            raise InvalidInputError(f"the CA of {name} is not a PEM certificate",
+                                    remedy="send the controller's pki/ca-cert.pem") from exc
+        if pem.count("BEGIN CERTIFICATE") != 1 or not _is_ca(cert):
+            raise InvalidInputError(f"the CA of {name} is not exactly one CA certificate",
+                                    remedy="send the controller's pki/ca-cert.pem")
+        bundle.append(cert.public_bytes(serialization.Encoding.PEM).decode())
+    _write(directory, PEER_CAS, "".join(bundle))
+    _write(directory, "ca-cert.pem", own.read_text() + "".join(bundle))
+    return sorted(cas)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _write(directory: Path, name: str, text: str) -> None:
+    tmp = directory / f"{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, directory / name)
 
 
 # RFC 7919 ffdhe2048, public and standard. Without a dh-params.pem QEMU's server credentials generate
@@ -104,7 +166,7 @@ def install_crl(directory: Path, crl_pem: str) -> int:
 
 
 def remove(directory: Path) -> None:
-    for name in FILES:
+    for name in (*FILES, OWN_CA, PEER_CAS):
         (directory / name).unlink(missing_ok=True)
 
 

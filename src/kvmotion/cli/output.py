@@ -56,8 +56,10 @@ SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
 
 def findings_table(findings: list[dict[str, Any]], title: str) -> Table:
-    table = Table("severity", "code", "subject", "reason", "remedy", title=title)
+    sided = any(f.get("side") for f in findings)      # a cross-controller move: which controller found it
+    table = Table("severity", *(["side"] if sided else []), "code", "subject", "reason", "remedy", title=title)
     for f in findings:
         style = SEVERITY_STYLE.get(f["severity"], "")
-        table.add_row(f"[{style}]{f['severity']}[/]", f["code"], f["subject"], f["message"], f["remedy"])
+        table.add_row(f"[{style}]{f['severity']}[/]", *([f.get("side") or "-"] if sided else []), f["code"],
+                      f["subject"], f["message"], f["remedy"])
     return table

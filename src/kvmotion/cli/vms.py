@@ -164,28 +164,39 @@ def check_migration(client: Client, vm: str, host: str | None, **opts: Any) -> i
     findings = run(lambda: client.validate(vm, host, **opts))
     errors = [f for f in findings if f["severity"] == "error"]
     where = " ".join(x for x in (host, opts.get("datastore")) if x) or "new placement"
+    where += f" of controller {opts['controller']}" if opts.get("controller") else ""
     console.print(findings_table(findings, f"compatibility: {vm} → {where}"))
     console.print(f"[red]{len(errors)} error(s): the migration would be refused[/]" if errors
                   else "[green]no errors: the migration can start[/]")
     return 3 if errors else 0
 
 
-def parse_disk_map(items: list[str]) -> dict[str, str]:
+def parse_pairs(items: list[str], option: str, form: str, example: str) -> dict[str, str]:
     out = {}
     for item in items:
-        ref, sep, ds = item.partition("=")
-        if not sep or not ref or not ds:
-            err_console.print(f"[red]error:[/] --disk {item!r}: write it as INDEX=DATASTORE, e.g. --disk 0=shared")
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            err_console.print(f"[red]error:[/] {option} {item!r}: write it as {form}, e.g. {option} {example}")
             raise typer.Exit(2)
-        out[ref] = ds
+        out[key] = value
     return out
+
+
+def parse_disk_map(items: list[str]) -> dict[str, str]:
+    return parse_pairs(items, "--disk", "INDEX=DATASTORE", "0=shared")
 
 
 @vm_app.command("validate")
 def vm_validate(vm: str, host: Optional[str] = typer.Option(None, "--host"),
-                datastore: Optional[str] = typer.Option(None, "--datastore"), url: Optional[str] = URL) -> None:
-    """Every compatibility finding for moving VM to HOST and/or DATASTORE, at once (exit 3 on errors)."""
-    raise typer.Exit(check_migration(Client(url), vm, host, datastore=datastore))
+                datastore: Optional[str] = typer.Option(None, "--datastore"),
+                controller: Optional[str] = typer.Option(None, "--controller", help="a host of another controller"),
+                network: list[str] = typer.Option([], "--network", help="SOURCE_PG=DESTINATION_PG"),
+                url: Optional[str] = URL) -> None:
+    """Every compatibility finding for moving VM to HOST and/or DATASTORE, at once (exit 3 on errors); with
+    --controller both controllers' findings, each marked with its side."""
+    nets = parse_pairs(network, "--network", "SOURCE_PG=DESTINATION_PG", "'VM Network=Prod'")
+    raise typer.Exit(check_migration(Client(url), vm, host, datastore=datastore, controller=controller,
+                                     networks=nets))
 
 
 def _force_complete(client: Client, vm: str, wait: bool, url: Optional[str]) -> None:
@@ -204,6 +215,10 @@ def _force_complete(client: Client, vm: str, wait: bool, url: Optional[str]) -> 
 
 @vm_app.command("migrate")
 def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help="destination host"),
+               controller: Optional[str] = typer.Option(None, "--controller", help="cross-controller vMotion: the "
+                                                        "domain member that manages --host (kvmotion domain list)"),
+               network: list[str] = typer.Option([], "--network", help="cross-controller: map a port group, "
+                                                 "e.g. --network 'VM Network=Prod'"),
                datastore: Optional[str] = typer.Option(None, "--datastore", help="move the VM's files to this datastore"),
                disk: list[str] = typer.Option([], "--disk", help="per-disk placement, e.g. --disk 0=ds1 --disk 1=ds2"),
                disk_format: Optional[str] = typer.Option(None, "--disk-format", help="qcow2 (thin) | raw (preallocated)"),
@@ -238,7 +253,8 @@ def vm_migrate(vm: str, host: Optional[str] = typer.Option(None, "--host", help=
         _force_complete(client, vm, wait, url)
         return
     opts: dict[str, Any] = {"datastore": datastore, "disks": parse_disk_map(disk), "disk_format": disk_format,
-                            "disk_mbps": disk_mbps}
+                            "disk_mbps": disk_mbps, "controller": controller,
+                            "networks": parse_pairs(network, "--network", "SOURCE_PG=DESTINATION_PG", "'VM Network=Prod'")}
     if check:
         raise typer.Exit(check_migration(client, vm, host, **opts))
     task = run(lambda: client.migrate(vm, host, downtime_ms=downtime_ms, max_bandwidth_mbps=max_bandwidth_mbps,

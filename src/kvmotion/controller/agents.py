@@ -127,6 +127,9 @@ class AgentClient:
         return TlsFact.model_validate(await self._call("POST", "/v1/tls/install", {
             "ca_cert": ca_cert, "server_cert": server_cert, "client_cert": client_cert}, timeout=15))
 
+    async def tls_peer_cas(self, cas: dict[str, str]) -> list[str]:
+        return list((await self._call("PUT", "/v1/tls/peer-cas", {"cas": cas}, timeout=15))["trusted"])
+
     async def tls_remove(self) -> TlsFact:
         return TlsFact.model_validate(await self._call("DELETE", "/v1/tls", timeout=15))
 

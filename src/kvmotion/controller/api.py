@@ -23,7 +23,7 @@ from kvmotion.common.apierrors import invalid_input, kvmotion_error
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Peer, Principal
 from kvmotion.controller.gate import PEER_PREFIX, ApiGate
-from kvmotion.controller.routes import (clusters, console, devices, domain, guest, hosts, images, tasks, tokens,
+from kvmotion.controller.routes import (clusters, console, crossmove, devices, domain, guest, hosts, images, tasks, tokens,
                                         vms)
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
@@ -31,7 +31,7 @@ from kvmotion.controller.service import Controller
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
 ROUTERS = (hosts.router, clusters.router, images.router, vms.router, tasks.router, tokens.router, devices.router,
-           guest.router, domain.router, domain.peer_router)
+           guest.router, domain.router, domain.peer_router, crossmove.peer_router)
 
 
 class ErrorDetail(BaseModel):

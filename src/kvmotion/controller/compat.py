@@ -17,7 +17,7 @@ from kvmotion.migration import predict, relocate
 from kvmotion.controller import tasks as task_store
 from kvmotion.migration.relocate import Relocation
 from kvmotion.models.api import MigrateRequest
-from kvmotion.models.moves import MoveKind
+from kvmotion.models.moves import MoveKind, TaskKind
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.api import HostOut
 
@@ -28,7 +28,7 @@ def datastore_limit() -> int:
     return int(os.environ.get("KVMOTION_DATASTORE_MIGRATION_LIMIT", DATASTORE_LIMIT))
 
 
-def _view(inv: Inventory, host: HostOut, running: int) -> HostView:
+def host_view(inv: Inventory, host: HostOut, running: int) -> HostView:
     return HostView(name=host.name, state=host.state, maintenance=bool(host.maintenance),
                     facts=inv.host_facts(host.name), running_migrations=running)
 
@@ -43,20 +43,17 @@ async def vm_cpu_features(inv: Inventory, host: str, spec: VMSpec) -> frozenset[
         return None
 
 
-async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, dst_name: str,
-                 exclude_task: str | None = None,
-                 reloc: Relocation | None = None, required: dict[str, int] | None = None) -> MigrationContext:
-    vm = inv.get_vm(vm_ref)
-    dst = inv.get_host(dst_name)
-    src = inv.get_host(vm.host)
-    spec = VMSpec.model_validate(vm.spec)
+def in_flight(inv: Inventory, sessions: sessionmaker[Session], vm_uuid: str,
+              exclude_task: str | None = None) -> tuple[dict[str, int], dict[str, int], bool]:
+    """Moves in flight per host and per datastore (incoming ones from other controllers too), and whether the
+    VM itself has one."""
     per_host: dict[str, int] = {}
     per_ds: dict[str, int] = {}
     migrating = False
-    for t in task_store.unfinished(sessions):
+    for t in task_store.unfinished(sessions, kind=(*task_store.MIGRATION_KINDS, str(TaskKind.INCOMING))):
         if t.id == exclude_task:
             continue
-        if t.vm_uuid == spec.uuid:
+        if t.vm_uuid == vm_uuid:
             migrating = True
             continue
         for h in {t.source, t.destination}:
@@ -67,9 +64,20 @@ async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, d
                 per_ds[ds] = per_ds.get(ds, 0) + 1
         except KvmotionError:
             pass
+    return per_host, per_ds, migrating
+
+
+async def gather(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, dst_name: str,
+                 exclude_task: str | None = None,
+                 reloc: Relocation | None = None, required: dict[str, int] | None = None) -> MigrationContext:
+    vm = inv.get_vm(vm_ref)
+    dst = inv.get_host(dst_name)
+    src = inv.get_host(vm.host)
+    spec = VMSpec.model_validate(vm.spec)
+    per_host, per_ds, migrating = in_flight(inv, sessions, spec.uuid, exclude_task)
     return MigrationContext(
-        spec=spec, power_state=vm.power_state, source=_view(inv, src, per_host.get(src.name, 0)),
-        destination=_view(inv, dst, per_host.get(dst.name, 0)),
+        spec=spec, power_state=vm.power_state, source=host_view(inv, src, per_host.get(src.name, 0)),
+        destination=host_view(inv, dst, per_host.get(dst.name, 0)),
         vm_cpu_features=await vm_cpu_features(inv, src.name, spec), vm_migrating=migrating,
         datastore_migrations=per_ds,
         datastore_limit=datastore_limit(), kind=reloc.kind if reloc else MoveKind.VMOTION,
@@ -86,7 +94,7 @@ async def validate(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str,
 async def validate_move(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, req: MigrateRequest,
                         exclude_task: str | None = None) -> tuple[Relocation, MigrationContext, list[Finding]]:
     """Plan any kind of move (host, datastores, format; live or cold) and check it; nothing changes."""
-    vm = inv.get_vm(vm_ref)
+    vm = inv.owned_vm(vm_ref)
     spec = VMSpec.model_validate(vm.spec)
     dst_name = inv.get_host(req.host).name if req.host else vm.host
     dst_facts = inv.host_facts(dst_name)

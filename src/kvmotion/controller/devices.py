@@ -140,7 +140,7 @@ class Devices:
         self.inv = inv
 
     def _vm(self, ref: str) -> tuple[VMOut, VMSpec]:
-        vm = self.inv.get_vm(ref)
+        vm = self.inv.owned_vm(ref)
         if any(t.vm_uuid == vm.uuid for t in task_store.unfinished(self.inv.sessions)):
             raise ConflictError(f"VM {vm.name} is being migrated", remedy="wait for its task to end (kvmotion task "
                                 "list), then change its devices", details={"vm": vm.name})

@@ -50,6 +50,9 @@ MAX_JOIN_REQUESTS = 16           # pending: more are refused, not kept
 MAX_MEMBERS = 64
 PEER_CALLS = frozenset({("POST", "/api/v1/peer/welcome"), ("GET", "/api/v1/peer/hello"),
                         ("POST", "/api/v1/peer/leave")})       # the others (GET ca, POST join) are open
+_ID = "[0-9a-f-]{36}"
+PEER_MOVE_CALLS = tuple((m, re.compile(f"^/api/v1/peer/moves{p}$")) for m, p in (   # controller.incoming
+    ("POST", "/validate"), ("POST", ""), ("GET", f"/{_ID}/state"), ("POST", f"/{_ID}/(host|commit|abort)")))
 PENDING, JOINING, MEMBER = MemberState.PENDING, MemberState.JOINING, MemberState.MEMBER
 
 
@@ -255,6 +258,24 @@ class Domain:
         self._touch(name, hello.version)
         return hello
 
+    def client(self, name: str) -> PeerClient:
+        """The channel to a member for a cross-controller move (mutual TLS, both identities pinned)."""
+        with self.sessions() as s:
+            row = self._get(s, name, MEMBER)
+            return PeerClient(row.url, self._tls(row.ca_pem))
+
+    def my_name(self) -> str:
+        with self.sessions() as s:
+            return self._me(s).name
+
+    def member_cas(self) -> dict[str, str]:
+        """Every member's CA certificate: the hosts trust them for migration streams (``agent.tls``)."""
+        with self.sessions() as s:
+            return {m.name: m.ca_pem for m in s.scalars(select(DomainMember).where(DomainMember.state == MEMBER))}
+
+    def require_member(self, peer: Peer, what: str) -> None:
+        self._require(peer, MEMBER, what)
+
     async def remove(self, name: str, force: bool) -> LeaveOut:
         """Forget a member (or a controller this one asked to join), after telling it."""
         with self.sessions() as s:
@@ -319,7 +340,8 @@ class Domain:
         """Who makes a peer call (``PEER_CALLS``): the controller whose pinned peer client certificate the
         connection presented. Bearer tokens count for nothing here. Any other request under /api/v1/peer/ is
         anonymous: the open calls, or a method or path no route has (404 or 405)."""
-        if ("GET" if method == "HEAD" else method, path) not in PEER_CALLS:
+        call = ("GET" if method == "HEAD" else method, path)
+        if call not in PEER_CALLS and not any(m == call[0] and p.match(path) for m, p in PEER_MOVE_CALLS):
             return Peer("-", role="anonymous")
         remedy = ("only the controllers of this controller's domain call /api/v1/peer/, with their pinned client "
                   "certificate (tokens count for nothing there): `kvmotion domain join` first")

@@ -81,7 +81,7 @@ class GuestControl:
         self.inv = inv
 
     def _running(self, ref: str, doing: str) -> VMOut:
-        vm = self.inv.get_vm(ref)
+        vm = self.inv.owned_vm(ref)
         if vm.power_state != "poweredOn":
             raise ConflictError(f"VM {vm.name} is powered off; {doing} needs it powered on",
                                 remedy=f"power it on first: kvmotion vm start {vm.name}")

@@ -232,6 +232,19 @@ class Inventory:
                                     remedy="check the name with `kvmotion vm list`")
             return vm_out(v)
 
+    def owned_vm(self, ref: str) -> VMOut:
+        """A VM this controller may act on: not one held for a move from another controller."""
+        vm = self.get_vm(ref)
+        if vm.power_state == "incoming":
+            raise ConflictError(f"VM {vm.name} is incoming from another controller: it is not this controller's "
+                                "until that move commits", remedy="wait for the move's task (kvmotion task list)")
+        return vm
+
+    def forget_vm(self, uuid: str) -> None:
+        """The VM is another controller's now (a cross-controller move committed): only its record goes."""
+        with self.sessions.begin() as s:
+            s.execute(delete(VM).where(VM.uuid == uuid))
+
     def spec(self, ref: str) -> VMSpec:
         return VMSpec.model_validate(self.get_vm(ref).spec)
 
@@ -372,7 +385,7 @@ class Inventory:
 
     async def start_vm(self, ref: str, evc_mode: str | None = None) -> VMOut:
         """Power on; in an EVC cluster the VM gets the baseline CPU model, enforced."""
-        vm = self.get_vm(ref)
+        vm = self.owned_vm(ref)
         if vm.power_state == "poweredOn":
             raise ConflictError(f"VM {vm.name} is already powered on (on {vm.host})", remedy="nothing to do")
         if self.get_host(vm.host).maintenance:
@@ -386,7 +399,7 @@ class Inventory:
         return vm_out_live(self.get_vm(vm.uuid), runtime.model_dump())
 
     async def stop_vm(self, ref: str) -> VMOut:
-        vm = self.get_vm(ref)
+        vm = self.owned_vm(ref)
         if vm.power_state != "poweredOn":
             raise ConflictError(f"VM {vm.name} is already powered off", remedy="nothing to do")
         await self.agent(vm.host).stop(vm.uuid)
@@ -394,7 +407,7 @@ class Inventory:
         return self.get_vm(vm.uuid)
 
     def update_vm(self, ref: str, req: VMUpdate) -> VMOut:
-        vm = self.get_vm(ref)
+        vm = self.owned_vm(ref)
         spec = self.spec(vm.uuid)
         if req.encrypted_vmotion is not None:
             if req.encrypted_vmotion == "disabled" and spec_is_encrypted(spec):
@@ -418,7 +431,7 @@ class Inventory:
 
     async def change_cdrom(self, ref: str, change: CdromChange) -> VMOut:
         """Connect or disconnect a CD/DVD image; live on a running VM, then recorded in its spec."""
-        vm = self.get_vm(ref)
+        vm = self.owned_vm(ref)
         spec = self.spec(vm.uuid)
         drives = {c.id: c for c in spec.cdroms}
         if change.drive not in drives:
@@ -437,7 +450,7 @@ class Inventory:
         return self.get_vm(vm.uuid)
 
     async def delete_vm(self, ref: str) -> None:
-        vm = self.get_vm(ref)
+        vm = self.owned_vm(ref)
         if vm.power_state == "poweredOn":
             raise ConflictError(f"VM {vm.name} is powered on", remedy=f"power it off first: kvmotion vm stop {vm.name}")
         await self.agent(vm.host).destroy_files(self.spec(vm.uuid))

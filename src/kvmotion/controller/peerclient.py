@@ -25,11 +25,20 @@ class PeerClient:
         self.url = url.rstrip("/")
         self.tls = tls
 
-    async def call(self, method: str, path: str, out: type[T], body: BaseModel | None = None) -> T:
+    async def call(self, method: str, path: str, out: type[T], body: BaseModel | None = None,
+                   deadline_s: float = DEADLINE_S) -> T:
+        raw = await self.call_json(method, path, body, deadline_s)
+        try:
+            return out.model_validate(raw)
+        except ValidationError as exc:
+            raise self._foreign(method, path) from exc
+
+    async def call_json(self, method: str, path: str, body: BaseModel | None = None,
+                        deadline_s: float = DEADLINE_S) -> Any:
         verify: ssl.SSLContext | bool = pinning.client_context(self.tls) if self.tls is not None else False
         payload = body.model_dump(mode="json") if body is not None else None
         try:
-            async with httpx.AsyncClient(verify=verify, timeout=DEADLINE_S) as client:
+            async with httpx.AsyncClient(verify=verify, timeout=deadline_s) as client:
                 r = await client.request(method, f"{self.url}/api/v1{path}", json=payload)
                 presented = pinning.peer_certificate(r.extensions)
         except httpx.HTTPError as exc:
@@ -41,11 +50,14 @@ class PeerClient:
         if r.status_code >= 400:
             raise self._refused(r)
         try:
-            return out.model_validate(r.json())
-        except (ValueError, ValidationError) as exc:
-            raise PeerUnreachable(f"the controller at {self.url} answered {method} {path} with something else than "
-                                  "kvmotion's answer", remedy="run the same kvmotion version on both controllers",
-                                  details={"url": self.url}) from exc
+            return r.json()
+        except ValueError as exc:
+            raise self._foreign(method, path) from exc
+
+    def _foreign(self, method: str, path: str) -> PeerUnreachable:
+        return PeerUnreachable(f"the controller at {self.url} answered {method} {path} with something else than "
+                               "kvmotion's answer", remedy="run the same kvmotion version on both controllers",
+                               details={"url": self.url})
 
     def _unreachable(self, exc: httpx.HTTPError) -> PeerUnreachable:
         details = {"url": self.url}

@@ -18,7 +18,7 @@ from kvmotion.models.api import MigrateRequest, TaskOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.controller.moveview import ControllerView, move_context
 from kvmotion.migration import kinds, registry
-from kvmotion.migration.engine import MoveEngine
+from kvmotion.migration.engine import MoveContext, MoveEngine
 from kvmotion.migration.live import LiveMove
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class Scheduler:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
+        # a cross-controller task's context (``controller.crossmove``); None: this controller moves nothing across
+        self.cross_context: Callable[[TaskOut, VMSpec, MigrateRequest, int], MoveContext] | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="scheduler")
@@ -60,13 +62,13 @@ class Scheduler:
 
     async def submit(self, spec: VMSpec, source: str, req: MigrateRequest, findings: list[dict],
                      kind: str = MoveKind.VMOTION, destination: str | None = None,
-                     policy: dict[str, Any] | None = None) -> TaskOut:
+                     policy: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> TaskOut:
         """Queue a task and run one admission pass: it comes back started, or queued with its place and reason.
         The task keeps the migration policy it runs under (each value and where it came from)."""
         if policy is None:           # every submission (a user's move, an evacuation): the VM's and cluster's
             req, policy = effective(req, *self.policy_layers(spec.uuid))
         journal = TaskJournal.create(self.sessions, kind, spec.uuid, spec.name, source, destination or req.host or source,
-                                     req.model_dump() | {"findings": findings, "policy": policy or {}},
+                                     req.model_dump() | {"findings": findings, "policy": policy or {}} | (extra or {}),
                                      state="queued")
         await self.schedule()
         return journal.read()
@@ -96,10 +98,13 @@ class Scheduler:
 
     async def schedule(self) -> None:
         async with self._lock:
-            queued = [self._request(t) for t in task_store.unfinished(self.sessions, "queued")]
-            running = [self._request(t) for t in task_store.unfinished(self.sessions, "running")
-                       if t.id in self.engines]
+            queued_t = task_store.unfinished(self.sessions, "queued")
+            running_t = [t for t in task_store.unfinished(self.sessions, "running") if t.id in self.engines]
+            queued, running = [self._request(t) for t in queued_t], [self._request(t) for t in running_t]
             links = self._links({h for r in queued + running for h in (r.source, r.destination)})
+            for t in queued_t + running_t:        # another controller's host: the link its verdict gave
+                if t.options.get("remote_link_mbps"):
+                    links.setdefault(t.destination, admission.Link(t.destination, int(t.options["remote_link_mbps"])))
             if self.admission_enabled:
                 p = admission.plan(queued, running, links, compat.datastore_limit())
             else:
@@ -127,7 +132,13 @@ class Scheduler:
             return
         journal.set_state("running")
         req_ = MigrateRequest.model_validate({k: v for k, v in t.options.items() if k in MigrateRequest.model_fields})
-        engine = registry.engine(move_context(self.view, t, spec, req_, bandwidth_mbps))
+        try:
+            ctx = (self.cross_context(t, spec, req_, bandwidth_mbps) if req_.controller and self.cross_context
+                   else move_context(self.view, t, spec, req_, bandwidth_mbps))
+        except KvmotionError as exc:             # e.g. the destination controller left the domain meanwhile
+            journal.finish("error", error=exc.to_dict() | {"phase": "queued"})
+            return
+        engine = registry.engine(ctx)
         task = asyncio.create_task(engine.run(), name=f"{t.kind}-{spec.name}")
         self.engines[t.id] = engine
         self.tasks[t.id] = task

@@ -19,7 +19,10 @@ from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
 from kvmotion.controller.config import DEFAULT_PKI, require_pki_dir
+from kvmotion.controller import crossmove
+from kvmotion.controller.crossmove import CrossMoves
 from kvmotion.controller.domain import Domain
+from kvmotion.controller.incoming import IncomingMoves
 from kvmotion.controller.guest import GuestControl
 from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
@@ -59,6 +62,9 @@ class Controller:
         self.audit = Audit(self.sessions)
         self.guest = GuestControl(self.inventory)
         self.domain = Domain(self.sessions, self.certs.ca, pki)
+        self.cross = CrossMoves(self.sessions, self.inventory, self.domain)
+        self.incoming = IncomingMoves(self.sessions, self.inventory, self.domain.my_name, self.domain.member_cas)
+        self.scheduler.cross_context = self.cross.context
         self.token_dir = token_dir or pki.parent
         self._monitor: asyncio.Task[None] | None = None
 
@@ -112,6 +118,8 @@ class Controller:
 
     async def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
         self._check_request(req)
+        if req.controller:
+            return (await self.cross.check(vm, req))[1]
         req, _ = policy.effective(req, *self._policy_layers(vm))    # the prediction uses the policy's budget
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
@@ -131,11 +139,22 @@ class Controller:
         The kind follows from the request and the VM: vMotion, Storage vMotion, shared-nothing, or cold.
         """
         self._check_request(req)
+        if req.controller:
+            return await self._migrate_across(vm, req)
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
         compat.raise_on_errors(ctx.spec.name, reloc.host, findings)
         return await self.scheduler.submit(ctx.spec, ctx.source.name, req, compat.findings_json(findings),
                                            kind=reloc.kind, destination=reloc.host)   # the policy is filled in there
+
+    async def _migrate_across(self, vm: str, req: MigrateRequest) -> TaskOut:
+        """To a host of another controller of the domain: both checkers first (nothing is held), then queued."""
+        verdict, findings = await self.cross.check(vm, req)
+        spec = self.inventory.spec(vm)
+        compat.raise_on_errors(spec.name, crossmove.destination_label(req), findings)
+        return await self.scheduler.submit(spec, self.inventory.get_vm(vm).host, req, compat.findings_json(findings),
+                                           kind=verdict.kind, destination=crossmove.destination_label(req),
+                                           extra={"remote_link_mbps": crossmove.link_mbps(verdict.facts)})
 
     def _policy_layers(self, vm: str) -> tuple[dict[str, Any], dict[str, Any]]:
         out = self.inventory.get_vm(vm)
@@ -162,7 +181,8 @@ class Controller:
         for state in states:
             for t in task_store.unfinished(self.sessions, state):
                 try:
-                    outcomes.append(await registry.reconcile(recovery(self.scheduler.view, t)))
+                    outcomes.append(await self.cross.reconcile(t) if t.options.get("controller")
+                                    else await registry.reconcile(recovery(self.scheduler.view, t)))
                 except KvmotionError as exc:
                     log.warning("reconciling task %s: %s", t.id, exc)
                     outcomes.append({"task": t.id, "error": exc.message})

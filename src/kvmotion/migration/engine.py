@@ -52,6 +52,7 @@ class MoveContext:
     destination: str
     req: MigrateRequest
     bandwidth_mbps: int = 0
+    cross: bool = False          # the destination host is another controller's (``migration.crosslive``)
 
 
 @dataclass

@@ -24,6 +24,7 @@ AGENT_URL_PATTERN = r"^https?://[^\s/?#@]{1,255}/?$"
 # A raw LUN: an absolute device path on the host (checked against the LUNs the host presents).
 DevicePath = Annotated[str, StringConstraints(pattern=r"^/[^\x00-\x1f\x7f]{1,4095}$")]
 MAX_TIMEOUT_S = 7 * 86400.0
+MAX_NICS_MAP = 32
 
 
 class Request(BaseModel):
@@ -208,6 +209,11 @@ class MigrateRequest(Request):
                                               "converge at the downtime ceiling; default: policy, off")
     postcopy_bandwidth_mbps: int | None = Field(default=None, ge=1, le=1_000_000,
                                                 description="cap for the post-copy phase; default: the link")
+    controller: Name | None = Field(default=None, description="cross-controller vMotion: the domain member that "
+                                    "manages --host (kvmotion domain list)")
+    networks: dict[PortGroupName, PortGroupName] = Field(default_factory=dict, max_length=MAX_NICS_MAP,
+                                                         description="cross-controller: source port group -> "
+                                                                     "destination port group")
     guest_first: StrictBool | None = Field(default=None, description="the stream's threads yield the host CPU to "
                                            "the guest's vCPUs (nice 10), so a busy host slows the stream, not the "
                                            "guest; default: on")

@@ -18,6 +18,7 @@ class Finding(BaseModel):
     subject: str          # "vm:NAME", "host:NAME", "datastore:NAME", "network:NAME", "device:ID"
     message: str
     remedy: str
+    side: str | None = None   # cross-controller moves: "source" or "destination" (which controller found it)
 
 
 # code -> (severity, what it means). SPEC §3 requirement by requirement; the README lists these.
@@ -57,6 +58,14 @@ CODES: dict[str, tuple[Severity, str]] = {
     "INSUFFICIENT_MEMORY": (Severity.ERROR, "the destination does not have the VM's memory free"),
     "VM_POWERED_ON": (Severity.ERROR, "cold migration needs a powered-off VM (use vMotion)"),
     "NOTHING_TO_MOVE": (Severity.ERROR, "the VM already is on that host and those datastores"),
+    "CROSS_MAC_IN_USE": (Severity.ERROR, "a MAC of the VM is already used by a VM of the destination controller"),
+    "CROSS_VM_EXISTS": (Severity.ERROR, "the destination controller already has a VM of that UUID or name"),
+    "CROSS_NETWORK_UNMAPPED": (Severity.ERROR, "a network mapping names a port group the VM does not use"),
+    "CROSS_HOST_NAME_CLASH": (Severity.ERROR, "the source and destination hosts have the same name (their TLS "
+                                              "identities would be the same)"),
+    "CROSS_ENCRYPTION_REQUIRED": (Severity.ERROR, "a cross-controller move is always encrypted: a host has no "
+                                                  "valid certificate"),
+    "CROSS_ENCRYPTED_DISK": (Severity.ERROR, "an encrypted disk cannot move to another controller yet"),
     "DATASTORE_SPACE": (Severity.ERROR, "a target datastore lacks the free space the copied disks need"),
     "DISK_FORMAT_UNSUPPORTED": (Severity.ERROR, "an encrypted disk stays qcow2 (LUKS inside qcow2)"),
     "RDM_STAYS": (Severity.INFO, "a raw LUN is not copied; the VM keeps using the same LUN"),

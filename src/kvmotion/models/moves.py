@@ -14,6 +14,7 @@ class MoveKind(StrEnum):
 class TaskKind(StrEnum):
     MAINTENANCE = "maintenance"      # a host's evacuation (not a move of its own: it submits moves)
     IMAGE_IMPORT = "image-import"    # a disk image copied into the library (vm_name: the image's name)
+    INCOMING = "incoming"            # the destination's side of a move from another controller (same task id)
 
 
 LIVE_KINDS = frozenset({MoveKind.VMOTION, MoveKind.XVMOTION})      # memory crosses hosts

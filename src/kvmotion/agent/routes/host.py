@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from kvmotion.agent import tls
 from kvmotion.agent.routes.deps import AgentDep
+from kvmotion.common.errors import InvalidInputError
 from kvmotion.models.agent import MAX_CPU_FEATURES, HostFacts, Name, TlsFact
 
 MAX_PEM = 16384
@@ -32,6 +33,10 @@ class ControllerPin(BaseModel):
 
 class CrlInstall(BaseModel):
     crl: str = Field(max_length=4 * 1024 * 1024)
+
+
+class PeerCas(BaseModel):
+    cas: dict[Name, str] = Field(default_factory=dict, max_length=tls.MAX_PEER_CAS)
 
 
 class CpuExpandRequest(BaseModel):
@@ -80,6 +85,15 @@ async def api_tls_controller(req: ControllerPin, agent: AgentDep) -> dict[str, b
 async def tls_crl(req: CrlInstall, agent: AgentDep) -> dict[str, int]:
     """The controller's revocation list (a removed host's certificates): checked on every TLS handshake."""
     return {"revoked": tls.install_crl(agent.tls_dir, req.crl)}
+
+
+@router.put("/tls/peer-cas")
+async def tls_peer_cas(req: PeerCas, agent: AgentDep) -> dict[str, list[str]]:
+    """The CAs of the other controllers of the domain (cross-controller moves): trusted for migration streams."""
+    for pem in req.cas.values():
+        if len(pem) > MAX_PEM:
+            raise InvalidInputError("a peer CA certificate is too long", remedy="send the controller's CA only")
+    return {"trusted": tls.set_peer_cas(agent.tls_dir, req.cas)}
 
 
 @router.delete("/tls")

@@ -1,0 +1,132 @@
+"""Cross-controller vMotion (issue 20), end to end in a lab of two controllers (A: h1, h2; B: h3, h4) that form one
+trust domain, with real QEMU guests: a live move from A to B (shared datastore, memory only), the same VM moved
+again inside B for comparison, a shared-nothing move across, and what is refused (outside the domain, a MAC in
+use, a network mapping that is missing). Nothing refused leaves anything held on B."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kvmotion.cli.client import Client
+from kvmotion.common.errors import ErrorCode, KvmotionError
+from kvmotion_lab import scenario
+from labtools import (agent_vms, assert_guest_survived, cli, codes, controller_client, http_beat, record_figure,
+                      running_lab, running_vm)
+
+PHASES = ["precheck", "shadow", "precopy", "switchover", "resume", "announce", "release"]
+XV_PHASES = ["precheck", "shadow", "disks", "precopy", "switchover", "resume", "announce", "release"]
+
+
+@pytest.fixture(scope="module")
+def lab2(guest_image):
+    with running_lab(guest_image, 2, controllers=2) as info:
+        yield info
+
+
+def identity(hb: dict) -> tuple:
+    return hb["boot_id"], hb.get("smbios_uuid"), tuple(hb.get("macs") or ())
+
+
+def figures(label: str, move: scenario.MoveResult) -> None:
+    r = move.task["result"]
+    record_figure(f"{label} total", r["total_time_s"], "s")
+    record_figure(f"{label} downtime", r["downtime_ms"] or 0, "ms")
+    record_figure(f"{label} client gap", move.probe.max_gap_ms, "ms")
+
+
+def assert_live_move(move: scenario.MoveResult, phases: list[str]) -> dict:
+    task = move.task
+    assert task["state"] == "success", task.get("error")
+    assert [p["name"] for p in task["phases"]] == phases
+    assert all(p["status"] == "ok" for p in task["phases"]), task["phases"]
+    assert move.probe.complete and move.probe.received > 0 and math.isfinite(move.probe.max_gap_ms)
+    assert task["result"]["encryption"]["mode"] == "tls"          # always, between controllers
+    return task
+
+
+def incoming_task(b: Client, task_id: str) -> dict:
+    return next(t for t in b.tasks(200) if t["id"] == task_id)
+
+
+def test_live_move_to_another_controller_and_back_inside_it(lab2, tmp_path) -> None:
+    a, b = controller_client(lab2, "a"), controller_client(lab2, "b")
+    vm = running_vm(a, lab2, "xc1")
+    ip = vm["spec"]["guest_ip"]
+    before = http_beat(lab2, a, "xc1")
+    found = a.validate("xc1", "h3", controller="ctl-b")
+    assert not [f for f in found if f["severity"] == "error"], found
+    assert {f.get("side") for f in found} <= {"source", "destination"} and found
+    move = scenario.migrate_with_probe(a, lab2.net, "xc1", ip, "h3", tmp_path / "x1.jsonl", controller="ctl-b")
+    task = assert_live_move(move, PHASES)
+    assert task["destination"] == "h3@ctl-b" and task["result"]["cross_controller"]["controller"] == "ctl-b"
+    after = assert_guest_survived(lab2, b, "xc1", before)
+    assert identity(after) == identity(before)             # the same guest: boot, SMBIOS UUID, MACs
+    # the handoff: B owns it (same UUID, same MAC), A forgot it; h3 runs it, h1 does not
+    there = b.vm("xc1")
+    assert there["uuid"] == vm["uuid"] and there["host"] == "h3" and there["power_state"] == "poweredOn"
+    assert [n["mac"] for n in there["spec"]["nics"]] == [n["mac"] for n in vm["spec"]["nics"]]
+    with pytest.raises(KvmotionError) as gone:
+        a.vm("xc1")
+    assert gone.value.code == ErrorCode.NOT_FOUND
+    assert agent_vms(lab2, "h3")[vm["uuid"]]["state"] == "running" and vm["uuid"] not in agent_vms(lab2, "h1")
+    # the task on both sides: outgoing on A, incoming on B with the same id and its own phases
+    inc = incoming_task(b, task["id"])
+    assert inc["kind"] == "incoming" and inc["state"] == "success" and inc["source"] == "ctl-a:h1"
+    assert [p["name"] for p in inc["phases"]] == ["reserved", "shadow", "resume", "commit"]
+    figures("cross-controller vMotion h1@a->h3@b", move)
+    # the same VM moved again, inside B: the figures to compare with
+    again = scenario.migrate_with_probe(b, lab2.net, "xc1", ip, "h4", tmp_path / "x2.jsonl")
+    assert_live_move(again, PHASES)
+    assert identity(assert_guest_survived(lab2, b, "xc1", after)) == identity(before)
+    figures("same-controller vMotion h3->h4 (same VM)", again)
+    b.stop_vm("xc1")
+    b.delete_vm("xc1")
+
+
+def test_shared_nothing_to_another_controller(lab2, tmp_path) -> None:
+    a, b = controller_client(lab2, "a"), controller_client(lab2, "b")
+    vm = running_vm(a, lab2, "xc2", datastore="h1-local")
+    before = http_beat(lab2, a, "xc2")
+    move = scenario.migrate_with_probe(a, lab2.net, "xc2", vm["spec"]["guest_ip"], "h3", tmp_path / "x3.jsonl",
+                                       controller="ctl-b", datastore="h3-local")
+    task = assert_live_move(move, XV_PHASES)
+    assert task["kind"] == "xvmotion" and task["result"]["disks"]["bytes"] > 0
+    assert identity(assert_guest_survived(lab2, b, "xc2", before)) == identity(before)
+    there = b.vm("xc2")
+    assert there["host"] == "h3" and there["spec"]["boot_datastore"] == "h3-local"
+    assert {d["datastore"] for d in there["spec"]["disks"]} == {"h3-local"}
+    figures("cross-controller shared-nothing h1@a->h3@b", move)
+    b.stop_vm("xc2")
+    b.delete_vm("xc2")
+
+
+def test_refusals_leave_nothing_held(lab2) -> None:
+    a, b = controller_client(lab2, "a"), controller_client(lab2, "b")
+    vm = running_vm(a, lab2, "xc3")
+    # outside the domain: refused before anything is asked of anyone
+    with pytest.raises(KvmotionError) as outside:
+        a.migrate("xc3", "h3", controller="ctl-nobody")
+    assert outside.value.code == ErrorCode.NOT_FOUND and "domain" in outside.value.remedy
+    # a network mapping that names a port group the VM does not use, and one to a port group B's host lacks
+    unmapped = codes(a.validate("xc3", "h3", controller="ctl-b", networks={"Nope": "VM Network"}))
+    assert unmapped["CROSS_NETWORK_UNMAPPED"]["side"] == "destination"
+    missing = codes(a.validate("xc3", "h3", controller="ctl-b", networks={"VM Network": "Prod"}))
+    assert missing["PORTGROUP_MISSING"]["side"] == "destination" and "Prod" in missing["PORTGROUP_MISSING"]["message"]
+    with pytest.raises(KvmotionError) as refused:
+        a.migrate("xc3", "h3", controller="ctl-b", networks={"VM Network": "Prod"})
+    assert refused.value.code == ErrorCode.PRECHECK_FAILED
+    # a MAC already used on B
+    mac = vm["spec"]["nics"][0]["mac"]
+    b.create_vm(name="xc3-twin", host="h4", mac=mac)
+    clash = codes(a.validate("xc3", "h3", controller="ctl-b"))
+    assert clash["CROSS_MAC_IN_USE"]["side"] == "destination" and "xc3-twin" in clash["CROSS_MAC_IN_USE"]["message"]
+    res = cli(lab2, "vm", "migrate", "xc3", "--host", "h3", "--controller", "ctl-b")
+    assert res.returncode != 0 and "CROSS_MAC_IN_USE" in res.stdout + res.stderr
+    # nothing was held on B, and the VM still runs on A's h1
+    assert not [t for t in b.tasks(200) if t["kind"] == "incoming" and t["vm_name"] == "xc3"]
+    assert "xc3" not in {v["name"] for v in b.vms()}
+    assert a.vm("xc3")["host"] == "h1" and agent_vms(lab2, "h1")[vm["uuid"]]["state"] == "running"
+    b.delete_vm("xc3-twin")
+    a.stop_vm("xc3")
+    a.delete_vm("xc3")
