@@ -16,7 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 here="$(pwd)/src/kvmotion"
-if ! python3 -c "import sys, kvmotion, kvmotion_lab, qemu.qmp, fastapi, uvicorn, sqlalchemy, alembic, psycopg, httpx, websockets, typer, rich, yaml, pytest, pytest_timeout, schemathesis, matplotlib
+if ! python3 -c "import sys, kvmotion, kvmotion_lab, qemu.qmp, fastapi, uvicorn, sqlalchemy, alembic, psycopg, prometheus_client, httpx, websockets, typer, rich, yaml, pytest, pytest_timeout, schemathesis, matplotlib
 sys.exit(0 if kvmotion.__path__[0] == sys.argv[1] and kvmotion_lab.__path__[0] == sys.argv[1] + '_lab' else 1)" "$here" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 fi

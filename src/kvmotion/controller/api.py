@@ -1,5 +1,5 @@
 """The controller's REST API (OpenAPI at /docs and /openapi.json, for a viewer's token unless the docs are public):
-the app that wires the routers.
+the app that wires the routers, and its Prometheus metrics at /metrics (a viewer's token too).
 
 Each domain has its router in :mod:`kvmotion.controller.routes`; every endpoint declares its role there.
 """
@@ -23,8 +23,9 @@ from kvmotion.common.apierrors import invalid_input, kvmotion_error
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Peer, Principal
 from kvmotion.controller.gate import PEER_PREFIX, ApiGate
-from kvmotion.controller.routes import (clusters, console, crossmove, devices, domain, guest, hosts, images, tasks, tokens,
-                                        vms)
+from kvmotion.controller.metrics import Exposition
+from kvmotion.controller.routes import (clusters, console, crossmove, devices, domain, guest, hosts, images, metrics,
+                                        tasks, tokens, vms)
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
 
@@ -70,8 +71,8 @@ class _MethodIndex:
 
 def create_app(ctl: Controller, public_docs: bool = False) -> FastAPI:
     """The API of one controller: its routers, the error shape, the audit of every state-changing call. Every
-    call under /api/v1 needs a token before its body is read (``gate.ApiGate``); so do the docs (/docs,
-    /openapi.json; a viewer's token) unless ``public_docs``."""
+    call under /api/v1 needs a token before its body is read (``gate.ApiGate``); so do the metrics (/metrics) and
+    the docs (/docs, /openapi.json), a viewer's token, the docs unless ``public_docs``."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ctl.startup()
@@ -80,15 +81,17 @@ def create_app(ctl: Controller, public_docs: bool = False) -> FastAPI:
 
     app = FastAPI(title="kvmotion controller", version=__version__, lifespan=lifespan)
     app.state.controller = ctl
+    app.state.metrics = Exposition(ctl.sessions)       # reads nothing until the first scrape
     _error_handlers(app)
     docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
                      if p and not public_docs)
-    app.add_middleware(ApiGate, tokens=ctl.tokens, docs_paths=docs,      # inside the audit: refusals are audited
+    app.add_middleware(ApiGate, tokens=ctl.tokens, viewer_paths=docs | {metrics.PATH},   # inside the audit
                        peers=ctl.domain.authenticate)
     _audit(app, ctl)
     for router in ROUTERS:
         app.include_router(router, prefix=PREFIX, responses=ERROR_RESPONSES,
                            dependencies=[Depends(no_unknown_query)])
+    app.include_router(metrics.router, responses=ERROR_RESPONSES, dependencies=[Depends(no_unknown_query)])
     app.include_router(console.router, prefix=PREFIX)      # websockets: their own auth (routes/console.py)
     return app
 

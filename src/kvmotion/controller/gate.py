@@ -1,9 +1,9 @@
 """The controller's front door (raw ASGI, before FastAPI reads anything): a bearer token, then a bounded body.
 
-Every HTTP request under ``/api/v1`` (and the API's docs, unless they are public) must carry a valid token
-BEFORE a byte of its body is read or parsed: a caller without one gets a 401 in the usual error shape and costs
-a token lookup, nothing more. Roles stay checked by each endpoint (``routes.deps.role``, which reuses the
-principal found here). Bodies are bounded: ``MAX_BODY`` by default, more only where a request legitimately
+Every HTTP request under ``/api/v1`` (and to ``/metrics``, and to the API's docs unless they are public) must
+carry a valid token BEFORE a byte of its body is read or parsed: a caller without one gets a 401 in the usual
+error shape and costs a token lookup, nothing more. Roles stay checked by each endpoint (``routes.deps.role``,
+which reuses the principal found here). Bodies are bounded: ``MAX_BODY`` by default, more only where a request legitimately
 carries more (``BODY_LIMITS``); a larger one is a 413 at once when its Content-Length says so, else as soon as
 the limit is passed. A path or query holding a NUL character is refused (422): no database stores one.
 Websockets (the consoles) pass through: they authenticate in ``routes/console.py``.
@@ -33,27 +33,27 @@ BODY_LIMITS: dict[tuple[str, str], int] = {("POST", "/api/v1/vms"): 4 << 20}
 class ApiGate:
     """ASGI middleware: authenticate, bound the body, then hand the request on unchanged (see the module)."""
 
-    def __init__(self, app: ASGIApp, tokens: Tokens, docs_paths: frozenset[str] = frozenset(),
+    def __init__(self, app: ASGIApp, tokens: Tokens, viewer_paths: frozenset[str] = frozenset(),
                  max_body: int = MAX_BODY, limits: dict[tuple[str, str], int] | None = None,
                  peers: PeerCheck | None = None) -> None:
         self.app = app
         self.tokens = tokens
         self.peers = peers
-        self.docs_paths = docs_paths            # guarded too (viewer role); empty: the docs are public
+        self.viewer_paths = viewer_paths        # outside /api/v1, guarded too (viewer role): metrics, docs
         self.max_body = max_body
         self.limits = BODY_LIMITS if limits is None else limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        docs = path in self.docs_paths
-        if scope["type"] != "http" or not (path.startswith(API_PREFIX) or docs):
+        viewer = path in self.viewer_paths
+        if scope["type"] != "http" or not (path.startswith(API_PREFIX) or viewer):
             await self.app(scope, receive, send)
             return
         what = f"{scope['method']} {path}"
         try:
             principal = await asyncio.to_thread(self._caller, scope, what)
             scope.setdefault("state", {})["principal"] = principal    # the audit names the caller, even if refused
-            if docs:
+            if viewer:
                 require_role(principal, Role.VIEWER, what)
         except KvmotionError as exc:
             await reply_json(send, exc.http_status, exc.to_dict())
