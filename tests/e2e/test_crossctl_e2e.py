@@ -4,15 +4,20 @@ again inside B for comparison, a shared-nothing move across, and what is refused
 use, a network mapping that is missing). Nothing refused leaves anything held on B."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import time
 
 import pytest
 
 from kvmotion.cli.client import Client
 from kvmotion.common.errors import ErrorCode, KvmotionError
-from kvmotion_lab import scenario
-from labtools import (agent_vms, assert_guest_survived, cli, codes, controller_client, http_beat, record_figure,
-                      running_lab, running_vm)
+from kvmotion.migration.engine import CRASH_AT_ENV
+from kvmotion_lab import lab as lab_mod, scenario
+from labtools import (agent_vms, assert_guest_survived, cli, codes, controller_client, http_beat, record_fault,
+                      record_figure, running_lab, running_vm, wait_for)
 
 PHASES = ["precheck", "shadow", "precopy", "switchover", "resume", "announce", "release"]
 XV_PHASES = ["precheck", "shadow", "disks", "precopy", "switchover", "resume", "announce", "release"]
@@ -74,6 +79,10 @@ def test_live_move_to_another_controller_and_back_inside_it(lab2, tmp_path) -> N
     inc = incoming_task(b, task["id"])
     assert inc["kind"] == "incoming" and inc["state"] == "success" and inc["source"] == "ctl-a:h1"
     assert [p["name"] for p in inc["phases"]] == ["reserved", "shadow", "resume", "commit"]
+    # the audit of both sides: A's admin asked for the move; B records each call of controller ctl-a for it
+    assert any(e["path"] == "/api/v1/vms/xc1/migrate" and e["status"] == 202 for e in a.audit(500)), a.audit(20)
+    theirs = [e for e in b.audit(500) if e["who"] == "ctl-a" and e["path"].startswith("/api/v1/peer/moves")]
+    assert {e["path"].rsplit("/", 1)[-1] for e in theirs} >= {"moves", "host", "commit"}, theirs
     figures("cross-controller vMotion h1@a->h3@b", move)
     # the same VM moved again, inside B: the figures to compare with
     again = scenario.migrate_with_probe(b, lab2.net, "xc1", ip, "h4", tmp_path / "x2.jsonl")
@@ -130,3 +139,121 @@ def test_refusals_leave_nothing_held(lab2) -> None:
     b.delete_vm("xc3-twin")
     a.stop_vm("xc3")
     a.delete_vm("xc3")
+
+
+# -- faults: exactly one owner and one running copy, whatever dies and whenever -----------------------------------
+
+def one_owner(lab2, name: str, uuid: str) -> str:
+    """The VM is in exactly one inventory (none holds it as incoming any more), runs on exactly one host, and
+    its owner says that host. Returns the owner ("a" or "b")."""
+    a, b = controller_client(lab2, "a"), controller_client(lab2, "b")
+    on = {c: {v["name"]: v for v in client.vms()} for c, client in (("a", a), ("b", b))}
+    assert not [v for v in on["b"].values() if v["power_state"] == "incoming"], on["b"]
+    owners = [c for c in ("a", "b") if name in on[c]]
+    assert len(owners) == 1, owners
+    running = [h for h in ("h1", "h2", "h3", "h4") if agent_vms(lab2, h).get(uuid, {}).get("state") == "running"]
+    assert len(running) == 1, running
+    assert on[owners[0]][name]["host"] == running[0] and lab2.host_controllers[running[0]] == owners[0]
+    return owners[0]
+
+
+def move_dying(lab2, name: str, at: str) -> dict:
+    """A move from A to B with controller A dying at ``at`` (restarted 1 s later): the task once reconciled."""
+    a = controller_client(lab2, "a")
+    lab_mod.restart(lab2.root, "controller", env={CRASH_AT_ENV: at})
+    task = a.migrate(name, "h3", controller="ctl-b", max_bandwidth_mbps=200)
+    wait_for(lambda: not _answers(a, task["id"]), 120, f"controller A dying at {at}")
+    died = time.time()
+    time.sleep(1.0)
+    lab_mod.restart(lab2.root, "controller")
+    t = wait_for(lambda: (t := a.task(task["id"]))["state"] in ("success", "error") and t, 90,
+                 f"reconciliation of the cross-controller move that died at {at}")
+    record_fault("source controller killed (restarted 1 s later)", at, died, t)
+    return t
+
+
+def _answers(client: Client, task_id: str) -> bool:
+    try:
+        client.task(task_id)
+        return True
+    except KvmotionError:
+        return False
+
+
+@pytest.mark.parametrize("at, owner", [("precopy.progress", "a"), ("resume", "b"), ("release", "b")])
+def test_source_controller_killed_at_each_handoff_phase(lab2, at: str, owner: str) -> None:
+    name = "xk-" + at.split(".")[0]
+    vm = running_vm(controller_client(lab2, "a"), lab2, name)
+    before = http_beat(lab2, controller_client(lab2, "a"), name)
+    t = move_dying(lab2, name, at)
+    assert t["state"] == ("success" if owner == "b" else "error"), t.get("error")
+    assert one_owner(lab2, name, vm["uuid"]) == owner
+    survived = assert_guest_survived(lab2, controller_client(lab2, owner), name, before)
+    assert identity(survived) == identity(before)
+    inc = incoming_task(controller_client(lab2, "b"), t["id"])
+    assert inc["state"] == ("success" if owner == "b" else "error")
+    client = controller_client(lab2, owner)
+    client.stop_vm(name)
+    client.delete_vm(name)
+
+
+def test_destination_controller_killed_mid_move(lab2) -> None:
+    a = controller_client(lab2, "a")
+    vm = running_vm(a, lab2, "xk-dst", dirty_mb_s=2)
+    before = http_beat(lab2, a, "xk-dst")
+    task = a.migrate("xk-dst", "h3", controller="ctl-b", max_bandwidth_mbps=60)
+    wait_for(lambda: a.task(task["id"])["phase"] == "precopy", 120, "pre-copy")
+    died = time.time()
+    lab_mod.restart(lab2.root, "controller-b", crash=True)        # SIGKILL, started again at once
+    t = wait_for(lambda: (t := a.task(task["id"]))["state"] in ("success", "error") and t, 240, "the move's end")
+    record_fault("destination controller killed (restarted at once)", "precopy", died, t)
+    owner = one_owner(lab2, "xk-dst", vm["uuid"])
+    assert (owner == "b") == (t["state"] == "success"), t.get("error")
+    assert identity(assert_guest_survived(lab2, controller_client(lab2, owner), "xk-dst", before)) == identity(before)
+    controller_client(lab2, owner).stop_vm("xk-dst")
+    controller_client(lab2, owner).delete_vm("xk-dst")
+
+
+def test_link_between_controllers_cut_mid_move(lab2) -> None:
+    """Controller B stops answering (frozen: its connections hang, as behind a dead link) from pre-copy until well
+    after the switchover's calls to it timed out, then answers again: reconciliation ends with one owner."""
+    a = controller_client(lab2, "a")
+    vm = running_vm(a, lab2, "xk-link", dirty_mb_s=2)
+    before = http_beat(lab2, a, "xk-link")
+    task = a.migrate("xk-link", "h3", controller="ctl-b", max_bandwidth_mbps=60)
+    wait_for(lambda: a.task(task["id"])["phase"] == "precopy", 120, "pre-copy")
+    pid = json.loads((lab2.root / "lab.json").read_text())["pids"]["controller-b"]
+    os.kill(pid, signal.SIGSTOP)
+    cut = time.time()
+    try:
+        wait_for(lambda: a.task(task["id"])["state"] != "running", 120, "the move to notice the dead link")
+        time.sleep(5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t = wait_for(lambda: (t := a.task(task["id"]))["state"] in ("success", "error") and t, 180,
+                 "reconciliation once the link is back")
+    record_fault("controller-to-controller link cut (peer frozen)", "precopy", cut, t)
+    owner = one_owner(lab2, "xk-link", vm["uuid"])
+    assert (owner == "b") == (t["state"] == "success"), t.get("error")
+    assert identity(assert_guest_survived(lab2, controller_client(lab2, owner), "xk-link", before)) == identity(before)
+    controller_client(lab2, owner).stop_vm("xk-link")
+    controller_client(lab2, owner).delete_vm("xk-link")
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_cancel_before_switchover_from_either_side(lab2, side: str) -> None:
+    """From A (its outgoing task) or from B (its incoming task, which asks A): rolled back, the VM stays on A."""
+    a, b = controller_client(lab2, "a"), controller_client(lab2, "b")
+    name = f"xcancel-{side}"
+    vm = running_vm(a, lab2, name, dirty_mb_s=4)
+    before = http_beat(lab2, a, name)
+    task = a.migrate(name, "h3", controller="ctl-b", max_bandwidth_mbps=30, auto_converge=False)
+    wait_for(lambda: a.task(task["id"])["phase"] == "precopy", 120, "pre-copy")
+    (a if side == "a" else b).cancel_task(task["id"])
+    t = wait_for(lambda: (t := a.task(task["id"]))["state"] in ("success", "error") and t, 120, "the rollback")
+    assert t["state"] == "error" and "cancelled" in t["error"]["message"], t.get("error")
+    assert one_owner(lab2, name, vm["uuid"]) == "a"
+    assert incoming_task(b, task["id"])["state"] == "error"          # the reservation there was released
+    assert identity(assert_guest_survived(lab2, a, name, before)) == identity(before)
+    a.stop_vm(name)
+    a.delete_vm(name)

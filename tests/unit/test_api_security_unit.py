@@ -103,6 +103,7 @@ PEER_ENDPOINTS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/peer/moves/{move_id}/host"): "certificate",
     ("POST", "/api/v1/peer/moves/{move_id}/commit"): "certificate",
     ("POST", "/api/v1/peer/moves/{move_id}/abort"): "certificate",
+    ("POST", "/api/v1/peer/moves/{move_id}/cancel"): "certificate",
 }
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 

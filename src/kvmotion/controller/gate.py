@@ -13,6 +13,7 @@ by the connection's client certificate alone (``peertls.PEER_CERT``); a bearer t
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Callable
 
 from kvmotion.common.asgi import (ASGIApp, BodyTooLarge, Receive, Scope, Send, declared_length, header, read_body,
@@ -28,6 +29,10 @@ MAX_BODY = 1 << 20
 # VM creation may carry cloud-init files: four of at most 64 Ki characters each, up to 12 bytes a character
 # once JSON-escaped (a surrogate pair as two \uXXXX), with their names: under 4 MiB.
 BODY_LIMITS: dict[tuple[str, str], int] = {("POST", "/api/v1/vms"): 4 << 20}
+# A cross-controller move relays the VM folder (kernel, initrd: the agent takes up to 200 MiB of base64) to the
+# destination host; only a member controller, authenticated by its pinned certificate, may send that much.
+PEER_HOST_CALL = re.compile(r"^/api/v1/peer/moves/[0-9a-f-]{36}/host$")
+PEER_HOST_BODY = 210 << 20
 
 
 class ApiGate:
@@ -64,6 +69,8 @@ class ApiGate:
                 remedy="leave it out: no name or value kvmotion keeps may hold one").to_dict())
             return
         limit = self.limits.get((scope["method"], path.rstrip("/")), self.max_body)
+        if isinstance(principal, Peer) and principal.role == "peer" and PEER_HOST_CALL.match(path):
+            limit = PEER_HOST_BODY
         declared = declared_length(scope)
         try:
             if declared is not None and declared > limit:

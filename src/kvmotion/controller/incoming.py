@@ -28,9 +28,11 @@ from kvmotion.controller import tasks as task_store
 from kvmotion.controller.auth import Peer
 from kvmotion.controller.db import VM, Task
 from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.peerclient import PeerClient
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.migration import relocate
 from kvmotion.models.agent import VMSpec
+from kvmotion.models.api import TaskOut
 from kvmotion.models.crossmove import CrossOffer, CrossVerdict, IncomingOut, IncomingState, PeerHostCall
 from kvmotion.models.guest import CLOCK_STEP_MS
 from kvmotion.models.health import HealthCheckRequest
@@ -51,8 +53,8 @@ def _dump(value: Any) -> Any:
 
 class IncomingMoves:
     def __init__(self, sessions: sessionmaker[Session], inv: Inventory, me: Callable[[], str],
-                 peer_cas: Callable[[], dict[str, str]]) -> None:
-        self.sessions, self.inv, self.me, self.peer_cas = sessions, inv, me, peer_cas
+                 peer_cas: Callable[[], dict[str, str]], peers: Callable[[str], PeerClient]) -> None:
+        self.sessions, self.inv, self.me, self.peer_cas, self.peers = sessions, inv, me, peer_cas, peers
 
     # -- judge and reserve -------------------------------------------------------------------------------------
     async def judge(self, peer: Peer, offer: CrossOffer, reserve: bool) -> CrossVerdict:
@@ -244,6 +246,15 @@ class IncomingMoves:
         TaskJournal(self.sessions, t.id).finish("error", error={
             "code": "ABORTED", "phase": t.phase, "message": f"the move was aborted by {by}" + (f": {why}" if why else ""),
             "remedy": "nothing to do; the VM stays on its controller"})
+
+    async def cancel(self, t: Any) -> None:
+        """This controller's admin cancels an incoming move: the source controller runs it, so it is asked there
+        (its engine rolls back before the switchover, then releases the reservation here)."""
+        if STATE_OF_TASK.get(t.state) != IncomingState.RESERVED:
+            raise ConflictError(f"the incoming move of {t.vm_name} is {STATE_OF_TASK.get(t.state)}",
+                                remedy="nothing to cancel")
+        source = t.options["source_controller"]
+        await self.peers(source).call("POST", f"/peer/moves/{t.id}/cancel", TaskOut)
 
     async def status(self, peer: Peer, move_id: str) -> IncomingOut:
         t = self._get(peer, move_id)

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmotion.common.errors import InvalidInputError, KvmotionError
+from kvmotion.common.errors import ForbiddenError, InvalidInputError, KvmotionError
 from kvmotion.common.private import private_dir
 from kvmotion.controller import compat, policy
 from kvmotion.controller.agenttls import AgentTls
 from kvmotion.controller.moveview import recovery
 from kvmotion.migration import kinds, predict, registry
 from kvmotion.controller import tasks as task_store
-from kvmotion.controller.auth import Audit, Tokens
+from kvmotion.controller.auth import Audit, Peer, Tokens
 from kvmotion.controller.db import make_engine, make_sessionmaker
 from kvmotion.controller.certs import HostCertificates
 from kvmotion.controller.clusters import Clusters
@@ -63,7 +63,8 @@ class Controller:
         self.guest = GuestControl(self.inventory)
         self.domain = Domain(self.sessions, self.certs.ca, pki)
         self.cross = CrossMoves(self.sessions, self.inventory, self.domain)
-        self.incoming = IncomingMoves(self.sessions, self.inventory, self.domain.my_name, self.domain.member_cas)
+        self.incoming = IncomingMoves(self.sessions, self.inventory, self.domain.my_name, self.domain.member_cas,
+                                      self.domain.client)
         self.scheduler.cross_context = self.cross.context
         self.token_dir = token_dir or pki.parent
         self._monitor: asyncio.Task[None] | None = None
@@ -170,6 +171,21 @@ class Controller:
 
     def cancel(self, task_id: str) -> TaskOut:
         return self.scheduler.cancel(task_id)
+
+    async def cancel_any(self, task_id: str) -> TaskOut:
+        """A task of this controller, or (an incoming one) the move it belongs to, asked of its source controller."""
+        task = task_store.get_task(self.sessions, task_id)
+        if task.kind == TaskKind.INCOMING:
+            await self.incoming.cancel(task)
+            return task_store.get_task(self.sessions, task.id)
+        return self.scheduler.cancel(task.id)
+
+    def cancel_outgoing(self, peer: Peer, task_id: str) -> TaskOut:
+        """The destination controller's admin cancelled the move there: the same as a cancel here."""
+        task = task_store.get_task(self.sessions, task_id)
+        if task.id != task_id or task.options.get("controller") != peer.name:
+            raise ForbiddenError(f"task {task_id[:8]} is no move to controller {peer.name}", remedy="nothing to do")
+        return self.scheduler.cancel(task.id)
 
     async def reconcile(self, states: tuple[str, ...] = ("running", "unknown")) -> list[dict[str, Any]]:
         """Finish what the journal says was in flight, by what the hosts really run (``migration.recover.decide``, one reconciler per kind).

@@ -10,7 +10,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from kvmotion.common.errors import AgentSilent, AgentUnreachable, Failure, KvmotionError, migration_failure
+from kvmotion.common.errors import (AgentSilent, AgentUnreachable, Failure, KvmotionError, PeerUnreachable,
+                                    migration_failure)
 from kvmotion.migration import decisions, postcopy
 from kvmotion.migration.decisions import Action
 from kvmotion.migration.engine import Outcome
@@ -127,11 +128,12 @@ class PrecopyFollower:
 
 
 async def shadow_alive(m: "LiveMove") -> bool | None:
-    """True/False as the destination agent reports it; None when the agent does not answer."""
+    """True/False as the destination agent reports it; None when the agent (or, for a host of another
+    controller, that controller) does not answer."""
     try:
         rep = await m.dst.migration(m.spec.uuid)
         return rep.status not in ("failed", "cancelled")
-    except AgentUnreachable:
+    except (AgentUnreachable, PeerUnreachable):
         return None
     except KvmotionError:
         return False

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Path, Request
 from kvmotion.controller.auth import Peer
 from kvmotion.controller.routes.deps import Ctl
 from kvmotion.controller.routes.domain import _peer
+from kvmotion.models.api import TaskOut
 from kvmotion.models.crossmove import MOVE_ID_PATTERN, CrossOffer, CrossVerdict, IncomingOut, PeerHostCall
 
 peer_router = APIRouter()
@@ -50,6 +51,12 @@ async def move_host_call(call: PeerHostCall, request: Request, ctl: Ctl, move_id
 @peer_router.post("/peer/moves/{move_id}/commit")
 async def move_commit(request: Request, ctl: Ctl, move_id: str = MoveId) -> IncomingOut:
     return await ctl.incoming.commit(_member(request, ctl), move_id)
+
+
+@peer_router.post("/peer/moves/{move_id}/cancel")
+async def move_cancel(request: Request, ctl: Ctl, move_id: str = MoveId) -> TaskOut:
+    """The destination controller's admin cancelled the move there: this controller (its source) cancels it."""
+    return ctl.cancel_outgoing(_member(request, ctl), move_id)
 
 
 @peer_router.post("/peer/moves/{move_id}/abort")

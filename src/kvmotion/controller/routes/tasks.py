@@ -23,7 +23,7 @@ async def task_show(task_id: str, ctl: Ctl) -> TaskOut:
 
 @router.post("/tasks/{task_id}/cancel", dependencies=role(Role.OPERATOR))
 async def task_cancel(task_id: str, ctl: Ctl) -> TaskOut:
-    return ctl.cancel(task_id)
+    return await ctl.cancel_any(task_id)
 
 
 @router.post("/tasks/{task_id}/force-complete", dependencies=role(Role.OPERATOR))
