@@ -197,31 +197,41 @@ def test_source_controller_killed_at_each_handoff_phase(lab2, at: str, owner: st
     client.delete_vm(name)
 
 
+def slow_move_in_precopy(lab2, name: str) -> tuple[dict, dict, dict]:
+    """A VM on A's h1 moving to B's h3 slowly (capped, dirtying): (vm, its heartbeat before, the task in pre-copy)."""
+    a = controller_client(lab2, "a")
+    vm = running_vm(a, lab2, name, dirty_mb_s=2)
+    before = http_beat(lab2, a, name)
+    task = a.migrate(name, "h3", controller="ctl-b", max_bandwidth_mbps=60)
+    wait_for(lambda: a.task(task["id"])["phase"] == "precopy", 120, "pre-copy")
+    return vm, before, task
+
+
+def ends_with_one_owner(lab2, vm: dict, before: dict, t: dict) -> None:
+    """Success means B owns it, an error that A still does; either way the same guest runs, once."""
+    owner = one_owner(lab2, vm["name"], vm["uuid"])
+    assert (owner == "b") == (t["state"] == "success"), t.get("error")
+    client = controller_client(lab2, owner)
+    assert identity(assert_guest_survived(lab2, client, vm["name"], before)) == identity(before)
+    client.stop_vm(vm["name"])
+    client.delete_vm(vm["name"])
+
+
 def test_destination_controller_killed_mid_move(lab2) -> None:
     a = controller_client(lab2, "a")
-    vm = running_vm(a, lab2, "xk-dst", dirty_mb_s=2)
-    before = http_beat(lab2, a, "xk-dst")
-    task = a.migrate("xk-dst", "h3", controller="ctl-b", max_bandwidth_mbps=60)
-    wait_for(lambda: a.task(task["id"])["phase"] == "precopy", 120, "pre-copy")
+    vm, before, task = slow_move_in_precopy(lab2, "xk-dst")
     died = time.time()
     lab_mod.restart(lab2.root, "controller-b", crash=True)        # SIGKILL, started again at once
     t = wait_for(lambda: (t := a.task(task["id"]))["state"] in ("success", "error") and t, 240, "the move's end")
     record_fault("destination controller killed (restarted at once)", "precopy", died, t)
-    owner = one_owner(lab2, "xk-dst", vm["uuid"])
-    assert (owner == "b") == (t["state"] == "success"), t.get("error")
-    assert identity(assert_guest_survived(lab2, controller_client(lab2, owner), "xk-dst", before)) == identity(before)
-    controller_client(lab2, owner).stop_vm("xk-dst")
-    controller_client(lab2, owner).delete_vm("xk-dst")
+    ends_with_one_owner(lab2, vm, before, t)
 
 
 def test_link_between_controllers_cut_mid_move(lab2) -> None:
     """Controller B stops answering (frozen: its connections hang, as behind a dead link) from pre-copy until well
     after the switchover's calls to it timed out, then answers again: reconciliation ends with one owner."""
     a = controller_client(lab2, "a")
-    vm = running_vm(a, lab2, "xk-link", dirty_mb_s=2)
-    before = http_beat(lab2, a, "xk-link")
-    task = a.migrate("xk-link", "h3", controller="ctl-b", max_bandwidth_mbps=60)
-    wait_for(lambda: a.task(task["id"])["phase"] == "precopy", 120, "pre-copy")
+    vm, before, task = slow_move_in_precopy(lab2, "xk-link")
     pid = json.loads((lab2.root / "lab.json").read_text())["pids"]["controller-b"]
     os.kill(pid, signal.SIGSTOP)
     cut = time.time()
@@ -233,11 +243,7 @@ def test_link_between_controllers_cut_mid_move(lab2) -> None:
     t = wait_for(lambda: (t := a.task(task["id"]))["state"] in ("success", "error") and t, 180,
                  "reconciliation once the link is back")
     record_fault("controller-to-controller link cut (peer frozen)", "precopy", cut, t)
-    owner = one_owner(lab2, "xk-link", vm["uuid"])
-    assert (owner == "b") == (t["state"] == "success"), t.get("error")
-    assert identity(assert_guest_survived(lab2, controller_client(lab2, owner), "xk-link", before)) == identity(before)
-    controller_client(lab2, owner).stop_vm("xk-link")
-    controller_client(lab2, owner).delete_vm("xk-link")
+    ends_with_one_owner(lab2, vm, before, t)
 
 
 @pytest.mark.parametrize("side", ["a", "b"])
