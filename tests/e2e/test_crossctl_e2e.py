@@ -110,6 +110,28 @@ def test_shared_nothing_to_another_controller(lab2, tmp_path) -> None:
     b.delete_vm("xc2")
 
 
+def test_encrypted_disk_vm_to_another_controller(lab2, tmp_path) -> None:
+    """A LUKS VM: its disk key goes to B over the controllers' mutual-TLS channel and is wrapped there with B's own
+    master key; B then runs it, and starts it again after a power cycle, with that key alone."""
+    a, b = controller_client(lab2, "a"), controller_client(lab2, "b")
+    vm = running_vm(a, lab2, "xc-luks", encrypted_disk=True)
+    disk = vm["spec"]["disks"][0]
+    assert disk["encrypted"] and disk["key_wrapped"]
+    before = http_beat(lab2, a, "xc-luks")
+    move = scenario.migrate_with_probe(a, lab2.net, "xc-luks", vm["spec"]["guest_ip"], "h3", tmp_path / "x4.jsonl",
+                                       controller="ctl-b")
+    assert_live_move(move, PHASES)
+    assert identity(assert_guest_survived(lab2, b, "xc-luks", before)) == identity(before)
+    there = b.vm("xc-luks")["spec"]["disks"][0]
+    assert there["encrypted"] and there["key_wrapped"] and there["key_wrapped"] != disk["key_wrapped"]
+    b.stop_vm("xc-luks")
+    b.start_vm("xc-luks")                       # QEMU opens the LUKS disk with the key B unwrapped itself
+    again = http_beat(lab2, b, "xc-luks")
+    assert again["boot_id"] != before["boot_id"] and again["smbios_uuid"] == before["smbios_uuid"]
+    b.stop_vm("xc-luks")
+    b.delete_vm("xc-luks")
+
+
 def test_refusals_leave_nothing_held(lab2) -> None:
     a, b = controller_client(lab2, "a"), controller_client(lab2, "b")
     vm = running_vm(a, lab2, "xc3")

@@ -41,7 +41,10 @@ def test_each_cross_code() -> None:
     assert "twin" in found["CROSS_MAC_IN_USE"].message and "Nope" in found["CROSS_NETWORK_UNMAPPED"].message
     assert "destination" in found["CROSS_ENCRYPTION_REQUIRED"].message
     enc = spec(disks=[DiskSpec(datastore="shared", path="vm1/vm1.qcow2", encrypted=True)])
-    assert set(codes(cross.run(enc, "h1", {}, NONE, facts("h1"), facts("h3")))) == {"CROSS_ENCRYPTED_DISK"}
+    assert cross.run(enc, "h1", {}, NONE, facts("h1"), facts("h3")) == []               # a check: no key asked
+    assert cross.run(enc, "h1", {}, NONE, facts("h1"), facts("h3"), keys={"d0"}) == []  # reserved with its key
+    lacking = codes(cross.run(enc, "h1", {}, NONE, facts("h1"), facts("h3"), keys=set()))
+    assert set(lacking) == {"CROSS_ENCRYPTED_DISK"} and "disk0" in lacking["CROSS_ENCRYPTED_DISK"].message
     by_name = cross.Known(frozenset(), frozenset({"vm1"}), {}, frozenset())
     assert "named vm1" in codes(cross.run(vm, "h1", {}, by_name, facts("h1"), facts("h3")))["CROSS_VM_EXISTS"].message
     every = {c for c in CODES if c.startswith("CROSS_")}

@@ -30,7 +30,8 @@ def remap_facts(facts: HostFacts, networks: dict[str, str]) -> HostFacts:
 
 
 def run(spec: VMSpec, source_host: str, networks: dict[str, str], known: Known, src: HostFacts | None,
-        dst: HostFacts | None) -> list[Finding]:
+        dst: HostFacts | None, keys: set[str] | None = None) -> list[Finding]:
+    """``keys``: the disk nodes whose keys came with a reservation (None: a check only, nothing is handed over)."""
     vm = f"vm:{spec.name}"
     out = []
     if spec.uuid in known.vm_uuids or spec.name in known.vm_names:
@@ -58,7 +59,9 @@ def run(spec: VMSpec, source_host: str, networks: dict[str, str], known: Known, 
             out.append(finding("CROSS_ENCRYPTION_REQUIRED", f"host:{facts.name if facts else side}",
                                f"the {side} host has no valid migration certificate; a move between controllers is "
                                "always encrypted", "renew it: kvmotion host cert renew HOST (on its controller)"))
-    if any(d.encrypted for d in spec.disks):
-        out.append(finding("CROSS_ENCRYPTED_DISK", vm, f"{spec.name} has an encrypted disk; its key cannot be "
-                           "handed to another controller yet", "move it within its controller, or decrypt it"))
+    missing = [d.id for d in spec.disks if d.encrypted and keys is not None and d.node not in keys]
+    if missing:
+        out.append(finding("CROSS_ENCRYPTED_DISK", vm, f"the source controller did not hand over the key of "
+                           f"{', '.join(missing)} of {spec.name}", "restore the key on the source controller "
+                           "(its pki/master.key), or move the VM within its controller"))
     return out

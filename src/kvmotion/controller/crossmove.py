@@ -61,7 +61,8 @@ class CrossMoves:
     def __init__(self, sessions: sessionmaker[Session], inv: Inventory, domain: Domain) -> None:
         self.sessions, self.inv, self.domain = sessions, inv, domain
 
-    async def offer(self, vm_ref: str, req: MigrateRequest, move_id: str) -> CrossOffer:
+    async def offer(self, vm_ref: str, req: MigrateRequest, move_id: str, with_keys: bool = False) -> CrossOffer:
+        """What the destination controller judges; ``with_keys`` (the reservation): the encrypted disks' keys."""
         vm = self.inv.owned_vm(vm_ref)
         if vm.power_state != "poweredOn":
             raise ConflictError(f"VM {vm.name} is {vm.power_state}; a move to another controller is live",
@@ -84,14 +85,15 @@ class CrossMoves:
                           source_facts=facts, source_identity=client_identity(vm.host),
                           vm_cpu_features=sorted(features) if features is not None else None, host=str(req.host),
                           datastore=req.datastore, disks=req.disks, disk_format=req.disk_format,
-                          networks=req.networks, measured_mb=measured)
+                          networks=req.networks, measured_mb=measured,
+                          disk_keys=self.inv.disk_keys(spec) if with_keys else {})
 
     async def check(self, vm_ref: str, req: MigrateRequest, move_id: str | None = None,
                     reserve: bool = False) -> tuple[CrossVerdict, list[Finding]]:
         """Both sides' findings at once, each marked with its side (the destination's first)."""
         check_request(req)
         client = self.domain.client(str(req.controller))      # refused unless a member of this domain
-        offer = await self.offer(vm_ref, req, move_id or str(uuidlib.uuid4()))
+        offer = await self.offer(vm_ref, req, move_id or str(uuidlib.uuid4()), with_keys=reserve)
         verdict = await client.call("POST", "/peer/moves" if reserve else "/peer/moves/validate", CrossVerdict,
                                     offer, deadline_s=VALIDATE_DEADLINE_S)
         return verdict, verdict.findings + self._source_findings(offer, verdict)
@@ -186,7 +188,7 @@ class CrossView(ControllerView):
         return super().migration_address(host)
 
     def disk_keys(self, spec: VMSpec) -> dict[str, str]:
-        return {}          # encrypted disks do not cross controllers (CROSS_ENCRYPTED_DISK)
+        return {}          # the destination controller has the keys since the reservation, under its own master key
 
     async def precheck(self, uuid: str, req: MigrateRequest, task_id: str) -> tuple[Relocation, list[Finding]]:
         """Both sides checked again, and the place reserved on the destination controller."""

@@ -86,7 +86,7 @@ class IncomingMoves:
                                datastore_limit=compat.datastore_limit(), kind=reloc.kind, target_spec=reloc.after,
                                required_mb=relocate.required_mb(reloc, offer.measured_mb), moved_disks=reloc.moved_ids)
         found = run_all(ctx) + cross.run(spec, offer.source_host, offer.networks, self._known(offer.move_id),
-                                         src_facts, facts)
+                                         src_facts, facts, set(offer.disk_keys) if reserve else None)
         verdict = CrossVerdict(controller=self.me(), findings=[f.model_copy(update={"side": "destination"})
                                                                for f in found],
                                kind=reloc.kind, host=host.name, target=reloc.after, facts=facts,
@@ -94,6 +94,7 @@ class IncomingMoves:
                                migration_address=self._address(host.name))
         if reserve and not blockers(verdict.findings):
             verdict.reserved = True
+            verdict.target = self._rewrap(verdict.target, offer.disk_keys)
             self._reserve(peer, offer, verdict)
         return verdict
 
@@ -114,6 +115,17 @@ class IncomingMoves:
         facts = self.inv.host_facts(host)
         return next((i.address for i in (facts.migration_interfaces if facts else []) if i.enabled and i.address),
                     None)
+
+    def _rewrap(self, target: VMSpec, keys: dict[str, str]) -> VMSpec:
+        """The encrypted disks' keys under this controller's master key (the source's wrapping means nothing here)."""
+        if not any(d.encrypted for d in target.disks):
+            return target
+        if self.inv.keys is None:
+            raise ConflictError("this controller has no key provider for encrypted disks",
+                                remedy="start it with its pki folder (the master key lives there)")
+        disks = [d.model_copy(update={"key_wrapped": self.inv.keys.wrap(keys[d.node], f"{target.uuid}/{d.node}")})
+                 if d.encrypted else d for d in target.disks]
+        return target.model_copy(update={"disks": disks})
 
     def _reserve(self, peer: Peer, offer: CrossOffer, verdict: CrossVerdict) -> None:
         now = time.time()
@@ -189,7 +201,8 @@ class IncomingMoves:
             raise InvalidInputError("new_disks names disks the VM does not have", remedy="internal error")
         psk = NbdPsk.model_validate(a["nbd_psk"]) if a.get("nbd_psk") else None
         await agent.tls_peer_cas(self.peer_cas())     # the source host's certificate: its controller's CA
-        return await agent.prepare_incoming(target, address, t.options["source_identity"], {}, new or None,
+        return await agent.prepare_incoming(target, address, t.options["source_identity"], self.inv.disk_keys(target),
+                                            new or None,
                                             int(a.get("multifd_channels", 0)), False, psk)
 
     async def _phase(self, t: Any, name: str, op: str) -> None:

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from kvmotion.models.agent import (DISK_FORMAT_PATTERN, MAX_CPU_FEATURES, MAX_DISKS, DiskRef, HostFacts, Name,
-                                   PortGroupName, VMSpec)
+from kvmotion.models.agent import (DISK_FORMAT_PATTERN, MAX_CPU_FEATURES, MAX_DISKS, DeviceId, DiskRef, HostFacts,
+                                   Name, PortGroupName, VMSpec)
 from kvmotion.models.findings import Finding
 from kvmotion.models.moves import MoveKind
 
 MOVE_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 IDENTITY_PATTERN = r"^CN=[A-Za-z0-9._-]{1,120}$"
+Passphrase = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]      # controller.keys: token_hex(32)
 
 # The destination host's agent calls a source controller may make during its move, and nothing else.
 HostOp = Literal["status", "prepare_incoming", "abort_incoming", "resume", "announce", "take_lease", "locks",
@@ -38,6 +39,9 @@ class CrossOffer(_Strict):
     disks: dict[DiskRef, Name] = Field(default_factory=dict, max_length=MAX_DISKS)
     disk_format: str | None = Field(default=None, pattern=DISK_FORMAT_PATTERN)
     networks: dict[PortGroupName, PortGroupName] = Field(default_factory=dict, max_length=32)
+    # reservation only: the passphrases of the VM's encrypted disks (node -> key), over this mutual-TLS channel;
+    # the destination controller wraps them with its own master key at once and keeps nothing else of them
+    disk_keys: dict[DeviceId, Passphrase] = Field(default_factory=dict, max_length=MAX_DISKS)
     measured_mb: dict[Name, int] = Field(default_factory=dict, max_length=MAX_DISKS + 1)   # disk id|"home" -> MiB
 
 

@@ -65,7 +65,7 @@ CODES: dict[str, tuple[Severity, str]] = {
                                               "identities would be the same)"),
     "CROSS_ENCRYPTION_REQUIRED": (Severity.ERROR, "a cross-controller move is always encrypted: a host has no "
                                                   "valid certificate"),
-    "CROSS_ENCRYPTED_DISK": (Severity.ERROR, "an encrypted disk cannot move to another controller yet"),
+    "CROSS_ENCRYPTED_DISK": (Severity.ERROR, "the key of an encrypted disk did not come with the reservation"),
     "DATASTORE_SPACE": (Severity.ERROR, "a target datastore lacks the free space the copied disks need"),
     "DISK_FORMAT_UNSUPPORTED": (Severity.ERROR, "an encrypted disk stays qcow2 (LUKS inside qcow2)"),
     "RDM_STAYS": (Severity.INFO, "a raw LUN is not copied; the VM keeps using the same LUN"),
