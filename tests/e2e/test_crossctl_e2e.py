@@ -219,6 +219,38 @@ def test_source_controller_killed_at_each_handoff_phase(lab2, at: str, owner: st
     client.delete_vm(name)
 
 
+@pytest.mark.parametrize("at, owner", [("incoming.reserved", "a"), ("incoming.commit", "b")])
+def test_destination_controller_killed_at_its_handoff_phases(lab2, at: str, owner: str) -> None:
+    """B dies right after it held the place (A never hears so: A rolls back and cannot release it; B's own
+    reconciliation asks A later and releases it), or while committing (the VM runs on h3 and is nobody's yet:
+    A's reconciliation commits it once B is back)."""
+    a = controller_client(lab2, "a")
+    name = "xkb-" + at.split(".")[1]
+    vm = running_vm(a, lab2, name)
+    before = http_beat(lab2, a, name)
+    lab_mod.restart(lab2.root, "controller-b", env={CRASH_AT_ENV: at})
+    pid = json.loads((lab2.root / "lab.json").read_text())["pids"]["controller-b"]
+    task = a.migrate(name, "h3", controller="ctl-b")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 120, f"controller B dying at {at}")
+    died = time.time()
+    time.sleep(1.0)
+    lab_mod.restart(lab2.root, "controller-b")
+    t = wait_for(lambda: (t := a.task(task["id"]))["state"] in ("success", "error") and t, 120, "the move's end")
+    b = controller_client(lab2, "b")
+    wait_for(lambda: incoming_task(b, task["id"])["state"] in ("success", "error"), 120,
+             "B's reservation to end (its reconciliation asks A after 60 s untouched)")
+    record_fault("destination controller killed (restarted 1 s later)", at, died, t)
+    assert t["state"] == ("success" if owner == "b" else "error"), t.get("error")
+    ends_with_one_owner(lab2, vm, before, t)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def slow_move_in_precopy(lab2, name: str) -> tuple[dict, dict, dict]:
     """A VM on A's h1 moving to B's h3 slowly (capped, dirtying): (vm, its heartbeat before, the task in pre-copy)."""
     a = controller_client(lab2, "a")

@@ -104,6 +104,7 @@ PEER_ENDPOINTS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/peer/moves/{move_id}/commit"): "certificate",
     ("POST", "/api/v1/peer/moves/{move_id}/abort"): "certificate",
     ("POST", "/api/v1/peer/moves/{move_id}/cancel"): "certificate",
+    ("GET", "/api/v1/peer/moves/{move_id}/outgoing"): "certificate",
 }
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 

@@ -52,7 +52,7 @@ PEER_CALLS = frozenset({("POST", "/api/v1/peer/welcome"), ("GET", "/api/v1/peer/
                         ("POST", "/api/v1/peer/leave")})       # the others (GET ca, POST join) are open
 _ID = "[0-9a-f-]{36}"
 PEER_MOVE_CALLS = tuple((m, re.compile(f"^/api/v1/peer/moves{p}$")) for m, p in (   # controller.incoming
-    ("POST", "/validate"), ("POST", ""), ("GET", f"/{_ID}/state"), ("POST", f"/{_ID}/(host|commit|abort|cancel)")))
+    ("POST", "/validate"), ("POST", ""), ("GET", f"/{_ID}/(state|outgoing)"), ("POST", f"/{_ID}/(host|commit|abort|cancel)")))
 PENDING, JOINING, MEMBER = MemberState.PENDING, MemberState.JOINING, MemberState.MEMBER
 
 

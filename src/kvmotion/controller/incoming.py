@@ -31,6 +31,7 @@ from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.peerclient import PeerClient
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.migration import relocate
+from kvmotion.migration.engine import crash_point
 from kvmotion.models.agent import VMSpec
 from kvmotion.models.api import TaskOut
 from kvmotion.models.crossmove import CrossOffer, CrossVerdict, IncomingOut, IncomingState, PeerHostCall
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 INCOMING = "incoming"          # the power state of a VM held for a move from another controller
 STATE_OF_TASK = {"running": IncomingState.RESERVED, "success": IncomingState.COMMITTED, "error": IncomingState.ABORTED}
 # what the source may still call once the VM is this controller's (its guest check, its clock, its status)
+STALE_S = 60.0                 # a reservation untouched this long is checked against its source controller
 AFTER_COMMIT = frozenset({"status", "locks", "migration", "health_check", "guest_clock_sync", "announce"})
 
 
@@ -143,6 +145,7 @@ class IncomingMoves:
                      spec_json=spec.model_dump_json(), created_at=now, updated_at=now))
         TaskJournal(self.sessions, offer.move_id).begin_phase("reserved", 0, detail={
             "from": f"{peer.name}:{offer.source_host}", "kind": str(verdict.kind)})
+        crash_point("incoming.reserved")         # held, and the source never heard so
         log.info("holding %s for a move from %s (%s)", spec.name, peer.name, offer.move_id)
 
     # -- the move's calls on the destination host ---------------------------------------------------------------
@@ -223,6 +226,7 @@ class IncomingMoves:
             if rt.qemu_status != "running":
                 raise ConflictError(f"{t.vm_name} does not run on {t.destination} ({rt.qemu_status}); it stays the "
                                     "source controller's", remedy="abort the move, or let reconciliation decide")
+            crash_point("incoming.commit")       # the VM runs here, and is not this controller's yet
             with self.sessions.begin() as s:
                 s.get(VM, t.vm_uuid).power_state = "poweredOn"          # type: ignore[union-attr]
             journal = TaskJournal(self.sessions, t.id)
@@ -268,6 +272,34 @@ class IncomingMoves:
                                 remedy="nothing to cancel")
         source = t.options["source_controller"]
         await self.peers(source).call("POST", f"/peer/moves/{t.id}/cancel", TaskOut)
+
+    async def reconcile(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Reservations nobody has touched for ``STALE_S``: the source controller's task says how the move ended
+        (it may have failed to reach this controller, or died). Ended in error (or unknown there): released,
+        unless the VM runs here; ended in success: committed, if it runs here. Unreachable: kept, asked again."""
+        now = now or time.time()
+        out = []
+        for t in task_store.unfinished(self.sessions, "running", kind=str(TaskKind.INCOMING)):
+            if now - t.updated_at < STALE_S:
+                continue
+            peer = Peer(t.options["source_controller"], "member")
+            try:
+                theirs: TaskOut | None = await self.peers(peer.name).call("GET", f"/peer/moves/{t.id}/outgoing",
+                                                                          TaskOut)
+            except NotFoundError:
+                theirs = None
+            except KvmotionError as exc:
+                out.append({"task": t.id, "kept": exc.message})
+                continue
+            if theirs is not None and theirs.state not in ("success", "error"):
+                continue                     # still running (or unknown) there: the source decides
+            try:
+                done = await (self.commit(peer, t.id) if theirs is not None and theirs.state == "success"
+                              else self.abort(peer, t.id, "its source controller ended the move"))
+                out.append({"task": t.id, "state": str(done.state)})
+            except KvmotionError as exc:
+                out.append({"task": t.id, "kept": exc.message})
+        return out
 
     async def status(self, peer: Peer, move_id: str) -> IncomingOut:
         t = self._get(peer, move_id)

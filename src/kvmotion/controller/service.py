@@ -90,6 +90,7 @@ class Controller:
                 last_reconcile = time.monotonic()
                 try:
                     await self.reconcile(("unknown",))
+                    await self.incoming.reconcile()       # reservations for other controllers' moves
                 except Exception:  # noqa: BLE001 - keep monitoring
                     log.exception("periodic reconciliation failed")
             for host in await asyncio.to_thread(self.inventory.list_hosts):
@@ -180,12 +181,16 @@ class Controller:
             return task_store.get_task(self.sessions, task.id)
         return self.scheduler.cancel(task.id)
 
-    def cancel_outgoing(self, peer: Peer, task_id: str) -> TaskOut:
-        """The destination controller's admin cancelled the move there: the same as a cancel here."""
+    def outgoing(self, peer: Peer, task_id: str) -> TaskOut:
+        """This controller's move to ``peer`` (any other task is none of its business)."""
         task = task_store.get_task(self.sessions, task_id)
         if task.id != task_id or task.options.get("controller") != peer.name:
             raise ForbiddenError(f"task {task_id[:8]} is no move to controller {peer.name}", remedy="nothing to do")
-        return self.scheduler.cancel(task.id)
+        return task
+
+    def cancel_outgoing(self, peer: Peer, task_id: str) -> TaskOut:
+        """The destination controller's admin cancelled the move there: the same as a cancel here."""
+        return self.scheduler.cancel(self.outgoing(peer, task_id).id)
 
     async def reconcile(self, states: tuple[str, ...] = ("running", "unknown")) -> list[dict[str, Any]]:
         """Finish what the journal says was in flight, by what the hosts really run (``migration.recover.decide``, one reconciler per kind).

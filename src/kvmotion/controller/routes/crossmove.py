@@ -59,6 +59,12 @@ async def move_cancel(request: Request, ctl: Ctl, move_id: str = MoveId) -> Task
     return ctl.cancel_outgoing(_member(request, ctl), move_id)
 
 
+@peer_router.get("/peer/moves/{move_id}/outgoing")
+async def move_outgoing(request: Request, ctl: Ctl, move_id: str = MoveId) -> TaskOut:
+    """How this controller's move to the caller ended (the caller reconciles a reservation nobody touched)."""
+    return ctl.outgoing(_member(request, ctl), move_id)
+
+
 @peer_router.post("/peer/moves/{move_id}/abort")
 async def move_abort(request: Request, ctl: Ctl, move_id: str = MoveId) -> IncomingOut:
     return await ctl.incoming.abort(_member(request, ctl), move_id)
