@@ -83,6 +83,19 @@ class Maintenance:
                 return other.name
         return None
 
+    async def plan_vm(self, vm: VMOut, host: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """Where a VM leaving ``host`` goes (read-only): a powered-off VM is re-registered on a host that sees its
+        datastores, a running one moves to the best host the checks allow; None and the findings when none."""
+        if vm.power_state != "poweredOn":
+            target = self._reregister_target(vm, host)
+            return target, [] if target else [{
+                "code": "DATASTORE_NOT_ACCESSIBLE", "severity": "error",
+                "message": f"no other host sees the datastores of powered-off VM {vm.name}",
+                "remedy": "move its storage first, or power it on and migrate it"}]
+        target, findings = await self._candidates(vm, host)
+        return target, [] if target else (findings or [{"code": "NO_DESTINATION",
+                                                         "message": "no other connected host"}])
+
     async def _evacuate(self, host: str, journal: TaskJournal) -> None:
         moves: dict[str, str] = {}                      # vm name -> child task id
         blocked: dict[str, Any] = {}
@@ -91,19 +104,13 @@ class Maintenance:
             await asyncio.to_thread(journal.begin_phase, "plan", 0)
             vms = [v for v in self.inv.list_vms() if v.host == host]
             for vm in vms:
-                if vm.power_state != "poweredOn":
-                    target = self._reregister_target(vm, host)
-                    if target is None:
-                        blocked[vm.name] = [{"code": "DATASTORE_NOT_ACCESSIBLE", "severity": "error",
-                                             "message": f"no other host sees the datastores of powered-off VM {vm.name}",
-                                             "remedy": "move its storage first, or power it on and migrate it"}]
-                    else:
-                        self.inv.set_vm(vm.uuid, host=target)       # re-register on a host that sees its files
-                        reregistered[vm.name] = target
-                    continue
-                target, findings = await self._candidates(vm, host)
+                target, findings = await self.plan_vm(vm, host)
                 if target is None:
-                    blocked[vm.name] = findings or [{"code": "NO_DESTINATION", "message": "no other connected host"}]
+                    blocked[vm.name] = findings
+                    continue
+                if vm.power_state != "poweredOn":
+                    self.inv.set_vm(vm.uuid, host=target)       # re-register on a host that sees its files
+                    reregistered[vm.name] = target
                     continue
                 ctx, f = await compat.validate(self.inv, self.sessions, vm.uuid, target)
                 t = await self.scheduler.submit(ctx.spec, host, MigrateRequest(host=target), compat.findings_json(f))

@@ -93,12 +93,16 @@ class Controller:
                     await self.incoming.reconcile()       # reservations for other controllers' moves
                 except Exception:  # noqa: BLE001 - keep monitoring
                     log.exception("periodic reconciliation failed")
-            for host in await asyncio.to_thread(self.inventory.list_hosts):
-                try:
-                    await self.inventory.refresh_host(host.name)
-                except Exception:  # noqa: BLE001 - keep monitoring the other hosts
-                    log.exception("refresh of %s failed", host.name)
+            await self.refresh_hosts()
             await asyncio.sleep(REFRESH_S)
+
+    async def refresh_hosts(self) -> None:
+        """One round of the monitor: every host's facts asked for and stored (or the host marked disconnected)."""
+        for host in await asyncio.to_thread(self.inventory.list_hosts):
+            try:
+                await self.inventory.refresh_host(host.name)
+            except Exception:  # noqa: BLE001 - keep monitoring the other hosts
+                log.exception("refresh of %s failed", host.name)
 
     async def add_host(self, address: str, secret: str, name: str | None = None, replace: bool = True) -> HostOut:
         """Enrol or re-register a host; it gets its migration certificates if it has none."""
