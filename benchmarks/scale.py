@@ -2,7 +2,7 @@
 
 Seeds a controller database through the controller's own layer (``metrics_scrape.fill``, then every host's facts
 stored as an enrolment stores them), replaces the agents with fakes that answer from memory (every 20th host does not
-answer: it costs ``--unreachable-s``, the facts call's own deadline by default), and measures with the controller's
+answer: it costs ``--unreachable-s``, the facts call's connect deadline by default), and measures with the controller's
 real code paths:
   (a) validate of one VM against every host (``compat.validate_move`` per host, as the API's validate does, and
       ``compat.validate_many`` at once, as the evacuation planning does),
@@ -37,6 +37,7 @@ import httpx
 
 from kvmotion.common.errors import AgentUnreachable
 from kvmotion.controller import compat
+from kvmotion.controller.agents import FACTS_CONNECT_S
 from kvmotion.controller.auth import Role, TokenCreate
 from kvmotion.models.agent import (CdromSpec, CpuFact, DatastoreFact, DiskSpec, HostFacts, MigrationInterface,
                                    NicSpec, PortGroupFact, TlsFact, VMSpec)
@@ -372,8 +373,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tasks", type=int, default=1000, help="finished vMotions in the journal")
     ap.add_argument("--evac-vms", type=int, default=500, help="VMs on the host evacuated (h0)")
     ap.add_argument("--latency-ms", type=float, default=5.0, help="a fake agent's answer time")
-    ap.add_argument("--unreachable-s", type=float, default=10.0,
-                    help="what a silent host costs (default: the facts call's deadline)")
+    ap.add_argument("--unreachable-s", type=float, default=FACTS_CONNECT_S,
+                    help="what a silent host costs (default: the facts call's connect deadline; one that connects "
+                         "but never answers costs 10 s)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="the longest a planning or a round may take")
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--api-s", type=float, default=20.0, help="how long the clients keep asking")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
+import pytest
+
 from kvmotion.common.errors import AgentUnreachable
+from kvmotion.controller import agents
+from kvmotion.controller.config import ControllerConfig
 from kvmotion.controller.db import Host
 from kvmotion.controller.service import Controller
 from kvmotion.models.agent import HostFacts
@@ -64,7 +69,24 @@ def test_a_round_asks_hosts_at_once_up_to_its_bound_and_stores_what_each_says(db
 
 
 def test_the_bound_defaults_to_the_documented_value(db_url: str, tmp_path: Path) -> None:
-    from kvmotion.controller.config import ControllerConfig
     ctl = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path)
     assert ctl.refresh_parallel == ControllerConfig().refresh_parallel == 32
     ctl.engine.dispose()
+
+
+def test_a_facts_call_gives_up_connecting_sooner_than_answering(monkeypatch) -> None:
+    """A host that is off or cut off costs the monitor FACTS_CONNECT_S, not the facts call's whole deadline."""
+    seen: list[httpx.Timeout] = []
+
+    class Silent(httpx.AsyncClient):
+        def __init__(self, **kw) -> None:
+            seen.append(kw["timeout"])
+            super().__init__(**kw)
+
+        async def request(self, *a, **kw) -> httpx.Response:
+            raise httpx.ConnectTimeout("no answer")
+
+    monkeypatch.setattr(agents.httpx, "AsyncClient", Silent)
+    with pytest.raises(AgentUnreachable):
+        asyncio.run(agents.AgentClient("h1", "https://198.18.0.9:8770", "s" * 32).facts())
+    assert seen[0].connect == agents.FACTS_CONNECT_S < seen[0].read == 10
