@@ -273,6 +273,14 @@ async def load(port: int, token: str, clients: int, seconds: float) -> dict[str,
     return times
 
 
+def alone_call(port: int, token: str, path: str) -> tuple[float, int]:
+    """One call with nothing else asking: its time and the size of its answer."""
+    t0 = time.perf_counter()
+    r = httpx.get(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    r.raise_for_status()
+    return time.perf_counter() - t0, len(r.content)
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
 
@@ -288,11 +296,14 @@ def api_rows(ctl: Any, db_url: str, scratch: Path, args: argparse.Namespace) -> 
     port = args.port
     with serving(db_url, scratch, port, args) as proc:
         idle = rss_kb(proc.pid)["VmRSS"]
+        alone = [alone_call(port, token, p) for p in PATHS]
         times = asyncio.run(load(port, token, args.clients, args.api_s))
         mem = rss_kb(proc.pid)
     every = [t for ts in times.values() for t in ts]
-    rows = [Row(f"API p99, {args.clients} clients, {len(every)} calls", ms(p99(every)), "< 100 ms",
-                p99(every) < 0.1)]
+    rows = [Row(f"  GET {p.removeprefix('/api/v1')}, one client alone", f"{ms(t)}, {size / 1e6:.1f} MB")
+            for p, (t, size) in zip(PATHS, alone)]
+    rows += [Row(f"API p99, {args.clients} clients, {len(every)} calls", ms(p99(every)), "< 100 ms",
+                 p99(every) < 0.1)]
     rows += [Row(f"  GET {p.removeprefix('/api/v1')} p50 / p99 ({len(ts)} calls)",
                  f"{ms(statistics.median(ts))} / {ms(p99(ts))}") for p, ts in times.items() if ts]
     rows += [Row("controller RSS: idle / after the load / peak",

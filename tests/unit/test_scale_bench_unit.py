@@ -10,7 +10,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
 FIGURES = ("seeded:", "validate: one VM, one host", "validate: one VM, every host (", "validate: one VM, every host, at once", "evacuation plan:",
-           "facts round:", "API p99", "GET /hosts", "GET /vms", "GET /tasks", "controller RSS")
+           "facts round:", "GET /hosts, one client alone", "API p99", "GET /hosts p50", "GET /vms", "GET /tasks", "controller RSS")
 
 
 def free_port() -> int:
