@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 from sqlalchemy import event, insert
 
@@ -31,13 +32,16 @@ def live_result(now: float) -> str:
                        "bandwidth_log": [{"t": now + i, "mbps": 941} for i in range(60)]})
 
 
-def fill(engine, tasks: int) -> None:  # noqa: ANN001 - an Engine
+def fill(engine, tasks: int, hosts: int = HOSTS, vms: int = VMS,  # noqa: ANN001 - an Engine
+         vm_row: Callable[[int, dict[str, Any]], dict[str, Any]] = lambda _i, row: row) -> None:
+    """``hosts`` hosts h0…, ``vms`` VMs vm0… spread over them (``vm_row`` may change each row), ``tasks`` finished
+    vMotions."""
     now, result = time.time(), live_result(time.time())
     with engine.begin() as c:
         c.execute(insert(Host), [dict(name=f"h{i}", address="https://198.18.0.1:8770", last_seen=now - i)
-                                 for i in range(HOSTS)])
-        c.execute(insert(VM), [dict(uuid=str(uuid.uuid4()), name=f"vm{i}", host=f"h{i % HOSTS}",
-                                    power_state="poweredOn", spec_json="{}") for i in range(VMS)])
+                                 for i in range(hosts)])
+        c.execute(insert(VM), [vm_row(i, dict(uuid=str(uuid.uuid4()), name=f"vm{i}", host=f"h{i % hosts}",
+                                              power_state="poweredOn", spec_json="{}")) for i in range(vms)])
         for start in range(0, tasks, BATCH):
             c.execute(insert(Task), [dict(id=str(uuid.uuid4()), kind="vmotion", vm_uuid="u", vm_name="v",
                                           state="success", result_json=result, created_at=now - tasks + i - 5,

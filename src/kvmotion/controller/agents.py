@@ -27,6 +27,7 @@ from kvmotion.models.guest import (CLOCK_STEP_MS, ClockSyncRequest, GuestClock, 
 from kvmotion.models.images import AgentImageImport, AgentImageRemove, AgentImportStatus, OvfClose, OvfOpen, OvfPackage
 
 DEFAULT_TIMEOUT_S = 15.0
+FACTS_CONNECT_S = 3.0              # a management network's connection is made in milliseconds: 3 s means no host
 UNSIGNED_REFUSALS = (401, 413)     # the agent's refusals of a request it could not authenticate
 RESPONSE_AUTH_REMEDY = {
     "missing": "upgrade kvmotion-agent on {host} to the controller's version (it signs its answers); if it is "
@@ -51,7 +52,7 @@ class AgentClient:
         self._auth = HostAuth(secret)
         self._wrap_key = wrap_key or (lambda: None)      # the host's published key for disk passphrases
 
-    async def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None,
+    async def _call(self, method: str, path: str, json: Any = None, timeout: float | httpx.Timeout | None = None,
                     params: dict[str, Any] | None = None) -> Any:
         if has_secrets(json):                       # never in clear on the wire (common.keywrap)
             json = wrap_payload(self._wrap_key(), self.host, json)
@@ -141,7 +142,10 @@ class AgentClient:
             "GET", f"/v1/vms/{uuid}/dirty", params={"max_age_s": max_age_s, "measure": measure}, timeout=10))
 
     async def facts(self) -> HostFacts:
-        return HostFacts.model_validate(await self._call("GET", "/v1/facts", timeout=10))
+        """The host's facts: 10 s to answer, but FACTS_CONNECT_S to connect (a host that is off or cut off costs
+        the monitor no more than that)."""
+        return HostFacts.model_validate(await self._call("GET", "/v1/facts",
+                                                         timeout=httpx.Timeout(10, connect=FACTS_CONNECT_S)))
 
     async def provision(self, spec: VMSpec, disk_keys: dict[str, str] | None = None,
                         image: ImageSource | None = None, seed: SeedFiles | None = None) -> VMSpec:

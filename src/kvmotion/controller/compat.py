@@ -12,7 +12,7 @@ from kvmotion.checks.context import DATASTORE_LIMIT
 from kvmotion.checks.rules import encryption_plan
 from kvmotion.models.findings import Finding, blockers
 from kvmotion.common.errors import KvmotionError, PrecheckFailed
-from kvmotion.models.agent import HOST_PASSTHROUGH, VMSpec
+from kvmotion.models.agent import HOST_PASSTHROUGH, HostFacts, VMSpec
 from kvmotion.migration import predict, relocate
 from kvmotion.controller import tasks as task_store
 from kvmotion.migration.relocate import Relocation
@@ -89,6 +89,31 @@ async def validate(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str,
                    exclude_task: str | None = None) -> tuple[MigrationContext, list[Finding]]:
     ctx = await gather(inv, sessions, vm_ref, dst_name, exclude_task=exclude_task)
     return ctx, run_all(ctx)
+
+
+Destination = tuple[HostOut, HostFacts | None]     # a host and its facts, read once for many checks
+
+
+def destinations(inv: Inventory) -> list[Destination]:
+    """Every host with its facts parsed: one read of the inventory for checking many moves."""
+    return [(h, HostFacts.model_validate(h.facts) if h.facts else None) for h in inv.list_hosts()]
+
+
+async def validate_many(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str,
+                        dests: list[Destination]) -> dict[str, list[Finding]]:
+    """``validate`` of one VM against each of ``dests``: the VM, its source host, its CPU and the moves in flight
+    read once, then only the (pure) checks per destination."""
+    vm = inv.get_vm(vm_ref)
+    spec = VMSpec.model_validate(vm.spec)
+    per_host, per_ds, migrating = in_flight(inv, sessions, spec.uuid)
+    source = host_view(inv, inv.get_host(vm.host), per_host.get(vm.host, 0))
+    features = await vm_cpu_features(inv, vm.host, spec)
+    limit = datastore_limit()
+    return {h.name: run_all(MigrationContext(
+        spec=spec, power_state=vm.power_state, source=source, vm_cpu_features=features, vm_migrating=migrating,
+        destination=HostView(name=h.name, state=h.state, maintenance=bool(h.maintenance), facts=facts,
+                             running_migrations=per_host.get(h.name, 0)),
+        datastore_migrations=per_ds, datastore_limit=limit)) for h, facts in dests}
 
 
 async def validate_move(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, req: MigrateRequest,

@@ -36,6 +36,7 @@ class ControllerConfig(BaseModel):
     tls_cert_file: Path | None = None       # --tls-cert: bring your own certificate (with --tls-key): used as it is
     tls_key_file: Path | None = None        # --tls-key
     tls_names: list[str] = Field(default_factory=list, max_length=16)   # --tls-name: more names for the auto cert
+    refresh_parallel: int = Field(default=32, ge=1, le=1024)   # --refresh-parallel: hosts the monitor asks at once
     log_level: LogLevel = "info"            # --log-level
 
     @field_validator("vm_ip_pool")

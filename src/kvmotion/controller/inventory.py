@@ -110,6 +110,10 @@ class Inventory:
         facts = self.get_host(name).facts
         return HostFacts.model_validate(facts) if facts else None
 
+    def host_names(self) -> list[str]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Host.name).order_by(Host.name)).all())
+
     def list_hosts(self) -> list[HostOut]:
         with self.sessions() as s:
             return [host_out(h) for h in s.scalars(select(Host).order_by(Host.name)).all()]
@@ -197,14 +201,19 @@ class Inventory:
                 h.state, h.last_error = "disconnected", error
 
     async def refresh_host(self, name: str) -> HostOut:
+        """The host's facts asked for and stored, or the host marked disconnected; the database work in a thread
+        (the monitor refreshes many hosts at once: the event loop only waits for their agents)."""
         try:
             asked_at = time.time()
-            facts = await self.agent(name).facts()
-            self.store_facts(name, facts)
-            guest.follow_power_events(self, name, facts, asked_at)     # VMs that powered off by themselves
+            facts = await (await asyncio.to_thread(self.agent, name)).facts()
+            await asyncio.to_thread(self._take_facts, name, facts, asked_at)
         except KvmotionError as exc:
-            self.mark_disconnected(name, exc.message)
-        return self.get_host(name)
+            await asyncio.to_thread(self.mark_disconnected, name, exc.message)
+        return await asyncio.to_thread(self.get_host, name)
+
+    def _take_facts(self, name: str, facts: HostFacts, asked_at: float) -> None:
+        self.store_facts(name, facts)
+        guest.follow_power_events(self, name, facts, asked_at)     # VMs that powered off by themselves
 
     def datastores(self) -> list[dict[str, Any]]:
         with self.sessions() as s:

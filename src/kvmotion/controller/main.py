@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--admission", action=argparse.BooleanOptionalAction, default=None,
                         help="admission control: slots and bandwidth shares (default on; --no-admission starts "
                              "every migration at once: benchmarks only)")
+    parser.add_argument("--refresh-parallel", type=int, default=None, metavar="N",
+                        help="hosts whose facts the monitor asks for at once (default 32)")
     parser.add_argument("--log-level", default=None, type=str.lower, choices=get_args(LogLevel), help="default info")
     return parser
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         db.parent.mkdir(parents=True, exist_ok=True)
     try:
         ctl = Controller(cfg.database_url, cfg.vm_ip_pool, admission_enabled=cfg.admission, pki_dir=cfg.pki,
-                         token_dir=cfg.tokens, host_networks=cfg.host_networks)
+                         token_dir=cfg.tokens, host_networks=cfg.host_networks, refresh_parallel=cfg.refresh_parallel)
     except DatabaseUnusable as exc:
         fail(PROG, exc)
     cert = https_files(cfg, ctl)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.models.findings import blockers
@@ -16,6 +18,7 @@ from kvmotion.common.errors import ConflictError, KvmotionError
 from kvmotion.models.agent import VMSpec
 from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
+from kvmotion.controller.db import VM
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.scheduler import Scheduler
 from kvmotion.models.api import MigrateRequest, TaskOut, VMOut
@@ -25,6 +28,13 @@ log = logging.getLogger(__name__)
 
 NORMAL, IN_MAINTENANCE, ENTERING = 0, 1, 2
 POLL_S = 0.5
+
+
+@dataclass
+class Fleet:
+    """The hosts as an evacuation plans with them, read once: each with its facts, and VMs running per host."""
+    hosts: list[compat.Destination]
+    running: dict[str, int]
 
 
 def rank(candidates: list[tuple[str, int, int]]) -> list[str]:
@@ -54,34 +64,50 @@ class Maintenance:
         task.add_done_callback(lambda _t, tid=journal.id: self.running.pop(tid, None))
         return journal.read()
 
-    async def _candidates(self, vm: VMOut, host: str) -> tuple[str | None, list[dict[str, Any]]]:
+    def fleet(self) -> Fleet:
+        with self.sessions() as s:
+            running = dict(s.execute(select(VM.host, func.count()).where(VM.power_state == "poweredOn")
+                                     .group_by(VM.host)).all())
+        return Fleet(compat.destinations(self.inv), running)
+
+    async def _candidates(self, vm: VMOut, host: str, fleet: Fleet) -> tuple[str | None, list[dict[str, Any]]]:
         """The best destination with no error findings, or None and the findings of the closest one."""
+        others = [(h, f) for h, f in fleet.hosts if h.name != host and h.state == "connected" and not h.maintenance]
+        found = await compat.validate_many(self.inv, self.sessions, vm.uuid, others)
         options, closest = [], None
-        for other in self.inv.list_hosts():
-            if other.name == host or other.state != "connected" or other.maintenance:
-                continue
-            _, findings = await compat.validate(self.inv, self.sessions, vm.uuid, other.name)
-            errors = blockers(findings)
+        for other, facts in others:
+            errors = blockers(found[other.name])
             if not errors:
-                facts = self.inv.host_facts(other.name)
-                load = sum(1 for v in self.inv.list_vms() if v.host == other.name and v.power_state == "poweredOn")
-                options.append((other.name, facts.mem_free_mb if facts else 0, load))
+                options.append((other.name, facts.mem_free_mb if facts else 0, fleet.running.get(other.name, 0)))
             elif closest is None or len(errors) < len(closest[1]):
                 closest = (other.name, errors)
         if options:
             return rank(options)[0], []
         return None, [f.model_dump(mode="json") | {"host": closest[0]} for f in closest[1]] if closest else []
 
-    def _reregister_target(self, vm: VMOut, host: str) -> str | None:
+    def _reregister_target(self, vm: VMOut, host: str, fleet: Fleet) -> str | None:
         spec = VMSpec.model_validate(vm.spec)
         needed = {spec.boot_datastore} | {d.datastore for d in spec.disks if d.kind == "file"}
-        for other in self.inv.list_hosts():
-            facts = self.inv.host_facts(other.name) if other.state == "connected" else None
-            if other.name == host or other.maintenance or facts is None:
+        for other, facts in fleet.hosts:
+            if other.name == host or other.maintenance or other.state != "connected" or facts is None:
                 continue
             if needed <= {d.name for d in facts.datastores if d.readable} and not any(d.kind == "rdm" for d in spec.disks):
                 return other.name
         return None
+
+    async def plan_vm(self, vm: VMOut, host: str, fleet: Fleet) -> tuple[str | None, list[dict[str, Any]]]:
+        """Where a VM leaving ``host`` goes (read-only; ``fleet`` read once per evacuation): a powered-off VM is
+        re-registered on a host that sees its datastores, a running one moves to the best host the checks allow;
+        None and the findings when none."""
+        if vm.power_state != "poweredOn":
+            target = self._reregister_target(vm, host, fleet)
+            return target, [] if target else [{
+                "code": "DATASTORE_NOT_ACCESSIBLE", "severity": "error",
+                "message": f"no other host sees the datastores of powered-off VM {vm.name}",
+                "remedy": "move its storage first, or power it on and migrate it"}]
+        target, findings = await self._candidates(vm, host, fleet)
+        return target, [] if target else (findings or [{"code": "NO_DESTINATION",
+                                                         "message": "no other connected host"}])
 
     async def _evacuate(self, host: str, journal: TaskJournal) -> None:
         moves: dict[str, str] = {}                      # vm name -> child task id
@@ -90,20 +116,15 @@ class Maintenance:
         try:
             await asyncio.to_thread(journal.begin_phase, "plan", 0)
             vms = [v for v in self.inv.list_vms() if v.host == host]
+            fleet = await asyncio.to_thread(self.fleet)
             for vm in vms:
-                if vm.power_state != "poweredOn":
-                    target = self._reregister_target(vm, host)
-                    if target is None:
-                        blocked[vm.name] = [{"code": "DATASTORE_NOT_ACCESSIBLE", "severity": "error",
-                                             "message": f"no other host sees the datastores of powered-off VM {vm.name}",
-                                             "remedy": "move its storage first, or power it on and migrate it"}]
-                    else:
-                        self.inv.set_vm(vm.uuid, host=target)       # re-register on a host that sees its files
-                        reregistered[vm.name] = target
-                    continue
-                target, findings = await self._candidates(vm, host)
+                target, findings = await self.plan_vm(vm, host, fleet)
                 if target is None:
-                    blocked[vm.name] = findings or [{"code": "NO_DESTINATION", "message": "no other connected host"}]
+                    blocked[vm.name] = findings
+                    continue
+                if vm.power_state != "poweredOn":
+                    self.inv.set_vm(vm.uuid, host=target)       # re-register on a host that sees its files
+                    reregistered[vm.name] = target
                     continue
                 ctx, f = await compat.validate(self.inv, self.sessions, vm.uuid, target)
                 t = await self.scheduler.submit(ctx.spec, host, MigrateRequest(host=target), compat.findings_json(f))

@@ -38,13 +38,14 @@ from kvmotion.controller.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0
+REFRESH_PARALLEL = 32     # hosts refreshed at once (controller.toml: refresh_parallel)
 RECONCILE_S = 10.0        # unknown migrations are re-checked this often
 
 
 class Controller:
     def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True,
                  pki_dir: Path | None = None, token_dir: Path | None = None,
-                 host_networks: list[str] | None = None) -> None:
+                 host_networks: list[str] | None = None, refresh_parallel: int = REFRESH_PARALLEL) -> None:
         require_pki_dir(db_url, pki_dir)
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
@@ -67,6 +68,7 @@ class Controller:
                                       self.domain.client)
         self.scheduler.cross_context = self.cross.context
         self.token_dir = token_dir or pki.parent
+        self.refresh_parallel = refresh_parallel          # hosts the monitor refreshes at once
         self._monitor: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
@@ -93,12 +95,22 @@ class Controller:
                     await self.incoming.reconcile()       # reservations for other controllers' moves
                 except Exception:  # noqa: BLE001 - keep monitoring
                     log.exception("periodic reconciliation failed")
-            for host in await asyncio.to_thread(self.inventory.list_hosts):
-                try:
-                    await self.inventory.refresh_host(host.name)
-                except Exception:  # noqa: BLE001 - keep monitoring the other hosts
-                    log.exception("refresh of %s failed", host.name)
+            await self.refresh_hosts()
             await asyncio.sleep(REFRESH_S)
+
+    async def refresh_hosts(self) -> None:
+        """One round of the monitor: every host's facts asked for and stored (or the host marked disconnected),
+        ``refresh_parallel`` hosts at a time: a silent host costs its deadline once, beside the others."""
+        slots = asyncio.Semaphore(self.refresh_parallel)
+
+        async def refresh(name: str) -> None:
+            async with slots:
+                try:
+                    await self.inventory.refresh_host(name)
+                except Exception:  # noqa: BLE001 - keep monitoring the other hosts
+                    log.exception("refresh of %s failed", name)
+
+        await asyncio.gather(*(refresh(name) for name in await asyncio.to_thread(self.inventory.host_names)))
 
     async def add_host(self, address: str, secret: str, name: str | None = None, replace: bool = True) -> HostOut:
         """Enrol or re-register a host; it gets its migration certificates if it has none."""

@@ -21,7 +21,8 @@ async def health(ctl: Ctl) -> dict[str, Any]:
 
 
 @router.get("/hosts", dependencies=role(Role.VIEWER))
-async def hosts(ctl: Ctl) -> list[HostOut]:
+def hosts(ctl: Ctl) -> list[HostOut]:
+    """A plain function: FastAPI runs it, and checks its answer, in a thread (off the event loop)."""
     return ctl.inventory.list_hosts()
 
 

@@ -12,7 +12,8 @@ router = APIRouter()
 
 
 @router.get("/tasks", dependencies=role(Role.VIEWER))
-async def task_list(ctl: Ctl, limit: int = Query(default=50, ge=1, le=500)) -> list[TaskOut]:
+def task_list(ctl: Ctl, limit: int = Query(default=50, ge=1, le=500)) -> list[TaskOut]:
+    """A plain function: FastAPI runs it, and checks its answer, in a thread (off the event loop)."""
     return task_store.list_tasks(ctl.sessions, limit)
 
 
