@@ -35,7 +35,6 @@ from kvmotion.common import hostid, pinning
 from kvmotion.common.errors import (ConflictError, ForbiddenError, InvalidInputError, KvmotionError, NotFoundError,
                                     UnauthorizedError)
 from kvmotion.controller import peertls
-from kvmotion.models.crossmove import MOVE_ID
 from kvmotion.controller.auth import Peer
 from kvmotion.controller.db import DomainMember, DomainSelf
 from kvmotion.controller.peerclient import PeerClient
@@ -51,7 +50,7 @@ MAX_JOIN_REQUESTS = 16           # pending: more are refused, not kept
 MAX_MEMBERS = 64
 PEER_CALLS = frozenset({("POST", "/api/v1/peer/welcome"), ("GET", "/api/v1/peer/hello"),
                         ("POST", "/api/v1/peer/leave")})       # the others (GET ca, POST join) are open
-_ID = MOVE_ID
+_ID = "[0-9a-f-]{36}"
 PEER_MOVE_CALLS = tuple((m, re.compile(f"^/api/v1/peer/moves{p}$")) for m, p in (   # controller.incoming
     ("POST", "/validate"), ("POST", ""), ("GET", f"/{_ID}/(state|outgoing)"), ("POST", f"/{_ID}/(host|commit|abort|cancel)")))
 PENDING, JOINING, MEMBER = MemberState.PENDING, MemberState.JOINING, MemberState.MEMBER

@@ -21,7 +21,6 @@ from kvmotion.common.asgi import (ASGIApp, BodyTooLarge, Receive, Scope, Send, d
 from kvmotion.common.errors import InvalidInputError, KvmotionError, UnauthorizedError
 from kvmotion.controller.auth import Peer, Principal, Role, Tokens, authenticate_bearer, require_role
 from kvmotion.controller.peertls import PEER_CERT
-from kvmotion.models.crossmove import MOVE_ID
 
 API_PREFIX = "/api/v1/"
 PEER_PREFIX = "/api/v1/peer/"
@@ -32,7 +31,7 @@ MAX_BODY = 1 << 20
 BODY_LIMITS: dict[tuple[str, str], int] = {("POST", "/api/v1/vms"): 4 << 20}
 # A cross-controller move relays the VM folder (kernel, initrd: the agent takes up to 200 MiB of base64) to the
 # destination host; only a member controller, authenticated by its pinned certificate, may send that much.
-PEER_HOST_CALL = re.compile(f"^/api/v1/peer/moves/{MOVE_ID}/host$")
+PEER_HOST_CALL = re.compile(r"^/api/v1/peer/moves/[0-9a-f-]{36}/host$")
 PEER_HOST_BODY = 210 << 20
 
 

@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 
 INCOMING = "incoming"          # the power state of a VM held for a move from another controller
 STATE_OF_TASK = {"running": IncomingState.RESERVED, "success": IncomingState.COMMITTED, "error": IncomingState.ABORTED}
-
-
-def state_of(t: Any) -> IncomingState:
-    """The reservation's state, from its incoming task's (running, success or error: it is never queued or unknown)."""
-    return state_of(t)
 # what the source may still call once the VM is this controller's (its guest check, its clock, its status)
 STALE_S = 60.0                 # a reservation untouched this long is checked against its source controller
 AFTER_COMMIT = frozenset({"status", "locks", "migration", "health_check", "guest_clock_sync", "announce"})
@@ -68,7 +63,7 @@ class IncomingMoves:
         held = self._find(offer.move_id)
         if held is not None:
             self._check_peer(peer, held)
-            if reserve and state_of(held) == IncomingState.RESERVED:
+            if reserve and STATE_OF_TASK.get(held.state) == IncomingState.RESERVED:
                 return CrossVerdict.model_validate(held.options["verdict"])      # asked again: the same answer
         host = self.inv.get_host(offer.host)
         try:
@@ -156,7 +151,7 @@ class IncomingMoves:
     # -- the move's calls on the destination host ---------------------------------------------------------------
     async def host_call(self, peer: Peer, move_id: str, call: PeerHostCall) -> Any:
         t = self._get(peer, move_id)
-        state = state_of(t)
+        state = STATE_OF_TASK.get(t.state, IncomingState.ABORTED)
         if state == IncomingState.ABORTED or (state == IncomingState.COMMITTED and call.op not in AFTER_COMMIT):
             raise ConflictError(f"the move {move_id[:8]} of {t.vm_name} is {state}: {call.op} is not taken",
                                 remedy="nothing to do")
@@ -223,7 +218,7 @@ class IncomingMoves:
     async def commit(self, peer: Peer, move_id: str) -> IncomingOut:
         """The source saw the switchover through: the VM (running here) becomes this controller's."""
         t = self._get(peer, move_id)
-        state = state_of(t)
+        state = STATE_OF_TASK.get(t.state)
         if state == IncomingState.ABORTED:
             raise ConflictError(f"the move {move_id[:8]} of {t.vm_name} was aborted here", remedy="nothing to do")
         if state == IncomingState.RESERVED:
@@ -244,7 +239,7 @@ class IncomingMoves:
     async def abort(self, peer: Peer, move_id: str, why: str = "") -> IncomingOut:
         """The move failed before its switchover: the shadow and the reservation go. Refused if the VM runs here."""
         t = self._get(peer, move_id)
-        state = state_of(t)
+        state = STATE_OF_TASK.get(t.state)
         if state == IncomingState.COMMITTED:
             raise ConflictError(f"{t.vm_name} is this controller's since the move {move_id[:8]} committed",
                                 remedy="nothing to undo")
@@ -272,8 +267,8 @@ class IncomingMoves:
     async def cancel(self, t: Any) -> None:
         """This controller's admin cancels an incoming move: the source controller runs it, so it is asked there
         (its engine rolls back before the switchover, then releases the reservation here)."""
-        if state_of(t) != IncomingState.RESERVED:
-            raise ConflictError(f"the incoming move of {t.vm_name} is {state_of(t)}",
+        if STATE_OF_TASK.get(t.state) != IncomingState.RESERVED:
+            raise ConflictError(f"the incoming move of {t.vm_name} is {STATE_OF_TASK.get(t.state)}",
                                 remedy="nothing to cancel")
         source = t.options["source_controller"]
         await self.peers(source).call("POST", f"/peer/moves/{t.id}/cancel", TaskOut)
@@ -314,7 +309,7 @@ class IncomingMoves:
             qemu = None
         return IncomingOut(move_id=t.id, vm_uuid=t.vm_uuid, vm_name=t.vm_name, host=t.destination,
                            source_controller=t.options["source_controller"],
-                           state=state_of(t), qemu_status=qemu)
+                           state=STATE_OF_TASK.get(t.state, IncomingState.RESERVED), qemu_status=qemu)
 
     # -- lookups ---------------------------------------------------------------------------------------------
     def _find(self, move_id: str) -> Any:

@@ -11,8 +11,7 @@ from kvmotion.models.agent import (DISK_FORMAT_PATTERN, MAX_CPU_FEATURES, MAX_DI
 from kvmotion.models.findings import Finding
 from kvmotion.models.moves import MoveKind
 
-MOVE_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"     # a task id (lowercase UUID)
-MOVE_ID_PATTERN = f"^{MOVE_ID}$"
+MOVE_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 IDENTITY_PATTERN = r"^CN=[A-Za-z0-9._-]{1,120}$"
 Passphrase = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]      # controller.keys: token_hex(32)
 
