@@ -1,0 +1,1 @@
+// console pages: being written

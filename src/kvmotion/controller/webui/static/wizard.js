@@ -1,0 +1,1 @@
+// wizard pages: being written
