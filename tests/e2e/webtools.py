@@ -116,9 +116,15 @@ class Web:
         return page
 
     def api(self, token: str | None = None) -> httpx.Client:
-        """The REST API with a bearer token (the admin's by default), trusting only the lab's CA."""
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token or self.admin_token}"},
+        """Raw HTTPS to the controller trusting only the lab's CA, with a bearer token: the admin's by default,
+        none with ``token=""``."""
+        token = self.admin_token if token is None else token
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"} if token else {},
                             verify=ssl.create_default_context(cafile=str(self.ca)), timeout=30)
+
+    def client(self) -> Client:
+        """The product's client as the lab's admin."""
+        return Client(self.url, token=self.admin_token)
 
 
 def screenshot(page: Any, name: str) -> Path:
@@ -167,8 +173,9 @@ def make_viewer(url: str, admin_token: str, ca: Path) -> str:
 @pytest.fixture(scope="module")
 def web(lab) -> Iterator[Web]:
     """The lab's controller A with a headless Chromium that accepts only its certificate."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=UI_MS)
     root = Path(lab.root)
     ca = root / "pki" / "ca-cert.pem"
     admin_token = lab.admin_token()
