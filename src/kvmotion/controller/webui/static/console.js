@@ -175,7 +175,7 @@ class ConsolePage {
     try { this.vm = await get(`/vms/${encodeURIComponent(this.name)}`); }
     catch (e) {                    // a VM that is gone is final; a host that did not answer is not the console's
       if (e.status === 404 || e.status === 401 || e.status === 403) throw e;
-      this.vm = { name: this.name, host: "its host", power_state: "unknown" };
+      this.vm = { name: this.name, host: "", power_state: "unknown" };
     }
     this.screen = this.kind === "vnc"
       ? h("canvas", { class: "console-screen", "data-testid": "console-screen", width: 640, height: 400 })
@@ -205,22 +205,23 @@ class ConsolePage {
       if (text) { e.preventDefault(); this.send(new TextEncoder().encode(text.replace(/\r?\n/g, "\r"))); }
     });
   }
+  connectedText() { return this.vm.host ? `connected to ${this.vm.host}` : "connected"; }
   send(bytes) { if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(bytes); }
 
   connect() {
     this.disconnect();
-    this.opened = false;
+    Object.assign(this, { opened: false, lastError: null, record: null });
     this.status.set("connecting", `connecting to the ${this.kind} console of ${this.name}…`);
     const ws = new WebSocket(consoleURL(this.name, this.kind), ["binary"]);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     if (this.kind === "vnc") {
       this.rfb = new RFBClient(ws, this.screen, this.input, {
-        onReady: (init) => this.status.set("connected", `connected to ${this.vm.host}`,
+        onReady: (init) => this.status.set("connected", this.connectedText(),
                                            `${init.name} · ${init.width}×${init.height}`),
         onResize: (w, hh) => { this.status.detail.textContent = `screen resized to ${w}×${hh}`; },
         onUpdate: () => this.onScreen(),
-        onError: (msg) => this.status.set("closed", `closed: ${msg}`, "Fix: Reconnect"),
+        onError: (msg) => { this.lastError = { message: msg, remedy: "Reconnect" }; },
       });
     } else {
       this.term = new Terminal(this.screen);
@@ -247,7 +248,7 @@ class ConsolePage {
     if (ev.event === "attached") {
       this.sessionId = ev.session || "";
       this.vm.host = ev.host || this.vm.host;
-      this.status.set("connected", `connected to ${this.vm.host}`, `session ${this.sessionId}`);
+      this.status.set("connected", this.connectedText(), `session ${this.sessionId}`);
     } else if (ev.event === "moved") {
       this.moves += 1;
       this.vm.host = ev.to_host;
@@ -270,7 +271,7 @@ class ConsolePage {
   }
   onTask(t) {
     if (t.vm_name !== this.name || !this.ws || !t.destination || t.destination === t.source) return;
-    if (t.state === "running" && this.status.state !== "closed") {
+    if (t.state === "running" && this.status.state !== "closed" && this.vm.host !== t.destination) {
       this.status.set("moving", `VM moving to ${t.destination}…`,
                       `${t.kind} ${t.phase || ""} ${Math.round(t.progress || 0)}% · the session stays open`);
     } else if (t.state === "succeeded" && this.kind === "vnc") {
@@ -278,7 +279,7 @@ class ConsolePage {
       this.vm.host = t.destination;
       this.status.set("moving", `VM moved to ${t.destination}; waiting for its screen…`, "");
     } else if (t.state !== "running" && this.status.state === "moving" && t.state !== "succeeded") {
-      this.status.set("connected", `connected to ${this.vm.host}`, `the move ${t.state}: the VM stays where it was`);
+      this.status.set("connected", this.connectedText(), `the move ${t.state}: the VM stays where it was`);
     }
   }
   async onClose(ev) {
@@ -286,7 +287,7 @@ class ConsolePage {
     if (this.rfb) { this.rfb.detach(); this.rfb = null; }
     if (!this.opened) { await this.explainRefusal(); return; }
     const [what, fix] = CLOSES[ev.code] || [`the session closed (code ${ev.code})`, "Reconnect"];
-    const reason = ev.reason || (this.lastError && this.lastError.message) || what;
+    const reason = (this.lastError && this.lastError.message) || ev.reason || what;
     const rec = this.record;
     const summary = rec ? `on ${rec.hosts.join(" → ")} · ${rec.moves.length} move(s) · ` +
                           `${rec.bytes_to_client} bytes out, ${rec.bytes_from_client} in` : "";
