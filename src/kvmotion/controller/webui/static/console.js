@@ -145,6 +145,7 @@ export function serialKey(e) {
 class ConsolePage {
   constructor(name, kind, main) {
     Object.assign(this, { name, kind, main, ws: null, vm: null, left: false, sessionId: "", moves: 0 });
+    this.seenTasks = new Set();
     this.status = new Status();
     this.input = h("div", { class: `console-frame console-${kind}`, tabindex: "0", "data-testid": "console-input",
                             "aria-label": `${kind} console of ${name}: click to type` });
@@ -220,7 +221,6 @@ class ConsolePage {
         onReady: (init) => this.status.set("connected", this.connectedText(),
                                            `${init.name} · ${init.width}×${init.height}`),
         onResize: (w, hh) => { this.status.detail.textContent = `screen resized to ${w}×${hh}`; },
-        onUpdate: () => this.onScreen(),
         onError: (msg) => { this.lastError = { message: msg, remedy: "Reconnect" }; },
       });
     } else {
@@ -262,24 +262,26 @@ class ConsolePage {
       this.record = ev.session;
     }
   }
-  onScreen() {
-    if (this.status.state === "moving" && this.movedTo) {        // the first picture from the new host
-      this.status.set("connected", `reconnected: on ${this.movedTo} (moved from ${this.movedFrom})`,
-                      "the screen froze while the VM switched hosts and was redrawn by the destination");
-      this.movedTo = "";
-    }
-  }
   onTask(t) {
+    // the task stream says when the VM moves (a VNC session gets no relay events; a serial one gets "moved" late)
     if (t.vm_name !== this.name || !this.ws || !t.destination || t.destination === t.source) return;
-    if (t.state === "running" && this.status.state !== "closed" && this.vm.host !== t.destination) {
+    if (t.state === "running") {
+      this.seenTasks.add(t.id);
+      if (this.status.state === "closed" || this.vm.host === t.destination) return;
       this.status.set("moving", `VM moving to ${t.destination}…`,
                       `${t.kind} ${t.phase || ""} ${Math.round(t.progress || 0)}% · the session stays open`);
-    } else if (t.state === "succeeded" && this.kind === "vnc") {
-      Object.assign(this, { movedTo: t.destination, movedFrom: t.source, moves: this.moves + 1 });
+      return;
+    }
+    if (!this.seenTasks.has(t.id) || this.status.state === "closed") return;
+    this.seenTasks.delete(t.id);
+    if (t.state === "succeeded" && this.vm.host !== t.destination) {
+      this.moves += 1;
       this.vm.host = t.destination;
-      this.status.set("moving", `VM moved to ${t.destination}; waiting for its screen…`, "");
-    } else if (t.state !== "running" && this.status.state === "moving" && t.state !== "succeeded") {
-      this.status.set("connected", this.connectedText(), `the move ${t.state}: the VM stays where it was`);
+      this.status.set("connected", `reconnected: on ${t.destination} (moved from ${t.source})`,
+                      this.kind === "vnc" ? "the relay attached to the destination's display and asked for the whole screen"
+                                          : "");
+    } else if (t.state !== "succeeded") {
+      this.status.set("connected", this.connectedText(), `the move ${t.state}: the VM stays on ${t.source}`);
     }
   }
   async onClose(ev) {
