@@ -168,9 +168,12 @@ class ConsolePage {
   async render() {
     if (!session.name) await whoami();
     if (!can("operator")) {
-      const e = { code: "FORBIDDEN", message: `a console needs the operator role; you are ${session.role || "not signed in"}`,
-                  remedy: "sign in with an operator or admin token" };
-      this.main.replaceChildren(h("a", { href: `#/vms/${encodeURIComponent(this.name)}` }, "← ", this.name), errorBox(e));
+      const e = session.name
+        ? { code: "FORBIDDEN", message: `a console needs the operator role; you are ${session.role}`,
+            remedy: "sign in with an operator or admin token" }
+        : { code: "UNAUTHORIZED", message: "not signed in", remedy: "sign in with an API token (operator or admin)" };
+      this.main.replaceChildren(h("a", { href: `#/vms/${encodeURIComponent(this.name)}` }, "← ", this.name),
+                                errorBox(e), session.name ? null : h("a", { href: "#/signin" }, "Sign in"));
       return;
     }
     try { this.vm = await get(`/vms/${encodeURIComponent(this.name)}`); }
@@ -224,7 +227,7 @@ class ConsolePage {
         onError: (msg) => { this.lastError = { message: msg, remedy: "Reconnect" }; },
       });
     } else {
-      this.term = new Terminal(this.screen);
+      this.term = this.term || new Terminal(this.screen);         // the scrollback survives a Reconnect
       ws.onmessage = (ev) => this.onSerial(ev.data);
     }
     ws.addEventListener("open", () => { this.opened = true; });
