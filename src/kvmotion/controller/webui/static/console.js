@@ -166,7 +166,9 @@ class ConsolePage {
                "data-testid": `console-switch-${other}` }, other === "vnc" ? "Graphical" : "Serial"));
   }
   async render() {
+    onLeave(() => { this.left = true; this.disconnect(); });     // first: a page left while it loads stays closed
     if (!session.name) await whoami();
+    if (this.left) return;
     if (!can("operator")) {
       const e = session.name
         ? { code: "FORBIDDEN", message: `a console needs the operator role; you are ${session.role}`,
@@ -181,6 +183,7 @@ class ConsolePage {
       if (e.status === 404 || e.status === 401 || e.status === 403) throw e;
       this.vm = { name: this.name, host: "", power_state: "unknown" };
     }
+    if (this.left) return;
     this.screen = this.kind === "vnc"
       ? h("canvas", { class: "console-screen", "data-testid": "console-screen", width: 640, height: 400 })
       : h("pre", { class: "console-screen", "data-testid": "console-screen" });
@@ -191,7 +194,6 @@ class ConsolePage {
     this.main.replaceChildren(h("section", { class: "console-page" }, this.toolbar(), this.status.el,
                                 this.status.detail, this.input, h("p", { class: "console-hint" }, hint)));
     this.bindInput();
-    onLeave(() => { this.left = true; this.disconnect(); });
     stream("/tasks/stream", (t) => this.onTask(t));
     this.connect();
     this.input.focus();
@@ -275,16 +277,18 @@ class ConsolePage {
                       `${t.kind} ${t.phase || ""} ${Math.round(t.progress || 0)}% · the session stays open`);
       return;
     }
+    if (t.state !== "success" && t.state !== "error") return;          // the journal's two final states
     if (!this.seenTasks.has(t.id) || this.status.state === "closed") return;
     this.seenTasks.delete(t.id);
-    if (t.state === "succeeded" && this.vm.host !== t.destination) {
+    if (t.state === "success" && this.vm.host !== t.destination) {
       this.moves += 1;
       this.vm.host = t.destination;
       this.status.set("connected", `reconnected: on ${t.destination} (moved from ${t.source})`,
                       this.kind === "vnc" ? "the relay attached to the destination's display and asked for the whole screen"
                                           : "");
-    } else if (t.state !== "succeeded") {
-      this.status.set("connected", this.connectedText(), `the move ${t.state}: the VM stays on ${t.source}`);
+    } else if (t.state === "error") {
+      const why = t.error && t.error.message ? `: ${t.error.message}` : "";
+      this.status.set("connected", this.connectedText(), `the move failed${why}; the VM stays on ${t.source}`);
     }
   }
   async onClose(ev) {
