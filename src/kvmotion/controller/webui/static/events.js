@@ -2,7 +2,7 @@
 // Each is a table with a text filter and selects; the events re-read when a task changes (the tasks stream)
 // and every 15 s while the page is visible.
 import { get, h, route, can, onLeave, stream, errorBox, fmt } from "./api.js";
-import { DASH, dash, badge, hostLink, vmLink, table, section, onTaskChange, link } from "./ui.js";
+import { DASH, dash, badge, hostLink, vmLink, table, section, onTaskChange, link, authed, showError } from "./ui.js";
 
 const LIMIT = 500;
 const REFRESH_MS = 15000;
@@ -91,7 +91,7 @@ async function loadAll() {
   return { events, audit };
 }
 
-route("#/events", async (_params, main) => {
+route("#/events", authed(async (_params, main) => {
   const content = h("div", {});
   const stamp = h("span", { class: "muted stamp" });
   const draw = async () => {
@@ -103,7 +103,7 @@ route("#/events", async (_params, main) => {
       else if (audit) parts.push(panel("Audit log", auditView(audit)));
       content.replaceChildren(...parts);
       stamp.textContent = "Updated " + new Date().toLocaleTimeString();
-    } catch (e) { content.replaceChildren(errorBox(e)); }
+    } catch (e) { showError(content, e); }
   };
   await draw();
   main.replaceChildren(h("div", { class: "page" },
@@ -113,4 +113,4 @@ route("#/events", async (_params, main) => {
   const timer = setInterval(() => { if (!document.hidden) draw(); }, REFRESH_MS);
   onLeave(() => clearInterval(timer));
   onTaskChange(stream, draw);
-});
+}));

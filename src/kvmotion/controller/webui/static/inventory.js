@@ -1,14 +1,15 @@
 // The inventory (#/inventory?TAB): hosts, VMs, datastores, networks and clusters, as dense sortable tables.
 // It re-reads when a task changes (the tasks stream) and every 15 s while visible (host state has no task).
 // The host and VM pages are in objects.js.
-import { get, h, route, onLeave, navigate, stream, errorBox, fmt } from "./api.js";
-import { DASH, dash, badge, hostLink, vmLink, mib, mbps, meter, table, onTaskChange, vmDatastores, guestIps }
-  from "./ui.js";
+import { get, h, route, onLeave, navigate, stream, fmt } from "./api.js";
+import { DASH, dash, badge, hostLink, vmLink, mib, mbps, meter, table, onTaskChange, vmDatastores, guestIps,
+         authed, showError } from "./ui.js";
 import "./objects.js";
 
 const TABS = [["hosts", "Hosts"], ["vms", "VMs"], ["datastores", "Datastores"], ["networks", "Networks"],
               ["clusters", "Clusters"]];
 const REFRESH_MS = 15000;
+const BIG_FLEET = 2000;
 const GUEST_MAX = 25;          // VMs whose guest agent is asked for its addresses, per read
 const GUEST_TTL_MS = 60000;
 const guestCache = new Map();  // VM name -> {ips, at}
@@ -186,22 +187,28 @@ async function renderInventory(params, main) {
     current = table(last.cols, last.rows, { state, rowAttrs: last.rowAttrs, empty: last.empty });
     body.replaceChildren(current.el);
   };
+  let busy = false;
   const load = async () => {
+    if (busy) return;
+    busy = true;
     try {
       last = await LOADERS[tab](() => last && draw());
       draw();
       errors.replaceChildren();
       stamp.textContent = "Updated " + new Date().toLocaleTimeString();
-    } catch (e) { errors.replaceChildren(errorBox(e)); }
+    } catch (e) { showError(errors, e); } finally { busy = false; }
   };
   const refresh = h("button", { class: "btn btn-small", onclick: load, title: "read the inventory again" }, "Refresh");
   await load();
   main.replaceChildren(h("div", { class: "page" }, h("h1", {}, "Inventory"), tabs,
     h("div", { class: "toolbar" }, filter, refresh, stamp), errors, body));
-  const timer = setInterval(() => { if (!document.hidden) load(); }, REFRESH_MS);
+  // A big fleet (thousands of rows) is re-read at most once a minute by the timer, and 15 s apart on task changes.
+  let tick = 0;
+  const big = () => last && last.rows.length > BIG_FLEET;
+  const timer = setInterval(() => { tick += 1; if (!document.hidden && (!big() || tick % 4 === 0)) load(); }, REFRESH_MS);
   onLeave(() => clearInterval(timer));
-  onTaskChange(stream, load);
+  onTaskChange(stream, load, () => (big() ? 15000 : 5000));
 }
 
-route("#/inventory", (params, main) => renderInventory({ tab: "hosts" }, main));
-route("#/inventory\\?:tab", renderInventory);
+route("#/inventory", authed((params, main) => renderInventory({ tab: "hosts" }, main)));
+route("#/inventory\\?:tab", authed(renderInventory));

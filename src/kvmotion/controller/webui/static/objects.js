@@ -1,9 +1,9 @@
 // The object pages: a host (#/hosts/:name: facts, datastores, port groups, its VMs; maintenance for an admin)
 // and a VM (#/vms/:name: power, guest, disks, media, NICs; power, Migrate…, consoles and media for an operator).
 // They re-read when a task about them changes (the tasks stream), and on Refresh.
-import { get, post, h, route, can, stream, errorBox, fmt } from "./api.js";
+import { get, post, h, route, can, stream, fmt } from "./api.js";
 import { DASH, dash, badge, hostLink, vmLink, mib, mbps, table, props, section, actionButton,
-         onTaskChange, link, maintenanceText, vmDatastores, guestIps } from "./ui.js";
+         onTaskChange, link, maintenanceText, vmDatastores, guestIps, authed, showError } from "./ui.js";
 
 const enc = encodeURIComponent;
 
@@ -23,7 +23,7 @@ function livePage(render, wants) {
   return async (params, main) => {
     const redraw = async () => {
       try { main.replaceChildren(await render(params, redraw)); }
-      catch (e) { main.replaceChildren(errorBox(e)); }
+      catch (e) { showError(main, e); }
     };
     main.replaceChildren(await render(params, redraw));
     redraw.wants = (task) => wants(task, params);
@@ -211,5 +211,5 @@ async function renderVm(params, redraw) {
       section("Network adapters", nicTable(vm)), mediaSection(vm, redraw)));
 }
 
-route("#/hosts/:name", livePage(renderHost, (t, p) => t.source === p.name || t.destination === p.name));
-route("#/vms/:name", livePage(renderVm, (t, p) => t.vm_name === p.name));
+route("#/hosts/:name", authed(livePage(renderHost, (t, p) => t.source === p.name || t.destination === p.name)));
+route("#/vms/:name", authed(livePage(renderVm, (t, p) => t.vm_name === p.name)));

@@ -1,6 +1,6 @@
 // Small building blocks the inventory, object and event pages share: state badges, sortable filtered tables,
 // property lists, and action buttons that show the API's error (message and fix) or follow a returned task.
-import { h, navigate, errorBox, onLeave } from "./api.js";
+import { h, navigate, errorBox, onLeave, session } from "./api.js";
 
 export const DASH = "—";
 export const dash = (v) => (v === undefined || v === null || v === "" ? DASH : v);
@@ -44,29 +44,35 @@ export function meter(pct, title) {
            h("span", { class: "meter-text" }, p + "%"));
 }
 
-// table(columns, rows, {rowAttrs, empty, state}) -> {el, setFilter(text)}
+// table(columns, rows, {rowAttrs, empty, state, max}) -> {el, setFilter(text)}
 // columns: [{label, cell: row => node|text, sort: row => comparable, cls}]; a header click sorts by it.
-// opts.state ({col, asc, filter}) keeps the sort and filter across re-reads of the same table.
+// opts.state ({col, asc, filter}) keeps the sort and filter across re-reads of the same table. Each row is built
+// once; at most `max` rows are shown (a fleet of thousands: the filter narrows it).
 export function table(columns, rows, opts = {}) {
   const st = opts.state || { col: 0, asc: true, filter: "" };
+  const max = opts.max || 1000;
   let sortCol = st.col ?? 0, asc = st.asc ?? true, filter = st.filter || "";
+  const built = rows.map((r) => {
+    const tr = h("tr", opts.rowAttrs ? opts.rowAttrs(r) : {}, columns.map((c) => h("td", { class: c.cls || null }, c.cell(r))));
+    return { r, tr, text: tr.textContent.toLowerCase() };
+  });
   const tbody = h("tbody", {});
+  const note = h("div", { class: "table-note muted" });
   const heads = columns.map((c, i) => h("th", {
     class: [c.cls, c.sort ? "sortable" : null].filter(Boolean).join(" ") || null,
     onclick: c.sort ? () => { asc = sortCol === i ? !asc : true; sortCol = i; Object.assign(st, { col: i, asc }); fill(); }
                     : null }, c.label));
   function fill() {
     const col = columns[sortCol];
-    const list = col && col.sort ? [...rows].sort((a, b) => cmp(col.sort(a), col.sort(b)) * (asc ? 1 : -1)) : rows;
-    const trs = list.map((r) => h("tr", opts.rowAttrs ? opts.rowAttrs(r) : {},
-                                  columns.map((c) => h("td", { class: c.cls || null }, c.cell(r)))))
-      .filter((tr) => !filter || tr.textContent.toLowerCase().includes(filter));
+    const list = col && col.sort ? [...built].sort((a, b) => cmp(col.sort(a.r), col.sort(b.r)) * (asc ? 1 : -1)) : built;
+    const hits = filter ? list.filter((b) => b.text.includes(filter)) : list;
     heads.forEach((th, i) => { th.classList.toggle("sorted", i === sortCol && !!columns[i].sort); th.classList.toggle("desc", !asc); });
-    tbody.replaceChildren(...(trs.length ? trs : [h("tr", { class: "empty" },
+    tbody.replaceChildren(...(hits.length ? hits.slice(0, max).map((b) => b.tr) : [h("tr", { class: "empty" },
       h("td", { colspan: columns.length }, filter ? "Nothing matches the filter." : opts.empty || "None."))]));
+    note.textContent = hits.length > max ? `Showing ${max} of ${hits.length}: filter to narrow.` : "";
   }
   fill();
-  const el = h("table", { class: "grid" }, h("thead", {}, h("tr", {}, heads)), tbody);
+  const el = h("div", { class: "grid-box" }, h("table", { class: "grid" }, h("thead", {}, h("tr", {}, heads)), tbody), note);
   return { el, setFilter: (t) => { filter = st.filter = t.trim().toLowerCase(); fill(); } };
 }
 function cmp(a, b) {
@@ -86,6 +92,22 @@ export function section(title, ...content) {
   return h("section", { class: "panel" }, h("h2", {}, title), ...content);
 }
 
+// A 401 means the session ended (8 h idle, signed out elsewhere, controller restarted): back to the sign-in page.
+export function signedOut(e) {
+  if (!e || e.status !== 401) return false;
+  Object.assign(session, { name: "", role: "", csrf: "" });
+  navigate("#/signin");
+  return true;
+}
+export function authed(render) {
+  return async (params, main) => {
+    try { return await render(params, main); }
+    catch (e) { if (!signedOut(e)) throw e; }
+  };
+}
+// An error where the page shows it: its message and fix (or, after a 401, the sign-in page).
+export function showError(slot, e) { if (!signedOut(e)) slot.replaceChildren(errorBox(e)); }
+
 const isTask = (r) => r && typeof r === "object" && typeof r.id === "string" && Array.isArray(r.phases);
 
 // An action button: runs fn(); a task in the answer -> its page; otherwise done(answer). Errors land in errorSlot.
@@ -98,20 +120,20 @@ export function actionButton(label, attrs, fn, errorSlot, done) {
       if (isTask(out)) { navigate("#/tasks/" + encodeURIComponent(out.id)); return; }
       if (done) await done(out);
     } catch (e) {
-      errorSlot.replaceChildren(errorBox(e));
+      showError(errorSlot, e);
     } finally { btn.disabled = false; }
   } }, label);
   return btn;
 }
 
-// Re-read a page when a task changes (the tasks stream), at most once every `minMs`; returns nothing.
+// Re-read a page when a task changes (the tasks stream), at most once every `minMs` (ms, or a function giving it).
 export function onTaskChange(stream, refresh, minMs = 5000) {
   let last = 0, timer = null;
   onLeave(() => { if (timer) clearTimeout(timer); timer = null; });
   try {
     stream("/tasks/stream", (task) => {
       if (refresh.wants && !refresh.wants(task)) return;
-      const wait = Math.max(0, last + minMs - Date.now());
+      const wait = Math.max(0, last + (typeof minMs === "function" ? minMs() : minMs) - Date.now());
       if (timer) return;
       timer = setTimeout(() => { timer = null; last = Date.now(); refresh(); }, wait);
     });
