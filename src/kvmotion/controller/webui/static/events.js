@@ -14,6 +14,7 @@ function subjectLink(subject) {
   const name = rest.join(":");
   if (kind === "vm" && name) return ["VM ", vmLink(name)];
   if (kind === "host" && name) return ["host ", hostLink(name)];
+  if (kind === "image" && name) return ["image ", name];
   return dash(subject);
 }
 
@@ -47,7 +48,8 @@ function eventsView(events) {
     { label: "Level", cell: (e) => badge(e.level === "info" ? "info" : e.level, {}, e.level), sort: (e) => e.level },
     { label: "Kind", cell: (e) => e.kind, sort: (e) => e.kind },
     { label: "Object", cell: (e) => subjectLink(e.subject), sort: (e) => e.subject },
-    { label: "Message", cell: (e) => dash(e.message), cls: "wide" },
+    { label: "Message", cls: "wide", cell: (e) => [dash(e.message),
+      e.remedy ? h("div", { class: "remedy muted" }, "Fix: ", e.remedy) : null] },
     { label: "Task", cell: (e) => (e.task_id ? link("#/tasks/" + encodeURIComponent(e.task_id), e.task_id.slice(0, 8))
                                              : DASH) },
   ];
