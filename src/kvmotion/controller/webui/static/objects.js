@@ -123,7 +123,8 @@ function guestPairs(rt) {
   const ips = guestIps(rt);
   return [
     ["Guest agent", g.guest_agent === "answering" ? badge("answering") :
-      h("span", {}, badge("not answering"), g.error ? h("span", { class: "muted" }, " " + g.error) : null)],
+      h("span", {}, badge("not answering"), g.error ? h("span", { class: "muted" }, " " + g.error) : null,
+        g.remedy ? h("div", { class: "muted" }, "Fix: " + g.remedy) : null)],
     ["Guest OS", g.os && (g.os.pretty_name || g.os.name)], ["Hostname", g.hostname],
     ["IP addresses", ips && ips.length ? ips.join(", ") : null],
   ];
