@@ -31,6 +31,21 @@ function livePage(render, wants) {
   };
 }
 
+// Recent tasks about this object (newest first), each linking to its live page.
+function recentTasks(tasks, about) {
+  const mine = (tasks || []).filter(about).slice(0, 10);
+  const t = table([
+    { label: "Task", cell: (x) => link("#/tasks/" + enc(x.id), x.id.slice(0, 8)) },
+    { label: "Kind", cell: (x) => x.kind }, { label: "VM", cell: (x) => vmLink(x.vm_name) },
+    { label: "State", cell: (x) => badge(x.state) }, { label: "Phase", cell: (x) => dash(x.phase) },
+    { label: "Route", cell: (x) => (x.destination && x.destination !== x.source ? `${x.source} → ${x.destination}`
+                                                                                 : dash(x.source)) },
+    { label: "Created", cell: (x) => fmt.datetime(x.created_at) },
+  ], mine, { empty: "No tasks." });
+  return section("Recent tasks", t.el);
+}
+const tasksOrNone = () => get("/tasks?limit=200").catch(() => []);
+
 // -- host ---------------------------------------------------------------------------------------------------
 function hostActions(host, errors, redraw) {
   if (!can("admin")) return [];
@@ -89,12 +104,14 @@ function hostTables(x, vms) {
 }
 
 async function renderHost(params, redraw) {
-  const [x, allVms] = await Promise.all([get("/hosts/" + enc(params.name)), get("/vms").catch(() => [])]);
+  const [x, allVms, tasks] = await Promise.all([get("/hosts/" + enc(params.name)), get("/vms").catch(() => []),
+                                                tasksOrNone()]);
   const vms = allVms.filter((v) => v.host === x.name).map((v) => ({ ...v, spec: v.spec || {} }));
   const errors = h("div", {});
   return h("div", { class: "page" },
     pageHead("host", x.name, badge(x.state), hostActions(x, errors, redraw), errors, redraw),
-    h("div", { class: "columns" }, section("Summary", hostSummary(x)), ...hostTables(x, vms)));
+    h("div", { class: "columns" }, section("Summary", hostSummary(x)), ...hostTables(x, vms),
+      recentTasks(tasks, (t) => t.source === x.name || t.destination === x.name)));
 }
 
 // -- VM -----------------------------------------------------------------------------------------------------
@@ -203,13 +220,14 @@ function mediaSection(vm, redraw) {
 }
 
 async function renderVm(params, redraw) {
-  const raw = await get("/vms/" + enc(params.name));
+  const [raw, tasks] = await Promise.all([get("/vms/" + enc(params.name)), tasksOrNone()]);
   const vm = { ...raw, spec: raw.spec || {} };
   const errors = h("div", {});
   return h("div", { class: "page" },
     pageHead("vm", vm.name, badge(vm.power_state), vmActions(vm, errors, redraw), errors, redraw),
     h("div", { class: "columns" }, section("Summary", vmSummary(vm)), section("Disks", diskTable(vm.spec)),
-      section("Network adapters", nicTable(vm)), mediaSection(vm, redraw)));
+      section("Network adapters", nicTable(vm)), mediaSection(vm, redraw),
+      recentTasks(tasks, (t) => t.vm_uuid === vm.uuid || t.vm_name === vm.name)));
 }
 
 route("#/hosts/:name", authed(livePage(renderHost, (t, p) => t.source === p.name || t.destination === p.name)));
