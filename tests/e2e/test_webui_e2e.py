@@ -247,8 +247,9 @@ def test_maintenance_from_the_host_page_evacuates_it(web: Web, admin, vm: str) -
     admin.get_by_test_id("maintenance-enter").click()
     try:
         expect(admin).to_have_url(re.compile(r"#/tasks/[^/]+$"))        # the evacuation, followed live
-        expect(admin.get_by_test_id("task-state")).to_have_text("success", timeout=SLOW_MS * 2)
-        wait_for(lambda: web.client().host(host)["maintenance"] == 1, 30, f"{host} in maintenance")
+        wait_for(lambda: web.client().host(host)["maintenance"] == 1, SLOW_MS / 1000 * 2, f"{host} in maintenance")
+        expect(admin.get_by_test_id("task-state"), "the evacuation's task page, still shown when it ends (not "
+               "replaced by a late redraw of the host page)").to_have_text("success")
         assert web.client().vm(vm)["host"] == other(host)            # evacuated: its VM runs on the other host
         web.goto(admin, f"#/hosts/{host}")
         expect(admin.get_by_test_id("host-maintenance")).to_have_text("on")

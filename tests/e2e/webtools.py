@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +20,8 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import expect, sync_playwright
 
 from kvmotion.cli.client import Client
 from labtools import record_figure, remove_vm, running_vm
@@ -88,12 +90,22 @@ class Web:
     admin_token: str
     viewer_token: str
     ca: Path
+    logs: dict[int, list[str]] = field(default_factory=dict)
 
     def new_page(self) -> Any:
         """A fresh browser context (its own cookies) and page at the fixed viewport."""
         ctx = self.browser.new_context(viewport=VIEWPORT)
         ctx.set_default_timeout(UI_MS)
-        return ctx.new_page()
+        page = ctx.new_page()
+        log: list[str] = []
+        page.on("pageerror", lambda e: log.append(f"page error: {e}"))
+        page.on("console", lambda m: log.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        self.logs[id(page)] = log
+        return page
+
+    def log(self, page: Any) -> str:
+        """The page's script errors and console errors so far (for a failure's message)."""
+        return "\n".join(self.logs.get(id(page), [])) or "(no script or console error)"
 
     def goto(self, page: Any, route: str = "") -> Any:
         """Open ``/ui/`` at a hash route ("#/inventory"); returns the document's response (its headers)."""
@@ -101,9 +113,11 @@ class Web:
 
     def sign_in(self, page: Any, token: str, expect_ok: bool = True) -> None:
         """Sign in through the sign-in page with ``token``; with ``expect_ok``, wait for the whoami badge."""
-        from playwright.sync_api import expect
-
         self.goto(page, "#/signin")
+        try:
+            page.get_by_test_id("signin-token").wait_for()
+        except PlaywrightError as exc:
+            raise AssertionError(f"no sign-in form at {page.url}: {exc}\n{self.log(page)}") from None
         page.get_by_test_id("signin-token").fill(token)
         page.get_by_test_id("signin-submit").click()
         if expect_ok:
@@ -138,8 +152,6 @@ def screenshot(page: Any, name: str) -> Path:
 def measure_inventory_load(web: Web, figure: str = "webui inventory load") -> float:
     """Milliseconds from the navigation's start to the inventory's first host row shown, on a signed-in admin page
     opened fresh; recorded as a figure (never asserted against a bound)."""
-    from playwright.sync_api import expect
-
     page = web.signed_in("admin")
     page.add_init_script(INVENTORY_TIMER)
     web.goto(page, "#/inventory")         # the same document (a hash route): the reload is the measured load
@@ -174,8 +186,6 @@ def make_viewer(url: str, admin_token: str, ca: Path) -> str:
 @pytest.fixture(scope="module")
 def web(lab) -> Iterator[Web]:
     """The lab's controller A with a headless Chromium that accepts only its certificate."""
-    from playwright.sync_api import expect, sync_playwright
-
     expect.set_options(timeout=UI_MS)
     root = Path(lab.root)
     ca = root / "pki" / "ca-cert.pem"
