@@ -15,6 +15,8 @@ const dur = (s) => {
   const m = Math.floor(s / 60);
   return m < 60 ? `${m} min ${Math.round(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
 };
+// The shown ETA: at zero while the task still runs, it is "any moment" (it never goes back up in a phase).
+const etaText = (s) => s == null ? "—" : s < 0.5 ? "any moment" : dur(s);
 const taskDuration = (t) => {
   const start = t.started_at || t.created_at;
   if (!start) return null;
@@ -102,16 +104,44 @@ function summaryBlock(t) {
     field("Duration", "task-duration", dur(taskDuration(t))));
 }
 
+// What remains and how fast, whatever the move copies: memory (pre-copy), disks (mirror, NBD streams), files.
+function liveNumbers(lv) {
+  const left = (total, done) => total != null && done != null ? Math.max(0, total - done) : null;
+  return {
+    remaining: lv.remaining ?? left(lv.bytes_total, lv.bytes_done) ?? left(lv.disk_bytes_total, lv.disk_bytes_done),
+    mbps: lv.mbps ?? lv.disk_mbps ?? null,
+  };
+}
+
 function liveBlock(t, eta) {
   const lv = t.live || {};
-  const rate = lv.mbps != null ? `${Number(lv.mbps).toFixed(0)} Mbit/s` : "—";
+  const { remaining, mbps } = liveNumbers(lv);
   const etaS = eta.now();
-  return h("div", { class: "fields live" },
-    field("Pass", "task-pass", lv.pass != null ? String(lv.pass) : "—"),
-    field("Remaining", "task-remaining", lv.remaining != null ? mib(lv.remaining) : "—"),
-    field("ETA", "task-eta", etaS == null ? (lv.converging === false && lv.pass ? "not converging" : "—") : dur(etaS)),
-    field("Rate", "task-rate", rate),
-    lv.dirty_pages_rate != null ? field("Dirty pages/s", "task-dirty", String(lv.dirty_pages_rate)) : null);
+  return h("div", {},
+    h("div", { class: "fields live" },
+      field("Pass", "task-pass", lv.pass != null ? String(lv.pass) : "—"),
+      field("Remaining", "task-remaining", remaining != null ? mib(remaining) : "—"),
+      field("ETA", "task-eta", etaS == null && lv.converging === false && lv.pass ? "not converging" : etaText(etaS)),
+      field("Rate", "task-rate", mbps != null ? `${Number(mbps).toFixed(0)} Mbit/s` : "—"),
+      lv.dirty_pages_rate != null ? field("Dirty pages/s", "task-dirty", String(lv.dirty_pages_rate)) : null,
+      lv.disk ? field("Disk", "task-disk", `${lv.disk} (${lv.disk_index} of ${lv.disks}, ${fmt.pct(lv.percent)})`) : null),
+    lv.unknown ? h("div", { class: "error", role: "alert", "data-testid": "task-unknown" },
+      h("strong", {}, "Outcome not known yet: "), lv.unknown.reason || "",
+      h("div", { class: "remedy" }, "Fix: reconciliation completes or undoes the move once both hosts answer; " +
+        "check that both agents are connected.")) : null,
+    lv.children ? childTable(lv) : null);
+}
+
+// An evacuation's moves, one row per VM.
+function childTable(lv) {
+  const rows = Object.entries(lv.children).map(([vm, c]) => h("tr", {},
+    h("td", {}, h("a", { href: `#/tasks/${encodeURIComponent(c.task)}` }, vm)), h("td", {}, stateBadge(c.state)),
+    h("td", {}, c.phase || "—"), h("td", {}, c.destination || "—"), h("td", { class: "num" }, fmt.pct(c.progress))));
+  const blocked = Object.entries(lv.blocked || {}).map(([vm, why]) => h("tr", { class: "blocked" },
+    h("td", {}, vm), h("td", { colspan: 4 }, "blocked: ", typeof why === "string" ? why : JSON.stringify(why))));
+  return h("table", { class: "grid children", "data-testid": "task-children" },
+    h("thead", {}, h("tr", {}, ["VM", "State", "Phase", "Destination", "Progress"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, rows, blocked));
 }
 
 function detailText(detail) {
@@ -177,7 +207,7 @@ route("#/tasks/:id", async ({ id }, main) => {
       if (FINISHED.has(task.state)) return;
       const e = view.querySelector('[data-testid="task-eta"]'), d = view.querySelector('[data-testid="task-duration"]');
       const s = eta.now();
-      if (e && s != null) e.textContent = dur(s);
+      if (e && s != null) e.textContent = etaText(s);
       if (d) d.textContent = dur(taskDuration(task));
     });
   }
@@ -187,18 +217,24 @@ function taskPage(t, eta, msg) {
   const done = FINISHED.has(t.state);
   return [
     h("div", { class: "page-head" },
-      h("h1", {}, `${t.kind}: `, h("a", { href: `#/vms/${encodeURIComponent(t.vm_name)}` }, t.vm_name)),
+      h("h1", {}, `${t.kind}: `, subjectLink(t)),
       h("div", { class: "route" }, t.source || "—", " → ", t.destination || "—"),
       h("div", { class: "actions" }, cancelButton(t, msg))),
     msg,
     summaryBlock(t),
     done ? null : liveBlock(t, eta),
-    taskError(t.error),
+    done ? null : taskError(t.error),
     h("h2", {}, "Phases"),
     phaseTable(t),
     done ? report(t) : liveChart(t),
     h("p", { class: "muted" }, h("a", { href: "#/tasks" }, "← All tasks")),
   ];
+}
+
+function subjectLink(t) {
+  if (t.kind === "maintenance") return h("a", { href: `#/hosts/${encodeURIComponent(t.source)}` }, t.vm_name);
+  if (!t.vm_uuid) return t.vm_name;
+  return h("a", { href: `#/vms/${encodeURIComponent(t.vm_name)}` }, t.vm_name);
 }
 
 function liveChart(t) {
@@ -209,7 +245,10 @@ function liveChart(t) {
 }
 
 // ---- the migration report ---------------------------------------------------------------------------------
+const MOVE_KINDS = new Set(["vmotion", "svmotion", "xvmotion", "cold", "incoming"]);
+
 function report(t) {
+  if (!MOVE_KINDS.has(t.kind)) return otherReport(t);
   const r = t.result || {};
   const pva = r.predicted_vs_actual;
   const gap = r.client_gap_ms ?? r.gap_ms;
@@ -231,6 +270,7 @@ function report(t) {
   ];
   return h("section", { class: "report", "data-testid": "report" },
     h("h2", {}, t.state === "success" ? "Migration report" : "Migration report (failed)"),
+    taskError(t.error),
     h("table", { class: "grid kv" }, h("tbody", {}, rows.map(([k, id, v, note]) =>
       h("tr", {}, h("th", {}, k), h("td", { "data-testid": id }, v), h("td", { class: "muted" }, note))))),
     pva ? predictedTable(pva) : h("p", { class: "muted", "data-testid": "report-no-prediction" },
@@ -240,6 +280,17 @@ function report(t) {
       ? h("section", { class: "chart-box" }, h("h2", {}, "Remaining memory per pass"),
           remainingChart(r.pass_log, r.prediction, null))
       : null);
+}
+
+// Not a move (an evacuation, an image import): what its result holds, one row per entry.
+function otherReport(t) {
+  const r = t.result || {};
+  const rows = Object.entries(r).map(([k, v]) => h("tr", {}, h("th", {}, k),
+    h("td", { class: "detail" }, v !== null && typeof v === "object"
+      ? (v.task ? h("a", { href: `#/tasks/${encodeURIComponent(v.task)}` }, detailText(v)) : detailText(v)) : String(v))));
+  return h("section", { class: "report", "data-testid": "report" },
+    h("h2", {}, t.state === "success" ? "Result" : "Result (failed)"), taskError(t.error),
+    rows.length ? h("table", { class: "grid kv" }, h("tbody", {}, rows)) : h("p", { class: "muted" }, "No result details."));
 }
 
 function predictedTable(pva) {
