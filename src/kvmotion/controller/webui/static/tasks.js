@@ -163,7 +163,7 @@ function phaseTable(t) {
     h("td", { class: "num" }, fmt.time(p.started_at)),
     h("td", { class: "num" }, dur((p.ended_at || (FINISHED.has(t.state) ? null : Date.now() / 1000)) - p.started_at)),
     h("td", { class: "detail", title: JSON.stringify(p.detail || {}) }, detailText(p.detail))));
-  return h("table", { class: "grid phases", "data-testid": "phase-timeline" },
+  return h("table", { class: "grid phases", "data-testid": "task-phases" },
     h("thead", {}, h("tr", {}, ["Phase", "Status", "Started", "Duration", "Detail"].map((c) => h("th", {}, c)))),
     h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No phase yet (queued)"))));
 }

@@ -134,10 +134,14 @@ function radio(name, value, checked, testid, onpick) {
 
 // ---- the steps ------------------------------------------------------------------------------------------
 function typeStep(st) {
-  return h("div", { class: "choices" }, TYPES.map(([value, title, help]) =>
-    h("label", { class: "choice" },
-      radio("type", value, st.type === value, `wizard-type-${value}`, (v) => { st.type = v; st.plan = null; st.redraw(); }),
-      h("span", {}, h("strong", {}, title), h("div", { class: "muted" }, help)))));
+  const cold = st.vm.power_state !== "running";
+  return h("div", {},
+    cold ? h("p", { class: "muted", "data-testid": "wizard-cold" },
+      `${st.vm.name} is ${st.vm.power_state}: the move is a cold migration (its files are copied and verified).`) : null,
+    h("div", { class: "choices" }, TYPES.map(([value, title, help]) =>
+      h("label", { class: "choice" },
+        radio("type", value, st.type === value, `wizard-type-${value}`, (v) => { st.type = v; st.plan = null; st.redraw(); }),
+        h("span", {}, h("strong", {}, title), h("div", { class: "muted" }, help))))));
 }
 
 function hostLoad(host) {
