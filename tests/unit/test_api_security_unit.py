@@ -19,7 +19,7 @@ from dbtools import all_text, query
 
 from kvmotion.common import hostauth
 from kvmotion.common.errors import UnauthorizedError
-from kvmotion.controller import auth
+from kvmotion.controller import auth, taskstream
 from kvmotion.controller.api import create_app
 from kvmotion.controller.service import Controller
 
@@ -66,6 +66,10 @@ EXPECTED_ROLES: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/vms/{ref}/reboot"): "operator",
     ("GET", "/api/v1/tasks"): "viewer",
     ("GET", "/api/v1/tasks/{task_id}"): "viewer",
+    ("GET", "/api/v1/tasks/stream"): "viewer",
+    ("GET", "/api/v1/tasks/{task_id}/stream"): "viewer",
+    ("GET", "/api/v1/events"): "viewer",
+    ("POST", "/api/v1/vms/{ref}/migrate/plan"): "operator",
     ("POST", "/api/v1/tasks/{task_id}/cancel"): "operator",
     ("POST", "/api/v1/tasks/{task_id}/force-complete"): "operator",
     ("PATCH", "/api/v1/clusters/{name}"): "admin",
@@ -106,6 +110,8 @@ PEER_ENDPOINTS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/peer/moves/{move_id}/cancel"): "certificate",
     ("GET", "/api/v1/peer/moves/{move_id}/outgoing"): "certificate",
 }
+# The web client's sign-in (an API token in the body), who-am-I and sign-out (its session cookie): test_webui_unit.
+UI_ENDPOINTS = {("POST", "/ui/session"), ("GET", "/ui/session"), ("DELETE", "/ui/session")}
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
 
 
@@ -123,7 +129,8 @@ class Api:
 
 
 @pytest.fixture()
-def api(tmp_path: Path, db_url: str) -> Iterator[Api]:
+def api(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    monkeypatch.setattr(taskstream, "MAX_S", 0.0)      # a task stream ends at once here (the role checks call it)
     ctl = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path)
     app = create_app(ctl)
     with TestClient(app) as client:
@@ -146,7 +153,7 @@ def concrete(path: str) -> str:
 
 
 def test_every_endpoint_is_classified(api: Api) -> None:
-    assert routes(api.app) == set(EXPECTED_ROLES) | set(PEER_ENDPOINTS)
+    assert routes(api.app) == set(EXPECTED_ROLES) | set(PEER_ENDPOINTS) | UI_ENDPOINTS
 
 
 def test_peer_endpoints_take_no_token_only_a_certificate(api: Api) -> None:

@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     IMAGE_MISSING = "IMAGE_MISSING"
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
+    CSRF_REJECTED = "CSRF_REJECTED"
     INTERNAL = "INTERNAL"
     GUEST_AGENT_SILENT = "GUEST_AGENT_SILENT"
     GUEST_AGENT_ERROR = "GUEST_AGENT_ERROR"
@@ -46,6 +47,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.IMAGE_MISSING: 409,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.CSRF_REJECTED: 403,
     ErrorCode.INTERNAL: 500,
     ErrorCode.GUEST_AGENT_SILENT: 504,
     ErrorCode.GUEST_AGENT_ERROR: 502,
@@ -160,6 +162,12 @@ class ForbiddenError(KvmotionError):
     """Valid credentials whose role is too low for the call (HTTP 403)."""
 
     code = ErrorCode.FORBIDDEN
+
+
+class CsrfRejected(ForbiddenError):
+    """A state-changing call of a web-client session without its CSRF token, or from another origin (HTTP 403)."""
+
+    code = ErrorCode.CSRF_REJECTED
 
 
 class PrecheckFailed(KvmotionError):
@@ -336,7 +344,7 @@ _BY_CODE: dict[ErrorCode, type[KvmotionError]] = {
     for cls in (
         NotFoundError, InvalidInputError, ConflictError, PrecheckFailed, AgentUnreachable, AgentError,
         PeerUnreachable, QMPCommandError, QMPTimeout, QemuStartFailed, MigrationFailed, DeadlineExceeded, ImageMissing,
-        UnauthorizedError, ForbiddenError, GuestAgentSilent, GuestAgentError,
+        UnauthorizedError, ForbiddenError, CsrfRejected, GuestAgentSilent, GuestAgentError,
     )
 }
 _BY_FAILURE: dict[str | None, type[MigrationFailed]] = {

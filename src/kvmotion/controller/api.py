@@ -1,5 +1,5 @@
 """The controller's REST API (OpenAPI at /docs and /openapi.json, for a viewer's token unless the docs are public):
-the app that wires the routers, and its Prometheus metrics at /metrics (a viewer's token too).
+the app that wires the routers, its Prometheus metrics at /metrics (a viewer's token too), and the web client at /ui.
 
 Each domain has its router in :mod:`kvmotion.controller.routes`; every endpoint declares its role there.
 """
@@ -28,6 +28,8 @@ from kvmotion.controller.routes import (clusters, console, crossmove, devices, d
                                         tasks, tokens, vms)
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
+from kvmotion.controller.webui import routes as webui
+from kvmotion.controller.webui.sessions import UiSessions
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
@@ -82,17 +84,19 @@ def create_app(ctl: Controller, public_docs: bool = False) -> FastAPI:
     app = FastAPI(title="kvmotion controller", version=__version__, lifespan=lifespan)
     app.state.controller = ctl
     app.state.metrics = Exposition(ctl.sessions)       # reads nothing until the first scrape
+    app.state.ui_sessions = UiSessions()               # the web client's signed-in browsers (webui/sessions.py)
     _error_handlers(app)
     docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
                      if p and not public_docs)
     app.add_middleware(ApiGate, tokens=ctl.tokens, viewer_paths=docs | {metrics.PATH},   # inside the audit
-                       peers=ctl.domain.authenticate)
+                       peers=ctl.domain.authenticate, ui=app.state.ui_sessions)
     _audit(app, ctl)
     for router in ROUTERS:
         app.include_router(router, prefix=PREFIX, responses=ERROR_RESPONSES,
                            dependencies=[Depends(no_unknown_query)])
     app.include_router(metrics.router, responses=ERROR_RESPONSES, dependencies=[Depends(no_unknown_query)])
     app.include_router(console.router, prefix=PREFIX)      # websockets: their own auth (routes/console.py)
+    app.include_router(webui.router, responses=ERROR_RESPONSES)   # /ui: the web client (docs/web-client.md)
     return app
 
 

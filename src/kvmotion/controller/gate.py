@@ -7,6 +7,8 @@ which reuses the principal found here). Bodies are bounded: ``MAX_BODY`` by defa
 carries more (``BODY_LIMITS``); a larger one is a 413 at once when its Content-Length says so, else as soon as
 the limit is passed. A path or query holding a NUL character is refused (422): no database stores one.
 Websockets (the consoles) pass through: they authenticate in ``routes/console.py``.
+A web client's session (``webui.sessions``) stands in for the token: its cookie, and on a state-changing call its
+CSRF token and the controller's own origin too.
 Calls under ``/api/v1/peer/`` come from the other controllers of the trust domain: ``peers`` authenticates them
 by the connection's client certificate alone (``peertls.PEER_CERT``); a bearer token counts for nothing there.
 """
@@ -21,6 +23,7 @@ from kvmotion.common.asgi import (ASGIApp, BodyTooLarge, Receive, Scope, Send, d
 from kvmotion.common.errors import InvalidInputError, KvmotionError, UnauthorizedError
 from kvmotion.controller.auth import Peer, Principal, Role, Tokens, authenticate_bearer, require_role
 from kvmotion.controller.peertls import PEER_CERT
+from kvmotion.controller.webui.sessions import UiSessions, check_csrf, cookie_of
 
 API_PREFIX = "/api/v1/"
 PEER_PREFIX = "/api/v1/peer/"
@@ -40,9 +43,10 @@ class ApiGate:
 
     def __init__(self, app: ASGIApp, tokens: Tokens, viewer_paths: frozenset[str] = frozenset(),
                  max_body: int = MAX_BODY, limits: dict[tuple[str, str], int] | None = None,
-                 peers: PeerCheck | None = None) -> None:
+                 peers: PeerCheck | None = None, ui: UiSessions | None = None) -> None:
         self.app = app
         self.tokens = tokens
+        self.ui = ui
         self.peers = peers
         self.viewer_paths = viewer_paths        # outside /api/v1, guarded too (viewer role): metrics, docs
         self.max_body = max_body
@@ -85,11 +89,22 @@ class ApiGate:
     def _caller(self, scope: Scope, what: str) -> Principal | Peer:
         path = scope["path"]
         if not path.startswith(PEER_PREFIX):
-            return authenticate_bearer(self.tokens, _bearer(scope), what)
+            return authenticate_bearer(self.tokens, self._token(scope, what), what)
         if self.peers is None:
             raise UnauthorizedError(f"{what}: this controller takes no calls from other controllers",
                                     remedy="call the /api/v1 endpoints of its admin API with a token")
         return self.peers(scope.get("state", {}).get(PEER_CERT), scope["method"], path)
+
+
+    def _token(self, scope: Scope, what: str) -> str | None:
+        """The bearer token, else the token of the web-client session the cookie names (CSRF checked)."""
+        token = _bearer(scope)
+        if token is None and self.ui is not None:
+            session = self.ui.find(cookie_of(scope))
+            if session is not None:
+                check_csrf(scope, session, what)
+                token = session.token
+        return token
 
 
 def _bearer(scope: Scope) -> str | None:

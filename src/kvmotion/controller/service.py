@@ -28,7 +28,8 @@ from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
 from kvmotion.controller.images import ImageLibrary
 from kvmotion.controller.inventory import Inventory
-from kvmotion.models.api import Finding, HostOut, MigrateRequest, TaskOut, VMOut
+from kvmotion.checks.rules import encryption_plan
+from kvmotion.models.api import Finding, HostOut, MigratePlan, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.models.moves import TaskKind
 from kvmotion.controller.maintenance import Maintenance
@@ -131,12 +132,20 @@ class Controller:
             await self.inventory.refresh_host(self.inventory.get_host(host).name)
 
     async def validate_migration(self, vm: str, req: MigrateRequest) -> list[Finding]:
+        return (await self.plan_migration(vm, req)).findings
+
+    async def plan_migration(self, vm: str, req: MigrateRequest) -> MigratePlan:
+        """Every finding of the move, its kind, the prediction and the encryption it would use; nothing held."""
         self._check_request(req)
         if req.controller:
-            return (await self.cross.check(vm, req))[1]
+            verdict, found = await self.cross.check(vm, req)
+            return MigratePlan(kind=verdict.kind, source=self.inventory.get_vm(vm).host, findings=found,
+                               destination=crossmove.destination_label(req), prediction=None,
+                               encryption={"mode": "tls", "reason": "always TLS between controllers"})
         req, _ = policy.effective(req, *self._policy_layers(vm))    # the prediction uses the policy's budget
         await self._refresh_for(vm, req)
         reloc, ctx, findings = await compat.validate_move(self.inventory, self.sessions, vm, req)
+        pred = None
         if kinds.kind(reloc.kind).moves_memory and not compat.blockers(findings):
             link = predict.link_mbps(ctx.source.facts, ctx.destination.facts)
             if req.max_bandwidth_mbps:
@@ -145,7 +154,11 @@ class Controller:
                                              ctx.destination.name, req.downtime_ms, link=link)
             if pred is not None:
                 findings.append(predict.finding_for(ctx.spec.name, pred))
-        return findings
+        use_tls, why, _ = encryption_plan(ctx.spec.encrypted_vmotion, ctx.source.facts, ctx.destination.facts,
+                                          any(d.encrypted for d in ctx.spec.disks))
+        return MigratePlan(kind=str(reloc.kind), source=ctx.source.name, destination=reloc.host, findings=findings,
+                           prediction=pred.as_dict() if pred else None,
+                           encryption={"mode": "tls" if use_tls else "plain", "reason": why})
 
     async def migrate(self, vm: str, req: MigrateRequest) -> TaskOut:
         """Check at once (nothing is created on errors), then queue; admission control starts it.

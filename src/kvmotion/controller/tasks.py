@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvmotion.common.errors import NotFoundError
 from kvmotion.migration.predict import Achieved, achieved_from
 from kvmotion.controller.db import Task
+from kvmotion.controller.taskfeed import feed_for
 from kvmotion.models.api import PhaseRecord, TaskOut
 from kvmotion.models.moves import LIVE_KINDS, MoveKind
 
@@ -44,6 +45,7 @@ class TaskJournal:
                     created_at=now, updated_at=now, started_at=now if state == "running" else 0.0)
         with sessions.begin() as s:
             s.add(task)
+        feed_for(sessions).changed(task.id)
         return TaskJournal(sessions, task.id)
 
     def _edit(self, fn: Any) -> None:
@@ -53,6 +55,7 @@ class TaskJournal:
                 raise NotFoundError(f"task {self.id} vanished", remedy="internal error")
             fn(task)
             task.updated_at = time.time()
+        feed_for(self.sessions).changed(self.id)        # after the commit: a stream reads what was written
 
     def read(self) -> TaskOut:
         with self.sessions() as s:

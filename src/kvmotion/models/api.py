@@ -248,6 +248,30 @@ class TaskOut(BaseModel):
     finished_at: float
 
 
+class EventOut(BaseModel):
+    """One thing that happened (derived from the task journal), newest first in ``GET /events``."""
+    at: float
+    level: str = Field(description="info | warning | error")
+    kind: str = Field(description="task.queued | task.started | task.phase | task.succeeded | task.failed | "
+                                  "task.unknown")
+    subject: str = Field(description="vm:NAME, host:NAME or image:NAME")
+    message: str
+    task_id: str
+    remedy: str = ""
+
+
+class MigratePlan(BaseModel):
+    """What a migration would do, before it starts (the web client's compatibility and review steps)."""
+    kind: str | None = Field(description="vmotion, svmotion, xvmotion, cold, or cross-controller; None: blocked "
+                                          "before a kind was known")
+    source: str
+    destination: str
+    findings: list[Finding]
+    prediction: dict[str, Any] | None = Field(description="converges, total_s, downtime_ms, passes, strategy, …; "
+                                                          "None when memory does not move or cannot be sampled")
+    encryption: dict[str, Any] = Field(description="mode (tls | plain) and the reason")
+
+
 class ClusterCreate(Request):
     name: Name
     evc_mode: Name | None = None

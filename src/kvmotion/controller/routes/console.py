@@ -1,7 +1,8 @@
 """Remote consoles (websockets): ``/vms/{ref}/console/serial`` and ``/vms/{ref}/console/vnc``; operator role.
 
 The token comes in the ``Authorization: Bearer`` header, or, for a browser (noVNC cannot set headers), as the
-subprotocol ``kvmotion.bearer.TOKEN`` offered beside ``binary``. A refused handshake is an HTTP error in the
+subprotocol ``kvmotion.bearer.TOKEN`` offered beside ``binary``, or from the web client's session cookie (only
+from the controller's own origin). A refused handshake is an HTTP error in the
 usual shape (401/403/404/409) and is audited like every session.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kvmotion.controller.console import ConsoleRelay, new_session, serve
 from kvmotion.controller.console_vnc import VNCRelay
 from kvmotion.controller.console_link import Connector, agent_connector
 from kvmotion.controller.service import Controller
+from kvmotion.controller.webui.sessions import UiSessions, check_csrf, cookie_of
 from kvmotion.models.console import ConsoleKind
 
 router = APIRouter()
@@ -24,7 +26,8 @@ TOKEN_PROTOCOL = "kvmotion.bearer."
 
 
 def bearer_of(ws: WebSocket) -> tuple[str | None, str | None]:
-    """(the token, the subprotocol to answer with) of a handshake."""
+    """(the token, the subprotocol to answer with) of a handshake; a web-client session's token when neither the
+    header nor a subprotocol carries one (its origin checked: ``CsrfRejected`` from another site)."""
     offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     answer = "binary" if "binary" in offered else (offered[0] if offered else None)
     header = ws.headers.get("authorization", "")
@@ -33,6 +36,11 @@ def bearer_of(ws: WebSocket) -> tuple[str | None, str | None]:
     for p in offered:
         if p.startswith(TOKEN_PROTOCOL):
             return p[len(TOKEN_PROTOCOL):], answer
+    sessions: UiSessions | None = getattr(ws.app.state, "ui_sessions", None)
+    session = sessions.find(cookie_of(ws.scope)) if sessions is not None else None
+    if session is not None:
+        check_csrf(ws.scope, session, f"console {ws.url.path}")
+        return session.token, answer
     return None, answer
 
 
@@ -47,10 +55,11 @@ async def refuse(ws: WebSocket, ctl: Controller, exc: KvmotionError, who: Princi
 async def console(ws: WebSocket, ref: str, kind: str) -> None:
     ctl: Controller = ws.app.state.controller
     connect: Connector = getattr(ws.app.state, "console_connector", None) or agent_connector(ctl.inventory)
-    token, subprotocol = bearer_of(ws)
     what = f"console {ws.url.path}"
     principal: Principal | None = None
+    subprotocol: str | None = None
     try:
+        token, subprotocol = bearer_of(ws)
         principal = await asyncio.to_thread(authenticate_bearer, ctl.tokens, token, what)
         require_role(principal, Role.OPERATOR, what)
         if kind not in ConsoleKind.__members__.values():

@@ -1,12 +1,15 @@
-"""Tasks: the journal of moves and evacuations; cancel and force-complete."""
+"""Tasks: the journal of moves and evacuations, live as server-sent events; cancel and force-complete."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 
-from kvmotion.controller import tasks as task_store
+from kvmotion.controller import taskstream, tasks as task_store
+from kvmotion.controller.events import events_of
+from kvmotion.controller.taskfeed import feed_for
 from kvmotion.controller.auth import Role
 from kvmotion.controller.routes.deps import Ctl, role
-from kvmotion.models.api import TaskOut
+from kvmotion.models.api import EventOut, TaskOut
 
 router = APIRouter()
 
@@ -15,6 +18,32 @@ router = APIRouter()
 def task_list(ctl: Ctl, limit: int = Query(default=50, ge=1, le=500)) -> list[TaskOut]:
     """A plain function: FastAPI runs it, and checks its answer, in a thread (off the event loop)."""
     return task_store.list_tasks(ctl.sessions, limit)
+
+
+@router.get("/events", dependencies=role(Role.VIEWER))
+def events(ctl: Ctl, limit: int = Query(default=200, ge=1, le=2000)) -> list[EventOut]:
+    """What happened, newest first: each recent task queued, started, its phases, and how it ended."""
+    return events_of(task_store.list_tasks(ctl.sessions, min(500, limit)), limit)
+
+
+STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+@router.get("/tasks/stream", dependencies=role(Role.VIEWER), response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "event: task, per change"}})
+async def task_stream_all(request: Request, ctl: Ctl) -> StreamingResponse:
+    """Every task that changes from now on (``event: task``, the task as ``GET /tasks/{id}``)."""
+    return StreamingResponse(taskstream.every(ctl.sessions, feed_for(ctl.sessions), request.is_disconnected),
+                             media_type="text/event-stream", headers=STREAM_HEADERS)
+
+
+@router.get("/tasks/{task_id}/stream", dependencies=role(Role.VIEWER), response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "event: task, then end"}})
+async def task_stream(task_id: str, request: Request, ctl: Ctl) -> StreamingResponse:
+    """One task now and after each change (``event: task``), then ``event: end`` once it has finished."""
+    task = task_store.get_task(ctl.sessions, task_id)          # 404 before the stream starts
+    return StreamingResponse(taskstream.one(ctl.sessions, feed_for(ctl.sessions), task.id, request.is_disconnected),
+                             media_type="text/event-stream", headers=STREAM_HEADERS)
 
 
 @router.get("/tasks/{task_id}", dependencies=role(Role.VIEWER))

@@ -5,7 +5,7 @@ from fastapi import APIRouter
 
 from kvmotion.controller.auth import Role
 from kvmotion.controller.routes.deps import Ctl, role
-from kvmotion.models.api import CdromChange, Finding, MigrateRequest, TaskOut, VMCreate, VMOut, VMUpdate
+from kvmotion.models.api import CdromChange, Finding, MigratePlan, MigrateRequest, TaskOut, VMCreate, VMOut, VMUpdate
 
 router = APIRouter()
 
@@ -57,6 +57,12 @@ async def vm_cdrom(ref: str, req: CdromChange, ctl: Ctl) -> VMOut:
 @router.post("/vms/{ref}/migrate/validate", dependencies=role(Role.OPERATOR))
 async def vm_validate(ref: str, req: MigrateRequest, ctl: Ctl) -> list[Finding]:
     return await ctl.validate_migration(ref, req)
+
+
+@router.post("/vms/{ref}/migrate/plan", dependencies=role(Role.OPERATOR))
+async def vm_plan(ref: str, req: MigrateRequest, ctl: Ctl) -> MigratePlan:
+    """What ``migrate`` would do: its kind, every finding, the prediction and the encryption; nothing is held."""
+    return await ctl.plan_migration(ref, req)
 
 
 @router.post("/vms/{ref}/migrate", status_code=202, dependencies=role(Role.OPERATOR))
