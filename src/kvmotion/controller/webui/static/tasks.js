@@ -61,12 +61,17 @@ route("#/tasks", async (_params, main) => {
                                   "Duration"].map((c) => h("th", {}, c)))),
       body),
     tasks.length ? null : empty));
-  stream("/tasks/stream", (t) => {
-    const row = taskRow(t);
+  const put = (t) => {
     const old = [...body.rows].find((r) => r.task && r.task.id === t.id);
+    if (old && old.task.updated_at === t.updated_at) return;
+    const row = taskRow(t);
     if (old) old.replaceWith(row); else { body.prepend(row); empty.remove(); }
-  });
+  };
+  stream("/tasks/stream", put);
+  let ticks = 0;
   everySecond(() => {
+    // the stream's safety net (it asks the page to resync when it fell behind): the list again every 30 s
+    if (++ticks % 30 === 0) get("/tasks?limit=200").then((ts) => ts.reverse().forEach(put)).catch(() => {});
     for (const r of body.rows) {
       if (r.task && !FINISHED.has(r.task.state)) r.querySelector(".duration").textContent = dur(taskDuration(r.task));
     }
@@ -76,12 +81,16 @@ route("#/tasks", async (_params, main) => {
 // ---- #/tasks/:id ------------------------------------------------------------------------------------------
 // The ETA never runs backwards on the page: within one phase the shown value only counts down (or drops to a
 // lower new estimate); a new phase starts afresh.
+// The live view is not cleared between phases: an estimate carried over unchanged into a new phase is stale
+// (it belonged to the phase before) and is not shown until a new one comes.
 function etaKeeper() {
-  let shown = null, at = 0, phase = null;
+  let shown = null, at = 0, phase = null, raw, stale;
   return {
     update(eta, ph) {
       const now = Date.now() / 1000;
-      if (eta == null) { shown = null; phase = ph; return; }
+      if (ph !== phase) stale = raw;
+      raw = eta;
+      if (eta == null || (eta === stale && ph !== null)) { shown = null; phase = ph; return; }
       const counted = shown == null ? null : Math.max(0, shown - (now - at));
       shown = (counted == null || ph !== phase) ? eta : Math.min(counted, eta);
       at = now; phase = ph;
@@ -144,13 +153,25 @@ function childTable(lv) {
     h("tbody", {}, rows, blocked));
 }
 
+// One phase's detail in a line: codes for findings, times of day for timestamps, sizes of lists (the cell's
+// tooltip has all of it).
+function detailValue(k, v) {
+  if (Array.isArray(v)) {
+    const codes = v.map((x) => x && x.code).filter(Boolean);
+    return codes.length ? codes.join(",") : `[${v.length}]`;
+  }
+  if (typeof v === "object") return `{${Object.keys(v).join(",")}}`;
+  if (typeof v === "number" && k.endsWith("_at") && v > 1e9) return fmt.time(v);
+  return String(v);
+}
+
 function detailText(detail) {
   const parts = [];
   for (const [k, v] of Object.entries(detail || {})) {
     if (v === null || v === undefined || v === "") continue;
-    const s = typeof v === "object" ? JSON.stringify(v) : String(v);
-    parts.push(`${k}=${s.length > 80 ? s.slice(0, 77) + "…" : s}`);
-    if (parts.length >= 6) { parts.push("…"); break; }
+    const s = detailValue(k, v);
+    parts.push(`${k}=${s.length > 60 ? s.slice(0, 57) + "…" : s}`);
+    if (parts.length >= 8) { parts.push("…"); break; }
   }
   return parts.join("  ");
 }
@@ -240,7 +261,7 @@ function subjectLink(t) {
 function liveChart(t) {
   const passes = (t.live && t.live.passes) || [];
   if (!passes.length) return null;
-  return h("section", { class: "chart-box" }, h("h2", {}, "Remaining memory per pass"),
+  return h("section", { class: "chart-box" }, h("h2", {}, "Memory remaining to send, per pass"),
            remainingChart(passes, null, "the prediction is compared in the report when the move ends"));
 }
 
@@ -277,8 +298,8 @@ function report(t) {
       "No prediction was recorded for this move (no dirty-rate sample or link budget, or not a live move)."),
     reportFindings(r),
     (r.pass_log && r.pass_log.length)
-      ? h("section", { class: "chart-box" }, h("h2", {}, "Remaining memory per pass"),
-          remainingChart(r.pass_log, r.prediction, null))
+      ? h("section", { class: "chart-box" }, h("h2", {}, "Memory remaining to send, per pass"),
+          remainingChart(r.pass_log, r.prediction, null, r.bytes_sent))
       : null);
 }
 
@@ -334,14 +355,19 @@ export function predictedPasses(pred) {
   return out;
 }
 
-// Per pass number: the most memory left while that pass ran (the first sample of a pass is its start).
-export function actualPasses(samples) {
-  const byPass = new Map();
-  for (const s of samples) {
-    const mb = s.remaining / 1048576;
-    byPass.set(s.pass_no, Math.max(byPass.get(s.pass_no) ?? 0, mb));
+// Per pass: the MB it sent, from QEMU's transferred counter (pass_log keeps one entry per pass, updated to its
+// last sample). A pass too short to be sampled is counted in the next one; what the last pass still had to send
+// when it was last sampled (sent at the switchover) is added to it when the total is known.
+export function actualPasses(samples, totalSent) {
+  const byPass = [...samples].sort((a, b) => a.pass_no - b.pass_no);
+  const out = [];
+  let before = 0;
+  for (const s of byPass) {
+    out.push([s.pass_no, Math.max(0, s.transferred - before) / 1048576]);
+    before = Math.max(before, s.transferred);
   }
-  return [...byPass.entries()].sort((a, b) => a[0] - b[0]);
+  if (out.length && totalSent > before) out[out.length - 1][1] += (totalSent - before) / 1048576;
+  return out;
 }
 
 function svg(tag, attrs, ...kids) {
@@ -351,8 +377,8 @@ function svg(tag, attrs, ...kids) {
   return el;
 }
 
-function remainingChart(samples, pred, note) {
-  const actual = actualPasses(samples);
+function remainingChart(samples, pred, note, totalSent) {
+  const actual = actualPasses(samples, totalSent);
   const model = predictedPasses(pred).map((mb, i) => [i + 1, mb]);
   const W = 560, H = 240, L = 56, R = 12, T = 12, B = 34;
   const maxX = Math.max(2, ...actual.map((p) => p[0]), ...model.map((p) => p[0]));
@@ -371,7 +397,7 @@ function remainingChart(samples, pred, note) {
   }
   root.append(svg("text", { x: (L + W - R) / 2, y: H - 4, class: "axis", "text-anchor": "middle" }, "pass"),
               svg("text", { x: 12, y: T + (H - T - B) / 2, class: "axis", "text-anchor": "middle",
-                            transform: `rotate(-90 12 ${T + (H - T - B) / 2})` }, "MB remaining"));
+                            transform: `rotate(-90 12 ${T + (H - T - B) / 2})` }, "MB to send"));
   const line = (pts, cls) => {
     if (!pts.length) return;
     root.append(svg("polyline", { points: pts.map(([a, b]) => `${x(a)},${y(b)}`).join(" "), class: cls }));
@@ -388,9 +414,9 @@ function chartLegend(pred, model, note) {
   if (note) what = `Predicted: ${note}.`;
   else if (!pred) what = "Predicted: no prediction was recorded for this move, so only the actual passes are drawn.";
   else if (!model.length) what = "Predicted: the prediction has no pass sizes (no link budget), so no line.";
-  else what = `Predicted: the model's pass sizes (${pred.strategy}; dirty ${pred.dirty_mb_s} MB/s, link ` +
+  else what = `Predicted: the MB the model expects each pass to send (${pred.strategy}; dirty ${pred.dirty_mb_s} MB/s, link ` +
               `${pred.link_mbps} Mbit/s${pred.converges ? "" : "; not converging: first passes only"}).`;
   return h("figcaption", {},
-    h("span", { class: "key key-actual" }, "Actual: memory left at the start of each pass (QEMU's samples)."), " ",
+    h("span", { class: "key key-actual" }, "Actual: MB each pass sent (QEMU's transferred counter; a pass too short to sample counts in the next)."), " ",
     h("span", { class: "key key-predicted" }, what));
 }
