@@ -122,6 +122,9 @@ function liveNumbers(lv) {
   };
 }
 
+// Pre-copy watched for a few passes without getting closer (decisions.ProgressWatch): no ETA to give.
+const notConverging = (t) => t.phase === "precopy" && t.live.converging === false && (t.live.pass || 0) >= 3;
+
 function liveBlock(t, eta) {
   const lv = t.live || {};
   const { remaining, mbps } = liveNumbers(lv);
@@ -130,7 +133,7 @@ function liveBlock(t, eta) {
     h("div", { class: "fields live" },
       field("Pass", "task-pass", lv.pass != null ? String(lv.pass) : "—"),
       field("Remaining", "task-remaining", remaining != null ? mib(remaining) : "—"),
-      field("ETA", "task-eta", etaS == null && lv.converging === false && lv.pass ? "not converging" : etaText(etaS)),
+      field("ETA", "task-eta", etaS == null && notConverging(t) ? "not converging" : etaText(etaS)),
       field("Rate", "task-rate", mbps != null ? `${Number(mbps).toFixed(0)} Mbit/s` : "—"),
       lv.dirty_pages_rate != null ? field("Dirty pages/s", "task-dirty", String(lv.dirty_pages_rate)) : null,
       lv.disk ? field("Disk", "task-disk", `${lv.disk} (${lv.disk_index} of ${lv.disks}, ${fmt.pct(lv.percent)})`) : null),
@@ -286,8 +289,7 @@ function report(t) {
        .filter(Boolean).join("; ") : ""],
     ["Total time", "report-total", r.total_time_s != null ? dur(r.total_time_s) : dur(taskDuration(t)),
      r.qemu_total_time_ms != null ? `QEMU ${dur(r.qemu_total_time_ms / 1000)}` : ""],
-    ["Passes", "report-passes", r.passes != null ? String(r.passes) : "—",
-     r.max_cpu_throttle_pct ? `CPU throttled up to ${r.max_cpu_throttle_pct}%` : ""],
+    ["Passes", "report-passes", r.passes != null ? String(r.passes) : "—", passNote(r)],
   ];
   return h("section", { class: "report", "data-testid": "report" },
     h("h2", {}, t.state === "success" ? "Migration report" : "Migration report (failed)"),
@@ -312,6 +314,12 @@ function otherReport(t) {
   return h("section", { class: "report", "data-testid": "report" },
     h("h2", {}, t.state === "success" ? "Result" : "Result (failed)"), taskError(t.error),
     rows.length ? h("table", { class: "grid kv" }, h("tbody", {}, rows)) : h("p", { class: "muted" }, "No result details."));
+}
+
+function passNote(r) {
+  const syncs = Math.max(0, ...(r.pass_log || []).map((p) => p.pass_no));
+  return [syncs > (r.passes || 0) ? `QEMU synced the dirty bitmap ${syncs} times (short passes are not sampled)` : "",
+          r.max_cpu_throttle_pct ? `CPU throttled up to ${r.max_cpu_throttle_pct}%` : ""].filter(Boolean).join("; ");
 }
 
 function predictedTable(pva) {

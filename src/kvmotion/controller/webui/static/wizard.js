@@ -134,7 +134,7 @@ function radio(name, value, checked, testid, onpick) {
 
 // ---- the steps ------------------------------------------------------------------------------------------
 function typeStep(st) {
-  const cold = st.vm.power_state !== "running";
+  const cold = st.vm.power_state === "poweredOff";
   return h("div", {},
     cold ? h("p", { class: "muted", "data-testid": "wizard-cold" },
       `${st.vm.name} is ${st.vm.power_state}: the move is a cold migration (its files are copied and verified).`) : null,
