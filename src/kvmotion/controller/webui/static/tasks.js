@@ -275,34 +275,51 @@ function report(t) {
   if (!MOVE_KINDS.has(t.kind)) return otherReport(t);
   const r = t.result || {};
   const pva = r.predicted_vs_actual;
-  const gap = r.client_gap_ms ?? r.gap_ms;
-  const enc = r.encryption;
-  const rows = [
-    ["Downtime (QEMU)", "report-downtime", r.downtime_ms != null ? `${r.downtime_ms} ms` : "—",
-     r.guest_pause_ms != null ? `guest paused ${r.guest_pause_ms} ms (switchover to resume on the destination)` : ""],
-    ["Client-observed gap", "report-gap", gap != null ? `${gap} ms` : "not measured",
-     gap != null ? "" : "the controller has no client's view of the guest; `kvmotion-lab bench` measures it with pings"],
-    ["Memory sent", "report-bytes", r.bytes_sent != null ? mib(r.bytes_sent) : "—",
-     r.ram_bytes ? `of ${mib(r.ram_bytes)} RAM (ratio ${r.sent_ratio ?? "—"})` : ""],
-    ["Encryption", "report-encryption", enc ? enc.mode : "—",
-     enc ? [enc.reason, enc.policy && `policy ${enc.policy}`, enc.disk_streams && `disk streams ${enc.disk_streams}`]
-       .filter(Boolean).join("; ") : ""],
-    ["Total time", "report-total", r.total_time_s != null ? dur(r.total_time_s) : dur(taskDuration(t)),
-     r.qemu_total_time_ms != null ? `QEMU ${dur(r.qemu_total_time_ms / 1000)}` : ""],
-    ["Passes", "report-passes", r.passes != null ? String(r.passes) : "—", passNote(r)],
-  ];
+  const noPrediction = t.state !== "success" ? "A failed move's result keeps no prediction to compare with."
+    : MEMORY_KINDS.has(t.kind) ? "No prediction was recorded for this move (no dirty-rate sample or link budget)."
+    : "Only moves whose memory crosses hosts are predicted.";
   return h("section", { class: "report", "data-testid": "report" },
     h("h2", {}, t.state === "success" ? "Migration report" : "Migration report (failed)"),
     taskError(t.error),
-    h("table", { class: "grid kv" }, h("tbody", {}, rows.map(([k, id, v, note]) =>
+    h("table", { class: "grid kv" }, h("tbody", {}, reportRows(t, r).map(([k, id, v, note]) =>
       h("tr", {}, h("th", {}, k), h("td", { "data-testid": id }, v), h("td", { class: "muted" }, note))))),
-    pva ? predictedTable(pva) : h("p", { class: "muted", "data-testid": "report-no-prediction" },
-      "No prediction was recorded for this move (no dirty-rate sample or link budget, or not a live move)."),
+    pva ? predictedTable(pva) : h("p", { class: "muted", "data-testid": "report-no-prediction" }, noPrediction),
     reportFindings(r),
     (r.pass_log && r.pass_log.length)
       ? h("section", { class: "chart-box" }, h("h2", {}, "Memory remaining to send, per pass"),
           remainingChart(r.pass_log, r.prediction, null, r.bytes_sent))
       : null);
+}
+
+const MEMORY_KINDS = new Set(["vmotion", "xvmotion", "incoming"]);
+
+// [label, test id, value, note] of the report's table. Memory moves: downtime and memory; storage moves (the VM
+// never stops, or is off): the data copied and the pivot's write stall.
+function reportRows(t, r) {
+  const gap = r.client_gap_ms ?? r.gap_ms;
+  const enc = r.encryption;
+  const disk = r.mirror || r.copy || r.disks;
+  const stall = ((t.phases || []).find((p) => p.name === "pivot") || {}).detail?.write_stall_ms;
+  const memory = MEMORY_KINDS.has(t.kind);
+  return [
+    ["Downtime (QEMU)", "report-downtime", r.downtime_ms != null ? `${r.downtime_ms} ms` : memory ? "—" : "none",
+     r.guest_pause_ms != null ? `guest paused ${r.guest_pause_ms} ms (switchover to resume on the destination)`
+       : stall != null ? `the VM ran on; writes stalled ${stall} ms at the pivot` : t.kind === "cold" ? "the VM was off" : ""],
+    ["Client-observed gap", "report-gap", gap != null ? `${gap} ms` : "not measured",
+     gap != null ? "" : "the controller has no client's view of the guest; `kvmotion-lab bench` measures it with pings"],
+    memory ? ["Memory sent", "report-bytes", r.bytes_sent != null ? mib(r.bytes_sent) : "—",
+              r.ram_bytes ? `of ${mib(r.ram_bytes)} RAM (ratio ${r.sent_ratio ?? "—"})` : ""]
+      : ["Disk data copied", "report-bytes", disk ? mib(disk.bytes) : "—", ""],
+    memory && disk ? ["Disk data copied", "report-disk-bytes", mib(disk.bytes), ""] : null,
+    ["Encryption", "report-encryption", enc ? enc.mode : "—",
+     enc ? [enc.reason, enc.policy && `policy ${enc.policy}`, enc.disk_streams && `disk streams ${enc.disk_streams}`]
+       .filter(Boolean).join("; ") : ""],
+    ["Total time", "report-total", r.total_time_s != null ? dur(r.total_time_s) : dur(taskDuration(t)),
+     r.qemu_total_time_ms != null ? `QEMU ${dur(r.qemu_total_time_ms / 1000)}` : ""],
+    memory ? ["Passes", "report-passes", r.passes != null ? String(r.passes) : "—", passNote(r)] : null,
+  ].filter(Boolean).map((row) => row[0] === "Disk data copied" && disk
+    ? [row[0], row[1], row[2], `in ${dur(disk.seconds)} (${disk.throughput_mbps} Mbit/s)${disk.verified ? `; ${disk.verified}` : ""}`]
+    : row);
 }
 
 // Not a move (an evacuation, an image import): what its result holds, one row per entry.
