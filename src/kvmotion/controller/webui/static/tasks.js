@@ -2,12 +2,13 @@
 import { get, post, can, stream, h, route, onLeave, errorBox, fmt } from "./api.js";
 
 const FINISHED = new Set(["success", "error"]);
-const STATE_CLASS = { running: "st-running", queued: "st-queued", success: "st-ok", error: "st-error",
-                      unknown: "st-warn" };
+// app.css's badges (badge-ok, -warn, -bad, -off) and one of this page's own for a task that runs
+const STATE_CLASS = { running: "badge-run", queued: "badge-off", success: "badge-ok", error: "badge-bad",
+                      unknown: "badge-warn" };
 const SVG = "http://www.w3.org/2000/svg";
 
 const stateBadge = (state, testid) =>
-  h("span", { class: `badge ${STATE_CLASS[state] || "st-other"}`, "data-testid": testid }, state || "—");
+  h("span", { class: `badge ${STATE_CLASS[state] || "badge-off"}`, "data-testid": testid }, state || "—");
 const mib = (bytes) => bytes == null ? "—" : (bytes / 1048576).toFixed(1) + " MB";
 const dur = (s) => {
   if (s == null || !isFinite(s) || s < 0) return "—";
@@ -206,7 +207,7 @@ function taskError(err) {
 
 function cancelButton(t, out) {
   if (!can("operator") || FINISHED.has(t.state) || t.state === "unknown") return null;
-  const btn = h("button", { class: "danger", "data-testid": "task-cancel", onclick: async () => {
+  const btn = h("button", { class: "btn btn-warn", "data-testid": "task-cancel", onclick: async () => {
     if (!confirm(`Cancel ${t.kind} of ${t.vm_name}? The VM stays on (or returns to) its source.`)) return;
     btn.disabled = true;
     try { await post(`/tasks/${encodeURIComponent(t.id)}/cancel`); }
@@ -384,7 +385,9 @@ export function predictedPasses(pred) {
 // last sample). A pass too short to be sampled is counted in the next one; what the last pass still had to send
 // when it was last sampled (sent at the switchover) is added to it when the total is known.
 export function actualPasses(samples, totalSent) {
-  const byPass = [...samples].sort((a, b) => a.pass_no - b.pass_no);
+  const last = new Map();           // one entry per pass: its latest sample (the most transferred)
+  for (const s of samples) if (!last.has(s.pass_no) || s.transferred > last.get(s.pass_no).transferred) last.set(s.pass_no, s);
+  const byPass = [...last.values()].sort((a, b) => a.pass_no - b.pass_no);
   const out = [];
   let before = 0;
   for (const s of byPass) {

@@ -79,13 +79,13 @@ function wizardView(st) {
 function footer(st, cur) {
   const blocked = cur === "compatibility" && (st.checking || !st.plan || hasErrors(st.plan));
   return h("div", { class: "wizard-footer" },
-    h("a", { class: "button", href: `#/vms/${encodeURIComponent(st.vm.name)}`, "data-testid": "wizard-cancel" }, "Cancel"),
-    h("button", { "data-testid": "wizard-back", disabled: st.step === 0 || st.finishing, onclick: () => move(st, -1) },
+    h("a", { class: "btn", href: `#/vms/${encodeURIComponent(st.vm.name)}`, "data-testid": "wizard-cancel" }, "Cancel"),
+    h("button", { class: "btn", "data-testid": "wizard-back", disabled: st.step === 0 || st.finishing, onclick: () => move(st, -1) },
       "Back"),
     cur === "review"
-      ? h("button", { class: "primary", "data-testid": "wizard-finish", disabled: st.finishing,
+      ? h("button", { class: "btn btn-primary", "data-testid": "wizard-finish", disabled: st.finishing,
                       onclick: () => finish(st) }, st.finishing ? "Starting…" : "Finish")
-      : h("button", { class: "primary", "data-testid": "wizard-next", disabled: blocked, onclick: () => move(st, 1) },
+      : h("button", { class: "btn btn-primary", "data-testid": "wizard-next", disabled: blocked, onclick: () => move(st, 1) },
           "Next"));
 }
 
@@ -159,7 +159,7 @@ function computeStep(st) {
       h("td", {}, radio("host", host.name, st.host === host.name, `wizard-host-${host.name}`,
                         (v) => { st.host = v; st.problem = ""; st.redraw(); })),
       h("td", {}, host.name, note ? h("span", { class: "muted" }, ` (${note})`) : null),
-      h("td", {}, h("span", { class: `badge st-${host.state === "connected" ? "ok" : "error"}` }, host.state)),
+      h("td", {}, h("span", { class: `badge badge-${host.state === "connected" ? "ok" : "bad"}` }, host.state)),
       h("td", {}, host.cluster || "—"),
       h("td", { class: "num" }, f.cpu_count != null ? String(f.cpu_count) : "—"),
       h("td", {}, hostLoad(host)),
@@ -237,7 +237,7 @@ const SEVERITIES = [["error", "Errors: the migration cannot start"], ["warning",
                     ["info", "Information"]];
 
 function compatibilityStep(st) {
-  const recheck = h("button", { "data-testid": "wizard-recheck", disabled: st.checking, onclick: () => check(st) },
+  const recheck = h("button", { class: "btn", "data-testid": "wizard-recheck", disabled: st.checking, onclick: () => check(st) },
                     "Check again");
   if (st.checking) return h("div", {}, h("p", { class: "loading" }, "Checking compatibility…"), recheck);
   if (st.planError) return h("div", {}, errorBox(st.planError), recheck);
