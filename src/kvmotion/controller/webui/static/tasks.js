@@ -299,7 +299,7 @@ const MEMORY_KINDS = new Set(["vmotion", "xvmotion", "incoming"]);
 function reportRows(t, r) {
   const gap = r.client_gap_ms ?? r.gap_ms;
   const enc = r.encryption;
-  const disk = r.mirror || r.copy || r.disks;
+  const disk = [r.mirror, r.copy, r.disks].find((d) => d && d.bytes != null);   // r.disks is {} without disk streams
   const stall = ((t.phases || []).find((p) => p.name === "pivot") || {}).detail?.write_stall_ms;
   const memory = MEMORY_KINDS.has(t.kind);
   return [
