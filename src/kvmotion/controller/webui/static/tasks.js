@@ -205,15 +205,21 @@ function taskError(err) {
   return box;
 }
 
+// Cancels asked for on this page: the button is redrawn with every update of the task, and stays disabled.
+const cancelling = new Set();
+
 function cancelButton(t, out) {
   if (!can("operator") || FINISHED.has(t.state) || t.state === "unknown") return null;
-  const btn = h("button", { class: "btn btn-warn", "data-testid": "task-cancel", onclick: async () => {
+  const asked = cancelling.has(t.id);
+  return h("button", { class: "btn btn-warn", "data-testid": "task-cancel", disabled: asked, onclick: async (ev) => {
     if (!confirm(`Cancel ${t.kind} of ${t.vm_name}? The VM stays on (or returns to) its source.`)) return;
-    btn.disabled = true;
+    cancelling.add(t.id);
+    ev.target.disabled = true;
+    ev.target.textContent = "Cancelling…";
+    out.replaceChildren();
     try { await post(`/tasks/${encodeURIComponent(t.id)}/cancel`); }
-    catch (e) { out.replaceChildren(errorBox(e)); btn.disabled = false; }
-  } }, "Cancel task");
-  return btn;
+    catch (e) { cancelling.delete(t.id); out.replaceChildren(errorBox(e)); ev.target.disabled = false; }
+  } }, asked ? "Cancelling…" : "Cancel task");
 }
 
 route("#/tasks/:id", async ({ id }, main) => {
