@@ -66,7 +66,8 @@ def read_datastore(path: Path) -> DatastoreFact:
         st = os.statvfs(path)
         return DatastoreFact(uuid=ident["uuid"], name=ident["name"], path=str(path), kind=kind,
                              shared=bool(ident.get("shared", False)), readable=True, export=export,
-                             free_mb=st.f_bavail * st.f_frsize // (1024 * 1024))
+                             free_mb=st.f_bavail * st.f_frsize // (1024 * 1024),
+                             total_mb=st.f_blocks * st.f_frsize // (1024 * 1024))
     except (OSError, ValueError, KeyError, KvmotionError) as exc:
         return DatastoreFact(uuid="", name=path.name, path=str(path), readable=False,
                              error=f"{type(exc).__name__}: {exc}")
@@ -161,6 +162,7 @@ def gather(cfg: AgentConfig, accelerator: str, accel_reason: str, vms: list[str]
         name=cfg.name, agent_version=__version__, qemu_version=qemu_version[0] if qemu_version else "missing",
         accelerator=accelerator, accelerator_reason=accel_reason,
         cpu_model=model, cpu_features=flags, cpu_count=ncpu, mem_total_mb=total, mem_free_mb=free,
+        loadavg=[round(x, 2) for x in os.getloadavg()],
         mgmt_address=cfg.mgmt_address,
         mgmt_family="ipv6" if ":" in cfg.mgmt_address else "ipv4",
         datastores=[read_datastore(p) for p in cfg.datastores],

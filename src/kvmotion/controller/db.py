@@ -108,6 +108,7 @@ class HostDatastore(Base):
     path: Mapped[str] = mapped_column(Text)
     accessible: Mapped[int] = mapped_column(Integer, default=1)
     free_mb: Mapped[int] = mapped_column(Integer, default=0)
+    total_mb: Mapped[int] = mapped_column(Integer, default=0, server_default="0")   # 0: an older agent's report
 
 
 class Network(Base):

@@ -42,7 +42,8 @@ def store_facts(sessions: sessionmaker[Session], name: str, facts: HostFacts) ->
 
 def _link_datastore(s: Session, host: str, d: DatastoreFact) -> str | None:
     """Link the host to the datastore (made at its first host's report); a note when it is not linked."""
-    link = HostDatastore(host=host, datastore=d.uuid, path=d.path, accessible=int(d.readable), free_mb=d.free_mb)
+    link = HostDatastore(host=host, datastore=d.uuid, path=d.path, accessible=int(d.readable), free_mb=d.free_mb,
+                         total_mb=d.total_mb)
     long = too_long(Datastore(uuid=d.uuid, name=d.name, kind=d.kind)) + too_long(link)
     if long:
         return f"datastore at {d.path[:80]!r} left out: its {' and '.join(long)} is too long"

@@ -222,7 +222,8 @@ class Inventory:
                 links = s.scalars(select(HostDatastore).where(HostDatastore.datastore == ds.uuid)).all()
                 out.append({"uuid": ds.uuid, "name": ds.name, "kind": ds.kind, "shared": bool(ds.shared),
                             "hosts": sorted(h.host for h in links if h.accessible),
-                            "free_mb": max((h.free_mb for h in links), default=0)})
+                            "free_mb": max((h.free_mb for h in links), default=0),
+                            "capacity_mb": max((h.total_mb for h in links), default=0) or None})
             return out
 
     def networks(self) -> list[dict[str, Any]]:

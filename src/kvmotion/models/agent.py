@@ -189,6 +189,7 @@ class DatastoreFact(BaseModel):
     shared: bool = False
     readable: bool
     free_mb: int = 0
+    total_mb: int = 0                # the file system's size (0: unknown)
     error: str | None = None
     export: str | None = None        # kind nfs: the export mounted there (server:/path)
 
@@ -242,6 +243,7 @@ class HostFacts(BaseModel):
     cpu_count: int
     mem_total_mb: int
     mem_free_mb: int
+    loadavg: list[float] = Field(default_factory=list)   # the host's 1, 5 and 15 minute load averages ([]: unknown)
     mgmt_address: str
     mgmt_family: str
     datastores: list[DatastoreFact]
