@@ -59,7 +59,7 @@ route("#/tasks", async (_params, main) => {
     h("h1", {}, "Tasks"),
     h("table", { class: "grid tasks", "data-testid": "task-list" },
       h("thead", {}, h("tr", {}, ["Task", "VM", "Source → destination", "State", "Phase", "Progress", "Started",
-                                  "Duration"].map((c) => h("th", {}, c)))),
+                                  "Duration"].map((c) => h("th", { class: c === "Duration" || c === "Started" ? "num" : undefined }, c)))),
       body),
     tasks.length ? null : empty));
   const put = (t) => {
@@ -189,7 +189,7 @@ function phaseTable(t) {
     h("td", { class: "num" }, dur((p.ended_at || (FINISHED.has(t.state) ? null : Date.now() / 1000)) - p.started_at)),
     h("td", { class: "detail", title: JSON.stringify(p.detail || {}) }, detailText(p.detail))));
   return h("table", { class: "grid phases", "data-testid": "task-phases" },
-    h("thead", {}, h("tr", {}, ["Phase", "Status", "Started", "Duration", "Detail"].map((c) => h("th", {}, c)))),
+    h("thead", {}, h("tr", {}, ["Phase", "Status", "Started", "Duration", "Detail"].map((c) => h("th", { class: c === "Started" || c === "Duration" ? "num" : undefined }, c)))),
     h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No phase yet (queued)"))));
 }
 

@@ -125,6 +125,8 @@ async function finish(st) {
   }
 }
 
+const NUMERIC = new Set(["CPUs", "VMs", "Free", "Capacity"]);
+const th = (c) => h("th", { class: NUMERIC.has(c) ? "num" : undefined }, c);
 const hasErrors = (plan) => (plan.findings || []).some((f) => f.severity === "error");
 
 function radio(name, value, checked, testid, onpick) {
@@ -144,11 +146,18 @@ function typeStep(st) {
         h("span", {}, h("strong", {}, title), h("div", { class: "muted" }, help))))));
 }
 
+// CPU: the 1-minute load average per CPU; memory: the share in use.
 function hostLoad(host) {
   const f = host.facts || {};
-  if (!f.mem_total_mb) return "—";
-  const used = 100 * (1 - f.mem_free_mb / f.mem_total_mb);
-  return `${fmt.pct(used)} memory used (${(f.mem_free_mb / 1024).toFixed(1)} of ${(f.mem_total_mb / 1024).toFixed(1)} GiB free)`;
+  const parts = [];
+  if (f.loadavg && f.loadavg.length && f.cpu_count) {
+    parts.push(`CPU ${fmt.pct(100 * f.loadavg[0] / f.cpu_count)} (load ${f.loadavg[0].toFixed(2)})`);
+  }
+  if (f.mem_total_mb) {
+    parts.push(`memory ${fmt.pct(100 * (1 - f.mem_free_mb / f.mem_total_mb))} used, ` +
+               `${(f.mem_free_mb / 1024).toFixed(1)} of ${(f.mem_total_mb / 1024).toFixed(1)} GiB free`);
+  }
+  return parts.join("; ") || "—";
 }
 
 function computeStep(st) {
@@ -167,7 +176,7 @@ function computeStep(st) {
   });
   return h("div", {}, controllerPicker(st),
     st.controller ? remoteHost(st) : h("table", { class: "grid hosts-pick" },
-      h("thead", {}, h("tr", {}, ["", "Host", "State", "Cluster", "CPUs", "Load", "VMs"].map((c) => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["", "Host", "State", "Cluster", "CPUs", "Load", "VMs"].map(th))),
       h("tbody", {}, rows)));
 }
 
@@ -194,10 +203,11 @@ function storageStep(st) {
     h("td", {}, ds.name, ds.name === cur ? h("span", { class: "muted" }, " (current)") : null),
     h("td", {}, ds.kind || "—"), h("td", {}, ds.shared ? "shared" : "local"),
     h("td", { class: "num" }, ds.free_mb != null ? fmt.gb(ds.free_mb * 1048576) : "—"),
+    h("td", { class: "num" }, ds.capacity_mb ? fmt.gb(ds.capacity_mb * 1048576) : "—"),
     h("td", {}, (ds.hosts || []).join(", ") || "—")));
   return h("div", {},
     h("table", { class: "grid datastores-pick" },
-      h("thead", {}, h("tr", {}, ["", "Datastore", "Type", "Access", "Free", "Hosts"].map((c) => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["", "Datastore", "Type", "Access", "Free", "Capacity", "Hosts"].map(th))),
       h("tbody", {}, rows)),
     h("label", { class: "inline" }, "Virtual disk format: ",
       h("select", { "data-testid": "wizard-format", onchange: (ev) => { st.format = ev.target.value; } },
