@@ -28,6 +28,11 @@ const progressBar = (t, testid) =>
     h("progress", { max: 100, value: Math.max(0, Math.min(100, t.progress || 0)), "data-testid": testid }),
     h("span", { class: "progress-text" }, fmt.pct(t.progress)));
 
+// A table's head; the columns of times and durations align right like their cells.
+const NUMERIC = new Set(["Started", "Duration"]);
+const heads = (names) =>
+  h("thead", {}, h("tr", {}, names.map((c) => h("th", { class: NUMERIC.has(c) ? "num" : undefined }, c))));
+
 // Run fn every second while the page is shown.
 function everySecond(fn) {
   const timer = setInterval(fn, 1000);
@@ -58,8 +63,7 @@ route("#/tasks", async (_params, main) => {
   main.replaceChildren(h("div", { class: "task-list-page" },
     h("h1", {}, "Tasks"),
     h("table", { class: "grid tasks", "data-testid": "task-list" },
-      h("thead", {}, h("tr", {}, ["Task", "VM", "Source → destination", "State", "Phase", "Progress", "Started",
-                                  "Duration"].map((c) => h("th", { class: c === "Duration" || c === "Started" ? "num" : undefined }, c)))),
+      heads(["Task", "VM", "Source → destination", "State", "Phase", "Progress", "Started", "Duration"]),
       body),
     tasks.length ? null : empty));
   const put = (t) => {
@@ -137,7 +141,8 @@ function liveBlock(t, eta) {
       field("ETA", "task-eta", etaS == null && notConverging(t) ? "not converging" : etaText(etaS)),
       field("Rate", "task-rate", mbps != null ? `${Number(mbps).toFixed(0)} Mbit/s` : "—"),
       lv.dirty_pages_rate != null ? field("Dirty pages/s", "task-dirty", String(lv.dirty_pages_rate)) : null,
-      lv.disk ? field("Disk", "task-disk", `${lv.disk} (${lv.disk_index} of ${lv.disks}, ${fmt.pct(lv.percent)})`) : null),
+      lv.disk ? field("Disk", "task-disk", `${lv.disk} (${lv.disk_index} of ${lv.disks}, ${fmt.pct(lv.percent)})`)
+        : null),
     lv.unknown ? h("div", { class: "error", role: "alert", "data-testid": "task-unknown" },
       h("strong", {}, "Outcome not known yet: "), lv.unknown.reason || "",
       h("div", { class: "remedy" }, "Fix: reconciliation completes or undoes the move once both hosts answer; " +
@@ -149,7 +154,8 @@ function liveBlock(t, eta) {
 function childTable(lv) {
   const rows = Object.entries(lv.children).map(([vm, c]) => h("tr", {},
     h("td", {}, h("a", { href: `#/tasks/${encodeURIComponent(c.task)}` }, vm)), h("td", {}, stateBadge(c.state)),
-    h("td", {}, c.phase || "—"), h("td", {}, c.destination || "—"), h("td", { class: "num" }, fmt.pct(c.progress))));
+    h("td", {}, c.phase || "—"), h("td", {}, c.destination || "—"),
+    h("td", { class: "num" }, fmt.pct(c.progress))));
   const blocked = Object.entries(lv.blocked || {}).map(([vm, why]) => h("tr", { class: "blocked" },
     h("td", {}, vm), h("td", { colspan: 4 }, "blocked: ", typeof why === "string" ? why : JSON.stringify(why))));
   return h("table", { class: "grid children", "data-testid": "task-children" },
@@ -189,7 +195,7 @@ function phaseTable(t) {
     h("td", { class: "num" }, dur((p.ended_at || (FINISHED.has(t.state) ? null : Date.now() / 1000)) - p.started_at)),
     h("td", { class: "detail", title: JSON.stringify(p.detail || {}) }, detailText(p.detail))));
   return h("table", { class: "grid phases", "data-testid": "task-phases" },
-    h("thead", {}, h("tr", {}, ["Phase", "Status", "Started", "Duration", "Detail"].map((c) => h("th", { class: c === "Started" || c === "Duration" ? "num" : undefined }, c)))),
+    heads(["Phase", "Status", "Started", "Duration", "Detail"]),
     h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No phase yet (queued)"))));
 }
 
@@ -311,9 +317,11 @@ function reportRows(t, r) {
   return [
     ["Downtime (QEMU)", "report-downtime", r.downtime_ms != null ? `${r.downtime_ms} ms` : memory ? "—" : "none",
      r.guest_pause_ms != null ? `guest paused ${r.guest_pause_ms} ms (switchover to resume on the destination)`
-       : stall != null ? `the VM ran on; writes stalled ${stall} ms at the pivot` : t.kind === "cold" ? "the VM was off" : ""],
+       : stall != null ? `the VM ran on; writes stalled ${stall} ms at the pivot`
+       : t.kind === "cold" ? "the VM was off" : ""],
     ["Client-observed gap", "report-gap", gap != null ? `${gap} ms` : "not measured",
-     gap != null ? "" : "the controller has no client's view of the guest; `kvmotion-lab bench` measures it with pings"],
+     gap != null ? "" : "the controller has no client's view of the guest; `kvmotion-lab bench` measures it with " +
+                        "pings"],
     memory ? ["Memory sent", "report-bytes", r.bytes_sent != null ? mib(r.bytes_sent) : "—",
               r.ram_bytes ? `of ${mib(r.ram_bytes)} RAM (ratio ${r.sent_ratio ?? "—"})` : ""]
       : ["Disk data copied", "report-bytes", disk ? mib(disk.bytes) : "—", ""],
@@ -325,7 +333,8 @@ function reportRows(t, r) {
      r.qemu_total_time_ms != null ? `QEMU ${dur(r.qemu_total_time_ms / 1000)}` : ""],
     memory ? ["Passes", "report-passes", r.passes != null ? String(r.passes) : "—", passNote(r)] : null,
   ].filter(Boolean).map((row) => row[0] === "Disk data copied" && disk
-    ? [row[0], row[1], row[2], `in ${dur(disk.seconds)} (${disk.throughput_mbps} Mbit/s)${disk.verified ? `; ${disk.verified}` : ""}`]
+    ? [row[0], row[1], row[2],
+       `in ${dur(disk.seconds)} (${disk.throughput_mbps} Mbit/s)${disk.verified ? `; ${disk.verified}` : ""}`]
     : row);
 }
 
@@ -334,10 +343,12 @@ function otherReport(t) {
   const r = t.result || {};
   const rows = Object.entries(r).map(([k, v]) => h("tr", {}, h("th", {}, k),
     h("td", { class: "detail" }, v !== null && typeof v === "object"
-      ? (v.task ? h("a", { href: `#/tasks/${encodeURIComponent(v.task)}` }, detailText(v)) : detailText(v)) : String(v))));
+      ? (v.task ? h("a", { href: `#/tasks/${encodeURIComponent(v.task)}` }, detailText(v)) : detailText(v))
+      : String(v))));
   return h("section", { class: "report", "data-testid": "report" },
     h("h2", {}, t.state === "success" ? "Result" : "Result (failed)"), taskError(t.error),
-    rows.length ? h("table", { class: "grid kv" }, h("tbody", {}, rows)) : h("p", { class: "muted" }, "No result details."));
+    rows.length ? h("table", { class: "grid kv" }, h("tbody", {}, rows))
+      : h("p", { class: "muted" }, "No result details."));
 }
 
 function passNote(r) {
@@ -355,7 +366,8 @@ function predictedTable(pva) {
     h("tbody", {}, rows.map(([k, pair, f]) => h("tr", {}, h("th", {}, k),
       h("td", { class: "num" }, cell((pair || [])[0], f)), h("td", { class: "num" }, cell((pair || [])[1], f))))),
     pva.total_error_pct != null
-      ? h("caption", {}, `Total time off the prediction by ${pva.total_error_pct > 0 ? "+" : ""}${pva.total_error_pct}%`)
+      ? h("caption", {},
+          `Total time off the prediction by ${pva.total_error_pct > 0 ? "+" : ""}${pva.total_error_pct}%`)
       : null);
 }
 
@@ -366,7 +378,8 @@ function reportFindings(r) {
   return h("div", { class: "report-findings" }, h("h3", {}, "Findings after the move"),
     h("ul", { class: "findings" },
       fs.map((f) => h("li", { class: `sev-${f.severity}`, "data-testid": `finding-${f.code}` },
-        h("strong", {}, f.code), ` ${f.subject}: ${f.message}`, f.remedy ? h("div", { class: "remedy" }, "Fix: ", f.remedy) : null)),
+        h("strong", {}, f.code), ` ${f.subject}: ${f.message}`,
+        f.remedy ? h("div", { class: "remedy" }, "Fix: ", f.remedy) : null)),
       warnings.map((w) => h("li", { class: "sev-warning" }, w))));
 }
 
@@ -392,7 +405,9 @@ export function predictedPasses(pred) {
 // when it was last sampled (sent at the switchover) is added to it when the total is known.
 export function actualPasses(samples, totalSent) {
   const last = new Map();           // one entry per pass: its latest sample (the most transferred)
-  for (const s of samples) if (!last.has(s.pass_no) || s.transferred > last.get(s.pass_no).transferred) last.set(s.pass_no, s);
+  for (const s of samples) {
+    if (!last.has(s.pass_no) || s.transferred > last.get(s.pass_no).transferred) last.set(s.pass_no, s);
+  }
   const byPass = [...last.values()].sort((a, b) => a.pass_no - b.pass_no);
   const out = [];
   let before = 0;
@@ -448,9 +463,11 @@ function chartLegend(pred, model, note) {
   if (note) what = `Predicted: ${note}.`;
   else if (!pred) what = "Predicted: no prediction was recorded for this move, so only the actual passes are drawn.";
   else if (!model.length) what = "Predicted: the prediction has no pass sizes (no link budget), so no line.";
-  else what = `Predicted: the MB the model expects each pass to send (${pred.strategy}; dirty ${pred.dirty_mb_s} MB/s, link ` +
+  else what = `Predicted: the MB the model expects each pass to send (${pred.strategy}; ` +
+              `dirty ${pred.dirty_mb_s} MB/s, link ` +
               `${pred.link_mbps} Mbit/s${pred.converges ? "" : "; not converging: first passes only"}).`;
   return h("figcaption", {},
-    h("span", { class: "key key-actual" }, "Actual: MB each pass sent (QEMU's transferred counter; a pass too short to sample counts in the next)."), " ",
+    h("span", { class: "key key-actual" },
+      "Actual: MB each pass sent (QEMU's transferred counter; a pass too short to sample counts in the next)."), " ",
     h("span", { class: "key key-predicted" }, what));
 }

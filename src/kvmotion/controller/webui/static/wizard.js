@@ -80,13 +80,13 @@ function footer(st, cur) {
   const blocked = cur === "compatibility" && (st.checking || !st.plan || hasErrors(st.plan));
   return h("div", { class: "wizard-footer" },
     h("a", { class: "btn", href: `#/vms/${encodeURIComponent(st.vm.name)}`, "data-testid": "wizard-cancel" }, "Cancel"),
-    h("button", { class: "btn", "data-testid": "wizard-back", disabled: st.step === 0 || st.finishing, onclick: () => move(st, -1) },
-      "Back"),
+    h("button", { class: "btn", "data-testid": "wizard-back", disabled: st.step === 0 || st.finishing,
+                  onclick: () => move(st, -1) }, "Back"),
     cur === "review"
       ? h("button", { class: "btn btn-primary", "data-testid": "wizard-finish", disabled: st.finishing,
                       onclick: () => finish(st) }, st.finishing ? "Starting…" : "Finish")
-      : h("button", { class: "btn btn-primary", "data-testid": "wizard-next", disabled: blocked, onclick: () => move(st, 1) },
-          "Next"));
+      : h("button", { class: "btn btn-primary", "data-testid": "wizard-next", disabled: blocked,
+                      onclick: () => move(st, 1) }, "Next"));
 }
 
 function stepProblem(st, cur) {
@@ -139,10 +139,12 @@ function typeStep(st) {
   const cold = st.vm.power_state === "poweredOff";
   return h("div", {},
     cold ? h("p", { class: "muted", "data-testid": "wizard-cold" },
-      `${st.vm.name} is ${st.vm.power_state}: the move is a cold migration (its files are copied and verified).`) : null,
+      `${st.vm.name} is ${st.vm.power_state}: the move is a cold migration (its files are copied and verified).`)
+      : null,
     h("div", { class: "choices" }, TYPES.map(([value, title, help]) =>
       h("label", { class: "choice" },
-        radio("type", value, st.type === value, `wizard-type-${value}`, (v) => { st.type = v; st.plan = null; st.redraw(); }),
+        radio("type", value, st.type === value, `wizard-type-${value}`,
+              (v) => { st.type = v; st.plan = null; st.redraw(); }),
         h("span", {}, h("strong", {}, title), h("div", { class: "muted" }, help))))));
 }
 
@@ -247,8 +249,8 @@ const SEVERITIES = [["error", "Errors: the migration cannot start"], ["warning",
                     ["info", "Information"]];
 
 function compatibilityStep(st) {
-  const recheck = h("button", { class: "btn", "data-testid": "wizard-recheck", disabled: st.checking, onclick: () => check(st) },
-                    "Check again");
+  const recheck = h("button", { class: "btn", "data-testid": "wizard-recheck", disabled: st.checking,
+                                onclick: () => check(st) }, "Check again");
   if (st.checking) return h("div", {}, h("p", { class: "loading" }, "Checking compatibility…"), recheck);
   if (st.planError) return h("div", {}, errorBox(st.planError), recheck);
   if (!st.plan) return h("div", {}, recheck);
@@ -257,15 +259,17 @@ function compatibilityStep(st) {
     const mine = fs.filter((f) => f.severity === sev);
     if (!mine.length) return null;
     return h("div", { class: `finding-group group-${sev}` }, h("h3", {}, `${title} (${mine.length})`),
-      h("ul", { class: "findings" }, mine.map((f) => h("li", { class: `sev-${sev}`, "data-testid": `finding-${f.code}` },
+      h("ul", { class: "findings" }, mine.map((f) =>
+        h("li", { class: `sev-${sev}`, "data-testid": `finding-${f.code}` },
         h("strong", {}, f.code), " ", h("span", { class: "subject" }, f.subject), f.side ? ` [${f.side}]` : "",
         ": ", f.message, f.remedy ? h("div", { class: "remedy" }, "Fix: ", f.remedy) : null))));
   });
   return h("div", {},
     hasErrors(st.plan) ? h("p", { class: "error", "data-testid": "compat-blocked" },
-      "Compatibility errors block this migration: fix them (or go Back and choose another destination), then Check again.")
-      : h("p", { class: "ok", "data-testid": "compat-ok" }, fs.length ? "Compatibility checks passed with the notes below."
-                                                                      : "Compatibility checks passed."),
+      "Compatibility errors block this migration: fix them (or go Back and choose another destination), " +
+      "then Check again.")
+      : h("p", { class: "ok", "data-testid": "compat-ok" },
+          fs.length ? "Compatibility checks passed with the notes below." : "Compatibility checks passed."),
     groups, recheck);
 }
 
