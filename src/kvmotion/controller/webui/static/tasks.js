@@ -57,7 +57,9 @@ function taskRow(t) {
 }
 
 route("#/tasks", async (_params, main) => {
+  const here = location.hash;
   const tasks = await get("/tasks?limit=200");
+  if (location.hash !== here) return;          // left while it loaded: the next page owns <main>
   const body = h("tbody", {}, tasks.map(taskRow));
   const empty = h("p", { class: "muted" }, "No tasks yet: a migration started from a VM's page appears here.");
   main.replaceChildren(h("div", { class: "task-list-page" },
@@ -233,7 +235,9 @@ route("#/tasks/:id", async ({ id }, main) => {
   const eta = etaKeeper();
   const msg = h("div", { class: "messages" });
   const view = h("div", { class: "task-page" });
+  const here = location.hash;
   let task = await get(path);
+  if (location.hash !== here) return;          // left while it loaded: the next page owns <main>
   const render = () => view.replaceChildren(...taskPage(task, eta, msg).filter(Boolean));
   eta.update(task.live && task.live.eta_s, task.phase);
   render();

@@ -44,12 +44,14 @@ route("#/migrate/:vm", async ({ vm: ref }, main) => {
                                     remedy: "sign in with an operator or admin token" }));
     return;
   }
+  const here = location.hash;
   const [vm, hosts, datastores, networks] = await Promise.all([
     get(`/vms/${encodeURIComponent(ref)}`), get("/hosts"), get("/datastores"), get("/networks")]);
   let members = [];
   if (can("admin")) {     // cross-controller targets: the domain's members (admin only; none outside a domain)
     try { members = (await get("/domain/members")).filter((m) => m.state === "member"); } catch (_) { members = []; }
   }
+  if (location.hash !== here) return;          // left while it loaded: the next page owns <main>
   const st = { vm, hosts, datastores, networks, members, type: "vmotion", host: "", controller: "", datastore: "",
                format: "same", priority: "normal", netmap: Object.fromEntries(portGroups(vm).map((p) => [p, p])),
                step: 0, plan: null, planError: null, checking: false, problem: "", finishing: false };
