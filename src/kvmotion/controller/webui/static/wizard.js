@@ -282,6 +282,7 @@ function reviewStep(st) {
   const type = TYPES.find((t) => t[0] === st.type)[1];
   const rows = [
     ["Virtual machine", st.vm.name], ["Migration type", type],
+    st.plan && st.plan.kind ? ["Move (as the controller plans it)", st.plan.kind] : null,
     ["Source", `${st.plan ? st.plan.source : st.vm.host}`],
     ["Destination", st.plan ? st.plan.destination : (req.host || st.vm.host)],
     req.controller ? ["Controller", req.controller] : null,
