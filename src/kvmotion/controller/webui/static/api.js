@@ -85,20 +85,26 @@ export function route(pattern, render) {
 }
 export function onLeave(fn) { leaving.push(fn); }
 export function navigate(hash) { if (location.hash === hash) dispatch(); else location.hash = hash; }
+// Each page renders into a view of its own: a page left while it still loads draws into its detached view, never
+// over the next page. A page that opens something after an await checks current() first (console.js does).
+let shown = 0;
+export function current() { const mine = shown; return () => mine === shown; }
 export async function dispatch() {
+  const mine = ++shown;
   for (const fn of leaving.splice(0)) { try { fn(); } catch (_) { /* a closed stream */ } }
   const hash = location.hash || "#/inventory";
-  const main = document.querySelector("main");
+  const view = h("div", { class: "view" });
+  document.querySelector("main").replaceChildren(view);
   for (const r of routes) {
     const m = hash.match(r.re);
     if (!m) continue;
     const params = Object.fromEntries(r.names.map((n, i) => [n, decodeURIComponent(m[i + 1])]));
-    main.replaceChildren(h("p", { class: "loading" }, "Loading…"));
-    try { await r.render(params, main); }
-    catch (e) { main.replaceChildren(errorBox(e)); }
+    view.replaceChildren(h("p", { class: "loading" }, "Loading…"));
+    try { await r.render(params, view); }
+    catch (e) { if (mine === shown) view.replaceChildren(errorBox(e)); }
     return;
   }
-  main.replaceChildren(h("p", { class: "error" }, `No page ${hash}`));
+  view.replaceChildren(h("p", { class: "error" }, `No page ${hash}`));
 }
 
 // An API error as the admin should see it: what went wrong, and the fix.

@@ -313,7 +313,6 @@ const MEMORY_KINDS = new Set(["vmotion", "xvmotion", "incoming"]);
 // [label, test id, value, note] of the report's table. Memory moves: downtime and memory; storage moves (the VM
 // never stops, or is off): the data copied and the pivot's write stall.
 function reportRows(t, r) {
-  const gap = r.client_gap_ms ?? r.gap_ms;
   const enc = r.encryption;
   const disk = [r.mirror, r.copy, r.disks].find((d) => d && d.bytes != null);   // r.disks is {} without disk streams
   const stall = ((t.phases || []).find((p) => p.name === "pivot") || {}).detail?.write_stall_ms;
@@ -323,9 +322,7 @@ function reportRows(t, r) {
      r.guest_pause_ms != null ? `guest paused ${r.guest_pause_ms} ms (switchover to resume on the destination)`
        : stall != null ? `the VM ran on; writes stalled ${stall} ms at the pivot`
        : t.kind === "cold" ? "the VM was off" : ""],
-    ["Client-observed gap", "report-gap", gap != null ? `${gap} ms` : "not measured",
-     gap != null ? "" : "the controller has no client's view of the guest; `kvmotion-lab bench` measures it with " +
-                        "pings"],
+    ["Client-observed gap", "report-gap", clientGap(r), clientNote(r)],
     memory ? ["Memory sent", "report-bytes", r.bytes_sent != null ? mib(r.bytes_sent) : "—",
               r.ram_bytes ? `of ${mib(r.ram_bytes)} RAM (ratio ${r.sent_ratio ?? "—"})` : ""]
       : ["Disk data copied", "report-bytes", disk ? mib(disk.bytes) : "—", ""],
@@ -340,6 +337,22 @@ function reportRows(t, r) {
     ? [row[0], row[1], row[2],
        `in ${dur(disk.seconds)} (${disk.throughput_mbps} Mbit/s)${disk.verified ? `; ${disk.verified}` : ""}`]
     : row);
+}
+
+// What a client of the guest saw, as the controller observes it (the CLI's summary says the same): the guest's
+// pause from the source's stop to the destination's run, and whether the guest answered on its network after the
+// move (the destination agent's ARP probes). A client's own pings are the lab bench's (kvmotion-lab bench).
+function clientGap(r) {
+  return r.guest_pause_ms != null ? `${r.guest_pause_ms} ms without the guest` : "not observed";
+}
+function clientNote(r) {
+  const h = r.guest_health;
+  if (!h) return r.guest_pause_ms != null ? "source stopped → destination running" : "";
+  const nics = h.nics || [];
+  const sent = nics.reduce((a, n) => a + (n.probes_sent || 0), 0);
+  const answered = nics.reduce((a, n) => a + (n.probes_answered || 0), 0);
+  return `then ${h.verdict} on ${h.host || "?"}` + (sent ? `: ${answered} of ${sent} network probes answered` : "") +
+         ((h.reasons || []).length ? ` (${h.reasons.join("; ")})` : "");
 }
 
 // Not a move (an evacuation, an image import): what its result holds, one row per entry.
