@@ -8,8 +8,8 @@ import "./console.js";
 import "./events.js";
 
 const NAV = [
-  ["inventory", "Inventory", ["#/inventory", "#/hosts/", "#/vms/"]],
-  ["tasks", "Tasks", ["#/tasks", "#/migrate/"]],
+  ["inventory", "Inventory", ["#/inventory", "#/hosts/", "#/vms/", "#/migrate/"]],   // the wizard: a VM action
+  ["tasks", "Tasks", ["#/tasks"]],
   ["events", "Events", ["#/events"]],
 ];
 
