@@ -1,9 +1,11 @@
 """Encrypted vMotion, proven on the wire: what a capture of the migration network sees."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -11,12 +13,23 @@ from pathlib import Path
 import pytest
 
 from kvmotion.cli.client import Client
+from kvmotion.models.api import wrapped_fingerprint
 from kvmotion_lab import scenario
 from kvmotion_lab.netns import netns_exec_argv
 from labtools import agent_vms, assert_guest_survived, cli, codes, http_beat, remove_vm, running_lab, running_vm
 
 MARKER = "KVMOTION-WIRE-MARKER-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJK"[:43]   # 64 bytes
 TLS_RECORDS = (b"\x16\x03\x01", b"\x16\x03\x03")    # TLS handshake record headers (ClientHello)
+
+
+def stored_disks(lab_root: Path, vm: str) -> list[dict]:
+    """A VM's disks as the lab controller's database holds them (wrapped keys too: the API shows fingerprints)."""
+    db = sqlite3.connect(lab_root / "controller.db", timeout=10)
+    try:
+        (spec,) = db.execute("SELECT spec_json FROM vms WHERE name = ?", (vm,)).fetchone()
+    finally:
+        db.close()
+    return json.loads(spec)["disks"]
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +264,8 @@ def test_the_management_network_carries_no_token_secret_or_passphrase(lab, clien
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
     wire = pcap.read_bytes()
-    disk = vm["spec"]["disks"][0]
+    disk = stored_disks(root, "wire1")[0]          # the API gives only the wrapped key's fingerprint
+    assert vm["spec"]["disks"][0]["key_wrapped"] == wrapped_fingerprint(disk["key_wrapped"])
     passphrase = KeyProvider.load_or_create(root / "pki").unwrap(disk["key_wrapped"], f"{vm['uuid']}/{disk['node']}")
     token = (root / "admin.token").read_text().strip()
     host_secrets = [(root / "hosts" / h / SECRET_FILE).read_text().strip() for h in ("h1", "h2", "h3")]

@@ -209,3 +209,14 @@ def test_console_websocket_takes_the_session_only_from_our_origin(web) -> None:
         with client.websocket_connect(path, headers={"Cookie": f"{COOKIE}=forged", "Origin": BASE}):
             pass
     assert exc.value.status_code == 401
+
+
+def test_no_api_answer_carries_a_wrapped_disk_key() -> None:
+    from kvmotion.models.api import VMOut, wrapped_fingerprint
+    spec = {"name": "v", "disks": [{"node": "d0", "encrypted": True, "key_wrapped": "c2VjcmV0LXdyYXBwZWQ="},
+                                   {"node": "d1", "encrypted": False}]}
+    vm = VMOut(uuid="u", name="v", host="h1", power_state="poweredOn", spec=spec)
+    wire = vm.model_dump_json()
+    assert "c2VjcmV0LXdyYXBwZWQ=" not in wire and wrapped_fingerprint("c2VjcmV0LXdyYXBwZWQ=") in wire
+    assert vm.spec["disks"][0]["key_wrapped"] == "c2VjcmV0LXdyYXBwZWQ="     # the controller itself keeps it
+    assert '"d1"' in wire and vm.model_dump()["spec"] == spec

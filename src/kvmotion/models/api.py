@@ -1,9 +1,11 @@
 """The controller API's request and response models."""
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_serializer,
+                      model_validator)
 
 from kvmotion.models.findings import Finding, Severity
 
@@ -177,6 +179,20 @@ class VMOut(BaseModel):
     spec: dict[str, Any]
     runtime: dict[str, Any] | None = None
     migration_policy: dict[str, Any] = Field(default_factory=dict)
+
+    @field_serializer("spec", when_used="json")
+    def _spec_without_keys(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """On the wire, an encrypted disk's wrapped passphrase is only its fingerprint: no API client (a viewer,
+        the web page) gets key material, even wrapped; the controller keeps it in its database."""
+        disks = spec.get("disks")
+        if not isinstance(disks, list) or not any(isinstance(d, dict) and d.get("key_wrapped") for d in disks):
+            return spec
+        return spec | {"disks": [d | {"key_wrapped": wrapped_fingerprint(d["key_wrapped"])}
+                                 if isinstance(d, dict) and d.get("key_wrapped") else d for d in disks]}
+
+
+def wrapped_fingerprint(wrapped: str) -> str:
+    return "sha256:" + hashlib.sha256(wrapped.encode()).hexdigest()[:16]
 
 
 class MigrateRequest(Request):
