@@ -26,9 +26,11 @@ Linked = tuple[HostDatastore, Datastore]      # one of the host's links, with it
 
 def store_facts(sessions: sessionmaker[Session], name: str, facts: HostFacts) -> None:
     """``facts`` of the host ``name`` (already checked to be that host's), in one transaction: what is stored
-    read first, then only the writes that differ (the host's row itself always: its facts and last_seen)."""
+    read first, then only the writes that differ (the host's row itself always: its facts and last_seen). The
+    host's row is locked first (PostgreSQL; SQLite has one writer anyway): two stores of one host at once (the
+    monitor's and a move's refresh) take turns, never both inserting the same new link."""
     with sessions.begin() as s:
-        h = s.get(Host, name)
+        h = s.get(Host, name, with_for_update=True)
         if h is None:
             return
         notes = store_datastores(s, name, facts.datastores) + store_portgroups(s, name, facts.portgroups)
