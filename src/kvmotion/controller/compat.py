@@ -154,11 +154,20 @@ class VmSide:
 
 
 async def vm_side(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str,
-                  cpu_memo: dict[CpuKey, frozenset[str]] | None = None) -> VmSide:
+                  cpu_memo: dict[CpuKey, frozenset[str]] | None = None,
+                  hosts: dict[str, Destination] | None = None) -> VmSide:
+    """The VM's side, read now; its source host (not its moves in flight) taken from ``hosts``, the fleet an
+    evacuation read once, when there."""
     vm = inv.get_vm(vm_ref)
     spec = VMSpec.model_validate(vm.spec)
     per_host, per_ds, migrating = in_flight(inv, sessions, spec.uuid)
-    source = host_view(inv, inv.get_host(vm.host), per_host.get(vm.host, 0))
+    running = per_host.get(vm.host, 0)
+    if hosts is not None and vm.host in hosts:
+        row, facts = hosts[vm.host]
+        source = HostView(name=row.name, state=row.state, maintenance=bool(row.maintenance), facts=facts,
+                          running_migrations=running)
+    else:
+        source = host_view(inv, inv.get_host(vm.host), running)
     features = await vm_cpu_features(inv, vm.host, spec, cpu_memo)
     return VmSide(spec, vm.power_state, source, features, migrating, per_host, per_ds, datastore_limit())
 

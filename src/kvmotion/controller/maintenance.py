@@ -32,13 +32,16 @@ POLL_S = 0.5
 
 @dataclass
 class Fleet:
-    """The hosts as an evacuation plans with them, read once: each with its facts, and VMs running per host."""
+    """The hosts as an evacuation plans with them, read once: each with its facts (the source's too), and VMs
+    running per host."""
     hosts: list[compat.Destination]
     running: dict[str, int]
     cpu: dict[compat.CpuKey, frozenset[str]] = field(default_factory=dict)   # cpu_expand answers, asked once
     best_first: list[compat.Destination] = field(init=False)     # the hosts in ``rank_key`` order
+    by_name: dict[str, compat.Destination] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.by_name = {d[0].name: d for d in self.hosts}
         self.best_first = sorted(self.hosts, key=lambda d: rank_key(d[0].name, d[1].mem_free_mb if d[1] else 0,
                                                                     self.running.get(d[0].name, 0)))
 
@@ -86,7 +89,7 @@ class Maintenance:
         The hosts are checked best first (``rank_key``) and the first with no error wins: the host ranking first
         among all those without errors, found without checking the rest. Only a VM that no host takes is checked
         against every host, for the closest one (the fewest errors, the first in the fleet's order on a tie)."""
-        side = await compat.vm_side(self.inv, self.sessions, vm.uuid, fleet.cpu)
+        side = await compat.vm_side(self.inv, self.sessions, vm.uuid, fleet.cpu, fleet.by_name)
         errors: dict[str, list[Finding]] = {}
         for other, facts in fleet.best_first:
             if other.name != host and other.state == "connected" and not other.maintenance:
