@@ -1,10 +1,13 @@
 """Gathers live facts for the compatibility checks (I/O here; the checks themselves are pure)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmotion.checks import HostView, MigrationContext, run_all
@@ -18,6 +21,7 @@ from kvmotion.controller import tasks as task_store
 from kvmotion.migration.relocate import Relocation
 from kvmotion.models.api import MigrateRequest
 from kvmotion.models.moves import MoveKind, TaskKind
+from kvmotion.controller.db import Host
 from kvmotion.controller.inventory import Inventory
 from kvmotion.models.api import HostOut
 
@@ -33,14 +37,27 @@ def host_view(inv: Inventory, host: HostOut, running: int) -> HostView:
                     facts=inv.host_facts(host.name), running_migrations=running)
 
 
-async def vm_cpu_features(inv: Inventory, host: str, spec: VMSpec) -> frozenset[str] | None:
-    """What the VM's CPU shows the guest, expanded by the source host's QEMU."""
+CpuKey = tuple[str, str, tuple[str, ...]]     # source host, CPU model, mask: every input of one cpu_expand call
+
+
+async def vm_cpu_features(inv: Inventory, host: str, spec: VMSpec,
+                          memo: dict[CpuKey, frozenset[str]] | None = None) -> frozenset[str] | None:
+    """What the VM's CPU shows the guest, expanded by the source host's QEMU.
+
+    ``memo`` (one planning's, read with its fleet) keeps each answer by host, model and mask: VMs alike on one host
+    ask once. A failed call is not kept (the next VM asks again, as it would without it)."""
     if spec.cpu_model == HOST_PASSTHROUGH:
         return None
+    key = (host, spec.cpu_model, tuple(spec.cpu_mask))
+    if memo is not None and key in memo:
+        return memo[key]
     try:
-        return frozenset(await inv.agent(host).cpu_expand(spec.cpu_model, spec.cpu_mask))
+        features = frozenset(await inv.agent(host).cpu_expand(spec.cpu_model, spec.cpu_mask))
     except KvmotionError:
         return None
+    if memo is not None:
+        memo[key] = features
+    return features
 
 
 def in_flight(inv: Inventory, sessions: sessionmaker[Session], vm_uuid: str,
@@ -91,29 +108,76 @@ async def validate(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str,
     return ctx, run_all(ctx)
 
 
-Destination = tuple[HostOut, HostFacts | None]     # a host and its facts, read once for many checks
+@dataclass(frozen=True)
+class HostRow:
+    """What the checks read of a host besides its facts."""
+    name: str
+    state: str
+    maintenance: int
+
+
+Destination = tuple[HostRow, HostFacts | None]     # a host and its facts, read once for many checks
 
 
 def destinations(inv: Inventory) -> list[Destination]:
-    """Every host with its facts parsed: one read of the inventory for checking many moves."""
-    return [(h, HostFacts.model_validate(h.facts) if h.facts else None) for h in inv.list_hosts()]
+    """Every host with its facts parsed (by name, as ``Inventory.list_hosts``): one read of the inventory for
+    checking many moves. Only the columns the checks read, and no ``HostOut`` built on the way."""
+    with inv.sessions() as s:
+        rows = s.execute(select(Host.name, Host.state, Host.maintenance, Host.facts_json).order_by(Host.name)).all()
+    out: list[Destination] = []
+    for name, state, maintenance, facts_json in rows:
+        facts = json.loads(facts_json or "{}")
+        out.append((HostRow(name, state, maintenance), HostFacts.model_validate(facts) if facts else None))
+    return out
+
+
+@dataclass(frozen=True)
+class VmSide:
+    """One VM's side of ``validate`` (the VM, its source host, its CPU, the moves in flight), read once; ``check``
+    runs the pure checks against one destination."""
+    spec: VMSpec
+    power_state: str
+    source: HostView
+    features: frozenset[str] | None
+    migrating: bool
+    per_host: dict[str, int]
+    per_ds: dict[str, int]
+    limit: int
+
+    def check(self, host: HostRow, facts: HostFacts | None) -> list[Finding]:
+        return run_all(MigrationContext(
+            spec=self.spec, power_state=self.power_state, source=self.source, vm_cpu_features=self.features,
+            vm_migrating=self.migrating,
+            destination=HostView(name=host.name, state=host.state, maintenance=bool(host.maintenance), facts=facts,
+                                 running_migrations=self.per_host.get(host.name, 0)),
+            datastore_migrations=self.per_ds, datastore_limit=self.limit))
+
+
+async def vm_side(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str,
+                  cpu_memo: dict[CpuKey, frozenset[str]] | None = None,
+                  hosts: dict[str, Destination] | None = None) -> VmSide:
+    """The VM's side, read now; its source host (not its moves in flight) taken from ``hosts``, the fleet an
+    evacuation read once, when there."""
+    vm = inv.get_vm(vm_ref)
+    spec = VMSpec.model_validate(vm.spec)
+    per_host, per_ds, migrating = in_flight(inv, sessions, spec.uuid)
+    running = per_host.get(vm.host, 0)
+    if hosts is not None and vm.host in hosts:
+        row, facts = hosts[vm.host]
+        source = HostView(name=row.name, state=row.state, maintenance=bool(row.maintenance), facts=facts,
+                          running_migrations=running)
+    else:
+        source = host_view(inv, inv.get_host(vm.host), running)
+    features = await vm_cpu_features(inv, vm.host, spec, cpu_memo)
+    return VmSide(spec, vm.power_state, source, features, migrating, per_host, per_ds, datastore_limit())
 
 
 async def validate_many(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str,
                         dests: list[Destination]) -> dict[str, list[Finding]]:
     """``validate`` of one VM against each of ``dests``: the VM, its source host, its CPU and the moves in flight
     read once, then only the (pure) checks per destination."""
-    vm = inv.get_vm(vm_ref)
-    spec = VMSpec.model_validate(vm.spec)
-    per_host, per_ds, migrating = in_flight(inv, sessions, spec.uuid)
-    source = host_view(inv, inv.get_host(vm.host), per_host.get(vm.host, 0))
-    features = await vm_cpu_features(inv, vm.host, spec)
-    limit = datastore_limit()
-    return {h.name: run_all(MigrationContext(
-        spec=spec, power_state=vm.power_state, source=source, vm_cpu_features=features, vm_migrating=migrating,
-        destination=HostView(name=h.name, state=h.state, maintenance=bool(h.maintenance), facts=facts,
-                             running_migrations=per_host.get(h.name, 0)),
-        datastore_migrations=per_ds, datastore_limit=limit)) for h, facts in dests}
+    side = await vm_side(inv, sessions, vm_ref)
+    return {h.name: side.check(h, facts) for h, facts in dests}
 
 
 async def validate_move(inv: Inventory, sessions: sessionmaker[Session], vm_ref: str, req: MigrateRequest,

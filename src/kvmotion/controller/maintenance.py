@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from kvmotion.models.findings import blockers
+from kvmotion.models.findings import Finding, blockers
 from kvmotion.common.errors import ConflictError, KvmotionError
 from kvmotion.models.agent import VMSpec
 from kvmotion.controller import compat
@@ -32,14 +32,27 @@ POLL_S = 0.5
 
 @dataclass
 class Fleet:
-    """The hosts as an evacuation plans with them, read once: each with its facts, and VMs running per host."""
+    """The hosts as an evacuation plans with them, read once: each with its facts (the source's too), and VMs
+    running per host."""
     hosts: list[compat.Destination]
     running: dict[str, int]
+    cpu: dict[compat.CpuKey, frozenset[str]] = field(default_factory=dict)   # cpu_expand answers, asked once
+    best_first: list[compat.Destination] = field(init=False)     # the hosts in ``rank_key`` order
+    by_name: dict[str, compat.Destination] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_name = {d[0].name: d for d in self.hosts}
+        self.best_first = sorted(self.hosts, key=lambda d: rank_key(d[0].name, d[1].mem_free_mb if d[1] else 0,
+                                                                    self.running.get(d[0].name, 0)))
+
+
+def rank_key(name: str, mem_free_mb: int, load: int) -> tuple[int, int, str]:
+    """Destinations by free memory (most first), then by current load (fewest VMs first), then by name. Pure."""
+    return -mem_free_mb, load, name
 
 
 def rank(candidates: list[tuple[str, int, int]]) -> list[str]:
-    """Destinations by free memory (most first), then by current load (fewest VMs first). Pure."""
-    return [h for h, _, _ in sorted(candidates, key=lambda c: (-c[1], c[2], c[0]))]
+    return [h for h, _, _ in sorted(candidates, key=lambda c: rank_key(*c))]
 
 
 class Maintenance:
@@ -71,18 +84,23 @@ class Maintenance:
         return Fleet(compat.destinations(self.inv), running)
 
     async def _candidates(self, vm: VMOut, host: str, fleet: Fleet) -> tuple[str | None, list[dict[str, Any]]]:
-        """The best destination with no error findings, or None and the findings of the closest one."""
-        others = [(h, f) for h, f in fleet.hosts if h.name != host and h.state == "connected" and not h.maintenance]
-        found = await compat.validate_many(self.inv, self.sessions, vm.uuid, others)
-        options, closest = [], None
-        for other, facts in others:
-            errors = blockers(found[other.name])
-            if not errors:
-                options.append((other.name, facts.mem_free_mb if facts else 0, fleet.running.get(other.name, 0)))
-            elif closest is None or len(errors) < len(closest[1]):
-                closest = (other.name, errors)
-        if options:
-            return rank(options)[0], []
+        """The best destination with no error findings, or None and the findings of the closest one.
+
+        The hosts are checked best first (``rank_key``) and the first with no error wins: the host ranking first
+        among all those without errors, found without checking the rest. Only a VM that no host takes is checked
+        against every host, for the closest one (the fewest errors, the first in the fleet's order on a tie)."""
+        side = await compat.vm_side(self.inv, self.sessions, vm.uuid, fleet.cpu, fleet.by_name)
+        errors: dict[str, list[Finding]] = {}
+        for other, facts in fleet.best_first:
+            if other.name != host and other.state == "connected" and not other.maintenance:
+                errors[other.name] = blockers(side.check(other, facts))
+                if not errors[other.name]:
+                    return other.name, []
+        closest = None
+        for other, _ in fleet.hosts:                  # every host in service was checked: the first with fewest errors
+            found = errors.get(other.name)
+            if found is not None and (closest is None or len(found) < len(closest[1])):
+                closest = (other.name, found)
         return None, [f.model_dump(mode="json") | {"host": closest[0]} for f in closest[1]] if closest else []
 
     def _reregister_target(self, vm: VMOut, host: str, fleet: Fleet) -> str | None:
