@@ -51,10 +51,12 @@ export async function whoami() {
 
 // A server-sent event stream (the browser reconnects by itself): stream("/tasks/ID/stream", task => ...).
 // Returns a function that closes it. Pages close their streams when they are left (onLeave below).
-export function stream(path, onTask, onEnd) {
+// onResync: the stream fell behind the controller's history of changes; re-read what the page shows.
+export function stream(path, onTask, onEnd, onResync) {
   const es = new EventSource("/api/v1" + path, { withCredentials: true });
   es.addEventListener("task", (ev) => onTask(JSON.parse(ev.data)));
   es.addEventListener("end", () => { es.close(); if (onEnd) onEnd(); });
+  es.addEventListener("resync", () => { if (onResync) onResync(); });
   onLeave(() => es.close());
   return () => es.close();
 }

@@ -74,11 +74,12 @@ route("#/tasks", async (_params, main) => {
     const row = taskRow(t);
     if (old) old.replaceWith(row); else { body.prepend(row); empty.remove(); }
   };
-  stream("/tasks/stream", put);
+  const reread = () => get("/tasks?limit=200").then((ts) => ts.reverse().forEach(put)).catch(() => {});
+  stream("/tasks/stream", put, null, reread);        // resync: the stream fell behind; read the list again
   let ticks = 0;
   everySecond(() => {
-    // the stream's safety net (it asks the page to resync when it fell behind): the list again every 30 s
-    if (++ticks % 30 === 0) get("/tasks?limit=200").then((ts) => ts.reverse().forEach(put)).catch(() => {});
+    // and every 30 s: a task another controller process changed reaches no stream of this one
+    if (++ticks % 30 === 0) reread();
     for (const r of body.rows) {
       if (r.task && !FINISHED.has(r.task.state)) r.querySelector(".duration").textContent = dur(taskDuration(r.task));
     }
