@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import statistics
 
-from playwright.sync_api import expect
+from playwright.sync_api import Error as PlaywrightError, expect
 
 from kvmotion_lab import scenario
 from labtools import record_figure, wait_for
@@ -43,6 +43,20 @@ def set_maintenance(web: Web, host: str, enter: bool) -> None:
     if isinstance(task, dict) and task.get("id") and task.get("state") in ("queued", "running"):
         assert scenario.follow_task(c, task["id"], 300)["state"] == "success"
     wait_for(lambda: c.host(host)["maintenance"] == (1 if enter else 0), 120, f"{host} maintenance={enter}")
+
+
+EVICTED = "No resource with given identifier found"     # Chromium dropped that body from its buffer
+
+
+def response_body(r) -> str | None:
+    """A response's body, or None when Chromium no longer holds it (an API answer read long before: the page's
+    own re-reads; DevTools keeps a bounded buffer). Any other error is raised."""
+    try:
+        return r.text()
+    except PlaywrightError as exc:
+        if EVICTED in str(exc):
+            return None
+        raise
 
 
 def test_sign_in_shows_whoami_and_a_wrong_token_the_api_error(web: Web) -> None:
@@ -110,9 +124,12 @@ def test_session_security_csp_cookie_csrf_and_no_token_in_the_page(web: Web) -> 
         if (kind not in checked or "event-stream" in r.headers.get("content-type", "")
                 or r.status in (204, 304) or 300 <= r.status < 400):
             continue
-        assert web.admin_token not in r.text(), f"the token is in the response of {r.url}"
+        body = response_body(r)
+        if body is None:
+            continue
+        assert web.admin_token not in body, f"the token is in the response of {r.url}"
         checked[kind] += 1
-    assert all(checked.values()), checked
+    assert all(checked.values()), checked       # the document, every script and some API answers were read
     page.context.close()
 
 
