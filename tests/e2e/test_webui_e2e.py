@@ -14,7 +14,7 @@ import statistics
 from playwright.sync_api import Error as PlaywrightError, expect
 
 from kvmotion_lab import scenario
-from labtools import record_figure, wait_for
+from labtools import assert_guest_survived, http_beat, record_figure, wait_for
 import webtools
 from webtools import SESSION_COOKIE, SLOW_MS, Web, measure_inventory_load, phases_seen, screenshot, watch_phases
 
@@ -207,8 +207,9 @@ def phase_latencies(task: dict, page_seen: dict) -> list[float]:
     return [page_seen["seen"][p["name"]] - p["started_at"] * 1000 for p in task["phases"]]
 
 
-def test_migration_from_the_wizard_is_followed_live_to_its_report(web: Web, admin, vm: str) -> None:
+def test_migration_from_the_wizard_is_followed_live_to_its_report(web: Web, admin, vm: str, lab) -> None:
     src = web.client().vm(vm)["host"]
+    before = http_beat(lab, web.client(), vm)          # the guest as a client sees it, over its network
     dest = other(src)
     to_compatibility(web, admin, vm, dest)
     expect(admin.get_by_test_id("compat-blocked")).to_have_count(0)
@@ -221,6 +222,7 @@ def test_migration_from_the_wizard_is_followed_live_to_its_report(web: Web, admi
     expect(admin.get_by_test_id("report")).to_be_visible()
     task = web.client().task(task_id)
     assert task["state"] == "success" and task["destination"] == dest, task.get("error")
+    assert_guest_survived(lab, web.client(), vm, before)     # same boot, heartbeat went on, answered the client
     seen = phases_seen(admin)
     names = [p["name"] for p in task["phases"]]
     assert [n for n in names if n in seen["seen"]] == names, (names, seen)
