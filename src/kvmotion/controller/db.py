@@ -91,6 +91,7 @@ class Cluster(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     evc_mode: Mapped[str | None] = mapped_column(String(64), nullable=True)
     policy_json: Mapped[str] = mapped_column(Text, default="{}")      # default migration policy
+    drs_json: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")   # models.drs.DrsConfig
 
 
 class Datastore(Base):
