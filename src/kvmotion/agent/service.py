@@ -149,6 +149,7 @@ class Agent(AgentStorage, GuestOps):
         facts.api_cert_sha256 = self.api.cert_sha256
         facts.firmware = host_facts.firmware(self.context().firmware_dir)
         facts.vm_power_events = self.power_events()
+        facts.vm_load = self.hv.loads()
         return facts
 
     # -- VM files -------------------------------------------------------------------------

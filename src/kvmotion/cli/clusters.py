@@ -7,6 +7,7 @@ import typer
 from rich.table import Table
 
 from kvmotion.cli.client import Client
+from kvmotion.cli.drs import drs_app
 from kvmotion.cli.output import URL, console, err_console, policy_of, run
 
 cluster_app = typer.Typer(help="clusters and EVC baselines", no_args_is_help=True)
@@ -61,3 +62,6 @@ def cluster_list(url: Optional[str] = URL) -> None:
     for c in run(lambda: Client(url).clusters()):
         table.add_row(c["name"], c["evc_mode"] or "off", ", ".join(c["hosts"]))
     console.print(table)
+
+
+cluster_app.add_typer(drs_app, name="drs")

@@ -24,8 +24,8 @@ from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Peer, Principal
 from kvmotion.controller.gate import PEER_PREFIX, ApiGate
 from kvmotion.controller.metrics import Exposition
-from kvmotion.controller.routes import (clusters, console, crossmove, devices, domain, guest, hosts, images, metrics,
-                                        tasks, tokens, vms)
+from kvmotion.controller.routes import (clusters, console, crossmove, devices, domain, drs, guest, hosts, images,
+                                        metrics, tasks, tokens, vms)
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
 from kvmotion.controller.webui import routes as webui
@@ -33,7 +33,7 @@ from kvmotion.controller.webui.sessions import UiSessions
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
-ROUTERS = (hosts.router, clusters.router, images.router, vms.router, tasks.router, tokens.router, devices.router,
+ROUTERS = (hosts.router, clusters.router, drs.router, images.router, vms.router, tasks.router, tokens.router, devices.router,
            guest.router, domain.router, domain.peer_router, crossmove.peer_router)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,7 +18,9 @@ from kvmotion.common.errors import ConflictError, KvmotionError
 from kvmotion.models.agent import VMSpec
 from kvmotion.controller import compat
 from kvmotion.controller import tasks as task_store
-from kvmotion.controller.db import VM
+from kvmotion.controller.db import VM, Host
+from kvmotion.controller.drs import model as drs_model
+from kvmotion.controller.drs.service import rule_finding
 from kvmotion.controller.inventory import Inventory
 from kvmotion.controller.scheduler import Scheduler
 from kvmotion.models.api import MigrateRequest, TaskOut, VMOut
@@ -37,6 +39,8 @@ class Fleet:
     hosts: list[compat.Destination]
     running: dict[str, int]
     cpu: dict[compat.CpuKey, frozenset[str]] = field(default_factory=dict)   # cpu_expand answers, asked once
+    rules: dict[str, drs_model.Cluster] = field(default_factory=dict)   # per cluster: its must rules, placement
+    cluster_of: dict[str, str] = field(default_factory=dict)           # host → its cluster
     best_first: list[compat.Destination] = field(init=False)     # the hosts in ``rank_key`` order
     by_name: dict[str, compat.Destination] = field(init=False)
 
@@ -56,8 +60,10 @@ def rank(candidates: list[tuple[str, int, int]]) -> list[str]:
 
 
 class Maintenance:
-    def __init__(self, sessions: sessionmaker[Session], inv: Inventory, scheduler: Scheduler) -> None:
+    def __init__(self, sessions: sessionmaker[Session], inv: Inventory, scheduler: Scheduler,
+                 placement: Callable[[], dict[str, drs_model.Cluster]] = dict) -> None:
         self.sessions, self.inv, self.scheduler = sessions, inv, scheduler
+        self.placement = placement            # DRS's must rules per cluster (drs.service.Drs.placement)
         self.running: dict[str, asyncio.Task[None]] = {}
 
     def exit(self, host: str) -> None:
@@ -81,7 +87,22 @@ class Maintenance:
         with self.sessions() as s:
             running = dict(s.execute(select(VM.host, func.count()).where(VM.power_state == "poweredOn")
                                      .group_by(VM.host)).all())
-        return Fleet(compat.destinations(self.inv), running)
+            cluster_of = dict(s.execute(select(Host.name, Host.cluster).where(Host.cluster.is_not(None))).all())
+        return Fleet(compat.destinations(self.inv), running, rules=self.placement(), cluster_of=cluster_of)
+
+    @staticmethod
+    def _rule_errors(fleet: Fleet, vm: str, host: str, other: str) -> list[Finding]:
+        """A must rule of the evacuated host's cluster that moving ``vm`` to ``other`` would break."""
+        c = fleet.rules.get(fleet.cluster_of.get(host, ""))
+        rule = drs_model.legal_for(c, vm, other) if c is not None else None
+        return [rule_finding(rule, vm, other)] if rule is not None else []
+
+    @staticmethod
+    def _placed(fleet: Fleet, vm: str, host: str, target: str) -> None:
+        """The plan's later VMs see this one on ``target`` (anti-affinity between VMs evacuated together)."""
+        cluster = fleet.cluster_of.get(host, "")
+        if cluster in fleet.rules and vm in fleet.rules[cluster].vms:
+            fleet.rules[cluster] = drs_model.moved(fleet.rules[cluster], vm, target)
 
     async def _candidates(self, vm: VMOut, host: str, fleet: Fleet) -> tuple[str | None, list[dict[str, Any]]]:
         """The best destination with no error findings, or None and the findings of the closest one.
@@ -93,8 +114,10 @@ class Maintenance:
         errors: dict[str, list[Finding]] = {}
         for other, facts in fleet.best_first:
             if other.name != host and other.state == "connected" and not other.maintenance:
-                errors[other.name] = blockers(side.check(other, facts))
+                errors[other.name] = (blockers(side.check(other, facts))
+                                      or self._rule_errors(fleet, vm.name, host, other.name))
                 if not errors[other.name]:
+                    self._placed(fleet, vm.name, host, other.name)
                     return other.name, []
         closest = None
         for other, _ in fleet.hosts:                  # every host in service was checked: the first with fewest errors

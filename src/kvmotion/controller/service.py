@@ -32,6 +32,7 @@ from kvmotion.checks.rules import encryption_plan
 from kvmotion.models.api import Finding, HostOut, MigratePlan, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
 from kvmotion.models.moves import TaskKind
+from kvmotion.controller.drs.service import Drs
 from kvmotion.controller.maintenance import Maintenance
 from kvmotion.controller.onboarding import Onboarding
 from kvmotion.controller.scheduler import Scheduler
@@ -56,7 +57,8 @@ class Controller:
         self.clusters = Clusters(self.sessions, self.inventory)
         self.images = ImageLibrary(self.sessions, self.inventory)
         self.scheduler = Scheduler(self.sessions, self.inventory, admission_enabled, self._policy_layers)
-        self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler)
+        self.drs = Drs(self.sessions, self.inventory, self.scheduler)
+        self.maintenance = Maintenance(self.sessions, self.inventory, self.scheduler, self.drs.placement)
         self.certs = HostCertificates(self.inventory, CertificateAuthority.load_or_create(pki))
         self.inventory.agent_tls = AgentTls(self.sessions, self.certs.ca, pki)
         self.tokens = Tokens(self.sessions)
@@ -71,6 +73,7 @@ class Controller:
         self.token_dir = token_dir or pki.parent
         self.refresh_parallel = refresh_parallel          # hosts the monitor refreshes at once
         self._monitor: asyncio.Task[None] | None = None
+        self._drs: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
         made = self.tokens.bootstrap_admin(self.token_dir)
@@ -79,10 +82,12 @@ class Controller:
         await self.reconcile()
         self.scheduler.start()     # queued tasks survive a restart: the scheduler picks them up
         self._monitor = asyncio.create_task(self._monitor_hosts(), name="host-monitor")
+        self._drs = asyncio.create_task(self.drs.loop(), name="drs")
 
     async def shutdown(self) -> None:
-        if self._monitor:
-            self._monitor.cancel()
+        for task in (self._monitor, self._drs):
+            if task:
+                task.cancel()
         await self.scheduler.stop()
         self.engine.dispose()
 

@@ -232,6 +232,14 @@ class BlockDeviceFact(BaseModel):
     kind: str = "unknown"
 
 
+class VMLoad(BaseModel):
+    """What one running VM costs its host now (DRS's input; ``agent.hv.qemu.load``)."""
+    uuid: str
+    cpu_pct: float            # the QEMU process's CPU time, percent of one host CPU, smoothed over about 30 s
+    cpu_pct_now: float        # the same over the last window only (the time since the previous facts call)
+    mem_mb: int | None        # resident guest RAM (the touched pages), None when it cannot be read
+
+
 class HostFacts(BaseModel):
     name: str
     agent_version: str
@@ -259,6 +267,7 @@ class HostFacts(BaseModel):
     api_cert_sha256: str | None = None    # the certificate the agent's HTTPS API serves (common.pinning)
     firmware: list[FirmwareFact] = Field(default_factory=list)   # the OVMF files this host has
     machine_types: list[str] = Field(default_factory=list)      # `qemu-system-x86_64 -machine help` ([]: unknown)
+    vm_load: list[VMLoad] = Field(default_factory=list)      # running VMs' CPU and memory (DRS)
     vm_power_events: list[dict[str, Any]] = Field(default_factory=list)   # VMs that ended by themselves
     # (models.guest.VMPowerEvent: the guest powered off, or QEMU died), the last hour's
 

@@ -73,6 +73,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "CONVERGENCE_UNLIKELY": (Severity.WARNING, "the guest dirties memory faster than the link carries it"),
     "GUEST_UNHEALTHY": (Severity.WARNING, "after the move the guest does not run, answer or take its network traffic"),
     "GUEST_HEALTH_UNKNOWN": (Severity.INFO, "the check after the move could not judge the guest"),
+    "DRS_RULE": (Severity.ERROR, "the move breaks a must rule of the cluster's DRS (affinity, anti-affinity, "
+                                 "VM–host)"),
 }
 
 

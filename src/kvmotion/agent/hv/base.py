@@ -15,7 +15,7 @@ from kvmotion.agent.context import HostContext
 from kvmotion.agent.cpu import CpuCatalog
 from kvmotion.common.errors import ConsoleUnavailable
 from kvmotion.models.console import ConsoleKind
-from kvmotion.models.agent import (CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth, HealthCheckRequest, IncomingReady,
+from kvmotion.models.agent import (CdromSpec, DirtySample, VMLoad, DiskSpec, DiskTarget, GuestHealth, HealthCheckRequest, IncomingReady,
                                    IncomingRequest, MigrationReport, MigrationTuning, MirrorReport, OutgoingRequest,
                                    ReleaseReport, VMRuntime, VMSpec)
 from kvmotion.models.guest import GuestClock, GuestFacts, PowerOpResult, VMPowerEvent
@@ -48,6 +48,11 @@ class Hypervisor(ABC):
     @abstractmethod
     def uuids(self) -> list[str]:
         """Every VM this host holds, in any state (shadows too)."""
+
+    def loads(self) -> list[VMLoad]:
+        """What each running VM costs this host (CPU and resident RAM; DRS's input). A driver that cannot tell
+        reports nothing."""
+        return []
 
     @abstractmethod
     def spec(self, uuid: str) -> VMSpec:

@@ -13,13 +13,13 @@ from kvmotion.agent.accel import AccelResult, probe_kvm
 from kvmotion.agent.context import HostContext
 from kvmotion.agent.cpu import CpuCatalog, probe_cpu_catalog
 from kvmotion.agent.hv.base import Hypervisor, Result
-from kvmotion.agent.hv.qemu import guestinfo, health, incoming, migration, mirror, postcopy, power, sampling
+from kvmotion.agent.hv.qemu import guestinfo, health, incoming, load, migration, mirror, postcopy, power, sampling
 from kvmotion.agent.hv.qemu.process import QemuVM
 from kvmotion.agent.hv.state import requires
 from kvmotion.agent.procs import image_locks, rss_mb
 from kvmotion.common.errors import ConflictError, KvmotionError, NotFoundError, QMPCommandError
 from kvmotion.models.console import SOCKET_NAME, ConsoleKind
-from kvmotion.models.agent import (POSTCOPY_STATES, CdromSpec, DirtySample, DiskSpec, DiskTarget, GuestHealth,
+from kvmotion.models.agent import (POSTCOPY_STATES, CdromSpec, DirtySample, VMLoad, DiskSpec, DiskTarget, GuestHealth,
                                    HealthCheckRequest, IncomingReady, IncomingRequest, MigrationReport,
                                    MigrationTuning, MirrorReport, OutgoingRequest, ReleaseReport, VMRunState,
                                    VMRuntime, VMSpec)
@@ -57,6 +57,7 @@ class QemuHypervisor(Hypervisor):
         self.state_dir = state_dir
         self.vms: dict[str, QemuVM] = {}
         self.sampler = sampling.DirtySampler()
+        self.load_meter = load.LoadMeter()
         self._sampling: asyncio.Task[None] | None = None
         self.guest_cache = guestinfo.FactsCache()
 
@@ -115,6 +116,10 @@ class QemuHypervisor(Hypervisor):
 
     def uuids(self) -> list[str]:
         return sorted(self.vms)
+
+    def loads(self) -> list[VMLoad]:
+        return self.load_meter.loads({u: (vm.pid, vm.spec.memory_mb) for u, vm in self.vms.items()
+                                      if vm.state is VMRunState.RUNNING and vm.pid})
 
     def spec(self, uuid: str) -> VMSpec:
         return self._get(uuid).spec
