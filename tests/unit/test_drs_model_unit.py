@@ -119,3 +119,12 @@ def test_a_steady_noisy_load_settles_and_then_nothing_ping_pongs() -> None:
         c = apply(noisy, plan)
     assert sum(moves_per_round[:5]) >= 2 and sum(moves_per_round[5:]) == 0
     assert model.imbalance(c) <= 0.10
+
+
+def test_the_imbalance_after_one_move_from_sums_equals_recomputing_it() -> None:
+    rng = random.Random(3)
+    c = cluster({f"v{i}": (rng.choice(HOSTS), rng.uniform(1, 90)) for i in range(12)}, out_of_service=("h3",))
+    spread = model.Spread(c, model.sums(c))
+    for vm in c.vms:
+        for dst in HOSTS:
+            assert abs(spread.after(vm, dst) - model.imbalance(model.moved(c, vm, dst))) < 1e-9

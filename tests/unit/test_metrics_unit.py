@@ -167,6 +167,24 @@ def test_hosts_agent_health_facts_age_and_vms(api: Api) -> None:
     assert value(m, "kvmotion_vms", power_state="poweredOff") == 1
 
 
+def test_drs_imbalance_target_recommendations_and_faults_per_cluster(api: Api) -> None:
+    from kvmotion.models.drs import DrsConfig, DrsStatus, Recommendation, RuleFault
+    rec = Recommendation(id="r", vm="vm1", source="h1", destination="h2", reason="balance", priority=3, gain=0.2,
+                         cost_s=1.0, cost_mb=100.0, imbalance_after=0.1)
+    fault = RuleFault(rule="apart", must=True, vms=["vm1", "vm2"], message="m", remedy="r")
+    api.ctl.drs.latest["c1"] = DrsStatus(cluster="c1", config=DrsConfig(), imbalance=0.3, target=0.1, hosts=[],
+                                         recommendations=[rec], faults=[fault])
+    api.ctl.drs.latest["c2"] = DrsStatus(cluster="c2", config=DrsConfig(threshold=1), imbalance=0.05, target=None,
+                                         hosts=[], recommendations=[], faults=[])
+    m = api.scrape()
+    assert value(m, "kvmotion_drs_imbalance", cluster="c1") == 0.3 and value(m, "kvmotion_drs_imbalance", cluster="c2") == 0.05
+    assert value(m, "kvmotion_drs_target_imbalance", cluster="c1") == 0.1
+    assert ("kvmotion_drs_target_imbalance", frozenset({("cluster", "c2")})) not in m      # rules only
+    assert value(m, "kvmotion_drs_recommendations", cluster="c1") == 1
+    assert value(m, "kvmotion_drs_rule_faults", cluster="c1", must="true") == 1
+    assert value(m, "kvmotion_drs_rule_faults", cluster="c2", must="true") == 0
+
+
 def test_a_result_without_usable_figures_is_counted_and_adds_no_figure(api: Api) -> None:
     add_task(api, "vmotion", "success", "not json", started=NOW - 1, finished=NOW - 1)
     add_task(api, "vmotion", "success", {"total_time_s": "12", "downtime_ms": None, "bytes_sent": True,

@@ -83,7 +83,7 @@ def create_app(ctl: Controller, public_docs: bool = False) -> FastAPI:
 
     app = FastAPI(title="kvmotion controller", version=__version__, lifespan=lifespan)
     app.state.controller = ctl
-    app.state.metrics = Exposition(ctl.sessions)       # reads nothing until the first scrape
+    app.state.metrics = Exposition(ctl.sessions, drs=lambda: dict(ctl.drs.latest))   # reads nothing until scraped
     app.state.ui_sessions = UiSessions()               # the web client's signed-in browsers (webui/sessions.py)
     _error_handlers(app)
     docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)

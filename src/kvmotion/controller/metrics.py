@@ -227,9 +227,11 @@ def read_fleet(sessions: sessionmaker[Session]) -> Fleet:
 class FleetCollector:
     """The prometheus_client collector of one controller: its session factory injected, a clock for the ages."""
 
-    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time,
+                 drs: Callable[[], dict[str, Any]] = dict) -> None:
         self.sessions = sessions
         self.clock = clock
+        self.drs = drs                      # cluster → its last DRS status (models.drs.DrsStatus), in memory
         self.finished = FinishedMoves()
 
     def collect(self) -> Iterator[Metric]:
@@ -241,6 +243,24 @@ class FleetCollector:
         yield from finished
         yield from self._queue_families(fleet)
         yield from self._inventory_families(fleet)
+        yield from self._drs_families()
+
+    def _drs_families(self) -> Iterable[Metric]:
+        """Each cluster's DRS as its last round (or the last look at it) found it."""
+        imbalance = GaugeMetricFamily("kvmotion_drs_imbalance", "Standard deviation of the in-service hosts' "
+                                      "loads (CPU or memory, the larger, as a fraction of capacity)", labels=["cluster"])
+        target = GaugeMetricFamily("kvmotion_drs_target_imbalance", "The imbalance DRS tolerates at the cluster's "
+                                   "threshold (clusters at threshold 1, rules only, are left out)", labels=["cluster"])
+        recs = GaugeMetricFamily("kvmotion_drs_recommendations", "Moves DRS recommends now", labels=["cluster"])
+        faults = GaugeMetricFamily("kvmotion_drs_rule_faults", "Rules DRS cannot meet", labels=["cluster", "must"])
+        for cluster, status in sorted(self.drs().items()):
+            imbalance.add_metric([cluster], status.imbalance)
+            if status.target is not None:
+                target.add_metric([cluster], status.target)
+            recs.add_metric([cluster], len(status.recommendations))
+            for must in (True, False):
+                faults.add_metric([cluster, str(must).lower()], sum(1 for f in status.faults if f.must == must))
+        yield from (imbalance, target, recs, faults)
 
     def _finished_families(self) -> Iterable[Metric]:
         done = self.finished
@@ -301,8 +321,9 @@ class FleetCollector:
 class Exposition:
     """The metrics page of one controller: its collector in a registry of its own (never the global one)."""
 
-    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time) -> None:
-        self.collector = FleetCollector(sessions, clock)
+    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time,
+                 drs: Callable[[], dict[str, Any]] = dict) -> None:
+        self.collector = FleetCollector(sessions, clock, drs)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
 

@@ -8,13 +8,15 @@ hosts' loads (vSphere's classic measure).
 A recommendation is one of:
 - a **rule** fix (priority 1 for a must rule, 2 for a should rule): a move that lowers the rule's violations and
   raises no must rule's;
-- a **balance** move: it lowers the imbalance by at least the threshold's minimum gain, its cost (the convergence
+- a **balance** move: its benefit (the imbalance's drop times the hosts in service) reaches the threshold's
+  minimum, its cost (the convergence
   predictor's seconds) stays under the threshold's ceiling, it breaks no rule that holds now, and it is the best
-  gain per second of cost on offer. Balancing stops once the imbalance is within the threshold's target.
+  gain per second of cost on offer. Balancing starts when the imbalance is above the threshold's target and goes
+  on down to half the target (``SETTLE``).
 
-What keeps DRS from ping-ponging: the target band (a balanced cluster is left alone), the minimum gain (noise does
-not pay for a move), the cooldown (a VM DRS moved is not a candidate again for a while; ``service``) and the
-predicted cost.
+What keeps DRS from ping-ponging: the target band with its hysteresis (a cluster balanced to half the target is left
+alone until it drifts past the whole target), the minimum gain, the cooldown (a VM DRS moved is not a balance
+candidate again for a while; ``service``) and the predicted cost.
 """
 from __future__ import annotations
 
@@ -24,15 +26,19 @@ from dataclasses import dataclass, field, replace
 
 from kvmotion.models.drs import DrsRule, Recommendation, RuleFault, RuleKind
 
-# threshold → (target imbalance, minimum gain of one move, most seconds a balance move may cost)
+# threshold → (target imbalance, minimum benefit of one move, most seconds a balance move may cost). A move's
+# benefit is its gain (how much the imbalance drops) times the number of in-service hosts: about the load it
+# carries from a busier host to a less busy one, the same measure in a cluster of 3 hosts or 64.
 THRESHOLDS: dict[int, tuple[float | None, float, float]] = {
     1: (None, math.inf, 0.0),        # rules only
-    2: (0.20, 0.08, 30.0),
-    3: (0.10, 0.04, 60.0),
-    4: (0.05, 0.02, 120.0),
-    5: (0.02, 0.01, 300.0),
+    2: (0.20, 0.05, 30.0),
+    3: (0.10, 0.02, 60.0),
+    4: (0.05, 0.01, 120.0),
+    5: (0.02, 0.005, 300.0),
 }
+SETTLE = 0.5                         # balancing, once started (above the target), goes on down to target × SETTLE
 MAX_MOVES = 32                       # per round: the rest waits for the next one
+DESTINATIONS = 4                     # a balance move of a VM is weighed to its 4 least loaded allowed hosts
 
 
 @dataclass(frozen=True)
@@ -104,15 +110,36 @@ def imbalance(c: Cluster, by_host: Sums | None = None) -> float:
     return stdev([v for h, v in host_loads(c, by_host).items() if c.hosts[h].in_service])
 
 
-def imbalance_if(c: Cluster, by_host: Sums, vm: str, dst: str) -> float:
-    """``imbalance`` after moving ``vm`` to ``dst``, from the sums before (only two hosts change)."""
-    v = c.vms[vm]
-    after = dict(by_host)
-    cpu, mem = after[v.host]
-    after[v.host] = (cpu - v.cpu_pct, mem - v.mem_mb)
-    cpu, mem = after[dst]
-    after[dst] = (cpu + v.cpu_pct, mem + v.mem_mb)
-    return imbalance(c, after)
+class Spread:
+    """The in-service hosts' loads as sums (count, Σ load, Σ load²): the imbalance after one move in O(1)."""
+
+    def __init__(self, c: Cluster, by_host: Sums) -> None:
+        self.c, self.by_host = c, by_host
+        self.loads = host_loads(c, by_host)
+        live = [v for h, v in self.loads.items() if c.hosts[h].in_service]
+        self.n, self.s1, self.s2 = len(live), sum(live), sum(x * x for x in live)
+
+    def after(self, vm: str, dst: str) -> float:
+        v = self.c.vms[vm]
+        s1, s2 = self.s1, self.s2
+        if dst == v.host:
+            return self.now()
+        for host, sign in ((v.host, -1.0), (dst, 1.0)):
+            if host in self.c.hosts and self.c.hosts[host].in_service:
+                cpu, mem = self.by_host[host]
+                new = _load(self.c.hosts[host], cpu + sign * v.cpu_pct, mem + sign * v.mem_mb)
+                old = self.loads[host]
+                s1, s2 = s1 - old + new, s2 - old * old + new * new
+        return self._stdev(s1, s2)
+
+    def now(self) -> float:
+        return self._stdev(self.s1, self.s2)
+
+    def _stdev(self, s1: float, s2: float) -> float:
+        if self.n < 2:
+            return 0.0
+        mean = s1 / self.n
+        return math.sqrt(max(0.0, s2 / self.n - mean * mean))
 
 
 def violations(rule: DrsRule, c: Cluster) -> int:
@@ -180,23 +207,30 @@ def fix_rule(c: Cluster, rule: DrsRule) -> tuple[Cluster, Recommendation] | None
     return after, _rec(c, after, vm, "rule", rule.name, 1 if rule.must else 2)
 
 
-def balance_move(c: Cluster, threshold: int) -> tuple[Cluster, Recommendation] | None:
-    """The move with the best gain per second of cost among those worth it (``THRESHOLDS``), or None."""
+def balance_move(c: Cluster, threshold: int, started: bool) -> tuple[Cluster, Recommendation] | None:
+    """The move with the best gain per second of cost among those worth it (``THRESHOLDS``), or None: a VM of a
+    host loaded above the mean, to one of the ``DESTINATIONS`` least loaded hosts it may go to. Balancing
+    starts above the target and, once ``started`` (this round), goes on down to ``SETTLE`` × the target: the
+    hysteresis that keeps noise around the target from moving VMs."""
     target, min_gain, max_cost = THRESHOLDS[threshold]
-    by_host = sums(c)
-    now = imbalance(c, by_host)
-    if target is None or now <= target:
+    spread = Spread(c, sums(c))
+    now = imbalance(c, spread.by_host)
+    if target is None or now <= (target * SETTLE if started else target):
         return None
     best: tuple[tuple[float, str, str], str, str] | None = None
+    ruled = {v for r in c.rules if r.enabled for v in r.vms}
+    mean = spread.s1 / spread.n
+    lightest = sorted((h for h in c.hosts if c.hosts[h].in_service), key=lambda h: (spread.loads[h], h))
     for vm in sorted(c.vms):
         cost = c.vms[vm].cost_s
-        if cost is None or cost > max_cost:
-            continue                  # a move the predictor cannot cost, or that would not converge, is not made
-        for dst in candidates(c, vm, balance=True):
-            gain = now - imbalance_if(c, by_host, vm, dst)
-            if gain < min_gain or (best is not None and (-gain / (1.0 + cost), vm, dst) >= best[0]):
+        if cost is None or cost > max_cost or spread.loads.get(c.vms[vm].host, 0.0) <= mean:
+            continue                  # not costed, would not converge, or on a host not above the mean
+        allowed = set(candidates(c, vm, balance=True))
+        for dst in [h for h in lightest if h in allowed][:DESTINATIONS]:
+            gain = now - spread.after(vm, dst)
+            if gain * spread.n < min_gain or (best is not None and (-gain / (1.0 + cost), vm, dst) >= best[0]):
                 continue
-            if breaks(c, moved(c, vm, dst), vm, must_only=False):
+            if vm in ruled and breaks(c, moved(c, vm, dst), vm, must_only=False):
                 continue
             best = ((-gain / (1.0 + cost), vm, dst), vm, dst)
     if best is None:
@@ -204,7 +238,9 @@ def balance_move(c: Cluster, threshold: int) -> tuple[Cluster, Recommendation] |
     _, vm, dst = best
     after = moved(c, vm, dst)
     rec = _rec(c, after, vm, "balance", None, 3)
-    return after, rec.model_copy(update={"priority": 3 if rec.gain >= 4 * min_gain else 4 if rec.gain >= 2 * min_gain else 5})
+    assert target is not None
+    return after, rec.model_copy(update={"priority": 3 if rec.gain >= target / 2 else 4 if rec.gain >= target / 8
+                                         else 5})
 
 
 def fault(rule: DrsRule, c: Cluster) -> RuleFault:
@@ -238,8 +274,10 @@ def plan(c: Cluster, threshold: int) -> Plan:
             out.recommendations.append(rec)
         if violations(rule, c):
             out.faults.append(fault(rule, c))
+    started = False
     while len(out.recommendations) < MAX_MOVES:
-        step = balance_move(c, threshold)
+        step = balance_move(c, threshold, started)
+        started = True
         if step is None:
             break
         c, rec = step
