@@ -4,7 +4,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 MAX_RULES = 256
@@ -27,13 +27,19 @@ class RuleKind(StrEnum):
 RuleName = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class DrsRule(BaseModel):
+class Strict(BaseModel):
+    """A request: unknown fields refused; numbers and flags are JSON numbers and booleans (``strict`` per field: a
+    ``false`` is not a cooldown of 0)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class DrsRule(Strict):
     name: str = RuleName
     kind: RuleKind
     vms: list[str] = Field(min_length=1, max_length=MAX_RULE_VMS)       # VM names
     hosts: list[str] = Field(default_factory=list, max_length=MAX_RULE_VMS)   # vm-host and vm-not-host rules
-    must: bool = False            # must: never broken by a move; should: kept when a move allows
-    enabled: bool = True
+    must: bool = Field(default=False, strict=True)   # must: never broken by a move; should: kept when a move allows
+    enabled: bool = Field(default=True, strict=True)
 
     @model_validator(mode="after")
     def _shape(self) -> "DrsRule":
@@ -48,7 +54,7 @@ class DrsRule(BaseModel):
 
 
 class DrsConfig(BaseModel):
-    """What a cluster stores (clusters.drs_json)."""
+    """What a cluster stores (clusters.drs_json; read and written by the controller only)."""
     automation: Automation = Automation.OFF
     threshold: int = Field(default=3, ge=1, le=5)     # 1 conservative (rules only) … 5 aggressive
     interval_s: float = Field(default=300.0, ge=5.0, le=86400.0)   # how often DRS looks at the cluster
@@ -56,12 +62,12 @@ class DrsConfig(BaseModel):
     rules: list[DrsRule] = Field(default_factory=list, max_length=MAX_RULES)
 
 
-class DrsUpdate(BaseModel):
+class DrsUpdate(Strict):
     """``PATCH /clusters/{name}/drs``: the fields given replace the current ones."""
     automation: Automation | None = None
-    threshold: int | None = Field(default=None, ge=1, le=5)
-    interval_s: float | None = Field(default=None, ge=5.0, le=86400.0)
-    cooldown_s: float | None = Field(default=None, ge=0.0, le=86400.0)
+    threshold: int | None = Field(default=None, ge=1, le=5, strict=True)
+    interval_s: float | None = Field(default=None, ge=5.0, le=86400.0, strict=True, allow_inf_nan=False)
+    cooldown_s: float | None = Field(default=None, ge=0.0, le=86400.0, strict=True, allow_inf_nan=False)
 
 
 class HostLoadOut(BaseModel):
@@ -109,7 +115,7 @@ class DrsStatus(BaseModel):
     last_applied: list[str] = Field(default_factory=list)     # task ids of DRS's last automatic moves
 
 
-class DrsApply(BaseModel):
+class DrsApply(Strict):
     ids: list[str] | None = Field(default=None, max_length=MAX_RULES)   # None: every current recommendation
 
 
