@@ -227,15 +227,20 @@ def read_fleet(sessions: sessionmaker[Session]) -> Fleet:
 class FleetCollector:
     """The prometheus_client collector of one controller: its session factory injected, a clock for the ages."""
 
-    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time,
+                 leading: Callable[[], bool] = lambda: True) -> None:
         self.sessions = sessions
         self.clock = clock
+        self.leading = leading
         self.finished = FinishedMoves()
 
     def collect(self) -> Iterator[Metric]:
         self.finished.update(self.sessions)
         fleet = read_fleet(self.sessions)
         yield InfoMetricFamily("kvmotion_build", "The controller's version", value={"version": __version__})
+        yield GaugeMetricFamily("kvmotion_controller_leader", "1 while this controller leads the controllers of its "
+                                "database (schedules, monitors, reconciles), 0 while it follows",
+                                value=1.0 if self.leading() else 0.0)
         with self.finished.lock:           # a snapshot: a scrape at the same time waits for it
             finished = list(self._finished_families()) if self.finished.complete else []
         yield from finished
@@ -301,8 +306,9 @@ class FleetCollector:
 class Exposition:
     """The metrics page of one controller: its collector in a registry of its own (never the global one)."""
 
-    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time) -> None:
-        self.collector = FleetCollector(sessions, clock)
+    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time,
+                 leading: Callable[[], bool] = lambda: True) -> None:
+        self.collector = FleetCollector(sessions, clock, leading)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
 

@@ -52,6 +52,15 @@ class Scheduler:
         for t in list(self.tasks.values()):
             t.cancel()
 
+    async def run(self) -> None:
+        """The scheduler while this controller leads (``leader.Leadership.run_while_leader``): when it is
+        cancelled, so is every engine it started (the next leader reconciles their moves)."""
+        try:
+            await self._loop()
+        finally:
+            for t in list(self.tasks.values()):
+                t.cancel()
+
     async def _loop(self) -> None:
         while True:
             try:
