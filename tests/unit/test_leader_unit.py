@@ -33,6 +33,7 @@ class Work:
         self.started = 0
         self.cancelled = 0
         self.reconciled = 0
+        self.demoted = 0
         self.order: list[str] = []
 
     async def loop(self) -> None:
@@ -47,11 +48,15 @@ class Work:
         self.reconciled += 1
         self.order.append("reconcile")
 
+    def step_down(self) -> None:
+        self.demoted += 1
+
 
 def leadership(url: str, name: str, work: Work) -> Leadership:
     lead = Leadership(url, make_sessionmaker(make_engine(url)), name, f"https://{name}.test:8760",
                       on_elected=work.reconcile)
     lead.run_while_leader("loop", work.loop)
+    lead.on_step_down(work.step_down)
     return lead
 
 
@@ -132,6 +137,7 @@ def test_the_leaders_session_ends_it_stops_its_work_and_the_follower_takes_over(
             print(f"\nleader session ended: old leader stopped after {stepped_down:.2f} s, new leader working "
                   f"after {took:.2f} s (stated bound {MACHINE_LOSS_TAKEOVER_S:.0f} s for a vanished machine)")
             assert wa.cancelled == 1 and wa.started == 1           # the old leader's work was stopped, not rerun
+            assert wa.demoted == 1 and wb.demoted == 0
             assert b.is_leader and b.term == term + 1 and wb.order == ["reconcile", "work"]
             await asyncio.sleep(3.0)                  # a tries again and again: the lock is b's now
             assert not a.is_leader and wa.started == 1
@@ -242,3 +248,31 @@ def test_a_leader_that_does_not_answer_is_a_503_no_leader(tmp_path: Path) -> Non
     r = TestClient(forward).post("/api/v1/vms", json={})
     assert r.status_code == 503 and r.json()["error"]["code"] == "NO_LEADER"
     assert r.json()["error"]["details"] == {"leader": "ctl-a", "url": LEADER.url}
+
+
+def test_a_scheduler_that_stood_down_launches_nothing_until_it_runs_again(db_url: str, tmp_path: Path) -> None:
+    """The scheduler's loop is leader-only work: once cancelled (this controller stopped leading), neither an
+    engine's end nor a submission starts a queued task here."""
+    from kvmotion.controller.service import Controller
+    from kvmotion.controller.tasks import TaskJournal, get_task
+
+    ctl = Controller(db_url, pki_dir=tmp_path / "pki", token_dir=tmp_path, admission_enabled=False)
+
+    async def run() -> None:
+        loop = asyncio.create_task(ctl.scheduler.run())
+        await asyncio.sleep(0.1)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        assert ctl.scheduler.stood_down
+        queued = TaskJournal.create(ctl.sessions, "vmotion", "no-such-uuid", "vm1", "h1", "h2", {}, state="queued")
+        await ctl.scheduler.schedule()
+        assert get_task(ctl.sessions, queued.id).state == "queued"       # not launched (nor failed) here
+        loop = asyncio.create_task(ctl.scheduler.run())                  # leading again: it is taken (and
+        await until(lambda: get_task(ctl.sessions, queued.id).state != "queued", "the queued task is taken")
+        assert get_task(ctl.sessions, queued.id).error["code"] == "NOT_FOUND"   # ends: its VM does not exist)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    try:
+        asyncio.run(run())
+    finally:
+        ctl.engine.dispose()

@@ -26,6 +26,8 @@ Leader-only work: one call per background loop, before or after ``start``::
 
 The factory is called each time this controller becomes leader; the coroutine it returns runs until leadership
 ends (then it is cancelled) or it returns. One that raises is logged and started again after ``RETRY_S``.
+Work a leader starts on request (an evacuation, an image import) is stopped by a callback registered with
+``leadership.on_step_down(callback)``.
 """
 from __future__ import annotations
 
@@ -133,6 +135,7 @@ class Leadership:
         self.known: LeaderInfo | None = None               # the leader, as the row said when last read
         self.changes: list[tuple[float, str]] = []         # (when, "leader" | "follower"): bounded
         self._factories: dict[str, Factory] = {}
+        self._demoted: list[Callable[[], None]] = []
         self._work: dict[str, asyncio.Task[None]] = {}
         self._campaign: asyncio.Task[None] | None = None
         self._takeover: asyncio.Task[None] | None = None
@@ -143,6 +146,11 @@ class Leadership:
         self._factories[name] = factory
         if self.is_leader and self._takeover is not None and self._takeover.done():
             self._start(name)
+
+    def on_step_down(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when this controller stops leading (after its leader-only tasks were cancelled): to
+        stop work a leader started on request (an evacuation, an image import)."""
+        self._demoted.append(callback)
 
     async def start(self) -> None:
         """SQLite: lead now. PostgreSQL: try the lock once now (a lone controller leads before it serves), then
@@ -262,6 +270,11 @@ class Leadership:
             t.cancel()
         if self.lock is not None:
             self.lock.drop()
+        for callback in self._demoted if was else ():
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - the others still run
+                log.exception("stepping down: %s failed", getattr(callback, "__name__", callback))
         if was:
             self._note("follower")
             log.warning("controller %s no longer leads: %s", self.name, why)

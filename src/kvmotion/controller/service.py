@@ -78,6 +78,7 @@ class Controller:
                                      on_elected=self.reconcile)
         self.leadership.run_while_leader("scheduler", self.scheduler.run)   # queued tasks survive a restart
         self.leadership.run_while_leader("host-monitor", self._monitor_hosts)
+        self.leadership.on_step_down(self._abandon_requested_work)
 
     async def startup(self) -> None:
         made = self.tokens.bootstrap_admin(self.token_dir)
@@ -88,6 +89,12 @@ class Controller:
     async def shutdown(self) -> None:
         await self.leadership.stop()
         self.engine.dispose()
+
+    def _abandon_requested_work(self) -> None:
+        """No longer the leader: evacuations and image imports started here stop (the next leader's
+        reconciliation ends their tasks)."""
+        for task in [*self.maintenance.running.values(), *self.images.running_tasks()]:
+            task.cancel()
 
     async def _monitor_hosts(self) -> None:
         last_reconcile = time.monotonic()
