@@ -35,6 +35,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Coroutine
 
@@ -86,6 +87,12 @@ class LockSession:
                                             isolation_level="AUTOCOMMIT")
         self.conn: Connection | None = None
         self.pid: int | None = None           # the server's process of the session (pg_stat_activity.pid)
+        # a thread of its own: a check never waits behind the controller's other database calls
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leader-lock")
+
+    async def call(self, fn: Callable[[], Any], deadline_s: float) -> Any:
+        """``fn`` on the session's thread, within ``deadline_s`` (else ``TimeoutError``)."""
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.pool, fn), deadline_s)
 
     def try_lock(self) -> bool:
         if self.conn is None:
@@ -106,9 +113,12 @@ class LockSession:
         conn, self.conn = self.conn, None
         if conn is not None:
             threading.Thread(target=_close_quietly, args=(conn,), daemon=True, name="leader-lock-close").start()
+            self.pool.shutdown(wait=False)         # a call stuck on the dead socket keeps the old thread only
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leader-lock")
 
     def dispose(self) -> None:
         self.drop()
+        self.pool.shutdown(wait=False)
         self.engine.dispose()
 
 
@@ -212,7 +222,7 @@ class Leadership:
     async def _try_lock(self) -> bool:
         assert self.lock is not None
         try:
-            got = await asyncio.wait_for(asyncio.to_thread(self.lock.try_lock), CONNECT_DEADLINE_S + CHECK_DEADLINE_S)
+            got = await self.lock.call(self.lock.try_lock, CONNECT_DEADLINE_S + CHECK_DEADLINE_S)
         except BaseException:
             self.lock.drop()
             raise
@@ -221,7 +231,7 @@ class Leadership:
     async def _keep(self) -> None:
         """One check of the lock session; a failed or late one raises (the caller steps down)."""
         assert self.lock is not None
-        await asyncio.wait_for(asyncio.to_thread(self.lock.check), CHECK_DEADLINE_S)
+        await self.lock.call(self.lock.check, CHECK_DEADLINE_S)
 
     async def _become_leader(self) -> None:
         self.term = await asyncio.wait_for(asyncio.to_thread(self._write_row), ROW_DEADLINE_S)
