@@ -174,6 +174,7 @@ class FakeLeadership:
 
     def __init__(self, leading: bool, leader: LeaderInfo | None) -> None:
         self.is_leader = leading
+        self.shared = True
         self.name = "ctl-b"
         self.leader = leader
 

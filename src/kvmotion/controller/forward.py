@@ -60,7 +60,7 @@ class LeaderForward:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if (scope["type"] != "http" or scope["method"] in READS or not path.startswith(API_PREFIX)
-                or self.leadership.is_leader):
+                or self.leadership.is_leader or not self.leadership.shared):
             await self.app(scope, receive, send)
             return
         target = self.leadership.forward_to()

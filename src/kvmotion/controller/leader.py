@@ -143,7 +143,7 @@ class Leadership:
         self.on_elected = on_elected
         self.shared = not dbengine.is_sqlite(url)          # PostgreSQL: controllers may share it
         self.lock = LockSession(url) if self.shared else None
-        self.is_leader = False
+        self.is_leader = not self.shared                    # SQLite: the one controller, from the start
         self.term = 0
         self.known: LeaderInfo | None = None               # the leader, as the row said when last read
         self.changes: list[tuple[float, str]] = []         # (when, "leader" | "follower"): bounded
