@@ -68,6 +68,15 @@ async def until(check: Any, what: str) -> float:
     return time.monotonic() - start
 
 
+async def started(url: str) -> tuple[tuple[Leadership, Work], tuple[Leadership, Work]]:
+    """ctl-a started first (it leads), then ctl-b, each with its work."""
+    wa, wb = Work(), Work()
+    a, b = leadership(url, "ctl-a", wa), leadership(url, "ctl-b", wb)
+    await a.start()
+    await b.start()
+    return (a, wa), (b, wb)
+
+
 def need_pg(url: str) -> None:
     if dbengine.is_sqlite(url):
         pytest.skip("the election is a PostgreSQL case: SQLite has one controller, always the leader "
@@ -95,10 +104,7 @@ def test_two_controllers_on_one_postgresql_exactly_one_leads_and_the_other_knows
     need_pg(db_url)
 
     async def run() -> None:
-        wa, wb = Work(), Work()
-        a, b = leadership(db_url, "ctl-a", wa), leadership(db_url, "ctl-b", wb)
-        await a.start()
-        await b.start()
+        (a, wa), (b, wb) = await started(db_url)
         try:
             await until(lambda: b.known is not None, "the follower reads the leader's row")
             assert a.is_leader and not b.is_leader
@@ -119,10 +125,7 @@ def test_the_leaders_session_ends_it_stops_its_work_and_the_follower_takes_over(
     need_pg(db_url)
 
     async def run() -> None:
-        wa, wb = Work(), Work()
-        a, b = leadership(db_url, "ctl-a", wa), leadership(db_url, "ctl-b", wb)
-        await a.start()
-        await b.start()
+        (a, wa), (b, wb) = await started(db_url)
         try:
             await until(lambda: wa.started == 1, "the leader's work starts")
             term = a.term

@@ -55,6 +55,7 @@ RETRY_S = 1.0                  # a follower tries the lock this often
 KEEPALIVE_S = 1.0              # the leader checks its lock connection this often
 CHECK_DEADLINE_S = 2.0         # ... and stops leading when a check takes longer
 CONNECT_DEADLINE_S = 3         # connecting the lock session
+CANCEL_AGAIN_S = 0.5           # a task that outlived its cancellation is cancelled again this often
 ROW_DEADLINE_S = 10.0          # writing or reading the leader row
 # the lock session's server side: a vanished client is dropped (and its lock freed) after 3 + 3 * 1 s of silence
 SERVER_KEEPALIVE = ("SET tcp_keepalives_idle = 3", "SET tcp_keepalives_interval = 1", "SET tcp_keepalives_count = 3",
@@ -125,6 +126,18 @@ class LockSession:
         self.engine.dispose()
 
 
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they ended, cancelling again each ``CANCEL_AGAIN_S`` while one still runs:
+    before Python 3.12, ``asyncio.wait_for`` may swallow a cancellation that meets its inner call's end."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+        if pending:
+            log.warning("still stopping: %s", ", ".join(t.get_name() for t in pending))
+
+
 def _close_quietly(conn: Connection) -> None:
     try:
         conn.close()
@@ -152,6 +165,7 @@ class Leadership:
         self._work: dict[str, asyncio.Task[None]] = {}
         self._campaign: asyncio.Task[None] | None = None
         self._takeover: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- the API ------------------------------------------------------------------------------
     def run_while_leader(self, name: str, factory: Factory) -> None:
@@ -181,9 +195,9 @@ class Leadership:
         self._campaign = asyncio.create_task(self._run(), name="leader-election")
 
     async def stop(self) -> None:
+        self._stopping = True                       # the campaign ends at its next turn, cancelled or not
         if self._campaign is not None:
-            self._campaign.cancel()
-            await asyncio.gather(self._campaign, return_exceptions=True)
+            await cancel_all([self._campaign])
         await self._step_down("shutting down")
         if self.lock is not None:
             self.lock.dispose()
@@ -208,7 +222,7 @@ class Leadership:
 
     # -- the election -------------------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 if self.is_leader:
                     await self._keep()
@@ -280,7 +294,7 @@ class Leadership:
         self._work.clear()
         self._takeover = None
         for t in tasks:
-            t.cancel()
+            t.cancel()                              # before anything else: no leader-only step from now on
         if self.lock is not None:
             self.lock.drop()
         for callback in self._demoted if was else ():
@@ -291,7 +305,7 @@ class Leadership:
         if was:
             self._note("follower")
             log.warning("controller %s no longer leads: %s", self.name, why)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
 
     def _note(self, what: str) -> None:
         self.changes = (self.changes + [(time.time(), what)])[-32:]
