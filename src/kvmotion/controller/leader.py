@@ -56,6 +56,7 @@ KEEPALIVE_S = 1.0              # the leader checks its lock connection this ofte
 CHECK_DEADLINE_S = 2.0         # ... and stops leading when a check takes longer
 CONNECT_DEADLINE_S = 3         # connecting the lock session
 CANCEL_AGAIN_S = 0.5           # a task that outlived its cancellation is cancelled again this often
+STOP_DEADLINE_S = 10.0         # shutting down waits at most this for the leader-only tasks to end
 ROW_DEADLINE_S = 10.0          # writing or reading the leader row
 # the lock session's server side: a vanished client is dropped (and its lock freed) after 3 + 3 * 1 s of silence
 SERVER_KEEPALIVE = ("SET tcp_keepalives_idle = 3", "SET tcp_keepalives_interval = 1", "SET tcp_keepalives_count = 3",
@@ -126,11 +127,13 @@ class LockSession:
         self.engine.dispose()
 
 
-async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+async def cancel_all(tasks: list[asyncio.Task[None]], limit_s: float | None = None) -> None:
     """Cancel ``tasks`` and wait until they ended, cancelling again each ``CANCEL_AGAIN_S`` while one still runs:
-    before Python 3.12, ``asyncio.wait_for`` may swallow a cancellation that meets its inner call's end."""
+    before Python 3.12, ``asyncio.wait_for`` may swallow a cancellation that meets its inner call's end.
+    ``limit_s``: give up waiting after that long (shutting down: the process ends anyway)."""
     pending = {t for t in tasks if not t.done()}
-    while pending:
+    end = None if limit_s is None else time.monotonic() + limit_s
+    while pending and (end is None or time.monotonic() < end):
         for t in pending:
             t.cancel()
         _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
@@ -197,8 +200,8 @@ class Leadership:
     async def stop(self) -> None:
         self._stopping = True                       # the campaign ends at its next turn, cancelled or not
         if self._campaign is not None:
-            await cancel_all([self._campaign])
-        await self._step_down("shutting down")
+            await cancel_all([self._campaign], STOP_DEADLINE_S)
+        await self._step_down("shutting down", STOP_DEADLINE_S)
         if self.lock is not None:
             self.lock.dispose()
 
@@ -286,7 +289,7 @@ class Leadership:
                 log.exception("leader-only task %s failed; starting it again", name)
             await asyncio.sleep(RETRY_S)
 
-    async def _step_down(self, why: str) -> None:
+    async def _step_down(self, why: str, limit_s: float | None = None) -> None:
         """Stop every leader-only task first, then drop the lock session."""
         was = self.is_leader
         self.is_leader = False
@@ -305,7 +308,7 @@ class Leadership:
         if was:
             self._note("follower")
             log.warning("controller %s no longer leads: %s", self.name, why)
-        await cancel_all(tasks)
+        await cancel_all(tasks, limit_s)
 
     def _note(self, what: str) -> None:
         self.changes = (self.changes + [(time.time(), what)])[-32:]
