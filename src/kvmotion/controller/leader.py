@@ -4,7 +4,8 @@ state-changing calls to the leader (``controller.forward``).
 
 PostgreSQL: the leader holds a session-level advisory lock (``pg_try_advisory_lock(LOCK_CLASS,
 hashtext(current_schema()))``: one lock per database and schema) on a connection of its own. Every
-``KEEPALIVE_S`` it checks that connection (``SELECT 1``, answered within ``CHECK_DEADLINE_S``); the first check
+``KEEPALIVE_S`` it checks that connection (``SELECT 1``, answered within ``CHECK_DEADLINE_S``, on a thread of
+its own); the first check
 that fails or is late ends its leadership at once: every leader-only task is cancelled before anything else
 happens, and the connection is dropped. Followers try the lock every ``RETRY_S``.
 SQLite: one controller per database file, always the leader.
@@ -14,9 +15,10 @@ Takeover (docs/controllers.md): the server frees a session's lock when it sees t
   once; a follower leads within ``PROCESS_DEATH_TAKEOVER_S`` (2 s: the 1 s retry, then the lock and the leader
   row), then reconciles.
 - The leader's machine or network vanishes: the server notices by TCP keepalives set on the lock session
-  (``SERVER_KEEPALIVE``: 3 s idle, then 3 probes 1 s apart: 6 s) or by ``tcp_user_timeout`` (5 s); a follower
-  leads within ``MACHINE_LOSS_TAKEOVER_S`` (8 s). The old leader, cut off, stopped acting after at most ``KEEPALIVE_S +
-  CHECK_DEADLINE_S`` (3 s) without an answer: before the server freed the lock, so two leaders never act at once.
+  (``SERVER_KEEPALIVE``: 4 s idle, then 3 probes 1 s apart: 7 s) or by ``tcp_user_timeout`` (6 s after an
+  unacknowledged answer); a follower leads within ``MACHINE_LOSS_TAKEOVER_S`` (9 s). The old leader, cut off,
+  stopped acting after at most ``KEEPALIVE_S + CHECK_DEADLINE_S`` (4 s) without an answer: before the server freed
+  the lock, so two leaders never act at once.
 
 On becoming leader, ``on_elected`` runs first (the controller's ``reconcile``: the moves the previous leader left
 in flight are finished by what the hosts really run), then every leader-only task starts.
@@ -53,20 +55,21 @@ log = logging.getLogger(__name__)
 LOCK_CLASS = 0x6B766D          # "kvm": the advisory lock's first key; the second is the schema's hash
 RETRY_S = 1.0                  # a follower tries the lock this often
 KEEPALIVE_S = 1.0              # the leader checks its lock connection this often
-CHECK_DEADLINE_S = 2.0         # ... and stops leading when a check takes longer
+CHECK_DEADLINE_S = 3.0         # ... and stops leading when a check takes longer
 CONNECT_DEADLINE_S = 3         # connecting the lock session
 CANCEL_AGAIN_S = 0.5           # a task that outlived its cancellation is cancelled again this often
 STOP_DEADLINE_S = 10.0         # shutting down waits at most this for the leader-only tasks to end
 ROW_DEADLINE_S = 10.0          # writing or reading the leader row
-# the lock session's server side: a vanished client is dropped (and its lock freed) after 3 + 3 * 1 s of silence
-SERVER_KEEPALIVE = ("SET tcp_keepalives_idle = 3", "SET tcp_keepalives_interval = 1", "SET tcp_keepalives_count = 3",
-                    "SET tcp_user_timeout = 5000", "SET statement_timeout = 2000")
+# the lock session's server side: a vanished client is dropped (and its lock freed) after 4 + 3 * 1 s of silence,
+# or 6 s after an answer it did not acknowledge; the leader stopped acting 1 + 3 s after its last answer
+SERVER_KEEPALIVE = ("SET tcp_keepalives_idle = 4", "SET tcp_keepalives_interval = 1", "SET tcp_keepalives_count = 3",
+                    "SET tcp_user_timeout = 6000", "SET statement_timeout = 3000")
 CLIENT_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2,
                     "tcp_user_timeout": 3000, "connect_timeout": CONNECT_DEADLINE_S}
 # stated bounds (docs/controllers.md), before reconciliation: the server's notice, the retry, then taking the
 # lock and writing the leader row (well under 1 s on a healthy database)
 PROCESS_DEATH_TAKEOVER_S = RETRY_S + 1.0
-MACHINE_LOSS_TAKEOVER_S = 6.0 + RETRY_S + 1.0
+MACHINE_LOSS_TAKEOVER_S = 7.0 + RETRY_S + 1.0
 Factory = Callable[[], Coroutine[Any, Any, None]]
 
 
