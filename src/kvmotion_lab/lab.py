@@ -127,8 +127,9 @@ def shape_link(netns: str, ifname: str, mbps: int) -> None:
 
 def up(n_hosts: int = 2, root: Path = DEFAULT_ROOT, prefix: str = DEFAULT_PREFIX, image_dir: Path | None = None,
        ipv6_hosts: set[str] = frozenset(), log: Callable[[str], None] = print, link: str | None = None,
-       admission: bool = True, controllers: int = 1) -> LabInfo:
-    """The lab: ``n_hosts`` hosts per controller; with ``controllers=2`` two controllers in one trust domain."""
+       admission: bool = True, controllers: int = 1, database_url: str | None = None) -> LabInfo:
+    """The lab: ``n_hosts`` hosts per controller; with ``controllers=2`` two controllers in one trust domain.
+    ``database_url``: controller A's database is that PostgreSQL one (``start_standby`` adds a second process)."""
     if link is not None and link not in LINK_RATES:
         raise LabError(f"unknown link {link!r}; use one of {', '.join(LINK_RATES)}")
     sites.check_count(controllers)
@@ -137,14 +138,15 @@ def up(n_hosts: int = 2, root: Path = DEFAULT_ROOT, prefix: str = DEFAULT_PREFIX
     root.mkdir(parents=True, exist_ok=True)
     write_state(root, {"controller_url": "", "pids": {}, "prefix": prefix})
     try:
-        return _up(n_hosts, root, prefix, image_dir, ipv6_hosts, log, link, admission, controllers)
+        return _up(n_hosts, root, prefix, image_dir, ipv6_hosts, log, link, admission, controllers, database_url)
     except BaseException:
         down(root)
         raise
 
 
 def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_hosts: set[str],
-        log: Callable[[str], None], link: str | None, admission: bool, controllers: int) -> LabInfo:
+        log: Callable[[str], None], link: str | None, admission: bool, controllers: int,
+        database_url: str | None = None) -> LabInfo:
     state: dict[str, Any] = {"controller_url": "", "pids": {}, "prefix": prefix, "argv": {}, "controllers": {}}
     lab_net = net.lab_up(prefix, n_hosts * controllers, root / "net.json", ipv6_hosts=set(ipv6_hosts))
     log(f"network: {len(lab_net.hosts)} host namespaces, switch {lab_net.switch_netns}, client {lab_net.client_netns}"
@@ -154,7 +156,7 @@ def _up(n_hosts: int, root: Path, prefix: str, image_dir: Path | None, ipv6_host
     state["hosts"] = sites.split_hosts([h.name for h in lab_net.hosts], controllers)
     planned = {s.name: s for s in sites.plan(root, lab_net.controller_ip, controllers)}
     for site in planned.values():
-        _start_controller(root, site, lab_net, state, admission)
+        _start_controller(root, site, lab_net, state, admission, database_url if site.root == root else None)
         log(f"controller {site.member}: {site.url} (pid {state['pids'][site.process]}), admin token "
             f"{site.admin_token_path}; CLI config {site_cli_config(root, site)}")
     for h in lab_net.hosts:
@@ -186,12 +188,14 @@ def site_cli_config(root: Path, site: Site) -> Path:
     return cli_config_path(root) if site.root == root else site.root / "cli.json"
 
 
-def _start_controller(root: Path, site: Site, lab_net: net.LabNet, state: dict[str, Any], admission: bool) -> None:
+def _start_controller(root: Path, site: Site, lab_net: net.LabNet, state: dict[str, Any], admission: bool,
+                      database_url: str | None = None) -> None:
     """Start a controller (agents only from the lab's management networks) and write the CLI's config for it."""
     if site.root == root:
         state["controller_url"] = site.url
         state["cli_config"] = str(cli_config_path(root))       # recorded before it is written: `down` removes it
-    sites.start_controller(site, root, lab_net.controller_ip, admission, state, site_cli_config(root, site))
+    sites.start_controller(site, root, lab_net.controller_ip, admission, state, site_cli_config(root, site),
+                           database_url)
     write_state(root, state)
 
 
@@ -296,6 +300,12 @@ def restart(root: Path, name: str, crash: bool = False, deadline_s: float = STAR
     else:
         wait_until(lambda: _agent_healthy(root, name.removeprefix("agent-")), deadline_s, name, log)
     return int(state["pids"][name])
+
+
+def start_standby(root: Path, of: str = sites.NAMES[0]) -> sites.Standby:
+    """A second controller process of controller ``of`` on its PostgreSQL database (``sites.start_standby``)."""
+    state = read_state(root) or {}
+    return sites.start_standby(root, sites.from_state(root, state)[of], state)
 
 
 def configure_host(root: Path, host: str, **changes: Any) -> AgentConfig:

@@ -9,6 +9,7 @@ admins would with `kvmotion domain create/show/join/approve`.
 from __future__ import annotations
 
 import ssl
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +31,7 @@ NAMES = ("a", "b")                                   # A, then B
 PORTS = {"a": CONTROLLER_PORT, "b": CONTROLLER_PORT + 1}
 VM_IP_POOLS = {"a": VM_IP_POOL, "b": "198.18.1.200-198.18.1.249/24"}   # one VM network: no address in both
 DOMAIN_CALL_DEADLINE_S = 30.0
+STANDBY_PORTS = {"a": CONTROLLER_PORT + 2, "b": CONTROLLER_PORT + 3}   # a site's second controller process
 
 
 def admin_token_path(root: Path) -> Path:
@@ -126,12 +128,19 @@ def from_state(lab_root: Path, state: dict[str, Any]) -> dict[str, Site]:
     return {n: Site(n, r["url"], Path(r["root"])) for n, r in recs.items()}
 
 
-def controller_settings(root: Path, listen_host: str, admission: bool, name: str = NAMES[0]) -> dict[str, Any]:
+def controller_settings(root: Path, listen_host: str, admission: bool, name: str = NAMES[0],
+                        database_url: str | None = None) -> dict[str, Any]:
     """A lab controller's controller.toml: its database, CA (pki/) and admin token in its folder; agents only from
-    the lab's management networks; B listens on its own port and leases VM addresses A does not."""
-    return {"listen_host": listen_host, "listen_port": PORTS[name],
-            "database_url": f"sqlite:///{root / 'controller.db'}", "vm_ip_pool": VM_IP_POOLS[name],
-            "host_networks": list(HOST_NETWORKS), "admission": admission}
+    the lab's management networks; B listens on its own port and leases VM addresses A does not. With
+    ``database_url`` (PostgreSQL), that database, and pki/ and the token's folder named explicitly (a standby
+    controller, ``start_standby``, shares them)."""
+    settings = {"listen_host": listen_host, "listen_port": PORTS[name],
+                "database_url": f"sqlite:///{root / 'controller.db'}", "vm_ip_pool": VM_IP_POOLS[name],
+                "host_networks": list(HOST_NETWORKS), "admission": admission}
+    if database_url is not None:
+        settings |= {"database_url": database_url, "pki_dir": str(root / "pki"), "token_dir": str(root),
+                     "controller_name": f"ctl-{name}"}
+    return settings
 
 
 def healthy(site: Site) -> bool:
@@ -139,18 +148,59 @@ def healthy(site: Site) -> bool:
 
 
 def start_controller(site: Site, lab_root: Path, listen_host: str, admission: bool, state: dict[str, Any],
-                     cli_config: Path) -> None:
+                     cli_config: Path, database_url: str | None = None) -> None:
     """Write its controller.toml, start it as kvmotion-server.service does (recorded in ``state`` before it is
     waited for: `down` stops it also when it never comes up), then write the CLI's config for it."""
     site.root.mkdir(parents=True, exist_ok=True)
     config = services.controller_config_path(site.root)
-    services.write_controller_config(config, controller_settings(site.root, listen_host, admission, site.name))
+    services.write_controller_config(config, controller_settings(site.root, listen_host, admission, site.name,
+                                                                 database_url))
     state.setdefault("controllers", {})[site.name] = site.record()
     state["argv"][site.process] = services.service_argv(services.CONTROLLER_SCRIPT, config)
     state["pids"][site.process] = procs.spawn(state["argv"][site.process], site.log)
     procs.write_state(lab_root, state)
     procs.wait_until(lambda: healthy(site), START_DEADLINE_S, site.process, site.log)
     write_config(cli_config, site.url, site.admin_token_path, site.ca_path)
+
+
+@dataclass(frozen=True)
+class Standby:
+    """A second controller process of a site, on the site's PostgreSQL database with its keys (pki/) and admin
+    token: the two elect a leader (docs/controllers.md). Its own port, folder (config, log) and name."""
+    process: str             # among the lab's processes: "controller-a2"
+    name: str                # its controller_name: "ctl-a2"
+    url: str
+    root: Path
+    of: Site
+
+    @property
+    def log(self) -> Path:
+        return self.root / "logs" / "controller.log"
+
+    def call(self, method: str, path: str, timeout: float = 10.0, **kw: Any) -> httpx.Response:
+        """``METHOD URL/PATH`` as the site's admin (one token, one CA for both processes)."""
+        return admin_call(method, self.of.root, f"{self.url}{path}", timeout, **kw)
+
+
+def start_standby(lab_root: Path, site: Site, state: dict[str, Any]) -> Standby:
+    """Start another controller process of ``site`` (which must use PostgreSQL): its controller.toml is the site's
+    with its own port and name; recorded in ``state`` (`down` stops it) before it is waited for."""
+    settings = tomllib.loads(services.controller_config_path(site.root).read_text())
+    if str(settings.get("database_url", "")).startswith("sqlite"):
+        raise LabError(f"controller {site.member} uses SQLite: a standby needs a shared PostgreSQL database "
+                       "(start the lab with a database_url)")
+    port = STANDBY_PORTS[site.name]
+    standby = Standby(f"{site.process}-2", f"{site.member}2", f"https://{settings['listen_host']}:{port}",
+                      lab_root / "controllers" / f"{site.name}2", site)
+    (standby.root / "logs").mkdir(parents=True, exist_ok=True)
+    config = services.controller_config_path(standby.root)
+    services.write_controller_config(config, settings | {"listen_port": port, "controller_name": standby.name})
+    state["argv"][standby.process] = services.service_argv(services.CONTROLLER_SCRIPT, config)
+    state["pids"][standby.process] = procs.spawn(state["argv"][standby.process], standby.log)
+    procs.write_state(lab_root, state)
+    procs.wait_until(lambda: standby.call("GET", "/api/v1/health", 2).status_code == 200, START_DEADLINE_S,
+                     standby.process, standby.log)
+    return standby
 
 
 def _ok(resp: httpx.Response, what: str) -> dict[str, Any]:

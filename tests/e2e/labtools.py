@@ -252,13 +252,13 @@ def leftovers(prefix: str, root: Path) -> dict[str, list[str]]:
 
 @contextlib.contextmanager
 def running_lab(image, hosts: int, controllers: int = 1, ipv6_hosts: frozenset[str] = frozenset(),
-                link: str | None = None) -> Iterator:
+                link: str | None = None, database_url: str | None = None) -> Iterator:
     """A lab for one test module (``hosts`` per controller). Torn down at the end, also when a test fails; nothing
     may be left. The environment's token and CA (the Client's and the CLI's) are controller A's."""
     prefix = "kt" + secrets.token_hex(2)
     root = LAB_ROOT_BASE / prefix
     info = lab_mod.up(hosts, root, prefix=prefix, image_dir=image.kernel.parent.parent, ipv6_hosts=set(ipv6_hosts),
-                      log=lambda m: None, link=link, controllers=controllers)
+                      log=lambda m: None, link=link, controllers=controllers, database_url=database_url)
     saved = {k: os.environ.get(k) for k in ("KVMOTION_TOKEN_FILE", "KVMOTION_CA_FILE")}
     os.environ["KVMOTION_TOKEN_FILE"] = str(lab_mod.admin_token_path(root))   # the Client and the CLI use it
     os.environ["KVMOTION_CA_FILE"] = str(lab_mod.sites.ca_path(root))              # the CLI trusts the lab's CA

@@ -97,6 +97,7 @@ EXPECTED_ROLES: dict[tuple[str, str], str] = {
     ("DELETE", "/api/v1/domain/members/{name}"): "admin",
     ("DELETE", "/api/v1/domain/pending/{name}"): "admin",
     ("GET", "/metrics"): "viewer",
+    ("GET", "/api/v1/controllers"): "viewer",
 }
 # Calls between the controllers of a trust domain: a pinned client certificate, never a token (test_domain_unit),
 # or open (the CA certificate, checked by the caller against a fingerprint; a join request, kept pending).

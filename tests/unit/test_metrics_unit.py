@@ -88,6 +88,11 @@ def test_metrics_need_a_token_of_the_viewer_role(api: Api) -> None:
     assert value(api.scrape(), "kvmotion_build_info", version=__version__) == 1.0
 
 
+def test_the_leader_gauge(api: Api, db_url: str) -> None:
+    """SQLite: the one controller leads. PostgreSQL: not before its start tried the lock (no lifespan here)."""
+    assert value(api.scrape(), "kvmotion_controller_leader") == (1.0 if db_url.startswith("sqlite") else 0.0)
+
+
 def test_finished_migrations_are_counted_with_their_figures(api: Api) -> None:
     moves = [(12.0, 40.0, 55.0, 1000), (90.0, 120.0, 150.0, 3000), (3000.0, 8.0, 9.5, 5000)]
     for i, (total, downtime, pause, sent) in enumerate(moves):

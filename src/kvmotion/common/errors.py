@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     INTERNAL = "INTERNAL"
     GUEST_AGENT_SILENT = "GUEST_AGENT_SILENT"
     GUEST_AGENT_ERROR = "GUEST_AGENT_ERROR"
+    NO_LEADER = "NO_LEADER"
 
 
 _HTTP_STATUS: dict[ErrorCode, int] = {
@@ -51,6 +52,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.GUEST_AGENT_SILENT: 504,
     ErrorCode.GUEST_AGENT_ERROR: 502,
+    ErrorCode.NO_LEADER: 503,
 }
 
 
@@ -182,6 +184,14 @@ class AgentUnreachable(KvmotionError):
 
 class AgentError(KvmotionError):
     code = ErrorCode.AGENT_ERROR
+
+
+class NoLeader(KvmotionError):
+    """A controller of a database several controllers share, not their leader, could not hand a state-changing
+    call on: no controller leads right now (a takeover is under way), or the leader did not answer;
+    ``details``: leader (its name, when one is known), url."""
+
+    code = ErrorCode.NO_LEADER
 
 
 class PeerUnreachable(KvmotionError):
@@ -344,7 +354,7 @@ _BY_CODE: dict[ErrorCode, type[KvmotionError]] = {
     for cls in (
         NotFoundError, InvalidInputError, ConflictError, PrecheckFailed, AgentUnreachable, AgentError,
         PeerUnreachable, QMPCommandError, QMPTimeout, QemuStartFailed, MigrationFailed, DeadlineExceeded, ImageMissing,
-        UnauthorizedError, ForbiddenError, CsrfRejected, GuestAgentSilent, GuestAgentError,
+        UnauthorizedError, ForbiddenError, CsrfRejected, GuestAgentSilent, GuestAgentError, NoLeader,
     )
 }
 _BY_FAILURE: dict[str | None, type[MigrationFailed]] = {

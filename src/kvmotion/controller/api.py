@@ -22,10 +22,11 @@ from kvmotion import __version__
 from kvmotion.common.apierrors import invalid_input, kvmotion_error
 from kvmotion.common.errors import InvalidInputError, KvmotionError
 from kvmotion.controller.auth import Peer, Principal
+from kvmotion.controller.forward import LeaderForward
 from kvmotion.controller.gate import PEER_PREFIX, ApiGate
 from kvmotion.controller.metrics import Exposition
-from kvmotion.controller.routes import (clusters, console, crossmove, devices, domain, drs, guest, hosts, images,
-                                        metrics, tasks, tokens, vms)
+from kvmotion.controller.routes import (clusters, console, controllers, crossmove, devices, domain, drs, guest,
+                                        hosts, images, metrics, tasks, tokens, vms)
 from kvmotion.controller.routes.deps import no_unknown_query
 from kvmotion.controller.service import Controller
 from kvmotion.controller.webui import routes as webui
@@ -33,8 +34,8 @@ from kvmotion.controller.webui.sessions import UiSessions
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
-ROUTERS = (hosts.router, clusters.router, drs.router, images.router, vms.router, tasks.router, tokens.router, devices.router,
-           guest.router, domain.router, domain.peer_router, crossmove.peer_router)
+ROUTERS = (hosts.router, clusters.router, drs.router, images.router, vms.router, tasks.router, tokens.router,
+           devices.router, guest.router, domain.router, domain.peer_router, crossmove.peer_router, controllers.router)
 
 
 class ErrorDetail(BaseModel):
@@ -83,11 +84,13 @@ def create_app(ctl: Controller, public_docs: bool = False) -> FastAPI:
 
     app = FastAPI(title="kvmotion controller", version=__version__, lifespan=lifespan)
     app.state.controller = ctl
-    app.state.metrics = Exposition(ctl.sessions, drs=lambda: dict(ctl.drs.latest))   # reads nothing until scraped
+    app.state.metrics = Exposition(ctl.sessions, leading=lambda: ctl.leadership.is_leader,
+                                   drs=lambda: dict(ctl.drs.latest))          # reads at a scrape
     app.state.ui_sessions = UiSessions()               # the web client's signed-in browsers (webui/sessions.py)
     _error_handlers(app)
     docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
                      if p and not public_docs)
+    app.add_middleware(LeaderForward, leadership=ctl.leadership, ca_file=ctl.pki_dir / "ca-cert.pem")  # in the gate
     app.add_middleware(ApiGate, tokens=ctl.tokens, viewer_paths=docs | {metrics.PATH},   # inside the audit
                        peers=ctl.domain.authenticate, ui=app.state.ui_sessions)
     _audit(app, ctl)

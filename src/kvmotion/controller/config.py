@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,10 @@ class ControllerConfig(BaseModel):
     tls_key_file: Path | None = None        # --tls-key
     tls_names: list[str] = Field(default_factory=list, max_length=16)   # --tls-name: more names for the auto cert
     refresh_parallel: int = Field(default=32, ge=1, le=1024)   # --refresh-parallel: hosts the monitor asks at once
+    controller_name: str | None = Field(default=None, min_length=1, max_length=64,
+                                        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # --name; default: host name
+    advertise_url: str | None = Field(default=None, max_length=264,
+                                      pattern=r"^https?://[^/\s]+$")   # --advertise-url: followers forward to it
     log_level: LogLevel = "info"            # --log-level
 
     @field_validator("vm_ip_pool")
@@ -88,6 +93,22 @@ class ControllerConfig(BaseModel):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together (a certificate and its key)")
         return self
+
+    @property
+    def name(self) -> str:
+        """This controller's name among those of its database: ``controller_name``, else the machine's name."""
+        return self.controller_name or socket.gethostname()
+
+    @property
+    def advertised_url(self) -> str:
+        """Where the other controllers of the database reach this one's API: ``advertise_url``, else the listen
+        address (the machine's name when it listens on every address)."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.listen_host if self.listen_host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
+        scheme = "http" if self.tls == "off" and self.own_certificate is None else "https"
+        return f"{scheme}://{host}:{self.listen_port}"
 
     @property
     def own_certificate(self) -> tuple[Path, Path] | None:

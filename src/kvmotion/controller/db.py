@@ -228,6 +228,18 @@ class DomainMember(Base):
     version: Mapped[str] = mapped_column(String(64), default="")
 
 
+class ControllerLeader(Base):
+    """The controller that leads the controllers of this database (``controller.leader``): one row, id 1, written
+    by each new leader while it holds the leader lock; the others forward state-changing calls to its ``url``."""
+
+    __tablename__ = "controller_leader"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))          # the leader's controller_name
+    url: Mapped[str] = mapped_column(String(264))          # its advertised URL
+    term: Mapped[int] = mapped_column(Integer, default=1)  # +1 at every takeover
+    since: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 def too_long(row: Base) -> list[str]:
     """The columns of ``row`` whose text is longer than the column allows: PostgreSQL refuses such a row (SQLite
     would keep it), so what an agent reports is checked with this before it is stored."""

@@ -104,6 +104,7 @@ class ApiGate:
             if session is not None:
                 check_csrf(scope, session, what)
                 token = session.token
+        scope.setdefault("state", {})["token"] = token       # a follower hands it on (``forward``)
         return token
 
 

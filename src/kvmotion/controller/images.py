@@ -81,6 +81,10 @@ class ImageLibrary:
         self._running[journal.id] = asyncio.create_task(self._follow(journal, host, job), name=f"import-{req.name}")
         return journal.read()
 
+    def running_tasks(self) -> list[asyncio.Task[ImageOut]]:
+        """The imports this controller follows now."""
+        return list(self._running.values())
+
     async def wait(self, task_id: str) -> ImageOut:
         """The outcome of an import this controller runs (raises its error)."""
         return await self._running[task_id]

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "every migration at once: benchmarks only)")
     parser.add_argument("--refresh-parallel", type=int, default=None, metavar="N",
                         help="hosts whose facts the monitor asks for at once (default 32)")
+    parser.add_argument("--name", dest="controller_name", default=None, metavar="NAME",
+                        help="this controller's name among those sharing its database (default: the host name)")
+    parser.add_argument("--advertise-url", default=None, metavar="URL",
+                        help="where the other controllers of the database reach this one's API (default: "
+                             "https://LISTEN_HOST:PORT)")
     parser.add_argument("--log-level", default=None, type=str.lower, choices=get_args(LogLevel), help="default info")
     return parser
 
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         db.parent.mkdir(parents=True, exist_ok=True)
     try:
         ctl = Controller(cfg.database_url, cfg.vm_ip_pool, admission_enabled=cfg.admission, pki_dir=cfg.pki,
-                         token_dir=cfg.tokens, host_networks=cfg.host_networks, refresh_parallel=cfg.refresh_parallel)
+                         token_dir=cfg.tokens, host_networks=cfg.host_networks, refresh_parallel=cfg.refresh_parallel,
+                         name=cfg.name, advertised_url=cfg.advertised_url)
     except DatabaseUnusable as exc:
         fail(PROG, exc)
     cert = https_files(cfg, ctl)

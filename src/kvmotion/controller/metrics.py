@@ -228,9 +228,10 @@ class FleetCollector:
     """The prometheus_client collector of one controller: its session factory injected, a clock for the ages."""
 
     def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time,
-                 drs: Callable[[], dict[str, Any]] = dict) -> None:
+                 leading: Callable[[], bool] = lambda: True, drs: Callable[[], dict[str, Any]] = dict) -> None:
         self.sessions = sessions
         self.clock = clock
+        self.leading = leading
         self.drs = drs                      # cluster → its last DRS status (models.drs.DrsStatus), in memory
         self.finished = FinishedMoves()
 
@@ -238,6 +239,9 @@ class FleetCollector:
         self.finished.update(self.sessions)
         fleet = read_fleet(self.sessions)
         yield InfoMetricFamily("kvmotion_build", "The controller's version", value={"version": __version__})
+        yield GaugeMetricFamily("kvmotion_controller_leader", "1 while this controller leads the controllers of its "
+                                "database (schedules, monitors, reconciles), 0 while it follows",
+                                value=1.0 if self.leading() else 0.0)
         with self.finished.lock:           # a snapshot: a scrape at the same time waits for it
             finished = list(self._finished_families()) if self.finished.complete else []
         yield from finished
@@ -322,8 +326,8 @@ class Exposition:
     """The metrics page of one controller: its collector in a registry of its own (never the global one)."""
 
     def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time,
-                 drs: Callable[[], dict[str, Any]] = dict) -> None:
-        self.collector = FleetCollector(sessions, clock, drs)
+                 leading: Callable[[], bool] = lambda: True, drs: Callable[[], dict[str, Any]] = dict) -> None:
+        self.collector = FleetCollector(sessions, clock, leading, drs)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
 

@@ -40,6 +40,7 @@ class Scheduler:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
+        self.stood_down = False          # this controller stopped leading: it launches nothing (``run``)
         # a cross-controller task's context (``controller.crossmove``); None: this controller moves nothing across
         self.cross_context: Callable[[TaskOut, VMSpec, MigrateRequest, int], MoveContext] | None = None
 
@@ -51,6 +52,18 @@ class Scheduler:
             self._loop_task.cancel()
         for t in list(self.tasks.values()):
             t.cancel()
+
+    async def run(self) -> None:
+        """The scheduler while this controller leads (``leader.Leadership.run_while_leader``): when it is
+        cancelled, so is every engine it started (the next leader reconciles their moves), and nothing is
+        scheduled here any more until it runs again."""
+        self.stood_down = False
+        try:
+            await self._loop()
+        finally:
+            self.stood_down = True
+            for t in list(self.tasks.values()):
+                t.cancel()
 
     async def _loop(self) -> None:
         while True:
@@ -97,6 +110,8 @@ class Scheduler:
                                  local=local)
 
     async def schedule(self) -> None:
+        if self.stood_down:
+            return
         async with self._lock:
             queued_t = task_store.unfinished(self.sessions, "queued")
             running_t = [t for t in task_store.unfinished(self.sessions, "running") if t.id in self.engines]

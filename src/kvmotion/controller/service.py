@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from kvmotion.controller.keys import KeyProvider
 from kvmotion.controller.pki import CertificateAuthority
 from kvmotion.controller.images import ImageLibrary
 from kvmotion.controller.inventory import Inventory
+from kvmotion.controller.leader import Leadership
 from kvmotion.checks.rules import encryption_plan
 from kvmotion.models.api import Finding, HostOut, MigratePlan, MigrateRequest, TaskOut, VMOut
 from kvmotion.controller.tasks import TaskJournal
@@ -47,7 +49,8 @@ RECONCILE_S = 10.0        # unknown migrations are re-checked this often
 class Controller:
     def __init__(self, db_url: str, vm_ip_pool: str | None = None, admission_enabled: bool = True,
                  pki_dir: Path | None = None, token_dir: Path | None = None,
-                 host_networks: list[str] | None = None, refresh_parallel: int = REFRESH_PARALLEL) -> None:
+                 host_networks: list[str] | None = None, refresh_parallel: int = REFRESH_PARALLEL,
+                 name: str | None = None, advertised_url: str = "") -> None:
         require_pki_dir(db_url, pki_dir)
         self.engine = make_engine(db_url)
         self.sessions = make_sessionmaker(self.engine)
@@ -72,24 +75,29 @@ class Controller:
         self.scheduler.cross_context = self.cross.context
         self.token_dir = token_dir or pki.parent
         self.refresh_parallel = refresh_parallel          # hosts the monitor refreshes at once
-        self._monitor: asyncio.Task[None] | None = None
-        self._drs: asyncio.Task[None] | None = None
+        # one controller of those sharing the database leads: it reconciles, then schedules and monitors
+        self.leadership = Leadership(db_url, self.sessions, name or socket.gethostname(), advertised_url,
+                                     on_elected=self.reconcile)
+        self.leadership.run_while_leader("scheduler", self.scheduler.run)   # queued tasks survive a restart
+        self.leadership.run_while_leader("host-monitor", self._monitor_hosts)
+        self.leadership.run_while_leader("drs", self.drs.loop)            # DRS acts from the leader only
+        self.leadership.on_step_down(self._abandon_requested_work)
 
     async def startup(self) -> None:
         made = self.tokens.bootstrap_admin(self.token_dir)
         if made:
             log.info("first start: the admin token is in %s (mode 0600)", made)
-        await self.reconcile()
-        self.scheduler.start()     # queued tasks survive a restart: the scheduler picks them up
-        self._monitor = asyncio.create_task(self._monitor_hosts(), name="host-monitor")
-        self._drs = asyncio.create_task(self.drs.loop(), name="drs")
+        await self.leadership.start()       # a lone controller (SQLite: always) leads before it serves
 
     async def shutdown(self) -> None:
-        for task in (self._monitor, self._drs):
-            if task:
-                task.cancel()
-        await self.scheduler.stop()
+        await self.leadership.stop()
         self.engine.dispose()
+
+    def _abandon_requested_work(self) -> None:
+        """No longer the leader: evacuations and image imports started here stop (the next leader's
+        reconciliation ends their tasks)."""
+        for task in [*self.maintenance.running.values(), *self.images.running_tasks()]:
+            task.cancel()
 
     async def _monitor_hosts(self) -> None:
         last_reconcile = time.monotonic()
