@@ -53,6 +53,25 @@ class HostOut(BaseModel):
     facts: dict[str, Any] = Field(default_factory=dict)
 
 
+class HostSummary(BaseModel):
+    """A host in a list's ``view=summary``: its own columns, without its facts (``GET /hosts/{name}`` has them)."""
+    name: str
+    address: str
+    state: str
+    maintenance: int = 0
+    cluster: str | None = None
+    last_seen: float
+    last_error: str = ""
+
+
+class VMSummary(BaseModel):
+    """A VM in a list's ``view=summary``: where it is and whether it runs, without its spec (``GET /vms/{ref}``)."""
+    uuid: str
+    name: str
+    host: str
+    power_state: str
+
+
 class VMCreate(Request):
     name: Name
     host: Name
