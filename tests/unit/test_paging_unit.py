@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ VMS = [f"vm{i:03d}" for i in range(23)]
 
 
 def seed(ctl: Controller) -> None:
+    now = time.time()            # recent: the controller's monitor, running under the TestClient, keeps them
     with ctl.engine.begin() as c:
         c.execute(insert(Host), [dict(name=h, address="https://198.18.0.1:8770", cluster="c1" if i % 2 else None,
                                       state="disconnected" if i == 3 else "connected",
@@ -33,8 +35,8 @@ def seed(ctl: Controller) -> None:
                                     spec_json=json.dumps({"memory_mb": 256, "name": n})) for i, n in enumerate(VMS)])
         # 12 tasks, several created in the same second: the order falls back on the id
         c.execute(insert(Task), [dict(id=f"{i:02d}" + str(uuid.uuid4())[2:], kind="vmotion", vm_uuid="u",
-                                      vm_name=f"vm{i}", state="success", created_at=1000.0 + i // 3,
-                                      finished_at=2000.0 + i) for i in range(12)])
+                                      vm_name=f"vm{i}", state="success", created_at=now - 100 + i // 3,
+                                      finished_at=now - 50 + i) for i in range(12)])
 
 
 @pytest.fixture()

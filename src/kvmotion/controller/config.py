@@ -37,6 +37,8 @@ class ControllerConfig(BaseModel):
     tls_key_file: Path | None = None        # --tls-key
     tls_names: list[str] = Field(default_factory=list, max_length=16)   # --tls-name: more names for the auto cert
     refresh_parallel: int = Field(default=32, ge=1, le=1024)   # --refresh-parallel: hosts the monitor asks at once
+    task_retention_days: float = Field(default=30, gt=0, le=36500)   # finished tasks kept this long (days)
+    task_retention_max: int = Field(default=100_000, ge=100, le=100_000_000)   # and at most this many
     log_level: LogLevel = "info"            # --log-level
 
     @field_validator("vm_ip_pool")

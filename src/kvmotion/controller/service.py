@@ -34,6 +34,7 @@ from kvmotion.controller.tasks import TaskJournal
 from kvmotion.models.moves import TaskKind
 from kvmotion.controller.maintenance import Maintenance
 from kvmotion.controller.onboarding import Onboarding
+from kvmotion.controller.retention import TaskRetention
 from kvmotion.controller.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Controller:
         self.scheduler.cross_context = self.cross.context
         self.token_dir = token_dir or pki.parent
         self.refresh_parallel = refresh_parallel          # hosts the monitor refreshes at once
+        self.retention = TaskRetention(self.sessions)     # finished tasks pruned (controller.toml: task_retention_*)
         self._monitor: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
@@ -97,6 +99,7 @@ class Controller:
                 except Exception:  # noqa: BLE001 - keep monitoring
                     log.exception("periodic reconciliation failed")
             await self.refresh_hosts()
+            await self.retention.tick()                   # at most once a minute, in bounded batches
             await asyncio.sleep(REFRESH_S)
 
     async def refresh_hosts(self) -> None:
