@@ -8,8 +8,9 @@ real code paths:
       ``compat.validate_many`` at once, as the evacuation planning does),
   (b) evacuation planning of a host holding ``--evac-vms`` VMs (``Maintenance.plan_vm`` per VM; no moves),
   (c) a full facts round of every host (``Controller.refresh_hosts``, the monitor's round),
-  (d) API latency under ``--clients`` concurrent clients (the real app under uvicorn in a subprocess on
-      127.0.0.1, plain HTTP, a viewer token; its monitor runs with the fake agents meanwhile),
+  (d) API latency under ``--clients`` concurrent clients, each asking for the first page of each list in turn, as
+      a client that pages does (the real app under uvicorn in a subprocess on 127.0.0.1, plain HTTP, a viewer
+      token; its monitor runs with the fake agents meanwhile); and one client alone reading every page of the VMs,
   (e) that controller's memory (peak RSS).
 Prints one table: figure, measured, target, met/gap. It never fails on a figure; it does fail when a round leaves a
 host in the wrong state (a host that answered must be connected, one that did not, disconnected).
@@ -47,7 +48,10 @@ from kvmotion.models.sampling import DirtySample
 HERE = Path(__file__).resolve().parent
 UNREACHABLE_EVERY = 20                    # 5 % of the hosts do not answer
 FEATURES = [f"feat{i}" for i in range(60)] + ["sse2", "sse4.2", "avx2"]
-PATHS = ("/api/v1/hosts", "/api/v1/vms", "/api/v1/tasks")
+# the load: the first page of each list, as a client that pages asks for it (the default limit: 500 hosts or VMs,
+# 50 tasks); the lists' light view (no facts, no specs: GET /hosts/{name} and /vms/{ref} have them)
+PATHS = ("/api/v1/hosts?view=summary", "/api/v1/vms?view=summary", "/api/v1/tasks")
+FULL_PAGES = ("/api/v1/hosts", "/api/v1/vms")        # the first page of the full view, asked alone
 
 
 # -- the fleet: facts, specs, fake agents ---------------------------------------------------------------------------
@@ -281,6 +285,21 @@ def alone_call(port: int, token: str, path: str) -> tuple[float, int]:
     return time.perf_counter() - t0, len(r.content)
 
 
+def every_page(port: int, token: str, path: str) -> tuple[float, int, int, int]:
+    """One client alone reading a list to its end, following X-Next-Cursor: time, pages, items, bytes."""
+    pages = items = size = 0
+    url = httpx.URL(f"http://127.0.0.1:{port}{path}")
+    t0 = time.perf_counter()
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=120) as c:
+        r = c.get(url)
+        while True:
+            r.raise_for_status()
+            pages, items, size = pages + 1, items + len(r.json()), size + len(r.content)
+            if "X-Next-Cursor" not in r.headers:
+                return time.perf_counter() - t0, pages, items, size
+            r = c.get(url.copy_merge_params({"cursor": r.headers["X-Next-Cursor"]}))
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
 
@@ -296,12 +315,15 @@ def api_rows(ctl: Any, db_url: str, scratch: Path, args: argparse.Namespace) -> 
     port = args.port
     with serving(db_url, scratch, port, args) as proc:
         idle = rss_kb(proc.pid)["VmRSS"]
-        alone = [alone_call(port, token, p) for p in PATHS]
+        alone = [(p, *alone_call(port, token, p)) for p in (*PATHS, *FULL_PAGES)]
+        walks = [(p, *every_page(port, token, p)) for p in ("/api/v1/vms?view=summary", "/api/v1/vms")]
         times = asyncio.run(load(port, token, args.clients, args.api_s))
         mem = rss_kb(proc.pid)
     every = [t for ts in times.values() for t in ts]
-    rows = [Row(f"  GET {p.removeprefix('/api/v1')}, one client alone", f"{ms(t)}, {size / 1e6:.1f} MB")
-            for p, (t, size) in zip(PATHS, alone)]
+    rows = [Row(f"  GET {p.removeprefix('/api/v1')}, one client alone, first page", f"{ms(t)}, {size / 1e6:.2f} MB")
+            for p, t, size in alone]
+    rows += [Row(f"  GET {p.removeprefix('/api/v1')}, every page, one client alone",
+                 f"{t:.2f} s, {pages} pages, {items} VMs, {size / 1e6:.1f} MB") for p, t, pages, items, size in walks]
     rows += [Row(f"API p99, {args.clients} clients, {len(every)} calls", ms(p99(every)), "< 100 ms",
                  p99(every) < 0.1)]
     rows += [Row(f"  GET {p.removeprefix('/api/v1')} p50 / p99 ({len(ts)} calls)",

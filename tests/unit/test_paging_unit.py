@@ -155,6 +155,9 @@ def test_the_tasks_list_pages_the_same_way(http: TestClient) -> None:
     assert [t["id"][:2] for t in r.json()] == ["11", "10", "09", "08", "07", "06", "05"]
     r2 = http.get("/api/v1/tasks", params={"limit": 7, "cursor": r.headers["X-Next-Cursor"]})
     assert [t["id"][:2] for t in r2.json()] == ["04", "03", "02", "01", "00"] and "X-Next-Cursor" not in r2.headers
+    light = http.get("/api/v1/tasks", params={"limit": 7, "view": "summary"})
+    assert [t["id"] for t in light.json()] == [t["id"] for t in r.json()]
+    assert "phases" not in light.json()[0] and light.json()[0]["state"] == "success"
     bad = http.get("/api/v1/tasks", params={"cursor": listing.encode_cursor("vms", ["vm001"])})
     assert bad.status_code == 422 and "GET /tasks" in bad.json()["error"]["message"]
 

@@ -8,6 +8,7 @@ import json
 import shutil
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -65,30 +66,42 @@ def test_the_migrated_schema_is_the_models(db_url: str) -> None:
 
 def test_the_baseline_is_the_schema_before_migrations_and_each_revision_is_what_it_says(db_url: str) -> None:
     """At the baseline, the models differ by exactly what the later revisions change: the index on tasks.state
-    (0002), the 64-bit image sizes (0003), the index on tasks (finished_at, id) (0004) and the datastores'
-    capacity (0005) and the clusters' DRS settings (0006); so the comparison sees differences, and the baseline is the rest."""
+    (0002), the 64-bit image sizes (0003), the index on tasks (finished_at, id) (0004), the datastores' capacity
+    (0005), the clusters' DRS settings (0006) and the index on tasks (created_at, id) (0007); so the comparison sees
+    differences, and the baseline is the rest."""
     engine = dbengine.create(db_url)
     upgrade_to(engine, schema.BASELINE)
     diff = schema_diff(engine)
     assert {(d[0], d[1].name) for d in diff if d[0] == "add_index"} == {("add_index", "ix_tasks_state"),
-                                                                        ("add_index", "ix_tasks_finished_at_id")}
+                                                                        ("add_index", "ix_tasks_finished_at_id"),
+                                                                        ("add_index", "ix_tasks_created_at_id")}
     assert sorted((d[0], d[2], d[3].name) for d in diff if d[0] == "add_column") == [
         ("add_column", "clusters", "drs_json"), ("add_column", "host_datastores", "total_mb")]
     assert sorted((d[0][0], d[0][2], d[0][3]) for d in diff if d[0] not in ("add_index", "add_column")) == [
         ("modify_type", "images", "file_bytes"), ("modify_type", "images", "virtual_bytes")]
-    assert len(diff) == 6
+    assert len(diff) == 7
     upgrade_to(engine, "0002")
-    assert len(schema_diff(engine)) == 5
+    assert len(schema_diff(engine)) == 6
     upgrade_to(engine, "0003")
     assert sorted((d[0], d[1].name if d[0] == "add_index" else d[3].name) for d in schema_diff(engine)) == [
-        ("add_column", "drs_json"), ("add_column", "total_mb"), ("add_index", "ix_tasks_finished_at_id")]
+        ("add_column", "drs_json"), ("add_column", "total_mb"), ("add_index", "ix_tasks_created_at_id"),
+        ("add_index", "ix_tasks_finished_at_id")]
     upgrade_to(engine, "0004")
-    assert sorted((d[0], d[2], d[3].name) for d in schema_diff(engine)) == [
-        ("add_column", "clusters", "drs_json"), ("add_column", "host_datastores", "total_mb")]
+    assert sorted(named(d) for d in schema_diff(engine)) == [
+        ("add_column", "clusters", "drs_json"), ("add_column", "host_datastores", "total_mb"),
+        ("add_index", "tasks", "ix_tasks_created_at_id")]
     upgrade_to(engine, "0005")
-    assert [(d[0], d[2], d[3].name) for d in schema_diff(engine)] == [("add_column", "clusters", "drs_json")]
+    assert sorted(named(d) for d in schema_diff(engine)) == [("add_column", "clusters", "drs_json"),
+                                                            ("add_index", "tasks", "ix_tasks_created_at_id")]
+    upgrade_to(engine, "0006")
+    assert [named(d) for d in schema_diff(engine)] == [("add_index", "tasks", "ix_tasks_created_at_id")]
     upgrade_to(engine, "head")
     assert schema_diff(engine) == []
+
+
+def named(d: Any) -> tuple[str, str, str]:
+    """A schema difference as (what, table, name): an added index or column."""
+    return (d[0], d[1].table.name, d[1].name) if d[0] == "add_index" else (d[0], d[2], d[3].name)
 
 
 def test_a_database_made_before_migrations_is_adopted_and_upgraded_with_its_rows(db_url: str) -> None:
@@ -115,7 +128,7 @@ def test_an_upgrade_is_idempotent(db_url: str) -> None:
 
 def test_a_fresh_database_gets_every_revision_in_order(db_url: str) -> None:
     engine = dbengine.create(db_url)
-    assert schema.upgrade(engine) == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    assert schema.upgrade(engine) == ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
     assert schema.upgrade(engine) == []
 
 

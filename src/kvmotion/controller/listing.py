@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
+from pydantic import TypeAdapter
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,7 +22,7 @@ from kvmotion.common.errors import InvalidInputError
 from kvmotion.controller.db import VM, Host, Task
 from kvmotion.controller.inventory import host_out, vm_out
 from kvmotion.controller.tasks import to_out as task_out
-from kvmotion.models.api import HostOut, HostSummary, TaskOut, VMOut, VMSummary
+from kvmotion.models.api import HostOut, HostSummary, TaskOut, TaskSummary, VMOut, VMSummary
 
 DEFAULT_LIMIT = 500            # GET /vms and /hosts
 MAX_LIMIT = 5000
@@ -33,6 +34,14 @@ PowerState = Literal["poweredOn", "poweredOff"]
 HostState = Literal["connected", "disconnected"]
 
 T = TypeVar("T")
+# what a page's items are read into and answered with (one pass each, in pydantic-core)
+VMS_FULL, VMS_SUMMARY = TypeAdapter(list[VMOut]), TypeAdapter(list[VMSummary])
+HOSTS_FULL, HOSTS_SUMMARY = TypeAdapter(list[HostOut]), TypeAdapter(list[HostSummary])
+TASKS_FULL, TASKS_SUMMARY = TypeAdapter(list[TaskOut]), TypeAdapter(list[TaskSummary])
+VM_COLUMNS = (VM.uuid, VM.name, VM.host, VM.power_state)
+HOST_COLUMNS = (Host.name, Host.address, Host.state, Host.maintenance, Host.cluster, Host.last_seen, Host.last_error)
+TASK_COLUMNS = (Task.id, Task.kind, Task.vm_uuid, Task.vm_name, Task.source, Task.destination, Task.state, Task.phase,
+                Task.progress, Task.created_at, Task.updated_at, Task.started_at, Task.finished_at)
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,16 @@ def check_limit(limit: int, most: int) -> int:
     return limit
 
 
-def _rows(sessions: sessionmaker[Session], q: Select[Any], limit: int) -> tuple[list[Any], bool]:
-    """The page's rows and whether there are more (one row more than the limit is read)."""
+def _rows(sessions: sessionmaker[Session], q: Select[Any], limit: int, full: bool) -> tuple[list[Any], bool]:
+    """The page's rows and whether there are more (one row more than the limit is read): ORM objects for the full
+    view; for the summary, each row as a dict of the selected columns (no ORM loading, read in one fetch)."""
     with sessions() as s:
-        rows = list(s.execute(q.limit(limit + 1)).all())
+        if full:
+            rows: list[Any] = list(s.execute(q.limit(limit + 1)).scalars())
+        else:
+            result = s.connection().execute(q.limit(limit + 1))
+            keys = list(result.keys())
+            rows = [dict(zip(keys, r)) for r in result.all()]
     return rows[:limit], len(rows) > limit
 
 
@@ -83,17 +98,15 @@ def vm_page(sessions: sessionmaker[Session], limit: int = DEFAULT_LIMIT, cursor:
     """VMs by name, ``limit`` at most, after the cursor; ``summary``: only the VM's own columns (no spec read)."""
     check_limit(limit, MAX_LIMIT)
     after = decode_cursor("vms", cursor, (str,))
-    cols: tuple[Any, ...] = (VM,) if view == "full" else (VM.uuid, VM.name, VM.host, VM.power_state)
-    q = select(*cols).order_by(VM.name)
+    q = select(VM) if view == "full" else select(*VM_COLUMNS)
     if after is not None:
         q = q.where(VM.name > after[0])
     if host is not None:
         q = q.where(VM.host == host)
     if power_state is not None:
         q = q.where(VM.power_state == power_state)
-    rows, more = _rows(sessions, q, limit)
-    items: list[Any] = ([vm_out(r[0]) for r in rows] if view == "full" else
-                        [VMSummary(uuid=r.uuid, name=r.name, host=r.host, power_state=r.power_state) for r in rows])
+    rows, more = _rows(sessions, q.order_by(VM.name), limit, view == "full")
+    items = [vm_out(v) for v in rows] if view == "full" else VMS_SUMMARY.validate_python(rows)
     return Page(items, encode_cursor("vms", [items[-1].name]) if more else None)
 
 
@@ -103,31 +116,27 @@ def host_page(sessions: sessionmaker[Session], limit: int = DEFAULT_LIMIT, curso
     """Hosts by name, ``limit`` at most, after the cursor; ``summary``: without their facts (not read)."""
     check_limit(limit, MAX_LIMIT)
     after = decode_cursor("hosts", cursor, (str,))
-    cols: tuple[Any, ...] = (Host,) if view == "full" else (
-        Host.name, Host.address, Host.state, Host.maintenance, Host.cluster, Host.last_seen, Host.last_error)
-    q = select(*cols).order_by(Host.name)
+    q = select(Host) if view == "full" else select(*HOST_COLUMNS)
     if after is not None:
         q = q.where(Host.name > after[0])
     if cluster is not None:
         q = q.where(Host.cluster == cluster)
     if state is not None:
         q = q.where(Host.state == state)
-    rows, more = _rows(sessions, q, limit)
-    items: list[Any] = ([host_out(r[0]) for r in rows] if view == "full" else
-                        [HostSummary(name=r.name, address=r.address, state=r.state, maintenance=r.maintenance,
-                                     cluster=r.cluster, last_seen=r.last_seen, last_error=r.last_error or "")
-                         for r in rows])
+    rows, more = _rows(sessions, q.order_by(Host.name), limit, view == "full")
+    items = [host_out(h) for h in rows] if view == "full" else HOSTS_SUMMARY.validate_python(rows)
     return Page(items, encode_cursor("hosts", [items[-1].name]) if more else None)
 
 
-def task_page(sessions: sessionmaker[Session], limit: int = TASK_DEFAULT_LIMIT,
-              cursor: str | None = None) -> Page[TaskOut]:
-    """Tasks newest first (created_at, then id, both descending), ``limit`` at most, after the cursor."""
+def task_page(sessions: sessionmaker[Session], limit: int = TASK_DEFAULT_LIMIT, cursor: str | None = None,
+              view: View = "full") -> Page[TaskOut] | Page[TaskSummary]:
+    """Tasks newest first (created_at, then id, both descending: the tasks (created_at, id) index), ``limit`` at
+    most, after the cursor; ``summary``: without phases, live figures, options, result and error (not parsed)."""
     check_limit(limit, TASK_MAX_LIMIT)
     after = decode_cursor("tasks", cursor, (float, str))
-    q = select(Task).order_by(Task.created_at.desc(), Task.id.desc())
+    q = select(Task) if view == "full" else select(*TASK_COLUMNS)
     if after is not None:
         q = q.where(or_(Task.created_at < after[0], and_(Task.created_at == after[0], Task.id < after[1])))
-    rows, more = _rows(sessions, q, limit)
-    items = [task_out(r[0]) for r in rows]
+    rows, more = _rows(sessions, q.order_by(Task.created_at.desc(), Task.id.desc()), limit, view == "full")
+    items = [task_out(t) for t in rows] if view == "full" else TASKS_SUMMARY.validate_python(rows)
     return Page(items, encode_cursor("tasks", [items[-1].created_at, items[-1].id]) if more else None)

@@ -262,6 +262,24 @@ class PhaseRecord(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
+class TaskSummary(BaseModel):
+    """A task in a list's ``view=summary``: its own columns, without its phases, live figures, options, result
+    and error (``GET /tasks/{id}`` has them)."""
+    id: str
+    kind: str
+    vm_uuid: str
+    vm_name: str
+    source: str
+    destination: str
+    state: str
+    phase: str
+    progress: float
+    created_at: float
+    updated_at: float
+    started_at: float = 0.0
+    finished_at: float
+
+
 class TaskOut(BaseModel):
     id: str
     kind: str

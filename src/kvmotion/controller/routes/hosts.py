@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import TypeAdapter
 
 from kvmotion import __version__
 from kvmotion.controller import listing
@@ -15,8 +14,6 @@ from kvmotion.models.api import HostAdd, HostOut, HostSummary, MaintenanceReques
 from kvmotion.models.onboarding import HostApprove, HostRemoved, PendingHostOut, RegistrationOut
 
 router = APIRouter()
-FULL = TypeAdapter(list[HostOut])
-SUMMARY = TypeAdapter(list[HostSummary])
 
 
 @router.get("/health", dependencies=role(Role.VIEWER))
@@ -36,7 +33,7 @@ def hosts(ctl: Ctl, request: Request,
     """Hosts by name, a page at a time (``X-Next-Cursor``: the next page's cursor; absent on the last page). A plain
     function: FastAPI runs it in a thread (off the event loop)."""
     page = listing.host_page(ctl.sessions, limit, cursor, view, cluster, state)
-    return paged(page, FULL if view == "full" else SUMMARY, request)
+    return paged(page, listing.HOSTS_FULL if view == "full" else listing.HOSTS_SUMMARY, request)
 
 
 @router.post("/hosts", status_code=201, dependencies=role(Role.ADMIN))

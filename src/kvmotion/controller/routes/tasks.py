@@ -3,30 +3,30 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import TypeAdapter
 
 from kvmotion.controller import listing, taskstream, tasks as task_store
 from kvmotion.controller.events import events_of
 from kvmotion.controller.taskfeed import feed_for
 from kvmotion.controller.auth import Role
 from kvmotion.controller.routes.deps import Ctl, next_page_header, paged, role
-from kvmotion.models.api import EventOut, TaskOut
+from kvmotion.models.api import EventOut, TaskOut, TaskSummary
 
 router = APIRouter()
-TASKS = TypeAdapter(list[TaskOut])
 
 
 @router.get("/tasks", dependencies=role(Role.VIEWER), response_class=Response,
-            responses={200: {"model": list[TaskOut], "headers": next_page_header("tasks")}})
+            responses={200: {"model": list[TaskOut] | list[TaskSummary], "headers": next_page_header("tasks")}})
 def task_list(ctl: Ctl, request: Request,
               limit: int = Query(default=listing.TASK_DEFAULT_LIMIT, ge=1, le=listing.TASK_MAX_LIMIT,
                                  description="tasks per page"),
               cursor: str | None = Query(default=None, max_length=listing.MAX_CURSOR_CHARS,
-                                         description="the previous page's X-Next-Cursor; none: the newest tasks")
-              ) -> Response:
+                                         description="the previous page's X-Next-Cursor; none: the newest tasks"),
+              view: listing.View = Query(default="full", description="summary: without phases, live figures, "
+                                         "options, result and error (GET /tasks/{id})")) -> Response:
     """Tasks newest first, a page at a time (``X-Next-Cursor``: the next, older, page's cursor). A plain function:
     FastAPI runs it in a thread (off the event loop)."""
-    return paged(listing.task_page(ctl.sessions, limit, cursor), TASKS, request)
+    page = listing.task_page(ctl.sessions, limit, cursor, view)
+    return paged(page, listing.TASKS_FULL if view == "full" else listing.TASKS_SUMMARY, request)
 
 
 @router.get("/events", dependencies=role(Role.VIEWER))

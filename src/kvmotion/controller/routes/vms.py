@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import TypeAdapter
 
 from kvmotion.controller import listing
 from kvmotion.controller.auth import Role
@@ -11,8 +10,6 @@ from kvmotion.models.api import (CdromChange, Finding, MigratePlan, MigrateReque
                                  VMSummary, VMUpdate)
 
 router = APIRouter()
-FULL = TypeAdapter(list[VMOut])
-SUMMARY = TypeAdapter(list[VMSummary])
 
 
 @router.get("/vms", dependencies=role(Role.VIEWER), response_class=Response,
@@ -27,7 +24,7 @@ def vms(ctl: Ctl, request: Request,
     """VMs by name, a page at a time (``X-Next-Cursor``: the next page's cursor; absent on the last page). A plain
     function: FastAPI runs it in a thread (off the event loop)."""
     page = listing.vm_page(ctl.sessions, limit, cursor, view, host, power_state)
-    return paged(page, FULL if view == "full" else SUMMARY, request)
+    return paged(page, listing.VMS_FULL if view == "full" else listing.VMS_SUMMARY, request)
 
 
 @router.post("/vms", status_code=201, dependencies=role(Role.ADMIN))

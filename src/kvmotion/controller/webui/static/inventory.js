@@ -42,7 +42,8 @@ function linkSpeed(f) {
 }
 
 async function hostsTab() {
-  const [hosts, tasks] = await Promise.all([getAll("/hosts"), get("/tasks?limit=500").catch(() => null)]);
+  const [hosts, tasks] = await Promise.all([getAll("/hosts"),
+                                            get("/tasks?limit=500&view=summary").catch(() => null)]);
   const moves = migrationsByHost(tasks);
   const cols = [
     { label: "Name", cell: (x) => hostLink(x.name), sort: (x) => x.name },

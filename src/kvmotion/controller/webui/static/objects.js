@@ -44,7 +44,7 @@ function recentTasks(tasks, about) {
   ], mine, { empty: "No tasks." });
   return section("Recent tasks", t.el);
 }
-const tasksOrNone = () => get("/tasks?limit=200").catch(() => []);
+const tasksOrNone = () => get("/tasks?limit=200&view=summary").catch(() => []);    // no phases or results needed
 
 // -- host ---------------------------------------------------------------------------------------------------
 function hostActions(host, errors, redraw) {
