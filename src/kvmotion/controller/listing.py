@@ -60,8 +60,8 @@ def decode_cursor(kind: str, cursor: str | None, shape: tuple[type, ...]) -> lis
     another list's cursor, a cursor edited by hand, one of an older shape."""
     if cursor is None:
         return None
-    remedy = (f"leave out cursor to get the first page, or pass exactly the X-Next-Cursor header (or the Link rel=next) "
-              f"of the previous page of GET /{kind}")
+    remedy = (f"leave out cursor to get the first page, or pass exactly the X-Next-Cursor header (or the Link "
+              f"rel=next) of the previous page of GET /{kind}")
     try:
         data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
