@@ -177,3 +177,14 @@ def test_the_cli_client_follows_the_cursor_to_the_end(http: TestClient, monkeypa
     assert len(asked) == 6 and "cursor" not in asked[0] and asked[1]["cursor"]
     assert [v["name"] for v in client.vms(host="h02", page_size=4)] == [n for i, n in enumerate(VMS) if i % 3 == 2]
     assert [h["name"] for h in client.hosts(cluster="c1", page_size=2)] == ["h01", "h03", "h05"]
+
+
+def test_a_page_of_full_vms_carries_no_wrapped_key(ctl: Controller, http: TestClient) -> None:
+    """The page is serialized by the VM model's own adapter: an encrypted disk's wrapped passphrase is shown only as
+    its fingerprint, as in GET /vms/{ref}."""
+    spec = {"name": "zz-enc", "disks": [{"node": "vda", "encrypted": True, "key_wrapped": "WRAPPED-SECRET-KEY"}]}
+    with ctl.engine.begin() as c:
+        c.execute(insert(VM), [dict(uuid=str(uuid.uuid4()), name="zz-enc", host="h00", spec_json=json.dumps(spec))])
+    r = http.get("/api/v1/vms", params={"cursor": listing.encode_cursor("vms", ["vm022"])})
+    assert [v["name"] for v in r.json()] == ["zz-enc"] and "WRAPPED-SECRET-KEY" not in r.text
+    assert r.json()[0]["spec"]["disks"][0]["key_wrapped"].startswith("sha256:")

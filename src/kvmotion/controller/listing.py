@@ -92,40 +92,36 @@ def _rows(sessions: sessionmaker[Session], q: Select[Any], limit: int, full: boo
     return rows[:limit], len(rows) > limit
 
 
+def _named_page(sessions: sessionmaker[Session], kind: str, table: type[VM] | type[Host], limit: int,
+                cursor: str | None, view: View, where: list[Any], full: Any, summary: TypeAdapter[Any],
+                columns: tuple[Any, ...]) -> Page[Any]:
+    """A page of a list ordered by its unique ``name``: ``full(row)`` of each ORM row, or the summary of ``columns``."""
+    check_limit(limit, MAX_LIMIT)
+    after = decode_cursor(kind, cursor, (str,))
+    q = select(table) if view == "full" else select(*columns)
+    for condition in where + ([table.name > after[0]] if after is not None else []):
+        q = q.where(condition)
+    rows, more = _rows(sessions, q.order_by(table.name), limit, view == "full")
+    items = [full(r) for r in rows] if view == "full" else summary.validate_python(rows)
+    return Page(items, encode_cursor(kind, [items[-1].name]) if more else None)
+
+
 def vm_page(sessions: sessionmaker[Session], limit: int = DEFAULT_LIMIT, cursor: str | None = None,
             view: View = "full", host: str | None = None,
             power_state: PowerState | None = None) -> Page[VMOut] | Page[VMSummary]:
     """VMs by name, ``limit`` at most, after the cursor; ``summary``: only the VM's own columns (no spec read)."""
-    check_limit(limit, MAX_LIMIT)
-    after = decode_cursor("vms", cursor, (str,))
-    q = select(VM) if view == "full" else select(*VM_COLUMNS)
-    if after is not None:
-        q = q.where(VM.name > after[0])
-    if host is not None:
-        q = q.where(VM.host == host)
-    if power_state is not None:
-        q = q.where(VM.power_state == power_state)
-    rows, more = _rows(sessions, q.order_by(VM.name), limit, view == "full")
-    items = [vm_out(v) for v in rows] if view == "full" else VMS_SUMMARY.validate_python(rows)
-    return Page(items, encode_cursor("vms", [items[-1].name]) if more else None)
+    where = ([VM.host == host] if host is not None else []) + \
+        ([VM.power_state == power_state] if power_state is not None else [])
+    return _named_page(sessions, "vms", VM, limit, cursor, view, where, vm_out, VMS_SUMMARY, VM_COLUMNS)
 
 
 def host_page(sessions: sessionmaker[Session], limit: int = DEFAULT_LIMIT, cursor: str | None = None,
               view: View = "full", cluster: str | None = None,
               state: HostState | None = None) -> Page[HostOut] | Page[HostSummary]:
     """Hosts by name, ``limit`` at most, after the cursor; ``summary``: without their facts (not read)."""
-    check_limit(limit, MAX_LIMIT)
-    after = decode_cursor("hosts", cursor, (str,))
-    q = select(Host) if view == "full" else select(*HOST_COLUMNS)
-    if after is not None:
-        q = q.where(Host.name > after[0])
-    if cluster is not None:
-        q = q.where(Host.cluster == cluster)
-    if state is not None:
-        q = q.where(Host.state == state)
-    rows, more = _rows(sessions, q.order_by(Host.name), limit, view == "full")
-    items = [host_out(h) for h in rows] if view == "full" else HOSTS_SUMMARY.validate_python(rows)
-    return Page(items, encode_cursor("hosts", [items[-1].name]) if more else None)
+    where = ([Host.cluster == cluster] if cluster is not None else []) + \
+        ([Host.state == state] if state is not None else [])
+    return _named_page(sessions, "hosts", Host, limit, cursor, view, where, host_out, HOSTS_SUMMARY, HOST_COLUMNS)
 
 
 def task_page(sessions: sessionmaker[Session], limit: int = TASK_DEFAULT_LIMIT, cursor: str | None = None,

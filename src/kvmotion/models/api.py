@@ -42,7 +42,8 @@ class HostAdd(Request):
     secret: str = Field(pattern=r"^[0-9a-f]{64}$", description="the agent's enrolment secret (its agent.secret file)")
 
 
-class HostOut(BaseModel):
+class HostSummary(BaseModel):
+    """A host in a list's ``view=summary``: its own columns, without its facts (``GET /hosts/{name}`` has them)."""
     name: str
     address: str
     state: str
@@ -50,18 +51,10 @@ class HostOut(BaseModel):
     cluster: str | None = None
     last_seen: float
     last_error: str = ""
+
+
+class HostOut(HostSummary):
     facts: dict[str, Any] = Field(default_factory=dict)
-
-
-class HostSummary(BaseModel):
-    """A host in a list's ``view=summary``: its own columns, without its facts (``GET /hosts/{name}`` has them)."""
-    name: str
-    address: str
-    state: str
-    maintenance: int = 0
-    cluster: str | None = None
-    last_seen: float
-    last_error: str = ""
 
 
 class VMSummary(BaseModel):
@@ -190,11 +183,7 @@ class ClusterUpdate(Request):
     migration_policy: MigrationPolicy = Field(description="the cluster's default policy (set fields replace)")
 
 
-class VMOut(BaseModel):
-    uuid: str
-    name: str
-    host: str
-    power_state: str
+class VMOut(VMSummary):
     spec: dict[str, Any]
     runtime: dict[str, Any] | None = None
     migration_policy: dict[str, Any] = Field(default_factory=dict)
@@ -280,25 +269,12 @@ class TaskSummary(BaseModel):
     finished_at: float
 
 
-class TaskOut(BaseModel):
-    id: str
-    kind: str
-    vm_uuid: str
-    vm_name: str
-    source: str
-    destination: str
-    state: str
-    phase: str
-    progress: float
+class TaskOut(TaskSummary):
     phases: list[PhaseRecord]
     live: dict[str, Any]
     options: dict[str, Any]
     result: dict[str, Any]
     error: dict[str, Any] | None
-    created_at: float
-    updated_at: float
-    started_at: float = 0.0
-    finished_at: float
 
 
 class EventOut(BaseModel):

@@ -4,11 +4,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from pydantic import TypeAdapter
-
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter
 
 from kvmotion.common.errors import InvalidInputError
 from kvmotion.controller.auth import Principal, Role, authenticate_bearer, require_role
