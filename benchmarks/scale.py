@@ -8,8 +8,9 @@ real code paths:
       ``compat.validate_many`` at once, as the evacuation planning does),
   (b) evacuation planning of a host holding ``--evac-vms`` VMs (``Maintenance.plan_vm`` per VM; no moves),
   (c) a full facts round of every host (``Controller.refresh_hosts``, the monitor's round),
-  (d) API latency under ``--clients`` concurrent clients (the real app under uvicorn in a subprocess on
-      127.0.0.1, plain HTTP, a viewer token; its monitor runs with the fake agents meanwhile),
+  (d) API latency under ``--clients`` concurrent clients, each asking for the first page of each list in turn, as
+      a client that pages does (the real app under uvicorn in a subprocess on 127.0.0.1, plain HTTP, a viewer
+      token; its monitor runs with the fake agents meanwhile); and one client alone reading every page of the VMs,
   (e) that controller's memory (peak RSS).
 Prints one table: figure, measured, target, met/gap. It never fails on a figure; it does fail when a round leaves a
 host in the wrong state (a host that answered must be connected, one that did not, disconnected).
@@ -47,7 +48,10 @@ from kvmotion.models.sampling import DirtySample
 HERE = Path(__file__).resolve().parent
 UNREACHABLE_EVERY = 20                    # 5 % of the hosts do not answer
 FEATURES = [f"feat{i}" for i in range(60)] + ["sse2", "sse4.2", "avx2"]
-PATHS = ("/api/v1/hosts", "/api/v1/vms", "/api/v1/tasks")
+# the load: the first page of each list, as a client that pages asks for it (the default limit: 500 hosts or VMs,
+# 50 tasks); the lists' light view (no facts, no specs: GET /hosts/{name} and /vms/{ref} have them)
+PATHS = ("/api/v1/hosts?view=summary", "/api/v1/vms?view=summary", "/api/v1/tasks?view=summary")
+FULL_PAGES = ("/api/v1/hosts", "/api/v1/vms", "/api/v1/tasks")       # the first page of the full view, asked alone
 
 
 # -- the fleet: facts, specs, fake agents ---------------------------------------------------------------------------
@@ -228,7 +232,7 @@ def serving(db_url: str, scratch: Path, port: int, args: argparse.Namespace) -> 
     """The controller's app under uvicorn in a process of its own (this file's ``serve``), until the block ends."""
     cmd = [sys.executable, __file__, "serve", "--db-url", db_url, "--scratch", str(scratch), "--port", str(port),
            "--latency-ms", str(args.latency_ms), "--unreachable-s", str(args.unreachable_s)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd + (["--quiet-monitor"] if args.quiet_monitor else []))
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -248,9 +252,10 @@ def serving(db_url: str, scratch: Path, port: int, args: argparse.Namespace) -> 
             proc.wait()
 
 
-async def load(port: int, token: str, clients: int, seconds: float) -> dict[str, list[float]]:
-    """``clients`` clients, each with its own connection, asking for hosts, VMs and tasks in turn for ``seconds``."""
-    times: dict[str, list[float]] = {p: [] for p in PATHS}
+async def load(port: int, token: str, clients: int, seconds: float,
+               paths: tuple[str, ...] = PATHS) -> dict[str, list[float]]:
+    """``clients`` clients, each with its own connection, asking for each of ``paths`` in turn for ``seconds``."""
+    times: dict[str, list[float]] = {p: [] for p in paths}
     errors: list[str] = []
     stop = time.monotonic() + seconds
 
@@ -259,7 +264,7 @@ async def load(port: int, token: str, clients: int, seconds: float) -> dict[str,
                                      headers={"Authorization": f"Bearer {token}"}) as c:
             i = n
             while time.monotonic() < stop:
-                path = PATHS[i % len(PATHS)]
+                path = paths[i % len(paths)]
                 t0 = time.perf_counter()
                 r = await c.get(path)
                 times[path].append(time.perf_counter() - t0)
@@ -281,6 +286,21 @@ def alone_call(port: int, token: str, path: str) -> tuple[float, int]:
     return time.perf_counter() - t0, len(r.content)
 
 
+def every_page(port: int, token: str, path: str) -> tuple[float, int, int, int]:
+    """One client alone reading a list to its end, following X-Next-Cursor: time, pages, items, bytes."""
+    pages = items = size = 0
+    url = httpx.URL(f"http://127.0.0.1:{port}{path}")
+    t0 = time.perf_counter()
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=120) as c:
+        r = c.get(url)
+        while True:
+            r.raise_for_status()
+            pages, items, size = pages + 1, items + len(r.json()), size + len(r.content)
+            if "X-Next-Cursor" not in r.headers:
+                return time.perf_counter() - t0, pages, items, size
+            r = c.get(url.copy_merge_params({"cursor": r.headers["X-Next-Cursor"]}))
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
 
@@ -296,16 +316,23 @@ def api_rows(ctl: Any, db_url: str, scratch: Path, args: argparse.Namespace) -> 
     port = args.port
     with serving(db_url, scratch, port, args) as proc:
         idle = rss_kb(proc.pid)["VmRSS"]
-        alone = [alone_call(port, token, p) for p in PATHS]
+        alone = [(p, *alone_call(port, token, p)) for p in (*PATHS, *FULL_PAGES)]
+        walks = [(p, *every_page(port, token, p)) for p in ("/api/v1/vms?view=summary", "/api/v1/vms")]
         times = asyncio.run(load(port, token, args.clients, args.api_s))
         mem = rss_kb(proc.pid)
+        floor = asyncio.run(load(port, token, args.clients, max(2.0, args.api_s / 4), ("/api/v1/health",)))
+    health = floor["/api/v1/health"]
     every = [t for ts in times.values() for t in ts]
-    rows = [Row(f"  GET {p.removeprefix('/api/v1')}, one client alone", f"{ms(t)}, {size / 1e6:.1f} MB")
-            for p, (t, size) in zip(PATHS, alone)]
-    rows += [Row(f"API p99, {args.clients} clients, {len(every)} calls", ms(p99(every)), "< 100 ms",
-                 p99(every) < 0.1)]
+    rows = [Row(f"  GET {p.removeprefix('/api/v1')}, one client alone, first page", f"{ms(t)}, {size / 1e6:.2f} MB")
+            for p, t, size in alone]
+    rows += [Row(f"  GET {p.removeprefix('/api/v1')}, every page, one client alone",
+                 f"{t:.2f} s, {pages} pages, {items} VMs, {size / 1e6:.1f} MB") for p, t, pages, items, size in walks]
+    rows += [Row(f"API p99, {args.clients} clients, {len(every)} calls ({len(every) / args.api_s:.0f}/s)",
+                 ms(p99(every)), "< 100 ms", p99(every) < 0.1)]
     rows += [Row(f"  GET {p.removeprefix('/api/v1')} p50 / p99 ({len(ts)} calls)",
                  f"{ms(statistics.median(ts))} / {ms(p99(ts))}") for p, ts in times.items() if ts]
+    rows += [Row(f"  floor: GET /health p50 / p99, {args.clients} clients ({len(health) / max(2.0, args.api_s / 4):.0f}/s)",
+                 f"{ms(statistics.median(health))} / {ms(p99(health))}")]
     rows += [Row("controller RSS: idle / after the load / peak",
                  f"{idle // 1024} / {mem['VmRSS'] // 1024} / {mem['VmHWM'] // 1024} MiB", "reported")]
     return rows
@@ -322,6 +349,11 @@ def serve(args: argparse.Namespace) -> None:
     facts = {h.name: ctl.inventory.host_facts(h.name) for h in ctl.inventory.list_hosts()}
     ctl.inventory.agent = FakeAgents({h: f for h, f in facts.items() if f}, args.latency_ms / 1000,
                                      args.unreachable_s).agent
+    if args.quiet_monitor:            # a diagnosis: the API without the monitor's facts rounds beside it
+
+        async def no_round() -> None:
+            return None
+        ctl.refresh_hosts = no_round  # type: ignore[method-assign]
     uvicorn.run(create_app(ctl), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
@@ -391,6 +423,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--api-s", type=float, default=20.0, help="how long the clients keep asking")
     ap.add_argument("--port", type=int, default=18760)
+    ap.add_argument("--quiet-monitor", action="store_true",
+                    help="the serving controller's monitor asks no host (to tell the API's own cost from the rounds')")
     ap.add_argument("--db-url", default="", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -407,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp, database(args.db, Path(tmp)) as db_url:
         rows = measure(args, Path(tmp), db_url)
     backend = "PostgreSQL" if db_url.startswith("postgresql") else "SQLite"
-    print(table(rows, f"kvmotion control plane at scale ({backend}; fake agents, {args.latency_ms:g} ms per call)"))
+    quiet = "; API served without the monitor's rounds" if args.quiet_monitor else ""
+    print(table(rows, f"kvmotion control plane at scale ({backend}; fake agents, {args.latency_ms:g} ms per call"
+                      f"{quiet})"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
 FIGURES = ("seeded:", "validate: one VM, one host", "validate: one VM, every host (", "validate: one VM, every host, at once", "evacuation plan:",
-           "facts round:", "GET /hosts, one client alone", "API p99", "GET /hosts p50", "GET /vms", "GET /tasks", "controller RSS")
+           "facts round:", "GET /hosts?view=summary, one client alone", "GET /vms, every page", "API p99",
+           "GET /hosts?view=summary p50", "GET /vms", "GET /tasks", "floor: GET /health", "controller RSS")
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ import json
 import shutil
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -63,38 +64,47 @@ def test_the_migrated_schema_is_the_models(db_url: str) -> None:
     assert schema.head() != schema.BASELINE          # the upgrade path is exercised by real revisions
 
 
+def key(d: tuple) -> tuple[str, str]:
+    """A schema difference as (what, name): the index's or table's name, or the added column's."""
+    return (d[0], d[1].name if d[0] in ("add_index", "add_table") else d[3].name)
+
+
 def test_the_baseline_is_the_schema_before_migrations_and_each_revision_is_what_it_says(db_url: str) -> None:
     """At the baseline, the models differ by exactly what the later revisions change: the index on tasks.state
-    (0002), the 64-bit image sizes (0003), the index on tasks (finished_at, id) (0004) and the datastores'
-    capacity (0005), the clusters' DRS settings (0006) and the controller_leader table (0007); so the comparison
-    sees differences, and the baseline is the rest."""
+    (0002), the 64-bit image sizes (0003), the index on tasks (finished_at, id) (0004), the datastores' capacity
+    (0005), the clusters' DRS settings (0006), the controller_leader table (0007) and the index on tasks
+    (created_at, id) (0008); so the comparison sees differences, and the baseline is the rest."""
     engine = dbengine.create(db_url)
     upgrade_to(engine, schema.BASELINE)
     diff = schema_diff(engine)
     assert [(d[0], d[1].name) for d in diff if d[0] == "add_table"] == [("add_table", "controller_leader")]
     assert {(d[0], d[1].name) for d in diff if d[0] == "add_index"} == {("add_index", "ix_tasks_state"),
-                                                                        ("add_index", "ix_tasks_finished_at_id")}
+                                                                        ("add_index", "ix_tasks_finished_at_id"),
+                                                                        ("add_index", "ix_tasks_created_at_id")}
     assert sorted((d[0], d[2], d[3].name) for d in diff if d[0] == "add_column") == [
         ("add_column", "clusters", "drs_json"), ("add_column", "host_datastores", "total_mb")]
     assert sorted((d[0][0], d[0][2], d[0][3]) for d in diff
                   if d[0] not in ("add_index", "add_column", "add_table")) == [
         ("modify_type", "images", "file_bytes"), ("modify_type", "images", "virtual_bytes")]
-    assert len(diff) == 7
+    assert len(diff) == 8
     upgrade_to(engine, "0002")
-    assert len(schema_diff(engine)) == 6
+    assert len(schema_diff(engine)) == 7
     upgrade_to(engine, "0003")
-    assert sorted((d[0], d[1].name if d[0] in ("add_index", "add_table") else d[3].name)
-                  for d in schema_diff(engine)) == [
-        ("add_column", "drs_json"), ("add_column", "total_mb"), ("add_index", "ix_tasks_finished_at_id"),
-        ("add_table", "controller_leader")]
+    assert sorted(key(d) for d in schema_diff(engine)) == [
+        ("add_column", "drs_json"), ("add_column", "total_mb"), ("add_index", "ix_tasks_created_at_id"),
+        ("add_index", "ix_tasks_finished_at_id"), ("add_table", "controller_leader")]
     upgrade_to(engine, "0004")
-    assert sorted((d[0], d[2], d[3].name) for d in schema_diff(engine) if d[0] != "add_table") == [
-        ("add_column", "clusters", "drs_json"), ("add_column", "host_datastores", "total_mb")]
+    assert sorted(key(d) for d in schema_diff(engine)) == [
+        ("add_column", "drs_json"), ("add_column", "total_mb"), ("add_index", "ix_tasks_created_at_id"),
+        ("add_table", "controller_leader")]
     upgrade_to(engine, "0005")
-    assert [(d[0], d[2], d[3].name) for d in schema_diff(engine) if d[0] != "add_table"] == [
-        ("add_column", "clusters", "drs_json")]
+    assert sorted(key(d) for d in schema_diff(engine)) == [
+        ("add_column", "drs_json"), ("add_index", "ix_tasks_created_at_id"), ("add_table", "controller_leader")]
     upgrade_to(engine, "0006")
-    assert [(d[0], d[1].name) for d in schema_diff(engine)] == [("add_table", "controller_leader")]
+    assert sorted(key(d) for d in schema_diff(engine)) == [
+        ("add_index", "ix_tasks_created_at_id"), ("add_table", "controller_leader")]
+    upgrade_to(engine, "0007")
+    assert [key(d) for d in schema_diff(engine)] == [("add_index", "ix_tasks_created_at_id")]
     upgrade_to(engine, "head")
     assert schema_diff(engine) == []
 
@@ -123,7 +133,7 @@ def test_an_upgrade_is_idempotent(db_url: str) -> None:
 
 def test_a_fresh_database_gets_every_revision_in_order(db_url: str) -> None:
     engine = dbengine.create(db_url)
-    assert schema.upgrade(engine) == ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
+    assert schema.upgrade(engine) == ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
     assert schema.upgrade(engine) == []
 
 

@@ -1,6 +1,7 @@
 """A small synchronous client for the controller API, used by the CLI, the demo and the tests."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,6 +22,24 @@ class Client:
         return f"Client({self.url!r})"
 
     def call(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        return self._send(method, path, json, params).json()
+
+    def pages(self, path: str, params: dict[str, Any] | None = None) -> Iterator[list[Any]]:
+        """Each page of a paged list (GET /vms, /hosts, /tasks), following ``X-Next-Cursor`` to the last page."""
+        asked = {k: v for k, v in (params or {}).items() if v is not None}
+        while True:
+            r = self._send("GET", path, None, asked)
+            yield r.json()
+            cursor = r.headers.get("X-Next-Cursor")
+            if not cursor:
+                return
+            asked = asked | {"cursor": cursor}
+
+    def every(self, path: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """Every item of a paged list, all its pages read."""
+        return [item for page in self.pages(path, params) for item in page]
+
+    def _send(self, method: str, path: str, json: Any, params: dict[str, Any] | None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
             r = httpx.request(method, f"{self.url}/api/v1{path}", json=json, params=params, timeout=self.timeout,
@@ -44,11 +63,13 @@ class Client:
             detail = body.get("detail") if isinstance(body, dict) else None
             raise KvmotionError(f"invalid request: {_validation_text(detail) if detail else r.text[:300]}",
                                 remedy="fix the arguments named above")
-        return r.json()
+        return r
 
     # convenience wrappers
-    def hosts(self) -> list[dict[str, Any]]:
-        return self.call("GET", "/hosts")
+    def hosts(self, cluster: str | None = None, state: str | None = None, view: str = "full",
+              page_size: int | None = None) -> list[dict[str, Any]]:
+        """Every host (each page read), or those of ``cluster`` / in ``state``; ``view="summary"``: without facts."""
+        return self.every("/hosts", {"cluster": cluster, "state": state, "view": view, "limit": page_size})
 
     def host(self, name: str) -> dict[str, Any]:
         return self.call("GET", f"/hosts/{name}")
@@ -110,8 +131,10 @@ class Client:
     def leave_domain(self, force: bool = False) -> dict[str, Any]:
         return self.call("POST", "/domain/leave", {"force": force})
 
-    def vms(self) -> list[dict[str, Any]]:
-        return self.call("GET", "/vms")
+    def vms(self, host: str | None = None, power_state: str | None = None, view: str = "full",
+            page_size: int | None = None) -> list[dict[str, Any]]:
+        """Every VM (each page read), or those of ``host`` / in ``power_state``; ``view="summary"``: without specs."""
+        return self.every("/vms", {"host": host, "power_state": power_state, "view": view, "limit": page_size})
 
     def vm(self, ref: str, refresh_guest: bool = False) -> dict[str, Any]:
         return self.call("GET", f"/vms/{ref}", params={"refresh_guest": True} if refresh_guest else None)

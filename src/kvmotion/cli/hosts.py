@@ -45,9 +45,11 @@ def host_enrol_token(name: str = typer.Option("enrol", help="token name"),
 
 
 @host_app.command("list")
-def host_list(url: Optional[str] = URL) -> None:
+def host_list(cluster: Optional[str] = typer.Option(None, "--cluster", help="only the hosts of this cluster"),
+              url: Optional[str] = URL) -> None:
+    """Every host, by name (the controller's pages read one after the other)."""
     table = Table("name", "state", "address", "accel", "mem free/total MiB", "datastores", "migration if")
-    for h in run(lambda: Client(url).hosts()):
+    for h in run(lambda: Client(url).hosts(cluster=cluster)):
         f = h.get("facts") or {}
         ds = ", ".join(d["name"] for d in f.get("datastores", []) if d.get("readable"))
         mig = ", ".join(f"{i['address']} {i.get('speed_mbps') or '?'}Mb" for i in f.get("migration_interfaces", []))

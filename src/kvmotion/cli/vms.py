@@ -142,9 +142,12 @@ def vm_delete(vm: str, url: Optional[str] = URL) -> None:
 
 
 @vm_app.command("list")
-def vm_list(url: Optional[str] = URL) -> None:
+def vm_list(host: Optional[str] = typer.Option(None, "--host", help="only the VMs of this host"),
+            power_state: Optional[str] = typer.Option(None, "--power-state", help="poweredOn | poweredOff"),
+            url: Optional[str] = URL) -> None:
+    """Every VM, by name (the controller's pages read one after the other)."""
     table = Table("name", "host", "power", "memory MiB", "datastore", "ip", "uuid")
-    for v in run(lambda: Client(url).vms()):
+    for v in run(lambda: Client(url).vms(host=host, power_state=power_state)):
         s = v["spec"]
         table.add_row(v["name"], v["host"], v["power_state"], str(s["memory_mb"]), s["boot_datastore"],
                       s.get("guest_ip") or "-", v["uuid"])

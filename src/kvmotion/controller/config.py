@@ -42,6 +42,8 @@ class ControllerConfig(BaseModel):
                                         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # --name; default: host name
     advertise_url: str | None = Field(default=None, max_length=264,
                                       pattern=r"^https?://[^/\s]+$")   # --advertise-url: followers forward to it
+    task_retention_days: float = Field(default=30, gt=0, le=36500)   # finished tasks kept this long (days)
+    task_retention_max: int = Field(default=100_000, ge=100, le=100_000_000)   # and at most this many
     log_level: LogLevel = "info"            # --log-level
 
     @field_validator("vm_ip_pool")

@@ -151,8 +151,10 @@ class Task(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
     started_at: Mapped[float] = mapped_column(Float, default=0.0)     # when admission let it run
     finished_at: Mapped[float] = mapped_column(Float, default=0.0)
-    # the metrics read what finished since their last read, in this order (controller/metrics.py)
-    __table_args__ = (Index("ix_tasks_finished_at_id", "finished_at", "id"),)
+    # the metrics read what finished since their last read, in this order (controller/metrics.py), and retention
+    # deletes the oldest finished first (controller/retention.py); GET /tasks pages newest first (listing.py)
+    __table_args__ = (Index("ix_tasks_finished_at_id", "finished_at", "id"),
+                      Index("ix_tasks_created_at_id", "created_at", "id"))
 
 
 class Image(Base):

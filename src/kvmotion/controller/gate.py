@@ -14,9 +14,10 @@ by the connection's client certificate alone (``peertls.PEER_CERT``); a bearer t
 """
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Callable
+
+import anyio.to_thread
 
 from kvmotion.common.asgi import (ASGIApp, BodyTooLarge, Receive, Scope, Send, declared_length, header, read_body,
                                   replay, reply_json, too_large)
@@ -60,7 +61,9 @@ class ApiGate:
             return
         what = f"{scope['method']} {path}"
         try:
-            principal = await asyncio.to_thread(self._caller, scope, what)
+            # anyio's worker threads (those of the plain-function routes), not the event loop's default executor:
+            # a token check never queues behind the monitor's facts rounds, which fill that executor (docs/scale.md)
+            principal = await anyio.to_thread.run_sync(self._caller, scope, what)
             scope.setdefault("state", {})["principal"] = principal    # the audit names the caller, even if refused
             if viewer:
                 require_role(principal, Role.VIEWER, what)

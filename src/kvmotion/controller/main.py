@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                          name=cfg.name, advertised_url=cfg.advertised_url)
     except DatabaseUnusable as exc:
         fail(PROG, exc)
+    ctl.retention.days, ctl.retention.max_finished = cfg.task_retention_days, cfg.task_retention_max
     cert = https_files(cfg, ctl)
     app = create_app(ctl, public_docs=cfg.public_docs)
     uvicorn.run(app, host=cfg.listen_host, port=cfg.listen_port, log_level=cfg.log_level, access_log=False,

@@ -37,6 +37,7 @@ from kvmotion.models.moves import TaskKind
 from kvmotion.controller.drs.service import Drs
 from kvmotion.controller.maintenance import Maintenance
 from kvmotion.controller.onboarding import Onboarding
+from kvmotion.controller.retention import TaskRetention
 from kvmotion.controller.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Controller:
         self.leadership.run_while_leader("host-monitor", self._monitor_hosts)
         self.leadership.run_while_leader("drs", self.drs.loop)            # DRS acts from the leader only
         self.leadership.on_step_down(self._abandon_requested_work)
+        self.retention = TaskRetention(self.sessions)     # finished tasks pruned (controller.toml: task_retention_*)
 
     async def startup(self) -> None:
         made = self.tokens.bootstrap_admin(self.token_dir)
@@ -110,6 +112,7 @@ class Controller:
                 except Exception:  # noqa: BLE001 - keep monitoring
                     log.exception("periodic reconciliation failed")
             await self.refresh_hosts()
+            await self.retention.tick()                   # at most once a minute, in bounded batches
             await asyncio.sleep(REFRESH_S)
 
     async def refresh_hosts(self) -> None:

@@ -42,7 +42,8 @@ class HostAdd(Request):
     secret: str = Field(pattern=r"^[0-9a-f]{64}$", description="the agent's enrolment secret (its agent.secret file)")
 
 
-class HostOut(BaseModel):
+class HostSummary(BaseModel):
+    """A host in a list's ``view=summary``: its own columns, without its facts (``GET /hosts/{name}`` has them)."""
     name: str
     address: str
     state: str
@@ -50,7 +51,18 @@ class HostOut(BaseModel):
     cluster: str | None = None
     last_seen: float
     last_error: str = ""
+
+
+class HostOut(HostSummary):
     facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class VMSummary(BaseModel):
+    """A VM in a list's ``view=summary``: where it is and whether it runs, without its spec (``GET /vms/{ref}``)."""
+    uuid: str
+    name: str
+    host: str
+    power_state: str
 
 
 class VMCreate(Request):
@@ -171,11 +183,7 @@ class ClusterUpdate(Request):
     migration_policy: MigrationPolicy = Field(description="the cluster's default policy (set fields replace)")
 
 
-class VMOut(BaseModel):
-    uuid: str
-    name: str
-    host: str
-    power_state: str
+class VMOut(VMSummary):
     spec: dict[str, Any]
     runtime: dict[str, Any] | None = None
     migration_policy: dict[str, Any] = Field(default_factory=dict)
@@ -243,7 +251,9 @@ class PhaseRecord(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
-class TaskOut(BaseModel):
+class TaskSummary(BaseModel):
+    """A task in a list's ``view=summary``: its own columns, without its phases, live figures, options, result
+    and error (``GET /tasks/{id}`` has them)."""
     id: str
     kind: str
     vm_uuid: str
@@ -253,15 +263,18 @@ class TaskOut(BaseModel):
     state: str
     phase: str
     progress: float
+    created_at: float
+    updated_at: float
+    started_at: float = 0.0
+    finished_at: float
+
+
+class TaskOut(TaskSummary):
     phases: list[PhaseRecord]
     live: dict[str, Any]
     options: dict[str, Any]
     result: dict[str, Any]
     error: dict[str, Any] | None
-    created_at: float
-    updated_at: float
-    started_at: float = 0.0
-    finished_at: float
 
 
 class EventOut(BaseModel):

@@ -4,13 +4,15 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter
 
 from kvmotion.common.errors import InvalidInputError
 from kvmotion.controller.auth import Principal, Role, authenticate_bearer, require_role
 from kvmotion.controller.gate import principal_of
+from kvmotion.controller.listing import Page
 from kvmotion.controller.service import Controller
 
 bearer = HTTPBearer(auto_error=False, description="an API token (`kvmotion token create`)")
@@ -45,3 +47,23 @@ async def no_unknown_query(request: Request) -> None:
     if unknown:
         raise InvalidInputError(f"unknown query parameter(s): {', '.join(repr(u[:40]) for u in unknown[:5])}",
                                 remedy=f"use only: {', '.join(sorted(known)) or 'none'}")
+
+
+def paged(page: Page[Any], adapter: TypeAdapter[Any], request: Request) -> Response:
+    """A page of a list as JSON (the list itself, so a client that reads one page reads it as before); the next
+    page's cursor in ``X-Next-Cursor`` and as ``Link: <…>; rel="next"`` (neither on the last page). Serialized by
+    the model's own adapter in one pass (``adapter`` is of the page's item type)."""
+    headers: dict[str, str] = {}
+    if page.next_cursor is not None:
+        headers["X-Next-Cursor"] = page.next_cursor
+        following = request.url.include_query_params(cursor=page.next_cursor)
+        headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+    return Response(adapter.dump_json(page.items), media_type="application/json", headers=headers)
+
+
+def next_page_header(what: str) -> dict[str, Any]:
+    """The OpenAPI description of a paged list's headers."""
+    return {"X-Next-Cursor": {"description": f"the cursor of the next page of {what} (absent on the last page)",
+                              "schema": {"type": "string"}},
+            "Link": {"description": 'the next page\'s URL, rel="next" (absent on the last page)',
+                     "schema": {"type": "string"}}}

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from kvmotion import __version__
+from kvmotion.controller import listing
 from kvmotion.controller.auth import Role
-from kvmotion.controller.routes.deps import Ctl, role
+from kvmotion.controller.routes.deps import Ctl, next_page_header, paged, role
 from kvmotion.models.agent import TlsFact
-from kvmotion.models.api import HostAdd, HostOut, MaintenanceRequest, TaskOut
+from kvmotion.models.api import HostAdd, HostOut, HostSummary, MaintenanceRequest, TaskOut
 from kvmotion.models.onboarding import HostApprove, HostRemoved, PendingHostOut, RegistrationOut
 
 router = APIRouter()
@@ -20,10 +21,19 @@ async def health(ctl: Ctl) -> dict[str, Any]:
     return {"ok": True, "version": __version__, "running_tasks": len(ctl.scheduler.engines)}
 
 
-@router.get("/hosts", dependencies=role(Role.VIEWER))
-def hosts(ctl: Ctl) -> list[HostOut]:
-    """A plain function: FastAPI runs it, and checks its answer, in a thread (off the event loop)."""
-    return ctl.inventory.list_hosts()
+@router.get("/hosts", dependencies=role(Role.VIEWER), response_class=Response,
+            responses={200: {"model": list[HostOut] | list[HostSummary], "headers": next_page_header("hosts")}})
+def hosts(ctl: Ctl, request: Request,
+          limit: int = Query(default=listing.DEFAULT_LIMIT, ge=1, le=listing.MAX_LIMIT, description="hosts per page"),
+          cursor: str | None = Query(default=None, max_length=listing.MAX_CURSOR_CHARS,
+                                     description="the previous page's X-Next-Cursor; none: the first page"),
+          view: listing.View = Query(default="full", description="summary: without the facts (GET /hosts/{name})"),
+          cluster: str | None = Query(default=None, max_length=64, description="only the hosts of this cluster"),
+          state: listing.HostState | None = None) -> Response:
+    """Hosts by name, a page at a time (``X-Next-Cursor``: the next page's cursor; absent on the last page). A plain
+    function: FastAPI runs it in a thread (off the event loop)."""
+    page = listing.host_page(ctl.sessions, limit, cursor, view, cluster, state)
+    return paged(page, listing.HOSTS_FULL if view == "full" else listing.HOSTS_SUMMARY, request)
 
 
 @router.post("/hosts", status_code=201, dependencies=role(Role.ADMIN))

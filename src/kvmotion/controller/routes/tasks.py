@@ -1,23 +1,32 @@
 """Tasks: the journal of moves and evacuations, live as server-sent events; cancel and force-complete."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from kvmotion.controller import taskstream, tasks as task_store
+from kvmotion.controller import listing, taskstream, tasks as task_store
 from kvmotion.controller.events import events_of
 from kvmotion.controller.taskfeed import feed_for
 from kvmotion.controller.auth import Role
-from kvmotion.controller.routes.deps import Ctl, role
-from kvmotion.models.api import EventOut, TaskOut
+from kvmotion.controller.routes.deps import Ctl, next_page_header, paged, role
+from kvmotion.models.api import EventOut, TaskOut, TaskSummary
 
 router = APIRouter()
 
 
-@router.get("/tasks", dependencies=role(Role.VIEWER))
-def task_list(ctl: Ctl, limit: int = Query(default=50, ge=1, le=500)) -> list[TaskOut]:
-    """A plain function: FastAPI runs it, and checks its answer, in a thread (off the event loop)."""
-    return task_store.list_tasks(ctl.sessions, limit)
+@router.get("/tasks", dependencies=role(Role.VIEWER), response_class=Response,
+            responses={200: {"model": list[TaskOut] | list[TaskSummary], "headers": next_page_header("tasks")}})
+def task_list(ctl: Ctl, request: Request,
+              limit: int = Query(default=listing.TASK_DEFAULT_LIMIT, ge=1, le=listing.TASK_MAX_LIMIT,
+                                 description="tasks per page"),
+              cursor: str | None = Query(default=None, max_length=listing.MAX_CURSOR_CHARS,
+                                         description="the previous page's X-Next-Cursor; none: the newest tasks"),
+              view: listing.View = Query(default="full", description="summary: without phases, live figures, "
+                                         "options, result and error (GET /tasks/{id})")) -> Response:
+    """Tasks newest first, a page at a time (``X-Next-Cursor``: the next, older, page's cursor). A plain function:
+    FastAPI runs it in a thread (off the event loop)."""
+    page = listing.task_page(ctl.sessions, limit, cursor, view)
+    return paged(page, listing.TASKS_FULL if view == "full" else listing.TASKS_SUMMARY, request)
 
 
 @router.get("/events", dependencies=role(Role.VIEWER))

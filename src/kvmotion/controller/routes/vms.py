@@ -1,19 +1,30 @@
 """Virtual machines: inventory, power, settings, CD/DVD media, and their moves."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request, Response
 
+from kvmotion.controller import listing
 from kvmotion.controller.auth import Role
-from kvmotion.controller.routes.deps import Ctl, role
-from kvmotion.models.api import CdromChange, Finding, MigratePlan, MigrateRequest, TaskOut, VMCreate, VMOut, VMUpdate
+from kvmotion.controller.routes.deps import Ctl, next_page_header, paged, role
+from kvmotion.models.api import (CdromChange, Finding, MigratePlan, MigrateRequest, TaskOut, VMCreate, VMOut,
+                                 VMSummary, VMUpdate)
 
 router = APIRouter()
 
 
-@router.get("/vms", dependencies=role(Role.VIEWER))
-def vms(ctl: Ctl) -> list[VMOut]:
-    """A plain function: FastAPI runs it, and checks its answer, in a thread (off the event loop)."""
-    return ctl.inventory.list_vms()
+@router.get("/vms", dependencies=role(Role.VIEWER), response_class=Response,
+            responses={200: {"model": list[VMOut] | list[VMSummary], "headers": next_page_header("VMs")}})
+def vms(ctl: Ctl, request: Request,
+        limit: int = Query(default=listing.DEFAULT_LIMIT, ge=1, le=listing.MAX_LIMIT, description="VMs per page"),
+        cursor: str | None = Query(default=None, max_length=listing.MAX_CURSOR_CHARS,
+                                   description="the previous page's X-Next-Cursor; none: the first page"),
+        view: listing.View = Query(default="full", description="summary: without the specs (GET /vms/{ref})"),
+        host: str | None = Query(default=None, max_length=64, description="only the VMs of this host"),
+        power_state: listing.PowerState | None = None) -> Response:
+    """VMs by name, a page at a time (``X-Next-Cursor``: the next page's cursor; absent on the last page). A plain
+    function: FastAPI runs it in a thread (off the event loop)."""
+    page = listing.vm_page(ctl.sessions, limit, cursor, view, host, power_state)
+    return paged(page, listing.VMS_FULL if view == "full" else listing.VMS_SUMMARY, request)
 
 
 @router.post("/vms", status_code=201, dependencies=role(Role.ADMIN))

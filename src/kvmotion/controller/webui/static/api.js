@@ -20,6 +20,10 @@ const RANK = { viewer: 1, operator: 2, admin: 3 };
 export function can(role) { return (RANK[session.role] || 0) >= (RANK[role] || 99); }
 
 export async function api(method, path, body) {
+  return (await send(method, path, body)).data;
+}
+
+async function send(method, path, body) {
   const headers = { "Accept": "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = session.csrf;
@@ -30,10 +34,22 @@ export async function api(method, path, body) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
   if (!r.ok) throw new ApiError(r.status, data);
-  return data;
+  return { data, next: r.headers.get("X-Next-Cursor") };
 }
 
 export const get = (path) => api("GET", path);
+// Every item of a paged list (GET /vms, /hosts, /tasks answer a page and name the next one in X-Next-Cursor):
+// getAll("/vms?host=h1") reads the pages one after the other, up to the last.
+export async function getAll(path) {
+  const items = [];
+  const sep = path.includes("?") ? "&" : "?";
+  let page = await send("GET", path);
+  for (;;) {
+    items.push(...(page.data || []));
+    if (!page.next) return items;
+    page = await send("GET", `${path}${sep}cursor=${encodeURIComponent(page.next)}`);
+  }
+}
 export const post = (path, body) => api("POST", path, body === undefined ? {} : body);
 
 // signIn(token) -> session; signOut(); whoami() -> session or null (not signed in)

@@ -1,7 +1,7 @@
 // The inventory (#/inventory?TAB): hosts, VMs, datastores, networks and clusters, as dense sortable tables.
 // It re-reads when a task changes (the tasks stream) and every 15 s while visible (host state has no task).
 // The host and VM pages are in objects.js.
-import { get, h, route, onLeave, navigate, stream, fmt } from "./api.js";
+import { get, getAll, h, route, onLeave, navigate, stream, fmt } from "./api.js";
 import { DASH, dash, badge, hostLink, vmLink, mib, mbps, meter, table, onTaskChange, vmDatastores, guestIps,
          authed, showError } from "./ui.js";
 import "./objects.js";
@@ -42,7 +42,8 @@ function linkSpeed(f) {
 }
 
 async function hostsTab() {
-  const [hosts, tasks] = await Promise.all([get("/hosts"), get("/tasks?limit=500").catch(() => null)]);
+  const [hosts, tasks] = await Promise.all([getAll("/hosts"),
+                                            get("/tasks?limit=500&view=summary").catch(() => null)]);
   const moves = migrationsByHost(tasks);
   const cols = [
     { label: "Name", cell: (x) => hostLink(x.name), sort: (x) => x.name },
@@ -90,7 +91,7 @@ function ipCell(v) {
 }
 
 async function vmsTab(redraw) {
-  const vms = await get("/vms");
+  const vms = await getAll("/vms");
   fillGuestIps(vms, redraw).catch(() => {});
   const cols = [
     { label: "Name", cell: (v) => vmLink(v.name), sort: (v) => v.name },
@@ -126,7 +127,7 @@ async function datastoresTab() {
 }
 
 async function networksTab() {
-  const [nets, hosts, vms] = await Promise.all([get("/networks"), get("/hosts"), get("/vms").catch(() => [])]);
+  const [nets, hosts, vms] = await Promise.all([get("/networks"), getAll("/hosts"), getAll("/vms").catch(() => [])]);
   const pgs = {};        // port group -> {vlans, bridges, problems}
   for (const host of hosts) {
     for (const pg of (host.facts && host.facts.portgroups) || []) {

@@ -1,7 +1,7 @@
 // The object pages: a host (#/hosts/:name: facts, datastores, port groups, its VMs; maintenance for an admin)
 // and a VM (#/vms/:name: power, guest, disks, media, NICs; power, Migrate…, consoles and media for an operator).
 // They re-read when a task about them changes (the tasks stream), and on Refresh.
-import { get, post, h, route, can, stream, fmt } from "./api.js";
+import { get, getAll, post, h, route, can, stream, fmt } from "./api.js";
 import { DASH, dash, badge, hostLink, vmLink, mib, mbps, table, props, section, actionButton,
          onTaskChange, link, maintenanceText, vmDatastores, guestIps, authed, showError } from "./ui.js";
 
@@ -44,7 +44,7 @@ function recentTasks(tasks, about) {
   ], mine, { empty: "No tasks." });
   return section("Recent tasks", t.el);
 }
-const tasksOrNone = () => get("/tasks?limit=200").catch(() => []);
+const tasksOrNone = () => get("/tasks?limit=200&view=summary").catch(() => []);    // no phases or results needed
 
 // -- host ---------------------------------------------------------------------------------------------------
 function hostActions(host, errors, redraw) {
@@ -104,9 +104,9 @@ function hostTables(x, vms) {
 }
 
 async function renderHost(params, redraw) {
-  const [x, allVms, tasks] = await Promise.all([get("/hosts/" + enc(params.name)), get("/vms").catch(() => []),
-                                                tasksOrNone()]);
-  const vms = allVms.filter((v) => v.host === x.name).map((v) => ({ ...v, spec: v.spec || {} }));
+  const [x, onHost, tasks] = await Promise.all([get("/hosts/" + enc(params.name)),
+                                               getAll("/vms?host=" + enc(params.name)).catch(() => []), tasksOrNone()]);
+  const vms = onHost.filter((v) => v.host === x.name).map((v) => ({ ...v, spec: v.spec || {} }));
   const errors = h("div", {});
   return h("div", { class: "page" },
     pageHead("host", x.name, badge(x.state), hostActions(x, errors, redraw), errors, redraw),

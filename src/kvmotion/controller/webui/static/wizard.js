@@ -1,7 +1,7 @@
 // #/migrate/:vm: vSphere's Migrate wizard, one step at a time, with the step list on the left.
 // The compatibility step asks the controller (POST /vms/{vm}/migrate/plan) with the request built so far;
 // Finish sends that same request (POST /vms/{vm}/migrate) and opens the task.
-import { get, post, can, h, route, navigate, errorBox, fmt } from "./api.js";
+import { get, getAll, post, can, h, route, navigate, errorBox, fmt } from "./api.js";
 
 const STEPS = [
   ["type", "Select a migration type"], ["compute", "Select a compute resource"], ["storage", "Select storage"],
@@ -46,7 +46,7 @@ route("#/migrate/:vm", async ({ vm: ref }, main) => {
   }
   const here = location.hash;
   const [vm, hosts, datastores, networks] = await Promise.all([
-    get(`/vms/${encodeURIComponent(ref)}`), get("/hosts"), get("/datastores"), get("/networks")]);
+    get(`/vms/${encodeURIComponent(ref)}`), getAll("/hosts"), get("/datastores"), get("/networks")]);
   let members = [];
   if (can("admin")) {     // cross-controller targets: the domain's members (admin only; none outside a domain)
     try { members = (await get("/domain/members")).filter((m) => m.state === "member"); } catch (_) { members = []; }
