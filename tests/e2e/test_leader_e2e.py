@@ -24,8 +24,9 @@ from labtools import (agent_vms, assert_guest_survived, http_beat, record_figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from dbtools import PG_ENV, pg_schema  # noqa: E402 - tests/unit's helper for a schema of the test's own
 
-PG_URL = os.environ.get(PG_ENV)
-pytestmark = pytest.mark.skipif(not PG_URL, reason=f"two controllers need a shared PostgreSQL: set {PG_ENV} "
+E2E_PG_ENV = "KVMOTION_E2E_PG_URL"      # scripts/test.sh sets it for the full run (the unit tests stay on SQLite)
+PG_URL = os.environ.get(E2E_PG_ENV) or os.environ.get(PG_ENV)
+pytestmark = pytest.mark.skipif(not PG_URL, reason=f"two controllers need a shared PostgreSQL: set {E2E_PG_ENV} "
                                                    "(scripts/pg.sh starts one and prints its URL)")
 
 

@@ -116,3 +116,14 @@ def test_maintenance_mode_does_not_move_a_pinned_vm_and_keeps_anti_affine_vms_ap
     first = asyncio.run(ctl.maintenance.plan_vm(ctl.inventory.get_vm("vm1"), "h1", fleet))[0]
     second = asyncio.run(ctl.maintenance.plan_vm(ctl.inventory.get_vm("vm2"), "h1", fleet))[0]
     assert {first, second} == {"h2", "h3"}
+
+
+def test_a_listed_recommendation_stays_applicable_by_id_after_later_rounds(ctl: Any) -> None:
+    ctl.drs.update("c1", DrsUpdate(automation=Automation.MANUAL, threshold=3))
+    listed = asyncio.run(ctl.drs.status("c1")).recommendations
+    ctl.drs.latest.clear()                       # a later round replaced the latest status
+    ctl.drs.offered["c1"] = {i: (t - 10.0, r) for i, (t, r) in ctl.drs.offered["c1"].items()}
+    assert set(ctl.drs.offered["c1"]) == {r.id for r in listed}
+    ctl.drs.offered["c1"] = {i: (t - 3600.0, r) for i, (t, r) in ctl.drs.offered["c1"].items()}
+    with pytest.raises(ConflictError):           # an hour old: listed again first
+        asyncio.run(ctl.drs.apply("c1", [listed[0].id]))

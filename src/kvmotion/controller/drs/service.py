@@ -32,6 +32,8 @@ from kvmotion.models.findings import Finding, blockers, finding
 
 log = logging.getLogger(__name__)
 TICK_S = 5.0
+OFFERED_S = 3600.0                # a listed recommendation can be applied by its id this long (checked again then)
+MAX_OFFERED = 256                 # ids kept per cluster, the newest
 PREDICT_SAMPLE_AGE_S = 120.0      # the agent's background dirty-rate sample is fresh enough to cost a move
 
 
@@ -43,6 +45,7 @@ class Drs:
     def __init__(self, sessions: sessionmaker[Session], inv: Inventory, scheduler: Scheduler) -> None:
         self.sessions, self.inv, self.scheduler = sessions, inv, scheduler
         self.latest: dict[str, DrsStatus] = {}        # per cluster: the last round's status (bounded by clusters)
+        self.offered: dict[str, dict[str, tuple[float, Recommendation]]] = {}   # per cluster: ids listed lately
 
     # -- settings and rules --------------------------------------------------------------------
     def config(self, name: str) -> DrsConfig:
@@ -163,8 +166,16 @@ class Drs:
         cfg = await asyncio.to_thread(self.config, name)
         cluster, _ = await self.snapshot(name, cfg)
         out = self._status(name, cfg, cluster, model.plan(cluster, cfg.threshold))
-        self.latest[name] = out
+        self._keep(name, out)
         return out
+
+    def _keep(self, name: str, status: DrsStatus) -> None:
+        """The status as the cluster's latest, and its recommendations as applicable by id for ``OFFERED_S``."""
+        self.latest[name] = status
+        now = time.time()
+        kept = {i: (t, r) for i, (t, r) in self.offered.get(name, {}).items() if now - t < OFFERED_S}
+        kept.update({r.id: (now, r) for r in status.recommendations})
+        self.offered[name] = dict(sorted(kept.items(), key=lambda kv: kv[1][0])[-MAX_OFFERED:])
 
     @staticmethod
     def _status(name: str, cfg: DrsConfig, c: model.Cluster, plan: model.Plan) -> DrsStatus:
@@ -188,10 +199,8 @@ class Drs:
         if ids is None:
             recs = (await self.status(name)).recommendations
         else:
-            kept = self.latest.get(name)
-            known = {r.id: r for r in (kept.recommendations if kept else [])}
-            if set(ids) - set(known):
-                known |= {r.id: r for r in (await self.status(name)).recommendations}
+            now = time.time()
+            known = {i: r for i, (t, r) in self.offered.get(name, {}).items() if now - t < OFFERED_S}
             stale = [i for i in ids if i not in known]
             if stale:
                 raise ConflictError(f"recommendation {', '.join(stale)} of cluster {name} is no longer current",
@@ -202,8 +211,14 @@ class Drs:
     async def _submit(self, name: str, recs: list[Recommendation]) -> DrsApplied:
         tasks: list[str] = []
         skipped: list[DrsSkipped] = []
+        placed = (await asyncio.to_thread(self.placement)).get(name)
         for r in recs:
             try:
+                rule = model.legal_for(placed, r.vm, r.destination) if placed is not None else None
+                if rule is not None:                  # the VMs moved since it was listed: never break a must rule
+                    raise ConflictError(f"moving {r.vm} to {r.destination} now breaks must rule {rule.name}",
+                                        remedy=f"list the recommendations again: kvmotion cluster drs "
+                                               f"recommendations {name}")
                 ctx, findings = await compat.validate(self.inv, self.sessions, r.vm, r.destination)
                 if ctx.source.name != r.source:
                     raise ConflictError(f"{r.vm} is on {ctx.source.name} now, not {r.source}",
@@ -215,6 +230,8 @@ class Drs:
                                                     "cluster": name, "recommendation": r.id, "reason": r.reason,
                                                     "rule": r.rule, "gain": r.gain}})
                 tasks.append(t.id)
+                if placed is not None and r.vm in placed.vms:
+                    placed = model.moved(placed, r.vm, r.destination)
             except KvmotionError as exc:
                 skipped.append(DrsSkipped(id=r.id, vm=r.vm, error=exc.to_dict()))
         log.info("DRS %s: %d move(s) started, %d skipped", name, len(tasks), len(skipped))
@@ -233,7 +250,7 @@ class Drs:
         if cfg.automation is Automation.FULLY and status.recommendations:
             applied = await self._submit(name, status.recommendations)
             status = status.model_copy(update={"last_applied": applied.tasks})
-        self.latest[name] = status
+        self._keep(name, status)
         return status
 
     def _due(self) -> list[str]:
