@@ -98,16 +98,12 @@ class Drs:
     # -- the snapshot ------------------------------------------------------------------------------
     def _read(self, name: str) -> tuple[list[compat.Destination], list[tuple[str, str, str, int]]]:
         """The cluster's hosts with their facts, and its running VMs (uuid, name, host, memory MB)."""
-        dests = [d for d in compat.destinations(self.inv) if self._cluster_of(d[0].name) == name]
-        names = [d[0].name for d in dests]
         with self.sessions() as s:
+            members = set(s.scalars(select(Host.name).where(Host.cluster == name)).all())
             rows = s.execute(select(VM.uuid, VM.name, VM.host, VM.spec_json)
-                             .where(VM.host.in_(names), VM.power_state == "poweredOn")).all()
+                             .where(VM.host.in_(members), VM.power_state == "poweredOn")).all()
+        dests = [d for d in compat.destinations(self.inv) if d[0].name in members]
         return dests, [(u, n, h, int(json.loads(spec).get("memory_mb", 0))) for u, n, h, spec in rows]
-
-    def _cluster_of(self, host: str) -> str | None:
-        with self.sessions() as s:
-            return s.scalar(select(Host.cluster).where(Host.name == host))
 
     def _settled(self, name: str, cooldown_s: float) -> tuple[set[str], bool]:
         """VMs (uuids) DRS moved within the cooldown, and whether a DRS move of the cluster is still unfinished."""
